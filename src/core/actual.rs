@@ -1,0 +1,73 @@
+//! Probed host state as plain data: what the probe parser produces and what
+//! `diff` compares the desired state against.
+//!
+//! Invariant: plain data; no I/O. Paths and link targets are bytes (a path may
+//! hold any byte but NUL), shown lossily only for humans.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// Everything one probe learned about one host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HostActual {
+    pub facts: Facts,
+    /// Keyed by resource id.
+    pub resources: BTreeMap<String, Observed>,
+}
+
+/// Facts about the host that plans and capability checks need.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Facts {
+    /// `uname -s`, e.g. `Linux`.
+    pub kernel: Option<String>,
+    /// `ID` from /etc/os-release, e.g. `debian`.
+    pub os_id: Option<String>,
+    /// Tools the probe looked for and found on PATH (e.g. `sha256sum`, `stat`).
+    pub tools: Vec<String>,
+}
+
+/// The observed state of one resource.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Observed {
+    /// Nothing exists at the path.
+    Absent,
+    File(FileState),
+    Directory(Meta),
+    Symlink {
+        /// The link target, as bytes (hex in JSON).
+        #[serde(serialize_with = "hex_bytes")]
+        target: Vec<u8>,
+    },
+    /// Something else exists at the path (socket, fifo, device).
+    Other { file_type: String },
+    /// This version does not probe this kind of resource yet.
+    NotProbed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FileState {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub size: u64,
+    /// Lowercase hex sha256 of the content.
+    pub sha256: String,
+}
+
+/// Ownership and permission bits of a file or directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Meta {
+    /// Permission bits (07777 mask).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Owner name, or None when the uid has no name.
+    pub owner: Option<String>,
+    /// Group name, or None when the gid has no name.
+    pub group: Option<String>,
+}
+
+fn hex_bytes<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::core::hex(b))
+}

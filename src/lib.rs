@@ -1,0 +1,7 @@
+//! tend: a GitOps reconciling controller for Linux hosts.
+//!
+//! See ARCHITECTURE.md for the code map. `core` is pure; everything else is
+//! the shell around it.
+
+pub mod core;
+pub mod transport;

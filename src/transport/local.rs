@@ -1,0 +1,1 @@
+//! The `transport: local` host: runs scripts with the local `sh`.
