@@ -41,7 +41,9 @@ pub enum Observed {
         target: Vec<u8>,
     },
     /// Something else exists at the path (socket, fifo, device).
-    Other { file_type: String },
+    Other {
+        file_type: String,
+    },
     /// This version does not probe this kind of resource yet.
     NotProbed,
 }

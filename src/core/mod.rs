@@ -1,9 +1,13 @@
 //! Pure decisions over data: no I/O, no clock, no tokio, no ssh2, no rusqlite.
 
+pub mod actual;
+pub mod diff;
+pub mod model;
+pub mod plan;
+pub mod policy;
+pub mod retry;
 pub mod spec;
 pub mod yaml;
-pub mod actual;
-pub mod retry;
 
 /// Lowercase hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {

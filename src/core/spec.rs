@@ -126,7 +126,11 @@ impl<'de> Deserialize<'de> for HumanDuration {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s)
             .map(HumanDuration)
-            .map_err(|e| de::Error::custom(format!("invalid duration `{s}`: {e} (write e.g. `10s`, `5m`, `1h`)")))
+            .map_err(|e| {
+                de::Error::custom(format!(
+                    "invalid duration `{s}`: {e} (write e.g. `10s`, `5m`, `1h`)"
+                ))
+            })
     }
 }
 
@@ -157,7 +161,10 @@ pub struct Mode(pub u32);
 impl Mode {
     pub fn parse(s: &str) -> Result<Mode, String> {
         let digits = s.strip_prefix("0o").unwrap_or(s);
-        if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        if digits.is_empty()
+            || digits.len() > 5
+            || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+        {
             return Err(format!(
                 "invalid mode `{s}`: write 3 or 4 octal digits, such as `0644` or `0755`"
             ));
@@ -293,7 +300,20 @@ pub enum Lifecycle {
     Absent,
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    Deserialize,
+    Serialize,
+    JsonSchema,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     #[default]

@@ -183,7 +183,10 @@ pub fn parse(text: &str) -> Result<Option<Node>, LocError> {
             Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => None,
             Event::DocumentStart(..) => {
                 if doc.is_some() {
-                    return Err(LocError::new(pos, "only one YAML document per file is allowed"));
+                    return Err(LocError::new(
+                        pos,
+                        "only one YAML document per file is allowed",
+                    ));
                 }
                 None
             }
@@ -197,7 +200,10 @@ pub fn parse(text: &str) -> Result<Option<Node>, LocError> {
                     .ok_or_else(|| LocError::new(pos, "alias to an unknown anchor"))?;
                 builder.count += count_nodes(&node);
                 if builder.count > MAX_NODES {
-                    return Err(LocError::new(pos, "document too large after alias expansion"));
+                    return Err(LocError::new(
+                        pos,
+                        "document too large after alias expansion",
+                    ));
                 }
                 Some((Node { pos, ..node }, 0))
             }
@@ -274,7 +280,10 @@ pub fn parse(text: &str) -> Result<Option<Node>, LocError> {
                 NodeKind::Map(entries) => match pending.take() {
                     None => {
                         if !matches!(node.kind, NodeKind::Scalar { .. }) {
-                            return Err(LocError::new(node.pos, "mapping keys must be plain strings"));
+                            return Err(LocError::new(
+                                node.pos,
+                                "mapping keys must be plain strings",
+                            ));
                         }
                         if entries.iter().any(|(k, _)| k.as_str() == node.as_str()) {
                             return Err(LocError::new(
@@ -471,7 +480,9 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_> {
 
     fn deserialize_str<V: Visitor<'de>>(self, v: V) -> Result<V::Value, LocError> {
         match &self.node.kind {
-            NodeKind::Scalar { text, .. } => v.visit_str(text).map_err(|e: LocError| e.at(self.node.pos)),
+            NodeKind::Scalar { text, .. } => {
+                v.visit_str(text).map_err(|e: LocError| e.at(self.node.pos))
+            }
             _ => Err(self.err("a string")),
         }
     }
@@ -574,7 +585,8 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_> {
     ) -> Result<V::Value, LocError> {
         match &self.node.kind {
             NodeKind::Scalar { text, .. } => {
-                let de: de::value::StrDeserializer<'_, LocError> = text.as_str().into_deserializer();
+                let de: de::value::StrDeserializer<'_, LocError> =
+                    text.as_str().into_deserializer();
                 v.visit_enum(de).map_err(|e: LocError| e.at(self.node.pos))
             }
             _ => Err(self.err(&format!("one of {}", quote_list(variants)))),
@@ -687,7 +699,10 @@ mod tests {
         let t: T = from_node(&n).unwrap();
         assert_eq!(t.name, "off");
         assert!(t.flag);
-        assert_eq!(err_of::<T>("name: x\nflag: yes\n").0, Pos { line: 2, col: 7 });
+        assert_eq!(
+            err_of::<T>("name: x\nflag: yes\n").0,
+            Pos { line: 2, col: 7 }
+        );
     }
 
     #[test]

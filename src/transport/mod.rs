@@ -41,5 +41,10 @@ impl TransportError {
 pub trait Transport: Send + Sync {
     /// Run `script` with POSIX `sh` on the host, feeding `stdin`; give up after
     /// `timeout` (class `Timeout`).
-    fn exec(&self, script: &str, stdin: &[u8], timeout: Duration) -> Result<ExecOutput, TransportError>;
+    fn exec(
+        &self,
+        script: &str,
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> Result<ExecOutput, TransportError>;
 }

@@ -1,0 +1,510 @@
+//! Desired x actual -> changes, one per resource.
+//!
+//! Classification (SPEC.md sections 4 and 7): every delete is destructive;
+//! replacing one kind of file-system object with another (a directory with a
+//! file, a file with a symlink) removes what was there and is destructive too;
+//! replacing a file's content, retargeting a symlink and changing only mode or
+//! owner are non-destructive updates.
+//!
+//! Invariant: pure and total: every resource gets exactly one change, in
+//! resource-id order.
+
+use serde::Serialize;
+
+use super::actual::{FileState, HostActual, Meta, Observed};
+use super::model::{Host, Resource};
+use super::spec::{Lifecycle, Mode, ResourceSpec, State};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Create,
+    Update,
+    Delete,
+    Noop,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Delete => "delete",
+            Action::Noop => "noop",
+        }
+    }
+}
+
+/// One field that differs, rendered for people.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FieldChange {
+    pub field: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+/// What to do about one resource.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub id: String,
+    pub kind: &'static str,
+    pub action: Action,
+    pub destructive: bool,
+    /// What differs (empty for noop).
+    pub fields: Vec<FieldChange>,
+    /// Why the change is destructive, or other context for people.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// The existing object must be removed first (a destructive replacement).
+    #[serde(skip)]
+    pub replace: bool,
+}
+
+impl Change {
+    fn new(r: &Resource, action: Action) -> Self {
+        Change {
+            id: r.id.clone(),
+            kind: r.kind(),
+            action,
+            destructive: action == Action::Delete,
+            fields: vec![],
+            note: None,
+            replace: false,
+        }
+    }
+
+    fn field(mut self, field: &str, from: Option<String>, to: Option<String>) -> Self {
+        self.fields.push(FieldChange {
+            field: field.to_string(),
+            from,
+            to,
+        });
+        self
+    }
+}
+
+/// The kinds this build can probe and converge. Others are validated, but a
+/// host that uses them is refused before dispatch (fail closed).
+pub fn is_supported(r: &Resource) -> bool {
+    matches!(
+        r.spec,
+        ResourceSpec::File(_) | ResourceSpec::Directory(_) | ResourceSpec::Symlink(_)
+    )
+}
+
+/// Diff every resource of a host. Resources the probe did not report count as
+/// unknown and are refused by policy, so they get a noop here.
+pub fn diff_host(host: &Host, actual: &HostActual) -> Vec<Change> {
+    host.resources
+        .iter()
+        .map(|r| {
+            let observed = actual.resources.get(&r.id).unwrap_or(&Observed::NotProbed);
+            diff_resource(r, observed, host.lifecycle)
+        })
+        .collect()
+}
+
+fn describe(o: &Observed) -> &'static str {
+    match o {
+        Observed::Absent => "nothing",
+        Observed::File(_) => "a regular file",
+        Observed::Directory(_) => "a directory",
+        Observed::Symlink { .. } => "a symlink",
+        Observed::Other { .. } => "a special file",
+        Observed::NotProbed => "an unprobed object",
+    }
+}
+
+fn content_label(sha: &str, size: usize) -> String {
+    format!("sha256:{} ({size} bytes)", &sha[..sha.len().min(12)])
+}
+
+fn owner_matches(want: &str, name: &Option<String>, id: u32) -> bool {
+    if want.bytes().all(|b| b.is_ascii_digit()) {
+        want.parse::<u32>() == Ok(id)
+    } else {
+        name.as_deref() == Some(want)
+    }
+}
+
+fn owner_label(name: &Option<String>, id: u32) -> String {
+    name.clone().unwrap_or_else(|| id.to_string())
+}
+
+/// Compare mode/owner/group where they are managed.
+fn meta_fields(
+    mut c: Change,
+    meta: &Meta,
+    mode: Option<Mode>,
+    owner: &Option<String>,
+    group: &Option<String>,
+) -> Change {
+    if let Some(m) = mode
+        && m.0 != meta.mode
+    {
+        c = c.field(
+            "mode",
+            Some(Mode(meta.mode).to_string()),
+            Some(m.to_string()),
+        );
+    }
+    if let Some(o) = owner
+        && !owner_matches(o, &meta.owner, meta.uid)
+    {
+        c = c.field(
+            "owner",
+            Some(owner_label(&meta.owner, meta.uid)),
+            Some(o.clone()),
+        );
+    }
+    if let Some(g) = group
+        && !owner_matches(g, &meta.group, meta.gid)
+    {
+        c = c.field(
+            "group",
+            Some(owner_label(&meta.group, meta.gid)),
+            Some(g.clone()),
+        );
+    }
+    c
+}
+
+/// Diff one resource. `lifecycle: absent` makes every resource absent.
+pub fn diff_resource(r: &Resource, observed: &Observed, lifecycle: Lifecycle) -> Change {
+    let want_absent = lifecycle == Lifecycle::Absent || r.state() == State::Absent;
+    if *observed == Observed::NotProbed {
+        return Change::new(r, Action::Noop);
+    }
+    if want_absent {
+        return diff_absent(r, observed);
+    }
+    match (&r.spec, observed) {
+        (ResourceSpec::File(s), Observed::Absent) => {
+            let mut c = Change::new(r, Action::Create);
+            c = match &r.content {
+                Some(ct) => c.field(
+                    "content",
+                    None,
+                    Some(content_label(&ct.sha256, ct.bytes.len())),
+                ),
+                None => c.field("content", None, Some("empty".into())),
+            };
+            c = c.field(
+                "mode",
+                None,
+                Some(s.mode.unwrap_or(Mode(0o644)).to_string()),
+            );
+            if let Some(o) = &s.owner {
+                c = c.field("owner", None, Some(o.clone()));
+            }
+            if let Some(g) = &s.group {
+                c = c.field("group", None, Some(g.clone()));
+            }
+            c
+        }
+        (ResourceSpec::File(s), Observed::File(FileState { meta, size, sha256 })) => {
+            let mut c = Change::new(r, Action::Update);
+            if let Some(ct) = &r.content
+                && ct.sha256 != *sha256
+            {
+                c = c.field(
+                    "content",
+                    Some(content_label(sha256, *size as usize)),
+                    Some(content_label(&ct.sha256, ct.bytes.len())),
+                );
+            }
+            finish_update(meta_fields(c, meta, s.mode, &s.owner, &s.group))
+        }
+        (ResourceSpec::Directory(s), Observed::Absent) => {
+            let mut c = Change::new(r, Action::Create).field(
+                "mode",
+                None,
+                Some(s.mode.unwrap_or(Mode(0o755)).to_string()),
+            );
+            if let Some(o) = &s.owner {
+                c = c.field("owner", None, Some(o.clone()));
+            }
+            if let Some(g) = &s.group {
+                c = c.field("group", None, Some(g.clone()));
+            }
+            c
+        }
+        (ResourceSpec::Directory(s), Observed::Directory(meta)) => finish_update(meta_fields(
+            Change::new(r, Action::Update),
+            meta,
+            s.mode,
+            &s.owner,
+            &s.group,
+        )),
+        (ResourceSpec::Symlink(s), Observed::Absent) => {
+            Change::new(r, Action::Create).field("target", None, s.target.clone())
+        }
+        (ResourceSpec::Symlink(s), Observed::Symlink { target }) => {
+            let want = s.target.as_deref().unwrap_or_default();
+            if want.as_bytes() == target.as_slice() {
+                Change::new(r, Action::Noop)
+            } else {
+                Change::new(r, Action::Update).field(
+                    "target",
+                    Some(String::from_utf8_lossy(target).into_owned()),
+                    Some(want.to_string()),
+                )
+            }
+        }
+        (ResourceSpec::File(_) | ResourceSpec::Directory(_) | ResourceSpec::Symlink(_), other) => {
+            // Something of another type is in the way: removing it is destructive.
+            let mut c = Change::new(r, Action::Update).field(
+                "type",
+                Some(describe(other).trim_start_matches("a ").to_string()),
+                Some(r.kind().to_string()),
+            );
+            c.destructive = true;
+            c.replace = true;
+            c.note = Some(format!("replaces {} at the path", describe(other)));
+            c
+        }
+        // Kinds this build does not probe never reach here with a real
+        // observation; stay a noop and let policy refuse the host.
+        _ => Change::new(r, Action::Noop),
+    }
+}
+
+fn finish_update(c: Change) -> Change {
+    if c.fields.is_empty() {
+        Change {
+            action: Action::Noop,
+            ..c
+        }
+    } else {
+        c
+    }
+}
+
+fn diff_absent(r: &Resource, observed: &Observed) -> Change {
+    // Only remove what the resource describes: a `file` resource removes a
+    // regular file, not a directory that happens to be at its path.
+    let present = matches!(
+        (&r.spec, observed),
+        (ResourceSpec::File(_), Observed::File(_))
+            | (ResourceSpec::Directory(_), Observed::Directory(_))
+            | (ResourceSpec::Symlink(_), Observed::Symlink { .. })
+    );
+    if present {
+        let mut c =
+            Change::new(r, Action::Delete).field("exists", Some("yes".into()), Some("no".into()));
+        if matches!(r.spec, ResourceSpec::Directory(_)) {
+            c.note = Some("removes the directory and everything in it".into());
+        }
+        c
+    } else {
+        let mut c = Change::new(r, Action::Noop);
+        if !matches!(observed, Observed::Absent) {
+            c.note = Some(format!("{} is at the path; left alone", describe(observed)));
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::model::{Content, Origin};
+    use crate::core::spec::{DirectorySpec, FileSpec, SymlinkSpec};
+    use crate::core::yaml::Pos;
+
+    fn res(spec: ResourceSpec, content: Option<&str>) -> Resource {
+        let id = format!(
+            "{}:{}",
+            crate::core::model::kind_name(&spec),
+            match &spec {
+                ResourceSpec::File(s) => &s.path,
+                ResourceSpec::Directory(s) => &s.path,
+                ResourceSpec::Symlink(s) => &s.path,
+                _ => "x",
+            }
+        );
+        Resource {
+            id,
+            spec,
+            content: content.map(|c| Content::new(c.as_bytes().to_vec())),
+            origin: Origin {
+                file: "hosts/h.yaml".into(),
+                pos: Pos::START,
+                key_pos: Pos::START,
+                requires_pos: vec![],
+                restart_on_pos: vec![],
+            },
+            from_group: None,
+            replaces_group: None,
+        }
+    }
+
+    fn file(mode: Option<u32>, state: State) -> ResourceSpec {
+        ResourceSpec::File(FileSpec {
+            path: "/a".into(),
+            content: Some("hi\n".into()),
+            source: None,
+            mode: mode.map(Mode),
+            owner: None,
+            group: None,
+            state,
+            id: None,
+            requires: vec![],
+        })
+    }
+
+    fn meta(mode: u32) -> Meta {
+        Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+            owner: Some("root".into()),
+            group: Some("root".into()),
+        }
+    }
+
+    fn fstate(mode: u32, content: &str) -> Observed {
+        Observed::File(FileState {
+            meta: meta(mode),
+            size: content.len() as u64,
+            sha256: crate::core::sha256_hex(content.as_bytes()),
+        })
+    }
+
+    /// (resource, observed) -> (action, destructive, changed fields)
+    fn check(spec: ResourceSpec, observed: Observed, want: (Action, bool, &[&str])) {
+        let r = res(spec, Some("hi\n"));
+        let c = diff_resource(&r, &observed, Lifecycle::Running);
+        let fields: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!((c.action, c.destructive, fields.as_slice()), want, "{c:?}");
+    }
+
+    #[test]
+    fn file_table() {
+        use Action::*;
+        check(
+            file(None, State::Present),
+            Observed::Absent,
+            (Create, false, &["content", "mode"]),
+        );
+        check(
+            file(None, State::Present),
+            fstate(0o600, "hi\n"),
+            (Noop, false, &[]),
+        );
+        check(
+            file(Some(0o644), State::Present),
+            fstate(0o600, "hi\n"),
+            (Update, false, &["mode"]),
+        );
+        check(
+            file(None, State::Present),
+            fstate(0o644, "old\n"),
+            (Update, false, &["content"]),
+        );
+        check(
+            file(None, State::Absent),
+            fstate(0o644, "old\n"),
+            (Delete, true, &["exists"]),
+        );
+        check(
+            file(None, State::Absent),
+            Observed::Absent,
+            (Noop, false, &[]),
+        );
+        check(
+            file(None, State::Absent),
+            Observed::Directory(meta(0o755)),
+            (Noop, false, &[]),
+        );
+        check(
+            file(None, State::Present),
+            Observed::Directory(meta(0o755)),
+            (Update, true, &["type"]),
+        );
+    }
+
+    #[test]
+    fn directory_and_symlink_table() {
+        use Action::*;
+        let dir = |mode: Option<u32>, state| {
+            ResourceSpec::Directory(DirectorySpec {
+                path: "/d".into(),
+                mode: mode.map(Mode),
+                owner: Some("root".into()),
+                group: None,
+                state,
+                id: None,
+                requires: vec![],
+            })
+        };
+        check(
+            dir(None, State::Present),
+            Observed::Absent,
+            (Create, false, &["mode", "owner"]),
+        );
+        check(
+            dir(Some(0o700), State::Present),
+            Observed::Directory(meta(0o755)),
+            (Update, false, &["mode"]),
+        );
+        check(
+            dir(None, State::Present),
+            Observed::Directory(meta(0o755)),
+            (Noop, false, &[]),
+        );
+        check(
+            dir(None, State::Absent),
+            Observed::Directory(meta(0o755)),
+            (Delete, true, &["exists"]),
+        );
+        let link = |t: &str, state| {
+            ResourceSpec::Symlink(SymlinkSpec {
+                path: "/l".into(),
+                target: Some(t.into()),
+                state,
+                id: None,
+                requires: vec![],
+            })
+        };
+        let at = |t: &str| Observed::Symlink {
+            target: t.as_bytes().to_vec(),
+        };
+        check(
+            link("/x", State::Present),
+            Observed::Absent,
+            (Create, false, &["target"]),
+        );
+        check(link("/x", State::Present), at("/x"), (Noop, false, &[]));
+        check(
+            link("/x", State::Present),
+            at("/y"),
+            (Update, false, &["target"]),
+        );
+        check(
+            link("/x", State::Present),
+            fstate(0o644, "x"),
+            (Update, true, &["type"]),
+        );
+        check(
+            link("/x", State::Absent),
+            at("/y"),
+            (Delete, true, &["exists"]),
+        );
+    }
+
+    #[test]
+    fn owner_by_name_or_id() {
+        assert!(owner_matches("root", &Some("root".into()), 0));
+        assert!(owner_matches("0", &Some("root".into()), 0));
+        assert!(!owner_matches("1000", &None, 0));
+        assert!(!owner_matches("app", &None, 1000));
+    }
+
+    #[test]
+    fn teardown_deletes_present_resources() {
+        let r = res(file(None, State::Present), Some("hi\n"));
+        let c = diff_resource(&r, &fstate(0o644, "hi\n"), Lifecycle::Absent);
+        assert_eq!((c.action, c.destructive), (Action::Delete, true));
+    }
+}

@@ -1,0 +1,1445 @@
+//! `validate(tree) -> DesiredState`, reporting every problem at once, each with
+//! its `file:line:col`.
+//!
+//! The shell reads the desired-state directory into a [`SourceTree`] (bytes
+//! only); this module decodes, parses, type-checks and cross-checks it.
+//! Each mapping entry is checked on its own before the whole mapping, so one
+//! bad key does not hide the next, and one bad resource does not hide another.
+//!
+//! Invariant: pure. No file system access: `files/` sources arrive as bytes in
+//! the tree. The resulting [`DesiredState`] is sorted (hosts by name,
+//! resources by id), so everything derived from it is deterministic.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use super::spec::{
+    CommandSpec, DirectorySpec, FileSpec, GroupSpec, InventoryHost, Lifecycle, PackageSpec,
+    ResourceSpec, ServiceSpec, State, SymlinkSpec, TOKEN_TTL_CEILING, TendConfig, TransportKind,
+    UserSpec,
+};
+use super::yaml::{self, LocError, Node, NodeKind, Pos};
+
+/// Largest desired-state YAML file accepted.
+pub const MAX_YAML_BYTES: u64 = 8 * 1024 * 1024;
+/// Largest `files/` source accepted (content is held in memory and sent whole).
+pub const MAX_SOURCE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// One file as the shell read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Blob {
+    Bytes(Vec<u8>),
+    /// Not read: larger than the limit (size in bytes).
+    TooLarge(u64),
+    /// Could not be used (a symlink leaving `files/`, not a regular file, unreadable).
+    Refused(String),
+}
+
+/// The desired-state directory as bytes. Paths are relative to it, with `/`.
+#[derive(Clone, Debug, Default)]
+pub struct SourceTree {
+    /// `tend.yaml`, if present.
+    pub tend: Option<Blob>,
+    /// `inventory.yaml`, if present.
+    pub inventory: Option<Blob>,
+    /// `hosts/*`: file name -> content.
+    pub hosts: BTreeMap<String, Blob>,
+    /// `groups/*`: file name -> content.
+    pub groups: BTreeMap<String, Blob>,
+    /// `files/**`: path under `files/` -> content.
+    pub sources: BTreeMap<String, Blob>,
+}
+
+/// A problem at a place in the desired state.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Diagnostic {
+    /// Path relative to the desired-state directory, e.g. `hosts/web-1.yaml`.
+    pub file: String,
+    pub pos: Pos,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.file, self.pos, self.message)
+    }
+}
+
+/// Resolved file content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Content {
+    pub bytes: Arc<Vec<u8>>,
+    pub sha256: String,
+}
+
+impl Content {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Content {
+            sha256: super::sha256_hex(&bytes),
+            bytes: Arc::new(bytes),
+        }
+    }
+}
+
+/// Where a resource was declared.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub file: String,
+    /// Start of the resource's mapping.
+    pub pos: Pos,
+    /// The `path` or `name` value.
+    pub key_pos: Pos,
+    /// Each `requires` entry.
+    pub requires_pos: Vec<Pos>,
+    /// Each `restart_on` entry (services).
+    pub restart_on_pos: Vec<Pos>,
+}
+
+/// One validated resource of one host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resource {
+    pub id: String,
+    pub spec: ResourceSpec,
+    /// The content of a `file` (inline or from `files/`), when it has one.
+    pub content: Option<Content>,
+    pub origin: Origin,
+    /// Set when this resource comes from `groups/<tag>.yaml`.
+    pub from_group: Option<String>,
+    /// Set when this host resource replaces a group resource with the same id.
+    pub replaces_group: Option<String>,
+}
+
+/// Which namespace a resource's key lives in: two resources may not share one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum KeySpace {
+    Path,
+    Package,
+    Service,
+    User,
+    Group,
+    Command,
+}
+
+impl Resource {
+    pub fn kind(&self) -> &'static str {
+        kind_name(&self.spec)
+    }
+
+    /// The path or name that this resource manages.
+    pub fn key(&self) -> (KeySpace, &str) {
+        match &self.spec {
+            ResourceSpec::File(s) => (KeySpace::Path, &s.path),
+            ResourceSpec::Directory(s) => (KeySpace::Path, &s.path),
+            ResourceSpec::Symlink(s) => (KeySpace::Path, &s.path),
+            ResourceSpec::Package(s) => (KeySpace::Package, &s.name),
+            ResourceSpec::Service(s) => (KeySpace::Service, &s.name),
+            ResourceSpec::User(s) => (KeySpace::User, &s.name),
+            ResourceSpec::Group(s) => (KeySpace::Group, &s.name),
+            ResourceSpec::Command(s) => (KeySpace::Command, &s.name),
+        }
+    }
+
+    pub fn path(&self) -> Option<&str> {
+        match self.key() {
+            (KeySpace::Path, p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// `present` unless the resource says `state: absent`. Services and
+    /// commands have no state.
+    pub fn state(&self) -> State {
+        match &self.spec {
+            ResourceSpec::File(s) => s.state,
+            ResourceSpec::Directory(s) => s.state,
+            ResourceSpec::Symlink(s) => s.state,
+            ResourceSpec::Package(s) => s.state,
+            ResourceSpec::User(s) => s.state,
+            ResourceSpec::Group(s) => s.state,
+            ResourceSpec::Service(_) | ResourceSpec::Command(_) => State::Present,
+        }
+    }
+
+    pub fn requires(&self) -> &[String] {
+        match &self.spec {
+            ResourceSpec::File(s) => &s.requires,
+            ResourceSpec::Directory(s) => &s.requires,
+            ResourceSpec::Symlink(s) => &s.requires,
+            ResourceSpec::Package(s) => &s.requires,
+            ResourceSpec::Service(s) => &s.requires,
+            ResourceSpec::User(s) => &s.requires,
+            ResourceSpec::Group(s) => &s.requires,
+            ResourceSpec::Command(s) => &s.requires,
+        }
+    }
+
+    fn explicit_id(&self) -> Option<&str> {
+        match &self.spec {
+            ResourceSpec::File(s) => s.id.as_deref(),
+            ResourceSpec::Directory(s) => s.id.as_deref(),
+            ResourceSpec::Symlink(s) => s.id.as_deref(),
+            ResourceSpec::Package(s) => s.id.as_deref(),
+            ResourceSpec::Service(s) => s.id.as_deref(),
+            ResourceSpec::User(s) => s.id.as_deref(),
+            ResourceSpec::Group(s) => s.id.as_deref(),
+            ResourceSpec::Command(s) => s.id.as_deref(),
+        }
+    }
+}
+
+pub fn kind_name(spec: &ResourceSpec) -> &'static str {
+    match spec {
+        ResourceSpec::File(_) => "file",
+        ResourceSpec::Directory(_) => "directory",
+        ResourceSpec::Symlink(_) => "symlink",
+        ResourceSpec::Package(_) => "package",
+        ResourceSpec::Service(_) => "service",
+        ResourceSpec::User(_) => "user",
+        ResourceSpec::Group(_) => "group",
+        ResourceSpec::Command(_) => "command",
+    }
+}
+
+/// One host: its inventory entry and its merged resources.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Host {
+    pub inv: InventoryHost,
+    /// `hosts/<name>.yaml`, or None when the host file is missing (an error).
+    pub file: Option<String>,
+    pub lifecycle: Lifecycle,
+    /// Host and group resources, merged, sorted by id.
+    pub resources: Vec<Resource>,
+}
+
+impl Host {
+    pub fn name(&self) -> &str {
+        &self.inv.name
+    }
+
+    pub fn resource(&self, id: &str) -> Option<&Resource> {
+        self.resources
+            .binary_search_by(|r| r.id.as_str().cmp(id))
+            .ok()
+            .map(|i| &self.resources[i])
+    }
+}
+
+/// The validated desired state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredState {
+    pub config: TendConfig,
+    /// By host name.
+    pub hosts: BTreeMap<String, Host>,
+}
+
+/// What validation produced: a best-effort state and every problem found.
+/// Nothing may be dispatched unless `problems` is empty.
+#[derive(Clone, Debug)]
+pub struct Validated {
+    pub state: DesiredState,
+    pub problems: Vec<Diagnostic>,
+}
+
+impl Validated {
+    pub fn is_valid(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Problems collected for one file.
+struct Sink<'a> {
+    file: &'a str,
+    out: &'a mut Vec<Diagnostic>,
+}
+
+impl Sink<'_> {
+    fn at(&mut self, pos: Pos, message: impl Into<String>) {
+        self.out.push(Diagnostic {
+            file: self.file.to_string(),
+            pos,
+            message: message.into(),
+        });
+    }
+
+    fn loc(&mut self, e: LocError) {
+        self.at(e.pos.unwrap_or(Pos::START), e.msg);
+    }
+}
+
+/// Decode a blob into a YAML node. `Ok(None)` for an empty document.
+fn load_yaml(blob: &Blob, sink: &mut Sink) -> Option<Option<Node>> {
+    let bytes = match blob {
+        Blob::Bytes(b) => b,
+        Blob::TooLarge(n) => {
+            sink.at(
+                Pos::START,
+                format!("file is too large ({n} bytes; the limit is {MAX_YAML_BYTES})"),
+            );
+            return None;
+        }
+        Blob::Refused(why) => {
+            sink.at(Pos::START, why.clone());
+            return None;
+        }
+    };
+    if bytes.len() as u64 > MAX_YAML_BYTES {
+        sink.at(
+            Pos::START,
+            format!(
+                "file is too large ({} bytes; the limit is {MAX_YAML_BYTES})",
+                bytes.len()
+            ),
+        );
+        return None;
+    }
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            sink.at(
+                Pos::START,
+                format!(
+                    "file is not valid UTF-8 (first bad byte at offset {})",
+                    e.valid_up_to()
+                ),
+            );
+            return None;
+        }
+    };
+    match yaml::parse(text.strip_prefix('\u{feff}').unwrap_or(text)) {
+        Ok(node) => Some(node),
+        Err(e) => {
+            sink.loc(e);
+            None
+        }
+    }
+}
+
+/// Check each entry of a mapping against `T` on its own (so every bad key is
+/// reported), then the whole mapping (for missing fields). Returns the value
+/// when everything passed.
+fn typed<T: DeserializeOwned>(node: &Node, skip: &[&str], sink: &mut Sink) -> Option<T> {
+    let NodeKind::Map(entries) = &node.kind else {
+        match yaml::from_node::<T>(node) {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                sink.loc(e);
+                return None;
+            }
+        }
+    };
+    let mut ok = true;
+    for entry in entries {
+        if entry.0.as_str().is_some_and(|k| skip.contains(&k)) {
+            continue;
+        }
+        let single = Node {
+            kind: NodeKind::Map(vec![entry.clone()]),
+            pos: node.pos,
+        };
+        if let Err(e) = T::deserialize(yaml::NodeDe::new(&single))
+            && !e.msg.starts_with("missing field")
+        {
+            sink.loc(e);
+            ok = false;
+        }
+    }
+    if !ok {
+        return None;
+    }
+    match T::deserialize(yaml::NodeDe::skipping(node, skip)) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            sink.loc(LocError {
+                pos: e.pos.or(Some(node.pos)),
+                msg: e.msg,
+            });
+            None
+        }
+    }
+}
+
+fn is_host_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// Why an absolute path is unacceptable, if it is.
+pub fn path_problem(p: &str) -> Option<String> {
+    if !p.starts_with('/') {
+        return Some(format!("path `{p}` must be absolute"));
+    }
+    if p == "/" {
+        return Some("refusing to manage `/` itself".into());
+    }
+    if p.contains('\0') {
+        return Some("path contains a NUL byte".into());
+    }
+    let comps: Vec<&str> = p[1..].split('/').collect();
+    if comps.contains(&"..") {
+        return Some(format!("path `{p}` must not contain `..`"));
+    }
+    if comps.iter().any(|c| c.is_empty() || *c == ".") {
+        let norm: Vec<&str> = comps
+            .iter()
+            .copied()
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
+        return Some(format!(
+            "path `{p}` is not normalized; write `/{}`",
+            norm.join("/")
+        ));
+    }
+    None
+}
+
+/// Is `anc` a proper ancestor directory of `p` (both normalized absolute)?
+pub fn is_ancestor(anc: &str, p: &str) -> bool {
+    p.len() > anc.len() && p.starts_with(anc) && p.as_bytes()[anc.len()] == b'/'
+}
+
+fn is_account_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_lowercase() || b[0] == b'_')
+        && b.iter().enumerate().all(|(i, c)| {
+            c.is_ascii_lowercase()
+                || c.is_ascii_digit()
+                || *c == b'_'
+                || *c == b'-'
+                || (*c == b'$' && i == b.len() - 1)
+        })
+}
+
+fn is_owner_ref(s: &str) -> bool {
+    is_account_name(s) || (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
+}
+
+fn is_package_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"+._-:@".contains(c))
+}
+
+fn is_unit_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b":_.@-\\".contains(&c))
+}
+
+/// Validate the desired-state tree.
+pub fn validate(tree: &SourceTree) -> Validated {
+    let mut problems = Vec::new();
+
+    // tend.yaml
+    let mut config = TendConfig::default();
+    let mut canary_pos = None;
+    if let Some(blob) = &tree.tend {
+        let mut sink = Sink {
+            file: "tend.yaml",
+            out: &mut problems,
+        };
+        if let Some(Some(node)) = load_yaml(blob, &mut sink) {
+            canary_pos = Some(node.pos_of("canary"));
+            if let Some(c) = typed::<TendConfig>(&node, &[], &mut sink) {
+                config = c;
+                check_config(&config, &node, &mut sink);
+            }
+        }
+    }
+
+    // inventory.yaml
+    let mut inventory: Vec<(InventoryHost, Pos)> = Vec::new();
+    match &tree.inventory {
+        None => problems.push(Diagnostic {
+            file: "inventory.yaml".into(),
+            pos: Pos::START,
+            message: "inventory.yaml is missing: list the hosts under `hosts:`".into(),
+        }),
+        Some(blob) => {
+            let mut sink = Sink {
+                file: "inventory.yaml",
+                out: &mut problems,
+            };
+            match load_yaml(blob, &mut sink) {
+                None => {}
+                Some(None) => sink.at(
+                    Pos::START,
+                    "inventory.yaml is empty: list the hosts under `hosts:`",
+                ),
+                Some(Some(node)) => inventory = load_inventory(&node, &mut sink),
+            }
+        }
+    }
+    let inv_names: BTreeSet<&str> = inventory.iter().map(|(h, _)| h.name.as_str()).collect();
+
+    if let (Some(canary), Some(pos)) = (&config.canary, canary_pos)
+        && !inv_names.contains(canary.as_str())
+        && tree.inventory.is_some()
+    {
+        problems.push(Diagnostic {
+            file: "tend.yaml".into(),
+            pos,
+            message: format!("canary `{canary}` is not a host in inventory.yaml"),
+        });
+    }
+
+    // groups/<tag>.yaml
+    let mut groups: BTreeMap<String, Vec<Resource>> = BTreeMap::new();
+    for (fname, blob) in &tree.groups {
+        let file = format!("groups/{fname}");
+        let mut sink = Sink {
+            file: &file,
+            out: &mut problems,
+        };
+        let Some(tag) = fname.strip_suffix(".yaml") else {
+            sink.at(
+                Pos::START,
+                "unexpected file: group files are named `<tag>.yaml`",
+            );
+            continue;
+        };
+        if !is_host_name(tag) {
+            sink.at(
+                Pos::START,
+                format!("invalid tag `{tag}`: use [a-z0-9][a-z0-9-]*"),
+            );
+        }
+        match load_yaml(blob, &mut sink) {
+            None => {}
+            Some(None) => sink.at(Pos::START, "group file is empty"),
+            Some(Some(node)) => {
+                let (lifecycle, resources) = load_resource_file(&node, tree, &mut sink, Some(tag));
+                if let Some((pos, _)) = lifecycle {
+                    sink.at(
+                        pos,
+                        "`lifecycle` is set per host, in hosts/<host>.yaml, not in a group file",
+                    );
+                }
+                groups.insert(tag.to_string(), resources);
+            }
+        }
+    }
+
+    // hosts/<host>.yaml
+    let mut host_files: BTreeMap<String, (String, Lifecycle, Vec<Resource>)> = BTreeMap::new();
+    for (fname, blob) in &tree.hosts {
+        let file = format!("hosts/{fname}");
+        let mut sink = Sink {
+            file: &file,
+            out: &mut problems,
+        };
+        let Some(name) = fname.strip_suffix(".yaml") else {
+            sink.at(
+                Pos::START,
+                "unexpected file: host files are named `<host>.yaml`",
+            );
+            continue;
+        };
+        if !inv_names.contains(name) && tree.inventory.is_some() {
+            sink.at(
+                Pos::START,
+                format!("host file for `{name}` has no entry in inventory.yaml: add it there or remove this file"),
+            );
+        }
+        match load_yaml(blob, &mut sink) {
+            None => {}
+            Some(None) => sink.at(
+                Pos::START,
+                "host file is empty: write `resources: []` for a host with nothing to manage",
+            ),
+            Some(Some(node)) => {
+                let (lifecycle, resources) = load_resource_file(&node, tree, &mut sink, None);
+                host_files.insert(
+                    name.to_string(),
+                    (
+                        file.clone(),
+                        lifecycle.map(|(_, l)| l).unwrap_or_default(),
+                        resources,
+                    ),
+                );
+            }
+        }
+    }
+
+    // Join inventory, host files and groups.
+    let mut hosts = BTreeMap::new();
+    for (inv, pos) in inventory {
+        let name = inv.name.clone();
+        let has_file = tree.hosts.contains_key(&format!("{name}.yaml"));
+        if !has_file {
+            problems.push(Diagnostic {
+                file: "inventory.yaml".into(),
+                pos,
+                message: format!("host `{name}` has no host file: create hosts/{name}.yaml"),
+            });
+        }
+        let (file, lifecycle, own) = match host_files.remove(&name) {
+            Some((f, l, r)) => (Some(f), l, r),
+            None => (
+                has_file.then(|| format!("hosts/{name}.yaml")),
+                Lifecycle::Running,
+                vec![],
+            ),
+        };
+        let resources = merge_host(&name, &inv.tags, own, &groups, &mut problems);
+        let host = Host {
+            inv,
+            file,
+            lifecycle,
+            resources,
+        };
+        check_host(&host, &mut problems);
+        hosts.insert(name, host);
+    }
+
+    problems.sort();
+    problems.dedup();
+    Validated {
+        state: DesiredState { config, hosts },
+        problems,
+    }
+}
+
+fn check_config(config: &TendConfig, node: &Node, sink: &mut Sink) {
+    if config.token_max_ttl.0 > TOKEN_TTL_CEILING {
+        sink.at(
+            node.pos_of("token_max_ttl"),
+            format!(
+                "token_max_ttl {} is above the maximum of 24h",
+                humantime::format_duration(config.token_max_ttl.0)
+            ),
+        );
+    }
+    if config.concurrency == 0 {
+        sink.at(node.pos_of("concurrency"), "concurrency must be at least 1");
+    }
+    if config.crash_loop_threshold == 0 {
+        sink.at(
+            node.pos_of("crash_loop_threshold"),
+            "crash_loop_threshold must be at least 1",
+        );
+    }
+    if config.state_dir.trim().is_empty() {
+        sink.at(node.pos_of("state_dir"), "state_dir must not be empty");
+    }
+    if config.probe_timeout.0.is_zero() {
+        sink.at(
+            node.pos_of("probe_timeout"),
+            "probe_timeout must be above zero",
+        );
+    }
+    if config.step_timeout.0.is_zero() {
+        sink.at(
+            node.pos_of("step_timeout"),
+            "step_timeout must be above zero",
+        );
+    }
+}
+
+fn load_inventory(node: &Node, sink: &mut Sink) -> Vec<(InventoryHost, Pos)> {
+    let NodeKind::Map(entries) = &node.kind else {
+        sink.at(node.pos, "expected a mapping with a `hosts:` list");
+        return vec![];
+    };
+    for (k, _) in entries {
+        if k.as_str() != Some("hosts") {
+            sink.at(
+                k.pos,
+                format!(
+                    "unknown field `{}`, expected `hosts`",
+                    k.as_str().unwrap_or("")
+                ),
+            );
+        }
+    }
+    let Some(list) = node.get("hosts") else {
+        sink.at(node.pos, "missing field `hosts`");
+        return vec![];
+    };
+    if !matches!(list.kind, NodeKind::Seq(_)) {
+        sink.at(list.pos, "expected a list of hosts");
+        return vec![];
+    }
+    let mut out: Vec<(InventoryHost, Pos)> = Vec::new();
+    let mut names: BTreeMap<String, Pos> = BTreeMap::new();
+    let mut endpoints: BTreeMap<(String, u16), String> = BTreeMap::new();
+    for item in list.items() {
+        let Some(h) = typed::<InventoryHost>(item, &[], sink) else {
+            continue;
+        };
+        let mut ok = true;
+        if !is_host_name(&h.name) {
+            sink.at(
+                item.pos_of("name"),
+                format!(
+                    "invalid host name `{}`: use [a-z0-9][a-z0-9-]* (at most 63 characters)",
+                    h.name
+                ),
+            );
+            ok = false;
+        }
+        if let Some(first) = names.get(&h.name) {
+            sink.at(
+                item.pos_of("name"),
+                format!(
+                    "duplicate host name `{}` (first at line {})",
+                    h.name, first.line
+                ),
+            );
+            continue;
+        }
+        names.insert(h.name.clone(), item.pos_of("name"));
+        match h.transport {
+            TransportKind::Ssh => match &h.address {
+                None => {
+                    sink.at(
+                        item.pos,
+                        format!(
+                            "missing field `address` (host `{}` uses transport ssh)",
+                            h.name
+                        ),
+                    );
+                    ok = false;
+                }
+                Some(a) if a.trim().is_empty() || a.contains(char::is_whitespace) => {
+                    sink.at(item.pos_of("address"), format!("invalid address `{a}`"));
+                    ok = false;
+                }
+                Some(a) => {
+                    if h.port == 0 {
+                        sink.at(item.pos_of("port"), "port must be between 1 and 65535");
+                        ok = false;
+                    }
+                    let key = (a.to_ascii_lowercase(), h.port);
+                    if let Some(other) = endpoints.get(&key) {
+                        sink.at(
+                            item.pos_of("address"),
+                            format!("host `{}` has the same address and port ({a}:{}) as host `{other}`", h.name, h.port),
+                        );
+                        ok = false;
+                    } else {
+                        endpoints.insert(key, h.name.clone());
+                    }
+                }
+            },
+            TransportKind::Local => {}
+        }
+        if let Some(k) = &h.host_key
+            && !k.starts_with("SHA256:")
+        {
+            sink.at(
+                item.pos_of("host_key"),
+                format!("host_key `{k}` is not an OpenSSH SHA256 fingerprint (`SHA256:...`; see `ssh-keygen -lf`)"),
+            );
+            ok = false;
+        }
+        if let Some(i) = &h.identity
+            && i.trim().is_empty()
+        {
+            sink.at(item.pos_of("identity"), "identity must not be empty");
+            ok = false;
+        }
+        if h.user.is_empty() {
+            sink.at(item.pos_of("user"), "user must not be empty");
+            ok = false;
+        }
+        if let Some(tags) = item.get("tags") {
+            for (t, tnode) in h.tags.iter().zip(tags.items()) {
+                if !is_host_name(t) {
+                    sink.at(
+                        tnode.pos,
+                        format!("invalid tag `{t}`: use [a-z0-9][a-z0-9-]*"),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        // Keep the host even when a field is wrong, so that its host file is
+        // still checked; the problems above already make the state invalid.
+        let _ = ok;
+        out.push((h, item.pos));
+    }
+    out
+}
+
+/// Parse a host or group file: `lifecycle` (with its position) and resources.
+fn load_resource_file(
+    node: &Node,
+    tree: &SourceTree,
+    sink: &mut Sink,
+    group: Option<&str>,
+) -> (Option<(Pos, Lifecycle)>, Vec<Resource>) {
+    let NodeKind::Map(entries) = &node.kind else {
+        sink.at(
+            node.pos,
+            "expected a mapping with `resources:` (and optionally `lifecycle:`)",
+        );
+        return (None, vec![]);
+    };
+    let mut lifecycle = None;
+    let mut resources = Vec::new();
+    let mut ids: BTreeMap<String, Pos> = BTreeMap::new();
+    for (k, v) in entries {
+        match k.as_str() {
+            Some("lifecycle") => match yaml::from_node::<Lifecycle>(v) {
+                Ok(l) => lifecycle = Some((k.pos, l)),
+                Err(e) => sink.loc(e),
+            },
+            Some("resources") => {
+                if v.is_null() {
+                    continue;
+                }
+                if !matches!(v.kind, NodeKind::Seq(_)) {
+                    sink.at(v.pos, "expected a list of resources");
+                    continue;
+                }
+                for item in v.items() {
+                    if let Some(r) = load_resource(item, tree, sink, group) {
+                        let id_pos = item.pos_of("id");
+                        if let Some(first) = ids.get(&r.id) {
+                            sink.at(
+                                if item.get("id").is_some() { id_pos } else { item.pos },
+                                format!("duplicate resource id `{}` (first at line {}); give one of them an explicit `id:`", r.id, first.line),
+                            );
+                            continue;
+                        }
+                        ids.insert(r.id.clone(), item.pos);
+                        resources.push(r);
+                    }
+                }
+            }
+            other => sink.at(
+                k.pos,
+                format!(
+                    "unknown field `{}`, expected `lifecycle` or `resources`",
+                    other.unwrap_or("")
+                ),
+            ),
+        }
+    }
+    (lifecycle, resources)
+}
+
+fn load_resource(
+    item: &Node,
+    tree: &SourceTree,
+    sink: &mut Sink,
+    group: Option<&str>,
+) -> Option<Resource> {
+    if !matches!(item.kind, NodeKind::Map(_)) {
+        sink.at(item.pos, "expected a resource mapping with a `kind:`");
+        return None;
+    }
+    let Some(kind_node) = item.get("kind") else {
+        sink.at(
+            item.pos,
+            format!(
+                "missing field `kind` (one of {})",
+                yaml::quote_list(ResourceSpec::KINDS)
+            ),
+        );
+        return None;
+    };
+    let skip = &["kind"];
+    let spec = match kind_node.as_str() {
+        Some("file") => ResourceSpec::File(typed::<FileSpec>(item, skip, sink)?),
+        Some("directory") => ResourceSpec::Directory(typed::<DirectorySpec>(item, skip, sink)?),
+        Some("symlink") => ResourceSpec::Symlink(typed::<SymlinkSpec>(item, skip, sink)?),
+        Some("package") => ResourceSpec::Package(typed::<PackageSpec>(item, skip, sink)?),
+        Some("service") => ResourceSpec::Service(typed::<ServiceSpec>(item, skip, sink)?),
+        Some("user") => ResourceSpec::User(typed::<UserSpec>(item, skip, sink)?),
+        Some("group") => ResourceSpec::Group(typed::<GroupSpec>(item, skip, sink)?),
+        Some("command") => ResourceSpec::Command(typed::<CommandSpec>(item, skip, sink)?),
+        other => {
+            sink.at(
+                kind_node.pos,
+                format!(
+                    "unknown kind `{}`, expected one of {}",
+                    other.unwrap_or("?"),
+                    yaml::quote_list(ResourceSpec::KINDS)
+                ),
+            );
+            return None;
+        }
+    };
+    let problems_before = sink.out.len();
+    let bad = |pos: Pos, msg: String, sink: &mut Sink| sink.at(pos, msg);
+    let mut content = None;
+    // Path checks and kind-specific checks.
+    let check_path = |field: &str, p: &str, sink: &mut Sink| -> bool {
+        if let Some(why) = path_problem(p) {
+            sink.at(item.pos_of(field), why);
+            return false;
+        }
+        true
+    };
+    let check_owner = |field: &str, v: &Option<String>, sink: &mut Sink| -> bool {
+        match v {
+            Some(o) if !is_owner_ref(o) => {
+                sink.at(
+                    item.pos_of(field),
+                    format!("invalid {field} `{o}`: a user or group name, or a numeric id"),
+                );
+                false
+            }
+            _ => true,
+        }
+    };
+    match &spec {
+        ResourceSpec::File(s) => {
+            check_path("path", &s.path, sink);
+            check_owner("owner", &s.owner, sink);
+            check_owner("group", &s.group, sink);
+            match (&s.content, &s.source) {
+                (Some(_), Some(_)) => bad(
+                    item.pos_of("source"),
+                    "give either `content` or `source`, not both".into(),
+                    sink,
+                ),
+                (Some(c), None) => content = Some(Content::new(c.as_bytes().to_vec())),
+                (None, Some(src)) => match resolve_source(src, tree) {
+                    Ok(c) => content = Some(c),
+                    Err(why) => bad(item.pos_of("source"), why, sink),
+                },
+                (None, None) => {}
+            }
+        }
+        ResourceSpec::Directory(s) => {
+            check_path("path", &s.path, sink);
+            check_owner("owner", &s.owner, sink);
+            check_owner("group", &s.group, sink);
+        }
+        ResourceSpec::Symlink(s) => {
+            check_path("path", &s.path, sink);
+            match &s.target {
+                None if !s.state.is_absent() => bad(
+                    item.pos,
+                    "missing field `target` (required unless `state: absent`)".into(),
+                    sink,
+                ),
+                Some(t) if t.is_empty() || t.contains('\0') => bad(
+                    item.pos_of("target"),
+                    "target must be a non-empty path without NUL bytes".into(),
+                    sink,
+                ),
+                _ => {}
+            }
+        }
+        ResourceSpec::Package(s) => {
+            if !is_package_name(&s.name) {
+                bad(
+                    item.pos_of("name"),
+                    format!("invalid package name `{}`", s.name),
+                    sink,
+                );
+            }
+        }
+        ResourceSpec::Service(s) => {
+            if !is_unit_name(&s.name) {
+                bad(
+                    item.pos_of("name"),
+                    format!("invalid systemd unit name `{}`", s.name),
+                    sink,
+                );
+            }
+        }
+        ResourceSpec::User(s) => {
+            if !is_account_name(&s.name) {
+                bad(
+                    item.pos_of("name"),
+                    format!(
+                        "invalid user name `{}`: use [a-z_][a-z0-9_-]* (at most 32)",
+                        s.name
+                    ),
+                    sink,
+                );
+            }
+            if let Some(h) = &s.home {
+                check_path("home", h, sink);
+            }
+            if let Some(sh) = &s.shell {
+                check_path("shell", sh, sink);
+            }
+            if let Some(gs) = item.get("groups") {
+                for (g, gnode) in s.groups.iter().zip(gs.items()) {
+                    if !is_account_name(g) {
+                        bad(gnode.pos, format!("invalid group name `{g}`"), sink);
+                    }
+                }
+            }
+        }
+        ResourceSpec::Group(s) => {
+            if !is_account_name(&s.name) {
+                bad(
+                    item.pos_of("name"),
+                    format!(
+                        "invalid group name `{}`: use [a-z_][a-z0-9_-]* (at most 32)",
+                        s.name
+                    ),
+                    sink,
+                );
+            }
+        }
+        ResourceSpec::Command(s) => {
+            if s.name.trim().is_empty() {
+                bad(
+                    item.pos_of("name"),
+                    "command name must not be empty".into(),
+                    sink,
+                );
+            }
+            if s.run.trim().is_empty() {
+                bad(item.pos_of("run"), "`run` must not be empty".into(), sink);
+            }
+            if let Some(c) = &s.creates {
+                check_path("creates", c, sink);
+            }
+            if s.timeout.is_some_and(|t| t.0.is_zero()) {
+                bad(
+                    item.pos_of("timeout"),
+                    "timeout must be above zero".into(),
+                    sink,
+                );
+            }
+        }
+    }
+    let mut r = Resource {
+        id: String::new(),
+        spec,
+        content,
+        origin: Origin {
+            file: sink.file.to_string(),
+            pos: item.pos,
+            key_pos: item.pos_of(if item.get("path").is_some() {
+                "path"
+            } else {
+                "name"
+            }),
+            requires_pos: item
+                .get("requires")
+                .map(|n| n.items().iter().map(|i| i.pos).collect())
+                .unwrap_or_default(),
+            restart_on_pos: item
+                .get("restart_on")
+                .map(|n| n.items().iter().map(|i| i.pos).collect())
+                .unwrap_or_default(),
+        },
+        from_group: group.map(str::to_string),
+        replaces_group: None,
+    };
+    r.id = match r.explicit_id() {
+        Some(id) if id.trim().is_empty() || id.chars().any(char::is_control) => {
+            sink.at(item.pos_of("id"), "id must be non-empty and printable");
+            return None;
+        }
+        Some(id) => id.to_string(),
+        None => format!("{}:{}", r.kind(), r.key().1),
+    };
+    (sink.out.len() == problems_before).then_some(r)
+}
+
+fn resolve_source(src: &str, tree: &SourceTree) -> Result<Content, String> {
+    if src.starts_with('/')
+        || src
+            .split('/')
+            .any(|c| c == ".." || c == "." || c.is_empty())
+    {
+        return Err(format!(
+            "source `{src}` must be a relative path inside files/ without `..`"
+        ));
+    }
+    match tree.sources.get(src) {
+        None => Err(format!(
+            "source `{src}` does not exist: expected files/{src}"
+        )),
+        Some(Blob::Bytes(b)) => Ok(Content::new(b.clone())),
+        Some(Blob::TooLarge(n)) => Err(format!(
+            "source files/{src} is too large ({n} bytes; the limit is {MAX_SOURCE_BYTES})"
+        )),
+        Some(Blob::Refused(why)) => Err(format!("source files/{src}: {why}")),
+    }
+}
+
+/// Merge a host's own resources with those of its tags' groups.
+fn merge_host(
+    host: &str,
+    tags: &[String],
+    own: Vec<Resource>,
+    groups: &BTreeMap<String, Vec<Resource>>,
+    problems: &mut Vec<Diagnostic>,
+) -> Vec<Resource> {
+    let mut by_id: BTreeMap<String, Resource> = BTreeMap::new();
+    let mut tags: Vec<&String> = tags.iter().collect();
+    tags.sort();
+    tags.dedup();
+    for tag in tags {
+        for r in groups.get(tag.as_str()).into_iter().flatten() {
+            if let Some(prev) = by_id.get(&r.id)
+                && !own.iter().any(|o| o.id == r.id)
+            {
+                problems.push(Diagnostic {
+                    file: r.origin.file.clone(),
+                    pos: r.origin.pos,
+                    message: format!(
+                        "resource `{}` is defined by groups `{}` and `{tag}`, which both apply to host `{host}`: rename one, or override it in hosts/{host}.yaml",
+                        r.id,
+                        prev.from_group.as_deref().unwrap_or("?")
+                    ),
+                });
+                continue;
+            }
+            by_id.insert(r.id.clone(), r.clone());
+        }
+    }
+    for mut r in own {
+        if let Some(g) = by_id.get(&r.id) {
+            r.replaces_group = g.from_group.clone();
+        }
+        by_id.insert(r.id.clone(), r);
+    }
+    by_id.into_values().collect()
+}
+
+/// Cross-resource checks on one merged host.
+fn check_host(host: &Host, problems: &mut Vec<Diagnostic>) {
+    let name = host.name();
+    let mut push = |r: &Resource, pos: Pos, message: String| {
+        problems.push(Diagnostic {
+            file: r.origin.file.clone(),
+            pos,
+            message,
+        });
+    };
+    // Two resources managing one path or name. Report the later one in file order.
+    let mut by_key: BTreeMap<(KeySpace, &str), Vec<&Resource>> = BTreeMap::new();
+    for r in &host.resources {
+        by_key.entry(r.key()).or_default().push(r);
+    }
+    for ((space, key), mut rs) in by_key {
+        if rs.len() < 2 {
+            continue;
+        }
+        rs.sort_by(|a, b| (&a.origin.file, a.origin.pos).cmp(&(&b.origin.file, b.origin.pos)));
+        let what = if space == KeySpace::Path {
+            "path"
+        } else {
+            "name"
+        };
+        for r in &rs[1..] {
+            push(
+                r,
+                r.origin.key_pos,
+                format!(
+                    "{what} `{key}` is already managed by `{}` on host `{name}`; one resource per {what}",
+                    rs[0].id
+                ),
+            );
+        }
+    }
+    // requires and restart_on must name resources of this host.
+    for r in &host.resources {
+        for (k, req) in r.requires().iter().enumerate() {
+            if host.resource(req).is_none() {
+                let pos = r
+                    .origin
+                    .requires_pos
+                    .get(k)
+                    .copied()
+                    .unwrap_or(r.origin.pos);
+                push(
+                    r,
+                    pos,
+                    format!("`{}` requires unknown id `{req}` on host `{name}`", r.id),
+                );
+            }
+        }
+        if let ResourceSpec::Service(s) = &r.spec {
+            for (k, t) in s.restart_on.iter().enumerate() {
+                if host.resource(t).is_none() {
+                    let pos = r
+                        .origin
+                        .restart_on_pos
+                        .get(k)
+                        .copied()
+                        .unwrap_or(r.origin.pos);
+                    push(
+                        r,
+                        pos,
+                        format!(
+                            "service `{}` restarts on unknown id `{t}` on host `{name}`",
+                            r.id
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    // A present path inside a directory that is declared absent.
+    for d in &host.resources {
+        if let (ResourceSpec::Directory(ds), Some(dp)) = (&d.spec, d.path())
+            && ds.state.is_absent()
+        {
+            for r in &host.resources {
+                if let Some(p) = r.path()
+                    && !r.state().is_absent()
+                    && is_ancestor(dp, p)
+                {
+                    push(
+                        r,
+                        r.origin.pos,
+                        format!(
+                            "`{}` is inside directory `{dp}`, which is declared absent",
+                            r.id
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    // Dependency cycles.
+    let edges = dependency_edges(&host.resources);
+    if let Some(cycle) = find_cycle(&host.resources, &edges) {
+        // Point at an explicit `requires` entry on the cycle when there is one:
+        // that is the edge an operator wrote and can change.
+        let mut at = (cycle[0], host.resources[cycle[0]].origin.pos);
+        'find: for (k, &after) in cycle.iter().enumerate() {
+            let before = cycle[(k + cycle.len() - 1) % cycle.len()];
+            let r = &host.resources[after];
+            for (j, req) in r.requires().iter().enumerate() {
+                if *req == host.resources[before].id {
+                    at = (
+                        after,
+                        r.origin
+                            .requires_pos
+                            .get(j)
+                            .copied()
+                            .unwrap_or(r.origin.pos),
+                    );
+                    break 'find;
+                }
+            }
+        }
+        let first = &host.resources[at.0];
+        let names: Vec<&str> = cycle
+            .iter()
+            .chain(std::iter::once(&cycle[0]))
+            .map(|&i| host.resources[i].id.as_str())
+            .collect();
+        push(
+            first,
+            at.1,
+            format!("dependency cycle on host `{name}`: {}", names.join(" -> ")),
+        );
+    }
+}
+
+/// Why one resource must come before another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EdgeReason {
+    Requires,
+    ParentDirectory,
+    GroupOfUser,
+    Owner,
+    PackageOfService,
+    RestartTrigger,
+}
+
+/// Ordering edges `(before, after, why)` between resources (indices into
+/// `resources`), for resources as they are meant to exist. Deduplicated and
+/// sorted. Removals run in the reverse direction (see `plan`).
+pub fn dependency_edges(resources: &[Resource]) -> Vec<(usize, usize, EdgeReason)> {
+    let index: BTreeMap<&str, usize> = resources
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.as_str(), i))
+        .collect();
+    let mut edges = BTreeSet::new();
+    let dirs: Vec<(usize, &str)> = resources
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r.spec, ResourceSpec::Directory(_)))
+        .filter_map(|(i, r)| r.path().map(|p| (i, p)))
+        .collect();
+    let users: BTreeMap<&str, usize> = resources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match &r.spec {
+            ResourceSpec::User(u) => Some((u.name.as_str(), i)),
+            _ => None,
+        })
+        .collect();
+    let groups: BTreeMap<&str, usize> = resources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match &r.spec {
+            ResourceSpec::Group(g) => Some((g.name.as_str(), i)),
+            _ => None,
+        })
+        .collect();
+    let packages: BTreeMap<&str, usize> = resources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match &r.spec {
+            ResourceSpec::Package(p) => Some((p.name.as_str(), i)),
+            _ => None,
+        })
+        .collect();
+    for (i, r) in resources.iter().enumerate() {
+        for req in r.requires() {
+            if let Some(&j) = index.get(req.as_str())
+                && j != i
+            {
+                edges.insert((j, i, EdgeReason::Requires));
+            }
+        }
+        let own_path = match &r.spec {
+            ResourceSpec::Command(c) => c.creates.as_deref(),
+            _ => r.path(),
+        };
+        if let Some(p) = own_path {
+            for &(d, dp) in &dirs {
+                if d != i && is_ancestor(dp, p) {
+                    edges.insert((d, i, EdgeReason::ParentDirectory));
+                }
+            }
+        }
+        let (owner, group) = match &r.spec {
+            ResourceSpec::File(s) => (s.owner.as_deref(), s.group.as_deref()),
+            ResourceSpec::Directory(s) => (s.owner.as_deref(), s.group.as_deref()),
+            _ => (None, None),
+        };
+        if let Some(&u) = owner.and_then(|o| users.get(o)) {
+            edges.insert((u, i, EdgeReason::Owner));
+        }
+        if let Some(&g) = group.and_then(|g| groups.get(g)) {
+            edges.insert((g, i, EdgeReason::Owner));
+        }
+        match &r.spec {
+            ResourceSpec::User(u) => {
+                for g in &u.groups {
+                    if let Some(&gi) = groups.get(g.as_str()) {
+                        edges.insert((gi, i, EdgeReason::GroupOfUser));
+                    }
+                }
+            }
+            ResourceSpec::Service(s) => {
+                let base = s.name.strip_suffix(".service").unwrap_or(&s.name);
+                if let Some(&p) = packages.get(base) {
+                    edges.insert((p, i, EdgeReason::PackageOfService));
+                }
+                for t in &s.restart_on {
+                    if let Some(&j) = index.get(t.as_str())
+                        && j != i
+                    {
+                        edges.insert((j, i, EdgeReason::RestartTrigger));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    edges.into_iter().collect()
+}
+
+/// A cycle in the graph, as resource indices in order, starting at the
+/// smallest index on it; None when acyclic.
+pub fn find_cycle(
+    resources: &[Resource],
+    edges: &[(usize, usize, EdgeReason)],
+) -> Option<Vec<usize>> {
+    let n = resources.len();
+    let mut adj = vec![Vec::new(); n];
+    for &(a, b, _) in edges {
+        adj[a].push(b);
+    }
+    // Iterative DFS with colors: 0 white, 1 on stack, 2 done.
+    let mut color = vec![0u8; n];
+    for start in 0..n {
+        if color[start] != 0 {
+            continue;
+        }
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        color[start] = 1;
+        while let Some(&mut (v, ref mut next)) = stack.last_mut() {
+            if *next < adj[v].len() {
+                let w = adj[v][*next];
+                *next += 1;
+                match color[w] {
+                    0 => {
+                        color[w] = 1;
+                        stack.push((w, 0));
+                    }
+                    1 => {
+                        let from = stack.iter().position(|&(x, _)| x == w).expect("on stack");
+                        let mut cycle: Vec<usize> = stack[from..].iter().map(|&(x, _)| x).collect();
+                        let min = cycle
+                            .iter()
+                            .enumerate()
+                            .min_by_key(|&(_, &x)| x)
+                            .map(|(i, _)| i)
+                            .unwrap_or(0);
+                        cycle.rotate_left(min);
+                        return Some(cycle);
+                    }
+                    _ => {}
+                }
+            } else {
+                color[v] = 2;
+                stack.pop();
+            }
+        }
+    }
+    None
+}
+
+/// Content hash of the desired state (the revision when the directory is not
+/// a git work tree): sha256 over every file's relative path and bytes.
+pub fn content_hash(tree: &SourceTree) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut feed = |name: &str, blob: &Blob| {
+        h.update((name.len() as u64).to_be_bytes());
+        h.update(name.as_bytes());
+        match blob {
+            Blob::Bytes(b) => {
+                h.update([0]);
+                h.update((b.len() as u64).to_be_bytes());
+                h.update(b);
+            }
+            Blob::TooLarge(n) => {
+                h.update([1]);
+                h.update(n.to_be_bytes());
+            }
+            Blob::Refused(w) => {
+                h.update([2]);
+                h.update(w.as_bytes());
+            }
+        }
+    };
+    if let Some(b) = &tree.tend {
+        feed("tend.yaml", b);
+    }
+    if let Some(b) = &tree.inventory {
+        feed("inventory.yaml", b);
+    }
+    for (n, b) in &tree.hosts {
+        feed(&format!("hosts/{n}"), b);
+    }
+    for (n, b) in &tree.groups {
+        feed(&format!("groups/{n}"), b);
+    }
+    for (n, b) in &tree.sources {
+        feed(&format!("files/{n}"), b);
+    }
+    super::hex(&h.finalize())
+}

@@ -1,0 +1,313 @@
+//! Changes -> a plan per host: a DAG of steps in waves, every non-destructive
+//! step before the barrier, the destructive steps after it; plus the plan hash
+//! and the operation hash that a confirmation token must name.
+//!
+//! Ordering: a step that creates or updates runs after the steps that create
+//! or update what it needs (its parent directory, its owner, its `requires`);
+//! removals run in the reverse direction (contents before their directory).
+//! A non-destructive step that depends on a destructive one also waits until
+//! after the barrier, so the barrier never reorders a dependency.
+//!
+//! Invariant: pure and deterministic. The same inputs give byte-identical
+//! plan JSON; nothing here reads a clock or the environment.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use super::diff::{Action, Change, FieldChange};
+use super::model::{Host, dependency_edges};
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One step of a host plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Step {
+    /// Position in the host's execution order (0-based).
+    pub index: usize,
+    /// Resource id.
+    pub id: String,
+    pub kind: &'static str,
+    pub action: Action,
+    pub destructive: bool,
+    pub wave: usize,
+    /// Indices of the steps that must succeed first.
+    pub after: Vec<usize>,
+    pub fields: Vec<FieldChange>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Remove what is at the path before creating (a destructive replacement).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub replace: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub create: usize,
+    pub update: usize,
+    pub delete: usize,
+}
+
+/// The plan of one host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HostPlan {
+    pub host: String,
+    /// Why the host could not be planned (probe failed, refused); then no steps.
+    pub error: Option<String>,
+    pub changes: Counts,
+    /// Number of destructive steps.
+    pub destructive: usize,
+    /// Steps `0..barrier` run before the barrier; `barrier..` after it.
+    pub barrier: usize,
+    /// Step indices per wave; a wave's steps depend only on earlier waves.
+    pub waves: Vec<Vec<usize>>,
+    pub steps: Vec<Step>,
+}
+
+impl HostPlan {
+    pub fn failed(host: &str, error: String) -> Self {
+        HostPlan {
+            host: host.to_string(),
+            error: Some(error),
+            changes: Counts::default(),
+            destructive: 0,
+            barrier: 0,
+            waves: vec![],
+            steps: vec![],
+        }
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.steps.is_empty()
+    }
+
+    pub fn destructive_steps(&self) -> impl Iterator<Item = &Step> {
+        self.steps.iter().filter(|s| s.destructive)
+    }
+}
+
+/// The plan document (`plan.json`, `tend plan --json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub schema_version: u32,
+    pub desired_revision: String,
+    pub hosts: Vec<HostPlan>,
+    /// Operation hash over the destructive steps of every host in the plan,
+    /// or None when there are none.
+    pub operation: Option<String>,
+    /// Hosts that have destructive steps (the scope a token must name).
+    pub operation_hosts: Vec<String>,
+    /// sha256 over this document without `plan_hash`.
+    pub plan_hash: String,
+}
+
+impl Plan {
+    /// Assemble the document and its hashes. Hosts are sorted by name.
+    pub fn new(desired_revision: &str, mut hosts: Vec<HostPlan>) -> Self {
+        hosts.sort_by(|a, b| a.host.cmp(&b.host));
+        let (operation, operation_hosts) = match operation_hash(desired_revision, &hosts) {
+            Some((h, hs)) => (Some(h), hs),
+            None => (None, vec![]),
+        };
+        let mut plan = Plan {
+            schema_version: SCHEMA_VERSION,
+            desired_revision: desired_revision.to_string(),
+            hosts,
+            operation,
+            operation_hosts,
+            plan_hash: String::new(),
+        };
+        let body = serde_json::to_vec(&plan).expect("plan serializes");
+        plan.plan_hash = super::sha256_hex(&body);
+        plan
+    }
+
+    pub fn host(&self, name: &str) -> Option<&HostPlan> {
+        self.hosts.iter().find(|h| h.host == name)
+    }
+
+    /// Canonical JSON bytes, pretty-printed with a trailing newline.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("plan serializes");
+        v.push(b'\n');
+        v
+    }
+}
+
+/// sha256 over the canonical JSON of the destructive steps (host, resource id,
+/// action, desired revision), sorted by host and step; with the host set.
+pub fn operation_hash(desired_revision: &str, hosts: &[HostPlan]) -> Option<(String, Vec<String>)> {
+    let mut items = Vec::new();
+    let mut scope = BTreeSet::new();
+    for h in hosts {
+        for s in h.destructive_steps() {
+            scope.insert(h.host.clone());
+            // serde_json without `preserve_order` sorts object keys: canonical.
+            items.push((
+                h.host.clone(),
+                s.index,
+                serde_json::json!({
+                    "host": h.host,
+                    "resource_id": s.id,
+                    "action": s.action.as_str(),
+                    "desired_revision": desired_revision,
+                }),
+            ));
+        }
+    }
+    if items.is_empty() {
+        return None;
+    }
+    items.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let list: Vec<serde_json::Value> = items.into_iter().map(|(_, _, v)| v).collect();
+    let bytes = serde_json::to_vec(&list).expect("json");
+    Some((super::sha256_hex(&bytes), scope.into_iter().collect()))
+}
+
+/// Plan one host from its changes (one per resource, in resource order).
+pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
+    debug_assert_eq!(host.resources.len(), changes.len());
+    let n = changes.len();
+    let active: Vec<bool> = changes.iter().map(|c| c.action != Action::Noop).collect();
+    let removal = |i: usize| changes[i].action == Action::Delete;
+
+    // Step-level edges among active changes.
+    let mut preds: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
+    for (a, b, _) in dependency_edges(&host.resources) {
+        if !active[a] || !active[b] {
+            continue;
+        }
+        match (removal(a), removal(b)) {
+            (false, false) => {
+                preds[b].insert(a);
+            }
+            // Removals in reverse: what is inside goes before its container.
+            (true, true) => {
+                preds[a].insert(b);
+            }
+            // Mixed: the two cannot depend on each other meaningfully (a
+            // removed container cannot hold a created resource; validation
+            // refuses that), so no edge.
+            _ => {}
+        }
+    }
+
+    // Phase: after the barrier if destructive, or if it depends on such.
+    let order = topo_order(n, &active, &preds);
+    let mut late = vec![false; n];
+    for &i in &order {
+        late[i] = changes[i].destructive || preds[i].iter().any(|&p| late[p]);
+    }
+    // Depth within the DAG; late steps start after every early wave.
+    let mut depth = vec![0usize; n];
+    for &i in &order {
+        depth[i] = preds[i].iter().map(|&p| depth[p] + 1).max().unwrap_or(0);
+    }
+    let early_waves = order
+        .iter()
+        .filter(|&&i| !late[i])
+        .map(|&i| depth[i] + 1)
+        .max()
+        .unwrap_or(0);
+    let mut late_depth = vec![0usize; n];
+    for &i in &order {
+        if late[i] {
+            late_depth[i] = preds[i]
+                .iter()
+                .filter(|&&p| late[p])
+                .map(|&p| late_depth[p] + 1)
+                .max()
+                .unwrap_or(0);
+        }
+    }
+    let wave_of = |i: usize| {
+        if late[i] {
+            early_waves + late_depth[i]
+        } else {
+            depth[i]
+        }
+    };
+
+    // Final order: early before late, then by wave, then by resource id.
+    let mut chosen: Vec<usize> = order.clone();
+    chosen.sort_by(|&a, &b| {
+        (late[a], wave_of(a), &changes[a].id).cmp(&(late[b], wave_of(b), &changes[b].id))
+    });
+    let mut step_of = vec![usize::MAX; n];
+    for (k, &i) in chosen.iter().enumerate() {
+        step_of[i] = k;
+    }
+    let mut counts = Counts::default();
+    let mut steps = Vec::with_capacity(chosen.len());
+    for (k, &i) in chosen.iter().enumerate() {
+        let c = &changes[i];
+        match c.action {
+            Action::Create => counts.create += 1,
+            Action::Update => counts.update += 1,
+            Action::Delete => counts.delete += 1,
+            Action::Noop => {}
+        }
+        let mut after: Vec<usize> = preds[i].iter().map(|&p| step_of[p]).collect();
+        after.sort();
+        steps.push(Step {
+            index: k,
+            id: c.id.clone(),
+            kind: c.kind,
+            action: c.action,
+            destructive: c.destructive,
+            wave: wave_of(i),
+            after,
+            fields: c.fields.clone(),
+            note: c.note.clone(),
+            replace: c.replace,
+        });
+    }
+    let barrier = chosen.iter().filter(|&&i| !late[i]).count();
+    let mut waves: Vec<Vec<usize>> = Vec::new();
+    for s in &steps {
+        if waves.len() <= s.wave {
+            waves.resize(s.wave + 1, vec![]);
+        }
+        waves[s.wave].push(s.index);
+    }
+    waves.retain(|w| !w.is_empty());
+    HostPlan {
+        host: host.name().to_string(),
+        error: None,
+        changes: counts,
+        destructive: steps.iter().filter(|s| s.destructive).count(),
+        barrier,
+        waves,
+        steps,
+    }
+}
+
+/// Kahn's algorithm over active nodes, smallest index first (deterministic).
+/// Validation rejects cycles; should one slip through, the rest of the nodes
+/// are appended in index order and their edges ignored by the caller's waves.
+fn topo_order(n: usize, active: &[bool], preds: &[BTreeSet<usize>]) -> Vec<usize> {
+    let mut indeg: Vec<usize> = (0..n).map(|i| preds[i].len()).collect();
+    let mut succs: Vec<Vec<usize>> = vec![vec![]; n];
+    for (i, ps) in preds.iter().enumerate() {
+        for &p in ps {
+            succs[p].push(i);
+        }
+    }
+    let mut ready: BTreeSet<usize> = (0..n).filter(|&i| active[i] && indeg[i] == 0).collect();
+    let mut out = Vec::new();
+    while let Some(i) = ready.pop_first() {
+        out.push(i);
+        for &s in &succs[i] {
+            indeg[s] -= 1;
+            if indeg[s] == 0 {
+                ready.insert(s);
+            }
+        }
+    }
+    debug_assert_eq!(
+        out.len(),
+        active.iter().filter(|a| **a).count(),
+        "cycle in plan"
+    );
+    out
+}

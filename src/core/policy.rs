@@ -1,0 +1,380 @@
+//! The gate between a plan and its dispatch. Pure: (plan, probe result,
+//! inventory, dispatch mode, kill switch) -> a decision per host and for the run,
+//! each with a reason an operator can act on.
+//!
+//! Fail closed: a host whose probe failed, or that uses a kind this build
+//! cannot converge, gets nothing dispatched. Destructive steps never run
+//! without a valid confirmation token; until the token gate exists every
+//! destructive step is held (`EscalationRequired`), and on a `protected` host
+//! it is `PolicyBlocked`, token or not.
+//!
+//! Invariant: no I/O, no clock; every refusal carries a reason.
+
+use serde::Serialize;
+
+use super::plan::HostPlan;
+use super::retry::FailureClass;
+use super::spec::DispatchMode;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum PolicyOutcome {
+    Approved,
+    EscalationRequired,
+    PolicyBlocked,
+    PreflightFailed,
+}
+
+impl PolicyOutcome {
+    /// Severity for summarising many hosts into one run outcome.
+    fn severity(self) -> u8 {
+        match self {
+            PolicyOutcome::Approved => 0,
+            PolicyOutcome::EscalationRequired => 1,
+            PolicyOutcome::PolicyBlocked => 2,
+            PolicyOutcome::PreflightFailed => 3,
+        }
+    }
+}
+
+/// What policy needs to know about one host.
+#[derive(Clone, Debug)]
+pub struct HostFacts<'a> {
+    pub plan: &'a HostPlan,
+    pub protected: bool,
+    /// Set when the host could not be probed or planned: (class, message).
+    pub preflight_error: Option<(FailureClass, String)>,
+}
+
+/// The decision for one host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostDecision {
+    pub host: String,
+    pub outcome: PolicyOutcome,
+    pub reason: String,
+    /// May the non-destructive steps be dispatched (mode permitting)?
+    pub allow_nondestructive: bool,
+    /// May the destructive steps be dispatched (mode permitting)?
+    pub allow_destructive: bool,
+    /// Will this host be dispatched to at all under the mode and kill switch?
+    pub dispatch: bool,
+    /// Why not, when `dispatch` is false.
+    pub not_dispatched_reason: Option<String>,
+    pub failure: Option<FailureClass>,
+}
+
+/// The decision for a run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunDecision {
+    pub outcome: PolicyOutcome,
+    pub reason: String,
+    pub hosts: Vec<HostDecision>,
+}
+
+/// Decide every host, then apply the dispatch mode and the kill switch.
+pub fn decide(
+    hosts: &[HostFacts],
+    mode: DispatchMode,
+    canary: Option<&str>,
+    kill_switch: bool,
+) -> RunDecision {
+    let mut decisions: Vec<HostDecision> = hosts.iter().map(decide_host).collect();
+
+    // The mode decides where approved work may go.
+    let mut run_block: Option<String> = None;
+    match mode {
+        DispatchMode::Off => {
+            for d in &mut decisions {
+                d.dispatch = false;
+                d.not_dispatched_reason = Some("dispatch mode is off (plan only)".into());
+            }
+        }
+        DispatchMode::Canary => {
+            let canary_decision = canary.and_then(|c| decisions.iter().find(|d| d.host == c));
+            run_block = match (canary, canary_decision) {
+                (None, _) => {
+                    Some("dispatch mode is canary but tend.yaml names no `canary` host".into())
+                }
+                (Some(c), None) => Some(format!(
+                    "canary host `{c}` is not a target of this run; nothing is dispatched"
+                )),
+                (Some(c), Some(d))
+                    if matches!(
+                        d.outcome,
+                        PolicyOutcome::PolicyBlocked | PolicyOutcome::PreflightFailed
+                    ) =>
+                {
+                    Some(format!(
+                        "canary host `{c}` is not approved ({:?}: {}); nothing is dispatched",
+                        d.outcome, d.reason
+                    ))
+                }
+                _ => None,
+            };
+            for d in &mut decisions {
+                if run_block.is_some() {
+                    d.dispatch = false;
+                    d.not_dispatched_reason = run_block.clone();
+                } else if Some(d.host.as_str()) != canary {
+                    d.dispatch = false;
+                    d.not_dispatched_reason = Some(format!(
+                        "dispatch mode is canary; only `{}` is dispatched",
+                        canary.unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        DispatchMode::Enforced => {}
+    }
+    if kill_switch {
+        for d in &mut decisions {
+            d.dispatch = false;
+            d.not_dispatched_reason =
+                Some("the kill switch (KILL file in the state dir) is engaged".into());
+        }
+    }
+
+    let (outcome, reason) = if let Some(why) = run_block {
+        (PolicyOutcome::PolicyBlocked, why)
+    } else {
+        summarize(&decisions)
+    };
+    RunDecision {
+        outcome,
+        reason,
+        hosts: decisions,
+    }
+}
+
+fn decide_host(f: &HostFacts) -> HostDecision {
+    let plan = f.plan;
+    let mut d = HostDecision {
+        host: plan.host.clone(),
+        outcome: PolicyOutcome::Approved,
+        reason: String::new(),
+        allow_nondestructive: true,
+        allow_destructive: false,
+        dispatch: true,
+        not_dispatched_reason: None,
+        failure: None,
+    };
+    if let Some((class, msg)) = &f.preflight_error {
+        d.outcome = PolicyOutcome::PreflightFailed;
+        d.reason = msg.clone();
+        d.allow_nondestructive = false;
+        d.dispatch = false;
+        d.not_dispatched_reason = Some("preflight failed".into());
+        d.failure = Some(*class);
+        return d;
+    }
+    let destructive = plan.destructive;
+    if !plan.has_changes() {
+        d.reason = "no changes".into();
+        d.dispatch = false;
+        d.not_dispatched_reason = Some("nothing to do".into());
+    } else if destructive == 0 {
+        d.reason = format!("{} non-destructive step(s) approved", plan.steps.len());
+    } else if f.protected {
+        d.outcome = PolicyOutcome::PolicyBlocked;
+        d.failure = Some(FailureClass::Policy);
+        d.reason = format!(
+            "host is protected: {destructive} destructive step(s) blocked, token or not ({})",
+            list_ids(plan)
+        );
+    } else {
+        d.outcome = PolicyOutcome::EscalationRequired;
+        d.reason = format!(
+            "{destructive} destructive step(s) await confirmation ({})",
+            list_ids(plan)
+        );
+    }
+    d
+}
+
+fn list_ids(plan: &HostPlan) -> String {
+    let ids: Vec<String> = plan
+        .destructive_steps()
+        .map(|s| format!("{} {}", s.action.as_str(), s.id))
+        .collect();
+    ids.join(", ")
+}
+
+fn summarize(decisions: &[HostDecision]) -> (PolicyOutcome, String) {
+    let worst = decisions
+        .iter()
+        .map(|d| d.outcome)
+        .max_by_key(|o| o.severity())
+        .unwrap_or(PolicyOutcome::Approved);
+    let mut parts = Vec::new();
+    for o in [
+        PolicyOutcome::PreflightFailed,
+        PolicyOutcome::PolicyBlocked,
+        PolicyOutcome::EscalationRequired,
+    ] {
+        let hosts: Vec<&str> = decisions
+            .iter()
+            .filter(|d| d.outcome == o)
+            .map(|d| d.host.as_str())
+            .collect();
+        if !hosts.is_empty() {
+            parts.push(format!("{o:?}: {}", hosts.join(", ")));
+        }
+    }
+    let reason = if parts.is_empty() {
+        format!("all {} host(s) approved", decisions.len())
+    } else {
+        parts.join("; ")
+    };
+    (worst, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::diff::Action;
+    use crate::core::plan::{Counts, Step};
+
+    fn plan(host: &str, destructive: usize, plain: usize) -> HostPlan {
+        let mut steps = vec![];
+        for i in 0..plain + destructive {
+            let d = i >= plain;
+            steps.push(Step {
+                index: i,
+                id: format!("file:/{i}"),
+                kind: "file",
+                action: if d { Action::Delete } else { Action::Create },
+                destructive: d,
+                wave: 0,
+                after: vec![],
+                fields: vec![],
+                note: None,
+                replace: false,
+            });
+        }
+        HostPlan {
+            host: host.into(),
+            error: None,
+            changes: Counts::default(),
+            destructive,
+            barrier: plain,
+            waves: vec![],
+            steps,
+        }
+    }
+
+    fn facts(p: &HostPlan) -> HostFacts<'_> {
+        HostFacts {
+            plan: p,
+            protected: false,
+            preflight_error: None,
+        }
+    }
+
+    #[test]
+    fn host_rules() {
+        use PolicyOutcome::*;
+        let cases: Vec<(
+            HostPlan,
+            bool,
+            Option<FailureClass>,
+            PolicyOutcome,
+            bool,
+            bool,
+        )> = vec![
+            // plan, protected, preflight error -> outcome, allow non-destructive, allow destructive
+            (plan("a", 0, 0), false, None, Approved, true, false),
+            (plan("a", 0, 2), false, None, Approved, true, false),
+            (
+                plan("a", 1, 2),
+                false,
+                None,
+                EscalationRequired,
+                true,
+                false,
+            ),
+            (plan("a", 1, 0), true, None, PolicyBlocked, true, false),
+            (
+                plan("a", 0, 2),
+                false,
+                Some(FailureClass::Transient),
+                PreflightFailed,
+                false,
+                false,
+            ),
+        ];
+        for (p, protected, err, want, nd, d) in cases {
+            let f = HostFacts {
+                plan: &p,
+                protected,
+                preflight_error: err.map(|c| (c, "boom".into())),
+            };
+            let dec = decide_host(&f);
+            assert_eq!(
+                (dec.outcome, dec.allow_nondestructive, dec.allow_destructive),
+                (want, nd, d),
+                "{dec:?}"
+            );
+            assert!(!dec.reason.is_empty());
+        }
+    }
+
+    #[test]
+    fn modes() {
+        let a = plan("a", 0, 1);
+        let b = plan("b", 0, 1);
+        let hosts = [facts(&a), facts(&b)];
+        let dispatched =
+            |r: &RunDecision| -> Vec<bool> { r.hosts.iter().map(|d| d.dispatch).collect() };
+
+        let off = decide(&hosts, DispatchMode::Off, None, false);
+        assert_eq!(dispatched(&off), [false, false]);
+        assert_eq!(off.outcome, PolicyOutcome::Approved);
+
+        let enforced = decide(&hosts, DispatchMode::Enforced, None, false);
+        assert_eq!(dispatched(&enforced), [true, true]);
+
+        let canary = decide(&hosts, DispatchMode::Canary, Some("b"), false);
+        assert_eq!(dispatched(&canary), [false, true]);
+        assert_eq!(canary.outcome, PolicyOutcome::Approved);
+
+        let killed = decide(&hosts, DispatchMode::Enforced, None, true);
+        assert_eq!(dispatched(&killed), [false, false]);
+        assert!(
+            killed.hosts[0]
+                .not_dispatched_reason
+                .as_deref()
+                .unwrap()
+                .contains("kill switch")
+        );
+    }
+
+    #[test]
+    fn canary_must_be_target_and_approved() {
+        let a = plan("a", 0, 1);
+        let hosts = [facts(&a)];
+        let r = decide(&hosts, DispatchMode::Canary, Some("zz"), false);
+        assert_eq!(r.outcome, PolicyOutcome::PolicyBlocked);
+        assert!(r.reason.contains("not a target"));
+        assert!(r.hosts.iter().all(|d| !d.dispatch));
+
+        let r = decide(&hosts, DispatchMode::Canary, None, false);
+        assert_eq!(r.outcome, PolicyOutcome::PolicyBlocked);
+
+        let failed = HostFacts {
+            plan: &a,
+            protected: false,
+            preflight_error: Some((FailureClass::Auth, "denied".into())),
+        };
+        let r = decide(&[failed], DispatchMode::Canary, Some("a"), false);
+        assert_eq!(r.outcome, PolicyOutcome::PolicyBlocked);
+        assert!(r.reason.contains("not approved"));
+    }
+
+    #[test]
+    fn run_outcome_is_the_most_severe() {
+        let a = plan("a", 1, 0);
+        let b = plan("b", 0, 1);
+        let r = decide(&[facts(&a), facts(&b)], DispatchMode::Enforced, None, false);
+        assert_eq!(r.outcome, PolicyOutcome::EscalationRequired);
+        assert!(r.reason.contains("EscalationRequired: a"), "{}", r.reason);
+    }
+}
