@@ -163,8 +163,7 @@ pub fn parse(text: &str) -> Result<Option<Node>, LocError> {
     let mut doc: Option<Node> = None;
     // Stack of open collections: (node under construction, pending key).
     let mut stack: Vec<(Node, Option<Node>, usize)> = Vec::new();
-    loop {
-        let Some(ev) = parser.next_event() else { break };
+    while let Some(ev) = parser.next_event() {
         let (event, span) = ev.map_err(|e| {
             let m = e.marker();
             LocError::new(
