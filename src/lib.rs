@@ -5,3 +5,7 @@
 
 pub mod core;
 pub mod transport;
+pub mod cli;
+pub mod commands;
+pub mod settings;
+pub mod source;

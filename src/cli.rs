@@ -1,0 +1,112 @@
+//! What the user typed, and nothing else: clap types for SPEC.md section 6.
+//! Resolution against the environment and tend.yaml happens in `settings`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tend",
+    version,
+    about = "GitOps reconciling controller for Linux hosts",
+    long_about = "tend converges Linux hosts to the desired state committed in a directory: \
+                  it probes each host, diffs, plans, holds destructive changes for a \
+                  confirmation token, dispatches, and records every decision."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags accepted before or after the subcommand.
+#[derive(Debug, Args, Clone)]
+pub struct Global {
+    /// Desired-state directory.
+    #[arg(long, global = true, value_name = "DIR", default_value = "./desired-state")]
+    pub dir: PathBuf,
+    /// State directory (default: `state_dir` of tend.yaml, relative to --dir).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Print documents as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DispatchArg {
+    Off,
+    Canary,
+    Enforced,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load and check the desired state; print `file:line:col: message` per problem.
+    Validate,
+    /// Print the JSON Schema of tend.yaml, inventory.yaml and host/group files.
+    Schema,
+    /// Probe hosts and show their actual state (changes nothing).
+    Probe {
+        /// Hosts to probe (default: all).
+        hosts: Vec<String>,
+    },
+    /// Probe, diff, decide and plan; print the plan (changes nothing).
+    Plan {
+        /// Hosts to plan (default: all).
+        hosts: Vec<String>,
+    },
+    /// One reconcile now, recorded as a run.
+    Apply {
+        /// Hosts to converge (default: all).
+        hosts: Vec<String>,
+        /// Override the dispatch mode (beats TEND_DISPATCH and tend.yaml).
+        #[arg(long, value_enum)]
+        dispatch: Option<DispatchArg>,
+    },
+    /// The controller: watch, reconcile, resync, until SIGINT/SIGTERM.
+    Run,
+    /// Show host status from the status files.
+    Status {
+        /// One host (default: the fleet).
+        host: Option<String>,
+    },
+    /// Write a confirmation token for an operation.
+    Confirm {
+        /// The operation hash (full hex).
+        operation: String,
+        /// Why this destructive change is wanted (recorded).
+        #[arg(long)]
+        reason: String,
+        /// Token lifetime (at most token_max_ttl).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// Run history from the database.
+    Runs {
+        /// How many runs to list.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// One run's artifacts.
+    Show {
+        run_id: String,
+    },
+}

@@ -1,0 +1,136 @@
+//! Arguments, environment and tend.yaml resolved once into `Settings`.
+//!
+//! Precedence for the dispatch mode: the KILL file beats everything (checked
+//! at dispatch time, not here), then `--dispatch`, then `TEND_DISPATCH`, then
+//! `dispatch:` in tend.yaml, then `off`.
+//!
+//! Invariant: the only place that reads environment variables.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+use crate::cli::{DispatchArg, Global};
+use crate::core::spec::{DispatchMode, TendConfig};
+
+pub const DISPATCH_ENV: &str = "TEND_DISPATCH";
+
+/// Where the dispatch mode came from, for the run record and for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeSource {
+    Default,
+    TendYaml,
+    Env,
+    Flag,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub json: bool,
+    pub config: TendConfig,
+    pub dispatch: DispatchMode,
+    pub dispatch_source: ModeSource,
+    /// Who asked, for `operation_intent.requested_by`.
+    pub requested_by: String,
+}
+
+impl Settings {
+    /// Resolve settings. `config` is tend.yaml as validated (defaults when it
+    /// is absent or invalid; an invalid desired state never dispatches anyway).
+    pub fn resolve(global: &Global, config: TendConfig, flag: Option<DispatchArg>) -> Result<Self> {
+        let env = std::env::var(DISPATCH_ENV).ok();
+        let (dispatch, dispatch_source) = resolve_mode(config.dispatch, config_has_dispatch(&config), env.as_deref(), flag)?;
+        let state_dir = match &global.state_dir {
+            Some(s) => s.clone(),
+            None => resolve_relative(&global.dir, &config.state_dir),
+        };
+        let requested_by = std::env::var("SUDO_USER")
+            .or_else(|_| std::env::var("USER"))
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| "unknown".into());
+        Ok(Settings {
+            dir: global.dir.clone(),
+            state_dir,
+            json: global.json,
+            config,
+            dispatch,
+            dispatch_source,
+            requested_by,
+        })
+    }
+
+    /// A path from tend.yaml or the inventory, relative to the desired-state dir.
+    pub fn desired_path(&self, p: &str) -> PathBuf {
+        resolve_relative(&self.dir, p)
+    }
+}
+
+fn config_has_dispatch(config: &TendConfig) -> bool {
+    config.dispatch != DispatchMode::Off
+}
+
+/// Pure precedence: flag > env > tend.yaml > off. An unknown env value is an
+/// error rather than a silent fallback: fail closed.
+pub fn resolve_mode(
+    file: DispatchMode,
+    file_set: bool,
+    env: Option<&str>,
+    flag: Option<DispatchArg>,
+) -> Result<(DispatchMode, ModeSource)> {
+    if let Some(f) = flag {
+        let m = match f {
+            DispatchArg::Off => DispatchMode::Off,
+            DispatchArg::Canary => DispatchMode::Canary,
+            DispatchArg::Enforced => DispatchMode::Enforced,
+        };
+        return Ok((m, ModeSource::Flag));
+    }
+    if let Some(e) = env.filter(|e| !e.is_empty()) {
+        return match DispatchMode::parse(e.trim()) {
+            Some(m) => Ok((m, ModeSource::Env)),
+            None => bail!("{DISPATCH_ENV}={e} is not a dispatch mode: use off, canary or enforced"),
+        };
+    }
+    Ok((file, if file_set { ModeSource::TendYaml } else { ModeSource::Default }))
+}
+
+/// `~/` expands to $HOME; relative paths are relative to `base`.
+pub fn resolve_relative(base: &Path, p: &str) -> PathBuf {
+    if let Some(rest) = p.strip_prefix("~/")
+        && let Some(home) = std::env::var_os("HOME")
+    {
+        return PathBuf::from(home).join(rest);
+    }
+    let path = Path::new(p);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence() {
+        use DispatchMode::*;
+        let r = |file, env, flag| resolve_mode(file, file != Off, env, flag).unwrap().0;
+        assert_eq!(r(Off, None, None), Off);
+        assert_eq!(r(Enforced, None, None), Enforced);
+        assert_eq!(r(Enforced, Some("off"), None), Off);
+        assert_eq!(r(Off, Some("canary"), None), Canary);
+        assert_eq!(r(Off, Some("canary"), Some(DispatchArg::Enforced)), Enforced);
+        assert_eq!(r(Enforced, Some(""), None), Enforced);
+        assert!(resolve_mode(Off, false, Some("yes"), None).is_err());
+    }
+
+    #[test]
+    fn relative_paths() {
+        assert_eq!(resolve_relative(Path::new("/d"), ".tend"), PathBuf::from("/d/.tend"));
+        assert_eq!(resolve_relative(Path::new("/d"), "/abs"), PathBuf::from("/abs"));
+    }
+}
