@@ -1,0 +1,53 @@
+//! The shell's clock: read once per use, formatted as RFC 3339 UTC. The core
+//! never reads it; callers pass `now` in.
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::SystemTime;
+
+/// Now, RFC 3339 UTC with milliseconds, e.g. `2026-11-23T06:24:11.123Z`.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// A run id `r-YYYYMMDDTHHMMSSZ-xxxx` (4 lowercase alphanumerics).
+pub fn new_run_id(now: SystemTime) -> String {
+    let stamp = humantime::format_rfc3339_seconds(now).to_string();
+    let compact: String = stamp.chars().filter(|c| *c != '-' && *c != ':').collect();
+    // RandomState is seeded from the OS per process; mixing in the time and
+    // the pid keeps two runs in one second apart.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u32(std::process::id());
+    let mut n = h.finish();
+    const ALPHA: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut suffix = String::with_capacity(4);
+    for _ in 0..4 {
+        suffix.push(ALPHA[(n % 36) as usize] as char);
+        n /= 36;
+    }
+    format!("r-{compact}-{suffix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_id_shape() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
+        let id = new_run_id(t);
+        assert!(id.starts_with("r-20261118T"), "{id}");
+        let (head, suffix) = id.rsplit_once('-').unwrap();
+        assert_eq!(head.len(), "r-YYYYMMDDTHHMMSSZ".len(), "{id}");
+        assert!(head.ends_with('Z'));
+        assert_eq!(suffix.len(), 4);
+        assert!(suffix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+    }
+
+    #[test]
+    fn now_is_utc_rfc3339() {
+        let n = now_rfc3339();
+        assert!(n.ends_with('Z') && n.contains('T'), "{n}");
+        assert!(humantime::parse_rfc3339(&n).is_ok());
+    }
+}

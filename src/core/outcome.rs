@@ -1,0 +1,382 @@
+//! What happened, as documents: host outcomes, the run's execution outcome,
+//! the apply exit code, and the next host status. Pure: every input (policy
+//! decision, plan, step results, previous status, `now`) is passed in.
+//!
+//! Invariant: exactly one host outcome per resolved host, and every refusal or
+//! hold carries its reason and failure class.
+
+use super::diff::Action;
+use super::plan::{HostPlan, Plan};
+use super::policy::{HostDecision, PolicyOutcome, RunDecision};
+use super::report::{
+    AwaitingConfirmation, Changes, ConditionStatus, ConditionType, DispatchStatus, ExecutionOutcome,
+    HostOutcome, HostOutcomeKind, HostStatus, Pending, Phase, StepAction, StepOutcome, StepStatus,
+};
+use super::retry::FailureClass;
+use super::spec::Lifecycle;
+
+/// What dispatch did with one step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepResult {
+    pub status: StepStatus,
+    pub attempts: u32,
+    /// Step log, relative to the state dir.
+    pub log: Option<String>,
+    /// Why it failed, was skipped or was not run.
+    pub failure: Option<(FailureClass, String)>,
+    /// Not run because it waits for a token (or policy blocks it).
+    pub held: bool,
+}
+
+impl StepResult {
+    pub fn not_run(held: bool) -> Self {
+        StepResult {
+            status: StepStatus::NotRun,
+            attempts: 0,
+            log: None,
+            failure: None,
+            held,
+        }
+    }
+}
+
+/// What dispatch did on one host.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostRun {
+    /// At least one step was executed.
+    pub dispatched: bool,
+    /// One per plan step, in plan order.
+    pub steps: Vec<StepResult>,
+    /// The kill switch stopped this host before a step.
+    pub killed: bool,
+}
+
+fn step_action(a: Action) -> StepAction {
+    match a {
+        Action::Create => StepAction::Create,
+        Action::Delete => StepAction::Delete,
+        Action::Update | Action::Noop => StepAction::Update,
+    }
+}
+
+/// The outcome of one host. `run` is None when the host was not dispatched.
+pub fn host_outcome(
+    plan: &HostPlan,
+    decision: &HostDecision,
+    run_blocked: bool,
+    probe_attempts: u32,
+    run: Option<&HostRun>,
+) -> HostOutcome {
+    let steps: Vec<StepOutcome> = plan
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let r = run.and_then(|r| r.steps.get(i));
+            StepOutcome {
+                id: s.id.clone(),
+                action: step_action(s.action),
+                destructive: s.destructive,
+                status: r.map(|r| r.status).unwrap_or(StepStatus::NotRun),
+                attempts: r.map(|r| r.attempts).unwrap_or(0),
+                log: r.and_then(|r| r.log.clone()),
+            }
+        })
+        .collect();
+    let mut o = HostOutcome {
+        host: plan.host.clone(),
+        outcome: HostOutcomeKind::NoChange,
+        reason: Some(decision.reason.clone()),
+        dispatch_status: DispatchStatus::NotDispatched,
+        attempt_count: probe_attempts,
+        last_failure_class: None,
+        last_failure_message: None,
+        changes: Changes {
+            create: plan.changes.create as u32,
+            update: plan.changes.update as u32,
+            delete: plan.changes.delete as u32,
+        },
+        steps,
+    };
+
+    if decision.outcome == PolicyOutcome::PreflightFailed {
+        let class = decision.failure.unwrap_or(FailureClass::Execution);
+        o.outcome = match class {
+            FailureClass::Transient | FailureClass::Timeout => HostOutcomeKind::TransportUnreachable,
+            FailureClass::Capability => HostOutcomeKind::CapabilityMismatch,
+            FailureClass::Policy => HostOutcomeKind::PolicyBlocked,
+            FailureClass::Auth | FailureClass::HostKey | FailureClass::Execution => {
+                HostOutcomeKind::PreflightFailed
+            }
+        };
+        o.last_failure_class = Some(class);
+        o.last_failure_message = Some(decision.reason.clone());
+        return o;
+    }
+    if !plan.has_changes() {
+        return o;
+    }
+    let only_destructive = plan.steps.iter().all(|s| s.destructive);
+    let held_kind = if decision.outcome == PolicyOutcome::PolicyBlocked {
+        HostOutcomeKind::PolicyBlocked
+    } else {
+        HostOutcomeKind::EscalationRequired
+    };
+    let held_failure = |o: &mut HostOutcome| {
+        if held_kind == HostOutcomeKind::PolicyBlocked {
+            o.last_failure_class = Some(FailureClass::Policy);
+            o.last_failure_message = Some(decision.reason.clone());
+        }
+    };
+
+    let executed = run.is_some_and(|r| r.dispatched);
+    if !executed {
+        if run_blocked {
+            o.outcome = HostOutcomeKind::PolicyBlocked;
+            o.last_failure_class = Some(FailureClass::Policy);
+            o.last_failure_message = decision.not_dispatched_reason.clone();
+            o.reason = decision.not_dispatched_reason.clone();
+        } else if only_destructive && decision.outcome != PolicyOutcome::Approved {
+            // Nothing would run even if dispatched: it waits for a token.
+            o.outcome = held_kind;
+            held_failure(&mut o);
+        } else {
+            o.outcome = HostOutcomeKind::Planned;
+            o.reason = decision
+                .not_dispatched_reason
+                .clone()
+                .or_else(|| Some(decision.reason.clone()));
+        }
+        return o;
+    }
+
+    let r = run.expect("executed");
+    o.dispatch_status = DispatchStatus::Dispatched;
+    let count = |st: StepStatus| r.steps.iter().filter(|s| s.status == st).count();
+    let failed = count(StepStatus::Failed);
+    let succeeded = count(StepStatus::Succeeded);
+    let held = r.steps.iter().any(|s| s.held);
+    if failed > 0 {
+        o.outcome = if succeeded > 0 {
+            HostOutcomeKind::PartialSuccess
+        } else {
+            HostOutcomeKind::ExecutionFailed
+        };
+        if let Some((class, msg)) = r.steps.iter().find_map(|s| {
+            (s.status == StepStatus::Failed)
+                .then(|| s.failure.clone())
+                .flatten()
+        }) {
+            o.last_failure_class = Some(class);
+            o.last_failure_message = Some(msg);
+        }
+        o.reason = Some(format!("{failed} step(s) failed, {succeeded} succeeded"));
+    } else if r.killed && r.steps.iter().any(|s| s.status == StepStatus::NotRun && !s.held) {
+        o.outcome = HostOutcomeKind::PartialSuccess;
+        o.reason = Some(format!(
+            "the kill switch stopped dispatch after {succeeded} step(s)"
+        ));
+    } else if held {
+        o.outcome = held_kind;
+        held_failure(&mut o);
+    } else {
+        o.outcome = HostOutcomeKind::Completed;
+        o.reason = Some(format!("{succeeded} step(s) succeeded"));
+    }
+    o
+}
+
+/// The run's execution outcome from every step of every host.
+pub fn execution_outcome(outcomes: &[HostOutcome]) -> ExecutionOutcome {
+    let all = outcomes.iter().flat_map(|o| &o.steps);
+    let (mut ok, mut bad) = (0, 0);
+    for s in all {
+        match s.status {
+            StepStatus::Succeeded => ok += 1,
+            StepStatus::Failed => bad += 1,
+            _ => {}
+        }
+    }
+    match (ok, bad) {
+        (0, 0) => ExecutionOutcome::NotExecuted,
+        (_, 0) => ExecutionOutcome::Completed,
+        (0, _) => ExecutionOutcome::ExecutionFailed,
+        _ => ExecutionOutcome::PartialSuccess,
+    }
+}
+
+/// Exit code of `tend apply` (SPEC.md section 6): 4 when anything failed, else
+/// 3 when something waits for a token or is blocked by policy, else 2 when
+/// changes are pending but were not dispatched, else 0.
+pub fn apply_exit_code(run: &RunDecision, outcomes: &[HostOutcome]) -> u8 {
+    use HostOutcomeKind::*;
+    let any = |kinds: &[HostOutcomeKind]| outcomes.iter().any(|o| kinds.contains(&o.outcome));
+    if any(&[
+        PartialSuccess,
+        ExecutionFailed,
+        TransportUnreachable,
+        PreflightFailed,
+        CapabilityMismatch,
+    ]) {
+        4
+    } else if run.outcome == PolicyOutcome::PolicyBlocked || any(&[EscalationRequired, PolicyBlocked]) {
+        3
+    } else if any(&[Planned]) {
+        2
+    } else {
+        0
+    }
+}
+
+/// Inputs for the next status of a host.
+pub struct StatusInput<'a> {
+    pub prev: Option<HostStatus>,
+    pub host: &'a str,
+    pub lifecycle: Lifecycle,
+    pub plan: &'a Plan,
+    pub outcome: &'a HostOutcome,
+    /// The probe reached the host and parsed (the plan may still have refused it).
+    pub reached: bool,
+    pub probe_at: &'a str,
+    pub revision: &'a str,
+    pub run_id: &'a str,
+    pub now: &'a str,
+    /// The `tend confirm` command prefix, e.g. `tend confirm` or `tend --dir x confirm`.
+    pub confirm_cmd: &'a str,
+}
+
+/// The next status of a host after a run.
+pub fn next_status(i: StatusInput) -> HostStatus {
+    let mut s = i
+        .prev
+        .unwrap_or_else(|| HostStatus::new(i.host, i.now));
+    s.host = i.host.to_string();
+    s.desired_revision = Some(i.revision.to_string());
+    s.last_run_id = Some(i.run_id.to_string());
+    let hp = i.plan.host(i.host);
+    let (t, f) = (ConditionStatus::True, ConditionStatus::False);
+    s.set_condition(ConditionType::ValidDesiredState, t, "Valid", "the desired state is valid", i.now);
+    s.set_condition(ConditionType::Degraded, f, "NotDegraded", "no repeated failures", i.now);
+
+    if !i.reached {
+        let msg = i
+            .outcome
+            .last_failure_message
+            .clone()
+            .unwrap_or_else(|| "probe failed".into());
+        let reason = i
+            .outcome
+            .last_failure_class
+            .map(|c| c.as_str().to_string())
+            .unwrap_or_else(|| "ProbeFailed".into());
+        s.set_condition(ConditionType::Reachable, f, reason, msg.clone(), i.now);
+        s.set_condition(ConditionType::Converged, ConditionStatus::Unknown, "NotPlanned", msg, i.now);
+        return s;
+    }
+    s.last_probe_at = Some(i.probe_at.to_string());
+    s.set_condition(ConditionType::Reachable, t, "ProbeSucceeded", "the host answered the probe", i.now);
+    if let Some(err) = hp.and_then(|h| h.error.clone()) {
+        // Reached, but refused before planning (fail closed).
+        s.set_condition(ConditionType::Converged, ConditionStatus::Unknown, "NotPlanned", err, i.now);
+        return s;
+    }
+
+    // What is still pending: every planned step that did not succeed.
+    let mut pending = Pending::default();
+    let mut held_ids = Vec::new();
+    if let Some(hp) = hp {
+        for (step, out) in hp.steps.iter().zip(&i.outcome.steps) {
+            if out.status == StepStatus::Succeeded {
+                continue;
+            }
+            match step.action {
+                Action::Create => pending.create += 1,
+                Action::Update => pending.update += 1,
+                Action::Delete => pending.delete += 1,
+                Action::Noop => {}
+            }
+            if step.destructive {
+                pending.destructive += 1;
+                held_ids.push(step.id.clone());
+            }
+        }
+    }
+    s.pending = pending;
+    let pending_total = pending.create + pending.update + pending.delete;
+    let drift = hp.map(|h| h.steps.len()).unwrap_or(0);
+    if drift > 0 {
+        s.set_condition(
+            ConditionType::Drifted,
+            t,
+            "DriftDetected",
+            format!("{drift} resource(s) differed from the desired state at the last probe"),
+            i.now,
+        );
+    } else {
+        s.set_condition(ConditionType::Drifted, f, "NoDrift", "the host matched the desired state", i.now);
+    }
+    if pending_total == 0 {
+        s.converged_revision = Some(i.revision.to_string());
+        s.set_condition(ConditionType::Converged, t, "Converged", format!("converged to {}", i.revision), i.now);
+    } else {
+        s.set_condition(
+            ConditionType::Converged,
+            f,
+            "ChangesPending",
+            format!("{pending_total} change(s) pending"),
+            i.now,
+        );
+    }
+    let awaiting = match (&i.plan.operation, pending.destructive > 0) {
+        (Some(op), true)
+            if matches!(
+                i.outcome.outcome,
+                HostOutcomeKind::EscalationRequired | HostOutcomeKind::Planned
+            ) =>
+        {
+            Some(AwaitingConfirmation {
+                operation: op.clone(),
+                hosts: i.plan.operation_hosts.clone(),
+                steps: held_ids,
+                token_file: format!("confirm/{op}.yaml"),
+                command: format!("{} {op} --reason \"<why>\"", i.confirm_cmd),
+            })
+        }
+        _ => None,
+    };
+    match &awaiting {
+        Some(a) => s.set_condition(
+            ConditionType::AwaitingConfirmation,
+            t,
+            "TokenRequired",
+            format!(
+                "{} destructive step(s) wait for a token: run `{}`",
+                a.steps.len(),
+                a.command
+            ),
+            i.now,
+        ),
+        None if i.outcome.outcome == HostOutcomeKind::PolicyBlocked => s.set_condition(
+            ConditionType::AwaitingConfirmation,
+            f,
+            "PolicyBlocked",
+            i.outcome.reason.clone().unwrap_or_default(),
+            i.now,
+        ),
+        None => s.set_condition(
+            ConditionType::AwaitingConfirmation,
+            f,
+            "NothingHeld",
+            "no destructive step waits for confirmation",
+            i.now,
+        ),
+    }
+    s.awaiting_confirmation = awaiting;
+    s.phase = match (i.lifecycle, pending_total) {
+        (Lifecycle::Absent, 0) => Phase::TeardownComplete,
+        (Lifecycle::Absent, _) => Phase::TeardownPending,
+        (Lifecycle::Running, 0) => Phase::Running,
+        (Lifecycle::Running, _) => Phase::Ready,
+    };
+    s
+}
