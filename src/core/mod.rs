@@ -4,6 +4,7 @@ pub mod spec;
 pub mod yaml;
 pub mod actual;
 pub mod retry;
+pub mod report;
 
 /// Lowercase hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
