@@ -432,6 +432,67 @@ impl FleetStatus {
     }
 }
 
+/// Sample documents for the tests of this module and of the store.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    pub const STARTED: &str = "2026-11-23T12:00:00Z";
+    pub const COMPLETED: &str = "2026-11-23T12:05:00Z";
+
+    /// A host whose one destructive step waits for a token.
+    pub fn host_outcome(host: &str) -> HostOutcome {
+        HostOutcome {
+            host: host.into(),
+            outcome: HostOutcomeKind::EscalationRequired,
+            reason: Some("1 destructive step awaits confirmation".into()),
+            dispatch_status: DispatchStatus::NotDispatched,
+            attempt_count: 0,
+            last_failure_class: None,
+            last_failure_message: None,
+            changes: Changes {
+                create: 1,
+                update: 0,
+                delete: 1,
+            },
+            steps: vec![StepOutcome {
+                id: "file:/etc/app.conf".into(),
+                action: StepAction::Delete,
+                destructive: true,
+                status: StepStatus::NotRun,
+                attempts: 0,
+                log: None,
+            }],
+        }
+    }
+
+    /// A run of `hosts` in mode `off`, one `host_outcome` per host.
+    pub fn run_result(run_id: &str, hosts: &[&str]) -> RunResult {
+        let hosts: Vec<String> = hosts.iter().map(|&h| h.to_owned()).collect();
+        RunResult {
+            schema_version: SCHEMA_VERSION,
+            run_id: run_id.into(),
+            operation_intent: OperationIntent {
+                action: Action::Converge,
+                trigger: Trigger::Cli,
+                target_hosts: hosts.clone(),
+                requested_by: "alice".into(),
+            },
+            desired_revision: "abc123".into(),
+            effective_mode: EffectiveMode::Quick,
+            dispatch_mode: DispatchMode::Off,
+            policy_outcome: PolicyOutcome::EscalationRequired,
+            policy_reason: "destructive steps need a token".into(),
+            execution_outcome: ExecutionOutcome::NotExecuted,
+            execution_started_at: STARTED.into(),
+            execution_completed_at: COMPLETED.into(),
+            confirmation: None,
+            host_outcomes: hosts.iter().map(|h| host_outcome(h)).collect(),
+            blast_radius: hosts,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -465,52 +526,10 @@ mod tests {
         assert_eq!(&back, doc);
     }
 
-    fn host_outcome() -> HostOutcome {
-        HostOutcome {
-            host: "web-1".into(),
-            outcome: HostOutcomeKind::EscalationRequired,
-            reason: Some("1 destructive step awaits confirmation".into()),
-            dispatch_status: DispatchStatus::NotDispatched,
-            attempt_count: 0,
-            last_failure_class: None,
-            last_failure_message: None,
-            changes: Changes {
-                create: 1,
-                update: 0,
-                delete: 1,
-            },
-            steps: vec![StepOutcome {
-                id: "file:/etc/app.conf".into(),
-                action: StepAction::Delete,
-                destructive: true,
-                status: StepStatus::NotRun,
-                attempts: 0,
-                log: None,
-            }],
-        }
-    }
-
     fn run_result(confirmation: Option<Confirmation>) -> RunResult {
         RunResult {
-            schema_version: SCHEMA_VERSION,
-            run_id: "r-20261123T120000Z-ab12".into(),
-            operation_intent: OperationIntent {
-                action: Action::Converge,
-                trigger: Trigger::Cli,
-                target_hosts: vec!["web-1".into()],
-                requested_by: "alice".into(),
-            },
-            desired_revision: "abc123".into(),
-            effective_mode: EffectiveMode::Quick,
-            dispatch_mode: DispatchMode::Off,
-            policy_outcome: PolicyOutcome::EscalationRequired,
-            policy_reason: "destructive steps need a token".into(),
-            blast_radius: vec!["web-1".into()],
-            execution_outcome: ExecutionOutcome::NotExecuted,
-            execution_started_at: T0.into(),
-            execution_completed_at: T1.into(),
             confirmation,
-            host_outcomes: vec![host_outcome()],
+            ..fixtures::run_result("r-20261123T120000Z-ab12", &["web-1"])
         }
     }
 

@@ -709,12 +709,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::core::report::{
-        Changes, DispatchStatus, HostOutcome, HostOutcomeKind, OperationIntent, SCHEMA_VERSION,
-    };
+    use crate::core::report::HostOutcomeKind;
+    use crate::core::report::fixtures::{self, COMPLETED as T1};
 
     const T0: &str = "2026-11-23T12:00:00Z";
-    const T1: &str = "2026-11-23T12:01:00Z";
     const RUN: &str = "r-20261123T120000Z-ab12";
 
     fn open() -> (tempfile::TempDir, Db) {
@@ -737,46 +735,15 @@ mod tests {
         }
     }
 
-    fn host_outcome(host: &str) -> HostOutcome {
-        HostOutcome {
-            host: host.into(),
-            outcome: HostOutcomeKind::PreflightFailed,
-            reason: Some("host key mismatch".into()),
-            dispatch_status: DispatchStatus::NotDispatched,
-            attempt_count: 1,
-            last_failure_class: Some(FailureClass::HostKey),
-            last_failure_message: Some("host key mismatch".into()),
-            changes: Changes {
-                create: 1,
-                update: 2,
-                delete: 3,
-            },
-            steps: vec![],
-        }
-    }
-
+    /// A finished run of `hosts`; every host failed preflight on its host key.
     fn result(hosts: &[&str]) -> RunResult {
-        RunResult {
-            schema_version: SCHEMA_VERSION,
-            run_id: RUN.into(),
-            operation_intent: OperationIntent {
-                action: Action::Converge,
-                trigger: Trigger::Cli,
-                target_hosts: hosts.iter().map(|h| h.to_string()).collect(),
-                requested_by: "alice".into(),
-            },
-            desired_revision: "abc".into(),
-            effective_mode: EffectiveMode::Quick,
-            dispatch_mode: DispatchMode::Enforced,
-            policy_outcome: PolicyOutcome::Approved,
-            policy_reason: "approved".into(),
-            blast_radius: hosts.iter().map(|h| h.to_string()).collect(),
-            execution_outcome: ExecutionOutcome::ExecutionFailed,
-            execution_started_at: T0.into(),
-            execution_completed_at: T1.into(),
-            confirmation: None,
-            host_outcomes: hosts.iter().map(|h| host_outcome(h)).collect(),
+        let mut r = fixtures::run_result(RUN, hosts);
+        r.execution_outcome = ExecutionOutcome::ExecutionFailed;
+        for h in &mut r.host_outcomes {
+            h.outcome = HostOutcomeKind::PreflightFailed;
+            h.last_failure_class = Some(FailureClass::HostKey);
         }
+        r
     }
 
     fn count(db: &Db, table: &str) -> i64 {

@@ -343,10 +343,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::core::report::{
-        Action, DispatchMode, EffectiveMode, ExecutionOutcome, OperationIntent, PolicyOutcome,
-        SCHEMA_VERSION, Trigger,
-    };
+    use crate::core::report::fixtures;
 
     const T0: &str = "2026-11-23T12:00:00Z";
     const RUN: &str = "r-20261123T120000Z-ab12";
@@ -358,27 +355,7 @@ mod tests {
     }
 
     fn result() -> RunResult {
-        RunResult {
-            schema_version: SCHEMA_VERSION,
-            run_id: RUN.into(),
-            operation_intent: OperationIntent {
-                action: Action::Converge,
-                trigger: Trigger::Cli,
-                target_hosts: vec![],
-                requested_by: "alice".into(),
-            },
-            desired_revision: "abc".into(),
-            effective_mode: EffectiveMode::Quick,
-            dispatch_mode: DispatchMode::Off,
-            policy_outcome: PolicyOutcome::Approved,
-            policy_reason: "no changes".into(),
-            blast_radius: vec![],
-            execution_outcome: ExecutionOutcome::NotExecuted,
-            execution_started_at: T0.into(),
-            execution_completed_at: T0.into(),
-            confirmation: None,
-            host_outcomes: vec![],
-        }
+        fixtures::run_result(RUN, &["web-1"])
     }
 
     #[test]
