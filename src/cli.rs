@@ -25,7 +25,12 @@ pub struct Cli {
 #[derive(Debug, Args, Clone)]
 pub struct Global {
     /// Desired-state directory.
-    #[arg(long, global = true, value_name = "DIR", default_value = "./desired-state")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = "./desired-state"
+    )]
     pub dir: PathBuf,
     /// State directory (default: `state_dir` of tend.yaml, relative to --dir).
     #[arg(long, global = true, value_name = "DIR")]
@@ -106,7 +111,5 @@ pub enum Command {
         limit: usize,
     },
     /// One run's artifacts.
-    Show {
-        run_id: String,
-    },
+    Show { run_id: String },
 }

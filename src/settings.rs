@@ -41,7 +41,12 @@ impl Settings {
     /// is absent or invalid; an invalid desired state never dispatches anyway).
     pub fn resolve(global: &Global, config: TendConfig, flag: Option<DispatchArg>) -> Result<Self> {
         let env = std::env::var(DISPATCH_ENV).ok();
-        let (dispatch, dispatch_source) = resolve_mode(config.dispatch, config_has_dispatch(&config), env.as_deref(), flag)?;
+        let (dispatch, dispatch_source) = resolve_mode(
+            config.dispatch,
+            config_has_dispatch(&config),
+            env.as_deref(),
+            flag,
+        )?;
         let state_dir = match &global.state_dir {
             Some(s) => s.clone(),
             None => resolve_relative(&global.dir, &config.state_dir),
@@ -93,7 +98,14 @@ pub fn resolve_mode(
             None => bail!("{DISPATCH_ENV}={e} is not a dispatch mode: use off, canary or enforced"),
         };
     }
-    Ok((file, if file_set { ModeSource::TendYaml } else { ModeSource::Default }))
+    Ok((
+        file,
+        if file_set {
+            ModeSource::TendYaml
+        } else {
+            ModeSource::Default
+        },
+    ))
 }
 
 /// `~/` expands to $HOME; relative paths are relative to `base`.
@@ -123,14 +135,23 @@ mod tests {
         assert_eq!(r(Enforced, None, None), Enforced);
         assert_eq!(r(Enforced, Some("off"), None), Off);
         assert_eq!(r(Off, Some("canary"), None), Canary);
-        assert_eq!(r(Off, Some("canary"), Some(DispatchArg::Enforced)), Enforced);
+        assert_eq!(
+            r(Off, Some("canary"), Some(DispatchArg::Enforced)),
+            Enforced
+        );
         assert_eq!(r(Enforced, Some(""), None), Enforced);
         assert!(resolve_mode(Off, false, Some("yes"), None).is_err());
     }
 
     #[test]
     fn relative_paths() {
-        assert_eq!(resolve_relative(Path::new("/d"), ".tend"), PathBuf::from("/d/.tend"));
-        assert_eq!(resolve_relative(Path::new("/d"), "/abs"), PathBuf::from("/abs"));
+        assert_eq!(
+            resolve_relative(Path::new("/d"), ".tend"),
+            PathBuf::from("/d/.tend")
+        );
+        assert_eq!(
+            resolve_relative(Path::new("/d"), "/abs"),
+            PathBuf::from("/abs")
+        );
     }
 }

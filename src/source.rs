@@ -27,7 +27,10 @@ pub fn read_tree(dir: &Path) -> Result<SourceTree> {
         )
     })?;
     if !meta.is_dir() {
-        anyhow::bail!("{} is not a directory (use --dir to point at the desired state)", dir.display());
+        anyhow::bail!(
+            "{} is not a directory (use --dir to point at the desired state)",
+            dir.display()
+        );
     }
     Ok(SourceTree {
         tend: read_optional(&dir.join("tend.yaml"), MAX_YAML_BYTES)?,
@@ -99,7 +102,9 @@ fn read_sources(root: &Path) -> Result<BTreeMap<String, Blob>> {
                 .expect("under root")
                 .to_string_lossy()
                 .replace('\\', "/");
-            let ft = entry.file_type().with_context(|| format!("cannot stat {}", path.display()))?;
+            let ft = entry
+                .file_type()
+                .with_context(|| format!("cannot stat {}", path.display()))?;
             if ft.is_dir() {
                 stack.push(path);
                 continue;
@@ -153,12 +158,22 @@ fn git_revision(dir: &Path, state_dir: &Path) -> Option<(String, bool)> {
         return None;
     }
     let commit = git(&["rev-parse", "HEAD"])?;
-    let mut args = vec!["status", "--porcelain", "--untracked-files=normal", "--", "."];
+    let mut args = vec![
+        "status",
+        "--porcelain",
+        "--untracked-files=normal",
+        "--",
+        ".",
+    ];
     // Exclude the state dir when it lies inside the desired-state dir.
     let exclude = fs::canonicalize(state_dir)
         .ok()
         .zip(fs::canonicalize(dir).ok())
-        .and_then(|(s, d)| s.strip_prefix(&d).ok().map(|p| p.to_string_lossy().into_owned()))
+        .and_then(|(s, d)| {
+            s.strip_prefix(&d)
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned())
+        })
         .filter(|p| !p.is_empty())
         .map(|p| format!(":(exclude){p}"));
     if let Some(e) = &exclude {

@@ -1,8 +1,8 @@
 //! One file per subcommand, thin: resolve, call, print. Each returns the
 //! process exit code; errors bubble up as `anyhow::Error` and exit 1.
 
-pub mod validate;
 pub mod schema;
+pub mod validate;
 
 use std::process::ExitCode;
 

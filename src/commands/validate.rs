@@ -15,7 +15,12 @@ pub fn run(global: &Global) -> Result<u8> {
             println!("{}", serde_json::json!({"valid": true, "problems": []}));
         } else {
             let hosts = validated.state.hosts.len();
-            let resources: usize = validated.state.hosts.values().map(|h| h.resources.len()).sum();
+            let resources: usize = validated
+                .state
+                .hosts
+                .values()
+                .map(|h| h.resources.len())
+                .sum();
             println!(
                 "{}: valid ({hosts} host(s), {resources} resource(s))",
                 global.dir.display()
@@ -44,7 +49,12 @@ pub fn print_problems(global: &Global, problems: &[model::Diagnostic]) {
         println!("{}", serde_json::json!({"valid": false, "problems": list}));
     } else {
         for p in problems {
-            println!("{}:{}: {}", global.dir.join(&p.file).display(), p.pos, p.message);
+            println!(
+                "{}:{}: {}",
+                global.dir.join(&p.file).display(),
+                p.pos,
+                p.message
+            );
         }
         eprintln!("{} problem(s) in {}", problems.len(), global.dir.display());
     }

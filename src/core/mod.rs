@@ -5,6 +5,7 @@ pub mod diff;
 pub mod model;
 pub mod plan;
 pub mod policy;
+pub mod report;
 pub mod retry;
 pub mod spec;
 pub mod yaml;

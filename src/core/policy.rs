@@ -10,29 +10,19 @@
 //!
 //! Invariant: no I/O, no clock; every refusal carries a reason.
 
-use serde::Serialize;
-
 use super::plan::HostPlan;
 use super::retry::FailureClass;
 use super::spec::DispatchMode;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub enum PolicyOutcome {
-    Approved,
-    EscalationRequired,
-    PolicyBlocked,
-    PreflightFailed,
-}
+pub use super::report::PolicyOutcome;
 
-impl PolicyOutcome {
-    /// Severity for summarising many hosts into one run outcome.
-    fn severity(self) -> u8 {
-        match self {
-            PolicyOutcome::Approved => 0,
-            PolicyOutcome::EscalationRequired => 1,
-            PolicyOutcome::PolicyBlocked => 2,
-            PolicyOutcome::PreflightFailed => 3,
-        }
+/// Severity for summarising many hosts into one run outcome.
+fn severity(o: PolicyOutcome) -> u8 {
+    match o {
+        PolicyOutcome::Approved => 0,
+        PolicyOutcome::EscalationRequired => 1,
+        PolicyOutcome::PolicyBlocked => 2,
+        PolicyOutcome::PreflightFailed => 3,
     }
 }
 
@@ -202,7 +192,7 @@ fn summarize(decisions: &[HostDecision]) -> (PolicyOutcome, String) {
     let worst = decisions
         .iter()
         .map(|d| d.outcome)
-        .max_by_key(|o| o.severity())
+        .max_by_key(|o| severity(*o))
         .unwrap_or(PolicyOutcome::Approved);
     let mut parts = Vec::new();
     for o in [

@@ -1,0 +1,1033 @@
+//! The SQLite history in `<state_dir>/tend.db`: runs, host outcomes, step
+//! attempts, events, used tokens and the resources tend manages on each host
+//! (which prune needs).
+//!
+//! Invariant: the only SQL in tend. Every write is one IMMEDIATE transaction,
+//! so a write either lands whole or not at all, and a writer takes the lock
+//! up front instead of failing halfway when another process holds it.
+//! Enumerated values are stored as their JSON spelling from `core::report`,
+//! so the database and the documents say the same words.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::types::Type;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::StoreError;
+use crate::core::report::{
+    Action, DispatchMode, EffectiveMode, ExecutionOutcome, FailureClass, PolicyOutcome, RunResult,
+    StepAction, StepStatus, Trigger,
+};
+
+/// How long a statement waits for another connection's lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema migrations, applied in order; after migration `i` (0-based) the
+/// database has `user_version` `i + 1`. Append only: never edit one that has
+/// shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema. STRICT tables so that a value of the wrong type
+    // is an error instead of being stored as whatever it happens to be.
+    r#"
+CREATE TABLE runs (
+    run_id            TEXT PRIMARY KEY NOT NULL,
+    started_at        TEXT NOT NULL,
+    completed_at      TEXT,
+    action            TEXT NOT NULL,
+    "trigger"         TEXT NOT NULL,
+    dispatch_mode     TEXT NOT NULL,
+    effective_mode    TEXT NOT NULL,
+    policy_outcome    TEXT NOT NULL,
+    policy_reason     TEXT NOT NULL,
+    -- NULL while the run is under way: a run left NULL by a crash is found here.
+    execution_outcome TEXT,
+    desired_revision  TEXT NOT NULL,
+    result_json       TEXT
+) STRICT;
+
+CREATE TABLE host_outcomes (
+    run_id               TEXT NOT NULL REFERENCES runs (run_id),
+    host                 TEXT NOT NULL,
+    outcome              TEXT NOT NULL,
+    reason               TEXT,
+    dispatch_status      TEXT NOT NULL,
+    attempt_count        INTEGER NOT NULL,
+    last_failure_class   TEXT,
+    last_failure_message TEXT,
+    changes_create       INTEGER NOT NULL,
+    changes_update       INTEGER NOT NULL,
+    changes_delete       INTEGER NOT NULL,
+    PRIMARY KEY (run_id, host)
+) STRICT;
+
+CREATE TABLE step_attempts (
+    run_id      TEXT NOT NULL REFERENCES runs (run_id),
+    host        TEXT NOT NULL,
+    step_index  INTEGER NOT NULL,
+    resource_id TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    destructive INTEGER NOT NULL CHECK (destructive IN (0, 1)),
+    attempt     INTEGER NOT NULL,
+    status      TEXT NOT NULL,
+    started_at  TEXT NOT NULL,
+    finished_at TEXT NOT NULL,
+    exit_code   INTEGER,
+    log_path    TEXT,
+    PRIMARY KEY (run_id, host, step_index, attempt)
+) STRICT;
+
+CREATE TABLE events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id      TEXT REFERENCES runs (run_id),
+    at          TEXT NOT NULL,
+    host        TEXT,
+    kind        TEXT NOT NULL,
+    detail_json TEXT NOT NULL
+) STRICT;
+CREATE INDEX events_by_run ON events (run_id, id);
+
+CREATE TABLE tokens (
+    sha256         TEXT PRIMARY KEY NOT NULL,
+    file           TEXT NOT NULL,
+    operation      TEXT NOT NULL,
+    hosts_json     TEXT NOT NULL,
+    used_by_run    TEXT REFERENCES runs (run_id),
+    used_at        TEXT,
+    refused_reason TEXT
+) STRICT;
+
+CREATE TABLE managed_resources (
+    host           TEXT NOT NULL,
+    resource_id    TEXT NOT NULL,
+    kind           TEXT NOT NULL,
+    "key"          TEXT NOT NULL,
+    spec_json      TEXT NOT NULL,
+    applied_run_id TEXT NOT NULL REFERENCES runs (run_id),
+    applied_at     TEXT NOT NULL,
+    PRIMARY KEY (host, resource_id)
+) STRICT;
+"#,
+];
+
+/// What is known of a run when it begins (after policy, before dispatch).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunRow {
+    pub run_id: String,
+    pub started_at: String,
+    pub action: Action,
+    pub trigger: Trigger,
+    pub dispatch_mode: DispatchMode,
+    pub effective_mode: EffectiveMode,
+    pub policy_outcome: PolicyOutcome,
+    pub policy_reason: String,
+    pub desired_revision: String,
+}
+
+/// One row of run history. `run` holds the values `finish_run` last wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunSummary {
+    pub run: RunRow,
+    /// `None` while the run is under way (or was cut short by a crash).
+    pub completed_at: Option<String>,
+    pub execution_outcome: Option<ExecutionOutcome>,
+}
+
+/// One attempt of one step, recorded when the attempt ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepAttemptRow {
+    pub run_id: String,
+    pub host: String,
+    pub step_index: u32,
+    pub resource_id: String,
+    pub action: StepAction,
+    pub destructive: bool,
+    /// 1-based.
+    pub attempt: u32,
+    pub status: StepStatus,
+    pub started_at: String,
+    pub finished_at: String,
+    /// `None` when the step did not get as far as an exit status.
+    pub exit_code: Option<i32>,
+    /// Relative to the state dir.
+    pub log_path: Option<String>,
+}
+
+/// A resource tend has applied on a host and so may prune later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagedRow {
+    pub host: String,
+    pub resource_id: String,
+    pub kind: String,
+    /// The resource's path or name.
+    pub key: String,
+    pub spec_json: String,
+    pub applied_run_id: String,
+    pub applied_at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRow {
+    pub id: i64,
+    pub run_id: Option<String>,
+    pub at: String,
+    pub host: Option<String>,
+    pub kind: String,
+    pub detail: serde_json::Value,
+}
+
+/// The record of a token, by the sha256 of its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRow {
+    pub sha256: String,
+    /// Relative to the state dir.
+    pub file: String,
+    pub operation: String,
+    pub hosts: Vec<String>,
+    pub used_by_run: Option<String>,
+    pub used_at: Option<String>,
+    pub refused_reason: Option<String>,
+}
+
+/// One connection to the history database.
+#[derive(Debug)]
+pub struct Db {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Db {
+    /// Open (creating if needed) the database at `path` and migrate it to
+    /// the current schema. Its directory must exist.
+    pub fn open(path: &Path) -> Result<Db, StoreError> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Db {
+            doing: "open".into(),
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut db = Db {
+            conn,
+            path: path.to_owned(),
+        };
+        db.configure()?;
+        db.migrate()?;
+        Ok(db)
+    }
+
+    /// Open an existing database without writing anything, for commands that
+    /// must change nothing (`plan`, `status`, `runs`). `None` when there is no
+    /// database yet. A database of another schema version is an error, since
+    /// migrating it would be a write.
+    pub fn open_read_only(path: &Path) -> Result<Option<Db>, StoreError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(|source| StoreError::Db {
+            doing: "open (read-only)".into(),
+            path: path.to_owned(),
+            source,
+        })?;
+        let db = Db {
+            conn,
+            path: path.to_owned(),
+        };
+        db.conn
+            .busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| err(&db.path, "set the busy timeout", e))?;
+        let found = db.schema_version()?;
+        if found != current_version() {
+            return Err(StoreError::SchemaVersion {
+                path: db.path.clone(),
+                found,
+                supported: current_version(),
+            });
+        }
+        Ok(Some(db))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version the database is at (`PRAGMA user_version`).
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        user_version(&self.conn).map_err(|e| err(&self.path, "read the schema version", e))
+    }
+
+    /// Record the start of a run.
+    pub fn begin_run(&mut self, run: &RunRow) -> Result<(), StoreError> {
+        self.write(format!("begin run {}", run.run_id), |tx| {
+            tx.execute(
+                r#"INSERT INTO runs (run_id, started_at, action, "trigger", dispatch_mode,
+                       effective_mode, policy_outcome, policy_reason, desired_revision)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"#,
+                rusqlite::params![
+                    run.run_id,
+                    run.started_at,
+                    text(&run.action),
+                    text(&run.trigger),
+                    text(&run.dispatch_mode),
+                    text(&run.effective_mode),
+                    text(&run.policy_outcome),
+                    run.policy_reason,
+                    run.desired_revision,
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Append an event; returns its id. Ids grow, so they give the order.
+    pub fn record_event(
+        &mut self,
+        run_id: Option<&str>,
+        at: &str,
+        host: Option<&str>,
+        kind: &str,
+        detail: &serde_json::Value,
+    ) -> Result<i64, StoreError> {
+        self.write(format!("record event {kind}"), |tx| {
+            tx.execute(
+                "INSERT INTO events (run_id, at, host, kind, detail_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![run_id, at, host, kind, detail.to_string()],
+            )?;
+            Ok(tx.last_insert_rowid())
+        })
+    }
+
+    /// The events of one run, oldest first.
+    pub fn events(&self, run_id: &str) -> Result<Vec<EventRow>, StoreError> {
+        self.read(format!("read the events of run {run_id}"), |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, run_id, at, host, kind, detail_json FROM events
+                 WHERE run_id = ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map([run_id], |r| {
+                Ok(EventRow {
+                    id: r.get(0)?,
+                    run_id: r.get(1)?,
+                    at: r.get(2)?,
+                    host: r.get(3)?,
+                    kind: r.get(4)?,
+                    detail: json_column(r, 5)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn record_step_attempt(&mut self, a: &StepAttemptRow) -> Result<(), StoreError> {
+        let doing = format!(
+            "record attempt {} of step {} ({}) on {} in run {}",
+            a.attempt, a.step_index, a.resource_id, a.host, a.run_id
+        );
+        self.write(doing, |tx| {
+            tx.execute(
+                "INSERT INTO step_attempts (run_id, host, step_index, resource_id, action,
+                     destructive, attempt, status, started_at, finished_at, exit_code, log_path)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                rusqlite::params![
+                    a.run_id,
+                    a.host,
+                    a.step_index,
+                    a.resource_id,
+                    text(&a.action),
+                    a.destructive,
+                    a.attempt,
+                    text(&a.status),
+                    a.started_at,
+                    a.finished_at,
+                    a.exit_code,
+                    a.log_path,
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Close a run begun with `begin_run`: update its row from `result` and
+    /// insert every host outcome, all in one transaction, so the history
+    /// never shows a finished run with some of its hosts missing.
+    /// `result_json` is the `result.json` text, kept so that `tend show`
+    /// works even when the artifact files are gone.
+    pub fn finish_run(&mut self, result: &RunResult, result_json: &str) -> Result<(), StoreError> {
+        let outcome = self.write(format!("finish run {}", result.run_id), |tx| {
+            // `execution_outcome IS NULL` makes a second finish fail instead of
+            // silently rewriting history.
+            let updated = tx.execute(
+                "UPDATE runs SET completed_at = ?2, execution_outcome = ?3, effective_mode = ?4,
+                     dispatch_mode = ?5, policy_outcome = ?6, policy_reason = ?7,
+                     desired_revision = ?8, result_json = ?9
+                 WHERE run_id = ?1 AND execution_outcome IS NULL",
+                rusqlite::params![
+                    result.run_id,
+                    result.execution_completed_at,
+                    text(&result.execution_outcome),
+                    text(&result.effective_mode),
+                    text(&result.dispatch_mode),
+                    text(&result.policy_outcome),
+                    result.policy_reason,
+                    result.desired_revision,
+                    result_json,
+                ],
+            )?;
+            if updated == 0 {
+                return Ok(false);
+            }
+            let mut insert = tx.prepare(
+                "INSERT INTO host_outcomes (run_id, host, outcome, reason, dispatch_status,
+                     attempt_count, last_failure_class, last_failure_message,
+                     changes_create, changes_update, changes_delete)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?;
+            for h in &result.host_outcomes {
+                insert.execute(rusqlite::params![
+                    result.run_id,
+                    h.host,
+                    text(&h.outcome),
+                    h.reason,
+                    text(&h.dispatch_status),
+                    h.attempt_count,
+                    h.last_failure_class.map(FailureClass::as_str),
+                    h.last_failure_message,
+                    h.changes.create,
+                    h.changes.update,
+                    h.changes.delete,
+                ])?;
+            }
+            Ok(true)
+        });
+        match outcome {
+            Ok(true) => Ok(()),
+            // `write` committed an empty transaction; nothing changed.
+            Ok(false) => Err(StoreError::RunNotOpen {
+                run_id: result.run_id.clone(),
+                path: self.path.clone(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Record that `resource_id` is applied on `host` as `spec_json`.
+    #[allow(clippy::too_many_arguments)] // one per column; a struct would only rename them
+    pub fn upsert_managed(
+        &mut self,
+        host: &str,
+        resource_id: &str,
+        kind: &str,
+        key: &str,
+        spec_json: &str,
+        run_id: &str,
+        at: &str,
+    ) -> Result<(), StoreError> {
+        self.write(format!("record {resource_id} as managed on {host}"), |tx| {
+            tx.execute(
+                r#"INSERT INTO managed_resources
+                       (host, resource_id, kind, "key", spec_json, applied_run_id, applied_at)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                   ON CONFLICT (host, resource_id) DO UPDATE SET
+                       kind = excluded.kind, "key" = excluded."key",
+                       spec_json = excluded.spec_json,
+                       applied_run_id = excluded.applied_run_id,
+                       applied_at = excluded.applied_at"#,
+                rusqlite::params![host, resource_id, kind, key, spec_json, run_id, at],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Forget a pruned resource; returns whether it was recorded.
+    pub fn remove_managed(&mut self, host: &str, resource_id: &str) -> Result<bool, StoreError> {
+        self.write(format!("forget managed {resource_id} on {host}"), |tx| {
+            let n = tx.execute(
+                "DELETE FROM managed_resources WHERE host = ?1 AND resource_id = ?2",
+                [host, resource_id],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    /// The resources tend manages on `host`, sorted by resource id.
+    pub fn managed(&self, host: &str) -> Result<Vec<ManagedRow>, StoreError> {
+        self.read(format!("read the managed resources of {host}"), |conn| {
+            let mut stmt = conn.prepare(
+                r#"SELECT host, resource_id, kind, "key", spec_json, applied_run_id, applied_at
+                   FROM managed_resources WHERE host = ?1 ORDER BY resource_id"#,
+            )?;
+            let rows = stmt.query_map([host], |r| {
+                Ok(ManagedRow {
+                    host: r.get(0)?,
+                    resource_id: r.get(1)?,
+                    kind: r.get(2)?,
+                    key: r.get(3)?,
+                    spec_json: r.get(4)?,
+                    applied_run_id: r.get(5)?,
+                    applied_at: r.get(6)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// The latest `limit` runs, newest first.
+    pub fn runs(&self, limit: usize) -> Result<Vec<RunSummary>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read("list runs".into(), |conn| {
+            let mut stmt = conn.prepare(&format!(
+                "{RUN_SELECT} ORDER BY started_at DESC, run_id DESC LIMIT ?1"
+            ))?;
+            let rows = stmt.query_map([limit], run_summary)?;
+            rows.collect()
+        })
+    }
+
+    pub fn run(&self, run_id: &str) -> Result<Option<RunSummary>, StoreError> {
+        self.read(format!("read run {run_id}"), |conn| {
+            conn.query_row(
+                &format!("{RUN_SELECT} WHERE run_id = ?1"),
+                [run_id],
+                run_summary,
+            )
+            .optional()
+        })
+    }
+
+    /// Mark a token as used by `run_id`. Returns `false`, changing nothing,
+    /// when a token with these bytes was used before: the check and the
+    /// mark are one statement, so two runs can never both use one token.
+    pub fn claim_token(
+        &mut self,
+        sha256: &str,
+        file: &str,
+        operation: &str,
+        hosts: &[String],
+        run_id: &str,
+        at: &str,
+    ) -> Result<bool, StoreError> {
+        let hosts_json = serde_json::to_string(hosts).expect("a list of strings encodes");
+        self.write(format!("mark token {file} as used"), |tx| {
+            let n = tx.execute(
+                "INSERT INTO tokens (sha256, file, operation, hosts_json, used_by_run, used_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (sha256) DO UPDATE SET
+                     file = excluded.file, operation = excluded.operation,
+                     hosts_json = excluded.hosts_json, used_by_run = excluded.used_by_run,
+                     used_at = excluded.used_at, refused_reason = NULL
+                 WHERE tokens.used_by_run IS NULL",
+                rusqlite::params![sha256, file, operation, hosts_json, run_id, at],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    /// What is recorded of the token whose bytes hash to `sha256`.
+    pub fn token(&self, sha256: &str) -> Result<Option<TokenRow>, StoreError> {
+        self.read(format!("read token {sha256}"), |conn| {
+            conn.query_row(
+                "SELECT sha256, file, operation, hosts_json, used_by_run, used_at, refused_reason
+                 FROM tokens WHERE sha256 = ?1",
+                [sha256],
+                |r| {
+                    Ok(TokenRow {
+                        sha256: r.get(0)?,
+                        file: r.get(1)?,
+                        operation: r.get(2)?,
+                        hosts: json_column(r, 3)?,
+                        used_by_run: r.get(4)?,
+                        used_at: r.get(5)?,
+                        refused_reason: r.get(6)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    /// Connection settings, set on every open (they are not persistent,
+    /// except the journal mode).
+    fn configure(&self) -> Result<(), StoreError> {
+        // First, so that the statements below wait for a lock held by
+        // another process instead of failing at once.
+        self.conn
+            .busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| err(&self.path, "set the busy timeout", e))?;
+        // WAL lets `tend status` and `tend runs` read while the controller
+        // writes.
+        let mode: String = self
+            .conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(|e| err(&self.path, "enable the WAL journal", e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::NotWal {
+                path: self.path.clone(),
+                mode,
+            });
+        }
+        // In WAL mode NORMAL cannot corrupt the database; a power cut can only
+        // lose the last transactions, which a re-probe recovers.
+        self.conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| err(&self.path, "set synchronous=NORMAL", e))?;
+        self.conn
+            .pragma_update(None, "foreign_keys", true)
+            .map_err(|e| err(&self.path, "enable foreign keys", e))?;
+        Ok(())
+    }
+
+    /// Apply the migrations the database lacks, each in its own transaction
+    /// together with its `user_version` bump. The version is read inside the
+    /// IMMEDIATE transaction, so two processes opening a new database at once
+    /// do not both apply a migration.
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        loop {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|e| err(&self.path, "begin a migration", e))?;
+            let found =
+                user_version(&tx).map_err(|e| err(&self.path, "read the schema version", e))?;
+            let current = current_version();
+            if found > current {
+                return Err(StoreError::SchemaVersion {
+                    path: self.path.clone(),
+                    found,
+                    supported: current,
+                });
+            }
+            if found == current {
+                return Ok(());
+            }
+            let next = found + 1;
+            let apply = |tx: Transaction<'_>| {
+                tx.execute_batch(MIGRATIONS[found as usize])?;
+                tx.pragma_update(None, "user_version", next)?;
+                tx.commit()
+            };
+            apply(tx)
+                .map_err(|e| err(&self.path, format!("migrate to schema version {next}"), e))?;
+        }
+    }
+
+    /// Run `f` in one IMMEDIATE transaction and commit; any error rolls it
+    /// back and is reported as failing to do `doing`.
+    fn write<T>(
+        &mut self,
+        doing: String,
+        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let run = |conn: &mut Connection| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let value = f(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        };
+        run(&mut self.conn).map_err(|e| err(&self.path, doing, e))
+    }
+
+    fn read<T>(
+        &self,
+        doing: String,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        f(&self.conn).map_err(|e| err(&self.path, doing, e))
+    }
+}
+
+fn err(path: &Path, doing: impl Into<String>, source: rusqlite::Error) -> StoreError {
+    StoreError::Db {
+        doing: doing.into(),
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn current_version() -> u32 {
+    u32::try_from(MIGRATIONS.len()).expect("fewer than 2^32 migrations")
+}
+
+fn user_version(conn: &Connection) -> rusqlite::Result<u32> {
+    conn.pragma_query_value(None, "user_version", |r| r.get(0))
+}
+
+const RUN_SELECT: &str = r#"SELECT run_id, started_at, action, "trigger", dispatch_mode,
+    effective_mode, policy_outcome, policy_reason, desired_revision, completed_at,
+    execution_outcome FROM runs"#;
+
+fn run_summary(r: &Row<'_>) -> rusqlite::Result<RunSummary> {
+    Ok(RunSummary {
+        run: RunRow {
+            run_id: r.get(0)?,
+            started_at: r.get(1)?,
+            action: enum_column(r, 2)?,
+            trigger: enum_column(r, 3)?,
+            dispatch_mode: enum_column(r, 4)?,
+            effective_mode: enum_column(r, 5)?,
+            policy_outcome: enum_column(r, 6)?,
+            policy_reason: r.get(7)?,
+            desired_revision: r.get(8)?,
+        },
+        completed_at: r.get(9)?,
+        execution_outcome: r
+            .get::<_, Option<String>>(10)?
+            .map(|s| parse_enum(10, s))
+            .transpose()?,
+    })
+}
+
+/// The stored spelling of an enumerated value: its JSON string.
+fn text<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        // Only unit enums from core::report come here; they are strings.
+        other => unreachable!("not a unit enum: {other:?}"),
+    }
+}
+
+fn parse_enum<T: DeserializeOwned>(idx: usize, s: String) -> rusqlite::Result<T> {
+    serde_json::from_value(serde_json::Value::String(s))
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
+}
+
+fn enum_column<T: DeserializeOwned>(r: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
+    parse_enum(idx, r.get(idx)?)
+}
+
+fn json_column<T: DeserializeOwned>(r: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
+    let s: String = r.get(idx)?;
+    serde_json::from_str(&s)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::core::report::HostOutcomeKind;
+    use crate::core::report::fixtures::{self, COMPLETED as T1};
+
+    const T0: &str = "2026-11-23T12:00:00Z";
+    const RUN: &str = "r-20261123T120000Z-ab12";
+
+    fn open() -> (tempfile::TempDir, Db) {
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("tend.db")).unwrap();
+        (d, db)
+    }
+
+    fn run_row(run_id: &str, started_at: &str) -> RunRow {
+        RunRow {
+            run_id: run_id.into(),
+            started_at: started_at.into(),
+            action: Action::Converge,
+            trigger: Trigger::Cli,
+            dispatch_mode: DispatchMode::Enforced,
+            effective_mode: EffectiveMode::Quick,
+            policy_outcome: PolicyOutcome::Approved,
+            policy_reason: "approved".into(),
+            desired_revision: "abc".into(),
+        }
+    }
+
+    /// A finished run of `hosts`; every host failed preflight on its host key.
+    fn result(hosts: &[&str]) -> RunResult {
+        let mut r = fixtures::run_result(RUN, hosts);
+        r.execution_outcome = ExecutionOutcome::ExecutionFailed;
+        for h in &mut r.host_outcomes {
+            h.outcome = HostOutcomeKind::PreflightFailed;
+            h.last_failure_class = Some(FailureClass::HostKey);
+        }
+        r
+    }
+
+    fn count(db: &Db, table: &str) -> i64 {
+        db.conn
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_new_database_is_at_the_latest_version_with_wal_and_settings() {
+        let (_d, db) = open();
+        assert_eq!(db.schema_version().unwrap() as usize, MIGRATIONS.len());
+        let mode: String = db
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let pragma = |name: &str| -> i64 {
+            db.conn
+                .pragma_query_value(None, name, |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(pragma("synchronous"), 1, "NORMAL");
+        assert_eq!(pragma("foreign_keys"), 1);
+        assert_eq!(pragma("busy_timeout"), 5000);
+    }
+
+    #[test]
+    fn migrating_again_is_a_no_op() {
+        let (d, mut db) = open();
+        db.begin_run(&run_row(RUN, T0)).unwrap();
+        db.migrate().unwrap();
+        drop(db);
+        let db = Db::open(&d.path().join("tend.db")).unwrap();
+        assert_eq!(db.schema_version().unwrap() as usize, MIGRATIONS.len());
+        assert!(db.run(RUN).unwrap().is_some(), "data kept");
+    }
+
+    #[test]
+    fn a_database_from_a_newer_tend_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("tend.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = Db::open(&path).unwrap_err();
+        assert!(
+            matches!(err, StoreError::SchemaVersion { found: 99, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("tend.db"), "{err}");
+    }
+
+    #[test]
+    fn a_run_is_begun_then_finished() {
+        let (_d, mut db) = open();
+        db.begin_run(&run_row(RUN, T0)).unwrap();
+        let s = db.run(RUN).unwrap().unwrap();
+        assert_eq!(s.run, run_row(RUN, T0));
+        assert_eq!((s.completed_at, s.execution_outcome), (None, None));
+
+        let r = result(&["web-1", "web-2"]);
+        db.finish_run(&r, "{\"run_id\":\"x\"}").unwrap();
+        let s = db.run(RUN).unwrap().unwrap();
+        assert_eq!(s.completed_at.as_deref(), Some(T1));
+        assert_eq!(s.execution_outcome, Some(ExecutionOutcome::ExecutionFailed));
+        assert_eq!(count(&db, "host_outcomes"), 2);
+        let (class, outcome): (String, String) = db
+            .conn
+            .query_row(
+                "SELECT last_failure_class, outcome FROM host_outcomes WHERE host = 'web-2'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (class.as_str(), outcome.as_str()),
+            ("HostKey", "PreflightFailed")
+        );
+        let stored: String = db
+            .conn
+            .query_row("SELECT result_json FROM runs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, "{\"run_id\":\"x\"}");
+    }
+
+    #[test]
+    fn finish_run_is_all_or_nothing() {
+        let (_d, mut db) = open();
+        db.begin_run(&run_row(RUN, T0)).unwrap();
+        // The second web-1 violates the primary key after the runs row was
+        // updated and web-1 inserted: all of it must roll back.
+        let r = result(&["web-1", "web-2", "web-1"]);
+        let err = db.finish_run(&r, "{}").unwrap_err();
+        assert!(err.to_string().contains(RUN), "{err}");
+        assert!(err.to_string().contains("tend.db"), "{err}");
+        let s = db.run(RUN).unwrap().unwrap();
+        assert_eq!(s.run, run_row(RUN, T0));
+        assert_eq!((s.completed_at, s.execution_outcome), (None, None));
+        assert_eq!(count(&db, "host_outcomes"), 0);
+
+        // And the run can still be finished properly afterwards.
+        db.finish_run(&result(&["web-1", "web-2"]), "{}").unwrap();
+        assert_eq!(count(&db, "host_outcomes"), 2);
+    }
+
+    #[test]
+    fn a_run_is_finished_once_and_only_if_begun() {
+        let (_d, mut db) = open();
+        let err = db.finish_run(&result(&["web-1"]), "{}").unwrap_err();
+        assert!(matches!(err, StoreError::RunNotOpen { .. }), "{err:?}");
+        db.begin_run(&run_row(RUN, T0)).unwrap();
+        db.finish_run(&result(&["web-1"]), "{}").unwrap();
+        let err = db.finish_run(&result(&[]), "{}").unwrap_err();
+        assert!(matches!(err, StoreError::RunNotOpen { .. }), "{err:?}");
+        assert_eq!(count(&db, "host_outcomes"), 1);
+    }
+
+    #[test]
+    fn runs_are_listed_newest_first() {
+        let (_d, mut db) = open();
+        for (id, at) in [
+            ("r-20261123T120000Z-aaaa", "2026-11-23T12:00:00Z"),
+            ("r-20261123T130000Z-cccc", "2026-11-23T13:00:00Z"),
+            ("r-20261123T123000Z-bbbb", "2026-11-23T12:30:00Z"),
+        ] {
+            db.begin_run(&run_row(id, at)).unwrap();
+        }
+        let ids: Vec<String> = db
+            .runs(10)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.run.run_id)
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "r-20261123T130000Z-cccc",
+                "r-20261123T123000Z-bbbb",
+                "r-20261123T120000Z-aaaa"
+            ]
+        );
+        assert_eq!(db.runs(1).unwrap().len(), 1);
+        assert_eq!(db.run("r-nope").unwrap(), None);
+    }
+
+    #[test]
+    fn events_keep_their_order() {
+        let (_d, mut db) = open();
+        db.begin_run(&run_row(RUN, T0)).unwrap();
+        let kinds = [
+            "probe_started",
+            "probe_done",
+            "plan_done",
+            "dispatch_started",
+        ];
+        let mut ids = vec![];
+        for (i, kind) in kinds.iter().enumerate() {
+            // The same timestamp for all: the order must come from the ids.
+            ids.push(
+                db.record_event(Some(RUN), T0, Some("web-1"), kind, &json!({"i": i}))
+                    .unwrap(),
+            );
+        }
+        db.record_event(None, T0, None, "controller_started", &json!({}))
+            .unwrap();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        let got = db.events(RUN).unwrap();
+        let got_kinds: Vec<&str> = got.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(got_kinds, kinds);
+        assert_eq!(got[2].detail, json!({"i": 2}));
+        assert_eq!(got[2].host.as_deref(), Some("web-1"));
+    }
+
+    #[test]
+    fn step_attempts_need_their_run() {
+        let (_d, mut db) = open();
+        let a = StepAttemptRow {
+            run_id: RUN.into(),
+            host: "web-1".into(),
+            step_index: 0,
+            resource_id: "file:/etc/a".into(),
+            action: StepAction::Create,
+            destructive: false,
+            attempt: 1,
+            status: StepStatus::Failed,
+            started_at: T0.into(),
+            finished_at: T1.into(),
+            exit_code: None,
+            log_path: None,
+        };
+        // foreign_keys=ON: no attempt without its run.
+        assert!(db.record_step_attempt(&a).is_err());
+        db.begin_run(&run_row(RUN, T0)).unwrap();
+        db.record_step_attempt(&a).unwrap();
+        let second = StepAttemptRow {
+            attempt: 2,
+            status: StepStatus::Succeeded,
+            exit_code: Some(0),
+            log_path: Some("runs/x/hosts/web-1/0-file__etc_a.log".into()),
+            ..a.clone()
+        };
+        db.record_step_attempt(&second).unwrap();
+        assert_eq!(count(&db, "step_attempts"), 2);
+        let status: String = db
+            .conn
+            .query_row(
+                "SELECT status FROM step_attempts WHERE attempt = 2",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(status, "succeeded");
+    }
+
+    #[test]
+    fn managed_resources_are_upserted_listed_and_removed() {
+        let (_d, mut db) = open();
+        db.begin_run(&run_row(RUN, T0)).unwrap();
+        db.upsert_managed("web-1", "package:curl", "package", "curl", "{}", RUN, T0)
+            .unwrap();
+        db.upsert_managed("web-1", "file:/a", "file", "/a", "{\"v\":1}", RUN, T0)
+            .unwrap();
+        db.upsert_managed("web-2", "file:/a", "file", "/a", "{}", RUN, T0)
+            .unwrap();
+        db.upsert_managed("web-1", "file:/a", "file", "/a", "{\"v\":2}", RUN, T1)
+            .unwrap();
+        let m = db.managed("web-1").unwrap();
+        let ids: Vec<&str> = m.iter().map(|r| r.resource_id.as_str()).collect();
+        assert_eq!(ids, ["file:/a", "package:curl"]);
+        assert_eq!(m[0].spec_json, "{\"v\":2}");
+        assert_eq!(m[0].applied_at, T1);
+        assert_eq!(m[0].key, "/a");
+
+        assert!(db.remove_managed("web-1", "file:/a").unwrap());
+        assert!(!db.remove_managed("web-1", "file:/a").unwrap());
+        assert_eq!(db.managed("web-1").unwrap().len(), 1);
+        assert_eq!(
+            db.managed("web-2").unwrap().len(),
+            1,
+            "other hosts untouched"
+        );
+    }
+
+    #[test]
+    fn a_token_is_claimed_once() {
+        let (_d, mut db) = open();
+        db.begin_run(&run_row(RUN, T0)).unwrap();
+        db.begin_run(&run_row("r-2", T1)).unwrap();
+        let hosts = vec!["web-1".to_string()];
+        assert_eq!(db.token("abc").unwrap(), None);
+        assert!(
+            db.claim_token("abc", "confirm/t.yaml", "9c1f", &hosts, RUN, T0)
+                .unwrap()
+        );
+        // The same bytes under another name are still the same token.
+        assert!(
+            !db.claim_token("abc", "confirm/u.yaml", "9c1f", &hosts, "r-2", T1)
+                .unwrap()
+        );
+        let t = db.token("abc").unwrap().unwrap();
+        assert_eq!(t.used_by_run.as_deref(), Some(RUN));
+        assert_eq!(t.file, "confirm/t.yaml");
+        assert_eq!(t.hosts, hosts);
+    }
+
+    #[test]
+    fn read_only_open_changes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("tend.db");
+        assert!(Db::open_read_only(&path).unwrap().is_none());
+        assert!(!path.exists(), "no database created");
+
+        let mut db = Db::open(&path).unwrap();
+        db.begin_run(&run_row(RUN, T0)).unwrap();
+        let mut ro = Db::open_read_only(&path).unwrap().unwrap();
+        assert!(ro.run(RUN).unwrap().is_some());
+        assert!(ro.begin_run(&run_row("r-2", T1)).is_err());
+
+        // Also once the writer is gone and SQLite has removed the -wal and
+        // -shm files, as when `tend status` runs without a controller.
+        drop(ro);
+        drop(db);
+        let ro = Db::open_read_only(&path).unwrap().unwrap();
+        assert!(ro.run(RUN).unwrap().is_some());
+    }
+}
