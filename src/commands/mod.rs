@@ -1,14 +1,24 @@
 //! One file per subcommand, thin: resolve, call, print. Each returns the
 //! process exit code; errors bubble up as `anyhow::Error` and exit 1.
 
+pub mod apply;
+pub mod plan;
+pub mod probe;
+pub mod runs;
 pub mod schema;
+pub mod status;
 pub mod validate;
 
+use std::fs::File;
+use std::io::{Read, Seek, Write};
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, DispatchArg, Global};
+use crate::core::model::{self, DesiredState};
+use crate::settings::Settings;
+use crate::store::StateDir;
 
 /// Exit codes of SPEC.md section 6.
 pub mod exit {
@@ -20,10 +30,115 @@ pub mod exit {
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
-    let code = match cli.command {
-        Command::Validate => validate::run(&cli.global)?,
+    let g = &cli.global;
+    let code = match &cli.command {
+        Command::Validate => validate::run(g)?,
         Command::Schema => schema::run()?,
-        _ => anyhow::bail!("this command is not available yet"),
+        Command::Probe { hosts } => with_desired(g, None, |l| runtime()?.block_on(probe::run(l, hosts)))?,
+        Command::Plan { hosts } => with_desired(g, None, |l| runtime()?.block_on(plan::run(l, hosts)))?,
+        Command::Apply { hosts, dispatch } => {
+            with_desired(g, *dispatch, |l| runtime()?.block_on(apply::run(l, hosts)))?
+        }
+        Command::Status { host } => status::run(g, host.as_deref())?,
+        Command::Runs { limit } => runs::list(g, *limit)?,
+        Command::Show { run_id } => runs::show(g, run_id)?,
+        Command::Run => bail!("`tend run` (the controller) is not available in this build yet; use `tend apply`"),
+        Command::Confirm { .. } => bail!(
+            "`tend confirm` is not available in this build yet: destructive steps stay held (EscalationRequired)"
+        ),
     };
     Ok(ExitCode::from(code))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// A valid desired state with everything resolved from it.
+pub struct Loaded {
+    pub settings: Settings,
+    pub state: DesiredState,
+    pub revision: String,
+    pub state_dir: StateDir,
+}
+
+/// Load and validate the desired state; on any problem print every one and
+/// exit 1 without touching a host (invalid desired state never dispatches).
+fn with_desired(g: &Global, flag: Option<DispatchArg>, f: impl FnOnce(Loaded) -> Result<u8>) -> Result<u8> {
+    let tree = crate::source::read_tree(&g.dir)?;
+    let validated = model::validate(&tree);
+    if !validated.is_valid() {
+        validate::print_problems(g, &validated.problems);
+        eprintln!("error: the desired state is invalid; nothing was probed or dispatched");
+        return Ok(exit::ERROR);
+    }
+    let settings = Settings::resolve(g, validated.state.config.clone(), flag)?;
+    let revision = crate::source::revision(&settings.dir, &settings.state_dir, &tree);
+    let state_dir = StateDir::new(settings.state_dir.clone());
+    f(Loaded {
+        settings,
+        state: validated.state,
+        revision,
+        state_dir,
+    })
+}
+
+/// Settings for commands that only read the state dir (no validation needed,
+/// but tend.yaml may move it).
+fn state_dir_of(g: &Global) -> StateDir {
+    if let Some(s) = &g.state_dir {
+        return StateDir::new(s.clone());
+    }
+    let config = crate::source::read_tree(&g.dir)
+        .map(|t| model::validate(&t).state.config)
+        .unwrap_or_default();
+    StateDir::new(crate::settings::resolve_relative(&g.dir, &config.state_dir))
+}
+
+/// Hold the state dir's lock for as long as the returned file lives: one
+/// writer (controller or apply) per state dir. The holder's PID is written in
+/// the file so that a refusal can name it.
+pub fn lock_state_dir(sd: &StateDir) -> Result<File> {
+    let path = sd.lock_path();
+    let mut f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening lock file {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            bail!(
+                "another tend process (pid {}) holds the state dir lock {}; wait for it or stop it",
+                pid.trim(),
+                path.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    write!(f, "{}", std::process::id())?;
+    f.flush()?;
+    Ok(f)
+}
+
+/// The `tend confirm` command line an operator runs, with the flags needed to
+/// reach the same state dir.
+pub fn confirm_command(s: &Settings) -> String {
+    let mut cmd = String::from("tend");
+    if s.dir.as_os_str() != "./desired-state" {
+        cmd.push_str(&format!(" --dir {}", crate::shell::quote(&s.dir.to_string_lossy())));
+    }
+    cmd.push_str(" confirm");
+    cmd
 }

@@ -1,0 +1,125 @@
+//! `tend plan [HOST…]`: probe, diff, decide and plan; print the plan for
+//! people, or the plan document with `--json`. Writes nothing: no run, no
+//! status file, no database row. Exit 0 no changes, 2 changes pending, 1 error.
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+
+use super::{Loaded, exit};
+use crate::core::diff::Action;
+use crate::core::plan::{HostPlan, Plan};
+use crate::core::policy::{PolicyOutcome, RunDecision};
+use crate::reconcile;
+
+pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
+    let targets = reconcile::resolve_targets(&loaded.state, hosts)?;
+    let kill = loaded.state_dir.kill_switch_engaged();
+    let prep = reconcile::prepare(
+        &loaded.state,
+        &loaded.revision,
+        targets,
+        loaded.settings.dispatch,
+        kill,
+    )
+    .await;
+    if loaded.settings.json {
+        use std::io::Write;
+        std::io::stdout().write_all(&prep.plan.to_json())?;
+    } else {
+        print!("{}", render(&prep.plan, &prep.decision));
+    }
+    let failed = prep.plan.hosts.iter().any(|h| h.error.is_some());
+    let changes = prep.plan.hosts.iter().any(HostPlan::has_changes);
+    Ok(if failed {
+        exit::ERROR
+    } else if changes {
+        exit::PENDING
+    } else {
+        exit::OK
+    })
+}
+
+fn sign(a: Action, destructive: bool) -> &'static str {
+    match (a, destructive) {
+        (Action::Create, _) => "+",
+        (Action::Delete, _) => "-",
+        (Action::Update, true) => "-/+",
+        (Action::Update, false) => "~",
+        (Action::Noop, _) => " ",
+    }
+}
+
+/// The plan for people: one block per host, one line per step with what
+/// changes, the barrier, and what policy decided.
+pub fn render(plan: &Plan, decision: &RunDecision) -> String {
+    let mut out = String::new();
+    let mut totals = (0, 0, 0, 0);
+    for hp in &plan.hosts {
+        let d = decision.hosts.iter().find(|d| d.host == hp.host);
+        if let Some(err) = &hp.error {
+            let _ = writeln!(out, "host {}: cannot plan\n  ! {err}\n", hp.host);
+            continue;
+        }
+        if !hp.has_changes() {
+            let _ = writeln!(out, "host {}: no changes\n", hp.host);
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "host {}: {} to create, {} to update, {} to delete",
+            hp.host, hp.changes.create, hp.changes.update, hp.changes.delete
+        );
+        for s in &hp.steps {
+            if s.index == hp.barrier && hp.barrier < hp.steps.len() {
+                let _ = writeln!(out, "  ---- barrier: destructive steps below need a confirmation token ----");
+            }
+            let _ = writeln!(
+                out,
+                "  {:>3} {} {}{}",
+                sign(s.action, s.destructive),
+                s.id,
+                s.action.as_str(),
+                if s.destructive { " (destructive)" } else { "" }
+            );
+            for f in &s.fields {
+                let from = f.from.as_deref().unwrap_or("-");
+                let to = f.to.as_deref().unwrap_or("-");
+                let _ = writeln!(out, "        {}: {} -> {}", f.field, from, to);
+            }
+            if let Some(n) = &s.note {
+                let _ = writeln!(out, "        note: {n}");
+            }
+        }
+        if let Some(d) = d
+            && d.outcome != PolicyOutcome::Approved
+        {
+            let _ = writeln!(out, "  policy: {:?}: {}", d.outcome, d.reason);
+        }
+        if let Some(d) = d
+            && let Some(why) = &d.not_dispatched_reason
+        {
+            let _ = writeln!(out, "  dispatch: not dispatched: {why}");
+        }
+        out.push('\n');
+        totals.0 += hp.changes.create;
+        totals.1 += hp.changes.update;
+        totals.2 += hp.changes.delete;
+        totals.3 += hp.destructive;
+    }
+    let _ = writeln!(
+        out,
+        "Plan: {} to create, {} to update, {} to delete ({} destructive).",
+        totals.0, totals.1, totals.2, totals.3
+    );
+    if let Some(op) = &plan.operation {
+        let _ = writeln!(
+            out,
+            "Destructive operation {op} on {} needs a confirmation token.",
+            plan.operation_hosts.join(", ")
+        );
+    }
+    let _ = writeln!(out, "Policy: {:?}: {}", decision.outcome, decision.reason);
+    let _ = writeln!(out, "Desired revision: {}", plan.desired_revision);
+    out
+}
