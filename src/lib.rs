@@ -4,4 +4,5 @@
 //! the shell around it.
 
 pub mod core;
+pub mod shell;
 pub mod transport;
