@@ -4,5 +4,6 @@
 //! the shell around it.
 
 pub mod core;
+pub mod probe;
 pub mod shell;
 pub mod transport;
