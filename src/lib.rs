@@ -3,10 +3,16 @@
 //! See ARCHITECTURE.md for the code map. `core` is pure; everything else is
 //! the shell around it.
 
+pub mod apply;
 pub mod cli;
+pub mod clock;
 pub mod commands;
 pub mod core;
+pub mod dispatch;
+pub mod probe;
+pub mod reconcile;
 pub mod settings;
+pub mod shell;
 pub mod source;
 pub mod store;
 pub mod transport;

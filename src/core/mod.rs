@@ -3,6 +3,7 @@
 pub mod actual;
 pub mod diff;
 pub mod model;
+pub mod outcome;
 pub mod plan;
 pub mod policy;
 pub mod report;
