@@ -16,7 +16,11 @@ pub fn new_run_id(now: SystemTime) -> String {
     // RandomState is seeded from the OS per process; mixing in the time and
     // the pid keeps two runs in one second apart.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        now.duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.write_u32(std::process::id());
     let mut n = h.finish();
     const ALPHA: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -41,7 +45,11 @@ mod tests {
         assert_eq!(head.len(), "r-YYYYMMDDTHHMMSSZ".len(), "{id}");
         assert!(head.ends_with('Z'));
         assert_eq!(suffix.len(), 4);
-        assert!(suffix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        assert!(
+            suffix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        );
     }
 
     #[test]

@@ -52,12 +52,13 @@ impl Recorder {
     /// One event: to the database now, and to the timeline.
     pub fn event(&self, host: Option<&str>, kind: &str, detail: Value) {
         let at = now_rfc3339();
-        if let Err(e) = self
-            .db
-            .lock()
-            .expect("db lock")
-            .record_event(Some(&self.run_id), &at, host, kind, &detail)
-        {
+        if let Err(e) = self.db.lock().expect("db lock").record_event(
+            Some(&self.run_id),
+            &at,
+            host,
+            kind,
+            &detail,
+        ) {
             tracing::warn!(error = %e, kind, "could not record event");
         }
         let mut line = json!({"at": at, "kind": kind, "host": host});
@@ -86,8 +87,18 @@ pub fn command_for(step: &Step, r: &Resource) -> Result<RemoteCommand> {
         (ResourceSpec::File(s), Action::Create | Action::Update) => {
             if step.action == Action::Create || content_changed || step.replace {
                 let empty = Vec::new();
-                let bytes = r.content.as_ref().map(|c| c.bytes.as_slice()).unwrap_or(&empty);
-                let write = apply::write_file(&s.path, bytes, s.mode, s.owner.as_deref(), s.group.as_deref());
+                let bytes = r
+                    .content
+                    .as_ref()
+                    .map(|c| c.bytes.as_slice())
+                    .unwrap_or(&empty);
+                let write = apply::write_file(
+                    &s.path,
+                    bytes,
+                    s.mode,
+                    s.owner.as_deref(),
+                    s.group.as_deref(),
+                );
                 prefix_removal(step, &s.path, write)
             } else {
                 apply::set_meta(&s.path, s.mode, s.owner.as_deref(), s.group.as_deref())
@@ -95,7 +106,8 @@ pub fn command_for(step: &Step, r: &Resource) -> Result<RemoteCommand> {
         }
         (ResourceSpec::Directory(s), Action::Create | Action::Update) => {
             if step.action == Action::Create || step.replace {
-                let mk = apply::make_directory(&s.path, s.mode, s.owner.as_deref(), s.group.as_deref());
+                let mk =
+                    apply::make_directory(&s.path, s.mode, s.owner.as_deref(), s.group.as_deref());
                 prefix_removal(step, &s.path, mk)
             } else {
                 apply::set_meta(&s.path, s.mode, s.owner.as_deref(), s.group.as_deref())
@@ -108,7 +120,13 @@ pub fn command_for(step: &Step, r: &Resource) -> Result<RemoteCommand> {
                 .ok_or_else(|| anyhow!("symlink `{}` has no target", r.id))?;
             prefix_removal(step, &s.path, apply::make_symlink(&s.path, target))
         }
-        _ => return Err(anyhow!("no applier for {} step on `{}` in this build", step.action.as_str(), r.id)),
+        _ => {
+            return Err(anyhow!(
+                "no applier for {} step on `{}` in this build",
+                step.action.as_str(),
+                r.id
+            ));
+        }
     };
     Ok(cmd)
 }
@@ -149,7 +167,9 @@ pub async fn execute(
     let mut set = JoinSet::new();
     let mut runs = BTreeMap::new();
     for d in &prep.decision.hosts {
-        let Some(hp) = prep.plan.host(&d.host) else { continue };
+        let Some(hp) = prep.plan.host(&d.host) else {
+            continue;
+        };
         let Some(transport) = prep.transports.get(&d.host).cloned() else {
             continue;
         };
@@ -159,7 +179,12 @@ pub async fn execute(
         let host = desired.hosts[&d.host].clone();
         let steps = hp.steps.clone();
         let (allow_nd, allow_d) = (d.allow_nondestructive, d.allow_destructive);
-        let (sem, rec, opts, fail_fast) = (sem.clone(), rec.clone(), opts.clone(), destructive_failed.clone());
+        let (sem, rec, opts, fail_fast) = (
+            sem.clone(),
+            rec.clone(),
+            opts.clone(),
+            destructive_failed.clone(),
+        );
         set.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
             let run = run_host(
@@ -195,26 +220,43 @@ async fn run_host(
     fail_fast: &AtomicBool,
 ) -> HostRun {
     let mut run = HostRun::default();
-    rec.event(Some(host), "host_dispatch_started", json!({"steps": steps.len()}));
+    rec.event(
+        Some(host),
+        "host_dispatch_started",
+        json!({"steps": steps.len()}),
+    );
     for step in steps {
         let allowed = if step.destructive { allow_d } else { allow_nd };
         let dep_status: Vec<StepStatus> = step.after.iter().map(|&a| run.steps[a].status).collect();
         let result = if !allowed {
             StepResult::not_run(true)
-        } else if dep_status.iter().any(|s| matches!(s, StepStatus::Failed | StepStatus::Skipped)) {
+        } else if dep_status
+            .iter()
+            .any(|s| matches!(s, StepStatus::Failed | StepStatus::Skipped))
+        {
             let mut r = StepResult::not_run(false);
             r.status = StepStatus::Skipped;
-            r.failure = Some((FailureClass::Execution, "a step it depends on failed".into()));
+            r.failure = Some((
+                FailureClass::Execution,
+                "a step it depends on failed".into(),
+            ));
             r
         } else if dep_status.contains(&StepStatus::NotRun) {
             StepResult::not_run(run.steps.iter().any(|s| s.held))
         } else if opts.state.kill_switch_engaged() {
             run.killed = true;
-            rec.event(Some(host), "kill_switch", json!({"step": step.index, "id": step.id}));
+            rec.event(
+                Some(host),
+                "kill_switch",
+                json!({"step": step.index, "id": step.id}),
+            );
             StepResult::not_run(false)
         } else if step.destructive && fail_fast.load(Ordering::SeqCst) {
             let mut r = StepResult::not_run(false);
-            r.failure = Some((FailureClass::Execution, "a destructive step failed earlier in this run (fail fast)".into()));
+            r.failure = Some((
+                FailureClass::Execution,
+                "a destructive step failed earlier in this run (fail fast)".into(),
+            ));
             r
         } else {
             let r = run_step(host, resources, step, transport.clone(), opts, rec).await;
@@ -226,7 +268,11 @@ async fn run_host(
         };
         run.steps.push(result);
     }
-    rec.event(Some(host), "host_dispatch_finished", json!({"killed": run.killed}));
+    rec.event(
+        Some(host),
+        "host_dispatch_finished",
+        json!({"killed": run.killed}),
+    );
     run
 }
 
@@ -239,17 +285,33 @@ async fn run_step(
     rec: &Recorder,
 ) -> StepResult {
     let started = now_rfc3339();
-    rec.event(Some(host), "step_started", json!({"step": step.index, "id": step.id, "action": step.action.as_str()}));
+    rec.event(
+        Some(host),
+        "step_started",
+        json!({"step": step.index, "id": step.id, "action": step.action.as_str()}),
+    );
     let resource = resources.iter().find(|r| r.id == step.id);
     let cmd = match resource.map(|r| command_for(step, r)) {
         Some(Ok(c)) => c,
         Some(Err(e)) => return failed_before_start(host, step, e.to_string(), rec),
-        None => return failed_before_start(host, step, format!("resource `{}` vanished from the desired state", step.id), rec),
+        None => {
+            return failed_before_start(
+                host,
+                step,
+                format!("resource `{}` vanished from the desired state", step.id),
+                rec,
+            );
+        }
     };
     let timeout = opts.step_timeout;
     let out = tokio::task::spawn_blocking(move || transport.exec(&cmd.script, &cmd.stdin, timeout))
         .await
-        .unwrap_or_else(|e| Err(crate::transport::TransportError::new(FailureClass::Transient, format!("step task failed: {e}"))));
+        .unwrap_or_else(|e| {
+            Err(crate::transport::TransportError::new(
+                FailureClass::Transient,
+                format!("step task failed: {e}"),
+            ))
+        });
     let finished = now_rfc3339();
     let (status, exit_code, log_bytes, failure) = match out {
         Ok(o) => {
@@ -268,16 +330,32 @@ async fn run_step(
                     o.status,
                     String::from_utf8_lossy(&o.stderr).trim()
                 );
-                (StepStatus::Failed, Some(o.status), log, Some((FailureClass::Execution, msg)))
+                (
+                    StepStatus::Failed,
+                    Some(o.status),
+                    log,
+                    Some((FailureClass::Execution, msg)),
+                )
             }
         }
         Err(e) => {
-            let msg = format!("host `{host}`, step {} `{}`: {}", step.index, step.id, e.message);
-            (StepStatus::Failed, None, msg.clone().into_bytes(), Some((e.class, msg)))
+            let msg = format!(
+                "host `{host}`, step {} `{}`: {}",
+                step.index, step.id, e.message
+            );
+            (
+                StepStatus::Failed,
+                None,
+                msg.clone().into_bytes(),
+                Some((e.class, msg)),
+            )
         }
     };
-    let log = match opts.state.write_step_log(&rec.run_id, host, step.index, &step.id, &log_bytes) {
-        Ok(()) => Some(opts.state.step_log_rel(&rec.run_id, host, step.index, &step.id)),
+    let log = match opts
+        .state
+        .write_step_log(&rec.run_id, host, step.index, &step.id, &log_bytes)
+    {
+        Ok(rel) => Some(rel),
         Err(e) => {
             tracing::warn!(error = %e, "could not write step log");
             None
@@ -286,15 +364,15 @@ async fn run_step(
     let row = StepAttemptRow {
         run_id: rec.run_id.clone(),
         host: host.to_string(),
-        step_index: step.index as i64,
+        step_index: step.index as u32,
         resource_id: step.id.clone(),
-        action: step.action.as_str().to_string(),
+        action: crate::core::outcome::step_action(step.action),
         destructive: step.destructive,
         attempt: 1,
-        status: status_word(status).to_string(),
+        status,
         started_at: started,
         finished_at: finished,
-        exit_code: exit_code.map(i64::from),
+        exit_code,
         log_path: log.clone(),
     };
     if let Err(e) = rec.db().record_step_attempt(&row) {
@@ -319,7 +397,11 @@ async fn run_step(
 
 fn failed_before_start(host: &str, step: &Step, msg: String, rec: &Recorder) -> StepResult {
     let msg = format!("host `{host}`, step {} `{}`: {msg}", step.index, step.id);
-    rec.event(Some(host), "step_finished", json!({"step": step.index, "id": step.id, "status": "failed", "error": msg}));
+    rec.event(
+        Some(host),
+        "step_finished",
+        json!({"step": step.index, "id": step.id, "status": "failed", "error": msg}),
+    );
     StepResult {
         status: StepStatus::Failed,
         attempts: 0,

@@ -108,13 +108,21 @@ pub async fn probe_host(host: &Host, transport: Arc<dyn Transport>, opts: ProbeO
         let (t, s, timeout) = (transport.clone(), script.clone(), opts.timeout);
         let out = tokio::task::spawn_blocking(move || t.exec(&s, &[], timeout))
             .await
-            .unwrap_or_else(|e| Err(TransportError::new(FailureClass::Transient, format!("probe task failed: {e}"))));
+            .unwrap_or_else(|e| {
+                Err(TransportError::new(
+                    FailureClass::Transient,
+                    format!("probe task failed: {e}"),
+                ))
+            });
         match out {
             Ok(o) if o.status == 0 => {
                 break probe::parse(&o.stdout, &items).map_err(|e| {
                     (
                         e.class(),
-                        format!("host `{}`: probe output refused (fail closed): {e}", host.name()),
+                        format!(
+                            "host `{}`: probe output refused (fail closed): {e}",
+                            host.name()
+                        ),
                     )
                 });
             }
@@ -148,7 +156,10 @@ pub async fn probe_fleet(
     state: &DesiredState,
     targets: &[String],
     opts: ProbeOpts,
-) -> (BTreeMap<String, Arc<dyn Transport>>, BTreeMap<String, HostProbe>) {
+) -> (
+    BTreeMap<String, Arc<dyn Transport>>,
+    BTreeMap<String, HostProbe>,
+) {
     let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let mut set = JoinSet::new();
     let mut transports = BTreeMap::new();
@@ -255,7 +266,8 @@ pub async fn prepare(
         concurrency: cfg.concurrency as usize,
     };
     let (transports, probes) = probe_fleet(state, &targets, opts).await;
-    let (changes, plan, decision) = plan_and_decide(state, revision, &targets, &probes, mode, kill_switch);
+    let (changes, plan, decision) =
+        plan_and_decide(state, revision, &targets, &probes, mode, kill_switch);
     Prepared {
         revision: revision.to_string(),
         targets,

@@ -49,5 +49,9 @@ fn core_is_pure() {
         checked += 1;
     }
     assert!(checked >= 8, "expected the core modules, found {checked}");
-    assert!(offences.is_empty(), "the core must stay pure:\n{}", offences.join("\n"));
+    assert!(
+        offences.is_empty(),
+        "the core must stay pure:\n{}",
+        offences.join("\n")
+    );
 }

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::{Loaded, exit};
+use super::Loaded;
 use crate::clock::{new_run_id, now_rfc3339};
 use crate::core::outcome::{self, StatusInput};
 use crate::core::policy::PolicyOutcome;
@@ -59,7 +59,8 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
     );
 
     let kill = sd.kill_switch_engaged();
-    let prep = reconcile::prepare(&loaded.state, &loaded.revision, targets.clone(), mode, kill).await;
+    let prep =
+        reconcile::prepare(&loaded.state, &loaded.revision, targets.clone(), mode, kill).await;
     for (host, p) in &prep.probes {
         match &p.result {
             Ok(_) => rec.event(Some(host), "probed", json!({"attempts": p.attempts})),
@@ -98,7 +99,13 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
     for d in &prep.decision.hosts {
         let hp = prep.plan.host(&d.host).expect("every target is planned");
         let attempts = prep.probes.get(&d.host).map(|p| p.attempts).unwrap_or(0);
-        outcomes.push(outcome::host_outcome(hp, d, run_blocked, attempts, runs.get(&d.host)));
+        outcomes.push(outcome::host_outcome(
+            hp,
+            d,
+            run_blocked,
+            attempts,
+            runs.get(&d.host),
+        ));
     }
     let completed_at = now_rfc3339();
     let result = RunResult {
@@ -166,7 +173,10 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         out.write_all(result_json.as_bytes())?;
         writeln!(out)?;
     } else {
-        print!("{}", summary(&result, sd.run_dir(&run_id).display().to_string()));
+        print!(
+            "{}",
+            summary(&result, sd.run_dir(&run_id).display().to_string())
+        );
     }
     Ok(code)
 }
@@ -180,11 +190,15 @@ fn record_managed(
 ) -> Result<()> {
     let mut db = rec.db();
     for o in &result.host_outcomes {
-        if o.dispatch_status != report::DispatchStatus::Dispatched && o.outcome != report::HostOutcomeKind::NoChange {
+        if o.dispatch_status != report::DispatchStatus::Dispatched
+            && o.outcome != report::HostOutcomeKind::NoChange
+        {
             continue;
         }
         let host = &loaded.state.hosts[&o.host];
-        let Some(hp) = prep.plan.host(&o.host) else { continue };
+        let Some(hp) = prep.plan.host(&o.host) else {
+            continue;
+        };
         for r in &host.resources {
             let step = hp.steps.iter().zip(&o.steps).find(|(s, _)| s.id == r.id);
             let converged = match step {
@@ -196,7 +210,15 @@ fn record_managed(
                 db.remove_managed(&o.host, &r.id)?;
             } else if converged {
                 let spec = serde_json::to_string(&r.spec)?;
-                db.upsert_managed(&o.host, &r.id, r.kind(), r.key().1, &spec, &result.run_id, at)?;
+                db.upsert_managed(
+                    &o.host,
+                    &r.id,
+                    r.kind(),
+                    r.key().1,
+                    &spec,
+                    &result.run_id,
+                    at,
+                )?;
             }
         }
     }

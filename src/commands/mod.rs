@@ -34,15 +34,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let code = match &cli.command {
         Command::Validate => validate::run(g)?,
         Command::Schema => schema::run()?,
-        Command::Probe { hosts } => with_desired(g, None, |l| runtime()?.block_on(probe::run(l, hosts)))?,
-        Command::Plan { hosts } => with_desired(g, None, |l| runtime()?.block_on(plan::run(l, hosts)))?,
+        Command::Probe { hosts } => {
+            with_desired(g, None, |l| runtime()?.block_on(probe::run(l, hosts)))?
+        }
+        Command::Plan { hosts } => {
+            with_desired(g, None, |l| runtime()?.block_on(plan::run(l, hosts)))?
+        }
         Command::Apply { hosts, dispatch } => {
             with_desired(g, *dispatch, |l| runtime()?.block_on(apply::run(l, hosts)))?
         }
         Command::Status { host } => status::run(g, host.as_deref())?,
         Command::Runs { limit } => runs::list(g, *limit)?,
         Command::Show { run_id } => runs::show(g, run_id)?,
-        Command::Run => bail!("`tend run` (the controller) is not available in this build yet; use `tend apply`"),
+        Command::Run => bail!(
+            "`tend run` (the controller) is not available in this build yet; use `tend apply`"
+        ),
         Command::Confirm { .. } => bail!(
             "`tend confirm` is not available in this build yet: destructive steps stay held (EscalationRequired)"
         ),
@@ -67,7 +73,11 @@ pub struct Loaded {
 
 /// Load and validate the desired state; on any problem print every one and
 /// exit 1 without touching a host (invalid desired state never dispatches).
-fn with_desired(g: &Global, flag: Option<DispatchArg>, f: impl FnOnce(Loaded) -> Result<u8>) -> Result<u8> {
+fn with_desired(
+    g: &Global,
+    flag: Option<DispatchArg>,
+    f: impl FnOnce(Loaded) -> Result<u8>,
+) -> Result<u8> {
     let tree = crate::source::read_tree(&g.dir)?;
     let validated = model::validate(&tree);
     if !validated.is_valid() {
@@ -137,7 +147,10 @@ pub fn lock_state_dir(sd: &StateDir) -> Result<File> {
 pub fn confirm_command(s: &Settings) -> String {
     let mut cmd = String::from("tend");
     if s.dir.as_os_str() != "./desired-state" {
-        cmd.push_str(&format!(" --dir {}", crate::shell::quote(&s.dir.to_string_lossy())));
+        cmd.push_str(&format!(
+            " --dir {}",
+            crate::shell::quote(&s.dir.to_string_lossy())
+        ));
     }
     cmd.push_str(" confirm");
     cmd

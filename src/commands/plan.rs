@@ -72,7 +72,10 @@ pub fn render(plan: &Plan, decision: &RunDecision) -> String {
         );
         for s in &hp.steps {
             if s.index == hp.barrier && hp.barrier < hp.steps.len() {
-                let _ = writeln!(out, "  ---- barrier: destructive steps below need a confirmation token ----");
+                let _ = writeln!(
+                    out,
+                    "  ---- barrier: destructive steps below need a confirmation token ----"
+                );
             }
             let _ = writeln!(
                 out,

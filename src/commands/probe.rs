@@ -27,11 +27,18 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
                 Err((class, msg)) => json!({"host": name, "ok": false, "attempts": p.attempts, "at": p.at, "failure_class": class, "message": msg}),
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&json!({"schema_version": 1, "hosts": hosts}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"schema_version": 1, "hosts": hosts}))?
+        );
     } else {
         for (name, p) in &probes {
             match &p.result {
-                Err((class, msg)) => println!("{name}: {} after {} attempt(s): {msg}", class.as_str(), p.attempts),
+                Err((class, msg)) => println!(
+                    "{name}: {} after {} attempt(s): {msg}",
+                    class.as_str(),
+                    p.attempts
+                ),
                 Ok(a) => {
                     println!(
                         "{name}: {} {} ({} resource(s))",
@@ -55,8 +62,14 @@ fn describe(o: &Observed) -> String {
         Observed::File(f) => format!(
             "file {:04o} {}:{} {} bytes sha256:{}",
             f.meta.mode,
-            f.meta.owner.clone().unwrap_or_else(|| f.meta.uid.to_string()),
-            f.meta.group.clone().unwrap_or_else(|| f.meta.gid.to_string()),
+            f.meta
+                .owner
+                .clone()
+                .unwrap_or_else(|| f.meta.uid.to_string()),
+            f.meta
+                .group
+                .clone()
+                .unwrap_or_else(|| f.meta.gid.to_string()),
             f.size,
             &f.sha256[..12.min(f.sha256.len())]
         ),

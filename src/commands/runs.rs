@@ -57,19 +57,38 @@ pub fn list(g: &Global, limit: usize) -> Result<u8> {
 pub fn show(g: &Global, run_id: &str) -> Result<u8> {
     let sd = state_dir_of(g);
     let Some(result) = sd.read_run_result(run_id)? else {
-        bail!("no run `{run_id}` in {} (see `tend runs`)", sd.root().display());
+        bail!(
+            "no run `{run_id}` in {} (see `tend runs`)",
+            sd.root().display()
+        );
     };
     if g.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(exit::OK);
     }
-    println!("run {} ({:?}, trigger {:?})", result.run_id, result.operation_intent.action, result.operation_intent.trigger);
+    println!(
+        "run {} ({:?}, trigger {:?})",
+        result.run_id, result.operation_intent.action, result.operation_intent.trigger
+    );
     println!("  desired revision: {}", result.desired_revision);
-    println!("  dispatch mode:    {} (effective {:?})", result.dispatch_mode.as_str(), result.effective_mode);
-    println!("  policy:           {:?}: {}", result.policy_outcome, result.policy_reason);
-    println!("  execution:        {:?} ({} -> {})", result.execution_outcome, result.execution_started_at, result.execution_completed_at);
+    println!(
+        "  dispatch mode:    {} (effective {:?})",
+        result.dispatch_mode.as_str(),
+        result.effective_mode
+    );
+    println!(
+        "  policy:           {:?}: {}",
+        result.policy_outcome, result.policy_reason
+    );
+    println!(
+        "  execution:        {:?} ({} -> {})",
+        result.execution_outcome, result.execution_started_at, result.execution_completed_at
+    );
     for o in &result.host_outcomes {
-        println!("  host {}: {:?}, {:?}, {} attempt(s)", o.host, o.outcome, o.dispatch_status, o.attempt_count);
+        println!(
+            "  host {}: {:?}, {:?}, {} attempt(s)",
+            o.host, o.outcome, o.dispatch_status, o.attempt_count
+        );
         if let Some(r) = &o.reason {
             println!("    reason: {r}");
         }
@@ -83,7 +102,10 @@ pub fn show(g: &Global, run_id: &str) -> Result<u8> {
                 s.id,
                 s.status,
                 if s.destructive { " (destructive)" } else { "" },
-                s.log.as_deref().map(|l| format!(" log: {l}")).unwrap_or_default()
+                s.log
+                    .as_deref()
+                    .map(|l| format!(" log: {l}"))
+                    .unwrap_or_default()
             );
         }
     }

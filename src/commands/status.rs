@@ -11,17 +11,32 @@ pub fn run(g: &Global, host: Option<&str>) -> Result<u8> {
     match host {
         Some(h) => {
             let Some(s) = sd.read_status(h)? else {
-                bail!("no status for host `{h}` in {} (has it been applied?)", sd.root().display());
+                bail!(
+                    "no status for host `{h}` in {} (has it been applied?)",
+                    sd.root().display()
+                );
             };
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(exit::OK);
             }
             println!("host {}: {:?}", s.host, s.phase);
-            println!("  desired revision:   {}", s.desired_revision.as_deref().unwrap_or("-"));
-            println!("  converged revision: {}", s.converged_revision.as_deref().unwrap_or("-"));
-            println!("  last probe:         {}", s.last_probe_at.as_deref().unwrap_or("-"));
-            println!("  last run:           {}", s.last_run_id.as_deref().unwrap_or("-"));
+            println!(
+                "  desired revision:   {}",
+                s.desired_revision.as_deref().unwrap_or("-")
+            );
+            println!(
+                "  converged revision: {}",
+                s.converged_revision.as_deref().unwrap_or("-")
+            );
+            println!(
+                "  last probe:         {}",
+                s.last_probe_at.as_deref().unwrap_or("-")
+            );
+            println!(
+                "  last run:           {}",
+                s.last_run_id.as_deref().unwrap_or("-")
+            );
             println!(
                 "  pending:            {} create, {} update, {} delete ({} destructive)",
                 s.pending.create, s.pending.update, s.pending.delete, s.pending.destructive
@@ -32,7 +47,12 @@ pub fn run(g: &Global, host: Option<&str>) -> Result<u8> {
                     ConditionStatus::False => "False",
                     ConditionStatus::Unknown => "?    ",
                 };
-                println!("  {:<22} {mark} {:<18} {}", format!("{:?}", c.kind), c.reason, c.message);
+                println!(
+                    "  {:<22} {mark} {:<18} {}",
+                    format!("{:?}", c.kind),
+                    c.reason,
+                    c.message
+                );
             }
             if let Some(a) = &s.awaiting_confirmation {
                 println!("  awaiting confirmation of operation {}", a.operation);
@@ -43,7 +63,10 @@ pub fn run(g: &Global, host: Option<&str>) -> Result<u8> {
         }
         None => {
             let Some(f) = sd.read_fleet()? else {
-                bail!("no fleet status in {} (has anything been applied?)", sd.root().display());
+                bail!(
+                    "no fleet status in {} (has anything been applied?)",
+                    sd.root().display()
+                );
             };
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&f)?);

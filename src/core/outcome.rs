@@ -9,8 +9,9 @@ use super::diff::Action;
 use super::plan::{HostPlan, Plan};
 use super::policy::{HostDecision, PolicyOutcome, RunDecision};
 use super::report::{
-    AwaitingConfirmation, Changes, ConditionStatus, ConditionType, DispatchStatus, ExecutionOutcome,
-    HostOutcome, HostOutcomeKind, HostStatus, Pending, Phase, StepAction, StepOutcome, StepStatus,
+    AwaitingConfirmation, Changes, ConditionStatus, ConditionType, DispatchStatus,
+    ExecutionOutcome, HostOutcome, HostOutcomeKind, HostStatus, Pending, Phase, StepAction,
+    StepOutcome, StepStatus,
 };
 use super::retry::FailureClass;
 use super::spec::Lifecycle;
@@ -51,7 +52,7 @@ pub struct HostRun {
     pub killed: bool,
 }
 
-fn step_action(a: Action) -> StepAction {
+pub fn step_action(a: Action) -> StepAction {
     match a {
         Action::Create => StepAction::Create,
         Action::Delete => StepAction::Delete,
@@ -102,7 +103,9 @@ pub fn host_outcome(
     if decision.outcome == PolicyOutcome::PreflightFailed {
         let class = decision.failure.unwrap_or(FailureClass::Execution);
         o.outcome = match class {
-            FailureClass::Transient | FailureClass::Timeout => HostOutcomeKind::TransportUnreachable,
+            FailureClass::Transient | FailureClass::Timeout => {
+                HostOutcomeKind::TransportUnreachable
+            }
             FailureClass::Capability => HostOutcomeKind::CapabilityMismatch,
             FailureClass::Policy => HostOutcomeKind::PolicyBlocked,
             FailureClass::Auth | FailureClass::HostKey | FailureClass::Execution => {
@@ -171,7 +174,11 @@ pub fn host_outcome(
             o.last_failure_message = Some(msg);
         }
         o.reason = Some(format!("{failed} step(s) failed, {succeeded} succeeded"));
-    } else if r.killed && r.steps.iter().any(|s| s.status == StepStatus::NotRun && !s.held) {
+    } else if r.killed
+        && r.steps
+            .iter()
+            .any(|s| s.status == StepStatus::NotRun && !s.held)
+    {
         o.outcome = HostOutcomeKind::PartialSuccess;
         o.reason = Some(format!(
             "the kill switch stopped dispatch after {succeeded} step(s)"
@@ -219,7 +226,9 @@ pub fn apply_exit_code(run: &RunDecision, outcomes: &[HostOutcome]) -> u8 {
         CapabilityMismatch,
     ]) {
         4
-    } else if run.outcome == PolicyOutcome::PolicyBlocked || any(&[EscalationRequired, PolicyBlocked]) {
+    } else if run.outcome == PolicyOutcome::PolicyBlocked
+        || any(&[EscalationRequired, PolicyBlocked])
+    {
         3
     } else if any(&[Planned]) {
         2
@@ -247,16 +256,26 @@ pub struct StatusInput<'a> {
 
 /// The next status of a host after a run.
 pub fn next_status(i: StatusInput) -> HostStatus {
-    let mut s = i
-        .prev
-        .unwrap_or_else(|| HostStatus::new(i.host, i.now));
+    let mut s = i.prev.unwrap_or_else(|| HostStatus::new(i.host, i.now));
     s.host = i.host.to_string();
     s.desired_revision = Some(i.revision.to_string());
     s.last_run_id = Some(i.run_id.to_string());
     let hp = i.plan.host(i.host);
     let (t, f) = (ConditionStatus::True, ConditionStatus::False);
-    s.set_condition(ConditionType::ValidDesiredState, t, "Valid", "the desired state is valid", i.now);
-    s.set_condition(ConditionType::Degraded, f, "NotDegraded", "no repeated failures", i.now);
+    s.set_condition(
+        ConditionType::ValidDesiredState,
+        t,
+        "Valid",
+        "the desired state is valid",
+        i.now,
+    );
+    s.set_condition(
+        ConditionType::Degraded,
+        f,
+        "NotDegraded",
+        "no repeated failures",
+        i.now,
+    );
 
     if !i.reached {
         let msg = i
@@ -270,14 +289,32 @@ pub fn next_status(i: StatusInput) -> HostStatus {
             .map(|c| c.as_str().to_string())
             .unwrap_or_else(|| "ProbeFailed".into());
         s.set_condition(ConditionType::Reachable, f, reason, msg.clone(), i.now);
-        s.set_condition(ConditionType::Converged, ConditionStatus::Unknown, "NotPlanned", msg, i.now);
+        s.set_condition(
+            ConditionType::Converged,
+            ConditionStatus::Unknown,
+            "NotPlanned",
+            msg,
+            i.now,
+        );
         return s;
     }
     s.last_probe_at = Some(i.probe_at.to_string());
-    s.set_condition(ConditionType::Reachable, t, "ProbeSucceeded", "the host answered the probe", i.now);
+    s.set_condition(
+        ConditionType::Reachable,
+        t,
+        "ProbeSucceeded",
+        "the host answered the probe",
+        i.now,
+    );
     if let Some(err) = hp.and_then(|h| h.error.clone()) {
         // Reached, but refused before planning (fail closed).
-        s.set_condition(ConditionType::Converged, ConditionStatus::Unknown, "NotPlanned", err, i.now);
+        s.set_condition(
+            ConditionType::Converged,
+            ConditionStatus::Unknown,
+            "NotPlanned",
+            err,
+            i.now,
+        );
         return s;
     }
 
@@ -313,11 +350,23 @@ pub fn next_status(i: StatusInput) -> HostStatus {
             i.now,
         );
     } else {
-        s.set_condition(ConditionType::Drifted, f, "NoDrift", "the host matched the desired state", i.now);
+        s.set_condition(
+            ConditionType::Drifted,
+            f,
+            "NoDrift",
+            "the host matched the desired state",
+            i.now,
+        );
     }
     if pending_total == 0 {
         s.converged_revision = Some(i.revision.to_string());
-        s.set_condition(ConditionType::Converged, t, "Converged", format!("converged to {}", i.revision), i.now);
+        s.set_condition(
+            ConditionType::Converged,
+            t,
+            "Converged",
+            format!("converged to {}", i.revision),
+            i.now,
+        );
     } else {
         s.set_condition(
             ConditionType::Converged,
