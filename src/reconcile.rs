@@ -6,6 +6,7 @@
 //! reused by dispatch; hosts never wait on each other beyond `concurrency`.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,9 +20,10 @@ use crate::core::model::{DesiredState, Host};
 use crate::core::plan::{self, HostPlan, Plan};
 use crate::core::policy::{self, HostFacts, RunDecision};
 use crate::core::retry::{self, FailureClass};
-use crate::core::spec::{DispatchMode, TransportKind};
+use crate::core::spec::{DispatchMode, TendConfig, TransportKind};
 use crate::probe::{self, ProbeItem};
 use crate::transport::local::LocalTransport;
+use crate::transport::ssh::{SshTarget, SshTransport};
 use crate::transport::{Transport, TransportError};
 
 /// How one host's probe went.
@@ -65,18 +67,32 @@ pub fn resolve_targets(state: &DesiredState, named: &[String]) -> Result<Vec<Str
     Ok(out)
 }
 
-/// Open a transport to a host.
-pub fn connect(host: &Host) -> Result<Arc<dyn Transport>, TransportError> {
+/// A transport for a host. SSH sessions open lazily, on the first command,
+/// so that connecting counts against that command's timeout.
+pub fn connect(host: &Host, opts: &ProbeOpts) -> Result<Arc<dyn Transport>, TransportError> {
     match host.inv.transport {
         TransportKind::Local => Ok(Arc::new(LocalTransport::new())),
-        TransportKind::Ssh => Err(TransportError::new(
-            FailureClass::Capability,
-            format!(
-                "host `{}` ({}): the ssh transport is not available in this build of tend",
-                host.name(),
-                host.inv.address.as_deref().unwrap_or("?")
-            ),
-        )),
+        TransportKind::Ssh => {
+            let inv = &host.inv;
+            let address = inv.address.clone().ok_or_else(|| {
+                TransportError::new(
+                    FailureClass::Capability,
+                    format!("host `{}` has no address", inv.name),
+                )
+            })?;
+            Ok(Arc::new(SshTransport::new(SshTarget {
+                host: inv.name.clone(),
+                address,
+                port: inv.port,
+                user: inv.user.clone(),
+                identity: inv
+                    .identity
+                    .as_deref()
+                    .map(|p| crate::settings::resolve_relative(&opts.desired_dir, p)),
+                host_key: inv.host_key.clone(),
+                known_hosts: opts.known_hosts.clone(),
+            })))
+        }
     }
 }
 
@@ -89,17 +105,33 @@ pub fn probe_items(host: &Host) -> Vec<ProbeItem> {
 }
 
 /// Probe settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ProbeOpts {
     pub timeout: Duration,
     pub retries: u32,
     pub backoff: Duration,
     pub concurrency: usize,
+    /// Relative identity paths are relative to it.
+    pub desired_dir: PathBuf,
+    pub known_hosts: PathBuf,
+}
+
+impl ProbeOpts {
+    pub fn new(config: &TendConfig, desired_dir: &Path) -> Self {
+        ProbeOpts {
+            timeout: config.probe_timeout.0,
+            retries: config.retries,
+            backoff: config.retry_backoff.0,
+            concurrency: config.concurrency as usize,
+            desired_dir: desired_dir.to_path_buf(),
+            known_hosts: crate::settings::resolve_relative(desired_dir, &config.known_hosts),
+        }
+    }
 }
 
 /// Probe one host: one remote command per attempt; transient failures are
 /// retried with doubling backoff.
-pub async fn probe_host(host: &Host, transport: Arc<dyn Transport>, opts: ProbeOpts) -> HostProbe {
+pub async fn probe_host(host: &Host, transport: Arc<dyn Transport>, opts: &ProbeOpts) -> HostProbe {
     let items = Arc::new(probe_items(host));
     let script = Arc::new(probe::script(&items));
     let mut attempts = 0;
@@ -155,7 +187,7 @@ pub async fn probe_host(host: &Host, transport: Arc<dyn Transport>, opts: ProbeO
 pub async fn probe_fleet(
     state: &DesiredState,
     targets: &[String],
-    opts: ProbeOpts,
+    opts: &ProbeOpts,
 ) -> (
     BTreeMap<String, Arc<dyn Transport>>,
     BTreeMap<String, HostProbe>,
@@ -166,7 +198,7 @@ pub async fn probe_fleet(
     let mut probes = BTreeMap::new();
     for name in targets {
         let host = state.hosts[name].clone();
-        match connect(&host) {
+        match connect(&host, opts) {
             Err(e) => {
                 probes.insert(
                     name.clone(),
@@ -179,10 +211,10 @@ pub async fn probe_fleet(
             }
             Ok(t) => {
                 transports.insert(name.clone(), t.clone());
-                let sem = sem.clone();
+                let (sem, opts) = (sem.clone(), opts.clone());
                 set.spawn(async move {
                     let _permit = sem.acquire_owned().await.expect("semaphore open");
-                    let p = probe_host(&host, t, opts).await;
+                    let p = probe_host(&host, t, &opts).await;
                     (host.inv.name.clone(), p)
                 });
             }
@@ -253,18 +285,12 @@ pub fn plan_and_decide(
 /// The whole front half.
 pub async fn prepare(
     state: &DesiredState,
+    opts: &ProbeOpts,
     revision: &str,
     targets: Vec<String>,
     mode: DispatchMode,
     kill_switch: bool,
 ) -> Prepared {
-    let cfg = &state.config;
-    let opts = ProbeOpts {
-        timeout: cfg.probe_timeout.0,
-        retries: cfg.retries,
-        backoff: cfg.retry_backoff.0,
-        concurrency: cfg.concurrency as usize,
-    };
     let (transports, probes) = probe_fleet(state, &targets, opts).await;
     let (changes, plan, decision) =
         plan_and_decide(state, revision, &targets, &probes, mode, kill_switch);

@@ -59,8 +59,15 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
     );
 
     let kill = sd.kill_switch_engaged();
-    let prep =
-        reconcile::prepare(&loaded.state, &loaded.revision, targets.clone(), mode, kill).await;
+    let prep = reconcile::prepare(
+        &loaded.state,
+        &reconcile::ProbeOpts::new(&loaded.state.config, &loaded.settings.dir),
+        &loaded.revision,
+        targets.clone(),
+        mode,
+        kill,
+    )
+    .await;
     for (host, p) in &prep.probes {
         match &p.result {
             Ok(_) => rec.event(Some(host), "probed", json!({"attempts": p.attempts})),

@@ -17,6 +17,7 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
     let kill = loaded.state_dir.kill_switch_engaged();
     let prep = reconcile::prepare(
         &loaded.state,
+        &reconcile::ProbeOpts::new(&loaded.state.config, &loaded.settings.dir),
         &loaded.revision,
         targets,
         loaded.settings.dispatch,

@@ -10,14 +10,8 @@ use crate::reconcile::{self, ProbeOpts};
 
 pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
     let targets = reconcile::resolve_targets(&loaded.state, hosts)?;
-    let cfg = &loaded.state.config;
-    let opts = ProbeOpts {
-        timeout: cfg.probe_timeout.0,
-        retries: cfg.retries,
-        backoff: cfg.retry_backoff.0,
-        concurrency: cfg.concurrency as usize,
-    };
-    let (_, probes) = reconcile::probe_fleet(&loaded.state, &targets, opts).await;
+    let opts = ProbeOpts::new(&loaded.state.config, &loaded.settings.dir);
+    let (_, probes) = reconcile::probe_fleet(&loaded.state, &targets, &opts).await;
     let failed = probes.values().any(|p| p.result.is_err());
     if loaded.settings.json {
         let hosts: Vec<_> = probes

@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::core::retry::FailureClass;
 
 pub mod local;
+pub mod ssh;
 
 /// What a remote command returned.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

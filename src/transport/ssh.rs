@@ -1,0 +1,408 @@
+//! The SSH transport on libssh2 (`ssh2`). One session per host, opened on
+//! first use and kept for every later command (probe, apply, re-probe); a
+//! session that fails is dropped and the next command reconnects.
+//!
+//! Host key verification is mandatory and fails closed: the inventory's pinned
+//! `host_key` fingerprint, else the `known_hosts` file. Authentication is
+//! public-key only: the inventory's `identity`, else ssh-agent.
+//!
+//! Invariant: the remote command is `sh -c <quoted script>`; content travels on
+//! the channel's stdin; every failure carries a class that drives retries
+//! and a message naming the host, the address and what to do.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ssh2::{CheckResult, ErrorCode, KnownHostFileKind, Session};
+
+use super::{ExecOutput, Transport, TransportError};
+use crate::core::retry::FailureClass;
+
+/// libssh2 error codes that the classification needs.
+const ERR_TIMEOUT: i32 = -9;
+const ERR_SOCKET_TIMEOUT: i32 = -30;
+const ERR_AUTH_FAILED: i32 = -18;
+const ERR_PUBKEY_UNVERIFIED: i32 = -19;
+
+/// Channel window: large enough that stderr never stalls while stdout is
+/// read to its end (libssh2 queues what is not read yet).
+const WINDOW: u32 = 64 * 1024 * 1024;
+const PACKET: u32 = 32 * 1024;
+
+/// How to reach and verify one host.
+#[derive(Clone, Debug)]
+pub struct SshTarget {
+    /// Inventory name, for messages.
+    pub host: String,
+    pub address: String,
+    pub port: u16,
+    pub user: String,
+    /// Private key file; None: ssh-agent.
+    pub identity: Option<PathBuf>,
+    /// Pinned `SHA256:...` fingerprint; None: `known_hosts`.
+    pub host_key: Option<String>,
+    pub known_hosts: PathBuf,
+}
+
+impl SshTarget {
+    fn endpoint(&self) -> String {
+        if self.address.contains(':') {
+            format!("[{}]:{}", self.address, self.port)
+        } else {
+            format!("{}:{}", self.address, self.port)
+        }
+    }
+}
+
+pub struct SshTransport {
+    target: SshTarget,
+    session: Mutex<Option<Session>>,
+}
+
+impl SshTransport {
+    pub fn new(target: SshTarget) -> Self {
+        SshTransport {
+            target,
+            session: Mutex::new(None),
+        }
+    }
+
+    fn err(&self, class: FailureClass, what: impl std::fmt::Display) -> TransportError {
+        TransportError::new(
+            class,
+            format!(
+                "host `{}` ({}): {what}",
+                self.target.host,
+                self.target.endpoint()
+            ),
+        )
+    }
+
+    /// Connect, handshake, verify the host key and authenticate, all within
+    /// `deadline`.
+    fn connect(&self, deadline: Instant) -> Result<Session, TransportError> {
+        let t = &self.target;
+        let addrs: Vec<SocketAddr> = (t.address.as_str(), t.port)
+            .to_socket_addrs()
+            .map_err(|e| {
+                self.err(
+                    FailureClass::Transient,
+                    format!("cannot resolve address: {e}; check `address` in inventory.yaml"),
+                )
+            })?
+            .collect();
+        let mut last = None;
+        let mut stream = None;
+        for a in addrs {
+            let left = remaining(deadline)
+                .ok_or_else(|| self.err(FailureClass::Timeout, "timed out before connecting"))?;
+            match TcpStream::connect_timeout(&a, left) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let stream = match (stream, last) {
+            (Some(s), _) => s,
+            (None, Some(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(self.err(FailureClass::Timeout, format!("connect timed out: {e}")));
+            }
+            (None, Some(e)) => {
+                return Err(self.err(
+                    FailureClass::Transient,
+                    format!("cannot connect: {e}; is sshd running and reachable?"),
+                ));
+            }
+            (None, None) => {
+                return Err(self.err(FailureClass::Transient, "the address resolved to nothing"));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let mut sess = Session::new().map_err(|e| self.err(FailureClass::Transient, e))?;
+        sess.set_tcp_stream(stream);
+        set_timeout(&sess, deadline);
+        sess.handshake()
+            .map_err(|e| self.classify(e, "SSH handshake failed"))?;
+        self.verify_host_key(&sess)?;
+        set_timeout(&sess, deadline);
+        match &t.identity {
+            Some(key) => sess
+                .userauth_pubkey_file(&t.user, None, key, None)
+                .map_err(|e| match e.code() {
+                    ErrorCode::Session(ERR_AUTH_FAILED | ERR_PUBKEY_UNVERIFIED) | ErrorCode::Session(-16) => self.err(
+                        FailureClass::Auth,
+                        format!(
+                            "public-key authentication as `{}` with {} was refused ({}); check `identity` and the host's authorized_keys",
+                            t.user,
+                            key.display(),
+                            e.message()
+                        ),
+                    ),
+                    _ => self.classify(e, "authentication failed"),
+                })?,
+            None => sess.userauth_agent(&t.user).map_err(|e| {
+                self.err(
+                    FailureClass::Auth,
+                    format!(
+                        "ssh-agent authentication as `{}` failed ({}); set `identity` in inventory.yaml or load a key into the agent",
+                        t.user,
+                        e.message()
+                    ),
+                )
+            })?,
+        }
+        if !sess.authenticated() {
+            return Err(self.err(
+                FailureClass::Auth,
+                format!("not authenticated as `{}`", t.user),
+            ));
+        }
+        // libssh2 sends keepalives only when asked; a long step calls
+        // keepalive_send through its reads.
+        sess.set_keepalive(false, 15);
+        Ok(sess)
+    }
+
+    fn verify_host_key(&self, sess: &Session) -> Result<(), TransportError> {
+        let t = &self.target;
+        let (key, _) = sess
+            .host_key()
+            .ok_or_else(|| self.err(FailureClass::HostKey, "the server offered no host key"))?;
+        let offered = fingerprint(key);
+        if let Some(pinned) = &t.host_key {
+            if *pinned == offered {
+                return Ok(());
+            }
+            return Err(self.err(
+                FailureClass::HostKey,
+                format!(
+                    "host key mismatch: the server offered {offered}, inventory.yaml pins {pinned}; if the key changed legitimately, update `host_key` for this host"
+                ),
+            ));
+        }
+        let mut kh = sess
+            .known_hosts()
+            .map_err(|e| self.err(FailureClass::HostKey, e))?;
+        kh.read_file(&t.known_hosts, KnownHostFileKind::OpenSSH)
+            .map_err(|e| {
+                self.err(
+                    FailureClass::HostKey,
+                    format!(
+                        "cannot read known_hosts {} ({}); pin the key as `host_key: {offered}` in inventory.yaml or fix `known_hosts` in tend.yaml",
+                        t.known_hosts.display(),
+                        e.message()
+                    ),
+                )
+            })?;
+        match kh.check_port(&t.address, t.port, key) {
+            CheckResult::Match => Ok(()),
+            CheckResult::Mismatch => Err(self.err(
+                FailureClass::HostKey,
+                format!(
+                    "host key CHANGED: the server offered {offered}, which does not match {}; verify the host, then update known_hosts",
+                    t.known_hosts.display()
+                ),
+            )),
+            CheckResult::NotFound => Err(self.err(
+                FailureClass::HostKey,
+                format!(
+                    "unknown host key {offered}: not in {}; verify it, then pin it as `host_key: {offered}` in inventory.yaml or add it to known_hosts",
+                    t.known_hosts.display()
+                ),
+            )),
+            CheckResult::Failure => Err(self.err(FailureClass::HostKey, "known_hosts check failed")),
+        }
+    }
+
+    fn classify(&self, e: ssh2::Error, doing: &str) -> TransportError {
+        let class = match e.code() {
+            ErrorCode::Session(ERR_TIMEOUT | ERR_SOCKET_TIMEOUT) => FailureClass::Timeout,
+            _ => FailureClass::Transient,
+        };
+        self.err(class, format!("{doing}: {}", e.message()))
+    }
+
+    fn run(
+        &self,
+        sess: &Session,
+        script: &str,
+        stdin: &[u8],
+        deadline: Instant,
+    ) -> Result<ExecOutput, TransportError> {
+        set_timeout(sess, deadline);
+        let mut ch = sess
+            .channel_open("session", WINDOW, PACKET, None)
+            .map_err(|e| self.classify(e, "cannot open a channel"))?;
+        let command = format!("sh -c {}", crate::shell::quote(script));
+        ch.exec(&command)
+            .map_err(|e| self.classify(e, "cannot start the remote command"))?;
+        if !stdin.is_empty() {
+            ch.write_all(stdin)
+                .map_err(|e| self.io_err(e, "writing stdin"))?;
+        }
+        ch.send_eof()
+            .map_err(|e| self.classify(e, "closing stdin"))?;
+        let mut stdout = Vec::new();
+        ch.read_to_end(&mut stdout)
+            .map_err(|e| self.io_err(e, "reading stdout"))?;
+        let mut stderr = Vec::new();
+        ch.stderr()
+            .read_to_end(&mut stderr)
+            .map_err(|e| self.io_err(e, "reading stderr"))?;
+        ch.wait_close()
+            .map_err(|e| self.classify(e, "waiting for the remote command"))?;
+        let mut status = ch
+            .exit_status()
+            .map_err(|e| self.classify(e, "reading the exit status"))?;
+        if let Ok(sig) = ch.exit_signal()
+            && let Some(name) = sig.exit_signal
+        {
+            status = 128 + signal_number(&name);
+        }
+        Ok(ExecOutput {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+
+    fn io_err(&self, e: std::io::Error, doing: &str) -> TransportError {
+        let class = if e.kind() == std::io::ErrorKind::TimedOut {
+            FailureClass::Timeout
+        } else {
+            FailureClass::Transient
+        };
+        self.err(class, format!("{doing}: {e}"))
+    }
+}
+
+impl Transport for SshTransport {
+    fn exec(
+        &self,
+        script: &str,
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> Result<ExecOutput, TransportError> {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(self.connect(deadline)?);
+        }
+        let sess = guard.as_ref().expect("connected");
+        match self.run(sess, script, stdin, deadline) {
+            Ok(out) => Ok(out),
+            Err(e) => {
+                // A session that failed mid-command is not trusted again.
+                *guard = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn remaining(deadline: Instant) -> Option<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+}
+
+/// Every blocking libssh2 call gives up at the deadline.
+fn set_timeout(sess: &Session, deadline: Instant) {
+    let ms = remaining(deadline).map(|d| d.as_millis().clamp(1, u32::MAX as u128) as u32);
+    // 0 would mean "no timeout": use 1 ms when the deadline has passed.
+    sess.set_timeout(ms.unwrap_or(1));
+}
+
+/// OpenSSH's fingerprint of a host key blob: `SHA256:` + unpadded base64.
+pub fn fingerprint(key: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("SHA256:{}", base64_unpadded(&Sha256::digest(key)))
+}
+
+fn base64_unpadded(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let chars = chunk.len() + 1;
+        for i in 0..chars {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn signal_number(name: &str) -> i32 {
+    match name {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "ILL" => 4,
+        "ABRT" => 6,
+        "FPE" => 8,
+        "KILL" => 9,
+        "SEGV" => 11,
+        "PIPE" => 13,
+        "ALRM" => 14,
+        "TERM" => 15,
+        "USR1" => 10,
+        "USR2" => 12,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_without_padding() {
+        for (input, want) in [
+            ("", ""),
+            ("f", "Zg"),
+            ("fo", "Zm8"),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg"),
+            ("fooba", "Zm9vYmE"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_unpadded(input.as_bytes()), want);
+        }
+    }
+
+    #[test]
+    fn fingerprint_is_openssh_form() {
+        // sha256("") in base64, as OpenSSH would print it.
+        assert_eq!(
+            fingerprint(b""),
+            "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU"
+        );
+    }
+
+    #[test]
+    fn refused_connection_is_transient_and_names_the_host() {
+        // Port 9 on a loopback address nobody listens on: refused at once.
+        let t = SshTransport::new(SshTarget {
+            host: "h".into(),
+            address: "127.0.0.1".into(),
+            port: 9,
+            user: "root".into(),
+            identity: None,
+            host_key: None,
+            known_hosts: "/nonexistent".into(),
+        });
+        let e = t.exec("true", &[], Duration::from_secs(5)).unwrap_err();
+        assert_eq!(e.class, FailureClass::Transient, "{e}");
+        assert!(e.message.contains("host `h` (127.0.0.1:9)"), "{e}");
+    }
+}
