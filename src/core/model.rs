@@ -1443,3 +1443,7 @@ pub fn content_hash(tree: &SourceTree) -> String {
     }
     super::hex(&h.finalize())
 }
+
+#[cfg(test)]
+#[path = "model_tests.rs"]
+mod tests;
