@@ -459,6 +459,9 @@ pub fn validate(tree: &SourceTree) -> Validated {
 
     // inventory.yaml
     let mut inventory: Vec<(InventoryHost, Pos)> = Vec::new();
+    // Whether inventory.yaml gave a list of hosts to check host files and the
+    // canary against: when it did not, that is reported once, not once per host.
+    let mut inventory_ok = false;
     match &tree.inventory {
         None => problems.push(Diagnostic {
             file: "inventory.yaml".into(),
@@ -476,7 +479,12 @@ pub fn validate(tree: &SourceTree) -> Validated {
                     Pos::START,
                     "inventory.yaml is empty: list the hosts under `hosts:`",
                 ),
-                Some(Some(node)) => inventory = load_inventory(&node, &mut sink),
+                Some(Some(node)) => {
+                    if let Some(hosts) = load_inventory(&node, &mut sink) {
+                        inventory = hosts;
+                        inventory_ok = true;
+                    }
+                }
             }
         }
     }
@@ -484,7 +492,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
 
     if let (Some(canary), Some(pos)) = (&config.canary, canary_pos)
         && !inv_names.contains(canary.as_str())
-        && tree.inventory.is_some()
+        && inventory_ok
     {
         problems.push(Diagnostic {
             file: "tend.yaml".into(),
@@ -545,7 +553,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
             );
             continue;
         };
-        if !inv_names.contains(name) && tree.inventory.is_some() {
+        if !inv_names.contains(name) && inventory_ok {
             sink.at(
                 Pos::START,
                 format!("host file for `{name}` has no entry in inventory.yaml: add it there or remove this file"),
@@ -646,10 +654,11 @@ fn check_config(config: &TendConfig, node: &Node, sink: &mut Sink) {
     }
 }
 
-fn load_inventory(node: &Node, sink: &mut Sink) -> Vec<(InventoryHost, Pos)> {
+/// The hosts of inventory.yaml; None when it has no usable `hosts:` list.
+fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Pos)>> {
     let NodeKind::Map(entries) = &node.kind else {
         sink.at(node.pos, "expected a mapping with a `hosts:` list");
-        return vec![];
+        return None;
     };
     for (k, _) in entries {
         if k.as_str() != Some("hosts") {
@@ -664,11 +673,11 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Vec<(InventoryHost, Pos)> {
     }
     let Some(list) = node.get("hosts") else {
         sink.at(node.pos, "missing field `hosts`");
-        return vec![];
+        return None;
     };
     if !matches!(list.kind, NodeKind::Seq(_)) {
         sink.at(list.pos, "expected a list of hosts");
-        return vec![];
+        return None;
     }
     let mut out: Vec<(InventoryHost, Pos)> = Vec::new();
     let mut names: BTreeMap<String, Pos> = BTreeMap::new();
@@ -769,7 +778,7 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Vec<(InventoryHost, Pos)> {
         let _ = ok;
         out.push((h, item.pos));
     }
-    out
+    Some(out)
 }
 
 /// Parse a host or group file: `lifecycle` (with its position) and resources.

@@ -814,7 +814,6 @@ fn wrong_types() {
 }
 
 #[test]
-#[ignore = "bug: an unusable inventory.yaml orphans every host file"]
 fn wrong_shapes_of_whole_files_and_lists() {
     check(
         r#"
@@ -837,6 +836,24 @@ fn wrong_shapes_of_whole_files_and_lists() {
         hosts/web-2.yaml:3:5: expected a resource mapping with a `kind:`
         inventory.yaml:2:3: expected a list of hosts
         tend.yaml:1:1: expected a mapping, found a list
+        ",
+    );
+}
+
+#[test]
+fn an_unusable_inventory_is_reported_once() {
+    // Not once more per host file, nor against the canary.
+    check(
+        r#"
+        //- tend.yaml
+        canary: web-1
+        //- inventory.yaml
+        hosts: [{name: web-1, address: 10.0.0.1}
+        //- hosts/web-1.yaml
+        resources: []
+        "#,
+        "
+        inventory.yaml:1:8: invalid YAML: unclosed bracket '['
         ",
     );
 }
@@ -914,7 +931,6 @@ fn relative_dotdot_and_unnormalized_paths() {
 // Duplicates.
 
 #[test]
-#[ignore = "bug: an unparsable inventory.yaml orphans every host file"]
 fn duplicate_yaml_keys_at_the_second_occurrence() {
     check(
         r#"
