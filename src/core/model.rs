@@ -318,45 +318,59 @@ fn load_yaml(blob: &Blob, sink: &mut Sink) -> Option<Option<Node>> {
 }
 
 /// Check each entry of a mapping against `T` on its own (so every bad key is
-/// reported), then the whole mapping (for missing fields). Returns the value
-/// when everything passed.
-fn typed<T: DeserializeOwned>(node: &Node, skip: &[&str], sink: &mut Sink) -> Option<T> {
+/// reported), then the whole mapping (for missing fields).
+///
+/// Returns the value built from the entries that passed, when they make one,
+/// and whether every entry passed. Callers run their semantic checks on that
+/// value even when some entry was bad, so that one bad key does not hide a
+/// problem in another; a value with a bad entry must not be used as valid.
+fn typed<T: DeserializeOwned>(node: &Node, skip: &[&str], sink: &mut Sink) -> (Option<T>, bool) {
     let NodeKind::Map(entries) = &node.kind else {
         match yaml::from_node::<T>(node) {
-            Ok(v) => return Some(v),
+            Ok(v) => return (Some(v), true),
             Err(e) => {
                 sink.loc(e);
-                return None;
+                return (None, false);
             }
         }
     };
-    let mut ok = true;
+    let mut good = Vec::with_capacity(entries.len());
     for entry in entries {
         if entry.0.as_str().is_some_and(|k| skip.contains(&k)) {
+            good.push(entry.clone());
             continue;
         }
         let single = Node {
             kind: NodeKind::Map(vec![entry.clone()]),
             pos: node.pos,
         };
-        if let Err(e) = T::deserialize(yaml::NodeDe::new(&single))
-            && !e.msg.starts_with("missing field")
-        {
-            sink.loc(e);
-            ok = false;
+        match T::deserialize(yaml::NodeDe::new(&single)) {
+            Err(e) if !e.msg.starts_with("missing field") => sink.loc(e),
+            _ => good.push(entry.clone()),
         }
     }
-    if !ok {
-        return None;
-    }
-    match T::deserialize(yaml::NodeDe::skipping(node, skip)) {
-        Ok(v) => Some(v),
+    let clean = good.len() == entries.len();
+    let partial = Node {
+        kind: NodeKind::Map(good),
+        pos: node.pos,
+    };
+    match T::deserialize(yaml::NodeDe::skipping(&partial, skip)) {
+        Ok(v) => (Some(v), clean),
         Err(e) => {
-            sink.loc(LocError {
-                pos: e.pos.or(Some(node.pos)),
-                msg: e.msg,
-            });
-            None
+            // With a bad entry left out, only a field that is really absent
+            // is missing; one that is present but wrong was reported above.
+            let absent = e
+                .msg
+                .strip_prefix("missing field `")
+                .and_then(|m| m.strip_suffix('`'))
+                .is_some_and(|field| node.get(field).is_none());
+            if clean || absent {
+                sink.loc(LocError {
+                    pos: e.pos.or(Some(node.pos)),
+                    msg: e.msg,
+                });
+            }
+            (None, false)
         }
     }
 }
@@ -450,7 +464,8 @@ pub fn validate(tree: &SourceTree) -> Validated {
         };
         if let Some(Some(node)) = load_yaml(blob, &mut sink) {
             canary_pos = Some(node.pos_of("canary"));
-            if let Some(c) = typed::<TendConfig>(&node, &[], &mut sink) {
+            // A partly bad tend.yaml still has its other settings checked.
+            if let (Some(c), _) = typed::<TendConfig>(&node, &[], &mut sink) {
                 config = c;
                 check_config(&config, &node, &mut sink);
             }
@@ -683,7 +698,9 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Po
     let mut names: BTreeMap<String, Pos> = BTreeMap::new();
     let mut endpoints: BTreeMap<(String, u16), String> = BTreeMap::new();
     for item in list.items() {
-        let Some(h) = typed::<InventoryHost>(item, &[], sink) else {
+        // A host with a bad field is still a host: its name keeps its host
+        // file from looking orphaned, and the rest of it is still checked.
+        let (Some(h), clean) = typed::<InventoryHost>(item, &[], sink) else {
             continue;
         };
         let mut ok = true;
@@ -710,7 +727,7 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Po
         names.insert(h.name.clone(), item.pos_of("name"));
         match h.transport {
             TransportKind::Ssh => match &h.address {
-                None => {
+                None if item.get("address").is_none() => {
                     sink.at(
                         item.pos,
                         format!(
@@ -720,6 +737,8 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Po
                     );
                     ok = false;
                 }
+                // Present but of the wrong type: already reported.
+                None => ok = false,
                 Some(a) if a.trim().is_empty() || a.contains(char::is_whitespace) => {
                     sink.at(item.pos_of("address"), format!("invalid address `{a}`"));
                     ok = false;
@@ -730,13 +749,17 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Po
                         ok = false;
                     }
                     let key = (a.to_ascii_lowercase(), h.port);
-                    if let Some(other) = endpoints.get(&key) {
+                    if let Some(other) = endpoints.get(&key)
+                        // Not when the port may be a default standing in for
+                        // a bad value: no duplicate claimed on a guess.
+                        && clean
+                    {
                         sink.at(
                             item.pos_of("address"),
                             format!("host `{}` has the same address and port ({a}:{}) as host `{other}`", h.name, h.port),
                         );
                         ok = false;
-                    } else {
+                    } else if clean {
                         endpoints.insert(key, h.name.clone());
                     }
                 }
@@ -859,16 +882,19 @@ fn load_resource(
         );
         return None;
     };
+    // Counted before the typed parse: a resource with a bad entry still has
+    // its other fields checked, but is not kept.
+    let problems_before = sink.out.len();
     let skip = &["kind"];
     let spec = match kind_node.as_str() {
-        Some("file") => ResourceSpec::File(typed::<FileSpec>(item, skip, sink)?),
-        Some("directory") => ResourceSpec::Directory(typed::<DirectorySpec>(item, skip, sink)?),
-        Some("symlink") => ResourceSpec::Symlink(typed::<SymlinkSpec>(item, skip, sink)?),
-        Some("package") => ResourceSpec::Package(typed::<PackageSpec>(item, skip, sink)?),
-        Some("service") => ResourceSpec::Service(typed::<ServiceSpec>(item, skip, sink)?),
-        Some("user") => ResourceSpec::User(typed::<UserSpec>(item, skip, sink)?),
-        Some("group") => ResourceSpec::Group(typed::<GroupSpec>(item, skip, sink)?),
-        Some("command") => ResourceSpec::Command(typed::<CommandSpec>(item, skip, sink)?),
+        Some("file") => ResourceSpec::File(typed::<FileSpec>(item, skip, sink).0?),
+        Some("directory") => ResourceSpec::Directory(typed::<DirectorySpec>(item, skip, sink).0?),
+        Some("symlink") => ResourceSpec::Symlink(typed::<SymlinkSpec>(item, skip, sink).0?),
+        Some("package") => ResourceSpec::Package(typed::<PackageSpec>(item, skip, sink).0?),
+        Some("service") => ResourceSpec::Service(typed::<ServiceSpec>(item, skip, sink).0?),
+        Some("user") => ResourceSpec::User(typed::<UserSpec>(item, skip, sink).0?),
+        Some("group") => ResourceSpec::Group(typed::<GroupSpec>(item, skip, sink).0?),
+        Some("command") => ResourceSpec::Command(typed::<CommandSpec>(item, skip, sink).0?),
         other => {
             sink.at(
                 kind_node.pos,
@@ -881,7 +907,6 @@ fn load_resource(
             return None;
         }
     };
-    let problems_before = sink.out.len();
     let bad = |pos: Pos, msg: String, sink: &mut Sink| sink.at(pos, msg);
     let mut content = None;
     // Path checks and kind-specific checks.
@@ -931,7 +956,7 @@ fn load_resource(
         ResourceSpec::Symlink(s) => {
             check_path("path", &s.path, sink);
             match &s.target {
-                None if !s.state.is_absent() => bad(
+                None if !s.state.is_absent() && item.get("target").is_none() => bad(
                     item.pos,
                     "missing field `target` (required unless `state: absent`)".into(),
                     sink,

@@ -672,7 +672,6 @@ fn unknown_top_level_keys() {
 }
 
 #[test]
-#[ignore = "bug: an inventory host with a bad field orphans its host file"]
 fn unknown_key_in_an_inventory_host() {
     // The host stays known: its host file is not reported as orphaned.
     check(
@@ -764,7 +763,6 @@ fn state_is_not_a_field_of_services_and_commands() {
 // Wrong types: at the value.
 
 #[test]
-#[ignore = "bug: an inventory host with a bad field orphans its host file"]
 fn wrong_types() {
     check(
         r#"
@@ -854,6 +852,84 @@ fn an_unusable_inventory_is_reported_once() {
         "#,
         "
         inventory.yaml:1:8: invalid YAML: unclosed bracket '['
+        ",
+    );
+}
+
+#[test]
+fn one_bad_entry_does_not_hide_another_in_the_same_mapping() {
+    // A value of the wrong type is reported once: not again as missing.
+    check(
+        r#"
+        //- tend.yaml
+        dispatch: sometimes
+        token_max_ttl: 25h
+        canary: web-9
+        //- inventory.yaml
+        hosts:
+          - name: web-1
+            address: [10.0.0.1]
+            host_key: "MD5:aa"
+        //- hosts/web-1.yaml
+        resources:
+          - kind: file
+            path: etc/app.conf
+            mode: rwx
+            owner: "Bad Owner"
+          - kind: symlink
+            path: /srv/current
+            target: [a]
+        "#,
+        "
+        hosts/web-1.yaml:3:11: path `etc/app.conf` must be absolute
+        hosts/web-1.yaml:4:11: invalid mode `rwx`: write 3 or 4 octal digits, such as `0644` or `0755`
+        hosts/web-1.yaml:5:12: invalid owner `Bad Owner`: a user or group name, or a numeric id
+        hosts/web-1.yaml:8:13: expected a string, found a list
+        inventory.yaml:3:14: expected a string, found a list
+        inventory.yaml:4:15: host_key `MD5:aa` is not an OpenSSH SHA256 fingerprint (`SHA256:...`; see `ssh-keygen -lf`)
+        tend.yaml:1:11: unknown variant `sometimes`, expected one of `off`, `canary`, `enforced`
+        tend.yaml:2:16: token_max_ttl 1day 1h is above the maximum of 24h
+        tend.yaml:3:9: canary `web-9` is not a host in inventory.yaml
+        ",
+    );
+}
+
+#[test]
+fn a_missing_field_is_still_reported_beside_a_bad_one() {
+    check(
+        &web1(
+            r#"
+            resources:
+              - kind: command
+                name: c
+                timeout: soon
+            "#,
+        ),
+        "
+        hosts/web-1.yaml:2:5: missing field `run`
+        hosts/web-1.yaml:4:14: invalid duration `soon`: expected number at 0 (write e.g. `10s`, `5m`, `1h`)
+        ",
+    );
+}
+
+#[test]
+fn a_bad_port_claims_no_duplicate_endpoint() {
+    check(
+        r#"
+        //- inventory.yaml
+        hosts:
+          - name: web-1
+            address: 10.0.0.1
+          - name: web-2
+            address: 10.0.0.1
+            port: ssh
+        //- hosts/web-1.yaml
+        resources: []
+        //- hosts/web-2.yaml
+        resources: []
+        "#,
+        "
+        inventory.yaml:6:11: expected an integer, found `ssh`
         ",
     );
 }
