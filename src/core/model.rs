@@ -269,6 +269,42 @@ impl Sink<'_> {
     }
 }
 
+/// Resources that were declared but could not be used: what refers to them
+/// is not reported again as unknown, since the resource itself already was.
+#[derive(Clone, Debug, Default)]
+struct Rejected {
+    ids: BTreeSet<String>,
+    /// No resource of the file could be read (missing, empty or unparsable).
+    all: bool,
+}
+
+impl Rejected {
+    const ALL: Rejected = Rejected {
+        ids: BTreeSet::new(),
+        all: true,
+    };
+
+    fn covers(&self, id: &str) -> bool {
+        self.all || self.ids.contains(id)
+    }
+
+    fn extend(&mut self, other: &Rejected) {
+        self.all |= other.all;
+        self.ids.extend(other.ids.iter().cloned());
+    }
+}
+
+/// The id a resource declares, read from its raw mapping (for a resource
+/// that did not parse).
+fn declared_id(item: &Node) -> Option<String> {
+    if let Some(id) = item.get("id").and_then(Node::as_str) {
+        return Some(id.to_string());
+    }
+    let kind = item.get("kind")?.as_str()?;
+    let key = item.get("path").or_else(|| item.get("name"))?.as_str()?;
+    Some(format!("{kind}:{key}"))
+}
+
 /// Decode a blob into a YAML node. `Ok(None)` for an empty document.
 fn load_yaml(blob: &Blob, sink: &mut Sink) -> Option<Option<Node>> {
     let bytes = match blob {
@@ -518,6 +554,8 @@ pub fn validate(tree: &SourceTree) -> Validated {
 
     // groups/<tag>.yaml
     let mut groups: BTreeMap<String, Vec<Resource>> = BTreeMap::new();
+    // By file: resources declared there that were rejected.
+    let mut rejected: BTreeMap<String, Rejected> = BTreeMap::new();
     for (fname, blob) in &tree.groups {
         let file = format!("groups/{fname}");
         let mut sink = Sink {
@@ -537,11 +575,14 @@ pub fn validate(tree: &SourceTree) -> Validated {
                 format!("invalid tag `{tag}`: use [a-z0-9][a-z0-9-]*"),
             );
         }
+        let mut gone = Rejected::ALL;
         match load_yaml(blob, &mut sink) {
             None => {}
             Some(None) => sink.at(Pos::START, "group file is empty"),
             Some(Some(node)) => {
-                let (lifecycle, resources) = load_resource_file(&node, tree, &mut sink, Some(tag));
+                gone = Rejected::default();
+                let (lifecycle, resources) =
+                    load_resource_file(&node, tree, &mut sink, Some(tag), &mut gone);
                 if let Some((pos, _)) = lifecycle {
                     sink.at(
                         pos,
@@ -551,6 +592,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
                 groups.insert(tag.to_string(), resources);
             }
         }
+        rejected.insert(file, gone);
     }
 
     // hosts/<host>.yaml
@@ -574,6 +616,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
                 format!("host file for `{name}` has no entry in inventory.yaml: add it there or remove this file"),
             );
         }
+        let mut gone = Rejected::ALL;
         match load_yaml(blob, &mut sink) {
             None => {}
             Some(None) => sink.at(
@@ -581,7 +624,9 @@ pub fn validate(tree: &SourceTree) -> Validated {
                 "host file is empty: write `resources: []` for a host with nothing to manage",
             ),
             Some(Some(node)) => {
-                let (lifecycle, resources) = load_resource_file(&node, tree, &mut sink, None);
+                gone = Rejected::default();
+                let (lifecycle, resources) =
+                    load_resource_file(&node, tree, &mut sink, None, &mut gone);
                 host_files.insert(
                     name.to_string(),
                     (
@@ -592,6 +637,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
                 );
             }
         }
+        rejected.insert(file, gone);
     }
 
     // Join inventory, host files and groups.
@@ -614,6 +660,15 @@ pub fn validate(tree: &SourceTree) -> Validated {
                 vec![],
             ),
         };
+        let mut gone = rejected
+            .get(&format!("hosts/{name}.yaml"))
+            .cloned()
+            .unwrap_or(Rejected::ALL);
+        for tag in &inv.tags {
+            if let Some(g) = rejected.get(&format!("groups/{tag}.yaml")) {
+                gone.extend(g);
+            }
+        }
         let resources = merge_host(&name, &inv.tags, own, &groups, &mut problems);
         let host = Host {
             inv,
@@ -621,7 +676,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
             lifecycle,
             resources,
         };
-        check_host(&host, &mut problems);
+        check_host(&host, &gone, &mut problems);
         hosts.insert(name, host);
     }
 
@@ -810,12 +865,14 @@ fn load_resource_file(
     tree: &SourceTree,
     sink: &mut Sink,
     group: Option<&str>,
+    rejected: &mut Rejected,
 ) -> (Option<(Pos, Lifecycle)>, Vec<Resource>) {
     let NodeKind::Map(entries) = &node.kind else {
         sink.at(
             node.pos,
             "expected a mapping with `resources:` (and optionally `lifecycle:`)",
         );
+        rejected.all = true;
         return (None, vec![]);
     };
     let mut lifecycle = None;
@@ -833,21 +890,24 @@ fn load_resource_file(
                 }
                 if !matches!(v.kind, NodeKind::Seq(_)) {
                     sink.at(v.pos, "expected a list of resources");
+                    rejected.all = true;
                     continue;
                 }
                 for item in v.items() {
-                    if let Some(r) = load_resource(item, tree, sink, group) {
-                        let id_pos = item.pos_of("id");
-                        if let Some(first) = ids.get(&r.id) {
-                            sink.at(
-                                if item.get("id").is_some() { id_pos } else { item.pos },
-                                format!("duplicate resource id `{}` (first at line {}); give one of them an explicit `id:`", r.id, first.line),
-                            );
-                            continue;
-                        }
-                        ids.insert(r.id.clone(), item.pos);
-                        resources.push(r);
+                    let Some(r) = load_resource(item, tree, sink, group) else {
+                        rejected.ids.extend(declared_id(item));
+                        continue;
+                    };
+                    let id_pos = item.pos_of("id");
+                    if let Some(first) = ids.get(&r.id) {
+                        sink.at(
+                            if item.get("id").is_some() { id_pos } else { item.pos },
+                            format!("duplicate resource id `{}` (first at line {}); give one of them an explicit `id:`", r.id, first.line),
+                        );
+                        continue;
                     }
+                    ids.insert(r.id.clone(), item.pos);
+                    resources.push(r);
                 }
             }
             other => sink.at(
@@ -1144,8 +1204,10 @@ fn merge_host(
     by_id.into_values().collect()
 }
 
-/// Cross-resource checks on one merged host.
-fn check_host(host: &Host, problems: &mut Vec<Diagnostic>) {
+/// Cross-resource checks on one merged host. `rejected` ids are known to
+/// exist but to be invalid (already reported), so references to them are
+/// not unknown.
+fn check_host(host: &Host, rejected: &Rejected, problems: &mut Vec<Diagnostic>) {
     let name = host.name();
     let mut push = |r: &Resource, pos: Pos, message: String| {
         problems.push(Diagnostic {
@@ -1183,7 +1245,7 @@ fn check_host(host: &Host, problems: &mut Vec<Diagnostic>) {
     // requires and restart_on must name resources of this host.
     for r in &host.resources {
         for (k, req) in r.requires().iter().enumerate() {
-            if host.resource(req).is_none() {
+            if host.resource(req).is_none() && !rejected.covers(req) {
                 let pos = r
                     .origin
                     .requires_pos
@@ -1199,7 +1261,7 @@ fn check_host(host: &Host, problems: &mut Vec<Diagnostic>) {
         }
         if let ResourceSpec::Service(s) = &r.spec {
             for (k, t) in s.restart_on.iter().enumerate() {
-                if host.resource(t).is_none() {
+                if host.resource(t).is_none() && !rejected.covers(t) {
                     let pos = r
                         .origin
                         .restart_on_pos

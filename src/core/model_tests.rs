@@ -1223,6 +1223,47 @@ fn unknown_ids_in_requires_and_restart_on() {
 }
 
 #[test]
+fn a_rejected_resource_is_not_reported_again_as_unknown() {
+    // What refers to a resource that was itself rejected, or declared in a
+    // file that could not be read, is not an unknown id.
+    check(
+        r#"
+        //- inventory.yaml
+        hosts:
+          - {name: web-1, address: 10.0.0.1, tags: [web]}
+          - {name: web-2, address: 10.0.0.2, tags: [web]}
+        //- groups/web.yaml
+        resources:
+          - kind: package
+            name: nginx
+            verison: "1.2"
+          - kind: service
+            name: nginx
+            requires: [package:nginx, file:/etc/nginx/nginx.conf]
+        //- hosts/web-1.yaml
+        resources:
+          - kind: file
+            id: conf
+            path: etc/nginx/nginx.conf
+          - kind: file
+            path: /etc/nginx/nginx.conf
+          - kind: service
+            name: app
+            requires: [conf, package:nginx, nope]
+            restart_on: [conf]
+        //- hosts/web-2.yaml
+        resources: [
+        "#,
+        "
+        groups/web.yaml:4:5: unknown field `verison`, expected one of `name`, `state`, `id`, `requires`
+        hosts/web-1.yaml:4:11: path `etc/nginx/nginx.conf` must be absolute
+        hosts/web-1.yaml:9:37: `service:app` requires unknown id `nope` on host `web-1`
+        hosts/web-2.yaml:1:12: invalid YAML: unclosed bracket '['
+        ",
+    );
+}
+
+#[test]
 fn dependency_cycle_through_requires() {
     check(
         &web1(
