@@ -1245,13 +1245,21 @@ fn check_host(host: &Host, rejected: &Rejected, problems: &mut Vec<Diagnostic>) 
     // requires and restart_on must name resources of this host.
     for r in &host.resources {
         for (k, req) in r.requires().iter().enumerate() {
-            if host.resource(req).is_none() && !rejected.covers(req) {
-                let pos = r
-                    .origin
-                    .requires_pos
-                    .get(k)
-                    .copied()
-                    .unwrap_or(r.origin.pos);
+            let pos = r
+                .origin
+                .requires_pos
+                .get(k)
+                .copied()
+                .unwrap_or(r.origin.pos);
+            if *req == r.id {
+                // dependency_edges leaves self-edges out, so find_cycle
+                // cannot see this one-resource cycle.
+                push(
+                    r,
+                    pos,
+                    format!("dependency cycle on host `{name}`: {req} -> {req}"),
+                );
+            } else if host.resource(req).is_none() && !rejected.covers(req) {
                 push(
                     r,
                     pos,

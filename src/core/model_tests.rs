@@ -1308,7 +1308,6 @@ fn dependency_cycle_through_an_implicit_edge() {
 }
 
 #[test]
-#[ignore = "bug: a resource that requires itself is not reported"]
 fn a_resource_that_requires_itself() {
     check(
         &web1(
