@@ -898,12 +898,26 @@ fn load_resource_file(
                         rejected.ids.extend(declared_id(item));
                         continue;
                     };
-                    let id_pos = item.pos_of("id");
                     if let Some(first) = ids.get(&r.id) {
-                        sink.at(
-                            if item.get("id").is_some() { id_pos } else { item.pos },
-                            format!("duplicate resource id `{}` (first at line {}); give one of them an explicit `id:`", r.id, first.line),
-                        );
+                        if item.get("id").is_some() {
+                            sink.at(
+                                item.pos_of("id"),
+                                format!("duplicate resource id `{}` (first at line {}): rename one of them", r.id, first.line),
+                            );
+                        } else {
+                            // A default id: the same kind and path or name
+                            // twice, so the path or name is what to point at.
+                            let (space, key) = r.key();
+                            let what = if space == KeySpace::Path {
+                                "path"
+                            } else {
+                                "name"
+                            };
+                            sink.at(
+                                r.origin.key_pos,
+                                format!("duplicate resource id `{}` (first at line {}): {what} `{key}` is declared twice; remove one", r.id, first.line),
+                            );
+                        }
                         continue;
                     }
                     ids.insert(r.id.clone(), item.pos);

@@ -1134,7 +1134,6 @@ fn inventory_host_without_host_file_at_its_item() {
 }
 
 #[test]
-#[ignore = "bug: a duplicate default id is located at the item and advises an explicit id"]
 fn duplicate_resource_ids_at_the_second() {
     check(
         &web1(
@@ -1154,7 +1153,7 @@ fn duplicate_resource_ids_at_the_second() {
             "#,
         ),
         "
-        hosts/web-1.yaml:7:9: duplicate resource id `tools` (first at line 2); give one of them an explicit `id:`
+        hosts/web-1.yaml:7:9: duplicate resource id `tools` (first at line 2): rename one of them
         hosts/web-1.yaml:11:11: duplicate resource id `file:/etc/x` (first at line 8): path `/etc/x` is declared twice; remove one
         ",
     );
