@@ -690,11 +690,16 @@ pub fn validate(tree: &SourceTree) -> Validated {
 
 fn check_config(config: &TendConfig, node: &Node, sink: &mut Sink) {
     if config.token_max_ttl.0 > TOKEN_TTL_CEILING {
+        // Quote the value as written: humantime would render `48h` as `2days`.
+        let written = node.get("token_max_ttl").and_then(Node::as_str);
         sink.at(
             node.pos_of("token_max_ttl"),
             format!(
-                "token_max_ttl {} is above the maximum of 24h",
-                humantime::format_duration(config.token_max_ttl.0)
+                "token_max_ttl `{}` is above the maximum of 24h: write at most `24h`",
+                written.map_or_else(
+                    || humantime::format_duration(config.token_max_ttl.0).to_string(),
+                    str::to_string
+                )
             ),
         );
     }
