@@ -974,13 +974,23 @@ fn load_resource(
         Some("user") => ResourceSpec::User(typed::<UserSpec>(item, skip, sink).0?),
         Some("group") => ResourceSpec::Group(typed::<GroupSpec>(item, skip, sink).0?),
         Some("command") => ResourceSpec::Command(typed::<CommandSpec>(item, skip, sink).0?),
-        other => {
+        Some(other) => {
             sink.at(
                 kind_node.pos,
                 format!(
-                    "unknown kind `{}`, expected one of {}",
-                    other.unwrap_or("?"),
+                    "unknown kind `{other}`, expected one of {}",
                     yaml::quote_list(ResourceSpec::KINDS)
+                ),
+            );
+            return None;
+        }
+        None => {
+            sink.at(
+                item.pos_of("kind"),
+                format!(
+                    "`kind` must be one of {}, found {}",
+                    yaml::quote_list(ResourceSpec::KINDS),
+                    kind_node.describe()
                 ),
             );
             return None;

@@ -1449,7 +1449,6 @@ fn missing_required_fields_at_the_item() {
 }
 
 #[test]
-#[ignore = "bug: a non-string kind is reported as unknown kind `?`"]
 fn unknown_kind_at_the_kind() {
     check(
         &web1(
@@ -1459,11 +1458,14 @@ fn unknown_kind_at_the_kind() {
                 path: /x
               - kind: [file]
                 path: /y
+              - kind:
+                path: /z
             "#,
         ),
         "
         hosts/web-1.yaml:2:11: unknown kind `fille`, expected one of `file`, `directory`, `symlink`, `package`, `service`, `user`, `group`, `command`
         hosts/web-1.yaml:4:11: `kind` must be one of `file`, `directory`, `symlink`, `package`, `service`, `user`, `group`, `command`, found a list
+        hosts/web-1.yaml:6:5: `kind` must be one of `file`, `directory`, `symlink`, `package`, `service`, `user`, `group`, `command`, found null
         ",
     );
 }

@@ -102,7 +102,8 @@ impl Node {
         }
     }
 
-    fn describe(&self) -> String {
+    /// What the node is, for messages: `` `text` ``, `string "text"`, `a list`...
+    pub fn describe(&self) -> String {
         match &self.kind {
             NodeKind::Null => "null".into(),
             NodeKind::Scalar { text, plain: true } => format!("`{text}`"),
