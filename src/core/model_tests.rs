@@ -1570,7 +1570,6 @@ fn yaml_syntax_errors_are_located() {
 // Everything at once.
 
 #[test]
-#[ignore = "bug: one bad entry hides other problems"]
 fn every_problem_in_every_file_is_reported() {
     check(
         r#"
