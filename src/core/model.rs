@@ -344,10 +344,14 @@ fn load_yaml(blob: &Blob, sink: &mut Sink) -> Option<Option<Node>> {
             return None;
         }
     };
-    match yaml::parse(text.strip_prefix('\u{feff}').unwrap_or(text)) {
-        Ok(node) => Some(node),
-        Err(e) => {
-            sink.loc(e);
+    // Duplicate keys do not end the parse: the rest of the file is checked too.
+    match yaml::parse_all(text.strip_prefix('\u{feff}').unwrap_or(text)) {
+        Ok((node, duplicates)) => {
+            duplicates.into_iter().for_each(|e| sink.loc(e));
+            Some(node)
+        }
+        Err(errors) => {
+            errors.into_iter().for_each(|e| sink.loc(e));
             None
         }
     }

@@ -1023,11 +1023,19 @@ fn duplicate_yaml_keys_at_the_second_occurrence() {
           - kind: package
             name: curl
             name: wget
+          - kind: file
+            path: /etc/x
+            mode: 0644
+            mode: 0600
+          - kind: file
+            path: etc/y
         "#,
         "
-        hosts/web-1.yaml:4:5: duplicate key `name`
-        inventory.yaml:4:5: duplicate key `address`
-        tend.yaml:2:1: duplicate key `retries`
+        hosts/web-1.yaml:4:5: duplicate key `name` (first at line 3): remove one
+        hosts/web-1.yaml:8:5: duplicate key `mode` (first at line 7): remove one
+        hosts/web-1.yaml:10:11: path `etc/y` must be absolute
+        inventory.yaml:4:5: duplicate key `address` (first at line 3): remove one
+        tend.yaml:2:1: duplicate key `retries` (first at line 1): remove one
         ",
     );
 }
