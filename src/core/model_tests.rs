@@ -934,6 +934,48 @@ fn a_bad_port_claims_no_duplicate_endpoint() {
     );
 }
 
+#[test]
+fn inventory_values_out_of_range_at_the_value() {
+    check(
+        r#"
+        //- inventory.yaml
+        hosts:
+          - name: Web_1
+            address: 10.0.0.1
+            port: 0
+          - name: web-2
+            address: 10.0.0.2
+            port: 70000
+            tags: [web, Edge]
+        //- hosts/Web_1.yaml
+        resources: []
+        //- hosts/web-2.yaml
+        resources: []
+        //- hosts/README.md
+        see the wiki
+        "#,
+        "
+        hosts/README.md:1:1: unexpected file: host files are named `<host>.yaml`
+        inventory.yaml:2:11: invalid host name `Web_1`: use [a-z0-9][a-z0-9-]* (at most 63 characters)
+        inventory.yaml:4:11: port must be between 1 and 65535
+        inventory.yaml:7:11: integer 70000 is out of range
+        inventory.yaml:8:17: invalid tag `Edge`: use [a-z0-9][a-z0-9-]*
+        ",
+    );
+}
+
+#[test]
+fn crlf_line_ends_and_tabs_keep_positions() {
+    check(
+        "//- inventory.yaml\r\nhosts:\r\n  - name: web-1\r\n    address: 10.0.0.1\r\n    bogus: 1\r\n\
+         //- hosts/web-1.yaml\nresources:\n\t- kind: file\n",
+        "
+        hosts/web-1.yaml:2:2: invalid YAML: tabs disallowed within this context (block indentation)
+        inventory.yaml:4:5: unknown field `bogus`, expected one of `name`, `transport`, `address`, `port`, `user`, `identity`, `host_key`, `tags`, `protected`
+        ",
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Modes and paths.
 
@@ -1598,6 +1640,7 @@ fn every_problem_in_every_file_is_reported() {
           - kind: package
             name: nginx
             verison: "1.2"
+            name: nginx-full
         //- hosts/web-1.yaml
         resources:
           - kind: file
@@ -1617,6 +1660,7 @@ fn every_problem_in_every_file_is_reported() {
         "#,
         "
         groups/web.yaml:4:5: unknown field `verison`, expected one of `name`, `state`, `id`, `requires`
+        groups/web.yaml:5:5: duplicate key `name` (first at line 3): remove one
         hosts/cache-1.yaml:1:1: host file for `cache-1` has no entry in inventory.yaml: add it there or remove this file
         hosts/web-1.yaml:3:11: path `etc/app.conf` must be absolute
         hosts/web-1.yaml:4:11: invalid mode `rwx`: write 3 or 4 octal digits, such as `0644` or `0755`
