@@ -269,6 +269,42 @@ impl Sink<'_> {
     }
 }
 
+/// Resources that were declared but could not be used: what refers to them
+/// is not reported again as unknown, since the resource itself already was.
+#[derive(Clone, Debug, Default)]
+struct Rejected {
+    ids: BTreeSet<String>,
+    /// No resource of the file could be read (missing, empty or unparsable).
+    all: bool,
+}
+
+impl Rejected {
+    const ALL: Rejected = Rejected {
+        ids: BTreeSet::new(),
+        all: true,
+    };
+
+    fn covers(&self, id: &str) -> bool {
+        self.all || self.ids.contains(id)
+    }
+
+    fn extend(&mut self, other: &Rejected) {
+        self.all |= other.all;
+        self.ids.extend(other.ids.iter().cloned());
+    }
+}
+
+/// The id a resource declares, read from its raw mapping (for a resource
+/// that did not parse).
+fn declared_id(item: &Node) -> Option<String> {
+    if let Some(id) = item.get("id").and_then(Node::as_str) {
+        return Some(id.to_string());
+    }
+    let kind = item.get("kind")?.as_str()?;
+    let key = item.get("path").or_else(|| item.get("name"))?.as_str()?;
+    Some(format!("{kind}:{key}"))
+}
+
 /// Decode a blob into a YAML node. `Ok(None)` for an empty document.
 fn load_yaml(blob: &Blob, sink: &mut Sink) -> Option<Option<Node>> {
     let bytes = match blob {
@@ -308,55 +344,73 @@ fn load_yaml(blob: &Blob, sink: &mut Sink) -> Option<Option<Node>> {
             return None;
         }
     };
-    match yaml::parse(text.strip_prefix('\u{feff}').unwrap_or(text)) {
-        Ok(node) => Some(node),
-        Err(e) => {
-            sink.loc(e);
+    // Duplicate keys do not end the parse: the rest of the file is checked too.
+    match yaml::parse_all(text.strip_prefix('\u{feff}').unwrap_or(text)) {
+        Ok((node, duplicates)) => {
+            duplicates.into_iter().for_each(|e| sink.loc(e));
+            Some(node)
+        }
+        Err(errors) => {
+            errors.into_iter().for_each(|e| sink.loc(e));
             None
         }
     }
 }
 
 /// Check each entry of a mapping against `T` on its own (so every bad key is
-/// reported), then the whole mapping (for missing fields). Returns the value
-/// when everything passed.
-fn typed<T: DeserializeOwned>(node: &Node, skip: &[&str], sink: &mut Sink) -> Option<T> {
+/// reported), then the whole mapping (for missing fields).
+///
+/// Returns the value built from the entries that passed, when they make one,
+/// and whether every entry passed. Callers run their semantic checks on that
+/// value even when some entry was bad, so that one bad key does not hide a
+/// problem in another; a value with a bad entry must not be used as valid.
+fn typed<T: DeserializeOwned>(node: &Node, skip: &[&str], sink: &mut Sink) -> (Option<T>, bool) {
     let NodeKind::Map(entries) = &node.kind else {
         match yaml::from_node::<T>(node) {
-            Ok(v) => return Some(v),
+            Ok(v) => return (Some(v), true),
             Err(e) => {
                 sink.loc(e);
-                return None;
+                return (None, false);
             }
         }
     };
-    let mut ok = true;
+    let mut good = Vec::with_capacity(entries.len());
     for entry in entries {
         if entry.0.as_str().is_some_and(|k| skip.contains(&k)) {
+            good.push(entry.clone());
             continue;
         }
         let single = Node {
             kind: NodeKind::Map(vec![entry.clone()]),
             pos: node.pos,
         };
-        if let Err(e) = T::deserialize(yaml::NodeDe::new(&single))
-            && !e.msg.starts_with("missing field")
-        {
-            sink.loc(e);
-            ok = false;
+        match T::deserialize(yaml::NodeDe::new(&single)) {
+            Err(e) if !e.msg.starts_with("missing field") => sink.loc(e),
+            _ => good.push(entry.clone()),
         }
     }
-    if !ok {
-        return None;
-    }
-    match T::deserialize(yaml::NodeDe::skipping(node, skip)) {
-        Ok(v) => Some(v),
+    let clean = good.len() == entries.len();
+    let partial = Node {
+        kind: NodeKind::Map(good),
+        pos: node.pos,
+    };
+    match T::deserialize(yaml::NodeDe::skipping(&partial, skip)) {
+        Ok(v) => (Some(v), clean),
         Err(e) => {
-            sink.loc(LocError {
-                pos: e.pos.or(Some(node.pos)),
-                msg: e.msg,
-            });
-            None
+            // With a bad entry left out, only a field that is really absent
+            // is missing; one that is present but wrong was reported above.
+            let absent = e
+                .msg
+                .strip_prefix("missing field `")
+                .and_then(|m| m.strip_suffix('`'))
+                .is_some_and(|field| node.get(field).is_none());
+            if clean || absent {
+                sink.loc(LocError {
+                    pos: e.pos.or(Some(node.pos)),
+                    msg: e.msg,
+                });
+            }
+            (None, false)
         }
     }
 }
@@ -450,7 +504,8 @@ pub fn validate(tree: &SourceTree) -> Validated {
         };
         if let Some(Some(node)) = load_yaml(blob, &mut sink) {
             canary_pos = Some(node.pos_of("canary"));
-            if let Some(c) = typed::<TendConfig>(&node, &[], &mut sink) {
+            // A partly bad tend.yaml still has its other settings checked.
+            if let (Some(c), _) = typed::<TendConfig>(&node, &[], &mut sink) {
                 config = c;
                 check_config(&config, &node, &mut sink);
             }
@@ -459,6 +514,9 @@ pub fn validate(tree: &SourceTree) -> Validated {
 
     // inventory.yaml
     let mut inventory: Vec<(InventoryHost, Pos)> = Vec::new();
+    // Whether inventory.yaml gave a list of hosts to check host files and the
+    // canary against: when it did not, that is reported once, not once per host.
+    let mut inventory_ok = false;
     match &tree.inventory {
         None => problems.push(Diagnostic {
             file: "inventory.yaml".into(),
@@ -476,7 +534,12 @@ pub fn validate(tree: &SourceTree) -> Validated {
                     Pos::START,
                     "inventory.yaml is empty: list the hosts under `hosts:`",
                 ),
-                Some(Some(node)) => inventory = load_inventory(&node, &mut sink),
+                Some(Some(node)) => {
+                    if let Some(hosts) = load_inventory(&node, &mut sink) {
+                        inventory = hosts;
+                        inventory_ok = true;
+                    }
+                }
             }
         }
     }
@@ -484,7 +547,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
 
     if let (Some(canary), Some(pos)) = (&config.canary, canary_pos)
         && !inv_names.contains(canary.as_str())
-        && tree.inventory.is_some()
+        && inventory_ok
     {
         problems.push(Diagnostic {
             file: "tend.yaml".into(),
@@ -495,6 +558,8 @@ pub fn validate(tree: &SourceTree) -> Validated {
 
     // groups/<tag>.yaml
     let mut groups: BTreeMap<String, Vec<Resource>> = BTreeMap::new();
+    // By file: resources declared there that were rejected.
+    let mut rejected: BTreeMap<String, Rejected> = BTreeMap::new();
     for (fname, blob) in &tree.groups {
         let file = format!("groups/{fname}");
         let mut sink = Sink {
@@ -514,11 +579,14 @@ pub fn validate(tree: &SourceTree) -> Validated {
                 format!("invalid tag `{tag}`: use [a-z0-9][a-z0-9-]*"),
             );
         }
+        let mut gone = Rejected::ALL;
         match load_yaml(blob, &mut sink) {
             None => {}
             Some(None) => sink.at(Pos::START, "group file is empty"),
             Some(Some(node)) => {
-                let (lifecycle, resources) = load_resource_file(&node, tree, &mut sink, Some(tag));
+                gone = Rejected::default();
+                let (lifecycle, resources) =
+                    load_resource_file(&node, tree, &mut sink, Some(tag), &mut gone);
                 if let Some((pos, _)) = lifecycle {
                     sink.at(
                         pos,
@@ -528,6 +596,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
                 groups.insert(tag.to_string(), resources);
             }
         }
+        rejected.insert(file, gone);
     }
 
     // hosts/<host>.yaml
@@ -545,12 +614,13 @@ pub fn validate(tree: &SourceTree) -> Validated {
             );
             continue;
         };
-        if !inv_names.contains(name) && tree.inventory.is_some() {
+        if !inv_names.contains(name) && inventory_ok {
             sink.at(
                 Pos::START,
                 format!("host file for `{name}` has no entry in inventory.yaml: add it there or remove this file"),
             );
         }
+        let mut gone = Rejected::ALL;
         match load_yaml(blob, &mut sink) {
             None => {}
             Some(None) => sink.at(
@@ -558,7 +628,9 @@ pub fn validate(tree: &SourceTree) -> Validated {
                 "host file is empty: write `resources: []` for a host with nothing to manage",
             ),
             Some(Some(node)) => {
-                let (lifecycle, resources) = load_resource_file(&node, tree, &mut sink, None);
+                gone = Rejected::default();
+                let (lifecycle, resources) =
+                    load_resource_file(&node, tree, &mut sink, None, &mut gone);
                 host_files.insert(
                     name.to_string(),
                     (
@@ -569,6 +641,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
                 );
             }
         }
+        rejected.insert(file, gone);
     }
 
     // Join inventory, host files and groups.
@@ -591,6 +664,15 @@ pub fn validate(tree: &SourceTree) -> Validated {
                 vec![],
             ),
         };
+        let mut gone = rejected
+            .get(&format!("hosts/{name}.yaml"))
+            .cloned()
+            .unwrap_or(Rejected::ALL);
+        for tag in &inv.tags {
+            if let Some(g) = rejected.get(&format!("groups/{tag}.yaml")) {
+                gone.extend(g);
+            }
+        }
         let resources = merge_host(&name, &inv.tags, own, &groups, &mut problems);
         let host = Host {
             inv,
@@ -598,7 +680,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
             lifecycle,
             resources,
         };
-        check_host(&host, &mut problems);
+        check_host(&host, &gone, &mut problems);
         hosts.insert(name, host);
     }
 
@@ -612,11 +694,16 @@ pub fn validate(tree: &SourceTree) -> Validated {
 
 fn check_config(config: &TendConfig, node: &Node, sink: &mut Sink) {
     if config.token_max_ttl.0 > TOKEN_TTL_CEILING {
+        // Quote the value as written: humantime would render `48h` as `2days`.
+        let written = node.get("token_max_ttl").and_then(Node::as_str);
         sink.at(
             node.pos_of("token_max_ttl"),
             format!(
-                "token_max_ttl {} is above the maximum of 24h",
-                humantime::format_duration(config.token_max_ttl.0)
+                "token_max_ttl `{}` is above the maximum of 24h: write at most `24h`",
+                written.map_or_else(
+                    || humantime::format_duration(config.token_max_ttl.0).to_string(),
+                    str::to_string
+                )
             ),
         );
     }
@@ -646,10 +733,11 @@ fn check_config(config: &TendConfig, node: &Node, sink: &mut Sink) {
     }
 }
 
-fn load_inventory(node: &Node, sink: &mut Sink) -> Vec<(InventoryHost, Pos)> {
+/// The hosts of inventory.yaml; None when it has no usable `hosts:` list.
+fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Pos)>> {
     let NodeKind::Map(entries) = &node.kind else {
         sink.at(node.pos, "expected a mapping with a `hosts:` list");
-        return vec![];
+        return None;
     };
     for (k, _) in entries {
         if k.as_str() != Some("hosts") {
@@ -664,17 +752,19 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Vec<(InventoryHost, Pos)> {
     }
     let Some(list) = node.get("hosts") else {
         sink.at(node.pos, "missing field `hosts`");
-        return vec![];
+        return None;
     };
     if !matches!(list.kind, NodeKind::Seq(_)) {
         sink.at(list.pos, "expected a list of hosts");
-        return vec![];
+        return None;
     }
     let mut out: Vec<(InventoryHost, Pos)> = Vec::new();
     let mut names: BTreeMap<String, Pos> = BTreeMap::new();
     let mut endpoints: BTreeMap<(String, u16), String> = BTreeMap::new();
     for item in list.items() {
-        let Some(h) = typed::<InventoryHost>(item, &[], sink) else {
+        // A host with a bad field is still a host: its name keeps its host
+        // file from looking orphaned, and the rest of it is still checked.
+        let (Some(h), clean) = typed::<InventoryHost>(item, &[], sink) else {
             continue;
         };
         let mut ok = true;
@@ -701,7 +791,7 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Vec<(InventoryHost, Pos)> {
         names.insert(h.name.clone(), item.pos_of("name"));
         match h.transport {
             TransportKind::Ssh => match &h.address {
-                None => {
+                None if item.get("address").is_none() => {
                     sink.at(
                         item.pos,
                         format!(
@@ -711,6 +801,8 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Vec<(InventoryHost, Pos)> {
                     );
                     ok = false;
                 }
+                // Present but of the wrong type: already reported.
+                None => ok = false,
                 Some(a) if a.trim().is_empty() || a.contains(char::is_whitespace) => {
                     sink.at(item.pos_of("address"), format!("invalid address `{a}`"));
                     ok = false;
@@ -721,13 +813,17 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Vec<(InventoryHost, Pos)> {
                         ok = false;
                     }
                     let key = (a.to_ascii_lowercase(), h.port);
-                    if let Some(other) = endpoints.get(&key) {
+                    if let Some(other) = endpoints.get(&key)
+                        // Not when the port may be a default standing in for
+                        // a bad value: no duplicate claimed on a guess.
+                        && clean
+                    {
                         sink.at(
                             item.pos_of("address"),
                             format!("host `{}` has the same address and port ({a}:{}) as host `{other}`", h.name, h.port),
                         );
                         ok = false;
-                    } else {
+                    } else if clean {
                         endpoints.insert(key, h.name.clone());
                     }
                 }
@@ -769,7 +865,7 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Vec<(InventoryHost, Pos)> {
         let _ = ok;
         out.push((h, item.pos));
     }
-    out
+    Some(out)
 }
 
 /// Parse a host or group file: `lifecycle` (with its position) and resources.
@@ -778,12 +874,14 @@ fn load_resource_file(
     tree: &SourceTree,
     sink: &mut Sink,
     group: Option<&str>,
+    rejected: &mut Rejected,
 ) -> (Option<(Pos, Lifecycle)>, Vec<Resource>) {
     let NodeKind::Map(entries) = &node.kind else {
         sink.at(
             node.pos,
             "expected a mapping with `resources:` (and optionally `lifecycle:`)",
         );
+        rejected.all = true;
         return (None, vec![]);
     };
     let mut lifecycle = None;
@@ -801,21 +899,38 @@ fn load_resource_file(
                 }
                 if !matches!(v.kind, NodeKind::Seq(_)) {
                     sink.at(v.pos, "expected a list of resources");
+                    rejected.all = true;
                     continue;
                 }
                 for item in v.items() {
-                    if let Some(r) = load_resource(item, tree, sink, group) {
-                        let id_pos = item.pos_of("id");
-                        if let Some(first) = ids.get(&r.id) {
+                    let Some(r) = load_resource(item, tree, sink, group) else {
+                        rejected.ids.extend(declared_id(item));
+                        continue;
+                    };
+                    if let Some(first) = ids.get(&r.id) {
+                        if item.get("id").is_some() {
                             sink.at(
-                                if item.get("id").is_some() { id_pos } else { item.pos },
-                                format!("duplicate resource id `{}` (first at line {}); give one of them an explicit `id:`", r.id, first.line),
+                                item.pos_of("id"),
+                                format!("duplicate resource id `{}` (first at line {}): rename one of them", r.id, first.line),
                             );
-                            continue;
+                        } else {
+                            // A default id: the same kind and path or name
+                            // twice, so the path or name is what to point at.
+                            let (space, key) = r.key();
+                            let what = if space == KeySpace::Path {
+                                "path"
+                            } else {
+                                "name"
+                            };
+                            sink.at(
+                                r.origin.key_pos,
+                                format!("duplicate resource id `{}` (first at line {}): {what} `{key}` is declared twice; remove one", r.id, first.line),
+                            );
                         }
-                        ids.insert(r.id.clone(), item.pos);
-                        resources.push(r);
+                        continue;
                     }
+                    ids.insert(r.id.clone(), item.pos);
+                    resources.push(r);
                 }
             }
             other => sink.at(
@@ -850,29 +965,41 @@ fn load_resource(
         );
         return None;
     };
+    // Counted before the typed parse: a resource with a bad entry still has
+    // its other fields checked, but is not kept.
+    let problems_before = sink.out.len();
     let skip = &["kind"];
     let spec = match kind_node.as_str() {
-        Some("file") => ResourceSpec::File(typed::<FileSpec>(item, skip, sink)?),
-        Some("directory") => ResourceSpec::Directory(typed::<DirectorySpec>(item, skip, sink)?),
-        Some("symlink") => ResourceSpec::Symlink(typed::<SymlinkSpec>(item, skip, sink)?),
-        Some("package") => ResourceSpec::Package(typed::<PackageSpec>(item, skip, sink)?),
-        Some("service") => ResourceSpec::Service(typed::<ServiceSpec>(item, skip, sink)?),
-        Some("user") => ResourceSpec::User(typed::<UserSpec>(item, skip, sink)?),
-        Some("group") => ResourceSpec::Group(typed::<GroupSpec>(item, skip, sink)?),
-        Some("command") => ResourceSpec::Command(typed::<CommandSpec>(item, skip, sink)?),
-        other => {
+        Some("file") => ResourceSpec::File(typed::<FileSpec>(item, skip, sink).0?),
+        Some("directory") => ResourceSpec::Directory(typed::<DirectorySpec>(item, skip, sink).0?),
+        Some("symlink") => ResourceSpec::Symlink(typed::<SymlinkSpec>(item, skip, sink).0?),
+        Some("package") => ResourceSpec::Package(typed::<PackageSpec>(item, skip, sink).0?),
+        Some("service") => ResourceSpec::Service(typed::<ServiceSpec>(item, skip, sink).0?),
+        Some("user") => ResourceSpec::User(typed::<UserSpec>(item, skip, sink).0?),
+        Some("group") => ResourceSpec::Group(typed::<GroupSpec>(item, skip, sink).0?),
+        Some("command") => ResourceSpec::Command(typed::<CommandSpec>(item, skip, sink).0?),
+        Some(other) => {
             sink.at(
                 kind_node.pos,
                 format!(
-                    "unknown kind `{}`, expected one of {}",
-                    other.unwrap_or("?"),
+                    "unknown kind `{other}`, expected one of {}",
                     yaml::quote_list(ResourceSpec::KINDS)
                 ),
             );
             return None;
         }
+        None => {
+            sink.at(
+                item.pos_of("kind"),
+                format!(
+                    "`kind` must be one of {}, found {}",
+                    yaml::quote_list(ResourceSpec::KINDS),
+                    kind_node.describe()
+                ),
+            );
+            return None;
+        }
     };
-    let problems_before = sink.out.len();
     let bad = |pos: Pos, msg: String, sink: &mut Sink| sink.at(pos, msg);
     let mut content = None;
     // Path checks and kind-specific checks.
@@ -922,7 +1049,7 @@ fn load_resource(
         ResourceSpec::Symlink(s) => {
             check_path("path", &s.path, sink);
             match &s.target {
-                None if !s.state.is_absent() => bad(
+                None if !s.state.is_absent() && item.get("target").is_none() => bad(
                     item.pos,
                     "missing field `target` (required unless `state: absent`)".into(),
                     sink,
@@ -1110,8 +1237,10 @@ fn merge_host(
     by_id.into_values().collect()
 }
 
-/// Cross-resource checks on one merged host.
-fn check_host(host: &Host, problems: &mut Vec<Diagnostic>) {
+/// Cross-resource checks on one merged host. `rejected` ids are known to
+/// exist but to be invalid (already reported), so references to them are
+/// not unknown.
+fn check_host(host: &Host, rejected: &Rejected, problems: &mut Vec<Diagnostic>) {
     let name = host.name();
     let mut push = |r: &Resource, pos: Pos, message: String| {
         problems.push(Diagnostic {
@@ -1149,13 +1278,21 @@ fn check_host(host: &Host, problems: &mut Vec<Diagnostic>) {
     // requires and restart_on must name resources of this host.
     for r in &host.resources {
         for (k, req) in r.requires().iter().enumerate() {
-            if host.resource(req).is_none() {
-                let pos = r
-                    .origin
-                    .requires_pos
-                    .get(k)
-                    .copied()
-                    .unwrap_or(r.origin.pos);
+            let pos = r
+                .origin
+                .requires_pos
+                .get(k)
+                .copied()
+                .unwrap_or(r.origin.pos);
+            if *req == r.id {
+                // dependency_edges leaves self-edges out, so find_cycle
+                // cannot see this one-resource cycle.
+                push(
+                    r,
+                    pos,
+                    format!("dependency cycle on host `{name}`: {req} -> {req}"),
+                );
+            } else if host.resource(req).is_none() && !rejected.covers(req) {
                 push(
                     r,
                     pos,
@@ -1165,7 +1302,7 @@ fn check_host(host: &Host, problems: &mut Vec<Diagnostic>) {
         }
         if let ResourceSpec::Service(s) = &r.spec {
             for (k, t) in s.restart_on.iter().enumerate() {
-                if host.resource(t).is_none() {
+                if host.resource(t).is_none() && !rejected.covers(t) {
                     let pos = r
                         .origin
                         .restart_on_pos
@@ -1443,3 +1580,7 @@ pub fn content_hash(tree: &SourceTree) -> String {
     }
     super::hex(&h.finalize())
 }
+
+#[cfg(test)]
+#[path = "model_tests.rs"]
+mod tests;

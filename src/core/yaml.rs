@@ -102,7 +102,8 @@ impl Node {
         }
     }
 
-    fn describe(&self) -> String {
+    /// What the node is, for messages: `` `text` ``, `string "text"`, `a list`...
+    pub fn describe(&self) -> String {
         match &self.kind {
             NodeKind::Null => "null".into(),
             NodeKind::Scalar { text, plain: true } => format!("`{text}`"),
@@ -153,16 +154,43 @@ impl de::Error for LocError {
 }
 
 /// Parse one YAML document. `Ok(None)` for a stream with no document (empty or
-/// comments only).
+/// comments only). A duplicate key is an error, like a syntax error: the first
+/// one in the text is returned.
 pub fn parse(text: &str) -> Result<Option<Node>, LocError> {
+    let mut duplicates = Vec::new();
+    let doc = parse_inner(text, &mut duplicates);
+    match duplicates.into_iter().next() {
+        Some(first) => Err(first),
+        None => doc,
+    }
+}
+
+/// Like [`parse`], but a duplicate key does not end the parse: each one is
+/// returned beside the document (which keeps the first occurrence's value),
+/// so that one file can show every duplicate and every other problem at
+/// once. On a syntax error, the errors are the duplicates found before it,
+/// then the syntax error.
+pub fn parse_all(text: &str) -> Result<(Option<Node>, Vec<LocError>), Vec<LocError>> {
+    let mut duplicates = Vec::new();
+    match parse_inner(text, &mut duplicates) {
+        Ok(doc) => Ok((doc, duplicates)),
+        Err(e) => {
+            duplicates.push(e);
+            Err(duplicates)
+        }
+    }
+}
+
+fn parse_inner(text: &str, duplicates: &mut Vec<LocError>) -> Result<Option<Node>, LocError> {
     let mut builder = Builder {
         anchors: Vec::new(),
         count: 0,
     };
     let mut parser = Parser::new_from_str(text);
     let mut doc: Option<Node> = None;
-    // Stack of open collections: (node under construction, pending key).
-    let mut stack: Vec<(Node, Option<Node>, usize)> = Vec::new();
+    // Stack of open collections: (node under construction, pending key,
+    // anchor, whether the pending key is a duplicate whose value is dropped).
+    let mut stack: Vec<(Node, Option<Node>, usize, bool)> = Vec::new();
     while let Some(ev) = parser.next_event() {
         let (event, span) = ev.map_err(|e| {
             let m = e.marker();
@@ -239,6 +267,7 @@ pub fn parse(text: &str) -> Result<Option<Node>, LocError> {
                     },
                     None,
                     anchor,
+                    false,
                 ));
                 None
             }
@@ -252,11 +281,12 @@ pub fn parse(text: &str) -> Result<Option<Node>, LocError> {
                     },
                     None,
                     anchor,
+                    false,
                 ));
                 None
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                let (node, pending, anchor) = stack.pop().expect("parser balances collections");
+                let (node, pending, anchor, _) = stack.pop().expect("parser balances collections");
                 debug_assert!(pending.is_none());
                 Some((node, anchor))
             }
@@ -274,7 +304,7 @@ pub fn parse(text: &str) -> Result<Option<Node>, LocError> {
         }
         match stack.last_mut() {
             None => doc = Some(node),
-            Some((parent, pending, _)) => match &mut parent.kind {
+            Some((parent, pending, _, duplicate)) => match &mut parent.kind {
                 NodeKind::Seq(items) => items.push(node),
                 NodeKind::Map(entries) => match pending.take() {
                     None => {
@@ -284,15 +314,26 @@ pub fn parse(text: &str) -> Result<Option<Node>, LocError> {
                                 "mapping keys must be plain strings",
                             ));
                         }
-                        if entries.iter().any(|(k, _)| k.as_str() == node.as_str()) {
-                            return Err(LocError::new(
+                        if let Some((first, _)) =
+                            entries.iter().find(|(k, _)| k.as_str() == node.as_str())
+                        {
+                            duplicates.push(LocError::new(
                                 node.pos,
-                                format!("duplicate key `{}`", node.as_str().unwrap_or_default()),
+                                format!(
+                                    "duplicate key `{}` (first at line {}): remove one",
+                                    node.as_str().unwrap_or_default(),
+                                    first.pos.line
+                                ),
                             ));
+                            *duplicate = true;
                         }
                         *pending = Some(node);
                     }
-                    Some(key) => entries.push((key, node)),
+                    Some(key) => {
+                        if !std::mem::take(duplicate) {
+                            entries.push((key, node));
+                        }
+                    }
                 },
                 _ => unreachable!("only collections are pushed"),
             },
@@ -738,6 +779,42 @@ mod tests {
         let e = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
         assert_eq!(e.pos, Some(Pos { line: 3, col: 1 }));
         assert!(e.msg.contains("duplicate key `a`"));
+    }
+
+    #[test]
+    fn parse_all_keeps_going_after_a_duplicate_key() {
+        let (doc, dups) = parse_all("a: 1\nb: 2\na: 3\nb: {x: 1, x: 2}\nc: 4\n").unwrap();
+        let doc = doc.unwrap();
+        let at: Vec<Pos> = dups.iter().filter_map(|e| e.pos).collect();
+        // The dropped second `b` still has its own duplicate reported.
+        assert_eq!(
+            at,
+            [
+                Pos { line: 3, col: 1 },
+                Pos { line: 4, col: 1 },
+                Pos { line: 4, col: 11 }
+            ]
+        );
+        assert_eq!(
+            doc.get("a").and_then(Node::as_str),
+            Some("1"),
+            "first one kept"
+        );
+        assert_eq!(doc.get("b").and_then(Node::as_str), Some("2"));
+        assert_eq!(doc.get("c").and_then(Node::as_str), Some("4"));
+        let errs = parse_all("a: 1\na: 2\nb: [\n").unwrap_err();
+        assert_eq!(errs.len(), 2);
+        assert!(
+            errs[0].msg.starts_with("duplicate key `a`"),
+            "{}",
+            errs[0].msg
+        );
+        assert!(errs[1].msg.starts_with("invalid YAML"), "{}", errs[1].msg);
+        // parse still stops at the first problem.
+        assert_eq!(
+            parse("a: 1\na: 2\nb: [\n").unwrap_err().pos,
+            Some(Pos { line: 2, col: 1 })
+        );
     }
 
     #[test]
