@@ -311,3 +311,7 @@ fn topo_order(n: usize, active: &[bool], preds: &[BTreeSet<usize>]) -> Vec<usize
     );
     out
 }
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;
