@@ -5,6 +5,8 @@
 //! Ordering: a step that creates or updates runs after the steps that create
 //! or update what it needs (its parent directory, its owner, its `requires`);
 //! removals run in the reverse direction (contents before their directory).
+//! A step that `requires` a removal, or a service restarted by one, runs after
+//! that removal.
 //! A non-destructive step that depends on a destructive one also waits until
 //! after the barrier, so the barrier never reorders a dependency.
 //!
@@ -16,7 +18,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use super::diff::{Action, Change, FieldChange};
-use super::model::{Host, dependency_edges};
+use super::model::{EdgeReason, Host, dependency_edges};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -173,7 +175,7 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
 
     // Step-level edges among active changes.
     let mut preds: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
-    for (a, b, _) in dependency_edges(&host.resources) {
+    for (a, b, why) in dependency_edges(&host.resources) {
         if !active[a] || !active[b] {
             continue;
         }
@@ -185,8 +187,14 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
             (true, true) => {
                 preds[a].insert(b);
             }
-            // Mixed: the two cannot depend on each other meaningfully (a
-            // removed container cannot hold a created resource; validation
+            // An explicit `requires` on a removal, and a restart triggered by
+            // one, still follow it. Edges only ever run from removals to
+            // the rest, never back, so this cannot close a cycle.
+            (true, false) if matches!(why, EdgeReason::Requires | EdgeReason::RestartTrigger) => {
+                preds[b].insert(a);
+            }
+            // Otherwise mixed pairs cannot depend on each other meaningfully
+            // (a removed container cannot hold a created resource; validation
             // refuses that), so no edge.
             _ => {}
         }

@@ -557,6 +557,47 @@ fn restart_trigger_before_its_service() {
         --
         ",
     );
+    // A removed trigger file is a change too: the restart follows it, and so
+    // waits behind the barrier.
+    check(
+        vec![
+            service("nginx").restart_on(&["file:/etc/nginx/conf.d/old.conf"]),
+            file("/etc/nginx/conf.d/old.conf").absent(),
+        ],
+        &[
+            ("service:nginx", "update"),
+            ("file:/etc/nginx/conf.d/old.conf", "delete"),
+        ],
+        "
+        --
+        0 delete file:/etc/nginx/conf.d/old.conf w0 !
+        1 update service:nginx w1 after 0
+        ",
+    );
+}
+
+#[test]
+fn requires_on_a_removal_waits_for_it() {
+    // `new` requires `old` to be gone first: it runs after the removal, hence
+    // after the barrier, although it is not destructive itself.
+    check(
+        vec![
+            file("/etc/app/new.conf").requires(&["file:/etc/app/old.conf"]),
+            file("/etc/app/old.conf").absent(),
+            file("/etc/app/other.conf"),
+        ],
+        &[
+            ("file:/etc/app/new.conf", "create"),
+            ("file:/etc/app/old.conf", "delete"),
+            ("file:/etc/app/other.conf", "create"),
+        ],
+        "
+        0 create file:/etc/app/other.conf w0
+        --
+        1 delete file:/etc/app/old.conf w1 !
+        2 create file:/etc/app/new.conf w2 after 1
+        ",
+    );
 }
 
 #[test]
