@@ -7,6 +7,8 @@
 //! removals run in the reverse direction (contents before their directory).
 //! A step that `requires` a removal, or a service restarted by one, runs after
 //! that removal.
+//! A replacement (something of another type at the path) runs after the
+//! removals of managed resources under its path.
 //! A non-destructive step that depends on a destructive one also waits until
 //! after the barrier, so the barrier never reorders a dependency.
 //!
@@ -18,7 +20,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use super::diff::{Action, Change, FieldChange};
-use super::model::{EdgeReason, Host, dependency_edges};
+use super::model::{EdgeReason, Host, dependency_edges, is_ancestor};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -197,6 +199,20 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
             // (a removed container cannot hold a created resource; validation
             // refuses that), so no edge.
             _ => {}
+        }
+    }
+    // A replacement removes whatever is at its path, a directory with all in
+    // it included. Removals of managed resources under that path go first:
+    // after the replacement they would find nothing, or worse, reach through
+    // the symlink that now stands at the path.
+    for (i, c) in changes.iter().enumerate() {
+        let Some(p) = host.resources[i].path().filter(|_| c.replace) else {
+            continue;
+        };
+        for (j, r) in host.resources.iter().enumerate() {
+            if removal(j) && r.path().is_some_and(|q| is_ancestor(p, q)) {
+                preds[i].insert(j);
+            }
         }
     }
 

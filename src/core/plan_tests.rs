@@ -656,6 +656,31 @@ fn dependent_of_a_destructive_step_lands_after_the_barrier() {
 }
 
 #[test]
+fn removals_inside_a_replaced_path_run_first() {
+    // `/srv/current` is a directory holding a managed file that is to go;
+    // the symlink that replaces the directory must wait for that removal, or
+    // the removal would run through the new link.
+    check(
+        vec![
+            link("/srv/current", "/srv/releases/2"),
+            dir("/srv/current/cache").absent(),
+            file("/srv/current/cache/x").absent(),
+        ],
+        &[
+            ("symlink:/srv/current", "replace"),
+            ("directory:/srv/current/cache", "delete"),
+            ("file:/srv/current/cache/x", "delete"),
+        ],
+        "
+        --
+        0 delete file:/srv/current/cache/x w0 !
+        1 delete directory:/srv/current/cache w1 after 0 !
+        2 update symlink:/srv/current w2 after 0,1 !
+        ",
+    );
+}
+
+#[test]
 fn noop_resources_produce_no_step() {
     let p = check(
         vec![dir("/srv"), file("/srv/a"), file("/srv/b").absent()],
