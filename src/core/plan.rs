@@ -139,7 +139,13 @@ impl Plan {
 }
 
 /// sha256 over the canonical JSON of the destructive steps (host, resource id,
-/// action, desired revision), sorted by host and step; with the host set.
+/// action, desired revision), sorted by host and step (the step's resource
+/// id, unique within a host); with the host set.
+///
+/// The step order is left out on purpose: a non-destructive step that
+/// appears or goes (drift between the plan an operator confirmed and the
+/// re-probe at the barrier) can move destructive steps relative to each
+/// other without changing what they destroy, and must not void the token.
 pub fn operation_hash(desired_revision: &str, hosts: &[HostPlan]) -> Option<(String, Vec<String>)> {
     let mut items = Vec::new();
     let mut scope = BTreeSet::new();
@@ -149,7 +155,7 @@ pub fn operation_hash(desired_revision: &str, hosts: &[HostPlan]) -> Option<(Str
             // serde_json without `preserve_order` sorts object keys: canonical.
             items.push((
                 h.host.clone(),
-                s.index,
+                s.id.clone(),
                 serde_json::json!({
                     "host": h.host,
                     "resource_id": s.id,
@@ -162,7 +168,7 @@ pub fn operation_hash(desired_revision: &str, hosts: &[HostPlan]) -> Option<(Str
     if items.is_empty() {
         return None;
     }
-    items.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    items.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
     let list: Vec<serde_json::Value> = items.into_iter().map(|(_, _, v)| v).collect();
     let bytes = serde_json::to_vec(&list).expect("json");
     Some((super::sha256_hex(&bytes), scope.into_iter().collect()))

@@ -905,6 +905,51 @@ fn operation_hash_follows_the_destructive_steps() {
 }
 
 #[test]
+fn operation_hash_ignores_where_non_destructive_steps_put_destructive_ones() {
+    // `/b` and `/m` replace files with symlinks. `/b` requires `/q`, which
+    // requires the replacement at `/a`; whether `/q` itself changes moves `/b`
+    // relative to `/m` in the step order, but the same things are destroyed.
+    let resources = || {
+        vec![
+            link("/a", "/x"),
+            file("/q").requires(&["symlink:/a"]),
+            link("/b", "/x").requires(&["file:/q"]),
+            link("/m", "/x"),
+        ]
+    };
+    let h = host("h", resources());
+    let with_q = plan_host(
+        &h,
+        &changes_of(
+            &h,
+            &[
+                ("symlink:/a", "replace"),
+                ("file:/q", "update"),
+                ("symlink:/b", "replace"),
+                ("symlink:/m", "replace"),
+            ],
+        ),
+    );
+    let without_q = plan_host(
+        &h,
+        &changes_of(
+            &h,
+            &[
+                ("symlink:/a", "replace"),
+                ("symlink:/b", "replace"),
+                ("symlink:/m", "replace"),
+            ],
+        ),
+    );
+    assert_plan_invariants(&with_q);
+    assert_plan_invariants(&without_q);
+    assert_eq!(
+        Plan::new("rev1", vec![with_q]).operation,
+        Plan::new("rev1", vec![without_q]).operation
+    );
+}
+
+#[test]
 fn teardown_plan() {
     // `lifecycle: absent`: every present resource goes, contents first.
     let h = host_with(
