@@ -135,6 +135,8 @@ pub(super) trait With: Sized {
     fn mode(self, m: u32) -> Self;
     fn owner(self, o: &str) -> Self;
     fn owner_group(self, g: &str) -> Self;
+    fn uid(self, uid: u32) -> Self;
+    fn gid(self, gid: u32) -> Self;
     fn in_groups(self, gs: &[&str]) -> Self;
     fn restart_on(self, ids: &[&str]) -> Self;
 }
@@ -201,6 +203,22 @@ impl With for Resource {
             ResourceSpec::Directory(s) => s.group = Some(g.into()),
             _ => panic!("group on {}", self.id),
         }
+        self
+    }
+
+    fn uid(mut self, uid: u32) -> Self {
+        let ResourceSpec::User(s) = &mut self.spec else {
+            panic!("uid on {}", self.id)
+        };
+        s.uid = Some(uid);
+        self
+    }
+
+    fn gid(mut self, gid: u32) -> Self {
+        let ResourceSpec::Group(s) = &mut self.spec else {
+            panic!("gid on {}", self.id)
+        };
+        s.gid = Some(gid);
         self
     }
 
@@ -504,6 +522,34 @@ fn owner_before_the_file_it_owns() {
         1 create user:app w0
         2 create directory:/srv/d w1 after 1
         3 create file:/srv/a w1 after 0,1
+        --
+        ",
+    );
+}
+
+#[test]
+fn numeric_owner_orders_after_the_account_with_that_id() {
+    check(
+        vec![
+            file("/srv/a").owner("1500").owner_group("1600"),
+            user("app").uid(1500),
+            group("app").gid(1600),
+            group("other").gid(1500),
+            file("/srv/b").owner("1501"),
+        ],
+        &[
+            ("file:/srv/a", "create"),
+            ("file:/srv/b", "create"),
+            ("user:app", "create"),
+            ("group:app", "create"),
+            ("group:other", "create"),
+        ],
+        "
+        0 create file:/srv/b w0
+        1 create group:app w0
+        2 create group:other w0
+        3 create user:app w0
+        4 create file:/srv/a w1 after 1,3
         --
         ",
     );
