@@ -345,3 +345,7 @@ fn topo_order(n: usize, active: &[bool], preds: &[BTreeSet<usize>]) -> Vec<usize
 #[cfg(test)]
 #[path = "plan_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "plan_props.rs"]
+mod props;
