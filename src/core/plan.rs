@@ -224,6 +224,15 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
 
     // Phase: after the barrier if destructive, or if it depends on such.
     let order = topo_order(n, &active, &preds);
+    // Only edges that close a cycle point forward in `order`; drop them.
+    let mut pos = vec![usize::MAX; n];
+    for (k, &i) in order.iter().enumerate() {
+        pos[i] = k;
+    }
+    for i in 0..n {
+        let at = pos[i];
+        preds[i].retain(|&p| pos[p] < at);
+    }
     let mut late = vec![false; n];
     for &i in &order {
         late[i] = changes[i].destructive || preds[i].iter().any(|&p| late[p]);
@@ -313,8 +322,10 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
 }
 
 /// Kahn's algorithm over active nodes, smallest index first (deterministic).
-/// Validation rejects cycles; should one slip through, the rest of the nodes
-/// are appended in index order and their edges ignored by the caller's waves.
+/// Validation rejects cycles; should one slip through (planning the
+/// best-effort state of an invalid desired state), the smallest stuck node is
+/// taken next as if it were ready, so every node is ordered, and the caller
+/// drops the edges into it that close the cycle.
 fn topo_order(n: usize, active: &[bool], preds: &[BTreeSet<usize>]) -> Vec<usize> {
     let mut indeg: Vec<usize> = (0..n).map(|i| preds[i].len()).collect();
     let mut succs: Vec<Vec<usize>> = vec![vec![]; n];
@@ -324,22 +335,27 @@ fn topo_order(n: usize, active: &[bool], preds: &[BTreeSet<usize>]) -> Vec<usize
         }
     }
     let mut ready: BTreeSet<usize> = (0..n).filter(|&i| active[i] && indeg[i] == 0).collect();
+    let mut done = vec![false; n];
     let mut out = Vec::new();
-    while let Some(i) = ready.pop_first() {
-        out.push(i);
-        for &s in &succs[i] {
-            indeg[s] -= 1;
-            if indeg[s] == 0 {
-                ready.insert(s);
+    loop {
+        while let Some(i) = ready.pop_first() {
+            done[i] = true;
+            out.push(i);
+            for &s in &succs[i] {
+                indeg[s] = indeg[s].saturating_sub(1);
+                if indeg[s] == 0 && !done[s] {
+                    ready.insert(s);
+                }
             }
         }
+        match (0..n).find(|&i| active[i] && !done[i]) {
+            Some(stuck) => {
+                indeg[stuck] = 0;
+                ready.insert(stuck);
+            }
+            None => return out,
+        }
     }
-    debug_assert_eq!(
-        out.len(),
-        active.iter().filter(|a| **a).count(),
-        "cycle in plan"
-    );
-    out
 }
 
 #[cfg(test)]

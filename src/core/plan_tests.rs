@@ -727,6 +727,34 @@ fn removals_inside_a_replaced_path_run_first() {
 }
 
 #[test]
+fn a_cycle_that_slips_through_still_plans_every_change() {
+    // Validation refuses cycles, but the best-effort state of an invalid
+    // desired state may hold one: every change still gets a step (none
+    // vanishes), the edges that close the cycle are dropped, the rest kept.
+    check(
+        vec![
+            file("/a").requires(&["file:/b"]),
+            file("/b").requires(&["file:/a"]),
+            file("/c").requires(&["file:/b"]),
+            file("/d"),
+        ],
+        &[
+            ("file:/a", "update"),
+            ("file:/b", "update"),
+            ("file:/c", "update"),
+            ("file:/d", "update"),
+        ],
+        "
+        0 update file:/a w0
+        1 update file:/d w0
+        2 update file:/b w1 after 0
+        3 update file:/c w2 after 2
+        --
+        ",
+    );
+}
+
+#[test]
 fn noop_resources_produce_no_step() {
     let p = check(
         vec![dir("/srv"), file("/srv/a"), file("/srv/b").absent()],
