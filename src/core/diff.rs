@@ -306,7 +306,7 @@ fn diff_absent(r: &Resource, observed: &Observed) -> Change {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::core::model::{Content, Origin};
     use crate::core::spec::{DirectorySpec, FileSpec, SymlinkSpec};
@@ -353,7 +353,7 @@ mod tests {
         })
     }
 
-    fn meta(mode: u32) -> Meta {
+    pub(crate) fn meta(mode: u32) -> Meta {
         Meta {
             mode,
             uid: 0,
@@ -363,7 +363,7 @@ mod tests {
         }
     }
 
-    fn fstate(mode: u32, content: &str) -> Observed {
+    pub(crate) fn fstate(mode: u32, content: &str) -> Observed {
         Observed::File(FileState {
             meta: meta(mode),
             size: content.len() as u64,
@@ -511,17 +511,26 @@ mod tests {
         }
     }
 
-    fn owned(owner: &str, group: Option<&str>) -> ResourceSpec {
-        ResourceSpec::File(FileSpec {
+    /// A file with no content, mode, owner or group.
+    pub(crate) fn bare_file() -> FileSpec {
+        FileSpec {
             path: "/a".into(),
             content: None,
             source: None,
             mode: None,
-            owner: Some(owner.into()),
-            group: group.map(str::to_string),
+            owner: None,
+            group: None,
             state: State::Present,
             id: None,
             requires: vec![],
+        }
+    }
+
+    fn owned(owner: &str, group: Option<&str>) -> ResourceSpec {
+        ResourceSpec::File(FileSpec {
+            owner: Some(owner.into()),
+            group: group.map(str::to_string),
+            ..bare_file()
         })
     }
 
@@ -605,17 +614,7 @@ mod tests {
 
     #[test]
     fn file_without_content_never_changes_content() {
-        let bare = ResourceSpec::File(FileSpec {
-            path: "/a".into(),
-            content: None,
-            source: None,
-            mode: None,
-            owner: None,
-            group: None,
-            state: State::Present,
-            id: None,
-            requires: vec![],
-        });
+        let bare = ResourceSpec::File(bare_file());
         for body in ["", "anything\n", "\u{0}binary"] {
             let c = diff_of(bare.clone(), None, &fstate(0o600, body));
             assert_eq!(c.action, Action::Noop, "{body:?}: {c:?}");

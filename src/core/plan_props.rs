@@ -208,37 +208,24 @@ fn build(resources: &[Option<GenRes>], observed: &[GenObs], teardown: bool) -> C
     for (k, g) in gen_.iter().enumerate() {
         let Some(g) = g else { continue };
         let mut r = match g.kind {
-            Kind::File => {
-                let mut r = file(PATHS[k]);
-                if let Some(c) = g.content {
-                    r = r.content(CONTENTS[c]);
-                }
-                if let Some(m) = g.mode {
-                    r = r.mode(m);
-                }
-                if let Some(o) = g.owner {
-                    r = r.owner(o);
-                }
-                if let Some(o) = g.group {
-                    r = r.owner_group(o);
-                }
-                r
-            }
-            Kind::Dir => {
-                let mut r = dir(PATHS[k]);
-                if let Some(m) = g.mode {
-                    r = r.mode(m);
-                }
-                if let Some(o) = g.owner {
-                    r = r.owner(o);
-                }
-                if let Some(o) = g.group {
-                    r = r.owner_group(o);
-                }
-                r
-            }
+            Kind::File => match g.content {
+                Some(c) => file(PATHS[k]).content(CONTENTS[c]),
+                None => file(PATHS[k]),
+            },
+            Kind::Dir => dir(PATHS[k]),
             Kind::Link => link(PATHS[k], g.target),
         };
+        if !matches!(g.kind, Kind::Link) {
+            if let Some(m) = g.mode {
+                r = r.mode(m);
+            }
+            if let Some(o) = g.owner {
+                r = r.owner(o);
+            }
+            if let Some(o) = g.group {
+                r = r.owner_group(o);
+            }
+        }
         if g.absent {
             r = r.absent();
         }

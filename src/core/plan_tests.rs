@@ -5,8 +5,9 @@
 //! be planned, including the ones this build does not probe yet.
 
 use super::*;
-use crate::core::actual::{FileState, HostActual, Meta, Observed};
+use crate::core::actual::{HostActual, Observed};
 use crate::core::diff::diff_host;
+use crate::core::diff::tests::{bare_file, fstate, meta};
 use crate::core::model::{Content, Origin, Resource};
 use crate::core::spec::{
     DirectorySpec, FileSpec, GroupSpec, InventoryHost, Lifecycle, Mode, PackageSpec, ResourceSpec,
@@ -50,14 +51,7 @@ pub(super) fn res(spec: ResourceSpec) -> Resource {
 pub(super) fn file(path: &str) -> Resource {
     res(ResourceSpec::File(FileSpec {
         path: path.into(),
-        content: None,
-        source: None,
-        mode: None,
-        owner: None,
-        group: None,
-        state: State::Present,
-        id: None,
-        requires: vec![],
+        ..bare_file()
     }))
 }
 
@@ -841,24 +835,6 @@ fn after_lists_exactly_the_direct_predecessors() {
 
 // ---- determinism and hashes ------------------------------------------------
 
-fn meta(mode: u32) -> Meta {
-    Meta {
-        mode,
-        uid: 0,
-        gid: 0,
-        owner: Some("root".into()),
-        group: Some("root".into()),
-    }
-}
-
-fn observed_file(mode: u32, content: &str) -> Observed {
-    Observed::File(FileState {
-        meta: meta(mode),
-        size: content.len() as u64,
-        sha256: crate::core::sha256_hex(content.as_bytes()),
-    })
-}
-
 /// web-1: a new app directory and config, an old file to remove.
 fn web1() -> (Host, HostActual) {
     let h = host(
@@ -876,7 +852,7 @@ fn web1() -> (Host, HostActual) {
     a.resources
         .insert("file:/srv/app/app.conf".into(), Observed::Absent);
     a.resources
-        .insert("file:/etc/old.conf".into(), observed_file(0o644, "x\n"));
+        .insert("file:/etc/old.conf".into(), fstate(0o644, "x\n"));
     a.resources.insert(
         "symlink:/srv/current".into(),
         Observed::Symlink {
@@ -891,7 +867,7 @@ fn web2() -> (Host, HostActual) {
     let h = host("web-2", vec![file("/etc/motd").content("hi\n").mode(0o644)]);
     let mut a = HostActual::default();
     a.resources
-        .insert("file:/etc/motd".into(), observed_file(0o600, "hi\n"));
+        .insert("file:/etc/motd".into(), fstate(0o600, "hi\n"));
     (h, a)
 }
 
@@ -960,7 +936,7 @@ fn operation_hash_follows_the_destructive_steps() {
     h2.resources.push(file("/etc/gone").absent());
     h2.resources.sort_by(|a, b| a.id.cmp(&b.id));
     a2.resources
-        .insert("file:/etc/gone".into(), observed_file(0o644, ""));
+        .insert("file:/etc/gone".into(), fstate(0o644, ""));
     let wider = fleet("rev1", &[web1(), (h2, a2)]);
     assert_ne!(wider.operation.as_deref().unwrap(), base);
     assert_eq!(wider.operation_hosts, ["web-1", "web-2"]);
@@ -968,11 +944,11 @@ fn operation_hash_follows_the_destructive_steps() {
     let (h1, mut a1) = web1();
     a1.resources.insert(
         "file:/srv/app/app.conf".into(),
-        observed_file(0o644, "port = 8080\n"),
+        fstate(0o644, "port = 8080\n"),
     );
     let (h2, mut a2) = web2();
     a2.resources
-        .insert("file:/etc/motd".into(), observed_file(0o644, "hi\n"));
+        .insert("file:/etc/motd".into(), fstate(0o644, "hi\n"));
     let quieter = fleet("rev1", &[(h1, a1), (h2, a2)]);
     assert_eq!(quieter.operation.as_deref().unwrap(), base);
     assert_eq!(quieter.operation_hosts, ["web-1"]);
@@ -1034,8 +1010,7 @@ fn teardown_plan() {
     let mut a = HostActual::default();
     a.resources
         .insert("directory:/srv".into(), Observed::Directory(meta(0o755)));
-    a.resources
-        .insert("file:/srv/a".into(), observed_file(0o644, ""));
+    a.resources.insert("file:/srv/a".into(), fstate(0o644, ""));
     a.resources
         .insert("symlink:/srv/l".into(), Observed::Absent);
     let p = plan_of(&h, &a);
