@@ -306,7 +306,7 @@ fn diff_absent(r: &Resource, observed: &Observed) -> Change {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::core::model::{Content, Origin};
     use crate::core::spec::{DirectorySpec, FileSpec, SymlinkSpec};
@@ -353,7 +353,7 @@ mod tests {
         })
     }
 
-    fn meta(mode: u32) -> Meta {
+    pub(crate) fn meta(mode: u32) -> Meta {
         Meta {
             mode,
             uid: 0,
@@ -363,7 +363,7 @@ mod tests {
         }
     }
 
-    fn fstate(mode: u32, content: &str) -> Observed {
+    pub(crate) fn fstate(mode: u32, content: &str) -> Observed {
         Observed::File(FileState {
             meta: meta(mode),
             size: content.len() as u64,
@@ -499,6 +499,206 @@ mod tests {
         assert!(owner_matches("0", &Some("root".into()), 0));
         assert!(!owner_matches("1000", &None, 0));
         assert!(!owner_matches("app", &None, 1000));
+    }
+
+    fn meta_of(uid: u32, owner: Option<&str>) -> Meta {
+        Meta {
+            mode: 0o644,
+            uid,
+            gid: uid,
+            owner: owner.map(str::to_string),
+            group: owner.map(str::to_string),
+        }
+    }
+
+    /// A file with no content, mode, owner or group.
+    pub(crate) fn bare_file() -> FileSpec {
+        FileSpec {
+            path: "/a".into(),
+            content: None,
+            source: None,
+            mode: None,
+            owner: None,
+            group: None,
+            state: State::Present,
+            id: None,
+            requires: vec![],
+        }
+    }
+
+    fn owned(owner: &str, group: Option<&str>) -> ResourceSpec {
+        ResourceSpec::File(FileSpec {
+            owner: Some(owner.into()),
+            group: group.map(str::to_string),
+            ..bare_file()
+        })
+    }
+
+    fn diff_of(spec: ResourceSpec, content: Option<&str>, observed: &Observed) -> Change {
+        diff_resource(&res(spec, content), observed, Lifecycle::Running)
+    }
+
+    #[test]
+    fn owner_by_numeric_id() {
+        let file_of = |uid, name| {
+            Observed::File(FileState {
+                meta: meta_of(uid, name),
+                size: 0,
+                sha256: crate::core::sha256_hex(b""),
+            })
+        };
+        // A numeric owner matches the uid, whatever its name.
+        let c = diff_of(
+            owned("1000", Some("1000")),
+            None,
+            &file_of(1000, Some("app")),
+        );
+        assert_eq!(c.action, Action::Noop, "{c:?}");
+        let c = diff_of(owned("1000", None), None, &file_of(1000, None));
+        assert_eq!(c.action, Action::Noop, "{c:?}");
+        // ... and only the uid.
+        let c = diff_of(owned("1000", Some("0")), None, &file_of(0, Some("root")));
+        let fields: Vec<_> = c.fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(
+            (c.action, c.destructive, fields.as_slice()),
+            (Action::Update, false, &["owner"][..])
+        );
+        assert_eq!(c.fields[0].from.as_deref(), Some("root"));
+        assert_eq!(c.fields[0].to.as_deref(), Some("1000"));
+        // A name never matches an id without that name; the label shows the id.
+        let c = diff_of(owned("app", None), None, &file_of(1000, None));
+        assert_eq!(c.action, Action::Update);
+        assert_eq!(c.fields[0].from.as_deref(), Some("1000"));
+        // The same holds for directories.
+        let d = ResourceSpec::Directory(DirectorySpec {
+            path: "/d".into(),
+            mode: None,
+            owner: Some("0".into()),
+            group: Some("1000".into()),
+            state: State::Present,
+            id: None,
+            requires: vec![],
+        });
+        let mut m = meta_of(0, Some("root"));
+        m.gid = 1000;
+        m.group = Some("app".into());
+        let c = diff_of(d, None, &Observed::Directory(m));
+        assert_eq!(c.action, Action::Noop, "{c:?}");
+    }
+
+    #[test]
+    fn symlink_target_that_is_not_utf8() {
+        let link = |t: &str| {
+            ResourceSpec::Symlink(SymlinkSpec {
+                path: "/l".into(),
+                target: Some(t.into()),
+                state: State::Present,
+                id: None,
+                requires: vec![],
+            })
+        };
+        let at = |t: &[u8]| Observed::Symlink { target: t.to_vec() };
+        // Retargeting away from a target that is not UTF-8 is a
+        // non-destructive update; the old target is shown lossily.
+        let c = diff_of(link("/srv/x"), None, &at(b"/srv/\xff"));
+        assert_eq!((c.action, c.destructive), (Action::Update, false));
+        assert_eq!(c.fields[0].from.as_deref(), Some("/srv/\u{fffd}"));
+        assert_eq!(c.fields[0].to.as_deref(), Some("/srv/x"));
+        // Compared as bytes: a target that only reads the same once decoded
+        // lossily is still a different target.
+        let c = diff_of(link("/srv/\u{fffd}"), None, &at(b"/srv/\xff"));
+        assert_eq!(c.action, Action::Update, "{c:?}");
+        let c = diff_of(link("/srv/\u{fffd}"), None, &at("/srv/\u{fffd}".as_bytes()));
+        assert_eq!(c.action, Action::Noop, "{c:?}");
+    }
+
+    #[test]
+    fn file_without_content_never_changes_content() {
+        let bare = ResourceSpec::File(bare_file());
+        for body in ["", "anything\n", "\u{0}binary"] {
+            let c = diff_of(bare.clone(), None, &fstate(0o600, body));
+            assert_eq!(c.action, Action::Noop, "{body:?}: {c:?}");
+        }
+        // A new one is created empty.
+        let c = diff_of(bare, None, &Observed::Absent);
+        assert_eq!(c.action, Action::Create);
+        assert_eq!(c.fields[0].field, "content");
+        assert_eq!(c.fields[0].to.as_deref(), Some("empty"));
+    }
+
+    #[test]
+    fn unprobed_and_special_files() {
+        use Action::*;
+        // Not probed: never a change (policy refuses the host instead).
+        check(
+            file(None, State::Present),
+            Observed::NotProbed,
+            (Noop, false, &[]),
+        );
+        check(
+            file(None, State::Absent),
+            Observed::NotProbed,
+            (Noop, false, &[]),
+        );
+        // A fifo in the way of a file is replaced, destructively; one at a
+        // path declared absent for a file is left alone.
+        let fifo = || Observed::Other {
+            file_type: "fifo".into(),
+        };
+        check(
+            file(None, State::Present),
+            fifo(),
+            (Update, true, &["type"]),
+        );
+        check(file(None, State::Absent), fifo(), (Noop, false, &[]));
+    }
+
+    #[test]
+    fn teardown_deletes_every_present_resource() {
+        let file_r = res(file(None, State::Present), Some("hi\n"));
+        let dir = res(
+            ResourceSpec::Directory(DirectorySpec {
+                path: "/d".into(),
+                mode: None,
+                owner: None,
+                group: None,
+                state: State::Present,
+                id: None,
+                requires: vec![],
+            }),
+            None,
+        );
+        let link = res(
+            ResourceSpec::Symlink(SymlinkSpec {
+                path: "/l".into(),
+                target: Some("/x".into()),
+                state: State::Present,
+                id: None,
+                requires: vec![],
+            }),
+            None,
+        );
+        let cases = [
+            // Present and as described: deleted, whatever its content or target.
+            (&file_r, fstate(0o600, "other"), Action::Delete),
+            (&dir, Observed::Directory(meta(0o700)), Action::Delete),
+            (
+                &link,
+                Observed::Symlink {
+                    target: b"/y".to_vec(),
+                },
+                Action::Delete,
+            ),
+            // Already gone, or something else at the path: nothing to do.
+            (&file_r, Observed::Absent, Action::Noop),
+            (&dir, fstate(0o644, ""), Action::Noop),
+            (&link, Observed::Directory(meta(0o755)), Action::Noop),
+        ];
+        for (r, observed, want) in cases {
+            let c = diff_resource(r, &observed, Lifecycle::Absent);
+            assert_eq!(c.action, want, "{} on {observed:?}", r.id);
+            assert_eq!(c.destructive, want == Action::Delete, "{}", r.id);
+        }
     }
 
     #[test]

@@ -1423,6 +1423,30 @@ pub fn dependency_edges(resources: &[Resource]) -> Vec<(usize, usize, EdgeReason
             _ => None,
         })
         .collect();
+    // A numeric owner or group names the account with that id.
+    let uids: BTreeMap<u32, usize> = resources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match &r.spec {
+            ResourceSpec::User(u) => u.uid.map(|id| (id, i)),
+            _ => None,
+        })
+        .collect();
+    let gids: BTreeMap<u32, usize> = resources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match &r.spec {
+            ResourceSpec::Group(g) => g.gid.map(|id| (id, i)),
+            _ => None,
+        })
+        .collect();
+    let by_id = |map: &BTreeMap<u32, usize>, s: &str| -> Option<usize> {
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            s.parse::<u32>().ok().and_then(|id| map.get(&id).copied())
+        } else {
+            None
+        }
+    };
     let packages: BTreeMap<&str, usize> = resources
         .iter()
         .enumerate()
@@ -1455,10 +1479,10 @@ pub fn dependency_edges(resources: &[Resource]) -> Vec<(usize, usize, EdgeReason
             ResourceSpec::Directory(s) => (s.owner.as_deref(), s.group.as_deref()),
             _ => (None, None),
         };
-        if let Some(&u) = owner.and_then(|o| users.get(o)) {
+        if let Some(u) = owner.and_then(|o| users.get(o).copied().or_else(|| by_id(&uids, o))) {
             edges.insert((u, i, EdgeReason::Owner));
         }
-        if let Some(&g) = group.and_then(|g| groups.get(g)) {
+        if let Some(g) = group.and_then(|g| groups.get(g).copied().or_else(|| by_id(&gids, g))) {
             edges.insert((g, i, EdgeReason::Owner));
         }
         match &r.spec {

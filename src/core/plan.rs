@@ -5,6 +5,10 @@
 //! Ordering: a step that creates or updates runs after the steps that create
 //! or update what it needs (its parent directory, its owner, its `requires`);
 //! removals run in the reverse direction (contents before their directory).
+//! A step that `requires` a removal, or a service restarted by one, runs after
+//! that removal.
+//! A replacement (something of another type at the path) runs after the
+//! removals of managed resources under its path.
 //! A non-destructive step that depends on a destructive one also waits until
 //! after the barrier, so the barrier never reorders a dependency.
 //!
@@ -16,7 +20,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use super::diff::{Action, Change, FieldChange};
-use super::model::{Host, dependency_edges};
+use super::model::{EdgeReason, Host, dependency_edges, is_ancestor};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -135,7 +139,13 @@ impl Plan {
 }
 
 /// sha256 over the canonical JSON of the destructive steps (host, resource id,
-/// action, desired revision), sorted by host and step; with the host set.
+/// action, desired revision), sorted by host and step (the step's resource
+/// id, unique within a host); with the host set.
+///
+/// The step order is left out on purpose: a non-destructive step that
+/// appears or goes (drift between the plan an operator confirmed and the
+/// re-probe at the barrier) can move destructive steps relative to each
+/// other without changing what they destroy, and must not void the token.
 pub fn operation_hash(desired_revision: &str, hosts: &[HostPlan]) -> Option<(String, Vec<String>)> {
     let mut items = Vec::new();
     let mut scope = BTreeSet::new();
@@ -145,7 +155,7 @@ pub fn operation_hash(desired_revision: &str, hosts: &[HostPlan]) -> Option<(Str
             // serde_json without `preserve_order` sorts object keys: canonical.
             items.push((
                 h.host.clone(),
-                s.index,
+                s.id.clone(),
                 serde_json::json!({
                     "host": h.host,
                     "resource_id": s.id,
@@ -158,7 +168,7 @@ pub fn operation_hash(desired_revision: &str, hosts: &[HostPlan]) -> Option<(Str
     if items.is_empty() {
         return None;
     }
-    items.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    items.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
     let list: Vec<serde_json::Value> = items.into_iter().map(|(_, _, v)| v).collect();
     let bytes = serde_json::to_vec(&list).expect("json");
     Some((super::sha256_hex(&bytes), scope.into_iter().collect()))
@@ -173,7 +183,7 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
 
     // Step-level edges among active changes.
     let mut preds: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
-    for (a, b, _) in dependency_edges(&host.resources) {
+    for (a, b, why) in dependency_edges(&host.resources) {
         if !active[a] || !active[b] {
             continue;
         }
@@ -185,15 +195,44 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
             (true, true) => {
                 preds[a].insert(b);
             }
-            // Mixed: the two cannot depend on each other meaningfully (a
-            // removed container cannot hold a created resource; validation
+            // An explicit `requires` on a removal, and a restart triggered by
+            // one, still follow it. Edges only ever run from removals to
+            // the rest, never back, so this cannot close a cycle.
+            (true, false) if matches!(why, EdgeReason::Requires | EdgeReason::RestartTrigger) => {
+                preds[b].insert(a);
+            }
+            // Otherwise mixed pairs cannot depend on each other meaningfully
+            // (a removed container cannot hold a created resource; validation
             // refuses that), so no edge.
             _ => {}
+        }
+    }
+    // A replacement removes whatever is at its path, a directory with all in
+    // it included. Removals of managed resources under that path go first:
+    // after the replacement they would find nothing, or worse, reach through
+    // the symlink that now stands at the path.
+    for (i, c) in changes.iter().enumerate() {
+        let Some(p) = host.resources[i].path().filter(|_| c.replace) else {
+            continue;
+        };
+        for (j, r) in host.resources.iter().enumerate() {
+            if removal(j) && r.path().is_some_and(|q| is_ancestor(p, q)) {
+                preds[i].insert(j);
+            }
         }
     }
 
     // Phase: after the barrier if destructive, or if it depends on such.
     let order = topo_order(n, &active, &preds);
+    // Only edges that close a cycle point forward in `order`; drop them.
+    let mut pos = vec![usize::MAX; n];
+    for (k, &i) in order.iter().enumerate() {
+        pos[i] = k;
+    }
+    for i in 0..n {
+        let at = pos[i];
+        preds[i].retain(|&p| pos[p] < at);
+    }
     let mut late = vec![false; n];
     for &i in &order {
         late[i] = changes[i].destructive || preds[i].iter().any(|&p| late[p]);
@@ -283,8 +322,10 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
 }
 
 /// Kahn's algorithm over active nodes, smallest index first (deterministic).
-/// Validation rejects cycles; should one slip through, the rest of the nodes
-/// are appended in index order and their edges ignored by the caller's waves.
+/// Validation rejects cycles; should one slip through (planning the
+/// best-effort state of an invalid desired state), the smallest stuck node is
+/// taken next as if it were ready, so every node is ordered, and the caller
+/// drops the edges into it that close the cycle.
 fn topo_order(n: usize, active: &[bool], preds: &[BTreeSet<usize>]) -> Vec<usize> {
     let mut indeg: Vec<usize> = (0..n).map(|i| preds[i].len()).collect();
     let mut succs: Vec<Vec<usize>> = vec![vec![]; n];
@@ -294,20 +335,33 @@ fn topo_order(n: usize, active: &[bool], preds: &[BTreeSet<usize>]) -> Vec<usize
         }
     }
     let mut ready: BTreeSet<usize> = (0..n).filter(|&i| active[i] && indeg[i] == 0).collect();
+    let mut done = vec![false; n];
     let mut out = Vec::new();
-    while let Some(i) = ready.pop_first() {
-        out.push(i);
-        for &s in &succs[i] {
-            indeg[s] -= 1;
-            if indeg[s] == 0 {
-                ready.insert(s);
+    loop {
+        while let Some(i) = ready.pop_first() {
+            done[i] = true;
+            out.push(i);
+            for &s in &succs[i] {
+                indeg[s] = indeg[s].saturating_sub(1);
+                if indeg[s] == 0 && !done[s] {
+                    ready.insert(s);
+                }
             }
         }
+        match (0..n).find(|&i| active[i] && !done[i]) {
+            Some(stuck) => {
+                indeg[stuck] = 0;
+                ready.insert(stuck);
+            }
+            None => return out,
+        }
     }
-    debug_assert_eq!(
-        out.len(),
-        active.iter().filter(|a| **a).count(),
-        "cycle in plan"
-    );
-    out
 }
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;
+
+#[cfg(test)]
+#[path = "plan_props.rs"]
+mod props;
