@@ -777,6 +777,13 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Po
                 ),
             );
             ok = false;
+        } else if h.name == "fleet" {
+            // status/fleet.json is the fleet summary.
+            sink.at(
+                item.pos_of("name"),
+                "host name `fleet` is reserved (status/fleet.json is the fleet summary): choose another name",
+            );
+            ok = false;
         }
         if let Some(first) = names.get(&h.name) {
             sink.at(
@@ -1318,6 +1325,32 @@ fn check_host(host: &Host, rejected: &Rejected, problems: &mut Vec<Diagnostic>) 
                         ),
                     );
                 }
+            }
+        }
+    }
+    // A present path under a present file or symlink resource: it could never exist.
+    for f in &host.resources {
+        if !matches!(f.spec, ResourceSpec::File(_) | ResourceSpec::Symlink(_))
+            || f.state().is_absent()
+        {
+            continue;
+        }
+        let fp = f.path().unwrap_or_default();
+        for r in &host.resources {
+            if let Some(p) = r.path()
+                && !r.state().is_absent()
+                && is_ancestor(fp, p)
+            {
+                push(
+                    r,
+                    r.origin.key_pos,
+                    format!(
+                        "`{}` is under `{fp}`, which `{}` manages as a {}, not a directory",
+                        r.id,
+                        f.id,
+                        f.kind()
+                    ),
+                );
             }
         }
     }

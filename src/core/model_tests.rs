@@ -994,12 +994,16 @@ fn bad_modes() {
               - kind: file
                 path: /c
                 mode: 77777
+              - kind: file
+                path: /d
+                mode: 12
             "#,
         ),
         "
         hosts/web-1.yaml:4:11: invalid mode `0999`: write 3 or 4 octal digits, such as `0644` or `0755`
         hosts/web-1.yaml:7:11: invalid mode `rwx`: write 3 or 4 octal digits, such as `0644` or `0755`
-        hosts/web-1.yaml:10:11: invalid mode `77777`: above 07777
+        hosts/web-1.yaml:10:11: invalid mode `77777`: write 3 or 4 octal digits, such as `0644` or `0755`
+        hosts/web-1.yaml:13:11: invalid mode `12`: write 3 or 4 octal digits, such as `0644` or `0755`
         ",
     );
 }
@@ -1769,4 +1773,32 @@ proptest! {
         t.inventory = Some(Blob::Bytes(text.into_bytes()));
         let _ = validate(&t);
     }
+}
+
+#[test]
+fn reserved_host_name_and_paths_under_files() {
+    check(
+        "
+        //- inventory.yaml
+        hosts:
+          - name: fleet
+            transport: local
+        //- hosts/fleet.yaml
+        resources:
+          - kind: file
+            path: /a
+          - kind: file
+            path: /a/b
+          - kind: symlink
+            path: /l
+            target: /x
+          - kind: directory
+            path: /l/d
+        ",
+        "
+        hosts/fleet.yaml:5:11: `file:/a/b` is under `/a`, which `file:/a` manages as a file, not a directory
+        hosts/fleet.yaml:10:11: `directory:/l/d` is under `/l`, which `symlink:/l` manages as a symlink, not a directory
+        inventory.yaml:2:11: host name `fleet` is reserved (status/fleet.json is the fleet summary): choose another name
+        ",
+    );
 }

@@ -160,9 +160,14 @@ pub struct Mode(pub u32);
 
 impl Mode {
     pub fn parse(s: &str) -> Result<Mode, String> {
-        let digits = s.strip_prefix("0o").unwrap_or(s);
-        if digits.is_empty()
-            || digits.len() > 5
+        // `0o` spells octal explicitly; bare digits must be a whole mode
+        // (3 or 4 digits) so that `mode: 12` is not silently 0012.
+        let (digits, min) = match s.strip_prefix("0o") {
+            Some(d) => (d, 1),
+            None => (s, 3),
+        };
+        if digits.len() < min
+            || digits.len() > 4
             || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
         {
             return Err(format!(
