@@ -1,0 +1,281 @@
+//! The real SSH test fleet (tests/fleet/fleet.sh), seen from a test: bring it
+//! up once, run commands on hosts with the system `ssh`, count sessions in
+//! sshd's VERBOSE log, and inject faults (stop, freeze) that are undone when
+//! the guard drops.
+//!
+//! Tests that need the fleet run in CI: there is no flag that skips them. The
+//! fleet needs root; without it, these tests fail with a clear message.
+
+#![allow(dead_code)] // each test binary uses a different part of this file
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Hosts the fleet provides to the tests.
+pub const HOSTS: usize = 10;
+
+#[derive(Clone, Debug)]
+pub struct FleetHost {
+    pub name: String,
+    pub address: String,
+    pub fingerprint: String,
+    pub log: PathBuf,
+}
+
+pub struct Fleet {
+    pub dir: PathBuf,
+    pub key: PathBuf,
+    pub known_hosts: PathBuf,
+    pub ssh_config: PathBuf,
+    pub hosts: BTreeMap<String, FleetHost>,
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The fleet, started on first use (idempotent across test processes: the
+/// script keeps running hosts, and a file lock serializes `up`).
+pub fn fleet() -> &'static Fleet {
+    static FLEET: OnceLock<Fleet> = OnceLock::new();
+    FLEET.get_or_init(|| {
+        let dir = PathBuf::from(std::env::var("TEND_FLEET_DIR").unwrap_or_else(|_| "/var/tmp/tend-fleet".into()));
+        fs::create_dir_all(&dir).expect("create fleet dir");
+        let lock = File::create(dir.join(".test-lock")).expect("fleet lock");
+        lock.lock().expect("lock fleet");
+        let out = Command::new("bash")
+            .arg(repo().join("tests/fleet/fleet.sh"))
+            .args(["up", &HOSTS.to_string()])
+            .env("TEND_FLEET_DIR", &dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tests/fleet/fleet.sh");
+        assert!(
+            out.status.success(),
+            "tests/fleet/fleet.sh up {HOSTS} failed (it needs root and the packages of .ci/run):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        drop(lock);
+        let tsv = fs::read_to_string(dir.join("hosts.tsv")).expect("hosts.tsv");
+        let mut hosts = BTreeMap::new();
+        for line in tsv.lines().skip(1) {
+            let f: Vec<&str> = line.split('\t').collect();
+            hosts.insert(
+                f[0].to_string(),
+                FleetHost {
+                    name: f[0].into(),
+                    address: f[1].into(),
+                    fingerprint: f[2].into(),
+                    log: PathBuf::from(f[4]),
+                },
+            );
+        }
+        Fleet {
+            key: dir.join("id_ed25519"),
+            known_hosts: dir.join("known_hosts"),
+            ssh_config: dir.join("ssh_config"),
+            hosts,
+            dir,
+        }
+    })
+}
+
+impl Fleet {
+    pub fn host(&self, name: &str) -> &FleetHost {
+        &self.hosts[name]
+    }
+
+    /// Run a shell script on a host with the system ssh client.
+    pub fn ssh(&self, host: &str, script: &str) -> Output {
+        Command::new("timeout")
+            .args(["30", "ssh", "-F"])
+            .arg(&self.ssh_config)
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ControlPath=none",
+                host,
+                "sh",
+                "-c",
+            ])
+            .arg(shell_quote(script))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ssh")
+    }
+
+    /// Run a script that must succeed; its stdout.
+    pub fn sh(&self, host: &str, script: &str) -> String {
+        let out = self.ssh(host, script);
+        assert!(
+            out.status.success(),
+            "on {host}: `{script}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Remote commands started on a host so far (sshd VERBOSE logs one line
+    /// per session command).
+    pub fn commands_started(&self, host: &str) -> usize {
+        let log = fs::read_to_string(&self.host(host).log).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("Starting session: command"))
+            .count()
+    }
+
+    /// Connections sshd accepted so far.
+    pub fn connections(&self, host: &str) -> usize {
+        let log = fs::read_to_string(&self.host(host).log).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("Connection from"))
+            .count()
+    }
+
+    fn script(&self, args: &[&str]) {
+        let out = Command::new("bash")
+            .arg(repo().join("tests/fleet/fleet.sh"))
+            .args(args)
+            .env("TEND_FLEET_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run fleet.sh");
+        assert!(
+            out.status.success(),
+            "fleet.sh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn index(host: &str) -> String {
+        host.trim_start_matches('h').to_string()
+    }
+
+    /// Stop a host's sshd until the guard drops: connections are refused.
+    pub fn stopped(&self, host: &str) -> Fault<'_> {
+        self.script(&["stop", &Self::index(host)]);
+        Fault {
+            fleet: self,
+            undo: "start",
+            host: host.to_string(),
+        }
+    }
+
+    /// Freeze a host's sshd until the guard drops: TCP connects, no banner.
+    pub fn frozen(&self, host: &str) -> Fault<'_> {
+        self.script(&["freeze", &Self::index(host)]);
+        Fault {
+            fleet: self,
+            undo: "thaw",
+            host: host.to_string(),
+        }
+    }
+
+    /// An inventory entry for a host, pinned to its real host key.
+    pub fn inventory_entry(&self, host: &str) -> String {
+        let h = self.host(host);
+        format!(
+            "  - name: {}\n    address: {}\n    identity: {}\n    host_key: \"{}\"\n",
+            h.name,
+            h.address,
+            self.key.display(),
+            h.fingerprint
+        )
+    }
+}
+
+/// Undoes a fault when dropped, so a failing test never leaves a host broken.
+pub struct Fault<'a> {
+    fleet: &'a Fleet,
+    undo: &'static str,
+    host: String,
+}
+
+impl Drop for Fault<'_> {
+    fn drop(&mut self) {
+        self.fleet.script(&[self.undo, &Fleet::index(&self.host)]);
+    }
+}
+
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Poll until `f` holds or the deadline passes.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A desired-state directory in a temp dir.
+pub struct Desired {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Desired {
+    pub fn new(tend_yaml: &str, inventory: &str, hosts: &[(&str, &str)]) -> Desired {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let d = tmp.path();
+        fs::write(d.join("tend.yaml"), tend_yaml).unwrap();
+        fs::write(d.join("inventory.yaml"), inventory).unwrap();
+        fs::create_dir_all(d.join("hosts")).unwrap();
+        for (name, body) in hosts {
+            fs::write(d.join("hosts").join(format!("{name}.yaml")), body).unwrap();
+        }
+        Desired { tmp }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir().join(".tend")
+    }
+
+    /// Run the real binary with `--dir` set to this desired state.
+    pub fn tend(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_tend"))
+            .arg("--dir")
+            .arg(self.dir())
+            .args(args)
+            .env_remove("TEND_DISPATCH")
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tend")
+    }
+
+    /// The newest run's result.json.
+    pub fn last_result(&self) -> serde_json::Value {
+        let runs = self.state().join("runs");
+        let mut ids: Vec<_> = fs::read_dir(&runs)
+            .expect("runs dir")
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        ids.sort();
+        let path = runs.join(ids.last().expect("a run")).join("result.json");
+        serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+    }
+}
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
