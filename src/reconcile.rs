@@ -183,24 +183,25 @@ pub async fn probe_host(host: &Host, transport: Arc<dyn Transport>, opts: &Probe
     }
 }
 
-/// Connect to and probe every target host concurrently.
-pub async fn probe_fleet(
+/// Transports for the target hosts that have one; a host whose transport
+/// cannot even be built gets its failure as a probe result.
+pub type Transports = BTreeMap<String, Arc<dyn Transport>>;
+
+/// Build a transport for every target host (SSH sessions open lazily).
+pub fn connect_all(
     state: &DesiredState,
     targets: &[String],
     opts: &ProbeOpts,
-) -> (
-    BTreeMap<String, Arc<dyn Transport>>,
-    BTreeMap<String, HostProbe>,
-) {
-    let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
-    let mut set = JoinSet::new();
+) -> (Transports, BTreeMap<String, HostProbe>) {
     let mut transports = BTreeMap::new();
-    let mut probes = BTreeMap::new();
+    let mut failed = BTreeMap::new();
     for name in targets {
-        let host = state.hosts[name].clone();
-        match connect(&host, opts) {
+        match connect(&state.hosts[name], opts) {
+            Ok(t) => {
+                transports.insert(name.clone(), t);
+            }
             Err(e) => {
-                probes.insert(
+                failed.insert(
                     name.clone(),
                     HostProbe {
                         result: Err((e.class, e.message)),
@@ -209,21 +210,45 @@ pub async fn probe_fleet(
                     },
                 );
             }
-            Ok(t) => {
-                transports.insert(name.clone(), t.clone());
-                let (sem, opts) = (sem.clone(), opts.clone());
-                set.spawn(async move {
-                    let _permit = sem.acquire_owned().await.expect("semaphore open");
-                    let p = probe_host(&host, t, &opts).await;
-                    (host.inv.name.clone(), p)
-                });
-            }
         }
     }
+    (transports, failed)
+}
+
+/// Probe every host that has a transport, concurrently (at most
+/// `concurrency` at once). Sessions already open are reused.
+pub async fn probe_all(
+    state: &DesiredState,
+    transports: &Transports,
+    opts: &ProbeOpts,
+) -> BTreeMap<String, HostProbe> {
+    let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let mut set = JoinSet::new();
+    for (name, t) in transports {
+        let host = state.hosts[name].clone();
+        let (sem, opts, t) = (sem.clone(), opts.clone(), t.clone());
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore open");
+            let p = probe_host(&host, t, &opts).await;
+            (host.inv.name.clone(), p)
+        });
+    }
+    let mut probes = BTreeMap::new();
     while let Some(joined) = set.join_next().await {
         let (name, p) = joined.expect("probe task panicked");
         probes.insert(name, p);
     }
+    probes
+}
+
+/// Connect to and probe every target host concurrently.
+pub async fn probe_fleet(
+    state: &DesiredState,
+    targets: &[String],
+    opts: &ProbeOpts,
+) -> (Transports, BTreeMap<String, HostProbe>) {
+    let (transports, mut probes) = connect_all(state, targets, opts);
+    probes.extend(probe_all(state, &transports, opts).await);
     (transports, probes)
 }
 
