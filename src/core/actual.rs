@@ -23,6 +23,10 @@ pub struct Facts {
     pub kernel: Option<String>,
     /// `ID` from /etc/os-release, e.g. `debian`.
     pub os_id: Option<String>,
+    /// `systemd` when systemd is the running init, else None.
+    pub init: Option<String>,
+    /// `apt`, `dnf` or `apk`: the first package manager found.
+    pub package_manager: Option<String>,
     /// Tools the probe looked for and found on PATH (e.g. `sha256sum`, `stat`).
     pub tools: Vec<String>,
 }

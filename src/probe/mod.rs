@@ -16,6 +16,7 @@
 //! TEND-PROBE 1                          header
 //! FACT kernel <uname -s, may be empty>
 //! FACT os_id <ID from /etc/os-release, unquoted, may be empty>
+//! FACT init <systemd when /run/systemd/system exists, else empty>
 //! TOOL <name> yes|no                    once per name in TOOLS
 //! I <index> absent
 //! I <index> file <mode> <uid> <gid> <size> <sha256>
@@ -55,7 +56,21 @@ use crate::shell::quote;
 pub const HEADER: &str = "TEND-PROBE 1";
 
 /// Tools the path probe runs, besides `sh` and its builtins.
-pub const TOOLS: &[&str] = &["stat", "sha256sum", "od", "readlink", "tr"];
+pub const TOOLS: &[&str] = &[
+    "stat",
+    "sha256sum",
+    "od",
+    "readlink",
+    "tr",
+    // Facts for later kinds and capability checks, never required here.
+    "apt-get",
+    "dnf",
+    "apk",
+    "systemctl",
+];
+
+/// The tools that probing paths needs; the rest of [`TOOLS`] are facts.
+pub const PATH_TOOLS: &[&str] = &["stat", "sha256sum", "od", "readlink", "tr"];
 
 /// What to look at on the host. Only path-based resources (file, directory,
 /// symlink) for now; packages, services, users, groups and command guards will
@@ -98,6 +113,7 @@ if [ -r /etc/os-release ]; then
 fi
 o=${o#[\"\']}; o=${o%[\"\']}
 printf 'FACT os_id %s\n' "$o"
+if [ -d /run/systemd/system ]; then echo 'FACT init systemd'; else echo 'FACT init '; fi
 for t in @TOOLS@; do
   if command -v "$t" >/dev/null 2>&1; then echo "TOOL $t yes"; else echo "TOOL $t no"; fi
 done
@@ -216,6 +232,7 @@ pub fn parse(stdout: &[u8], items: &[ProbeItem]) -> Result<HostActual, ProbePars
 fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbeParseError> {
     let mut kernel = None;
     let mut os_id = None;
+    let mut init = None;
     let mut tools: Vec<Option<bool>> = vec![None; TOOLS.len()];
     for &(n, text) in lines {
         let Some((tag, rest)) = text.split_once(' ') else {
@@ -227,6 +244,7 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
                 let slot = match name {
                     "kernel" => &mut kernel,
                     "os_id" => &mut os_id,
+                    "init" => &mut init,
                     _ => return Err(unknown(n, text)),
                 };
                 if slot.is_some() {
@@ -260,12 +278,14 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
     let not_reported = |what: String| ProbeParseError::NotReported { what };
     let kernel = kernel.ok_or_else(|| not_reported("fact `kernel`".into()))?;
     let os_id = os_id.ok_or_else(|| not_reported("fact `os_id`".into()))?;
+    let init = init.ok_or_else(|| not_reported("fact `init`".into()))?;
     let mut present = Vec::new();
     let mut missing = Vec::new();
     for (name, found) in TOOLS.iter().zip(&tools) {
         match found {
             Some(true) => present.push(name.to_string()),
-            Some(false) => missing.push(name.to_string()),
+            Some(false) if PATH_TOOLS.contains(name) => missing.push(name.to_string()),
+            Some(false) => {}
             None => return Err(not_reported(format!("tool `{name}`"))),
         }
     }
@@ -273,6 +293,11 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
         Facts {
             kernel,
             os_id,
+            init,
+            package_manager: ["apt-get", "dnf", "apk"]
+                .iter()
+                .find(|m| present.iter().any(|p| p == *m))
+                .map(|m| m.trim_end_matches("-get").to_string()),
             tools: present,
         },
         missing,

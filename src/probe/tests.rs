@@ -30,7 +30,7 @@ fn script_is_framed_and_defines_the_function_once() {
     );
     assert!(s.ends_with("}\necho 'END 0'\n"), "{s}");
     assert!(
-        s.contains("for t in 'stat' 'sha256sum' 'od' 'readlink' 'tr'; do\n"),
+        s.contains("for t in 'stat' 'sha256sum' 'od' 'readlink' 'tr' 'apt-get' 'dnf' 'apk' 'systemctl'; do\n"),
         "{s}"
     );
     assert_eq!(s.matches("p() {").count(), 1);
@@ -67,9 +67,9 @@ fn script_calls_the_function_once_per_item_with_quoted_paths() {
 
 // ---- parsing ---------------------------------------------------------------
 
-const FACTS: &str = "FACT kernel Linux\nFACT os_id debian\n";
-const TOOLS_OK: &str =
-    "TOOL stat yes\nTOOL sha256sum yes\nTOOL od yes\nTOOL readlink yes\nTOOL tr yes\n";
+const FACTS: &str = "FACT kernel Linux\nFACT os_id debian\nFACT init \n";
+const TOOLS_OK: &str = "TOOL stat yes\nTOOL sha256sum yes\nTOOL od yes\nTOOL readlink yes\nTOOL tr yes\n\
+    TOOL apt-get yes\nTOOL dnf no\nTOOL apk no\nTOOL systemctl no\n";
 
 /// Probe output with the usual facts and tools around `body`.
 fn output(body: &str, count: usize) -> Vec<u8> {
@@ -100,7 +100,12 @@ fn parses_every_kind_of_item() {
     let got = parse(&output(&body, 6), &its).unwrap();
     assert_eq!(got.facts.kernel.as_deref(), Some("Linux"));
     assert_eq!(got.facts.os_id.as_deref(), Some("debian"));
-    assert_eq!(got.facts.tools, TOOLS);
+    assert_eq!(
+        got.facts.tools,
+        ["stat", "sha256sum", "od", "readlink", "tr", "apt-get"]
+    );
+    assert_eq!(got.facts.package_manager.as_deref(), Some("apt"));
+    assert_eq!(got.facts.init, None);
     let r = |i: usize| got.resources[&its[i].key].clone();
     assert_eq!(r(0), Observed::Absent);
     assert_eq!(
@@ -134,7 +139,7 @@ fn parses_every_kind_of_item() {
 
 #[test]
 fn empty_facts_are_none_and_no_items_is_fine() {
-    let out = format!("TEND-PROBE 1\nFACT kernel \nFACT os_id \n{TOOLS_OK}END 0\n");
+    let out = format!("TEND-PROBE 1\nFACT kernel \nFACT os_id \nFACT init \n{TOOLS_OK}END 0\n");
     let got = parse(out.as_bytes(), &[]).unwrap();
     assert_eq!(got.facts.kernel, None);
     assert_eq!(got.facts.os_id, None);
@@ -161,7 +166,7 @@ fn missing_tools_are_reported_before_garbled_items() {
     let out = format!("TEND-PROBE 1\n{FACTS}{tools}END 0\n");
     assert_eq!(
         parse(out.as_bytes(), &[]).unwrap().facts.tools,
-        ["stat", "readlink", "tr"]
+        ["stat", "readlink", "tr", "apt-get"]
     );
 }
 
@@ -183,47 +188,47 @@ fn every_malformed_output_is_an_error() {
         (b"TEND-PROBE 2\nEND 0\n".to_vec(), &[], MissingHeader),
         (b"TEND-PROBE 1".to_vec(), &[], MissingTrailer),
         (format!("TEND-PROBE 1\n{FACTS}{TOOLS_OK}I 0 absent\n").into_bytes(), &one, MissingTrailer),
-        (output("I 0 absent\n", 1)[..60].to_vec(), &one, MissingTrailer),
+        (output("I 0 absent\n", 1)[..100].to_vec(), &one, MissingTrailer),
         (format!("TEND-PROBE 1\n{FACTS}{TOOLS_OK}END 1").into_bytes(), &one, MissingTrailer),
-        ([output("I 0 absent\n", 1), b"I 0 absent\n".to_vec()].concat(), &one, AfterTrailer { line: 11 }),
-        (output("I 0 absent\n", 1), &two, TrailerCount { line: 10, found: 1, expected: 2 }),
-        (output("I 0 absent\nEND x\n", 1), &one, AfterTrailer { line: 11 }),
-        (format!("TEND-PROBE 1\n{FACTS}{TOOLS_OK}END x\n").into_bytes(), &[], bv(9, "trailer count: bad number `x`")),
-        (output("hello world\n", 0), &[], UnknownLine { line: 9, text: "hello world".into() }),
-        (output("oops\n", 0), &[], UnknownLine { line: 9, text: "oops".into() }),
-        (output("FACT colour blue\n", 0), &[], UnknownLine { line: 9, text: "FACT colour blue".into() }),
-        (output("TOOL curl yes\n", 0), &[], UnknownLine { line: 9, text: "TOOL curl yes".into() }),
-        (output("I 0 socketish\n", 1), &one, UnknownLine { line: 9, text: "I 0 socketish".into() }),
-        (output("TOOL od no\n", 0), &[], Duplicate { line: 9, what: "tool `od`".into() }),
-        (output("FACT kernel Linux\n", 0), &[], Duplicate { line: 9, what: "fact `kernel`".into() }),
-        (output("I 0 absent\nI 0 absent\n", 1), &one, Duplicate { line: 10, what: "`file:/a`".into() }),
+        ([output("I 0 absent\n", 1), b"I 0 absent\n".to_vec()].concat(), &one, AfterTrailer { line: 16 }),
+        (output("I 0 absent\n", 1), &two, TrailerCount { line: 15, found: 1, expected: 2 }),
+        (output("I 0 absent\nEND x\n", 1), &one, AfterTrailer { line: 16 }),
+        (format!("TEND-PROBE 1\n{FACTS}{TOOLS_OK}END x\n").into_bytes(), &[], bv(14, "trailer count: bad number `x`")),
+        (output("hello world\n", 0), &[], UnknownLine { line: 14, text: "hello world".into() }),
+        (output("oops\n", 0), &[], UnknownLine { line: 14, text: "oops".into() }),
+        (output("FACT colour blue\n", 0), &[], UnknownLine { line: 14, text: "FACT colour blue".into() }),
+        (output("TOOL curl yes\n", 0), &[], UnknownLine { line: 14, text: "TOOL curl yes".into() }),
+        (output("I 0 socketish\n", 1), &one, UnknownLine { line: 14, text: "I 0 socketish".into() }),
+        (output("TOOL od no\n", 0), &[], Duplicate { line: 14, what: "tool `od`".into() }),
+        (output("FACT kernel Linux\n", 0), &[], Duplicate { line: 14, what: "fact `kernel`".into() }),
+        (output("I 0 absent\nI 0 absent\n", 1), &one, Duplicate { line: 15, what: "`file:/a`".into() }),
         (output("I 0 absent\n", 1).replace_str("TOOL od yes\n", ""), &one, NotReported { what: "tool `od`".into() }),
         (output("", 1), &one, NotReported { what: "`file:/a`".into() }),
         (output(&file0, 1), &one, NotReported { what: "the owner of `file:/a`".into() }),
         (output(&format!("{file0}U 0 root\n"), 1), &one, NotReported { what: "the group of `file:/a`".into() }),
-        (output(&format!("{file0}I 0 absent\n"), 1), &one, bv(10, "`file:/a`: expected its `U` line")),
-        (output(&format!("{file0}U 0 root\nU 0 root\n"), 1), &one, bv(11, "`file:/a`: expected its `G` line")),
-        (output(&format!("{file0}U 1 root\n"), 1), &one, bv(10, "`file:/a`: `U` line for item 1, expected 0")),
-        (output(&format!("{file0}U 0 \n"), 1), &one, bv(10, "`file:/a`: empty name")),
-        (output("U 0 root\n", 1), &one, bv(9, "`U` line without a file or directory line before it")),
-        (output("I 1 absent\n", 1), &one, bv(9, "item index 1 out of range (1 items)")),
-        (output("I -0 absent\n", 1), &one, bv(9, "item index: bad number `-0`")),
-        (output("I +0 absent\n", 1), &one, bv(9, "item index: bad number `+0`")),
-        (output("I 0 absent now\n", 1), &one, bv(9, "`file:/a`: `absent` needs 0 fields, found 1")),
-        (output("I 0 dir 755 0\n", 1), &one, bv(9, "`file:/a`: `dir` needs 3 fields, found 2")),
-        (output("I 0 dir 755 0  0\n", 1), &one, bv(9, "`file:/a`: `dir` needs 3 fields, found 4")),
-        (output("I 0 dir 798 0 0\n", 1), &one, bv(9, "mode: bad octal mode `798`")),
-        (output("I 0 dir 17777 0 0\n", 1), &one, bv(9, "mode: bad octal mode `17777`")),
-        (output("I 0 dir 755 x 0\n", 1), &one, bv(9, "uid: bad number `x`")),
-        (output("I 0 dir 755 0 4294967296\n", 1), &one, bv(9, "gid: bad number `4294967296`")),
-        (output("I 0 file 644 0 0 -1 x\n", 1), &one, bv(9, "size: bad number `-1`")),
-        (output("I 0 file 644 0 0 1 ABC\n", 1), &one, bv(9, "sha256: bad digest `ABC`")),
-        (output("I 0 link \n", 1), &one, bv(9, "`file:/a`: bad link target ``")),
-        (output("I 0 link 6g\n", 1), &one, bv(9, "`file:/a`: bad link target `6g`")),
-        (output("I 0 link 616\n", 1), &one, bv(9, "`file:/a`: bad link target `616`")),
-        (output("I 0 other\n", 1), &one, bv(9, "`file:/a`: `other` without a file type")),
-        (output("TOOL od maybe\n", 0).replace_str("TOOL od yes\n", ""), &[], bv(8, "tool `od`: expected `yes` or `no`, found `maybe`")),
-        (output("I 0 \u{fffd}\n", 1).replace_str("\u{fffd}", "\u{ff}"), &one, UnknownLine { line: 9, text: "I 0 \u{ff}".into() }),
+        (output(&format!("{file0}I 0 absent\n"), 1), &one, bv(15, "`file:/a`: expected its `U` line")),
+        (output(&format!("{file0}U 0 root\nU 0 root\n"), 1), &one, bv(16, "`file:/a`: expected its `G` line")),
+        (output(&format!("{file0}U 1 root\n"), 1), &one, bv(15, "`file:/a`: `U` line for item 1, expected 0")),
+        (output(&format!("{file0}U 0 \n"), 1), &one, bv(15, "`file:/a`: empty name")),
+        (output("U 0 root\n", 1), &one, bv(14, "`U` line without a file or directory line before it")),
+        (output("I 1 absent\n", 1), &one, bv(14, "item index 1 out of range (1 items)")),
+        (output("I -0 absent\n", 1), &one, bv(14, "item index: bad number `-0`")),
+        (output("I +0 absent\n", 1), &one, bv(14, "item index: bad number `+0`")),
+        (output("I 0 absent now\n", 1), &one, bv(14, "`file:/a`: `absent` needs 0 fields, found 1")),
+        (output("I 0 dir 755 0\n", 1), &one, bv(14, "`file:/a`: `dir` needs 3 fields, found 2")),
+        (output("I 0 dir 755 0  0\n", 1), &one, bv(14, "`file:/a`: `dir` needs 3 fields, found 4")),
+        (output("I 0 dir 798 0 0\n", 1), &one, bv(14, "mode: bad octal mode `798`")),
+        (output("I 0 dir 17777 0 0\n", 1), &one, bv(14, "mode: bad octal mode `17777`")),
+        (output("I 0 dir 755 x 0\n", 1), &one, bv(14, "uid: bad number `x`")),
+        (output("I 0 dir 755 0 4294967296\n", 1), &one, bv(14, "gid: bad number `4294967296`")),
+        (output("I 0 file 644 0 0 -1 x\n", 1), &one, bv(14, "size: bad number `-1`")),
+        (output("I 0 file 644 0 0 1 ABC\n", 1), &one, bv(14, "sha256: bad digest `ABC`")),
+        (output("I 0 link \n", 1), &one, bv(14, "`file:/a`: bad link target ``")),
+        (output("I 0 link 6g\n", 1), &one, bv(14, "`file:/a`: bad link target `6g`")),
+        (output("I 0 link 616\n", 1), &one, bv(14, "`file:/a`: bad link target `616`")),
+        (output("I 0 other\n", 1), &one, bv(14, "`file:/a`: `other` without a file type")),
+        (output("TOOL od maybe\n", 0).replace_str("TOOL od yes\n", ""), &[], bv(13, "tool `od`: expected `yes` or `no`, found `maybe`")),
+        (output("I 0 \u{fffd}\n", 1).replace_str("\u{fffd}", "\u{ff}"), &one, UnknownLine { line: 14, text: "I 0 \u{ff}".into() }),
         ([&output("", 0)[..13], b"\xff\n", &output("", 0)[13..]].concat(), &[], bv(2, "line is not UTF-8")),
         (output("I 0 error stat failed\n", 1), &one, ItemFailed { key: "file:/a".into(), message: "stat failed".into() }),
         (output("", 2), &same_key, DuplicateKey("k".into())),
@@ -257,7 +262,7 @@ impl ReplaceStr for Vec<u8> {
 #[test]
 fn messages_say_what_and_where() {
     let err = parse(&output("I 0 dir 755 x 0\n", 1), &items(&["/a"])).unwrap_err();
-    assert_eq!(err.to_string(), "probe output line 9: uid: bad number `x`");
+    assert_eq!(err.to_string(), "probe output line 14: uid: bad number `x`");
     let err = parse(b"", &[]).unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -446,7 +451,9 @@ fn live_probe_matches_the_filesystem() {
         .find_map(|l| l.strip_prefix("ID="))
         .map(|v| v.trim_matches('"').to_string());
     assert_eq!(got.facts.os_id, id);
-    assert_eq!(got.facts.tools, TOOLS);
+    for t in PATH_TOOLS {
+        assert!(got.facts.tools.iter().any(|x| x == t), "{t} found");
+    }
 }
 
 #[test]
