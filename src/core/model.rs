@@ -459,6 +459,9 @@ pub fn validate(tree: &SourceTree) -> Validated {
 
     // inventory.yaml
     let mut inventory: Vec<(InventoryHost, Pos)> = Vec::new();
+    // Names of inventory entries that failed to type-check: already reported,
+    // and still names in the inventory (their host files are not orphans).
+    let mut unparsed_names: BTreeSet<String> = BTreeSet::new();
     match &tree.inventory {
         None => problems.push(Diagnostic {
             file: "inventory.yaml".into(),
@@ -476,11 +479,17 @@ pub fn validate(tree: &SourceTree) -> Validated {
                     Pos::START,
                     "inventory.yaml is empty: list the hosts under `hosts:`",
                 ),
-                Some(Some(node)) => inventory = load_inventory(&node, &mut sink),
+                Some(Some(node)) => {
+                    inventory = load_inventory(&node, &mut sink, &mut unparsed_names)
+                }
             }
         }
     }
-    let inv_names: BTreeSet<&str> = inventory.iter().map(|(h, _)| h.name.as_str()).collect();
+    let inv_names: BTreeSet<&str> = inventory
+        .iter()
+        .map(|(h, _)| h.name.as_str())
+        .chain(unparsed_names.iter().map(String::as_str))
+        .collect();
 
     if let (Some(canary), Some(pos)) = (&config.canary, canary_pos)
         && !inv_names.contains(canary.as_str())
@@ -646,7 +655,11 @@ fn check_config(config: &TendConfig, node: &Node, sink: &mut Sink) {
     }
 }
 
-fn load_inventory(node: &Node, sink: &mut Sink) -> Vec<(InventoryHost, Pos)> {
+fn load_inventory(
+    node: &Node,
+    sink: &mut Sink,
+    unparsed_names: &mut BTreeSet<String>,
+) -> Vec<(InventoryHost, Pos)> {
     let NodeKind::Map(entries) = &node.kind else {
         sink.at(node.pos, "expected a mapping with a `hosts:` list");
         return vec![];
@@ -675,6 +688,9 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Vec<(InventoryHost, Pos)> {
     let mut endpoints: BTreeMap<(String, u16), String> = BTreeMap::new();
     for item in list.items() {
         let Some(h) = typed::<InventoryHost>(item, &[], sink) else {
+            if let Some(name) = item.get("name").and_then(Node::as_str) {
+                unparsed_names.insert(name.to_string());
+            }
             continue;
         };
         let mut ok = true;
