@@ -621,12 +621,15 @@ pub fn validate(tree: &SourceTree) -> Validated {
 
 fn check_config(config: &TendConfig, node: &Node, sink: &mut Sink) {
     if config.token_max_ttl.0 > TOKEN_TTL_CEILING {
+        // Echo the value as written: `48h`, not humantime's `2days`.
+        let written = node
+            .get("token_max_ttl")
+            .and_then(Node::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| humantime::format_duration(config.token_max_ttl.0).to_string());
         sink.at(
             node.pos_of("token_max_ttl"),
-            format!(
-                "token_max_ttl {} is above the maximum of 24h",
-                humantime::format_duration(config.token_max_ttl.0)
-            ),
+            format!("token_max_ttl `{written}` is above the maximum of 24h: use at most `24h`"),
         );
     }
     if config.concurrency == 0 {
