@@ -1,0 +1,1362 @@
+//! The real `tend` binary, run as a user would, on fixtures in temp dirs
+//! (SPEC.md sections 2, 3, 5, 6 and 7). One test binary, like ripgrep's
+//! `tests/tests.rs`; helpers in `common/`.
+//!
+//! Every fixture's `transport: local` hosts manage paths inside the test's
+//! own temp dir, so the tests run in parallel. Human output is compared with
+//! insta snapshots, with filters for the temp dir, run ids, timestamps and
+//! hashes.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+
+use common::{
+    Fixture, Run, assert_keys, assert_rfc3339, is_run_id, list_tree, mode_of, read_json, repo,
+    run_command, tend_command,
+};
+use serde_json::{Value, json};
+
+/// Snapshot `$value` with the fixture's filters.
+macro_rules! snapshot {
+    ($fx:expr, $name:expr, $value:expr) => {{
+        let filters = $fx.filters();
+        let filters: Vec<(&str, &str)> = filters
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        insta::with_settings!({filters => filters, prepend_module_to_snapshot => false}, {
+            insta::assert_snapshot!($name, $value);
+        });
+    }};
+}
+
+/// A run rendered for a snapshot: exit code, stdout and stderr.
+fn transcript(r: &Run) -> String {
+    format!(
+        "exit code: {}\n----- stdout -----\n{}----- stderr -----\n{}",
+        r.code, r.stdout, r.stderr
+    )
+}
+
+fn host_outcome<'a>(result: &'a Value, host: &str) -> &'a Value {
+    let all = result["host_outcomes"].as_array().expect("host_outcomes");
+    let mine: Vec<_> = all.iter().filter(|o| o["host"] == host).collect();
+    assert_eq!(mine.len(), 1, "one outcome for `{host}` in {result:#}");
+    mine[0]
+}
+
+/// The result document that `apply --json` printed.
+fn apply_json(fx: &Fixture, args: &[&str], code: i32) -> Value {
+    let mut all = vec!["apply", "--json"];
+    all.extend_from_slice(args);
+    let r = fx.run(&all);
+    r.code(code);
+    let result = r.json();
+    let id = result["run_id"].as_str().unwrap();
+    assert_eq!(fx.result(id), result, "stdout is the run's result.json");
+    result
+}
+
+// ---------------------------------------------------------------------------
+// 1. validate
+// ---------------------------------------------------------------------------
+
+#[test]
+fn validate_shipped_example() {
+    let dir = repo().join("desired-state");
+    let mut cmd = tend_command();
+    cmd.arg("validate").arg("--dir").arg(&dir);
+    let r = run_command(cmd);
+    r.code(0);
+    assert!(r.stdout.contains(": valid ("), "{r}");
+
+    let mut cmd = tend_command();
+    cmd.args(["validate", "--json", "--dir"]).arg(&dir);
+    let r = run_command(cmd);
+    r.code(0);
+    assert_eq!(r.json(), json!({"valid": true, "problems": []}));
+}
+
+/// A valid desired state for the validation cases: hosts `a` and `b`, each
+/// case replaces one file.
+fn valid_base() -> Fixture {
+    let fx = Fixture::two_hosts();
+    fx.write("tend.yaml", "dispatch: off\n");
+    fx.write("hosts/b.yaml", "resources: []\n");
+    fx
+}
+
+type Edit = fn(&Fixture);
+
+/// One row per kind of problem: the edit of the valid base, the expected
+/// `file:line:col: ` prefix (file relative to `--dir`), and a piece of the
+/// message. Each edit makes exactly one problem.
+const VALIDATION_CASES: &[(&str, Edit, &str, &str)] = &[
+    (
+        "unknown key",
+        |fx| {
+            fx.write(
+                "hosts/a.yaml",
+                "resources:\n  - kind: file\n    path: {root}/f\n    colour: red\n",
+            )
+        },
+        "hosts/a.yaml:4:5: ",
+        "unknown field `colour`",
+    ),
+    (
+        "unknown key in the inventory",
+        |fx| {
+            fx.write(
+                "inventory.yaml",
+                "hosts:\n  - name: a\n    transport: local\n    colour: red\n  - name: b\n    transport: local\n",
+            )
+        },
+        "inventory.yaml:4:5: ",
+        "unknown field `colour`",
+    ),
+    (
+        "wrong type",
+        |fx| {
+            fx.write(
+                "hosts/a.yaml",
+                "resources:\n  - kind: file\n    path: [1, 2]\n",
+            )
+        },
+        "hosts/a.yaml:3:11: ",
+        "expected a string",
+    ),
+    (
+        "bad mode",
+        |fx| {
+            fx.write(
+                "hosts/a.yaml",
+                "resources:\n  - kind: file\n    path: {root}/f\n    mode: \"0999\"\n",
+            )
+        },
+        "hosts/a.yaml:4:11: ",
+        "invalid mode `0999`",
+    ),
+    (
+        "relative path",
+        |fx| {
+            fx.write(
+                "hosts/a.yaml",
+                "resources:\n  - kind: file\n    path: relative/f\n",
+            )
+        },
+        "hosts/a.yaml:3:11: ",
+        "must be absolute",
+    ),
+    (
+        "`..` in a path",
+        |fx| {
+            fx.write(
+                "hosts/a.yaml",
+                "resources:\n  - kind: file\n    path: {root}/../etc/f\n",
+            )
+        },
+        "hosts/a.yaml:3:11: ",
+        "must not contain `..`",
+    ),
+    (
+        "duplicate host names",
+        |fx| {
+            fx.write(
+                "inventory.yaml",
+                "hosts:\n  - name: a\n    transport: local\n  - name: b\n    transport: local\n  - name: a\n    transport: local\n",
+            )
+        },
+        "inventory.yaml:6:11: ",
+        "duplicate host name `a`",
+    ),
+    (
+        "duplicate address and port",
+        |fx| {
+            fx.write(
+                "inventory.yaml",
+                "hosts:\n  - name: a\n    transport: local\n  - name: b\n    transport: local\n  - name: c\n    address: 127.0.0.1\n    port: 2222\n  - name: d\n    address: 127.0.0.1\n    port: 2222\n",
+            );
+            fx.write("hosts/c.yaml", "resources: []\n");
+            fx.write("hosts/d.yaml", "resources: []\n");
+        },
+        "inventory.yaml:10:14: ",
+        "same address and port (127.0.0.1:2222) as host `c`",
+    ),
+    (
+        "host file without inventory entry",
+        |fx| fx.write("hosts/z.yaml", "resources: []\n"),
+        "hosts/z.yaml:1:1: ",
+        "no entry in inventory.yaml",
+    ),
+    (
+        "inventory host without host file",
+        |fx| fs::remove_file(fx.dir().join("hosts/b.yaml")).unwrap(),
+        "inventory.yaml:4:5: ",
+        "host `b` has no host file: create hosts/b.yaml",
+    ),
+    (
+        "duplicate ids",
+        |fx| {
+            fx.write(
+                "hosts/a.yaml",
+                "resources:\n  - kind: file\n    id: same\n    path: {root}/f\n  - kind: file\n    id: same\n    path: {root}/g\n",
+            )
+        },
+        "hosts/a.yaml:6:9: ",
+        "duplicate resource id `same`",
+    ),
+    (
+        "two resources on one path",
+        |fx| {
+            fx.write(
+                "hosts/a.yaml",
+                "resources:\n  - kind: file\n    id: one\n    path: {root}/f\n  - kind: file\n    id: two\n    path: {root}/f\n",
+            )
+        },
+        "hosts/a.yaml:7:11: ",
+        "is already managed by `one`",
+    ),
+    (
+        "unknown id in requires",
+        |fx| {
+            fx.write(
+                "hosts/a.yaml",
+                "resources:\n  - kind: file\n    path: {root}/f\n    requires: [nope]\n",
+            )
+        },
+        "hosts/a.yaml:4:16: ",
+        "requires unknown id `nope`",
+    ),
+    (
+        "dependency cycle",
+        |fx| {
+            fx.write(
+                "hosts/a.yaml",
+                "resources:\n  - kind: file\n    id: one\n    path: {root}/p\n    requires: [two]\n  - kind: file\n    id: two\n    path: {root}/q\n    requires: [one]\n",
+            )
+        },
+        "hosts/a.yaml:5:16: ",
+        "dependency cycle on host `a`: one -> two -> one",
+    ),
+    (
+        "missing field",
+        |fx| {
+            fx.write(
+                "hosts/a.yaml",
+                "resources:\n  - kind: file\n    mode: \"0644\"\n",
+            )
+        },
+        "hosts/a.yaml:2:5: ",
+        "missing field `path`",
+    ),
+    (
+        "duplicate key",
+        |fx| {
+            fx.write(
+                "hosts/a.yaml",
+                "resources:\n  - kind: file\n    path: {root}/f\n    path: {root}/g\n",
+            )
+        },
+        "hosts/a.yaml:4:5: ",
+        "duplicate",
+    ),
+    (
+        "missing source",
+        |fx| {
+            fx.write(
+                "hosts/a.yaml",
+                "resources:\n  - kind: file\n    path: {root}/f\n    source: missing.conf\n",
+            )
+        },
+        "hosts/a.yaml:4:13: ",
+        "source `missing.conf` does not exist",
+    ),
+    (
+        "source leaving files/",
+        |fx| {
+            fs::create_dir_all(fx.dir().join("files")).unwrap();
+            // /etc/hostname as asked; a file of the temp dir where a
+            // container has none.
+            let outside = if Path::new("/etc/hostname").is_file() {
+                "/etc/hostname".into()
+            } else {
+                let p = fx.tmp().join("outside");
+                fs::write(&p, "secret\n").unwrap();
+                p
+            };
+            symlink(outside, fx.dir().join("files/evil")).unwrap();
+            fx.write(
+                "hosts/a.yaml",
+                "resources:\n  - kind: file\n    path: {root}/f\n    source: evil\n",
+            )
+        },
+        "hosts/a.yaml:4:13: ",
+        "outside files/",
+    ),
+    (
+        "token_max_ttl above 24h",
+        |fx| fx.write("tend.yaml", "token_max_ttl: 48h\n"),
+        "tend.yaml:1:16: ",
+        "token_max_ttl `48h` is above the maximum of 24h",
+    ),
+    (
+        "unknown dispatch mode",
+        |fx| fx.write("tend.yaml", "dispatch: sometimes\n"),
+        "tend.yaml:1:11: ",
+        "unknown variant `sometimes`",
+    ),
+    (
+        "canary not in the inventory",
+        |fx| fx.write("tend.yaml", "canary: zz\n"),
+        "tend.yaml:1:9: ",
+        "canary `zz` is not a host in inventory.yaml",
+    ),
+    (
+        "empty host file",
+        |fx| fx.write("hosts/b.yaml", ""),
+        "hosts/b.yaml:1:1: ",
+        "empty",
+    ),
+    (
+        "non-UTF-8 file",
+        |fx| {
+            fx.write_bytes(
+                "hosts/b.yaml",
+                b"resources:\n  - kind: file\n    path: /caf\xe9\n",
+            )
+        },
+        "hosts/b.yaml:1:1: ",
+        "not valid UTF-8",
+    ),
+    (
+        "file over 8 MiB",
+        |fx| {
+            let mut big = b"resources: []\n".to_vec();
+            big.resize(8 * 1024 * 1024 + 1, b'#');
+            fx.write_bytes("hosts/b.yaml", &big)
+        },
+        "hosts/b.yaml:1:1: ",
+        "too large",
+    ),
+];
+
+#[test]
+fn validate_locates_each_kind_of_problem() {
+    let base = valid_base();
+    base.run(&["validate"]).code(0);
+
+    let mut failures = Vec::new();
+    for &(name, edit, prefix, message) in VALIDATION_CASES {
+        let fx = valid_base();
+        edit(&fx);
+        let r = fx.run(&["validate"]);
+        let want = format!("{}/{prefix}", fx.dir().display());
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        let ok = r.code == 1
+            && lines.len() == 1
+            && lines[0].starts_with(&want)
+            && lines[0].contains(message)
+            && r.stderr.contains("1 problem(s)");
+        if !ok {
+            failures.push(format!(
+                "case `{name}`: want one line `{want}…{message}…` and exit 1, got\n{r}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn validate_reports_every_problem_at_once() {
+    let fx = valid_base();
+    fx.write("tend.yaml", "dispatch: sometimes\nretries: many\n");
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: a\n    transport: local\n  - name: b\n    transport: local\n  - name: c\n    transport: local\n",
+    );
+    fx.write(
+        "hosts/a.yaml",
+        "resources:\n  - kind: file\n    path: {root}/f\n    mode: \"0999\"\n  - kind: directory\n    path: etc\n  - kind: file\n    path: {root}/g\n    requires: [nope]\n",
+    );
+    fx.write(
+        "hosts/b.yaml",
+        "resources:\n  - kind: file\n    id: one\n    path: {root}/p\n    requires: [two]\n  - kind: file\n    id: two\n    path: {root}/q\n    requires: [one]\n",
+    );
+    fx.write("hosts/z.yaml", "resources: []\n");
+    let r = fx.run(&["validate"]);
+    r.code(1);
+    snapshot!(fx, "validate_several_problems", transcript(&r));
+    let human = r.stdout.lines().count();
+
+    // The same problems as a document.
+    let r = fx.run(&["validate", "--json"]);
+    r.code(1);
+    let doc = r.json();
+    assert_eq!(doc["valid"], false);
+    let problems = doc["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), human, "{doc:#}");
+    for p in problems {
+        assert_keys(
+            p,
+            &json!({"file": null, "line": null, "column": null, "message": null}),
+            "problem",
+        );
+        assert!(
+            p["file"]
+                .as_str()
+                .unwrap()
+                .starts_with(fx.dir().to_str().unwrap())
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2. schema
+// ---------------------------------------------------------------------------
+
+#[test]
+fn schema_is_the_committed_file() {
+    let r = run_command({
+        let mut c = tend_command();
+        c.arg("schema");
+        c
+    });
+    r.code(0);
+    let printed = r.json();
+    let path = repo().join("schema/tend.schema.json");
+    let committed = fs::read_to_string(&path).expect("schema/tend.schema.json is committed");
+    assert_eq!(
+        r.stdout, committed,
+        "schema/tend.schema.json is stale: run `tend schema > schema/tend.schema.json`"
+    );
+    assert_eq!(
+        printed["$schema"],
+        "https://json-schema.org/draft/2020-12/schema"
+    );
+    jsonschema::meta::validate(&printed).expect("the schema is a valid JSON Schema");
+}
+
+/// A YAML file as JSON, through tend's own YAML reader.
+fn yaml_to_json(path: &Path) -> Value {
+    let text = fs::read_to_string(path).unwrap();
+    let node = tend::core::yaml::parse(&text)
+        .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
+        .expect("not empty");
+    tend::core::yaml::from_node::<Value>(&node)
+        .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
+}
+
+/// The schema of one file kind: the committed schema with its root replaced
+/// by a reference to that kind's `$defs` entry.
+fn validator_for(def: &str) -> jsonschema::Validator {
+    let mut schema = read_json(&repo().join("schema/tend.schema.json"));
+    let obj = schema.as_object_mut().unwrap();
+    obj.remove("anyOf");
+    obj.insert("$ref".into(), json!(format!("#/$defs/{def}")));
+    jsonschema::validator_for(&schema).expect("schema compiles")
+}
+
+#[test]
+fn shipped_example_matches_the_schema() {
+    let root = read_json(&repo().join("schema/tend.schema.json"));
+    let any = jsonschema::validator_for(&root).expect("schema compiles");
+    let dir = repo().join("desired-state");
+    let mut files = vec![
+        (dir.join("tend.yaml"), "TendConfig"),
+        (dir.join("inventory.yaml"), "InventorySpec"),
+    ];
+    for sub in ["hosts", "groups"] {
+        if let Ok(entries) = fs::read_dir(dir.join(sub)) {
+            for e in entries {
+                files.push((e.unwrap().path(), "HostSpec"));
+            }
+        }
+    }
+    assert!(files.len() >= 3);
+    for (path, def) in files {
+        let doc = yaml_to_json(&path);
+        let v = validator_for(def);
+        let errors: Vec<String> = v.iter_errors(&doc).map(|e| e.to_string()).collect();
+        assert!(
+            errors.is_empty(),
+            "{} vs {def}: {errors:#?}",
+            path.display()
+        );
+        assert!(any.is_valid(&doc), "{} vs the root schema", path.display());
+        // Each example file starts with the modeline that points at the schema.
+        let text = fs::read_to_string(&path).unwrap();
+        let first = text.lines().next().unwrap();
+        let target = first
+            .strip_prefix("# yaml-language-server: $schema=")
+            .unwrap_or_else(|| panic!("{}: no schema modeline", path.display()));
+        let resolved = path.parent().unwrap().join(target);
+        assert!(
+            fs::canonicalize(&resolved).ok()
+                == fs::canonicalize(repo().join("schema/tend.schema.json")).ok(),
+            "{}: modeline points at {}",
+            path.display(),
+            resolved.display()
+        );
+    }
+}
+
+#[test]
+fn schema_refuses_what_validate_refuses() {
+    // The schema is not vacuous: unknown keys and bad values fail it.
+    let host = validator_for("HostSpec");
+    let ok = json!({"resources": [{"kind": "file", "path": "/x", "mode": "0644"}]});
+    assert!(host.is_valid(&ok));
+    for bad in [
+        json!({"resources": [{"kind": "file", "path": "/x", "colour": "red"}]}),
+        json!({"resources": [{"kind": "file"}]}),
+        json!({"resources": [{"kind": "file", "path": "/x", "mode": "0999"}]}),
+        json!({"resources": [{"kind": "teapot", "path": "/x"}]}),
+        json!({"lifecycle": "sometimes"}),
+        json!({"bogus": 1}),
+    ] {
+        assert!(!host.is_valid(&bad), "accepted {bad}");
+    }
+    let inv = validator_for("InventorySpec");
+    assert!(!inv.is_valid(&json!({"hosts": [{"name": "a", "colour": "red"}]})));
+    let cfg = validator_for("TendConfig");
+    assert!(cfg.is_valid(&json!({"dispatch": "off"})));
+    assert!(!cfg.is_valid(&json!({"dispatch": "sometimes"})));
+}
+
+// ---------------------------------------------------------------------------
+// 3. plan and probe
+// ---------------------------------------------------------------------------
+
+/// A small fixture with one of each change: a create, an update, and a
+/// destructive delete behind the barrier.
+fn small_fixture() -> Fixture {
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: web\n    transport: local\n",
+    );
+    fx.write(
+        "hosts/web.yaml",
+        "resources:\n  - kind: directory\n    path: {root}/app\n    mode: \"0750\"\n  - kind: file\n    path: {root}/app/app.conf\n    content: \"port = 8080\\n\"\n  - kind: file\n    path: {root}/motd\n    content: \"hello\\n\"\n    mode: 0600\n  - kind: file\n    path: {root}/legacy.conf\n    state: absent\n",
+    );
+    for (name, text) in [("motd", "old\n"), ("legacy.conf", "legacy\n")] {
+        let path = fx.root().join(name);
+        fs::write(&path, text).unwrap();
+        // The plan shows the mode: make it independent of the umask.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    fx
+}
+
+#[test]
+fn plan_human_output() {
+    let fx = small_fixture();
+    let r = fx.run(&["plan"]);
+    r.code(2);
+    snapshot!(fx, "plan_small_fixture", transcript(&r));
+    assert!(!fx.state().exists());
+}
+
+#[test]
+fn plan_json_is_deterministic() {
+    let fx = small_fixture();
+    let one = fx.run(&["plan", "--json"]);
+    one.code(2);
+    let two = fx.run(&["plan", "--json"]);
+    two.code(2);
+    assert_eq!(one.stdout, two.stdout, "plan --json is byte-identical");
+    let plan = one.json();
+    assert_eq!(plan["schema_version"], 1);
+    assert_eq!(plan["hosts"][0]["host"], "web");
+    assert_eq!(plan["hosts"][0]["destructive"], 1);
+    assert!(!fx.state().exists());
+}
+
+#[test]
+fn plan_exit_codes() {
+    let fx = Fixture::two_hosts();
+    fx.run(&["plan"]).code(2);
+    fx.run(&["apply", "--dispatch", "enforced"]).code(0);
+    let r = fx.run(&["plan"]);
+    r.code(0);
+    assert!(r.stdout.contains("host a: no changes"), "{r}");
+    // Drift brings the changes back.
+    fs::write(fx.root().join("a.txt"), "edited\n").unwrap();
+    fx.run(&["plan"]).code(2);
+}
+
+#[test]
+fn plan_and_probe_write_nothing() {
+    let fx = small_fixture();
+    fx.run(&["plan"]).code(2);
+    fx.run(&["plan", "--json"]).code(2);
+    let r = fx.run(&["probe"]);
+    r.code(0);
+    assert!(r.stdout.contains("web:"), "{r}");
+    let r = fx.run(&["probe", "--json"]);
+    r.code(0);
+    assert_eq!(r.json()["hosts"][0]["ok"], true);
+    assert!(!fx.state().exists(), "plan or probe created the state dir");
+    assert!(!fx.root().join("app").exists());
+    assert_eq!(fs::read_to_string(fx.root().join("motd")).unwrap(), "old\n");
+
+    // With a state dir already there, they add no run and touch no status.
+    fx.run(&["apply"]).code(2);
+    let before = list_tree(&fx.state());
+    let status = fs::read(fx.state().join("status/web.json")).unwrap();
+    let db = fs::read(fx.state().join("tend.db")).unwrap();
+    fx.run(&["plan"]).code(2);
+    fx.run(&["probe"]).code(0);
+    assert_eq!(list_tree(&fx.state()), before);
+    assert_eq!(
+        fs::read(fx.state().join("status/web.json")).unwrap(),
+        status
+    );
+    assert_eq!(fs::read(fx.state().join("tend.db")).unwrap(), db);
+    let runs = fx.run(&["runs", "--json"]);
+    runs.code(0);
+    assert_eq!(runs.json().as_array().unwrap().len(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// 4. end to end on the shipped example
+// ---------------------------------------------------------------------------
+
+fn result_shape() -> Value {
+    json!({
+        "schema_version": null,
+        "run_id": null,
+        "operation_intent": {
+            "action": null, "trigger": null, "target_hosts": null, "requested_by": null
+        },
+        "desired_revision": null,
+        "effective_mode": null,
+        "dispatch_mode": null,
+        "policy_outcome": null,
+        "policy_reason": null,
+        "blast_radius": null,
+        "execution_outcome": null,
+        "execution_started_at": null,
+        "execution_completed_at": null,
+        "confirmation": {
+            "operation": null, "hosts": null, "token_file": null,
+            "scope_match": null, "reason": null, "refusal": null
+        },
+        "host_outcomes": [{
+            "host": null,
+            "outcome": null,
+            "reason": null, // extension (README)
+            "dispatch_status": null,
+            "attempt_count": null,
+            "last_failure_class": null,
+            "last_failure_message": null,
+            "changes": {"create": null, "update": null, "delete": null},
+            "steps": [{
+                "id": null, "action": null, "destructive": null, "status": null,
+                "attempts": null,
+                "log": null // extension (README)
+            }]
+        }]
+    })
+}
+
+fn pending_shape() -> Value {
+    json!({"create": null, "update": null, "delete": null, "destructive": null})
+}
+
+fn status_shape() -> Value {
+    json!({
+        "schema_version": null,
+        "host": null,
+        "phase": null,
+        "desired_revision": null,
+        "converged_revision": null,
+        "last_probe_at": null,
+        "last_run_id": null,
+        "conditions": [{
+            "type": null, "status": null, "reason": null, "message": null,
+            "last_transition_time": null
+        }],
+        "pending": pending_shape(),
+        "awaiting_confirmation": {
+            "operation": null, "hosts": null, "steps": null, "token_file": null,
+            "command": null
+        }
+    })
+}
+
+fn fleet_shape() -> Value {
+    json!({
+        "schema_version": null,
+        "generated_at": null,
+        "hosts": [{"host": null, "phase": null, "converged": null, "pending": pending_shape()}]
+    })
+}
+
+/// Every contract check of a result document.
+#[track_caller]
+fn check_result(result: &Value) {
+    assert_keys(result, &result_shape(), "result");
+    assert_eq!(result["schema_version"], 1);
+    let id = result["run_id"].as_str().unwrap();
+    assert!(is_run_id(id), "run id {id}");
+    assert_rfc3339(&result["execution_started_at"], "execution_started_at");
+    assert_rfc3339(&result["execution_completed_at"], "execution_completed_at");
+    let radius = result["blast_radius"].as_array().unwrap();
+    let hosts: Vec<_> = result["host_outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["host"].clone())
+        .collect();
+    assert_eq!(&hosts, radius, "one host outcome per host of blast_radius");
+    assert_eq!(
+        result["operation_intent"]["target_hosts"],
+        result["blast_radius"]
+    );
+}
+
+#[track_caller]
+fn check_status(status: &Value, host: &str) {
+    assert_keys(status, &status_shape(), &format!("status/{host}.json"));
+    assert_eq!(status["schema_version"], 1);
+    assert_eq!(status["host"], host);
+    assert_rfc3339(&status["last_probe_at"], "last_probe_at");
+    let types: Vec<&str> = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert_rfc3339(&c["last_transition_time"], "last_transition_time");
+            c["type"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "Reachable",
+            "Converged",
+            "Drifted",
+            "AwaitingConfirmation",
+            "Degraded",
+            "ValidDesiredState"
+        ]
+    );
+}
+
+#[track_caller]
+fn check_fleet(fx: &Fixture) -> Value {
+    let fleet = read_json(&fx.state().join("status/fleet.json"));
+    assert_keys(&fleet, &fleet_shape(), "status/fleet.json");
+    assert_eq!(fleet["schema_version"], 1);
+    assert_rfc3339(&fleet["generated_at"], "generated_at");
+    fleet
+}
+
+fn condition<'a>(status: &'a Value, kind: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == kind)
+        .unwrap()
+}
+
+#[test]
+fn example_end_to_end() {
+    let fx = Fixture::example();
+    let demo = fx.root().join("demo");
+
+    // First apply converges.
+    let first = apply_json(&fx, &["--dispatch", "enforced"], 0);
+    check_result(&first);
+    assert_eq!(first["execution_outcome"], "Completed");
+    assert_eq!(first["dispatch_mode"], "enforced");
+    assert_eq!(first["effective_mode"], "quick");
+    assert_eq!(first["policy_outcome"], "Approved");
+    assert_eq!(first["operation_intent"]["action"], "converge");
+    assert_eq!(first["operation_intent"]["trigger"], "cli");
+    let o = host_outcome(&first, "demo");
+    assert_eq!(o["outcome"], "Completed");
+    assert_eq!(o["dispatch_status"], "dispatched");
+    assert_eq!(o["changes"], json!({"create": 7, "update": 0, "delete": 0}));
+    assert_eq!(o["steps"].as_array().unwrap().len(), 7);
+    for s in o["steps"].as_array().unwrap() {
+        assert_eq!(s["status"], "succeeded", "{s}");
+        let log = fx.state().join(s["log"].as_str().unwrap());
+        assert!(log.is_file(), "step log {}", log.display());
+    }
+
+    // The files, with the exact bytes and modes.
+    assert_eq!(
+        fs::read(demo.join("etc/app.conf")).unwrap(),
+        fs::read(repo().join("desired-state/files/demo/app.conf")).unwrap()
+    );
+    assert_eq!(mode_of(&demo.join("etc/app.conf")), 0o640);
+    assert_eq!(
+        fs::read(demo.join("releases/1/VERSION")).unwrap(),
+        b"1.0.0\n"
+    );
+    assert_eq!(mode_of(&demo.join("releases/1/VERSION")), 0o644);
+    assert_eq!(mode_of(&demo), 0o755);
+    assert_eq!(mode_of(&demo.join("etc")), 0o750);
+    assert_eq!(mode_of(&demo.join("releases")), 0o755);
+    assert_eq!(mode_of(&demo.join("releases/1")), 0o755);
+    assert_eq!(
+        fs::read_link(demo.join("current")).unwrap(),
+        demo.join("releases/1")
+    );
+
+    // Nothing left to do.
+    fx.run(&["plan"]).code(0);
+
+    // The second apply executes nothing.
+    let second = apply_json(&fx, &["--dispatch", "enforced"], 0);
+    check_result(&second);
+    assert_eq!(second["execution_outcome"], "NotExecuted");
+    let o = host_outcome(&second, "demo");
+    assert_eq!(o["outcome"], "NoChange");
+    assert_eq!(o["changes"], json!({"create": 0, "update": 0, "delete": 0}));
+    for o in second["host_outcomes"].as_array().unwrap() {
+        assert_eq!(o["steps"], json!([]));
+    }
+    let id2 = second["run_id"].as_str().unwrap();
+    let run2 = fx.state().join("runs").join(id2);
+    let logs: Vec<_> = list_tree(&run2)
+        .into_iter()
+        .filter(|p| p.ends_with(".log"))
+        .collect();
+    assert!(logs.is_empty(), "the no-op run wrote step logs: {logs:?}");
+    assert!(run2.join("plan.json").is_file());
+    assert!(run2.join("timeline.jsonl").is_file());
+    for line in fs::read_to_string(run2.join("timeline.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        serde_json::from_str::<Value>(line).expect("timeline line is JSON");
+    }
+    let plan = read_json(&run2.join("plan.json"));
+    assert_eq!(plan["desired_revision"], second["desired_revision"]);
+
+    // Status documents.
+    let status = fx.status("demo");
+    check_status(&status, "demo");
+    assert_eq!(status["phase"], "Running");
+    assert_eq!(status["last_run_id"], id2);
+    assert_eq!(status["converged_revision"], status["desired_revision"]);
+    assert_eq!(status["desired_revision"], second["desired_revision"]);
+    assert_eq!(
+        status["pending"],
+        json!({"create": 0, "update": 0, "delete": 0, "destructive": 0})
+    );
+    assert_eq!(status["awaiting_confirmation"], Value::Null);
+    assert_eq!(condition(&status, "Converged")["status"], "True");
+    assert_eq!(condition(&status, "Reachable")["status"], "True");
+    assert_eq!(condition(&status, "ValidDesiredState")["status"], "True");
+    let fleet = check_fleet(&fx);
+    assert_eq!(fleet["hosts"].as_array().unwrap().len(), 1);
+    assert_eq!(fleet["hosts"][0]["host"], "demo");
+    assert_eq!(fleet["hosts"][0]["phase"], "Running");
+    assert_eq!(fleet["hosts"][0]["converged"], true);
+
+    // Reading commands.
+    let id1 = first["run_id"].as_str().unwrap();
+    let runs = fx.run(&["runs"]);
+    runs.code(0);
+    assert!(
+        runs.stdout.contains(id1) && runs.stdout.contains(id2),
+        "{runs}"
+    );
+    let runs = fx.run(&["runs", "--json"]);
+    runs.code(0);
+    let ids: Vec<_> = runs
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run_id"].clone())
+        .collect();
+    assert_eq!(ids, [json!(id2), json!(id1)], "newest first");
+    let show = fx.run(&["show", id1]);
+    show.code(0);
+    assert!(
+        show.stdout.contains(id1) && show.stdout.contains("Completed"),
+        "{show}"
+    );
+    let show = fx.run(&["show", id1, "--json"]);
+    show.code(0);
+    assert_eq!(show.json(), first);
+    fx.run(&["show", "r-20000101T000000Z-none"]).code(1);
+    let st = fx.run(&["status"]);
+    st.code(0);
+    assert!(
+        st.stdout.contains("demo") && st.stdout.contains("Running"),
+        "{st}"
+    );
+    let st = fx.run(&["status", "demo", "--json"]);
+    st.code(0);
+    assert_eq!(st.json(), status);
+    fx.run(&["status", "demo"]).code(0);
+}
+
+#[test]
+fn apply_human_output() {
+    let fx = Fixture::two_hosts();
+    let r = fx.run(&["apply", "--dispatch", "enforced"]);
+    r.code(0);
+    snapshot!(fx, "apply_two_hosts", transcript(&r));
+    let r = fx.run(&["apply", "--dispatch", "enforced"]);
+    r.code(0);
+    snapshot!(fx, "apply_two_hosts_again", transcript(&r));
+}
+
+// ---------------------------------------------------------------------------
+// 5. dispatch modes and overrides
+// ---------------------------------------------------------------------------
+
+#[track_caller]
+fn assert_not_dispatched(fx: &Fixture, result: &Value) {
+    check_result(result);
+    assert_eq!(result["execution_outcome"], "NotExecuted");
+    for host in ["a", "b"] {
+        let o = host_outcome(result, host);
+        assert_eq!(o["outcome"], "Planned", "{o}");
+        assert_eq!(o["dispatch_status"], "not_dispatched", "{o}");
+        assert_eq!(o["changes"]["create"], 1);
+        assert!(!fx.root().join(format!("{host}.txt")).exists());
+    }
+}
+
+#[track_caller]
+fn assert_dispatched(fx: &Fixture, result: &Value) {
+    check_result(result);
+    assert_eq!(result["execution_outcome"], "Completed");
+    for host in ["a", "b"] {
+        let o = host_outcome(result, host);
+        assert_eq!(o["outcome"], "Completed", "{o}");
+        assert_eq!(o["dispatch_status"], "dispatched", "{o}");
+        assert_eq!(
+            fs::read_to_string(fx.root().join(format!("{host}.txt"))).unwrap(),
+            format!("{host}\n")
+        );
+    }
+}
+
+#[test]
+fn dispatch_defaults_to_off() {
+    for tend_yaml in [
+        None,
+        Some("dispatch: off\n"),
+        Some("# nothing set\nretries: 1\n"),
+    ] {
+        let fx = Fixture::two_hosts();
+        if let Some(t) = tend_yaml {
+            fx.write("tend.yaml", t);
+        }
+        let result = apply_json(&fx, &[], 2);
+        assert_eq!(result["dispatch_mode"], "off", "tend.yaml {tend_yaml:?}");
+        assert_not_dispatched(&fx, &result);
+        for host in ["a", "b"] {
+            let s = fx.status(host);
+            check_status(&s, host);
+            assert_eq!(s["phase"], "Ready");
+            assert_eq!(s["pending"]["create"], 1);
+        }
+    }
+}
+
+#[test]
+fn dispatch_from_the_environment() {
+    let fx = Fixture::two_hosts();
+    let r = fx.run_env("enforced", &["apply", "--json"]);
+    r.code(0);
+    let result = r.json();
+    assert_eq!(result["dispatch_mode"], "enforced");
+    assert_dispatched(&fx, &result);
+}
+
+#[test]
+fn dispatch_from_tend_yaml() {
+    let fx = Fixture::two_hosts();
+    fx.write("tend.yaml", "dispatch: enforced\n");
+    let result = apply_json(&fx, &[], 0);
+    assert_dispatched(&fx, &result);
+}
+
+#[test]
+fn dispatch_flag_beats_the_environment() {
+    let fx = Fixture::two_hosts();
+    let r = fx.run_env("enforced", &["apply", "--json", "--dispatch", "off"]);
+    r.code(2);
+    let result = r.json();
+    assert_eq!(result["dispatch_mode"], "off");
+    assert_not_dispatched(&fx, &result);
+}
+
+#[test]
+fn environment_beats_tend_yaml() {
+    let fx = Fixture::two_hosts();
+    fx.write("tend.yaml", "dispatch: enforced\n");
+    let r = fx.run_env("off", &["apply", "--json"]);
+    r.code(2);
+    assert_not_dispatched(&fx, &r.json());
+}
+
+#[test]
+fn bogus_dispatch_environment_is_an_error() {
+    let fx = Fixture::two_hosts();
+    let r = fx.run_env("bogus", &["apply"]);
+    r.code(1);
+    assert!(r.stderr.contains("TEND_DISPATCH=bogus"), "{r}");
+    assert!(!fx.state().exists());
+    assert!(!fx.root().join("a.txt").exists());
+    fx.run_env("bogus", &["plan"]).code(1);
+    assert!(!fx.state().exists());
+}
+
+#[test]
+fn kill_switch_beats_everything() {
+    let fx = Fixture::two_hosts();
+    fs::create_dir_all(fx.state()).unwrap();
+    fs::write(fx.state().join("KILL"), "").unwrap();
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 2);
+    assert_not_dispatched(&fx, &result);
+    let r = fx.run_env("enforced", &["apply", "--json"]);
+    r.code(2);
+    assert_not_dispatched(&fx, &r.json());
+    assert!(
+        host_outcome(&r.json(), "a")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("kill switch")
+    );
+
+    // Removing it lets the same command dispatch.
+    fs::remove_file(fx.state().join("KILL")).unwrap();
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 0);
+    assert_dispatched(&fx, &result);
+}
+
+#[test]
+fn canary_dispatches_only_to_the_canary() {
+    let fx = Fixture::two_hosts();
+    fx.write("tend.yaml", "canary: a\n");
+    let result = apply_json(&fx, &["--dispatch", "canary"], 2);
+    check_result(&result);
+    assert_eq!(result["dispatch_mode"], "canary");
+    assert_eq!(result["host_outcomes"].as_array().unwrap().len(), 2);
+    let a = host_outcome(&result, "a");
+    assert_eq!(a["outcome"], "Completed");
+    assert_eq!(a["dispatch_status"], "dispatched");
+    let b = host_outcome(&result, "b");
+    assert_eq!(b["outcome"], "Planned");
+    assert_eq!(b["dispatch_status"], "not_dispatched");
+    assert_eq!(b["changes"]["create"], 1);
+    assert!(fx.root().join("a.txt").exists());
+    assert!(!fx.root().join("b.txt").exists());
+
+    // Canary from tend.yaml, with the canary converged: still nothing for b.
+    fx.write("tend.yaml", "dispatch: canary\ncanary: a\n");
+    let result = apply_json(&fx, &[], 2);
+    assert_eq!(host_outcome(&result, "a")["outcome"], "NoChange");
+    assert_eq!(host_outcome(&result, "b")["outcome"], "Planned");
+    assert!(!fx.root().join("b.txt").exists());
+}
+
+#[test]
+fn canary_not_targeted_is_policy_blocked() {
+    let fx = Fixture::two_hosts();
+    fx.write("tend.yaml", "canary: a\n");
+    let result = apply_json(&fx, &["b", "--dispatch", "canary"], 3);
+    check_result(&result);
+    assert_eq!(result["policy_outcome"], "PolicyBlocked");
+    assert_eq!(result["blast_radius"], json!(["b"]));
+    let b = host_outcome(&result, "b");
+    assert_eq!(b["outcome"], "PolicyBlocked");
+    assert_eq!(b["dispatch_status"], "not_dispatched");
+    assert_eq!(b["last_failure_class"], "Policy");
+    assert!(!fx.root().join("a.txt").exists());
+    assert!(!fx.root().join("b.txt").exists());
+}
+
+// ---------------------------------------------------------------------------
+// 6. destructive changes are held
+// ---------------------------------------------------------------------------
+
+fn delete_fixture() -> Fixture {
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: a\n    transport: local\n",
+    );
+    fx.write(
+        "hosts/a.yaml",
+        "resources:\n  - kind: file\n    path: {root}/old.conf\n    state: absent\n",
+    );
+    fs::write(fx.root().join("old.conf"), "old\n").unwrap();
+    fx
+}
+
+#[track_caller]
+fn check_awaiting(fx: &Fixture, host: &str, steps: usize) -> String {
+    let status = fx.status(host);
+    check_status(&status, host);
+    let a = &status["awaiting_confirmation"];
+    let op = a["operation"]
+        .as_str()
+        .expect("awaiting_confirmation.operation");
+    assert!(
+        op.len() == 64
+            && op
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+        "operation {op}"
+    );
+    assert_eq!(a["hosts"], json!([host]));
+    assert_eq!(a["steps"].as_array().unwrap().len(), steps);
+    assert_eq!(a["token_file"], format!("confirm/{op}.yaml"));
+    let command = a["command"].as_str().unwrap();
+    assert!(
+        command.starts_with("tend ") && command.contains(&format!("confirm {op}")),
+        "{command}"
+    );
+    assert_eq!(status["pending"]["destructive"], steps);
+    assert_eq!(condition(&status, "AwaitingConfirmation")["status"], "True");
+    op.to_string()
+}
+
+#[test]
+fn delete_is_held() {
+    let fx = delete_fixture();
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 3);
+    check_result(&result);
+    let o = host_outcome(&result, "a");
+    assert_eq!(o["outcome"], "EscalationRequired");
+    assert_eq!(o["changes"], json!({"create": 0, "update": 0, "delete": 1}));
+    assert_eq!(o["steps"][0]["destructive"], true);
+    assert_eq!(o["steps"][0]["status"], "not_run");
+    assert_eq!(result["effective_mode"], "quick");
+    assert_eq!(result["execution_outcome"], "NotExecuted");
+    assert_eq!(
+        fs::read_to_string(fx.root().join("old.conf")).unwrap(),
+        "old\n"
+    );
+    let op = check_awaiting(&fx, "a", 1);
+    let plan = fx.run(&["plan", "--json"]);
+    plan.code(2);
+    assert_eq!(plan.json()["operation"], op.as_str());
+    // No token file is written for the operator.
+    assert!(!fx.state().join(format!("confirm/{op}.yaml")).exists());
+}
+
+#[test]
+fn mixed_create_and_delete() {
+    let fx = delete_fixture();
+    fx.write(
+        "hosts/a.yaml",
+        "resources:\n  - kind: file\n    path: {root}/old.conf\n    state: absent\n  - kind: file\n    path: {root}/new.conf\n    content: \"new\\n\"\n",
+    );
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 3);
+    check_result(&result);
+    let o = host_outcome(&result, "a");
+    assert_eq!(o["outcome"], "EscalationRequired");
+    assert_eq!(o["dispatch_status"], "dispatched");
+    assert_eq!(o["changes"], json!({"create": 1, "update": 0, "delete": 1}));
+    assert_eq!(result["execution_outcome"], "Completed");
+    assert_eq!(
+        fs::read_to_string(fx.root().join("new.conf")).unwrap(),
+        "new\n"
+    );
+    assert_eq!(
+        fs::read_to_string(fx.root().join("old.conf")).unwrap(),
+        "old\n"
+    );
+    check_awaiting(&fx, "a", 1);
+    let status = fx.status("a");
+    assert_eq!(
+        status["pending"],
+        json!({"create": 0, "update": 0, "delete": 1, "destructive": 1})
+    );
+}
+
+#[test]
+fn replacing_a_directory_by_a_file_is_held() {
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: a\n    transport: local\n",
+    );
+    fx.write(
+        "hosts/a.yaml",
+        "resources:\n  - kind: file\n    path: {root}/thing\n    content: \"a file\\n\"\n",
+    );
+    fs::create_dir(fx.root().join("thing")).unwrap();
+    fs::write(fx.root().join("thing/inside"), "keep\n").unwrap();
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 3);
+    let o = host_outcome(&result, "a");
+    assert_eq!(o["outcome"], "EscalationRequired");
+    assert_eq!(o["steps"][0]["destructive"], true);
+    assert_eq!(o["steps"][0]["status"], "not_run");
+    assert!(fx.root().join("thing").is_dir());
+    assert_eq!(
+        fs::read_to_string(fx.root().join("thing/inside")).unwrap(),
+        "keep\n"
+    );
+    check_awaiting(&fx, "a", 1);
+}
+
+#[test]
+fn operation_hash_is_stable_and_follows_the_desired_state() {
+    let fx = delete_fixture();
+    let op = |fx: &Fixture| {
+        let r = fx.run(&["plan", "--json"]);
+        r.code(2);
+        r.json()["operation"].as_str().unwrap().to_string()
+    };
+    let one = op(&fx);
+    assert_eq!(one.len(), 64);
+    assert_eq!(op(&fx), one);
+    fs::write(fx.root().join("other.conf"), "other\n").unwrap();
+    fx.write(
+        "hosts/a.yaml",
+        "resources:\n  - kind: file\n    path: {root}/old.conf\n    state: absent\n  - kind: file\n    path: {root}/other.conf\n    state: absent\n",
+    );
+    let two = op(&fx);
+    assert_ne!(two, one);
+    assert_eq!(op(&fx), two);
+}
+
+// ---------------------------------------------------------------------------
+// 7. global flags on either side of the subcommand
+// ---------------------------------------------------------------------------
+
+#[test]
+fn global_flags_before_or_after_the_subcommand() {
+    let fx = small_fixture();
+    let dir = fx.dir();
+    let dir = dir.to_str().unwrap();
+    let after = {
+        let mut c = tend_command();
+        c.args(["plan", "--dir", dir, "--json"]);
+        run_command(c)
+    };
+    after.code(2);
+    let before = {
+        let mut c = tend_command();
+        c.args(["--dir", dir, "--json", "plan"]);
+        run_command(c)
+    };
+    before.code(2);
+    assert_eq!(after.stdout, before.stdout);
+    after.json();
+
+    // --state-dir, -q and -v too, and the state dir is where they say.
+    let state = fx.tmp().join("elsewhere");
+    let state = state.to_str().unwrap();
+    let r = {
+        let mut c = tend_command();
+        c.args(["apply", "-q", "--state-dir", state, "--dir", dir]);
+        run_command(c)
+    };
+    r.code(2);
+    assert!(Path::new(state).join("status/web.json").is_file());
+    assert!(!fx.state().exists());
+    let r = {
+        let mut c = tend_command();
+        c.args([
+            "-v",
+            "--state-dir",
+            state,
+            "--dir",
+            dir,
+            "--json",
+            "status",
+            "web",
+        ]);
+        run_command(c)
+    };
+    r.code(0);
+    assert_eq!(r.json()["host"], "web");
+}
+
+#[test]
+fn default_dir_is_desired_state_in_the_working_directory() {
+    let fx = Fixture::two_hosts();
+    let mut c = tend_command();
+    c.current_dir(fx.tmp()).arg("validate");
+    let r = run_command(c);
+    r.code(0);
+    assert!(r.stdout.starts_with("./desired-state: valid"), "{r}");
+}
+
+// ---------------------------------------------------------------------------
+// 8. one writer per state dir
+// ---------------------------------------------------------------------------
+
+#[test]
+fn second_writer_is_refused() {
+    let fx = Fixture::two_hosts();
+    fs::create_dir_all(fx.state()).unwrap();
+    let lock = fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(fx.state().join("lock"))
+        .unwrap();
+    lock.try_lock().expect("the test takes the lock");
+    let r = fx.run(&["apply", "--dispatch", "enforced"]);
+    r.code(1);
+    assert!(r.stderr.contains("lock"), "{r}");
+    assert!(
+        r.stderr.contains(fx.state().join("lock").to_str().unwrap()),
+        "{r}"
+    );
+    assert!(!fx.root().join("a.txt").exists());
+    assert!(!fx.state().join("runs").exists() || list_tree(&fx.state().join("runs")).is_empty());
+
+    drop(lock);
+    fx.run(&["apply", "--dispatch", "enforced"]).code(0);
+}
+
+// ---------------------------------------------------------------------------
+// 9. invalid desired state never dispatches
+// ---------------------------------------------------------------------------
+
+#[test]
+fn invalid_desired_state_never_dispatches() {
+    let fx = Fixture::two_hosts();
+    fx.write(
+        "hosts/b.yaml",
+        "resources:\n  - kind: file\n    path: {root}/b.txt\n    mode: \"0999\"\n",
+    );
+    let r = fx.run(&["apply", "--dispatch", "enforced"]);
+    r.code(1);
+    let want = format!("{}/hosts/b.yaml:4:11: ", fx.dir().display());
+    assert!(r.stdout.starts_with(&want), "{r}");
+    assert!(r.stderr.contains("nothing was probed or dispatched"), "{r}");
+    assert!(
+        !fx.root().join("a.txt").exists(),
+        "the valid host was dispatched"
+    );
+    assert!(!fx.state().exists());
+    let r = fx.run_env("enforced", &["apply"]);
+    r.code(1);
+    assert!(!fx.root().join("a.txt").exists());
+    fx.run(&["plan"]).code(1);
+    fx.run(&["probe"]).code(1);
+    assert!(list_tree(&fx.root()).is_empty());
+}
+
+#[test]
+fn unknown_host_is_an_error() {
+    let fx = Fixture::two_hosts();
+    let r = fx.run(&["apply", "nope", "--dispatch", "enforced"]);
+    r.code(1);
+    assert!(r.stderr.contains("nope"), "{r}");
+    assert!(list_tree(&fx.root()).is_empty());
+    fx.run(&["plan", "nope"]).code(1);
+}
