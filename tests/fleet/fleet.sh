@@ -578,16 +578,23 @@ ns_main() {
   exec "$SSHD" -D -f "$CONF" -E "$LOGF"
 }
 
+# check_port_free I: nothing listens on hI's address and port yet (another fleet dir's
+# host, say). Checked before hI's root is touched.
+check_port_free() {
+  local a
+  a=$(addr "$1")
+  if ss -Hltn 'sport = :22' | awk '{print $4}' | grep -qxF "$a:22"; then
+    die "h$1: $a:22 is already taken: $(ss -Hltnp 'sport = :22' | grep -F "$a:22 ")"
+  fi
+}
+
 # launch I: start hI's sshd in its own namespaces, without waiting for it (see
 # launched); hosts start side by side.
 declare -A LAUNCHED=()
 launch() {
-  local i=$1 a
+  local i=$1
   host_vars "$i"
-  a=$(addr "$i")
-  if ss -Hltn 'sport = :22' | awk '{print $4}' | grep -qxF "$a:22"; then
-    die "$H: $a:22 is already taken by another process: $(ss -Hltnp 'sport = :22' | grep -F "$a:22")"
-  fi
+  check_port_free "$i"
   # sshd's privilege separation directory; /run is emptied by a reboot.
   mkdir -p /run/sshd
   "$SSHD" -t -f "$CONF" || die "$H: sshd rejects $CONF"
@@ -663,7 +670,7 @@ $CHECKS"
       tail -n 15 "$LOGF" 2>/dev/null | sed 's/^/   /' >&2 || true
     done
     rm -rf "$out"
-    die "hosts not answering or failing the checks within ${WAIT_SECS}s: $(printf 'h%s ' "${failed[@]}")"
+    die "hosts not answering within ${WAIT_SECS}s or failing the checks: $(printf 'h%s ' "${failed[@]}")"
   fi
   rm -rf "$out"
   if (($# >= 2)); then
@@ -719,6 +726,7 @@ cmd_up() {
       ;;
     *)
       # A host that is not running comes back fresh: empty upper layer, new log.
+      check_port_free "$i"
       kill_host "$i"
       mount_root "$i" fresh
       : >"$LOGF"
@@ -804,6 +812,7 @@ cmd_start() {
   [ "$(host_state "$1")" = frozen ] && die "h$1 is frozen: thaw it"
   ensure_base
   set_ssh_opts
+  check_port_free "$1"
   kill_host "$1"
   mount_root "$1"
   launch "$1"
@@ -856,4 +865,7 @@ main() {
   esac
 }
 
-main "$@"
+# Sourced (to test a function), it only defines them.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  main "$@"
+fi
