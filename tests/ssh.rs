@@ -319,3 +319,36 @@ fn a_wrong_identity_is_auth_after_one_attempt() {
     assert_eq!(o["last_failure_class"], "Auth");
     assert_eq!(o["attempt_count"], 1);
 }
+
+#[test]
+fn a_missing_tool_is_a_capability_mismatch_not_a_crash() {
+    let f = fleet();
+    f.sh("h11", "[ -e /usr/bin/sha256sum ] || mv /usr/bin/sha256sum.off /usr/bin/sha256sum; mv /usr/bin/sha256sum /usr/bin/sha256sum.off");
+    let d = Desired::new(
+        FAST,
+        &inventory(&["h11"]),
+        &[(
+            "h11",
+            "resources:\n  - kind: file\n    path: /srv/cap\n    content: x\n",
+        )],
+    );
+    let out = d.tend(&["apply", "--dispatch", "enforced"]);
+    f.sh("h11", "mv /usr/bin/sha256sum.off /usr/bin/sha256sum");
+    assert_eq!(code(&out), 4, "{}", text(&out));
+    let r = d.last_result();
+    let o = outcome(&r, "h11");
+    assert_eq!(o["outcome"], "CapabilityMismatch", "{r:#}");
+    assert_eq!(o["last_failure_class"], "Capability");
+    assert_eq!(o["attempt_count"], 1, "a missing tool is not retried");
+    assert!(
+        o["last_failure_message"]
+            .as_str()
+            .unwrap()
+            .contains("sha256sum"),
+        "{r:#}"
+    );
+    assert_eq!(
+        f.sh("h11", "[ -e /srv/cap ] && echo exists || echo absent"),
+        "absent\n"
+    );
+}
