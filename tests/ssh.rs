@@ -352,3 +352,42 @@ fn a_missing_tool_is_a_capability_mismatch_not_a_crash() {
         "absent\n"
     );
 }
+
+#[test]
+fn a_failing_step_is_execution_its_dependents_are_skipped_and_others_run() {
+    let f = fleet();
+    f.sh("h9", "rm -rf /srv/exec && mkdir -p /srv/exec");
+    let host = r#"
+resources:
+  - kind: file
+    id: broken
+    path: /srv/exec/missing-parent/app.conf
+    content: "x\n"
+  - kind: symlink
+    path: /srv/exec/link
+    target: /srv/exec/missing-parent/app.conf
+    requires: [broken]
+  - kind: file
+    path: /srv/exec/independent
+    content: "ok\n"
+"#;
+    let d = Desired::new(FAST, &inventory(&["h9"]), &[("h9", host)]);
+    let out = d.tend(&["apply", "--dispatch", "enforced"]);
+    assert_eq!(code(&out), 4, "{}", text(&out));
+    let r = d.last_result();
+    let o = outcome(&r, "h9");
+    assert_eq!(o["outcome"], "PartialSuccess", "{r:#}");
+    assert_eq!(o["last_failure_class"], "Execution");
+    assert_eq!(r["execution_outcome"], "PartialSuccess");
+    let status = |id: &str| {
+        o["steps"].as_array().unwrap().iter().find(|s| s["id"] == id).unwrap()["status"].clone()
+    };
+    assert_eq!(status("broken"), "failed");
+    assert_eq!(status("symlink:/srv/exec/link"), "skipped");
+    assert_eq!(status("file:/srv/exec/independent"), "succeeded");
+    assert_eq!(f.sh("h9", "cat /srv/exec/independent; [ -L /srv/exec/link ] || echo nolink"), "ok\nnolink\n");
+    // The failed step's log holds what the host said.
+    let broken = o["steps"].as_array().unwrap().iter().find(|s| s["id"] == "broken").unwrap();
+    let log = std::fs::read_to_string(d.state().join(broken["log"].as_str().unwrap())).unwrap();
+    assert!(log.contains("missing-parent"), "{log}");
+}

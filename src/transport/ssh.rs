@@ -57,9 +57,14 @@ impl SshTarget {
     }
 }
 
+/// A session idle for longer than this is checked with a keepalive before
+/// it is trusted with a command.
+const IDLE_CHECK: Duration = Duration::from_secs(15);
+
 pub struct SshTransport {
     target: SshTarget,
-    session: Mutex<Option<Session>>,
+    /// The open session and when it last completed a command.
+    session: Mutex<Option<(Session, Instant)>>,
 }
 
 impl SshTransport {
@@ -290,12 +295,26 @@ impl Transport for SshTransport {
     ) -> Result<ExecOutput, TransportError> {
         let deadline = Instant::now() + timeout;
         let mut guard = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            *guard = Some(self.connect(deadline)?);
+        // A session that sat idle may have died under us (sshd restarted,
+        // NAT state dropped): probe it with a keepalive, reconnect if it fails.
+        if let Some((sess, last)) = guard.as_ref()
+            && last.elapsed() > IDLE_CHECK
+        {
+            set_timeout(sess, deadline);
+            if sess.keepalive_send().is_err() {
+                tracing::debug!(host = %self.target.host, "idle session failed its keepalive; reconnecting");
+                *guard = None;
+            }
         }
-        let sess = guard.as_ref().expect("connected");
+        if guard.is_none() {
+            *guard = Some((self.connect(deadline)?, Instant::now()));
+        }
+        let (sess, last) = guard.as_mut().expect("connected");
         match self.run(sess, script, stdin, deadline) {
-            Ok(out) => Ok(out),
+            Ok(out) => {
+                *last = Instant::now();
+                Ok(out)
+            }
             Err(e) => {
                 // A session that failed mid-command is not trusted again.
                 *guard = None;
