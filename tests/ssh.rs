@@ -380,14 +380,31 @@ resources:
     assert_eq!(o["last_failure_class"], "Execution");
     assert_eq!(r["execution_outcome"], "PartialSuccess");
     let status = |id: &str| {
-        o["steps"].as_array().unwrap().iter().find(|s| s["id"] == id).unwrap()["status"].clone()
+        o["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap()["status"]
+            .clone()
     };
     assert_eq!(status("broken"), "failed");
     assert_eq!(status("symlink:/srv/exec/link"), "skipped");
     assert_eq!(status("file:/srv/exec/independent"), "succeeded");
-    assert_eq!(f.sh("h9", "cat /srv/exec/independent; [ -L /srv/exec/link ] || echo nolink"), "ok\nnolink\n");
+    assert_eq!(
+        f.sh(
+            "h9",
+            "cat /srv/exec/independent; [ -L /srv/exec/link ] || echo nolink"
+        ),
+        "ok\nnolink\n"
+    );
     // The failed step's log holds what the host said.
-    let broken = o["steps"].as_array().unwrap().iter().find(|s| s["id"] == "broken").unwrap();
+    let broken = o["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "broken")
+        .unwrap();
     let log = std::fs::read_to_string(d.state().join(broken["log"].as_str().unwrap())).unwrap();
     assert!(log.contains("missing-parent"), "{log}");
 }

@@ -28,7 +28,7 @@ fn script_is_framed_and_defines_the_function_once() {
         s.starts_with("export LC_ALL=C\necho 'TEND-PROBE 1'\n"),
         "{s}"
     );
-    assert!(s.ends_with("}\necho 'END 0'\n"), "{s}");
+    assert!(s.ends_with("fi\necho 'END 0'\n"), "{s}");
     assert!(
         s.contains("for t in 'stat' 'sha256sum' 'od' 'readlink' 'tr' 'apt-get' 'dnf' 'apk' 'systemctl'; do\n"),
         "{s}"
@@ -46,23 +46,29 @@ fn script_calls_the_function_once_per_item_with_quoted_paths() {
         "/z/new\nline",
     ];
     let s = script(&items(&paths));
+    let assignments = s
+        .split("\n}\n")
+        .nth(1)
+        .unwrap()
+        .split("N=5\n")
+        .next()
+        .unwrap();
     assert_eq!(
-        s.split("}\n").last().unwrap(),
-        "p 0 '/etc/app.conf'\n\
-         p 1 '/srv/a b'\n\
-         p 2 '/x/it'\\''s'\n\
-         p 3 '/y/$(rm -rf /)'\n\
-         p 4 '/z/new\nline'\n\
-         echo 'END 5'\n"
+        assignments,
+        "P0='/etc/app.conf'\n\
+         P1='/srv/a b'\n\
+         P2='/x/it'\\''s'\n\
+         P3='/y/$(rm -rf /)'\n\
+         P4='/z/new\nline'\n"
     );
-    // Small per item: the call, the index and the quoted path.
+    // Small per item: the assignment, the index and the quoted path.
     let overhead = s.len()
         - script(&[]).len()
         - paths
             .iter()
             .map(|p| crate::shell::quote(p).len())
             .sum::<usize>();
-    assert_eq!(overhead, 5 * "p 0 \n".len());
+    assert_eq!(overhead, 5 * "P0=\n".len());
 }
 
 // ---- parsing ---------------------------------------------------------------
@@ -480,4 +486,41 @@ fn live_probe_without_a_tool_is_a_capability_failure() {
     let err = parse(&out.stdout, &its).unwrap_err();
     assert_eq!(err, ProbeParseError::MissingTools(vec!["sha256sum".into()]));
     assert_eq!(err.class(), FailureClass::Capability);
+}
+
+#[test]
+fn live_probe_falls_back_per_path_when_a_batch_fails() {
+    // A sha256sum that refuses to hash more than one file at a time forces
+    // the per-path fallback; the result must be the same as the batch's.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let fake = bin.join("sha256sum");
+    fs::write(
+        &fake,
+        "#!/bin/sh\n[ $# -gt 1 ] && exit 1\nexec /usr/bin/sha256sum \"$@\"\n",
+    )
+    .unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let a = dir.path().join("a b");
+    let b = dir.path().join("it's\nhere");
+    fs::write(&a, "hello\n").unwrap();
+    fs::write(&b, "hello\n").unwrap();
+    let its = vec![
+        ProbeItem::path("a", a.to_str().unwrap()),
+        ProbeItem::path("b", b.to_str().unwrap()),
+    ];
+    let script = format!("PATH={}:$PATH\n{}", bin.display(), script(&its));
+    let out = LocalTransport::new()
+        .exec(&script, b"", Duration::from_secs(60))
+        .expect("run probe");
+    let got = parse(&out.stdout, &its).unwrap();
+    let batched = run_probe(&its).unwrap();
+    assert_eq!(got.resources, batched.resources);
+    for key in ["a", "b"] {
+        match &got.resources[key] {
+            Observed::File(f) => assert_eq!(f.sha256, HELLO_SHA),
+            other => panic!("{key}: {other:?}"),
+        }
+    }
 }
