@@ -80,7 +80,28 @@ fn main() {
         opts.concurrency = n.max(1);
         let (transports, failed) = reconcile::connect_all(&state, &targets, &opts);
         assert!(failed.is_empty());
-        for pass in ["cold", "warm"] {
+        for pass in ["cold", "warm", "noop"] {
+            if pass == "noop" {
+                // The floor: one `true` per host over the same warm sessions.
+                let t0 = Instant::now();
+                rt.block_on(async {
+                    let mut set = tokio::task::JoinSet::new();
+                    for t in transports.values() {
+                        let t = t.clone();
+                        set.spawn_blocking(move || t.exec("true", &[], Duration::from_secs(30)));
+                    }
+                    while let Some(r) = set.join_next().await {
+                        r.unwrap().expect("noop exec");
+                    }
+                });
+                println!(
+                    "{:>6} {:>6} {:>8.0}ms   (one `true` per host: the transport's floor)",
+                    n,
+                    pass,
+                    t0.elapsed().as_secs_f64() * 1000.0
+                );
+                continue;
+            }
             let cmds_before = count_commands(&hosts[..n]);
             let cpu0 = cpu_time();
             let t0 = Instant::now();

@@ -155,12 +155,9 @@ while [ "$i" -lt "$N" ]; do
   else D="$D $i"; fi
   i=$((i + 1))
 done
-batch() {
-  set --
-  for i in $L; do eval "set -- \"\$@\" \"\$P$i\""; done
-}
 if [ -n "$F" ]; then
-  L=$F; batch
+  # Not a function: `set --` in a function would set its own arguments.
+  set --; for i in $F; do eval "set -- \"\$@\" \"\$P$i\""; done
   if H=$(sha256sum -- "$@") && S=$(stat -c '%a %u %g %s
 %U
 %G' -- "$@"); then
@@ -178,7 +175,7 @@ TEND_SHA_END
   fi
 fi
 if [ -n "$D" ]; then
-  L=$D; batch
+  set --; for i in $D; do eval "set -- \"\$@\" \"\$P$i\""; done
   if S=$(stat -c '%a %u %g
 %U
 %G' -- "$@"); then

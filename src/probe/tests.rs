@@ -524,3 +524,41 @@ fn live_probe_falls_back_per_path_when_a_batch_fails() {
         }
     }
 }
+
+#[test]
+fn live_probe_hashes_and_stats_every_file_in_one_process_each() {
+    // Wrappers log each call's argument count, then run the real tool.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let log = dir.path().join("calls");
+    for tool in ["sha256sum", "stat"] {
+        let w = bin.join(tool);
+        fs::write(
+            &w,
+            format!(
+                "#!/bin/sh\necho \"{tool} $#\" >> '{}'\nexec /usr/bin/{tool} \"$@\"\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&w, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut its = Vec::new();
+    for i in 0..5 {
+        let p = dir.path().join(format!("f {i}"));
+        fs::write(&p, "hello\n").unwrap();
+        its.push(ProbeItem::path(format!("f{i}"), p.to_str().unwrap()));
+    }
+    its.push(ProbeItem::path("d", dir.path().to_str().unwrap()));
+    let script = format!("PATH={}:$PATH\n{}", bin.display(), script(&its));
+    let out = LocalTransport::new()
+        .exec(&script, b"", Duration::from_secs(60))
+        .expect("run probe");
+    let got = parse(&out.stdout, &its).unwrap();
+    assert!(matches!(got.resources["d"], Observed::Directory(_)));
+    let calls = fs::read_to_string(&log).unwrap();
+    // sha256sum: `--` and the five files; stat: `-c FORMAT --` and the five
+    // files, then the same for the one directory.
+    assert_eq!(calls, "sha256sum 6\nstat 8\nstat 4\n", "{calls}");
+}
