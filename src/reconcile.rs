@@ -19,9 +19,11 @@ use crate::core::diff::{self, Change};
 use crate::core::model::{DesiredState, Host};
 use crate::core::plan::{self, HostPlan, Plan};
 use crate::core::policy::{self, HostFacts, RunDecision};
+use crate::core::prune::{self, Managed};
 use crate::core::retry::{self, FailureClass};
 use crate::core::spec::{DispatchMode, TendConfig, TransportKind};
 use crate::probe::{self, ProbeItem};
+use crate::store::db::Db;
 use crate::transport::local::LocalTransport;
 use crate::transport::ssh::{SshTarget, SshTransport};
 use crate::transport::{Transport, TransportError};
@@ -328,4 +330,43 @@ pub async fn prepare(
         plan,
         decision,
     }
+}
+
+/// The managed-resource records of the target hosts, read from SQLite (none
+/// when there is no database yet). A record that cannot be read back is an
+/// error: forgetting it would silently stop pruning it.
+pub fn load_managed(db: Option<&Db>, targets: &[String]) -> Result<BTreeMap<String, Vec<Managed>>> {
+    let mut out = BTreeMap::new();
+    let Some(db) = db else { return Ok(out) };
+    for host in targets {
+        let mut list = Vec::new();
+        for row in db.managed(host)? {
+            let spec = prune::spec_from_json(&row.spec_json).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read back managed resource `{}` of host `{host}` from {} ({e}); refusing to plan without it",
+                    row.resource_id,
+                    db.path().display()
+                )
+            })?;
+            list.push(Managed {
+                id: row.resource_id,
+                spec,
+            });
+        }
+        out.insert(host.clone(), list);
+    }
+    Ok(out)
+}
+
+/// The desired state with every target host's pruned resources added.
+pub fn with_prunes(state: &DesiredState, managed: &BTreeMap<String, Vec<Managed>>) -> DesiredState {
+    let mut state = state.clone();
+    for (host, list) in managed {
+        if let Some(h) = state.hosts.remove(host) {
+            state
+                .hosts
+                .insert(host.clone(), prune::with_pruned(h, list));
+        }
+    }
+    state
 }

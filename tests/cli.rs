@@ -1360,3 +1360,98 @@ fn unknown_host_is_an_error() {
     assert!(list_tree(&fx.root()).is_empty());
     fx.run(&["plan", "nope"]).code(1);
 }
+
+// ---------------------------------------------------------------------------
+// Prune and teardown
+// ---------------------------------------------------------------------------
+
+/// Host `a` with a directory and two files in it, applied.
+fn applied_fixture() -> Fixture {
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: a\n    transport: local\n",
+    );
+    fx.write(
+        "hosts/a.yaml",
+        "resources:\n  - kind: directory\n    path: {root}/app\n  - kind: file\n    path: {root}/app/keep\n    content: \"k\\n\"\n  - kind: file\n    path: {root}/app/gone\n    content: \"g\\n\"\n",
+    );
+    apply_json(&fx, &["--dispatch", "enforced"], 0);
+    fx
+}
+
+fn plan_steps(fx: &Fixture) -> Vec<(String, String, bool)> {
+    let plan = fx.run(&["plan", "--json"]);
+    plan.json()["hosts"][0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_string(),
+                s["action"].as_str().unwrap().to_string(),
+                s["destructive"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_resource_removed_from_the_desired_state_is_pruned_only_with_confirmation() {
+    let fx = applied_fixture();
+    let gone = fx.root().join("app/gone");
+    fx.write(
+        "hosts/a.yaml",
+        "resources:\n  - kind: directory\n    path: {root}/app\n  - kind: file\n    path: {root}/app/keep\n    content: \"k\\n\"\n",
+    );
+    let id = format!("file:{}", gone.display());
+    assert_eq!(plan_steps(&fx), [(id.clone(), "delete".to_string(), true)]);
+    fx.run(&["plan"]).code(2);
+    let plan = fx.run(&["plan"]);
+    assert!(plan.stdout.contains("pruned"), "{plan}");
+
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 3);
+    let o = host_outcome(&result, "a");
+    assert_eq!(o["outcome"], "EscalationRequired");
+    assert_eq!(o["changes"], json!({"create": 0, "update": 0, "delete": 1}));
+    assert!(gone.exists(), "a prune never runs without confirmation");
+    let status = fx.status("a");
+    assert_eq!(status["awaiting_confirmation"]["steps"], json!([id]));
+
+    // Removed by hand: nothing left to prune, and tend forgets it.
+    fs::remove_file(&gone).unwrap();
+    apply_json(&fx, &["--dispatch", "enforced"], 0);
+    assert_eq!(plan_steps(&fx), []);
+    fs::write(&gone, "back\n").unwrap();
+    assert_eq!(plan_steps(&fx), [], "no longer managed: not pruned again");
+}
+
+#[test]
+fn teardown_plans_every_managed_resource_in_reverse_order_and_waits() {
+    let fx = applied_fixture();
+    let body = fs::read_to_string(fx.dir().join("hosts/a.yaml")).unwrap();
+    fx.write("hosts/a.yaml", &format!("lifecycle: absent\n{body}"));
+    let root = fx.root();
+    let steps = plan_steps(&fx);
+    let ids: Vec<&str> = steps.iter().map(|s| s.0.as_str()).collect();
+    let dir = format!("directory:{}/app", root.display());
+    assert_eq!(steps.len(), 3, "{steps:?}");
+    assert!(steps.iter().all(|s| s.1 == "delete" && s.2), "{steps:?}");
+    assert_eq!(
+        ids.last(),
+        Some(&dir.as_str()),
+        "contents before their directory: {ids:?}"
+    );
+
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 3);
+    assert_eq!(result["operation_intent"]["action"], "teardown");
+    assert_eq!(host_outcome(&result, "a")["outcome"], "EscalationRequired");
+    assert_eq!(fx.status("a")["phase"], "TeardownPending");
+    assert!(root.join("app/keep").exists() && root.join("app/gone").exists());
+
+    // Once everything is gone (by hand here; with a token later), the
+    // teardown is complete while the host file still lists its resources.
+    fs::remove_dir_all(root.join("app")).unwrap();
+    apply_json(&fx, &["--dispatch", "enforced"], 0);
+    assert_eq!(fx.status("a")["phase"], "TeardownComplete");
+}

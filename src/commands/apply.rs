@@ -21,7 +21,7 @@ use crate::dispatch::{self, DispatchOpts, Recorder};
 use crate::reconcile;
 use crate::store::db::{Db, RunRow};
 
-pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
+pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
     let targets = reconcile::resolve_targets(&loaded.state, hosts)?;
     let sd = &loaded.state_dir;
     sd.ensure()?;
@@ -31,6 +31,8 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
     let run_id = new_run_id(started);
     let started_at = humantime::format_rfc3339_millis(started).to_string();
     let mut db = Db::open(&sd.db_path())?;
+    let managed = reconcile::load_managed(Some(&db), &targets)?;
+    loaded.state = reconcile::with_prunes(&loaded.state, &managed);
     let teardown = targets
         .iter()
         .any(|h| loaded.state.hosts[h].lifecycle == Lifecycle::Absent);
@@ -212,7 +214,7 @@ fn record_managed(
                 None => true,
                 Some((_, so)) => so.status == report::StepStatus::Succeeded,
             };
-            let gone = r.state().is_absent() || host.lifecycle == Lifecycle::Absent;
+            let gone = r.state().is_absent() || host.lifecycle == Lifecycle::Absent || r.pruned;
             if converged && gone {
                 db.remove_managed(&o.host, &r.id)?;
             } else if converged {

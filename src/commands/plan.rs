@@ -12,8 +12,12 @@ use crate::core::plan::{HostPlan, Plan};
 use crate::core::policy::{PolicyOutcome, RunDecision};
 use crate::reconcile;
 
-pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
+pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
     let targets = reconcile::resolve_targets(&loaded.state, hosts)?;
+    // Read-only: `plan` never creates or migrates the database.
+    let db = crate::store::db::Db::open_read_only(&loaded.state_dir.db_path())?;
+    let managed = reconcile::load_managed(db.as_ref(), &targets)?;
+    loaded.state = reconcile::with_prunes(&loaded.state, &managed);
     let kill = loaded.state_dir.kill_switch_engaged();
     let prep = reconcile::prepare(
         &loaded.state,

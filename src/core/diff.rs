@@ -99,7 +99,18 @@ pub fn diff_host(host: &Host, actual: &HostActual) -> Vec<Change> {
         .iter()
         .map(|r| {
             let observed = actual.resources.get(&r.id).unwrap_or(&Observed::NotProbed);
-            diff_resource(r, observed, host.lifecycle)
+            // A pruned resource is removed, whatever the host's lifecycle.
+            let lifecycle = if r.pruned {
+                Lifecycle::Absent
+            } else {
+                host.lifecycle
+            };
+            let mut c = diff_resource(r, observed, lifecycle);
+            if r.pruned && c.action == Action::Delete {
+                c.note =
+                    Some("pruned: tend applied it and it is no longer in the desired state".into());
+            }
+            c
         })
         .collect()
 }
@@ -336,6 +347,7 @@ pub(crate) mod tests {
             },
             from_group: None,
             replaces_group: None,
+            pruned: false,
         }
     }
 

@@ -6,6 +6,7 @@ pub mod model;
 pub mod outcome;
 pub mod plan;
 pub mod policy;
+pub mod prune;
 pub mod report;
 pub mod retry;
 pub mod spec;

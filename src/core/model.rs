@@ -110,6 +110,9 @@ pub struct Resource {
     pub from_group: Option<String>,
     /// Set when this host resource replaces a group resource with the same id.
     pub replaces_group: Option<String>,
+    /// Applied by tend earlier and no longer declared: planned as a removal
+    /// (see `prune`).
+    pub pruned: bool,
 }
 
 /// Which namespace a resource's key lives in: two resources may not share one.
@@ -1170,6 +1173,7 @@ fn load_resource(
         },
         from_group: group.map(str::to_string),
         replaces_group: None,
+        pruned: false,
     };
     r.id = match r.explicit_id() {
         Some(id) if id.trim().is_empty() || id.chars().any(char::is_control) => {

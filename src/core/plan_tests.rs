@@ -36,6 +36,7 @@ pub(super) fn res(spec: ResourceSpec) -> Resource {
         origin: origin(),
         from_group: None,
         replaces_group: None,
+        pruned: false,
     };
     r.id = format!("{}:{}", r.kind(), r.key().1);
     r.content = match &r.spec {
