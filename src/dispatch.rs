@@ -208,6 +208,10 @@ pub async fn execute(
     runs
 }
 
+/// What a step did on the host: exit status and output, or why it could not
+/// be run at all.
+type StepExec = Result<crate::transport::ExecOutput, crate::transport::TransportError>;
+
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn run_host(
     host: &str,
@@ -219,100 +223,245 @@ async fn run_host(
     rec: &Recorder,
     fail_fast: &AtomicBool,
 ) -> HostRun {
-    let mut run = HostRun::default();
-    rec.event(
-        Some(host),
-        "host_dispatch_started",
-        json!({"steps": steps.len()}),
-    );
-    for step in steps {
-        let allowed = if step.destructive { allow_d } else { allow_nd };
-        let dep_status: Vec<StepStatus> = step.after.iter().map(|&a| run.steps[a].status).collect();
-        let result = if !allowed {
-            StepResult::not_run(true)
-        } else if dep_status
-            .iter()
-            .any(|s| matches!(s, StepStatus::Failed | StepStatus::Skipped))
-        {
-            let mut r = StepResult::not_run(false);
-            r.status = StepStatus::Skipped;
-            r.failure = Some((
-                FailureClass::Execution,
-                "a step it depends on failed".into(),
-            ));
-            r
-        } else if dep_status.contains(&StepStatus::NotRun) {
-            StepResult::not_run(run.steps.iter().any(|s| s.held))
-        } else if opts.state.kill_switch_engaged() {
-            run.killed = true;
-            rec.event(
-                Some(host),
-                "kill_switch",
-                json!({"step": step.index, "id": step.id}),
-            );
-            StepResult::not_run(false)
-        } else if step.destructive && fail_fast.load(Ordering::SeqCst) {
-            let mut r = StepResult::not_run(false);
-            r.failure = Some((
-                FailureClass::Execution,
-                "a destructive step failed earlier in this run (fail fast)".into(),
-            ));
-            r
-        } else {
-            let r = run_step(host, resources, step, transport.clone(), opts, rec).await;
-            run.dispatched = true;
-            if step.destructive && r.status == StepStatus::Failed {
-                fail_fast.store(true, Ordering::SeqCst);
+    let n = steps.len();
+    let mut res: Vec<Option<StepResult>> = vec![None; n];
+    let mut killed = false;
+    let mut dispatched = false;
+    rec.event(Some(host), "host_dispatch_started", json!({"steps": n}));
+    // Gate the steps in plan order. Non-destructive steps that may run are
+    // collected into one batch (one remote command); a destructive step runs
+    // on its own, after the batch before it. When a batch stops at a failed
+    // step, the steps after it are gated again: dependents are skipped, the
+    // rest go into the next batch.
+    let mut next = 0;
+    while next < n {
+        let mut batch: Vec<usize> = Vec::new();
+        let mut j = next;
+        while j < n {
+            if res[j].is_some() {
+                j += 1;
+                continue;
             }
-            r
-        };
-        run.steps.push(result);
+            let step = &steps[j];
+            let allowed = if step.destructive { allow_d } else { allow_nd };
+            // Steps already in the batch count as succeeding: a batch stops
+            // at the first failure, so nothing after a failed step runs.
+            let deps: Vec<StepStatus> = step
+                .after
+                .iter()
+                .map(|&a| match &res[a] {
+                    Some(r) => r.status,
+                    None if batch.contains(&a) => StepStatus::Succeeded,
+                    None => StepStatus::NotRun,
+                })
+                .collect();
+            let gated = if !allowed {
+                Some(StepResult::not_run(true))
+            } else if deps
+                .iter()
+                .any(|s| matches!(s, StepStatus::Failed | StepStatus::Skipped))
+            {
+                let mut r = StepResult::not_run(false);
+                r.status = StepStatus::Skipped;
+                r.failure = Some((
+                    FailureClass::Execution,
+                    "a step it depends on failed".into(),
+                ));
+                Some(r)
+            } else if deps.contains(&StepStatus::NotRun) {
+                Some(StepResult::not_run(res.iter().flatten().any(|s| s.held)))
+            } else {
+                None
+            };
+            if let Some(r) = gated {
+                res[j] = Some(r);
+                j += 1;
+                continue;
+            }
+            if !step.destructive {
+                batch.push(j);
+                j += 1;
+                continue;
+            }
+            // A destructive step: run what is batched first.
+            if !batch.is_empty() {
+                break;
+            }
+            res[j] = Some(if opts.state.kill_switch_engaged() {
+                killed = true;
+                rec.event(
+                    Some(host),
+                    "kill_switch",
+                    json!({"step": step.index, "id": step.id}),
+                );
+                StepResult::not_run(false)
+            } else if fail_fast.load(Ordering::SeqCst) {
+                let mut r = StepResult::not_run(false);
+                r.failure = Some((
+                    FailureClass::Execution,
+                    "a destructive step failed earlier in this run (fail fast)".into(),
+                ));
+                r
+            } else {
+                dispatched = true;
+                let r = run_batch(host, resources, steps, &[j], transport.clone(), opts, rec)
+                    .await
+                    .pop()
+                    .expect("one result")
+                    .1;
+                if r.status == StepStatus::Failed {
+                    fail_fast.store(true, Ordering::SeqCst);
+                }
+                r
+            });
+            j += 1;
+        }
+        if !batch.is_empty() {
+            if opts.state.kill_switch_engaged() {
+                killed = true;
+                rec.event(
+                    Some(host),
+                    "kill_switch",
+                    json!({"step": steps[batch[0]].index, "id": steps[batch[0]].id}),
+                );
+                for &k in &batch {
+                    res[k] = Some(StepResult::not_run(false));
+                }
+            } else {
+                dispatched = true;
+                for (k, r) in
+                    run_batch(host, resources, steps, &batch, transport.clone(), opts, rec).await
+                {
+                    res[k] = Some(r);
+                }
+            }
+        }
+        next = res.iter().position(Option::is_none).unwrap_or(n);
     }
     rec.event(
         Some(host),
         "host_dispatch_finished",
-        json!({"killed": run.killed}),
+        json!({"killed": killed}),
     );
-    run
+    HostRun {
+        dispatched,
+        steps: res
+            .into_iter()
+            .map(|r| r.expect("every step decided"))
+            .collect(),
+        killed,
+    }
 }
 
-async fn run_step(
+/// Run steps `batch` (indices into `steps`, in order) in one remote command;
+/// the results of the steps that ran (at least the first one). A step whose
+/// command cannot be built fails on its own and ends the batch before it.
+async fn run_batch(
     host: &str,
     resources: &[Resource],
-    step: &Step,
+    steps: &[Step],
+    batch: &[usize],
     transport: Arc<dyn Transport>,
     opts: &DispatchOpts,
     rec: &Recorder,
-) -> StepResult {
+) -> Vec<(usize, StepResult)> {
     let started = now_rfc3339();
-    rec.event(
-        Some(host),
-        "step_started",
-        json!({"step": step.index, "id": step.id, "action": step.action.as_str()}),
-    );
-    let resource = resources.iter().find(|r| r.id == step.id);
-    let cmd = match resource.map(|r| command_for(step, r)) {
-        Some(Ok(c)) => c,
-        Some(Err(e)) => return failed_before_start(host, step, e.to_string(), rec),
-        None => {
-            return failed_before_start(
-                host,
-                step,
-                format!("resource `{}` vanished from the desired state", step.id),
-                rec,
-            );
+    let mut cmds = Vec::new();
+    for &k in batch {
+        let step = &steps[k];
+        let built = match resources.iter().find(|r| r.id == step.id) {
+            Some(r) => command_for(step, r).map_err(|e| e.to_string()),
+            None => Err(format!(
+                "resource `{}` vanished from the desired state",
+                step.id
+            )),
+        };
+        match built {
+            Ok(c) => cmds.push(c),
+            Err(e) if cmds.is_empty() => return vec![(k, failed_before_start(host, step, e, rec))],
+            Err(_) => break,
         }
+    }
+    let members = &batch[..cmds.len()];
+    for &k in members {
+        let s = &steps[k];
+        rec.event(
+            Some(host),
+            "step_started",
+            json!({"step": s.index, "id": s.id, "action": s.action.as_str(), "batch": members.len()}),
+        );
+    }
+    let timeout = opts.step_timeout.saturating_mul(members.len() as u32);
+    let single = members.len() == 1;
+    let cmd = if single {
+        cmds.pop().expect("one command")
+    } else {
+        crate::apply::batch::script(&cmds)
     };
-    let timeout = opts.step_timeout;
-    let out = tokio::task::spawn_blocking(move || transport.exec(&cmd.script, &cmd.stdin, timeout))
-        .await
-        .unwrap_or_else(|e| {
-            Err(crate::transport::TransportError::new(
-                FailureClass::Transient,
-                format!("step task failed: {e}"),
-            ))
-        });
+    let t = transport.clone();
+    let out: StepExec =
+        tokio::task::spawn_blocking(move || t.exec(&cmd.script, &cmd.stdin, timeout))
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::transport::TransportError::new(
+                    FailureClass::Transient,
+                    format!("step task failed: {e}"),
+                ))
+            });
     let finished = now_rfc3339();
+    let per_step: Vec<StepExec> = match out {
+        Ok(o) if single => vec![Ok(o)],
+        Ok(o) => match crate::apply::batch::parse(&o.stdout, members.len()) {
+            Ok(records) => records
+                .into_iter()
+                .map(|r| {
+                    Ok(crate::transport::ExecOutput {
+                        status: r.status,
+                        stdout: r.stdout,
+                        stderr: r.stderr,
+                    })
+                })
+                .collect(),
+            // Which steps ran is unknown: report every one as failed (they
+            // are non-destructive and idempotent, so a rerun is safe).
+            Err(e) => members
+                .iter()
+                .map(|_| {
+                    Err(crate::transport::TransportError::new(
+                        FailureClass::Execution,
+                        format!(
+                            "{e} (exit status {}; stderr: {}); the outcome of this step is unknown",
+                            o.status,
+                            String::from_utf8_lossy(&o.stderr).trim()
+                        ),
+                    ))
+                })
+                .collect(),
+        },
+        Err(e) => members.iter().map(|_| Err(e.clone())).collect(),
+    };
+    members
+        .iter()
+        .zip(per_step)
+        .map(|(&k, out)| {
+            (
+                k,
+                finish_step(host, &steps[k], &started, &finished, out, opts, rec),
+            )
+        })
+        .collect()
+}
+
+/// Log, record and report one executed step.
+fn finish_step(
+    host: &str,
+    step: &Step,
+    started: &str,
+    finished: &str,
+    out: StepExec,
+    opts: &DispatchOpts,
+    rec: &Recorder,
+) -> StepResult {
     let (status, exit_code, log_bytes, failure) = match out {
         Ok(o) => {
             let mut log = o.stdout.clone();
@@ -370,8 +519,8 @@ async fn run_step(
         destructive: step.destructive,
         attempt: 1,
         status,
-        started_at: started,
-        finished_at: finished,
+        started_at: started.to_string(),
+        finished_at: finished.to_string(),
         exit_code,
         log_path: log.clone(),
     };

@@ -189,6 +189,35 @@ fn one_remote_command_per_host_per_probe() {
         1,
         "one probe = one connection"
     );
+
+    // Converging 30 files: the probe, then ONE batch for every
+    // non-destructive step, over one connection.
+    f.sh("h3", "rm -rf /srv/count && mkdir /srv/count");
+    let before = (f.commands_started("h3"), f.connections("h3"));
+    let out = d.tend(&["apply", "--dispatch", "enforced"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    support::wait_for("sshd to log both commands", Duration::from_secs(5), || {
+        f.commands_started("h3") >= before.0 + 2
+    });
+    assert_eq!(f.commands_started("h3") - before.0, 2, "probe + one batch");
+    assert_eq!(f.connections("h3") - before.1, 1, "the session is reused");
+    assert_eq!(f.sh("h3", "cat /srv/count/f7"), "7\n");
+    let r = d.last_result();
+    assert_eq!(r["host_outcomes"][0]["steps"].as_array().unwrap().len(), 30);
+
+    // A no-op converge: the probe and nothing else.
+    let before = f.commands_started("h3");
+    let out = d.tend(&["apply", "--dispatch", "enforced"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    support::wait_for("sshd to log the probe", Duration::from_secs(5), || {
+        f.commands_started("h3") > before
+    });
+    assert_eq!(
+        f.commands_started("h3") - before,
+        1,
+        "a no-op converge is one remote command"
+    );
+    assert_eq!(d.last_result()["host_outcomes"][0]["outcome"], "NoChange");
 }
 
 #[test]

@@ -17,6 +17,8 @@
 //! `sync` (with file operands, to fsync one file or directory), `mv -T`,
 //! `ln`, `mkdir`, `rmdir`, `rm`: GNU coreutils or a recent BusyBox.
 
+pub mod batch;
+
 use std::fmt::Write as _;
 
 use crate::core::spec::Mode;
@@ -60,7 +62,13 @@ pub fn write_file(
     s.require_parent("write");
     s.temp_cleanup("rm -f");
     s.line(r#"tmp=$(mktemp "$d/.tend.XXXXXX")"#);
-    s.line(r#"cat > "$tmp""#);
+    // Exactly the content's length, not "until EOF": in a batch, the next
+    // step's content follows on the same stdin. A short read is an error.
+    let len = content.len();
+    s.line(&format!(r#"head -c {len} > "$tmp""#));
+    s.line(&format!(
+        r#"[ "$(wc -c < "$tmp")" -eq {len} ] || {{ echo "tend: content of $p arrived short" >&2; exit 1; }}"#
+    ));
     // Ownership before mode: chown clears the set-user-ID and set-group-ID bits.
     let keep_ids = match (owner, group) {
         (None, None) => Some("%u:%g"),

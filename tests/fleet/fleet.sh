@@ -8,7 +8,7 @@
 # namespace, so the host's hostname and its /proc, /dev, /run mounts belong to it
 # alone and disappear with it. See tests/fleet/README.md.
 #
-#   fleet.sh up [N]     start h1..hN (default 6); hosts already up stay up
+#   fleet.sh up [N]     start h1..hN (default 6); hosts already up stay up (also beyond N)
 #   fleet.sh down       stop every host, unmount everything; keeps keys and caches
 #   fleet.sh status     one line per host: name, address, state, pid
 #   fleet.sh stop I     stop hI's sshd and its sessions: connections are refused
@@ -703,12 +703,12 @@ cmd_up() {
   ensure_base
   ensure_client_key
   set_ssh_opts
-  # Hosts beyond N from an earlier, bigger 'up' go: the fleet is h1..hN.
+  # Hosts beyond N from an earlier, bigger 'up' stay up: the fleet is at
+  # least h1..hN, so two test runs asking for different sizes never take
+  # each other's hosts away. `down` stops everything.
   for i in $(configured_hosts); do
     if ((i > n)) && [ "$(host_state "$i")" != down ]; then
-      say "h$i: beyond N=$n, taking it down"
-      kill_host "$i"
-      umount_tree "$STATE/h$i"
+      n=$i
     fi
   done
   for ((i = 1; i <= n; i++)); do
