@@ -437,3 +437,95 @@ resources:
     let log = std::fs::read_to_string(d.state().join(broken["log"].as_str().unwrap())).unwrap();
     assert!(log.contains("missing-parent"), "{log}");
 }
+
+mod bytes_over_ssh {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+    use tend::apply;
+    use tend::transport::Transport;
+    use tend::transport::ssh::{SshTarget, SshTransport};
+
+    use super::support::{fleet, shell_quote};
+
+    /// Path components that would do harm if anything reached a shell
+    /// unquoted: quotes, substitutions, globs, newlines, leading dashes. No
+    /// `/`: one component, in one existing directory.
+    fn component() -> impl Strategy<Value = String> {
+        let nasty = prop::sample::select(vec![
+            "'",
+            "\"",
+            "$(touch tend-pwned)",
+            "`touch tend-pwned`",
+            "\n",
+            " ",
+            "-rf",
+            "--",
+            "*",
+            "?",
+            "[a]",
+            "~",
+            ";",
+            "&",
+            "|",
+            "\\",
+            "é",
+            "日本",
+            "\t",
+            "$HOME",
+            "a",
+            "b",
+        ]);
+        prop::collection::vec(nasty, 1..5).prop_map(|parts| {
+            let s = parts.concat();
+            // `.` and `..` are not names a resource can have.
+            if s == "." || s == ".." {
+                format!("{s}x")
+            } else {
+                s
+            }
+        })
+    }
+
+    /// One session for every case, like a run.
+    fn transport() -> &'static SshTransport {
+        static T: std::sync::OnceLock<SshTransport> = std::sync::OnceLock::new();
+        T.get_or_init(|| {
+            let f = fleet();
+            let h = f.host("h2");
+            f.sh("h2", "mkdir -p /srv/bytes && rm -f /root/tend-pwned");
+            SshTransport::new(SshTarget {
+                host: "h2".into(),
+                address: h.address.clone(),
+                port: 22,
+                user: "root".into(),
+                identity: Some(f.key.clone()),
+                host_key: Some(h.fingerprint.clone()),
+                known_hosts: f.known_hosts.clone(),
+            })
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_path_and_content_round_trip_exactly(
+            name in component(),
+            content in prop::collection::vec(any::<u8>(), 0..4096),
+        ) {
+            let f = fleet();
+            let t = transport();
+            let path = format!("/srv/bytes/{name}");
+            let cmd = apply::write_file(&path, &content, None, None, None);
+            let out = t.exec(&cmd.script, &cmd.stdin, Duration::from_secs(30)).unwrap();
+            prop_assert_eq!(out.status, 0, "{}", String::from_utf8_lossy(&out.stderr));
+            // Read back through the system ssh client, not tend's transport;
+            // a substitution would have run in root's home, the session's cwd.
+            let p = shell_quote(&path);
+            let back = f.ssh("h2", &format!("cat -- {p} && rm -f -- {p} && [ ! -e /root/tend-pwned ]"));
+            prop_assert!(back.status.success(), "read back, or a name was executed: {}", String::from_utf8_lossy(&back.stderr));
+            prop_assert_eq!(back.stdout, content);
+        }
+    }
+}
