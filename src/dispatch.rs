@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use crate::apply::{self, RemoteCommand};
 use crate::clock::now_rfc3339;
 use crate::core::diff::Action;
-use crate::core::model::{DesiredState, Resource};
+use crate::core::model::{DesiredState, Host, Resource};
 use crate::core::outcome::{HostRun, StepResult};
 use crate::core::plan::Step;
 use crate::core::report::StepStatus;
@@ -153,6 +153,8 @@ pub struct DispatchOpts {
     pub step_timeout: Duration,
     pub concurrency: usize,
     pub state: StateDir,
+    /// For the barrier re-probe before a host's first destructive step.
+    pub probe: crate::reconcile::ProbeOpts,
 }
 
 /// Execute every dispatched host of a prepared pass.
@@ -164,6 +166,7 @@ pub async fn execute(
 ) -> BTreeMap<String, HostRun> {
     let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let destructive_failed = Arc::new(AtomicBool::new(false));
+    let stale = Arc::new(AtomicBool::new(false));
     let mut set = JoinSet::new();
     let mut runs = BTreeMap::new();
     for d in &prep.decision.hosts {
@@ -179,23 +182,23 @@ pub async fn execute(
         let host = desired.hosts[&d.host].clone();
         let steps = hp.steps.clone();
         let (allow_nd, allow_d) = (d.allow_nondestructive, d.allow_destructive);
-        let (sem, rec, opts, fail_fast) = (
+        let (sem, rec, opts, fail_fast, stale) = (
             sem.clone(),
             rec.clone(),
             opts.clone(),
             destructive_failed.clone(),
+            stale.clone(),
         );
         set.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
             let run = run_host(
-                host.name(),
-                &host.resources,
+                &host,
                 &steps,
                 (allow_nd, allow_d),
                 transport,
                 &opts,
                 &rec,
-                &fail_fast,
+                (&fail_fast, &stale),
             )
             .await;
             (host.inv.name.clone(), run)
@@ -214,15 +217,16 @@ type StepExec = Result<crate::transport::ExecOutput, crate::transport::Transport
 
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn run_host(
-    host: &str,
-    resources: &[Resource],
+    h: &Host,
     steps: &[Step],
     (allow_nd, allow_d): (bool, bool),
     transport: Arc<dyn Transport>,
     opts: &DispatchOpts,
     rec: &Recorder,
-    fail_fast: &AtomicBool,
+    (fail_fast, stale): (&AtomicBool, &AtomicBool),
 ) -> HostRun {
+    let (host, resources) = (h.name(), &h.resources[..]);
+    let mut barrier_passed = false;
     let n = steps.len();
     let mut res: Vec<Option<StepResult>> = vec![None; n];
     let mut killed = false;
@@ -302,7 +306,23 @@ async fn run_host(
                     "a destructive step failed earlier in this run (fail fast)".into(),
                 ));
                 r
+            } else if stale.load(Ordering::SeqCst) {
+                let mut r = StepResult::not_run(false);
+                r.failure = Some((
+                    FailureClass::Policy,
+                    "the plan went stale at a barrier re-probe in this run; nothing destructive runs".into(),
+                ));
+                r
+            } else if !barrier_passed
+                && let Err(why) = barrier(h, steps, transport.clone(), opts).await
+            {
+                stale.store(true, Ordering::SeqCst);
+                rec.event(Some(host), "barrier_stale", json!({"reason": why}));
+                let mut r = StepResult::not_run(false);
+                r.failure = Some((FailureClass::Policy, why));
+                r
             } else {
+                barrier_passed = true;
                 dispatched = true;
                 let r = run_batch(host, resources, steps, &[j], transport.clone(), opts, rec)
                     .await
@@ -350,6 +370,48 @@ async fn run_host(
             .map(|r| r.expect("every step decided"))
             .collect(),
         killed,
+    }
+}
+
+/// The barrier before a host's first destructive step: probe the host again,
+/// plan it again, and require exactly the same destructive steps as the plan
+/// being executed (so the operation, and the token that covers it, still
+/// describe what will be destroyed). Any difference, or a failed probe, is a
+/// stale plan.
+async fn barrier(
+    h: &Host,
+    steps: &[Step],
+    transport: Arc<dyn Transport>,
+    opts: &DispatchOpts,
+) -> Result<(), String> {
+    let probe = crate::reconcile::probe_host(h, transport, &opts.probe).await;
+    let actual = probe
+        .result
+        .map_err(|(_, m)| format!("stale plan: the barrier re-probe failed: {m}"))?;
+    let fresh = crate::core::plan::plan_host(h, &crate::core::diff::diff_host(h, &actual));
+    let key = |s: &Step| (s.id.clone(), s.action);
+    let want: Vec<_> = steps.iter().filter(|s| s.destructive).map(key).collect();
+    let got: Vec<_> = fresh
+        .steps
+        .iter()
+        .filter(|s| s.destructive)
+        .map(key)
+        .collect();
+    if want == got {
+        Ok(())
+    } else {
+        Err(format!(
+            "stale plan: at the barrier, host `{}` has destructive steps [{}] instead of the planned [{}]; nothing destructive runs in this run",
+            h.name(),
+            got.iter()
+                .map(|(i, a)| format!("{} {i}", a.as_str()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            want.iter()
+                .map(|(i, a)| format!("{} {i}", a.as_str()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ))
     }
 }
 

@@ -173,6 +173,7 @@ fn one_remote_command_per_host_per_probe() {
         ));
     }
     let d = Desired::new(FAST, &inventory(&["h3"]), &[("h3", &resources)]);
+    f.sh("h3", "rm -rf /srv/count");
     let before = (f.commands_started("h3"), f.connections("h3"));
     let out = d.tend(&["plan"]);
     assert_eq!(code(&out), 2, "{}", text(&out));

@@ -10,6 +10,7 @@ pub mod prune;
 pub mod report;
 pub mod retry;
 pub mod spec;
+pub mod token;
 pub mod yaml;
 
 /// Lowercase hex of bytes.
