@@ -630,3 +630,118 @@ pub fn status_word(s: StepStatus) -> &'static str {
         StepStatus::NotRun => "not_run",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::core::model::{Blob, SourceTree, validate};
+    use crate::core::spec::DispatchMode;
+    use crate::reconcile::{self, ProbeOpts, TokenInput};
+
+    /// Host `h` (local) wants two files under `root` gone; both exist.
+    fn setup(root: &std::path::Path) -> DesiredState {
+        for f in ["a", "b"] {
+            fs::write(root.join(f), "x\n").unwrap();
+        }
+        let body = format!(
+            "resources:\n  - kind: file\n    path: {0}/a\n    state: absent\n  - kind: file\n    path: {0}/b\n    state: absent\n",
+            root.display()
+        );
+        let tree = SourceTree {
+            inventory: Some(Blob::Bytes(
+                b"hosts:\n  - name: h\n    transport: local\n".to_vec(),
+            )),
+            hosts: [("h.yaml".to_string(), Blob::Bytes(body.into_bytes()))].into(),
+            ..Default::default()
+        };
+        let v = validate(&tree);
+        assert!(v.is_valid(), "{:?}", v.problems);
+        v.state
+    }
+
+    /// Plan, authorize the operation as a valid token would, let `meddle`
+    /// change the host, then dispatch.
+    async fn run(root: &std::path::Path, meddle: impl FnOnce()) -> HostRun {
+        let state = setup(root);
+        let opts = ProbeOpts::new(&state.config, root);
+        let targets = vec!["h".to_string()];
+        let mut prep = reconcile::prepare(
+            &state,
+            &opts,
+            "rev",
+            targets,
+            DispatchMode::Enforced,
+            false,
+            &TokenInput::default(),
+        )
+        .await;
+        assert_eq!(prep.plan.hosts[0].destructive, 2);
+        prep.decision = reconcile::decide(
+            &state,
+            &prep.plan,
+            &prep.preflight_errors,
+            DispatchMode::Enforced,
+            false,
+            true,
+        );
+        meddle();
+        let sd = StateDir::new(root.join("state"));
+        sd.ensure().unwrap();
+        let rec = Arc::new(Recorder::new("r-test".into(), {
+            let mut db = Db::open(&sd.db_path()).unwrap();
+            db.begin_run(&crate::store::db::RunRow {
+                run_id: "r-test".into(),
+                started_at: "2026-11-23T00:00:00Z".into(),
+                action: crate::core::report::Action::Converge,
+                trigger: crate::core::report::Trigger::Cli,
+                dispatch_mode: DispatchMode::Enforced,
+                effective_mode: crate::core::report::EffectiveMode::Full,
+                policy_outcome: crate::core::policy::PolicyOutcome::Approved,
+                policy_reason: "test".into(),
+                desired_revision: "rev".into(),
+            })
+            .unwrap();
+            db
+        }));
+        let dopts = DispatchOpts {
+            step_timeout: Duration::from_secs(30),
+            concurrency: 1,
+            state: sd,
+            probe: opts,
+        };
+        execute(&prep, &state, &dopts, rec)
+            .await
+            .remove("h")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_barrier_lets_an_unchanged_plan_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = run(dir.path(), || {}).await;
+        assert!(
+            r.steps.iter().all(|s| s.status == StepStatus::Succeeded),
+            "{r:?}"
+        );
+        assert!(!dir.path().join("a").exists() && !dir.path().join("b").exists());
+    }
+
+    #[tokio::test]
+    async fn a_host_that_changed_since_the_plan_is_stale_at_the_barrier() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path().join("b");
+        let r = run(dir.path(), || fs::remove_file(&b).unwrap()).await;
+        for s in &r.steps {
+            assert_eq!(s.status, StepStatus::NotRun, "{r:?}");
+            let (class, msg) = s.failure.clone().unwrap();
+            assert_eq!(class, FailureClass::Policy);
+            assert!(msg.contains("stale"), "{msg}");
+        }
+        assert!(
+            dir.path().join("a").exists(),
+            "nothing destructive runs on a stale plan"
+        );
+    }
+}
