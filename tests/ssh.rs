@@ -530,3 +530,37 @@ mod bytes_over_ssh {
         }
     }
 }
+
+#[test]
+fn a_no_op_converge_of_five_hosts_with_thirty_resources_is_one_command_per_host() {
+    let f = fleet();
+    let hosts = ["h30", "h31", "h32", "h33", "h34"];
+    let mut body = String::from("resources:\n  - kind: directory\n    path: /srv/noop\n");
+    for i in 0..29 {
+        body.push_str(&format!(
+            "  - kind: file\n    path: /srv/noop/f{i}\n    content: \"{i}\\n\"\n    mode: \"0640\"\n"
+        ));
+    }
+    let files: Vec<(&str, &str)> = hosts.iter().map(|h| (*h, body.as_str())).collect();
+    let d = Desired::new(FAST, &inventory(&hosts), &files);
+    for h in hosts {
+        f.sh(h, "rm -rf /srv/noop");
+    }
+    let first = d.tend(&["apply", "--dispatch", "enforced"]);
+    assert_eq!(code(&first), 0, "{}", text(&first));
+    let before: Vec<usize> = hosts.iter().map(|h| f.commands_started(h)).collect();
+    let again = d.tend(&["apply", "--dispatch", "enforced"]);
+    assert_eq!(code(&again), 0, "{}", text(&again));
+    let r = d.last_result();
+    for (h, b) in hosts.iter().zip(&before) {
+        assert_eq!(outcome(&r, h)["outcome"], "NoChange", "{r:#}");
+        support::wait_for("sshd to log the probe", Duration::from_secs(5), || {
+            f.commands_started(h) > *b
+        });
+        assert_eq!(
+            f.commands_started(h) - b,
+            1,
+            "{h}: a no-op converge is one remote command"
+        );
+    }
+}

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Hosts the fleet provides to the tests.
-pub const HOSTS: usize = 11;
+pub const HOSTS: usize = 34;
 
 #[derive(Clone, Debug)]
 pub struct FleetHost {
