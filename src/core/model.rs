@@ -1520,7 +1520,11 @@ pub fn dependency_edges(resources: &[Resource]) -> Vec<(usize, usize, EdgeReason
         }
         match &r.spec {
             ResourceSpec::User(u) => {
-                for g in &u.groups {
+                // Its supplementary groups, and a group with its own name,
+                // which `useradd` then takes as its primary group instead of
+                // creating one (and which `groupadd` could not create after).
+                let own = std::iter::once(&u.name);
+                for g in u.groups.iter().chain(own) {
                     if let Some(&gi) = groups.get(g.as_str()) {
                         edges.insert((gi, i, EdgeReason::GroupOfUser));
                     }
