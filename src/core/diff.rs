@@ -92,10 +92,7 @@ impl Change {
 /// The kinds this build can probe and converge. Others are validated, but a
 /// host that uses them is refused before dispatch (fail closed).
 pub fn is_supported(r: &Resource) -> bool {
-    matches!(
-        r.spec,
-        ResourceSpec::File(_) | ResourceSpec::Directory(_) | ResourceSpec::Symlink(_)
-    )
+    !matches!(r.spec, ResourceSpec::Service(_))
 }
 
 /// Diff every resource of a host. Resources the probe did not report count as
@@ -1151,7 +1148,7 @@ pub(crate) mod tests {
         }
     }
 
-    #[allow(dead_code)] // enabled with the appliers
+    #[test]
     fn every_kind_but_service_is_supported() {
         let kinds = [
             (file(None, State::Present), true),
