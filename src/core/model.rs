@@ -1135,6 +1135,14 @@ fn load_resource(
             if s.run.trim().is_empty() {
                 bad(item.pos_of("run"), "`run` must not be empty".into(), sink);
             }
+            // An empty check exits 0: the command would silently never run.
+            if s.unless.as_deref().is_some_and(|u| u.trim().is_empty()) {
+                bad(
+                    item.pos_of("unless"),
+                    "`unless` must not be empty: drop it, or write the check".into(),
+                    sink,
+                );
+            }
             if let Some(c) = &s.creates {
                 check_path("creates", c, sink);
             }
