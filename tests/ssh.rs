@@ -166,6 +166,8 @@ resources:
 #[test]
 fn one_remote_command_per_host_per_probe() {
     let f = fleet();
+    // Files left by an earlier run (or anyone else) would leave nothing to plan.
+    f.sh("h3", "rm -rf /srv/count");
     let mut resources = String::from("resources:\n");
     for i in 0..30 {
         resources.push_str(&format!(
