@@ -582,6 +582,15 @@ resources:
     let gone = Desired::new(FAST, &inventory(&[h]), &[(h, &host("absent"))]);
     assert_delete_held(&gone, h, "user:tkapp");
     assert_eq!(f.sh(h, "getent passwd tkapp | cut -d: -f1"), "tkapp\n");
+    // The removal that step would run, by hand (no token gate yet): the
+    // account goes, its home stays; gone already is fine.
+    let rm = tend::apply::delete_user("tkapp");
+    f.sh(h, &rm.script);
+    f.sh(h, &rm.script);
+    assert_eq!(
+        f.sh(h, "getent passwd tkapp || echo gone; stat -c %u /srv/tkapp"),
+        "gone\n1600\n"
+    );
 }
 
 #[test]
@@ -631,6 +640,10 @@ fn groups_converge_and_drift_is_corrected() {
     let gone = Desired::new(FAST, &inventory(&[h]), &[(h, &host("absent"))]);
     assert_delete_held(&gone, h, "group:tkops");
     assert_eq!(f.sh(h, "getent group tkops | cut -d: -f1"), "tkops\n");
+    let rm = tend::apply::delete_group("tkops");
+    f.sh(h, &rm.script);
+    f.sh(h, &rm.script);
+    assert_eq!(f.sh(h, "getent group tkops || echo gone"), "gone\n");
 }
 
 #[test]
@@ -703,6 +716,28 @@ fn packages_install_in_one_call_from_the_hosts_apt() {
     assert_eq!(
         f.sh(h, "dpkg-query -W -f '${Status}\\n' tree"),
         "install ok installed\n"
+    );
+
+    // The removal that step would run (no token gate yet, so run its script
+    // by hand): it removes what it names, and refuses to take along a
+    // package that was not named (python3 depends on python3.11).
+    use tend::apply::{PackageManager, remove_packages};
+    let rm = remove_packages(PackageManager::Apt, &["tree"]);
+    f.sh(h, &rm.script);
+    assert_eq!(
+        f.sh(h, "dpkg-query -W -f '${Status}\\n' tree 2>/dev/null; true"),
+        ""
+    );
+    let rm = remove_packages(PackageManager::Apt, &["python3.11"]);
+    let out = f.ssh(h, &rm.script);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "tend: not removing python3.11: apt would also remove python3; declare those absent too\n"
+    );
+    assert_eq!(
+        f.sh(h, "dpkg-query -W -f '${Status}\\n' python3.11 python3"),
+        "install ok installed\ninstall ok installed\n"
     );
 }
 
