@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::apply::{self, RemoteCommand};
+use crate::apply::{self, PackageManager, RemoteCommand, UserFields};
 use crate::clock::now_rfc3339;
 use crate::core::diff::Action;
 use crate::core::model::{DesiredState, Host, Resource};
@@ -78,8 +78,63 @@ impl Recorder {
 }
 
 /// Build the remote command for one step.
-pub fn command_for(step: &Step, r: &Resource) -> Result<RemoteCommand> {
+/// What building a host's step commands needs beyond the step and its
+/// resource: facts from the probe, and settings.
+#[derive(Clone, Debug)]
+pub struct StepContext {
+    /// The host's package manager, from the probe's facts.
+    pub package_manager: Option<PackageManager>,
+    /// `step_timeout`: a command without its own `timeout` runs under it.
+    pub step_timeout: Duration,
+}
+
+/// How long the transport waits for a step: `step_timeout`, or for a
+/// command, its own limit plus the time `timeout` needs to stop it and
+/// report, so that the command's `timeout` fires first.
+pub fn transport_timeout(r: Option<&Resource>, step_timeout: Duration) -> Duration {
+    match r.map(|r| &r.spec) {
+        Some(ResourceSpec::Command(c)) => {
+            let limit = c.timeout.map(|t| t.0).unwrap_or(step_timeout);
+            Duration::from_secs(
+                apply::command::timeout_secs(limit) + apply::command::KILL_AFTER_SECS + 5,
+            )
+        }
+        _ => step_timeout,
+    }
+}
+
+fn package_manager(ctx: &StepContext) -> Result<PackageManager> {
+    ctx.package_manager.ok_or_else(|| {
+        anyhow!("the host has no package manager tend knows on PATH (apt-get, dnf or apk)")
+    })
+}
+
+/// One call of the package manager for the package steps `steps` (all with
+/// the same action) of `resources`.
+pub fn package_command(
+    steps: &[&Step],
+    resources: &[Resource],
+    ctx: &StepContext,
+) -> Result<RemoteCommand> {
+    let manager = package_manager(ctx)?;
+    let mut names = Vec::with_capacity(steps.len());
+    for step in steps {
+        match resources.iter().find(|r| r.id == step.id).map(|r| &r.spec) {
+            Some(ResourceSpec::Package(p)) => names.push(p.name.as_str()),
+            _ => return Err(anyhow!("`{}` is not a package resource", step.id)),
+        }
+    }
+    match steps.first().map(|s| s.action) {
+        Some(Action::Create) => Ok(apply::install_packages(manager, &names)),
+        Some(Action::Delete) => Ok(apply::remove_packages(manager, &names)),
+        other => Err(anyhow!("no package command for {other:?}")),
+    }
+}
+
+/// Build the remote command for one step.
+pub fn command_for(step: &Step, r: &Resource, ctx: &StepContext) -> Result<RemoteCommand> {
     let content_changed = step.fields.iter().any(|f| f.field == "content");
+    let changed = |field: &str| step.fields.iter().any(|f| f.field == field);
     let cmd = match (&r.spec, step.action) {
         (ResourceSpec::File(_), Action::Delete) => apply::remove_file(&path_of(r)),
         (ResourceSpec::Directory(_), Action::Delete) => apply::remove_directory(&path_of(r)),
@@ -120,6 +175,44 @@ pub fn command_for(step: &Step, r: &Resource) -> Result<RemoteCommand> {
                 .ok_or_else(|| anyhow!("symlink `{}` has no target", r.id))?;
             prefix_removal(step, &s.path, apply::make_symlink(&s.path, target))
         }
+        (ResourceSpec::User(u), Action::Create) => apply::create_user(
+            &u.name,
+            UserFields {
+                uid: u.uid,
+                home: u.home.as_deref(),
+                shell: u.shell.as_deref(),
+                groups: (!u.groups.is_empty()).then_some(u.groups.as_slice()),
+            },
+            u.system,
+        ),
+        // Only what the diff found different.
+        (ResourceSpec::User(u), Action::Update) => apply::modify_user(
+            &u.name,
+            UserFields {
+                uid: u.uid.filter(|_| changed("uid")),
+                home: u.home.as_deref().filter(|_| changed("home")),
+                shell: u.shell.as_deref().filter(|_| changed("shell")),
+                groups: Some(u.groups.as_slice()).filter(|_| changed("groups")),
+            },
+        ),
+        (ResourceSpec::User(u), Action::Delete) => apply::delete_user(&u.name),
+        (ResourceSpec::Group(g), Action::Create) => apply::create_group(&g.name, g.gid),
+        (ResourceSpec::Group(g), Action::Update) => {
+            let gid = g
+                .gid
+                .ok_or_else(|| anyhow!("group `{}` has no gid to set", r.id))?;
+            apply::modify_group(&g.name, gid)
+        }
+        (ResourceSpec::Group(g), Action::Delete) => apply::delete_group(&g.name),
+        (ResourceSpec::Package(_), Action::Create | Action::Delete) => {
+            package_command(&[step], std::slice::from_ref(r), ctx)?
+        }
+        (ResourceSpec::Command(c), Action::Create) => apply::run_command(
+            &c.run,
+            c.creates.as_deref(),
+            c.unless.as_deref(),
+            c.timeout.map(|t| t.0).unwrap_or(ctx.step_timeout),
+        ),
         _ => {
             return Err(anyhow!(
                 "no applier for {} step on `{}` in this build",
@@ -181,6 +274,15 @@ pub async fn execute(
         }
         let host = desired.hosts[&d.host].clone();
         let steps = hp.steps.clone();
+        let ctx = StepContext {
+            package_manager: prep
+                .probes
+                .get(&d.host)
+                .and_then(|p| p.result.as_ref().ok())
+                .and_then(|a| a.facts.package_manager.as_deref())
+                .and_then(PackageManager::from_fact),
+            step_timeout: opts.step_timeout,
+        };
         let (allow_nd, allow_d) = (d.allow_nondestructive, d.allow_destructive);
         let (sem, rec, opts, fail_fast, stale) = (
             sem.clone(),
@@ -195,6 +297,7 @@ pub async fn execute(
                 &host,
                 &steps,
                 (allow_nd, allow_d),
+                &ctx,
                 transport,
                 &opts,
                 &rec,
@@ -220,6 +323,7 @@ async fn run_host(
     h: &Host,
     steps: &[Step],
     (allow_nd, allow_d): (bool, bool),
+    ctx: &StepContext,
     transport: Arc<dyn Transport>,
     opts: &DispatchOpts,
     rec: &Recorder,
@@ -324,11 +428,20 @@ async fn run_host(
             } else {
                 barrier_passed = true;
                 dispatched = true;
-                let r = run_batch(host, resources, steps, &[j], transport.clone(), opts, rec)
-                    .await
-                    .pop()
-                    .expect("one result")
-                    .1;
+                let r = run_batch(
+                    host,
+                    resources,
+                    steps,
+                    &[j],
+                    ctx,
+                    transport.clone(),
+                    opts,
+                    rec,
+                )
+                .await
+                .pop()
+                .expect("one result")
+                .1;
                 if r.status == StepStatus::Failed {
                     fail_fast.store(true, Ordering::SeqCst);
                 }
@@ -349,8 +462,17 @@ async fn run_host(
                 }
             } else {
                 dispatched = true;
-                for (k, r) in
-                    run_batch(host, resources, steps, &batch, transport.clone(), opts, rec).await
+                for (k, r) in run_batch(
+                    host,
+                    resources,
+                    steps,
+                    &batch,
+                    ctx,
+                    transport.clone(),
+                    opts,
+                    rec,
+                )
+                .await
                 {
                     res[k] = Some(r);
                 }
@@ -416,48 +538,81 @@ async fn barrier(
 }
 
 /// Run steps `batch` (indices into `steps`, in order) in one remote command;
-/// the results of the steps that ran (at least the first one). A step whose
-/// command cannot be built fails on its own and ends the batch before it.
+/// the results of the steps that ran (at least the first one). Adjacent
+/// package steps with the same action share ONE package-manager call (one
+/// unit of the batch). A step whose command cannot be built fails on its own
+/// and ends the batch before it.
+#[allow(clippy::too_many_arguments)] // two call sites in run_host; a struct would only rename them
 async fn run_batch(
     host: &str,
     resources: &[Resource],
     steps: &[Step],
     batch: &[usize],
+    ctx: &StepContext,
     transport: Arc<dyn Transport>,
     opts: &DispatchOpts,
     rec: &Recorder,
 ) -> Vec<(usize, StepResult)> {
     let started = now_rfc3339();
-    let mut cmds = Vec::new();
-    for &k in batch {
+    let resource = |k: usize| resources.iter().find(|r| r.id == steps[k].id);
+    // Units: (member step indices, command, how long the transport waits).
+    let mut units: Vec<(Vec<usize>, RemoteCommand, Duration)> = Vec::new();
+    let mut i = 0;
+    while i < batch.len() {
+        let k = batch[i];
         let step = &steps[k];
-        let built = match resources.iter().find(|r| r.id == step.id) {
-            Some(r) => command_for(step, r).map_err(|e| e.to_string()),
+        let mut members = vec![k];
+        if step.kind == "package" {
+            while let Some(&next) = batch.get(i + members.len()) {
+                let n = &steps[next];
+                if n.kind != "package" || n.action != step.action || n.wave != step.wave {
+                    break;
+                }
+                members.push(next);
+            }
+        }
+        let built = match resource(k) {
             None => Err(format!(
                 "resource `{}` vanished from the desired state",
                 step.id
             )),
+            Some(_) if step.kind == "package" => {
+                let group: Vec<&Step> = members.iter().map(|&m| &steps[m]).collect();
+                package_command(&group, resources, ctx).map_err(|e| e.to_string())
+            }
+            Some(r) => command_for(step, r, ctx).map_err(|e| e.to_string()),
         };
         match built {
-            Ok(c) => cmds.push(c),
-            Err(e) if cmds.is_empty() => return vec![(k, failed_before_start(host, step, e, rec))],
+            Ok(c) => {
+                let wait = transport_timeout(resource(k), ctx.step_timeout);
+                i += members.len();
+                units.push((members, c, wait));
+            }
+            Err(e) if units.is_empty() => {
+                return members
+                    .iter()
+                    .map(|&m| (m, failed_before_start(host, &steps[m], e.clone(), rec)))
+                    .collect();
+            }
             Err(_) => break,
         }
     }
-    let members = &batch[..cmds.len()];
-    for &k in members {
-        let s = &steps[k];
-        rec.event(
-            Some(host),
-            "step_started",
-            json!({"step": s.index, "id": s.id, "action": s.action.as_str(), "batch": members.len()}),
-        );
+    for (members, _, _) in &units {
+        for &k in members {
+            let s = &steps[k];
+            rec.event(
+                Some(host),
+                "step_started",
+                json!({"step": s.index, "id": s.id, "action": s.action.as_str(), "batch": members.len()}),
+            );
+        }
     }
-    let timeout = opts.step_timeout.saturating_mul(members.len() as u32);
-    let single = members.len() == 1;
+    let timeout = units.iter().map(|u| u.2).sum::<Duration>();
+    let single = units.len() == 1;
     let cmd = if single {
-        cmds.pop().expect("one command")
+        units[0].1.clone()
     } else {
+        let cmds: Vec<RemoteCommand> = units.iter().map(|u| u.1.clone()).collect();
         crate::apply::batch::script(&cmds)
     };
     let t = transport.clone();
@@ -471,9 +626,9 @@ async fn run_batch(
                 ))
             });
     let finished = now_rfc3339();
-    let per_step: Vec<StepExec> = match out {
+    let per_unit: Vec<StepExec> = match out {
         Ok(o) if single => vec![Ok(o)],
-        Ok(o) => match crate::apply::batch::parse(&o.stdout, members.len()) {
+        Ok(o) => match crate::apply::batch::parse(&o.stdout, units.len()) {
             Ok(records) => records
                 .into_iter()
                 .map(|r| {
@@ -486,7 +641,7 @@ async fn run_batch(
                 .collect(),
             // Which steps ran is unknown: report every one as failed (they
             // are non-destructive and idempotent, so a rerun is safe).
-            Err(e) => members
+            Err(e) => units
                 .iter()
                 .map(|_| {
                     Err(crate::transport::TransportError::new(
@@ -500,18 +655,18 @@ async fn run_batch(
                 })
                 .collect(),
         },
-        Err(e) => members.iter().map(|_| Err(e.clone())).collect(),
+        Err(e) => units.iter().map(|_| Err(e.clone())).collect(),
     };
-    members
-        .iter()
-        .zip(per_step)
-        .map(|(&k, out)| {
-            (
+    let mut results = Vec::new();
+    for ((members, _, _), out) in units.iter().zip(per_unit) {
+        for &k in members {
+            results.push((
                 k,
-                finish_step(host, &steps[k], &started, &finished, out, opts, rec),
-            )
-        })
-        .collect()
+                finish_step(host, &steps[k], &started, &finished, out.clone(), opts, rec),
+            ));
+        }
+    }
+    results
 }
 
 /// Log, record and report one executed step.
@@ -743,5 +898,187 @@ mod tests {
             dir.path().join("a").exists(),
             "nothing destructive runs on a stale plan"
         );
+    }
+}
+
+#[cfg(test)]
+mod command_tests {
+    use super::*;
+    use crate::core::diff::FieldChange;
+    use crate::core::model::{Blob, SourceTree, validate};
+
+    /// The resources of host `h` declared by `yaml` (a host file).
+    fn resources(yaml: &str) -> Vec<Resource> {
+        let mut tree = SourceTree {
+            inventory: Some(Blob::Bytes(
+                b"hosts:\n  - name: h\n    transport: local\n".to_vec(),
+            )),
+            ..SourceTree::default()
+        };
+        tree.hosts
+            .insert("h.yaml".into(), Blob::Bytes(yaml.as_bytes().to_vec()));
+        let v = validate(&tree);
+        assert!(v.is_valid(), "{:?}", v.problems);
+        v.state.hosts["h"].resources.clone()
+    }
+
+    fn step(index: usize, id: &str, action: Action, wave: usize, fields: &[&str]) -> Step {
+        Step {
+            index,
+            id: id.into(),
+            kind: id.split(':').next().map(kind_of).unwrap(),
+            action,
+            destructive: action == Action::Delete,
+            wave,
+            after: vec![],
+            fields: fields
+                .iter()
+                .map(|f| FieldChange {
+                    field: f.to_string(),
+                    from: None,
+                    to: None,
+                })
+                .collect(),
+            note: None,
+            replace: false,
+        }
+    }
+
+    fn kind_of(k: &str) -> &'static str {
+        crate::core::spec::ResourceSpec::KINDS
+            .iter()
+            .find(|x| **x == k)
+            .copied()
+            .unwrap()
+    }
+
+    fn ctx(pm: Option<PackageManager>) -> StepContext {
+        StepContext {
+            package_manager: pm,
+            step_timeout: Duration::from_secs(300),
+        }
+    }
+
+    const HOST: &str = r#"
+resources:
+  - kind: user
+    name: app
+    uid: 1500
+    home: /srv/app
+    shell: /bin/sh
+    groups: [adm, web]
+    system: true
+  - kind: group
+    name: web
+    gid: 700
+  - kind: package
+    name: hello
+  - kind: package
+    name: tree
+  - kind: command
+    name: init
+    run: /usr/local/bin/init
+    creates: /srv/app/.done
+    timeout: 90s
+  - kind: command
+    name: always
+    run: "true"
+"#;
+
+    fn find<'a>(rs: &'a [Resource], id: &str) -> &'a Resource {
+        rs.iter().find(|r| r.id == id).unwrap()
+    }
+
+    #[test]
+    fn every_kind_and_action_has_a_command() {
+        let rs = resources(HOST);
+        let c = ctx(Some(PackageManager::Apt));
+        let script = |st: Step| command_for(&st, find(&rs, &st.id), &c).unwrap().script;
+        let user = script(step(0, "user:app", Action::Create, 0, &[]));
+        assert!(
+            user.contains(
+                "useradd \"$@\" -r -u '1500' -d '/srv/app' -s '/bin/sh' -G 'adm,web' -m -- \"$n\""
+            ),
+            "{user}"
+        );
+        // An update passes only what the diff found different.
+        let user = script(step(0, "user:app", Action::Update, 0, &["shell", "groups"]));
+        assert!(
+            user.ends_with("usermod -s '/bin/sh' -G 'adm,web' -- \"$n\"\n"),
+            "{user}"
+        );
+        let user = script(step(0, "user:app", Action::Delete, 0, &["exists"]));
+        assert!(user.contains("userdel -- \"$n\""), "{user}");
+        let group = script(step(0, "group:web", Action::Create, 0, &[]));
+        assert!(group.ends_with("groupadd -g '700' -- \"$n\"\n"), "{group}");
+        let group = script(step(0, "group:web", Action::Update, 0, &["gid"]));
+        assert!(group.ends_with("groupmod -g '700' -- \"$n\"\n"), "{group}");
+        let group = script(step(0, "group:web", Action::Delete, 0, &[]));
+        assert!(group.contains("groupdel -- \"$n\""), "{group}");
+        let pkg = script(step(0, "package:hello", Action::Create, 0, &[]));
+        assert!(pkg.starts_with("set -eu\nset -- 'hello'\n"), "{pkg}");
+        assert!(pkg.contains(" install -y "), "{pkg}");
+        let pkg = script(step(0, "package:hello", Action::Delete, 0, &[]));
+        assert!(pkg.contains(" remove -y -- \"$@\""), "{pkg}");
+        let cmd = script(step(0, "command:init", Action::Create, 0, &["run"]));
+        assert!(cmd.contains("timeout -k 10 90 sh -c \"$r\""), "{cmd}");
+        assert!(cmd.contains("c='/srv/app/.done'"), "{cmd}");
+        // Without its own timeout, a command gets step_timeout.
+        let cmd = script(step(0, "command:always", Action::Create, 0, &["run"]));
+        assert!(cmd.contains("timeout -k 10 300 sh -c \"$r\""), "{cmd}");
+    }
+
+    #[test]
+    fn a_package_without_a_manager_and_a_command_update_are_refused() {
+        let rs = resources(HOST);
+        let err = command_for(
+            &step(0, "package:hello", Action::Create, 0, &[]),
+            find(&rs, "package:hello"),
+            &ctx(None),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no package manager"), "{err}");
+        let err = command_for(
+            &step(0, "command:init", Action::Delete, 0, &[]),
+            find(&rs, "command:init"),
+            &ctx(None),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no applier"), "{err}");
+    }
+
+    #[test]
+    fn package_steps_share_one_call() {
+        let rs = resources(HOST);
+        let a = step(2, "package:hello", Action::Create, 0, &[]);
+        let b = step(3, "package:tree", Action::Create, 0, &[]);
+        let cmd = package_command(&[&a, &b], &rs, &ctx(Some(PackageManager::Dnf))).unwrap();
+        assert_eq!(
+            cmd.script,
+            "set -eu\nset -- 'hello' 'tree'\ndnf install -y \"$@\"\n"
+        );
+        let a = step(2, "package:hello", Action::Delete, 0, &[]);
+        let b = step(3, "package:tree", Action::Delete, 0, &[]);
+        let cmd = package_command(&[&a, &b], &rs, &ctx(Some(PackageManager::Apk))).unwrap();
+        assert_eq!(
+            cmd.script,
+            "set -eu\nset -- 'hello' 'tree'\napk del \"$@\"\n"
+        );
+    }
+
+    #[test]
+    fn commands_get_the_transport_time_their_timeout_needs() {
+        let rs = resources(HOST);
+        let five = Duration::from_secs(300);
+        assert_eq!(
+            transport_timeout(Some(find(&rs, "command:init")), five),
+            Duration::from_secs(105)
+        );
+        assert_eq!(
+            transport_timeout(Some(find(&rs, "command:always")), five),
+            Duration::from_secs(315)
+        );
+        assert_eq!(transport_timeout(Some(find(&rs, "user:app")), five), five);
+        assert_eq!(transport_timeout(None, five), five);
     }
 }

@@ -21,7 +21,7 @@ use crate::core::plan::{self, HostPlan, Plan};
 use crate::core::policy::{self, HostFacts, RunDecision};
 use crate::core::prune::{self, Managed};
 use crate::core::retry::{self, FailureClass};
-use crate::core::spec::{DispatchMode, TendConfig, TransportKind};
+use crate::core::spec::{DispatchMode, ResourceSpec, TendConfig, TransportKind};
 use crate::core::token::{TokenFile, Verdict};
 use crate::probe::{self, ProbeItem};
 use crate::store::db::Db;
@@ -106,11 +106,26 @@ pub fn connect(host: &Host, opts: &ProbeOpts) -> Result<Arc<dyn Transport>, Tran
     }
 }
 
-/// What the probe must look at for a host.
+/// What the probe must look at for a host: one item per resource of a kind
+/// this build probes (services are not probed yet; policy refuses them).
 pub fn probe_items(host: &Host) -> Vec<ProbeItem> {
     host.resources
         .iter()
-        .filter_map(|r| r.path().map(|p| ProbeItem::path(r.id.clone(), p)))
+        .filter_map(|r| {
+            let id = r.id.clone();
+            Some(match &r.spec {
+                ResourceSpec::File(s) => ProbeItem::path(id, &s.path),
+                ResourceSpec::Directory(s) => ProbeItem::path(id, &s.path),
+                ResourceSpec::Symlink(s) => ProbeItem::path(id, &s.path),
+                ResourceSpec::User(s) => ProbeItem::user(id, &s.name),
+                ResourceSpec::Group(s) => ProbeItem::group(id, &s.name),
+                ResourceSpec::Package(s) => ProbeItem::package(id, &s.name),
+                ResourceSpec::Command(s) => {
+                    ProbeItem::command(id, s.creates.clone(), s.unless.clone())
+                }
+                ResourceSpec::Service(_) => return None,
+            })
+        })
         .collect()
 }
 

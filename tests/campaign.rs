@@ -98,7 +98,7 @@ fn scenarios() -> Vec<Scenario> {
     ];
     (0..SCENARIOS)
         .map(|_| {
-            let two_hosts = rng.next() % 2 == 0;
+            let two_hosts = rng.next().is_multiple_of(2);
             let mut token = rng.pick(&tokens);
             if token == Subset && !two_hosts {
                 token = Superset;
@@ -119,7 +119,7 @@ fn scenarios() -> Vec<Scenario> {
                     Mode::Kill,
                 ]),
                 two_hosts,
-                protected_first: rng.next() % 8 == 0,
+                protected_first: rng.next().is_multiple_of(8),
             }
         })
         .collect()

@@ -1,5 +1,7 @@
-//! Remote command builders: one POSIX `sh` script per change to a path-based
-//! resource (file, directory, symlink), ready for [`crate::transport::Transport::exec`].
+//! Remote command builders: one POSIX `sh` script per change, ready for
+//! [`crate::transport::Transport::exec`]. Path-based resources (file,
+//! directory, symlink) are here; users and groups in [`account`], packages
+//! (one call for a list) in [`package`], commands in [`command`].
 //!
 //! Invariant: pure. Every path, name and value reaches the script through
 //! [`crate::shell::quote`], assigned once to a shell variable and used as
@@ -23,6 +25,16 @@ use std::fmt::Write as _;
 
 use crate::core::spec::Mode;
 use crate::shell::quote;
+
+pub mod account;
+pub mod command;
+pub mod package;
+
+pub use account::{
+    UserFields, create_group, create_user, delete_group, delete_user, modify_group, modify_user,
+};
+pub use command::run_command;
+pub use package::{PackageManager, install_packages, remove_packages};
 
 #[cfg(test)]
 mod tests;

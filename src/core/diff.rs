@@ -1,17 +1,23 @@
 //! Desired x actual -> changes, one per resource.
 //!
-//! Classification (SPEC.md sections 4 and 7): every delete is destructive;
-//! replacing one kind of file-system object with another (a directory with a
-//! file, a file with a symlink) removes what was there and is destructive too;
-//! replacing a file's content, retargeting a symlink and changing only mode or
-//! owner are non-destructive updates.
+//! Classification (SPEC.md sections 4 and 7): every delete is destructive
+//! (a file, directory, symlink, user, group or package); replacing one kind
+//! of file-system object with another (a directory with a file, a file with a
+//! symlink) removes what was there and is destructive too; replacing a
+//! file's content, retargeting a symlink, changing only mode or owner, and
+//! changing a user's uid, home, shell or supplementary groups or a group's
+//! gid are non-destructive updates. A `command` whose guard says it will run
+//! is a `create`, destructive only when it says `destructive: true`;
+//! commands are never undone (`lifecycle: absent` leaves them a noop).
 //!
 //! Invariant: pure and total: every resource gets exactly one change, in
 //! resource-id order.
 
 use serde::Serialize;
 
-use super::actual::{FileState, HostActual, Meta, Observed};
+use std::collections::BTreeSet;
+
+use super::actual::{FileState, GuardState, HostActual, Meta, Observed, UserState};
 use super::model::{Host, Resource};
 use super::spec::{Lifecycle, Mode, ResourceSpec, State};
 
@@ -86,10 +92,7 @@ impl Change {
 /// The kinds this build can probe and converge. Others are validated, but a
 /// host that uses them is refused before dispatch (fail closed).
 pub fn is_supported(r: &Resource) -> bool {
-    matches!(
-        r.spec,
-        ResourceSpec::File(_) | ResourceSpec::Directory(_) | ResourceSpec::Symlink(_)
-    )
+    !matches!(r.spec, ResourceSpec::Service(_))
 }
 
 /// Diff every resource of a host. Resources the probe did not report count as
@@ -123,6 +126,10 @@ fn describe(o: &Observed) -> &'static str {
         Observed::Symlink { .. } => "a symlink",
         Observed::Other { .. } => "a special file",
         Observed::NotProbed => "an unprobed object",
+        Observed::User(_) => "a user",
+        Observed::Group(_) => "a group",
+        Observed::Package(_) => "an installed package",
+        Observed::Guard(_) => "a command guard",
     }
 }
 
@@ -185,6 +192,9 @@ pub fn diff_resource(r: &Resource, observed: &Observed, lifecycle: Lifecycle) ->
     let want_absent = lifecycle == Lifecycle::Absent || r.state() == State::Absent;
     if *observed == Observed::NotProbed {
         return Change::new(r, Action::Noop);
+    }
+    if let ResourceSpec::Command(s) = &r.spec {
+        return diff_command(r, s, observed, lifecycle);
     }
     if want_absent {
         return diff_absent(r, observed);
@@ -274,10 +284,160 @@ pub fn diff_resource(r: &Resource, observed: &Observed, lifecycle: Lifecycle) ->
             c.note = Some(format!("replaces {} at the path", describe(other)));
             c
         }
-        // Kinds this build does not probe never reach here with a real
-        // observation; stay a noop and let policy refuse the host.
+        (ResourceSpec::User(s), Observed::Absent) => {
+            let mut c = Change::new(r, Action::Create);
+            if let Some(uid) = s.uid {
+                c = c.field("uid", None, Some(uid.to_string()));
+            }
+            if let Some(home) = &s.home {
+                c = c.field("home", None, Some(home.clone()));
+            }
+            if let Some(shell) = &s.shell {
+                c = c.field("shell", None, Some(shell.clone()));
+            }
+            if !s.groups.is_empty() {
+                c = c.field("groups", None, Some(group_list(&s.groups, "")));
+            }
+            if s.system {
+                c = c.field("system", None, Some("yes".into()));
+            }
+            if c.fields.is_empty() {
+                c = c.field("exists", Some("no".into()), Some("yes".into()));
+            }
+            c
+        }
+        (ResourceSpec::User(s), Observed::User(u)) => {
+            let mut c = Change::new(r, Action::Update);
+            if let Some(uid) = s.uid
+                && uid != u.uid
+            {
+                c = c.field("uid", Some(u.uid.to_string()), Some(uid.to_string()));
+            }
+            if let Some(home) = &s.home
+                && *home != u.home
+            {
+                c = c.field("home", Some(u.home.clone()), Some(home.clone()));
+            }
+            if let Some(shell) = &s.shell
+                && *shell != u.shell
+            {
+                c = c.field("shell", Some(u.shell.clone()), Some(shell.clone()));
+            }
+            if !s.groups.is_empty() && !same_groups(&s.groups, u) {
+                c = c.field(
+                    "groups",
+                    Some(group_list(&u.groups, &u.primary_group)),
+                    Some(group_list(&s.groups, &u.primary_group)),
+                );
+            }
+            finish_update(c)
+        }
+        (ResourceSpec::Group(s), Observed::Absent) => {
+            let c = Change::new(r, Action::Create);
+            match s.gid {
+                Some(gid) => c.field("gid", None, Some(gid.to_string())),
+                None => c.field("exists", Some("no".into()), Some("yes".into())),
+            }
+        }
+        (ResourceSpec::Group(s), Observed::Group(g)) => match s.gid {
+            Some(gid) if gid != g.gid => Change::new(r, Action::Update).field(
+                "gid",
+                Some(g.gid.to_string()),
+                Some(gid.to_string()),
+            ),
+            _ => Change::new(r, Action::Noop),
+        },
+        (ResourceSpec::Package(_), Observed::Absent) => {
+            Change::new(r, Action::Create).field("installed", Some("no".into()), Some("yes".into()))
+        }
+        (ResourceSpec::Package(_), Observed::Package(_)) => Change::new(r, Action::Noop),
+        // Kinds this build does not probe (and observations that do not fit
+        // the kind, which the probe parser never produces) stay a noop; policy
+        // refuses a host with an unsupported kind.
         _ => Change::new(r, Action::Noop),
     }
+}
+
+/// Supplementary groups as `usermod -G` will leave them: sorted, without
+/// duplicates, and without the primary group (which `id -nG` lists once, as
+/// the primary group, whether or not the user is also a member).
+fn group_set<'a>(groups: &'a [String], primary: &str) -> BTreeSet<&'a str> {
+    groups
+        .iter()
+        .map(String::as_str)
+        .filter(|g| *g != primary)
+        .collect()
+}
+
+fn group_list(groups: &[String], primary: &str) -> String {
+    let set = group_set(groups, primary);
+    if set.is_empty() {
+        "(none)".into()
+    } else {
+        set.into_iter().collect::<Vec<_>>().join(",")
+    }
+}
+
+fn same_groups(want: &[String], u: &UserState) -> bool {
+    group_set(want, &u.primary_group) == group_set(&u.groups, &u.primary_group)
+}
+
+/// A command runs when its guard says so; it is never undone.
+fn diff_command(
+    r: &Resource,
+    s: &crate::core::spec::CommandSpec,
+    observed: &Observed,
+    lifecycle: Lifecycle,
+) -> Change {
+    let Observed::Guard(g) = observed else {
+        return Change::new(r, Action::Noop);
+    };
+    if lifecycle == Lifecycle::Absent {
+        let mut c = Change::new(r, Action::Noop);
+        c.note = Some("commands are not undone by a teardown".into());
+        return c;
+    }
+    if !g.will_run {
+        let mut c = Change::new(r, Action::Noop);
+        c.note = Some(guard_reason(s, g));
+        return c;
+    }
+    let mut c = Change::new(r, Action::Create).field("run", None, Some(first_line(&s.run)));
+    c.destructive = s.destructive;
+    c.note = Some(format!("will run: {}", guard_reason(s, g)));
+    c
+}
+
+/// Why the guard says what it says, for people.
+fn guard_reason(s: &crate::core::spec::CommandSpec, g: &GuardState) -> String {
+    let mut why = Vec::new();
+    if let (Some(path), Some(exists)) = (&s.creates, g.creates_exists) {
+        why.push(if exists {
+            format!("`{path}` exists")
+        } else {
+            format!("`{path}` does not exist")
+        });
+    }
+    if let Some(status) = g.unless_status {
+        why.push(format!("the `unless` check exited {status}"));
+    }
+    if why.is_empty() {
+        "no `creates` or `unless` guard: it runs on every apply".into()
+    } else {
+        why.join(" and ")
+    }
+}
+
+/// The first line of a script, shortened, for a plan line.
+fn first_line(script: &str) -> String {
+    const MAX: usize = 60;
+    let lines: Vec<&str> = script.trim().lines().collect();
+    let first = lines.first().copied().unwrap_or("");
+    let mut out: String = first.chars().take(MAX).collect();
+    if first.chars().count() > MAX || lines.len() > 1 {
+        out.push('…');
+    }
+    out
 }
 
 fn finish_update(c: Change) -> Change {
@@ -299,12 +459,34 @@ fn diff_absent(r: &Resource, observed: &Observed) -> Change {
         (ResourceSpec::File(_), Observed::File(_))
             | (ResourceSpec::Directory(_), Observed::Directory(_))
             | (ResourceSpec::Symlink(_), Observed::Symlink { .. })
+            | (ResourceSpec::User(_), Observed::User(_))
+            | (ResourceSpec::Group(_), Observed::Group(_))
+            | (ResourceSpec::Package(_), Observed::Package(_))
     );
     if present {
-        let mut c =
-            Change::new(r, Action::Delete).field("exists", Some("yes".into()), Some("no".into()));
-        if matches!(r.spec, ResourceSpec::Directory(_)) {
-            c.note = Some("removes the directory and everything in it".into());
+        let mut c = match observed {
+            Observed::Package(p) => Change::new(r, Action::Delete).field(
+                "installed",
+                Some(match &p.version {
+                    Some(v) => format!("yes ({v})"),
+                    None => "yes".into(),
+                }),
+                Some("no".into()),
+            ),
+            _ => Change::new(r, Action::Delete).field(
+                "exists",
+                Some("yes".into()),
+                Some("no".into()),
+            ),
+        };
+        match r.spec {
+            ResourceSpec::Directory(_) => {
+                c.note = Some("removes the directory and everything in it".into());
+            }
+            ResourceSpec::User(_) => {
+                c.note = Some("removes the account; its home directory and files stay".into());
+            }
+            _ => {}
         }
         c
     } else {
@@ -319,8 +501,11 @@ fn diff_absent(r: &Resource, observed: &Observed) -> Change {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::core::actual::{GroupState, PackageState};
     use crate::core::model::{Content, Origin};
-    use crate::core::spec::{DirectorySpec, FileSpec, SymlinkSpec};
+    use crate::core::spec::{
+        CommandSpec, DirectorySpec, FileSpec, GroupSpec, PackageSpec, SymlinkSpec, UserSpec,
+    };
     use crate::core::yaml::Pos;
 
     fn res(spec: ResourceSpec, content: Option<&str>) -> Resource {
@@ -331,6 +516,10 @@ pub(crate) mod tests {
                 ResourceSpec::File(s) => &s.path,
                 ResourceSpec::Directory(s) => &s.path,
                 ResourceSpec::Symlink(s) => &s.path,
+                ResourceSpec::User(s) => &s.name,
+                ResourceSpec::Group(s) => &s.name,
+                ResourceSpec::Package(s) => &s.name,
+                ResourceSpec::Command(s) => &s.name,
                 _ => "x",
             }
         );
@@ -710,6 +899,289 @@ pub(crate) mod tests {
             let c = diff_resource(r, &observed, Lifecycle::Absent);
             assert_eq!(c.action, want, "{} on {observed:?}", r.id);
             assert_eq!(c.destructive, want == Action::Delete, "{}", r.id);
+        }
+    }
+
+    /// (resource, observed, (action, destructive, changed fields))
+    type Case = (
+        ResourceSpec,
+        Observed,
+        (Action, bool, &'static [&'static str]),
+    );
+    /// A case and the note the change must carry.
+    type NoteCase = (
+        ResourceSpec,
+        Observed,
+        (Action, bool, &'static [&'static str]),
+        &'static str,
+    );
+
+    fn user(uid: Option<u32>, shell: Option<&str>, groups: &[&str], state: State) -> ResourceSpec {
+        ResourceSpec::User(UserSpec {
+            name: "app".into(),
+            uid,
+            home: None,
+            shell: shell.map(str::to_string),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            system: false,
+            state,
+            id: None,
+            requires: vec![],
+        })
+    }
+
+    fn user_state(uid: u32, shell: &str, groups: &[&str]) -> Observed {
+        Observed::User(UserState {
+            uid,
+            gid: uid,
+            home: "/home/app".into(),
+            shell: shell.into(),
+            primary_group: "app".into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        })
+    }
+
+    #[test]
+    fn user_table() {
+        use Action::*;
+        let present = State::Present;
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            // Created when absent, with what is given.
+            (user(None, None, &[], present), Observed::Absent, (Create, false, &["exists"])),
+            (user(Some(1500), Some("/bin/sh"), &["adm"], present), Observed::Absent, (Create, false, &["uid", "shell", "groups"])),
+            // Only what is given is compared.
+            (user(None, None, &[], present), user_state(1000, "/bin/bash", &["adm"]), (Noop, false, &[])),
+            (user(Some(1000), Some("/bin/bash"), &["adm"], present), user_state(1000, "/bin/bash", &["adm"]), (Noop, false, &[])),
+            (user(Some(1001), None, &[], present), user_state(1000, "/bin/bash", &[]), (Update, false, &["uid"])),
+            (user(None, Some("/bin/sh"), &[], present), user_state(1000, "/bin/bash", &[]), (Update, false, &["shell"])),
+            // Groups are the whole supplementary set: order, duplicates and
+            // the primary group do not count; a missing or extra one does.
+            (user(None, None, &["sudo", "adm", "adm", "app"], present), user_state(1000, "/bin/sh", &["adm", "sudo"]), (Noop, false, &[])),
+            (user(None, None, &["adm"], present), user_state(1000, "/bin/sh", &["adm", "sudo"]), (Update, false, &["groups"])),
+            (user(None, None, &["adm", "sudo"], present), user_state(1000, "/bin/sh", &[]), (Update, false, &["groups"])),
+            (user(Some(1), Some("/bin/sh"), &["adm"], present), user_state(1000, "/bin/bash", &[]), (Update, false, &["uid", "shell", "groups"])),
+            // Removal is destructive; an absent one is nothing to do.
+            (user(None, None, &[], State::Absent), user_state(1000, "/bin/sh", &[]), (Delete, true, &["exists"])),
+            (user(Some(5), None, &[], State::Absent), Observed::Absent, (Noop, false, &[])),
+        ];
+        for (spec, observed, want) in cases {
+            check(spec, observed, want);
+        }
+        // The groups field shows the sets as usermod will leave them.
+        let c = diff_of(
+            user(None, None, &["sudo", "app", "adm"], present),
+            None,
+            &user_state(1000, "/bin/sh", &[]),
+        );
+        assert_eq!(c.fields[0].from.as_deref(), Some("(none)"));
+        assert_eq!(c.fields[0].to.as_deref(), Some("adm,sudo"));
+        let c = diff_of(
+            user(None, None, &[], State::Absent),
+            None,
+            &user_state(1000, "/bin/sh", &[]),
+        );
+        assert!(
+            c.note.unwrap().contains("home directory"),
+            "deleting a user keeps its files"
+        );
+    }
+
+    #[test]
+    fn user_home_and_system() {
+        let spec = ResourceSpec::User(UserSpec {
+            name: "app".into(),
+            uid: None,
+            home: Some("/srv/app".into()),
+            shell: None,
+            groups: vec![],
+            system: true,
+            state: State::Present,
+            id: None,
+            requires: vec![],
+        });
+        check(
+            spec.clone(),
+            Observed::Absent,
+            (Action::Create, false, &["home", "system"]),
+        );
+        // `system` cannot change after creation and is not compared.
+        check(
+            spec,
+            user_state(1000, "/bin/sh", &[]),
+            (Action::Update, false, &["home"]),
+        );
+    }
+
+    fn group(gid: Option<u32>, state: State) -> ResourceSpec {
+        ResourceSpec::Group(GroupSpec {
+            name: "app".into(),
+            gid,
+            state,
+            id: None,
+            requires: vec![],
+        })
+    }
+
+    #[test]
+    fn group_table() {
+        use Action::*;
+        let at = |gid| {
+            Observed::Group(GroupState {
+                gid,
+                members: vec!["web".into()],
+            })
+        };
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            (group(None, State::Present), Observed::Absent, (Create, false, &["exists"])),
+            (group(Some(500), State::Present), Observed::Absent, (Create, false, &["gid"])),
+            (group(None, State::Present), at(500), (Noop, false, &[])),
+            (group(Some(500), State::Present), at(500), (Noop, false, &[])),
+            (group(Some(501), State::Present), at(500), (Update, false, &["gid"])),
+            (group(Some(501), State::Absent), at(500), (Delete, true, &["exists"])),
+            (group(None, State::Absent), Observed::Absent, (Noop, false, &[])),
+        ];
+        for (spec, observed, want) in cases {
+            check(spec, observed, want);
+        }
+    }
+
+    fn package(state: State) -> ResourceSpec {
+        ResourceSpec::Package(PackageSpec {
+            name: "hello".into(),
+            state,
+            id: None,
+            requires: vec![],
+        })
+    }
+
+    #[test]
+    fn package_table() {
+        use Action::*;
+        let installed = || {
+            Observed::Package(PackageState {
+                version: Some("2.10-3".into()),
+            })
+        };
+        check(
+            package(State::Present),
+            Observed::Absent,
+            (Create, false, &["installed"]),
+        );
+        check(package(State::Present), installed(), (Noop, false, &[]));
+        check(
+            package(State::Absent),
+            installed(),
+            (Delete, true, &["installed"]),
+        );
+        check(package(State::Absent), Observed::Absent, (Noop, false, &[]));
+        let c = diff_of(package(State::Absent), None, &installed());
+        assert_eq!(c.fields[0].from.as_deref(), Some("yes (2.10-3)"));
+        assert_eq!(c.fields[0].to.as_deref(), Some("no"));
+    }
+
+    fn command(creates: Option<&str>, unless: Option<&str>, destructive: bool) -> ResourceSpec {
+        ResourceSpec::Command(CommandSpec {
+            name: "init".into(),
+            run: "/usr/local/bin/init --all\necho done\n".into(),
+            creates: creates.map(str::to_string),
+            unless: unless.map(str::to_string),
+            destructive,
+            timeout: None,
+            id: None,
+            requires: vec![],
+        })
+    }
+
+    #[test]
+    fn command_table() {
+        use Action::*;
+        let guard = |c, u| Observed::Guard(GuardState::new(c, u));
+        #[rustfmt::skip]
+        let cases: Vec<NoteCase> = vec![
+            (command(Some("/x"), None, false), guard(Some(false), None), (Create, false, &["run"]), "will run: `/x` does not exist"),
+            (command(Some("/x"), None, false), guard(Some(true), None), (Noop, false, &[]), "`/x` exists"),
+            (command(None, Some("check"), false), guard(None, Some(0)), (Noop, false, &[]), "the `unless` check exited 0"),
+            (command(None, Some("check"), false), guard(None, Some(1)), (Create, false, &["run"]), "will run: the `unless` check exited 1"),
+            // Both guards: either one holding is enough to skip it.
+            (command(Some("/x"), Some("check"), false), guard(Some(false), Some(0)), (Noop, false, &[]), "`/x` does not exist and the `unless` check exited 0"),
+            (command(Some("/x"), Some("check"), false), guard(Some(false), Some(2)), (Create, false, &["run"]), "will run: `/x` does not exist and the `unless` check exited 2"),
+            // No guard: runs every time.
+            (command(None, None, false), guard(None, None), (Create, false, &["run"]), "will run: no `creates` or `unless` guard: it runs on every apply"),
+            // Destructive only when it says so.
+            (command(Some("/x"), None, true), guard(Some(false), None), (Create, true, &["run"]), "will run: `/x` does not exist"),
+            (command(Some("/x"), None, true), guard(Some(true), None), (Noop, false, &[]), "`/x` exists"),
+        ];
+        for (spec, observed, want, note) in cases {
+            let c = diff_of(spec.clone(), None, &observed);
+            let fields: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
+            assert_eq!((c.action, c.destructive, fields.as_slice()), want, "{c:?}");
+            assert_eq!(c.note.as_deref(), Some(note), "{c:?}");
+        }
+        let c = diff_of(command(None, None, false), None, &guard(None, None));
+        assert_eq!(
+            c.fields[0].to.as_deref(),
+            Some("/usr/local/bin/init --all…")
+        );
+        // Never undone: a teardown leaves commands alone, whatever the guard.
+        for destructive in [false, true] {
+            let r = res(command(None, None, destructive), None);
+            let c = diff_resource(&r, &guard(None, None), Lifecycle::Absent);
+            assert_eq!((c.action, c.destructive), (Noop, false), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn teardown_removes_accounts_and_packages() {
+        let cases = [
+            (
+                user(None, None, &[], State::Present),
+                user_state(1000, "/bin/sh", &[]),
+            ),
+            (
+                group(None, State::Present),
+                Observed::Group(GroupState {
+                    gid: 5,
+                    members: vec![],
+                }),
+            ),
+            (
+                package(State::Present),
+                Observed::Package(PackageState { version: None }),
+            ),
+        ];
+        for (spec, observed) in cases {
+            let r = res(spec, None);
+            let c = diff_resource(&r, &observed, Lifecycle::Absent);
+            assert_eq!((c.action, c.destructive), (Action::Delete, true), "{c:?}");
+            let c = diff_resource(&r, &Observed::Absent, Lifecycle::Absent);
+            assert_eq!(c.action, Action::Noop, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn every_kind_but_service_is_supported() {
+        let kinds = [
+            (file(None, State::Present), true),
+            (user(None, None, &[], State::Present), true),
+            (group(None, State::Present), true),
+            (package(State::Present), true),
+            (command(None, None, false), true),
+            (
+                ResourceSpec::Service(crate::core::spec::ServiceSpec {
+                    name: "nginx".into(),
+                    enabled: true,
+                    running: true,
+                    restart_on: vec![],
+                    id: None,
+                    requires: vec![],
+                }),
+                false,
+            ),
+        ];
+        for (spec, want) in kinds {
+            assert_eq!(is_supported(&res(spec.clone(), None)), want, "{spec:?}");
         }
     }
 

@@ -15,7 +15,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Hosts the fleet provides to the tests.
+/// Hosts the fleet provides to the tests: h1..h11 for paths and transport
+/// failures, h12..h16 for users, groups, packages and commands, h30..h34 for
+/// the five-host no-op converge, h40..h47 for the safety campaign.
 pub const HOSTS: usize = 47;
 
 #[derive(Clone, Debug)]
@@ -47,9 +49,12 @@ pub fn fleet() -> &'static Fleet {
         fs::create_dir_all(&dir).expect("create fleet dir");
         let lock = File::create(dir.join(".test-lock")).expect("fleet lock");
         lock.lock().expect("lock fleet");
+        // `up N` takes down hosts above N: never shrink a bigger fleet that
+        // something else (a benchmark, another test binary) started.
+        let hosts = HOSTS.max(highest_running(&dir));
         let out = Command::new("bash")
             .arg(repo().join("tests/fleet/fleet.sh"))
-            .args(["up", &HOSTS.to_string()])
+            .args(["up", &hosts.to_string()])
             .env("TEND_FLEET_DIR", &dir)
             .stdin(Stdio::null())
             .output()
@@ -82,6 +87,27 @@ pub fn fleet() -> &'static Fleet {
             dir,
         }
     })
+}
+
+/// The highest host index that `fleet.sh status` does not report `down`.
+fn highest_running(dir: &Path) -> usize {
+    let out = Command::new("bash")
+        .arg(repo().join("tests/fleet/fleet.sh"))
+        .arg("status")
+        .env("TEND_FLEET_DIR", dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tests/fleet/fleet.sh status");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let i = f.first()?.strip_prefix('h')?.parse::<usize>().ok()?;
+            (f.get(2).is_some_and(|s| *s != "down")).then_some(i)
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 impl Fleet {
@@ -252,6 +278,22 @@ impl Desired {
             .stdin(Stdio::null())
             .output()
             .expect("run tend")
+    }
+
+    /// The run ids in the state dir.
+    pub fn run_ids(&self) -> std::collections::BTreeSet<String> {
+        match fs::read_dir(self.state().join("runs")) {
+            Ok(dir) => dir
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect(),
+            Err(_) => Default::default(),
+        }
+    }
+
+    /// One run's result.json.
+    pub fn result(&self, run_id: &str) -> serde_json::Value {
+        let path = self.state().join("runs").join(run_id).join("result.json");
+        serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
     }
 
     /// The newest run's result.json (by start time: run ids only have
