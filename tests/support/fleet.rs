@@ -120,11 +120,18 @@ impl Fleet {
         Command::new("timeout")
             .args(["30", "ssh", "-F"])
             .arg(&self.ssh_config)
+            // One multiplexed connection per host for the tests' own checks:
+            // a new SSH handshake per check costs more than the check. The
+            // master lingers 60 s and never counts as a command of tend's.
             .args([
                 "-o",
                 "BatchMode=yes",
                 "-o",
-                "ControlPath=none",
+                "ControlMaster=auto",
+                "-o",
+                "ControlPath=/tmp/tend-test-cm-%C",
+                "-o",
+                "ControlPersist=60",
                 host,
                 "sh",
                 "-c",
