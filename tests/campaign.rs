@@ -1,5 +1,6 @@
 //! The safety campaign: generated scenarios on the real SSH fleet that mix
-//! destructive changes (deletes, prunes, teardowns, replacements) with
+//! destructive changes (deletes, prunes, teardowns, replacements,
+//! destructive commands) with
 //! confirmation tokens that are missing, valid, expired, for another
 //! operation, for a superset or subset of the hosts, reused, world-writable,
 //! malformed or stale, under every dispatch mode and the kill switch. Each
@@ -31,6 +32,8 @@ enum Change {
     Prune,
     Teardown,
     Replace,
+    /// A `command` with `destructive: true` that removes the victim.
+    Command,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -109,6 +112,7 @@ fn scenarios() -> Vec<Scenario> {
                     Change::Prune,
                     Change::Teardown,
                     Change::Replace,
+                    Change::Command,
                 ]),
                 token,
                 mode: rng.pick(&[
@@ -149,7 +153,7 @@ fn inventory(hosts: &[&str], protected_first: bool) -> String {
 /// The host file before the destructive change (what gets applied first).
 fn before(change: Change, dir: &str) -> String {
     match change {
-        Change::Delete | Change::Replace => {
+        Change::Delete | Change::Replace | Change::Command => {
             format!("resources:\n  - kind: directory\n    path: {dir}\n")
         }
         Change::Prune | Change::Teardown => format!(
@@ -168,6 +172,10 @@ fn after(change: Change, dir: &str, extra: bool) -> String {
         Change::Teardown => format!("lifecycle: absent\n{}", before(change, dir)),
         Change::Replace => format!(
             "resources:\n  - kind: directory\n    path: {dir}\n  - kind: directory\n    path: {dir}/victim\n"
+        ),
+        // Runs only while the victim exists (the guard is probed).
+        Change::Command => format!(
+            "resources:\n  - kind: directory\n    path: {dir}\n  - kind: command\n    name: drop-victim\n    run: rm -f {dir}/victim\n    unless: test ! -e {dir}/victim\n    destructive: true\n    requires: [\"directory:{dir}\"]\n"
         ),
     };
     if extra {
