@@ -447,7 +447,15 @@ fn safety_campaign_zero_unauthorized_destructive_operations() {
     let unauthorized: usize = tallies.iter().map(|t| t.unauthorized_executed).sum();
     let twice: usize = tallies.iter().map(|t| t.double_executed).sum();
     let failures: Vec<&String> = tallies.iter().flat_map(|t| &t.failures).collect();
-    println!("safety campaign: {SCENARIOS} scenarios");
+    let by_kind = |c: Change| all.iter().filter(|s| s.change == c).count();
+    println!(
+        "safety campaign: {SCENARIOS} scenarios ({} deletes, {} prunes, {} teardowns, {} replacements, {} destructive commands)",
+        by_kind(Change::Delete),
+        by_kind(Change::Prune),
+        by_kind(Change::Teardown),
+        by_kind(Change::Replace),
+        by_kind(Change::Command)
+    );
     println!("  authorized destructive operations executed:   {authorized}");
     println!("  unauthorized destructive operations executed: {unauthorized}");
     println!("  executed more than once:                      {twice}");
