@@ -1,7 +1,9 @@
 //! The real SSH test fleet (tests/fleet/fleet.sh), seen from a test: bring it
 //! up once, run commands on hosts with the system `ssh`, count sessions in
 //! sshd's VERBOSE log, and inject faults (stop, freeze) that are undone when
-//! the guard drops.
+//! the guard drops. [`systemd_fleet`] brings up the systemd-nspawn hosts
+//! (s1..sN, real systemd) the same way; its hosts' `log` is the container's
+//! console log, and faults are for the chroot hosts only.
 //!
 //! Tests that need the fleet run in CI: there is no flag that skips them. The
 //! fleet needs root; without it, these tests fail with a clear message.
@@ -18,6 +20,9 @@ use std::time::{Duration, Instant};
 /// Hosts the fleet provides to the tests.
 pub const HOSTS: usize = 11;
 
+/// Systemd hosts the fleet provides to the tests.
+pub const SYSTEMD_HOSTS: usize = 4;
+
 #[derive(Clone, Debug)]
 pub struct FleetHost {
     pub name: String,
@@ -27,6 +32,7 @@ pub struct FleetHost {
 }
 
 pub struct Fleet {
+    /// The fleet dir (`TEND_FLEET_DIR`).
     pub dir: PathBuf,
     pub key: PathBuf,
     pub known_hosts: PathBuf,
@@ -38,49 +44,72 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+fn fleet_dir() -> PathBuf {
+    PathBuf::from(std::env::var("TEND_FLEET_DIR").unwrap_or_else(|_| "/var/tmp/tend-fleet".into()))
+}
+
+/// Run `fleet.sh ARGS` once per test process (idempotent across processes:
+/// the script keeps running hosts, and a file lock serializes the tests'
+/// calls), then read the hosts from `files/hosts.tsv`.
+fn bring_up(args: &[&str], files: &Path) -> Fleet {
+    let dir = fleet_dir();
+    fs::create_dir_all(&dir).expect("create fleet dir");
+    let lock = File::create(dir.join(".test-lock")).expect("fleet lock");
+    lock.lock().expect("lock fleet");
+    let out = Command::new("bash")
+        .arg(repo().join("tests/fleet/fleet.sh"))
+        .args(args)
+        .env("TEND_FLEET_DIR", &dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tests/fleet/fleet.sh");
+    assert!(
+        out.status.success(),
+        "tests/fleet/fleet.sh {} failed (it needs root and the packages of .ci/run):\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(lock);
+    let files = dir.join(files);
+    let tsv = fs::read_to_string(files.join("hosts.tsv")).expect("hosts.tsv");
+    let mut hosts = BTreeMap::new();
+    for line in tsv.lines().skip(1) {
+        let f: Vec<&str> = line.split('\t').collect();
+        hosts.insert(
+            f[0].to_string(),
+            FleetHost {
+                name: f[0].into(),
+                address: f[1].into(),
+                fingerprint: f[2].into(),
+                log: PathBuf::from(f[4]),
+            },
+        );
+    }
+    Fleet {
+        key: dir.join("id_ed25519"),
+        known_hosts: files.join("known_hosts"),
+        ssh_config: files.join("ssh_config"),
+        hosts,
+        dir,
+    }
+}
+
 /// The fleet, started on first use (idempotent across test processes: the
 /// script keeps running hosts, and a file lock serializes `up`).
 pub fn fleet() -> &'static Fleet {
     static FLEET: OnceLock<Fleet> = OnceLock::new();
+    FLEET.get_or_init(|| bring_up(&["up", &HOSTS.to_string()], Path::new("")))
+}
+
+/// The systemd hosts s1..sN (`fleet.sh up-systemd`), booted on first use:
+/// real systemd as PID 1, each with a disabled, stopped `tend-demo.service`.
+pub fn systemd_fleet() -> &'static Fleet {
+    static FLEET: OnceLock<Fleet> = OnceLock::new();
     FLEET.get_or_init(|| {
-        let dir = PathBuf::from(std::env::var("TEND_FLEET_DIR").unwrap_or_else(|_| "/var/tmp/tend-fleet".into()));
-        fs::create_dir_all(&dir).expect("create fleet dir");
-        let lock = File::create(dir.join(".test-lock")).expect("fleet lock");
-        lock.lock().expect("lock fleet");
-        let out = Command::new("bash")
-            .arg(repo().join("tests/fleet/fleet.sh"))
-            .args(["up", &HOSTS.to_string()])
-            .env("TEND_FLEET_DIR", &dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run tests/fleet/fleet.sh");
-        assert!(
-            out.status.success(),
-            "tests/fleet/fleet.sh up {HOSTS} failed (it needs root and the packages of .ci/run):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        drop(lock);
-        let tsv = fs::read_to_string(dir.join("hosts.tsv")).expect("hosts.tsv");
-        let mut hosts = BTreeMap::new();
-        for line in tsv.lines().skip(1) {
-            let f: Vec<&str> = line.split('\t').collect();
-            hosts.insert(
-                f[0].to_string(),
-                FleetHost {
-                    name: f[0].into(),
-                    address: f[1].into(),
-                    fingerprint: f[2].into(),
-                    log: PathBuf::from(f[4]),
-                },
-            );
-        }
-        Fleet {
-            key: dir.join("id_ed25519"),
-            known_hosts: dir.join("known_hosts"),
-            ssh_config: dir.join("ssh_config"),
-            hosts,
-            dir,
-        }
+        bring_up(
+            &["up-systemd", &SYSTEMD_HOSTS.to_string()],
+            Path::new("systemd"),
+        )
     })
 }
 
