@@ -20,7 +20,7 @@ use crate::core::model::{DesiredState, Host};
 use crate::core::plan::{self, HostPlan, Plan};
 use crate::core::policy::{self, HostFacts, RunDecision};
 use crate::core::retry::{self, FailureClass};
-use crate::core::spec::{DispatchMode, TendConfig, TransportKind};
+use crate::core::spec::{DispatchMode, ResourceSpec, TendConfig, TransportKind};
 use crate::probe::{self, ProbeItem};
 use crate::transport::local::LocalTransport;
 use crate::transport::ssh::{SshTarget, SshTransport};
@@ -100,7 +100,10 @@ pub fn connect(host: &Host, opts: &ProbeOpts) -> Result<Arc<dyn Transport>, Tran
 pub fn probe_items(host: &Host) -> Vec<ProbeItem> {
     host.resources
         .iter()
-        .filter_map(|r| r.path().map(|p| ProbeItem::path(r.id.clone(), p)))
+        .filter_map(|r| match &r.spec {
+            ResourceSpec::Service(s) => Some(ProbeItem::service(r.id.clone(), s.name.clone())),
+            _ => r.path().map(|p| ProbeItem::path(r.id.clone(), p)),
+        })
         .collect()
 }
 

@@ -76,5 +76,16 @@ fn describe(o: &Observed) -> String {
         Observed::Symlink { target } => format!("symlink -> {}", String::from_utf8_lossy(target)),
         Observed::Other { file_type } => format!("other ({file_type})"),
         Observed::NotProbed => "not probed".into(),
+        Observed::Service(s) => format!(
+            "service {} {} {} {}",
+            s.unit,
+            s.load_state,
+            s.active_state,
+            if s.unit_file_state.is_empty() {
+                "-"
+            } else {
+                &s.unit_file_state
+            }
+        ),
     }
 }

@@ -112,6 +112,7 @@ fn describe(o: &Observed) -> &'static str {
         Observed::Symlink { .. } => "a symlink",
         Observed::Other { .. } => "a special file",
         Observed::NotProbed => "an unprobed object",
+        Observed::Service(_) => "a service",
     }
 }
 

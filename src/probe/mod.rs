@@ -28,6 +28,7 @@
 //! I <index> link <target bytes as lowercase hex>
 //! I <index> other <file type as `stat -c %F` says, e.g. fifo>
 //! I <index> error <what failed>
+//! S <index> <Key>=<Value>               a service's properties (see [`service`])
 //! END <item count>                      trailer
 //! ```
 //!
@@ -42,8 +43,10 @@
 //! The script reports which of [`TOOLS`] are on the host's PATH. When a probe
 //! with path items finds one missing, [`parse`] returns
 //! [`ProbeParseError::MissingTools`] before looking at any item (whose lines
-//! are then meaningless); [`ProbeParseError::class`] maps that to
-//! `Capability`, and every other parse error to `Execution`.
+//! are then meaningless); so does a probe with service items on a host
+//! without `systemctl` or not running systemd ([`ProbeParseError::NoSystemd`]).
+//! [`ProbeParseError::class`] maps those to `Capability`, and every other
+//! parse error to `Execution`.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -72,13 +75,17 @@ pub const TOOLS: &[&str] = &[
 /// The tools that probing paths needs; the rest of [`TOOLS`] are facts.
 pub const PATH_TOOLS: &[&str] = &["stat", "sha256sum", "od", "readlink", "tr"];
 
-/// What to look at on the host. Only path-based resources (file, directory,
-/// symlink) for now; packages, services, users, groups and command guards will
-/// be further variants.
+mod service;
+
+/// What to look at on the host. Path-based resources (file, directory,
+/// symlink) and systemd services for now; packages, users, groups and command
+/// guards will be further variants.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProbeTarget {
     /// The state of this absolute path, not following a symlink at the path.
     Path(String),
+    /// The state of this systemd unit (`nginx` means `nginx.service`).
+    Service(String),
 }
 
 /// One thing to probe, under the id of the resource that asked for it.
@@ -94,6 +101,13 @@ impl ProbeItem {
         ProbeItem {
             key: key.into(),
             target: ProbeTarget::Path(path.into()),
+        }
+    }
+
+    pub fn service(key: impl Into<String>, unit: impl Into<String>) -> Self {
+        ProbeItem {
+            key: key.into(),
+            target: ProbeTarget::Service(unit.into()),
         }
     }
 }
@@ -149,8 +163,9 @@ G $1 %G" -- "$2" || echo "I $1 error stat failed"
 /// those paths on its own, so the failure lands on the right item.
 const BATCH: &str = r#"F= D= i=0
 while [ "$i" -lt "$N" ]; do
-  eval "x=\$P$i"
-  if [ -L "$x" ] || { [ ! -f "$x" ] && [ ! -d "$x" ]; }; then p "$i" "$x"
+  eval "x=\${P$i-}"
+  if [ -z "$x" ]; then :
+  elif [ -L "$x" ] || { [ ! -f "$x" ] && [ ! -d "$x" ]; }; then p "$i" "$x"
   elif [ -f "$x" ]; then F="$F $i"
   else D="$D $i"; fi
   i=$((i + 1))
@@ -192,19 +207,21 @@ fi
 "#;
 
 /// Builds the one script that probes every item: the prelude, one
-/// `Pn='path'` assignment per item (about `5 + len(path)` bytes), and the
-/// batch section.
+/// `Pn='path'` (or `Qn='unit'`) assignment per item (about `5 + len(path)`
+/// bytes), the batch section for paths and the one for services.
 pub fn script(items: &[ProbeItem]) -> String {
     let tools: Vec<String> = TOOLS.iter().map(|t| quote(t)).collect();
     let mut s = PRELUDE.replace("@TOOLS@", &tools.join(" "));
     for (i, item) in items.iter().enumerate() {
         match &item.target {
             ProbeTarget::Path(path) => writeln!(s, "P{i}={}", quote(path)),
+            ProbeTarget::Service(unit) => writeln!(s, "Q{i}={}", quote(unit)),
         }
         .expect("writing to a String cannot fail");
     }
     writeln!(s, "N={}", items.len()).expect("writing to a String cannot fail");
     s.push_str(BATCH);
+    s.push_str(service::SECTION);
     writeln!(s, "echo 'END {}'", items.len()).expect("writing to a String cannot fail");
     s
 }
@@ -237,6 +254,10 @@ pub enum ProbeParseError {
     NotReported { what: String },
     #[error("the host lacks {} on PATH, which the probe needs", .0.join(", "))]
     MissingTools(Vec<String>),
+    #[error(
+        "the host does not run systemd (no /run/systemd/system), which `service` resources need"
+    )]
+    NoSystemd,
     #[error("cannot probe `{key}`: {message}")]
     ItemFailed { key: String, message: String },
     #[error("two probe items have the key `{0}`")]
@@ -249,7 +270,9 @@ impl ProbeParseError {
     /// its output cannot be trusted).
     pub fn class(&self) -> FailureClass {
         match self {
-            ProbeParseError::MissingTools(_) => FailureClass::Capability,
+            ProbeParseError::MissingTools(_) | ProbeParseError::NoSystemd => {
+                FailureClass::Capability
+            }
             _ => FailureClass::Execution,
         }
     }
@@ -268,15 +291,27 @@ pub fn parse(stdout: &[u8], items: &[ProbeItem]) -> Result<HostActual, ProbePars
 
     // Facts and tools first, so that a missing tool is reported as such and
     // not as the garbled item lines it causes.
-    let (facts, missing) = parse_facts(&lines)?;
+    let (facts, mut missing) = parse_facts(&lines)?;
     let needs_tools = items
         .iter()
         .any(|i| matches!(i.target, ProbeTarget::Path(_)));
-    if needs_tools && !missing.is_empty() {
+    if !needs_tools {
+        missing.clear();
+    }
+    let services = items
+        .iter()
+        .any(|i| matches!(i.target, ProbeTarget::Service(_)));
+    if services && !facts.tools.iter().any(|t| t == "systemctl") {
+        missing.push("systemctl".into());
+    }
+    if !missing.is_empty() {
         return Err(ProbeParseError::MissingTools(missing));
     }
+    if services && facts.init.as_deref() != Some("systemd") {
+        return Err(ProbeParseError::NoSystemd);
+    }
 
-    let observed = parse_items(&lines, items)?;
+    let observed = parse_items(&lines, items, service::parse(&lines, items)?)?;
     let resources = items.iter().map(|i| i.key.clone()).zip(observed).collect();
     Ok(HostActual { facts, resources })
 }
@@ -325,7 +360,7 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
                     return Err(dup(n, format!("tool `{name}`")));
                 }
             }
-            "I" | "U" | "G" => {}
+            "I" | "U" | "G" | "S" => {}
             _ => return Err(unknown(n, text)),
         }
     }
@@ -358,15 +393,16 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
     ))
 }
 
-/// Reads the `I`, `U` and `G` lines: one observation per item, in order.
+/// Reads the `I`, `U` and `G` lines: one observation per item, in order,
+/// given what the other sections observed already (`observed`).
 fn parse_items(
     lines: &[(usize, &str)],
     items: &[ProbeItem],
+    mut observed: Vec<Option<Observed>>,
 ) -> Result<Vec<Observed>, ProbeParseError> {
     let not_reported = |what: String| ProbeParseError::NotReported { what };
     // A `file` or `dir` line leaves its metadata pending
     // until the `U` and `G` lines that must follow it directly.
-    let mut observed: Vec<Option<Observed>> = vec![None; items.len()];
     let mut pending: Option<Pending> = None;
     for &(n, text) in lines {
         let (tag, rest) = text.split_once(' ').expect("checked in pass 1");
@@ -425,6 +461,12 @@ fn parse_items(
             return Err(dup(n, format!("`{}`", item.key)));
         }
         let key = &item.key;
+        if matches!(item.target, ProbeTarget::Service(_)) && kind != "error" {
+            return Err(bad(
+                n,
+                format!("`{key}`: a `{kind}` line for a service item"),
+            ));
+        }
         let field_count = |want: usize| -> Result<Vec<&str>, ProbeParseError> {
             let v: Vec<&str> = detail.map(|d| d.split(' ').collect()).unwrap_or_default();
             if v.len() != want {
