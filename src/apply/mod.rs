@@ -1,5 +1,6 @@
 //! Remote command builders: one POSIX `sh` script per change to a path-based
-//! resource (file, directory, symlink), ready for [`crate::transport::Transport::exec`].
+//! resource (file, directory, symlink), ready for [`crate::transport::Transport::exec`];
+//! services in [`service`].
 //!
 //! Invariant: pure. Every path, name and value reaches the script through
 //! [`crate::shell::quote`], assigned once to a shell variable and used as
@@ -21,6 +22,8 @@ use std::fmt::Write as _;
 
 use crate::core::spec::Mode;
 use crate::shell::quote;
+
+pub mod service;
 
 #[cfg(test)]
 mod tests;
