@@ -6,7 +6,9 @@
 //!
 //! Invariant: a step runs only if policy allowed its class (non-destructive or
 //! destructive) on its host, the mode dispatches to the host, the kill switch
-//! is off, and every step it depends on succeeded.
+//! is off, and every step it depends on succeeded; but a restart step (see
+//! `core::plan`) runs once at least one of its triggers succeeded, and is
+//! skipped when none did.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -120,6 +122,26 @@ pub fn command_for(step: &Step, r: &Resource) -> Result<RemoteCommand> {
                 .ok_or_else(|| anyhow!("symlink `{}` has no target", r.id))?;
             prefix_removal(step, &s.path, apply::make_symlink(&s.path, target))
         }
+        (ResourceSpec::Service(s), Action::Update) if step.is_restart() => {
+            apply::service::restart(&s.name, step.daemon_reload)
+        }
+        (ResourceSpec::Service(s), Action::Update | Action::Delete) => {
+            // Only what the diff found different; a delete (teardown) turns
+            // both off.
+            let teardown = step.action == Action::Delete;
+            let changes = |field: &str, want: bool| {
+                step.fields
+                    .iter()
+                    .any(|f| f.field == field)
+                    .then_some(want && !teardown)
+            };
+            apply::service::converge(
+                &s.name,
+                changes("enabled", s.enabled),
+                changes("running", s.running),
+                step.daemon_reload,
+            )
+        }
         _ => {
             return Err(anyhow!(
                 "no applier for {} step on `{}` in this build",
@@ -230,6 +252,14 @@ async fn run_host(
         let dep_status: Vec<StepStatus> = step.after.iter().map(|&a| run.steps[a].status).collect();
         let result = if !allowed {
             StepResult::not_run(true)
+        } else if let Some(r) = restart_gate(step, &run.steps) {
+            r
+        } else if step.is_restart() {
+            // At least one trigger succeeded: run it, whatever the others did.
+            run_gated(
+                host, resources, step, &transport, opts, rec, fail_fast, &mut run,
+            )
+            .await
         } else if dep_status
             .iter()
             .any(|s| matches!(s, StepStatus::Failed | StepStatus::Skipped))
@@ -243,28 +273,11 @@ async fn run_host(
             r
         } else if dep_status.contains(&StepStatus::NotRun) {
             StepResult::not_run(run.steps.iter().any(|s| s.held))
-        } else if opts.state.kill_switch_engaged() {
-            run.killed = true;
-            rec.event(
-                Some(host),
-                "kill_switch",
-                json!({"step": step.index, "id": step.id}),
-            );
-            StepResult::not_run(false)
-        } else if step.destructive && fail_fast.load(Ordering::SeqCst) {
-            let mut r = StepResult::not_run(false);
-            r.failure = Some((
-                FailureClass::Execution,
-                "a destructive step failed earlier in this run (fail fast)".into(),
-            ));
-            r
         } else {
-            let r = run_step(host, resources, step, transport.clone(), opts, rec).await;
-            run.dispatched = true;
-            if step.destructive && r.status == StepStatus::Failed {
-                fail_fast.store(true, Ordering::SeqCst);
-            }
-            r
+            run_gated(
+                host, resources, step, &transport, opts, rec, fail_fast, &mut run,
+            )
+            .await
         };
         run.steps.push(result);
     }
@@ -274,6 +287,66 @@ async fn run_host(
         json!({"killed": run.killed}),
     );
     run
+}
+
+/// For a restart step: its result when it must not run (no trigger
+/// succeeded), or None when it may. None for every other step.
+fn restart_gate(step: &Step, done: &[StepResult]) -> Option<StepResult> {
+    if !step.is_restart() {
+        return None;
+    }
+    let triggers: Vec<&StepResult> = step.triggers.iter().map(|&t| &done[t]).collect();
+    if triggers.iter().any(|t| t.status == StepStatus::Succeeded) {
+        return None;
+    }
+    if triggers.iter().any(|t| t.status == StepStatus::NotRun) {
+        // Held for a token, or stopped by the kill switch: it may still come.
+        return Some(StepResult::not_run(triggers.iter().any(|t| t.held)));
+    }
+    let mut r = StepResult::not_run(false);
+    r.status = StepStatus::Skipped;
+    r.failure = Some((
+        FailureClass::Execution,
+        "none of the steps it restarts on succeeded, so nothing changed to restart for".into(),
+    ));
+    Some(r)
+}
+
+/// The kill switch and fail-fast checks, then the step itself.
+#[allow(clippy::too_many_arguments)] // the loop's state, passed through once
+async fn run_gated(
+    host: &str,
+    resources: &[Resource],
+    step: &Step,
+    transport: &Arc<dyn Transport>,
+    opts: &DispatchOpts,
+    rec: &Recorder,
+    fail_fast: &AtomicBool,
+    run: &mut HostRun,
+) -> StepResult {
+    if opts.state.kill_switch_engaged() {
+        run.killed = true;
+        rec.event(
+            Some(host),
+            "kill_switch",
+            json!({"step": step.index, "id": step.id}),
+        );
+        return StepResult::not_run(false);
+    }
+    if step.destructive && fail_fast.load(Ordering::SeqCst) {
+        let mut r = StepResult::not_run(false);
+        r.failure = Some((
+            FailureClass::Execution,
+            "a destructive step failed earlier in this run (fail fast)".into(),
+        ));
+        return r;
+    }
+    let r = run_step(host, resources, step, transport.clone(), opts, rec).await;
+    run.dispatched = true;
+    if step.destructive && r.status == StepStatus::Failed {
+        fail_fast.store(true, Ordering::SeqCst);
+    }
+    r
 }
 
 async fn run_step(
@@ -417,5 +490,150 @@ pub fn status_word(s: StepStatus) -> &'static str {
         StepStatus::Failed => "failed",
         StepStatus::Skipped => "skipped",
         StepStatus::NotRun => "not_run",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(index: usize, triggers: Vec<usize>) -> Step {
+        Step {
+            index,
+            id: "service:app".into(),
+            kind: "service",
+            action: Action::Update,
+            destructive: false,
+            wave: 1,
+            after: triggers.clone(),
+            fields: vec![],
+            note: None,
+            replace: false,
+            triggers,
+            daemon_reload: false,
+        }
+    }
+
+    fn done(status: StepStatus, held: bool) -> StepResult {
+        StepResult {
+            status,
+            attempts: 1,
+            log: None,
+            failure: None,
+            held,
+        }
+    }
+
+    #[test]
+    fn a_restart_runs_once_any_trigger_succeeded() {
+        use StepStatus::*;
+        let ok = done(Succeeded, false);
+        let failed = done(Failed, false);
+        let skipped = done(Skipped, false);
+        let held = done(NotRun, true);
+        let killed = done(NotRun, false);
+        let restart = step(2, vec![0, 1]);
+        // One success is enough, whatever the other did.
+        for other in [&ok, &failed, &skipped, &held, &killed] {
+            assert_eq!(restart_gate(&restart, &[ok.clone(), other.clone()]), None);
+            assert_eq!(restart_gate(&restart, &[other.clone(), ok.clone()]), None);
+        }
+        // Nothing changed: skipped, with the reason.
+        let r = restart_gate(&restart, &[failed.clone(), skipped.clone()]).unwrap();
+        assert_eq!((r.status, r.held), (Skipped, false));
+        assert!(
+            r.failure
+                .unwrap()
+                .1
+                .contains("none of the steps it restarts on succeeded")
+        );
+        // A trigger still to come (held for a token, or the kill switch):
+        // not run, held if it is.
+        let r = restart_gate(&restart, &[failed.clone(), held.clone()]).unwrap();
+        assert_eq!((r.status, r.held), (NotRun, true));
+        let r = restart_gate(&restart, &[killed.clone(), failed]).unwrap();
+        assert_eq!((r.status, r.held), (NotRun, false));
+        // Not a restart: no say.
+        assert_eq!(restart_gate(&step(1, vec![]), &[held]), None);
+    }
+
+    #[test]
+    fn service_steps_become_systemctl_calls() {
+        use crate::core::diff::FieldChange;
+        use crate::core::model::Origin;
+        use crate::core::spec::ServiceSpec;
+        use crate::core::yaml::Pos;
+        let resource = |enabled, running| Resource {
+            id: "service:app".into(),
+            spec: ResourceSpec::Service(ServiceSpec {
+                name: "app".into(),
+                enabled,
+                running,
+                restart_on: vec![],
+                id: None,
+                requires: vec![],
+            }),
+            content: None,
+            origin: Origin {
+                file: "hosts/h.yaml".into(),
+                pos: Pos::START,
+                key_pos: Pos::START,
+                requires_pos: vec![],
+                restart_on_pos: vec![],
+            },
+            from_group: None,
+            replaces_group: None,
+        };
+        let with = |action, fields: &[&str], reload| {
+            let mut s = step(0, vec![]);
+            s.action = action;
+            s.daemon_reload = reload;
+            s.fields = fields
+                .iter()
+                .map(|f| FieldChange {
+                    field: f.to_string(),
+                    from: None,
+                    to: None,
+                })
+                .collect();
+            s
+        };
+        let script = |s: &Step, r: &Resource| command_for(s, r).unwrap().script;
+        let tail = |s: String| s.split_once("u='app'\n").unwrap().1.to_string();
+        assert_eq!(
+            tail(script(
+                &with(Action::Update, &["running"], false),
+                &resource(true, true)
+            )),
+            "systemctl start -- \"$u\"\n"
+        );
+        assert_eq!(
+            tail(script(
+                &with(Action::Update, &["enabled", "running"], true),
+                &resource(false, false)
+            )),
+            "systemctl daemon-reload\nsystemctl disable --now -- \"$u\"\n"
+        );
+        assert_eq!(
+            tail(script(
+                &with(Action::Update, &["enabled"], false),
+                &resource(true, false)
+            )),
+            "systemctl enable -- \"$u\"\n"
+        );
+        // A teardown turns off what is on, whatever the spec says.
+        assert_eq!(
+            tail(script(
+                &with(Action::Delete, &["running"], false),
+                &resource(true, true)
+            )),
+            "systemctl stop -- \"$u\"\n"
+        );
+        let mut restart = step(1, vec![0]);
+        restart.daemon_reload = true;
+        assert_eq!(
+            tail(script(&restart, &resource(true, true))),
+            "systemctl daemon-reload\nsystemctl restart -- \"$u\"\n"
+        );
     }
 }

@@ -290,6 +290,18 @@ pub fn plan_and_decide(
                     host_plans.push(HostPlan::failed(name, msg));
                     continue;
                 }
+                // What the host lacks (a unit nothing provides) is a capability
+                // mismatch, found at plan time, before anything runs.
+                let refused = diff::refusals(host, actual);
+                if !refused.is_empty() {
+                    let msg = format!(
+                        "host `{name}`: {}; nothing is dispatched to this host (fail closed)",
+                        refused.join("; ")
+                    );
+                    errors.insert(name.clone(), (FailureClass::Capability, msg.clone()));
+                    host_plans.push(HostPlan::failed(name, msg));
+                    continue;
+                }
                 let c = diff::diff_host(host, actual);
                 host_plans.push(plan::plan_host(host, &c));
                 changes.insert(name.clone(), c);

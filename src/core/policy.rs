@@ -238,6 +238,8 @@ mod tests {
                 fields: vec![],
                 note: None,
                 replace: false,
+                triggers: vec![],
+                daemon_reload: false,
             });
         }
         HostPlan {
