@@ -490,7 +490,6 @@ ensure_client_key() {
   install -m 0644 "$KEY.pub" "$AUTHORIZED_KEYS"
 }
 
-host_fingerprint() { ssh-keygen -lf "$FLEET/h$1/ssh_host_ed25519_key.pub" | awk '{print $2}'; }
 
 # write_host_config I: host key (once, kept), sshd_config.
 write_host_config() {
@@ -525,44 +524,53 @@ EOF
   mv -f "$CONF.tmp" "$CONF"
 }
 
-# write_fleet_files N: known_hosts, inventory.yaml, hosts.tsv, ssh_config for h1..hN.
-write_fleet_files() {
-  local n=$1 i fp
-  : >"$FLEET/known_hosts.tmp"
-  printf 'name\taddress\tfingerprint\tpidfile\tlog\troot\n' >"$FLEET/hosts.tsv.tmp"
+# write_host_files DIR N VARS ADDR HEADER: known_hosts, inventory.yaml, hosts.tsv and
+# ssh_config in DIR for hosts 1..N, whose paths VARS I sets (host_vars, sd_vars) and
+# whose address is ADDR I; HEADER heads inventory.yaml.
+write_host_files() {
+  local d=$1 n=$2 vars=$3 addr_of=$4 header=$5 i fp a
+  : >"$d/known_hosts.tmp"
+  printf 'name\taddress\tfingerprint\tpidfile\tlog\troot\n' >"$d/hosts.tsv.tmp"
   {
-    echo "# The tend test fleet, written by tests/fleet/fleet.sh up $n. Do not edit."
+    echo "# $header"
     echo "hosts:"
-  } >"$FLEET/inventory.yaml.tmp"
-  echo "# ssh -F $FLEET/ssh_config h1" >"$FLEET/ssh_config.tmp"
+  } >"$d/inventory.yaml.tmp"
+  "$vars" 1
+  echo "# ssh -F $d/ssh_config $H" >"$d/ssh_config.tmp"
   for ((i = 1; i <= n; i++)); do
-    host_vars "$i"
-    fp=$(host_fingerprint "$i")
-    printf '%s %s\n' "$(addr "$i")" "$(cut -d' ' -f1,2 "$HKEY.pub")" >>"$FLEET/known_hosts.tmp"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$H" "$(addr "$i")" "$fp" "$PIDF" "$LOGF" "$ROOT" \
-      >>"$FLEET/hosts.tsv.tmp"
-    cat >>"$FLEET/inventory.yaml.tmp" <<EOF
+    "$vars" "$i"
+    a=$("$addr_of" "$i")
+    fp=$(ssh-keygen -lf "$HKEY.pub" | awk '{print $2}')
+    printf '%s %s\n' "$a" "$(cut -d' ' -f1,2 "$HKEY.pub")" >>"$d/known_hosts.tmp"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$H" "$a" "$fp" "$PIDF" "$LOGF" "$ROOT" >>"$d/hosts.tsv.tmp"
+    cat >>"$d/inventory.yaml.tmp" <<EOF
   - name: $H
-    address: $(addr "$i")
+    address: $a
     port: 22
     user: root
     identity: $KEY
     host_key: "$fp"
 EOF
-    cat >>"$FLEET/ssh_config.tmp" <<EOF
-Host $H $(addr "$i")
-  HostName $(addr "$i")
+    cat >>"$d/ssh_config.tmp" <<EOF
+Host $H $a
+  HostName $a
   User root
   IdentityFile $KEY
   IdentitiesOnly yes
-  UserKnownHostsFile $FLEET/known_hosts
+  UserKnownHostsFile $d/known_hosts
   StrictHostKeyChecking yes
 EOF
   done
   local f
   for f in known_hosts hosts.tsv inventory.yaml ssh_config; do
-    mv -f "$FLEET/$f.tmp" "$FLEET/$f"
+    mv -f "$d/$f.tmp" "$d/$f"
   done
+}
+
+# write_fleet_files N: the fleet files for h1..hN.
+write_fleet_files() {
+  write_host_files "$FLEET" "$1" host_vars addr \
+    "The tend test fleet, written by tests/fleet/fleet.sh up $1. Do not edit."
 }
 
 # ------------------------------------------------------------ starting a host
@@ -710,14 +718,18 @@ $CHECKS"
     die "hosts not answering within ${WAIT_SECS}s or failing the checks: $(printf 'h%s ' "${failed[@]}")"
   fi
   rm -rf "$out"
-  if (($# >= 2)); then
-    local a=$1 b=$2 probe=/etc/tend-fleet-isolation-$$
-    on_host "$a" "echo h$a >$probe" || die "h$a: cannot write $probe"
-    on_host "$b" "test ! -e $probe" &
-    k=$!
-    on_host "$a" "rm -f $probe" || die "h$a: cannot remove $probe"
-    wait "$k" || die "a file written to /etc on h$a is visible on h$b: the hosts share their root"
-  fi
+  if (($# >= 2)); then check_isolation on_host h "$1" "$2"; fi
+}
+
+# check_isolation ON PREFIX A B: a file written under /etc on host A (with ON, on_host
+# or on_sd) is not visible on host B: the hosts do not share a root.
+check_isolation() {
+  local on=$1 p=$2 a=$3 b=$4 probe=/etc/tend-fleet-isolation-$$ k
+  "$on" "$a" "echo $p$a >$probe" || die "$p$a: cannot write $probe"
+  "$on" "$b" "test ! -e $probe" &
+  k=$!
+  "$on" "$a" "rm -f $probe" || die "$p$a: cannot remove $probe"
+  wait "$k" || die "a file written to /etc on $p$a is visible on $p$b: the hosts share their root"
 }
 
 # ------------------------------------------------------------ systemd hosts
@@ -1032,55 +1044,13 @@ $SD_CHECKS"
     grep -q "/tend-${SD_STATE##*/}/s$i/" "/proc/$pid/cgroup" ||
       die "s$i: systemd-nspawn $pid is not in the host's own cgroup: $(tr '\n' ' ' <"/proc/$pid/cgroup")"
   done
-  if (($# >= 2)); then
-    local a=$1 b=$2 probe=/etc/tend-fleet-isolation-$$
-    on_sd "$a" "echo s$a >$probe" || die "s$a: cannot write $probe"
-    on_sd "$b" "test ! -e $probe" &
-    k=$!
-    on_sd "$a" "rm -f $probe" || die "s$a: cannot remove $probe"
-    wait "$k" || die "a file written to /etc on s$a is visible on s$b: the hosts share their root"
-  fi
+  if (($# >= 2)); then check_isolation on_sd s "$1" "$2"; fi
 }
 
-# write_sd_files N: known_hosts, inventory.yaml, hosts.tsv, ssh_config for s1..sN, in
-# SD_FLEET (the same four files as the chroot fleet's, for the systemd hosts).
+# write_sd_files N: the same four files for s1..sN, in SD_FLEET.
 write_sd_files() {
-  local n=$1 i fp a d=$SD_FLEET
-  : >"$d/known_hosts.tmp"
-  printf 'name\taddress\tfingerprint\tpidfile\tlog\troot\n' >"$d/hosts.tsv.tmp"
-  {
-    echo "# The tend systemd test hosts, written by tests/fleet/fleet.sh up-systemd $n. Do not edit."
-    echo "hosts:"
-  } >"$d/inventory.yaml.tmp"
-  echo "# ssh -F $d/ssh_config s1" >"$d/ssh_config.tmp"
-  for ((i = 1; i <= n; i++)); do
-    sd_vars "$i"
-    a=$(sd_addr "$i")
-    fp=$(ssh-keygen -lf "$HKEY.pub" | awk '{print $2}')
-    printf '%s %s\n' "$a" "$(cut -d' ' -f1,2 "$HKEY.pub")" >>"$d/known_hosts.tmp"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$H" "$a" "$fp" "$PIDF" "$LOGF" "$ROOT" >>"$d/hosts.tsv.tmp"
-    cat >>"$d/inventory.yaml.tmp" <<EOC
-  - name: $H
-    address: $a
-    port: 22
-    user: root
-    identity: $KEY
-    host_key: "$fp"
-EOC
-    cat >>"$d/ssh_config.tmp" <<EOC
-Host $H $a
-  HostName $a
-  User root
-  IdentityFile $KEY
-  IdentitiesOnly yes
-  UserKnownHostsFile $d/known_hosts
-  StrictHostKeyChecking yes
-EOC
-  done
-  local f
-  for f in known_hosts hosts.tsv inventory.yaml ssh_config; do
-    mv -f "$d/$f.tmp" "$d/$f"
-  done
+  write_host_files "$SD_FLEET" "$1" sd_vars sd_addr \
+    "The tend systemd test hosts, written by tests/fleet/fleet.sh up-systemd $1. Do not edit."
 }
 
 take_sd_lock() {
