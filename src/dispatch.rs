@@ -560,30 +560,8 @@ mod tests {
     #[test]
     fn service_steps_become_systemctl_calls() {
         use crate::core::diff::FieldChange;
-        use crate::core::model::Origin;
-        use crate::core::spec::ServiceSpec;
-        use crate::core::yaml::Pos;
-        let resource = |enabled, running| Resource {
-            id: "service:app".into(),
-            spec: ResourceSpec::Service(ServiceSpec {
-                name: "app".into(),
-                enabled,
-                running,
-                restart_on: vec![],
-                id: None,
-                requires: vec![],
-            }),
-            content: None,
-            origin: Origin {
-                file: "hosts/h.yaml".into(),
-                pos: Pos::START,
-                key_pos: Pos::START,
-                requires_pos: vec![],
-                restart_on_pos: vec![],
-            },
-            from_group: None,
-            replaces_group: None,
-        };
+        use crate::core::diff::tests::{svc, svc_res};
+        let resource = |enabled, running| svc_res(svc(enabled, running));
         let with = |action, fields: &[&str], reload| {
             let mut s = step(0, vec![]);
             s.action = action;

@@ -9,22 +9,13 @@
 mod support;
 
 use serde_json::Value;
-use support::{Desired, Fleet, code, systemd_fleet, text};
+use support::{Desired, Fleet, code, outcome, systemd_fleet, text};
 
 const FAST: &str = "probe_timeout: 10s\nretries: 2\nretry_backoff: 50ms\n";
 
 fn desired(f: &Fleet, host: &str, body: &str) -> Desired {
     let inventory = format!("hosts:\n{}", f.inventory_entry(host));
     Desired::new(FAST, &inventory, &[(host, body)])
-}
-
-fn outcome<'a>(result: &'a Value, host: &str) -> &'a Value {
-    result["host_outcomes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["host"] == host)
-        .unwrap_or_else(|| panic!("no outcome for {host} in {result:#}"))
 }
 
 /// `systemctl show -p PROPS --value UNIT`, one value per line.

@@ -860,7 +860,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn svc(enabled: bool, running: bool) -> ResourceSpec {
+    /// A service `app` (id `service:app`).
+    pub(crate) fn svc(enabled: bool, running: bool) -> ResourceSpec {
         ResourceSpec::Service(ServiceSpec {
             name: "app".into(),
             enabled,
@@ -880,7 +881,7 @@ pub(crate) mod tests {
         })
     }
 
-    fn svc_res(spec: ResourceSpec) -> Resource {
+    pub(crate) fn svc_res(spec: ResourceSpec) -> Resource {
         let mut r = res(spec, None);
         r.id = "service:app".into();
         r

@@ -296,6 +296,16 @@ impl Desired {
     }
 }
 
+/// One host's entry in `host_outcomes` of a result.json.
+pub fn outcome<'a>(result: &'a serde_json::Value, host: &str) -> &'a serde_json::Value {
+    result["host_outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["host"] == host)
+        .unwrap_or_else(|| panic!("no outcome for {host} in {result:#}"))
+}
+
 pub fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
 }
