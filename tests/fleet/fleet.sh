@@ -790,12 +790,12 @@ sd_state() {
   fi
 }
 
-# sd_root_pids I: processes whose root directory is sI's root (the container's, seen
-# from here), should any outlive its nspawn.
-sd_root_pids() {
-  sd_vars "$1"
-  stat -c '%N' /proc/[0-9]*/root 2>/dev/null |
-    awk -v r="'$ROOT'" -v rs="'$ROOT/" '$3 == r || index($3, rs) == 1 { split($1, a, "/"); print a[3] }' || true
+# sd_cgroup_pids I: every process in sI's cgroups: the container's, and its nspawn.
+sd_cgroup_pids() {
+  local d
+  for d in $(sd_cgroups "$1"); do
+    [ -d "$d" ] && find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null
+  done | sort -un
 }
 
 # sd_kill I: shut sI down: SIGTERM makes systemd-nspawn power the container off in
@@ -815,12 +815,14 @@ sd_kill() {
       sleep 0.05
     done
   fi
-  # The container's processes die with its PID namespace; make sure.
-  mapfile -t pids < <(sd_root_pids "$1")
+  # The container's processes die with its PID namespace; make sure, by its cgroups,
+  # which hold nothing else.
+  mapfile -t pids < <(sd_cgroup_pids "$1")
   if ((${#pids[@]})); then
     say "$H: killing leftover processes ${pids[*]}"
     kill -KILL "${pids[@]}" 2>/dev/null || true
-    sleep 0.2
+    deadline=$(($(now_us) + 3000000))
+    while [ -n "$(sd_cgroup_pids "$1")" ] && (($(now_us) < deadline)); do sleep 0.05; done
   fi
   rm -f "$PIDF"
   sd_remove_cgroups "$1"
