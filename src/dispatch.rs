@@ -20,10 +20,10 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::apply::{self, RemoteCommand};
+use crate::apply::{self, PackageManager, RemoteCommand, UserFields};
 use crate::clock::now_rfc3339;
 use crate::core::diff::Action;
-use crate::core::model::{DesiredState, Resource};
+use crate::core::model::{DesiredState, Host, Resource};
 use crate::core::outcome::{HostRun, StepResult};
 use crate::core::plan::Step;
 use crate::core::report::StepStatus;
@@ -80,8 +80,63 @@ impl Recorder {
 }
 
 /// Build the remote command for one step.
-pub fn command_for(step: &Step, r: &Resource) -> Result<RemoteCommand> {
+/// What building a host's step commands needs beyond the step and its
+/// resource: facts from the probe, and settings.
+#[derive(Clone, Debug)]
+pub struct StepContext {
+    /// The host's package manager, from the probe's facts.
+    pub package_manager: Option<PackageManager>,
+    /// `step_timeout`: a command without its own `timeout` runs under it.
+    pub step_timeout: Duration,
+}
+
+/// How long the transport waits for a step: `step_timeout`, or for a
+/// command, its own limit plus the time `timeout` needs to stop it and
+/// report, so that the command's `timeout` fires first.
+pub fn transport_timeout(r: Option<&Resource>, step_timeout: Duration) -> Duration {
+    match r.map(|r| &r.spec) {
+        Some(ResourceSpec::Command(c)) => {
+            let limit = c.timeout.map(|t| t.0).unwrap_or(step_timeout);
+            Duration::from_secs(
+                apply::command::timeout_secs(limit) + apply::command::KILL_AFTER_SECS + 5,
+            )
+        }
+        _ => step_timeout,
+    }
+}
+
+fn package_manager(ctx: &StepContext) -> Result<PackageManager> {
+    ctx.package_manager.ok_or_else(|| {
+        anyhow!("the host has no package manager tend knows on PATH (apt-get, dnf or apk)")
+    })
+}
+
+/// One call of the package manager for the package steps `steps` (all with
+/// the same action) of `resources`.
+pub fn package_command(
+    steps: &[&Step],
+    resources: &[Resource],
+    ctx: &StepContext,
+) -> Result<RemoteCommand> {
+    let manager = package_manager(ctx)?;
+    let mut names = Vec::with_capacity(steps.len());
+    for step in steps {
+        match resources.iter().find(|r| r.id == step.id).map(|r| &r.spec) {
+            Some(ResourceSpec::Package(p)) => names.push(p.name.as_str()),
+            _ => return Err(anyhow!("`{}` is not a package resource", step.id)),
+        }
+    }
+    match steps.first().map(|s| s.action) {
+        Some(Action::Create) => Ok(apply::install_packages(manager, &names)),
+        Some(Action::Delete) => Ok(apply::remove_packages(manager, &names)),
+        other => Err(anyhow!("no package command for {other:?}")),
+    }
+}
+
+/// Build the remote command for one step.
+pub fn command_for(step: &Step, r: &Resource, ctx: &StepContext) -> Result<RemoteCommand> {
     let content_changed = step.fields.iter().any(|f| f.field == "content");
+    let changed = |field: &str| step.fields.iter().any(|f| f.field == field);
     let cmd = match (&r.spec, step.action) {
         (ResourceSpec::File(_), Action::Delete) => apply::remove_file(&path_of(r)),
         (ResourceSpec::Directory(_), Action::Delete) => apply::remove_directory(&path_of(r)),
@@ -122,6 +177,44 @@ pub fn command_for(step: &Step, r: &Resource) -> Result<RemoteCommand> {
                 .ok_or_else(|| anyhow!("symlink `{}` has no target", r.id))?;
             prefix_removal(step, &s.path, apply::make_symlink(&s.path, target))
         }
+        (ResourceSpec::User(u), Action::Create) => apply::create_user(
+            &u.name,
+            UserFields {
+                uid: u.uid,
+                home: u.home.as_deref(),
+                shell: u.shell.as_deref(),
+                groups: (!u.groups.is_empty()).then_some(u.groups.as_slice()),
+            },
+            u.system,
+        ),
+        // Only what the diff found different.
+        (ResourceSpec::User(u), Action::Update) => apply::modify_user(
+            &u.name,
+            UserFields {
+                uid: u.uid.filter(|_| changed("uid")),
+                home: u.home.as_deref().filter(|_| changed("home")),
+                shell: u.shell.as_deref().filter(|_| changed("shell")),
+                groups: Some(u.groups.as_slice()).filter(|_| changed("groups")),
+            },
+        ),
+        (ResourceSpec::User(u), Action::Delete) => apply::delete_user(&u.name),
+        (ResourceSpec::Group(g), Action::Create) => apply::create_group(&g.name, g.gid),
+        (ResourceSpec::Group(g), Action::Update) => {
+            let gid = g
+                .gid
+                .ok_or_else(|| anyhow!("group `{}` has no gid to set", r.id))?;
+            apply::modify_group(&g.name, gid)
+        }
+        (ResourceSpec::Group(g), Action::Delete) => apply::delete_group(&g.name),
+        (ResourceSpec::Package(_), Action::Create | Action::Delete) => {
+            package_command(&[step], std::slice::from_ref(r), ctx)?
+        }
+        (ResourceSpec::Command(c), Action::Create) => apply::run_command(
+            &c.run,
+            c.creates.as_deref(),
+            c.unless.as_deref(),
+            c.timeout.map(|t| t.0).unwrap_or(ctx.step_timeout),
+        ),
         (ResourceSpec::Service(s), Action::Update) if step.is_restart() => {
             apply::service::restart(&s.name, step.daemon_reload)
         }
@@ -129,16 +222,11 @@ pub fn command_for(step: &Step, r: &Resource) -> Result<RemoteCommand> {
             // Only what the diff found different; a delete (teardown) turns
             // both off.
             let teardown = step.action == Action::Delete;
-            let changes = |field: &str, want: bool| {
-                step.fields
-                    .iter()
-                    .any(|f| f.field == field)
-                    .then_some(want && !teardown)
-            };
+            let set = |field: &str, want: bool| changed(field).then_some(want && !teardown);
             apply::service::converge(
                 &s.name,
-                changes("enabled", s.enabled),
-                changes("running", s.running),
+                set("enabled", s.enabled),
+                set("running", s.running),
                 step.daemon_reload,
             )
         }
@@ -175,6 +263,8 @@ pub struct DispatchOpts {
     pub step_timeout: Duration,
     pub concurrency: usize,
     pub state: StateDir,
+    /// For the barrier re-probe before a host's first destructive step.
+    pub probe: crate::reconcile::ProbeOpts,
 }
 
 /// Execute every dispatched host of a prepared pass.
@@ -186,6 +276,7 @@ pub async fn execute(
 ) -> BTreeMap<String, HostRun> {
     let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let destructive_failed = Arc::new(AtomicBool::new(false));
+    let stale = Arc::new(AtomicBool::new(false));
     let mut set = JoinSet::new();
     let mut runs = BTreeMap::new();
     for d in &prep.decision.hosts {
@@ -200,24 +291,34 @@ pub async fn execute(
         }
         let host = desired.hosts[&d.host].clone();
         let steps = hp.steps.clone();
+        let ctx = StepContext {
+            package_manager: prep
+                .probes
+                .get(&d.host)
+                .and_then(|p| p.result.as_ref().ok())
+                .and_then(|a| a.facts.package_manager.as_deref())
+                .and_then(PackageManager::from_fact),
+            step_timeout: opts.step_timeout,
+        };
         let (allow_nd, allow_d) = (d.allow_nondestructive, d.allow_destructive);
-        let (sem, rec, opts, fail_fast) = (
+        let (sem, rec, opts, fail_fast, stale) = (
             sem.clone(),
             rec.clone(),
             opts.clone(),
             destructive_failed.clone(),
+            stale.clone(),
         );
         set.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
             let run = run_host(
-                host.name(),
-                &host.resources,
+                &host,
                 &steps,
                 (allow_nd, allow_d),
+                &ctx,
                 transport,
                 &opts,
                 &rec,
-                &fail_fast,
+                (&fail_fast, &stale),
             )
             .await;
             (host.inv.name.clone(), run)
@@ -230,77 +331,244 @@ pub async fn execute(
     runs
 }
 
+/// What a step did on the host: exit status and output, or why it could not
+/// be run at all.
+type StepExec = Result<crate::transport::ExecOutput, crate::transport::TransportError>;
+
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn run_host(
-    host: &str,
-    resources: &[Resource],
+    h: &Host,
     steps: &[Step],
     (allow_nd, allow_d): (bool, bool),
+    ctx: &StepContext,
     transport: Arc<dyn Transport>,
     opts: &DispatchOpts,
     rec: &Recorder,
-    fail_fast: &AtomicBool,
+    (fail_fast, stale): (&AtomicBool, &AtomicBool),
 ) -> HostRun {
-    let mut run = HostRun::default();
-    rec.event(
-        Some(host),
-        "host_dispatch_started",
-        json!({"steps": steps.len()}),
-    );
-    for step in steps {
-        let allowed = if step.destructive { allow_d } else { allow_nd };
-        let dep_status: Vec<StepStatus> = step.after.iter().map(|&a| run.steps[a].status).collect();
-        let result = if !allowed {
-            StepResult::not_run(true)
-        } else if let Some(r) = restart_gate(step, &run.steps) {
-            r
-        } else if step.is_restart() {
-            // At least one trigger succeeded: run it, whatever the others did.
-            run_gated(
-                host, resources, step, &transport, opts, rec, fail_fast, &mut run,
-            )
-            .await
-        } else if dep_status
-            .iter()
-            .any(|s| matches!(s, StepStatus::Failed | StepStatus::Skipped))
-        {
-            let mut r = StepResult::not_run(false);
-            r.status = StepStatus::Skipped;
-            r.failure = Some((
-                FailureClass::Execution,
-                "a step it depends on failed".into(),
-            ));
-            r
-        } else if dep_status.contains(&StepStatus::NotRun) {
-            StepResult::not_run(run.steps.iter().any(|s| s.held))
-        } else {
-            run_gated(
-                host, resources, step, &transport, opts, rec, fail_fast, &mut run,
-            )
-            .await
-        };
-        run.steps.push(result);
+    let (host, resources) = (h.name(), &h.resources[..]);
+    let mut barrier_passed = false;
+    let n = steps.len();
+    let mut res: Vec<Option<StepResult>> = vec![None; n];
+    let mut killed = false;
+    let mut dispatched = false;
+    rec.event(Some(host), "host_dispatch_started", json!({"steps": n}));
+    // Gate the steps in plan order. Non-destructive steps that may run are
+    // collected into one batch (one remote command); a destructive step runs
+    // on its own, after the batch before it, and so does the batch before a
+    // restart step whose triggers are in it (the restart needs their real
+    // results). When a batch stops at a failed step, the steps after it are
+    // gated again: dependents are skipped, the rest go into the next batch.
+    let mut next = 0;
+    while next < n {
+        let mut batch: Vec<usize> = Vec::new();
+        let mut j = next;
+        while j < n {
+            if res[j].is_some() {
+                j += 1;
+                continue;
+            }
+            let step = &steps[j];
+            let allowed = if step.destructive { allow_d } else { allow_nd };
+            match gate(step, allowed, &res, &batch) {
+                Gate::Decided(r) => {
+                    res[j] = Some(r);
+                    j += 1;
+                    continue;
+                }
+                // A restart whose triggers are in the batch: run the batch
+                // first, then gate it again on their real results.
+                Gate::Flush => break,
+                Gate::Run => {}
+            }
+            if !step.destructive {
+                batch.push(j);
+                j += 1;
+                continue;
+            }
+            // A destructive step: run what is batched first.
+            if !batch.is_empty() {
+                break;
+            }
+            res[j] = Some(if opts.state.kill_switch_engaged() {
+                killed = true;
+                rec.event(
+                    Some(host),
+                    "kill_switch",
+                    json!({"step": step.index, "id": step.id}),
+                );
+                StepResult::not_run(false)
+            } else if fail_fast.load(Ordering::SeqCst) {
+                let mut r = StepResult::not_run(false);
+                r.failure = Some((
+                    FailureClass::Execution,
+                    "a destructive step failed earlier in this run (fail fast)".into(),
+                ));
+                r
+            } else if stale.load(Ordering::SeqCst) {
+                let mut r = StepResult::not_run(false);
+                r.failure = Some((
+                    FailureClass::Policy,
+                    "the plan went stale at a barrier re-probe in this run; nothing destructive runs".into(),
+                ));
+                r
+            } else if !barrier_passed
+                && let Err(why) = barrier(h, steps, transport.clone(), opts).await
+            {
+                stale.store(true, Ordering::SeqCst);
+                rec.event(Some(host), "barrier_stale", json!({"reason": why}));
+                let mut r = StepResult::not_run(false);
+                r.failure = Some((FailureClass::Policy, why));
+                r
+            } else {
+                barrier_passed = true;
+                dispatched = true;
+                let r = run_batch(
+                    host,
+                    resources,
+                    steps,
+                    &[j],
+                    ctx,
+                    transport.clone(),
+                    opts,
+                    rec,
+                )
+                .await
+                .pop()
+                .expect("one result")
+                .1;
+                if r.status == StepStatus::Failed {
+                    fail_fast.store(true, Ordering::SeqCst);
+                }
+                r
+            });
+            j += 1;
+        }
+        if !batch.is_empty() {
+            if opts.state.kill_switch_engaged() {
+                killed = true;
+                rec.event(
+                    Some(host),
+                    "kill_switch",
+                    json!({"step": steps[batch[0]].index, "id": steps[batch[0]].id}),
+                );
+                for &k in &batch {
+                    res[k] = Some(StepResult::not_run(false));
+                }
+            } else {
+                dispatched = true;
+                for (k, r) in run_batch(
+                    host,
+                    resources,
+                    steps,
+                    &batch,
+                    ctx,
+                    transport.clone(),
+                    opts,
+                    rec,
+                )
+                .await
+                {
+                    res[k] = Some(r);
+                }
+            }
+        }
+        next = res.iter().position(Option::is_none).unwrap_or(n);
     }
     rec.event(
         Some(host),
         "host_dispatch_finished",
-        json!({"killed": run.killed}),
+        json!({"killed": killed}),
     );
-    run
+    HostRun {
+        dispatched,
+        steps: res
+            .into_iter()
+            .map(|r| r.expect("every step decided"))
+            .collect(),
+        killed,
+    }
 }
 
-/// For a restart step: its result when it must not run (no trigger
-/// succeeded), or None when it may. None for every other step.
-fn restart_gate(step: &Step, done: &[StepResult]) -> Option<StepResult> {
-    if !step.is_restart() {
-        return None;
+/// What the gating loop does with a step that has no result yet.
+#[derive(Debug, PartialEq)]
+enum Gate {
+    /// It does not run: this is its result.
+    Decided(StepResult),
+    /// It needs the real results of steps in the batch: run the batch first.
+    Flush,
+    /// It may run (in the batch, or on its own when destructive).
+    Run,
+}
+
+/// Gates one step on its policy class and on the results so far (`res`, by
+/// step index); steps in `batch` have no result yet. For an ordinary step,
+/// the steps in the batch count as succeeding: a batch stops at the first
+/// failure, so nothing after a failed step runs. A restart step needs the
+/// real results of its triggers (see [`restart_gate`]), so it flushes a
+/// batch that holds one of them.
+fn gate(step: &Step, allowed: bool, res: &[Option<StepResult>], batch: &[usize]) -> Gate {
+    if !allowed {
+        return Gate::Decided(StepResult::not_run(true));
     }
-    let triggers: Vec<&StepResult> = step.triggers.iter().map(|&t| &done[t]).collect();
+    if step.is_restart() {
+        if step
+            .triggers
+            .iter()
+            .any(|&t| res[t].is_none() && batch.contains(&t))
+        {
+            return Gate::Flush;
+        }
+        // Every trigger comes earlier in plan order, so every one has a
+        // result here; a missing one would count as not run.
+        let pending = StepResult::not_run(false);
+        let triggers: Vec<&StepResult> = step
+            .triggers
+            .iter()
+            .map(|&t| res[t].as_ref().unwrap_or(&pending))
+            .collect();
+        return match restart_gate(&triggers) {
+            Some(r) => Gate::Decided(r),
+            None => Gate::Run,
+        };
+    }
+    let deps: Vec<StepStatus> = step
+        .after
+        .iter()
+        .map(|&a| match &res[a] {
+            Some(r) => r.status,
+            None if batch.contains(&a) => StepStatus::Succeeded,
+            None => StepStatus::NotRun,
+        })
+        .collect();
+    if deps
+        .iter()
+        .any(|s| matches!(s, StepStatus::Failed | StepStatus::Skipped))
+    {
+        let mut r = StepResult::not_run(false);
+        r.status = StepStatus::Skipped;
+        r.failure = Some((
+            FailureClass::Execution,
+            "a step it depends on failed".into(),
+        ));
+        Gate::Decided(r)
+    } else if deps.contains(&StepStatus::NotRun) {
+        Gate::Decided(StepResult::not_run(res.iter().flatten().any(|s| s.held)))
+    } else {
+        Gate::Run
+    }
+}
+
+/// A restart step, given the results of its triggers: its result when it
+/// must not run, or None when it may (at least one trigger succeeded,
+/// whatever the others did). When none succeeded it is skipped, unless one
+/// was not run (held for a token, or stopped by the kill switch: the change
+/// may still come), which leaves it not run too, held if a trigger is.
+fn restart_gate(triggers: &[&StepResult]) -> Option<StepResult> {
     if triggers.iter().any(|t| t.status == StepStatus::Succeeded) {
         return None;
     }
     if triggers.iter().any(|t| t.status == StepStatus::NotRun) {
-        // Held for a token, or stopped by the kill switch: it may still come.
         return Some(StepResult::not_run(triggers.iter().any(|t| t.held)));
     }
     let mut r = StepResult::not_run(false);
@@ -312,80 +580,190 @@ fn restart_gate(step: &Step, done: &[StepResult]) -> Option<StepResult> {
     Some(r)
 }
 
-/// The kill switch and fail-fast checks, then the step itself.
-#[allow(clippy::too_many_arguments)] // the loop's state, passed through once
-async fn run_gated(
-    host: &str,
-    resources: &[Resource],
-    step: &Step,
-    transport: &Arc<dyn Transport>,
+/// The barrier before a host's first destructive step: probe the host again,
+/// plan it again, and require exactly the same destructive steps as the plan
+/// being executed (so the operation, and the token that covers it, still
+/// describe what will be destroyed). Any difference, or a failed probe, is a
+/// stale plan.
+async fn barrier(
+    h: &Host,
+    steps: &[Step],
+    transport: Arc<dyn Transport>,
     opts: &DispatchOpts,
-    rec: &Recorder,
-    fail_fast: &AtomicBool,
-    run: &mut HostRun,
-) -> StepResult {
-    if opts.state.kill_switch_engaged() {
-        run.killed = true;
-        rec.event(
-            Some(host),
-            "kill_switch",
-            json!({"step": step.index, "id": step.id}),
-        );
-        return StepResult::not_run(false);
+) -> Result<(), String> {
+    let probe = crate::reconcile::probe_host(h, transport, &opts.probe).await;
+    let actual = probe
+        .result
+        .map_err(|(_, m)| format!("stale plan: the barrier re-probe failed: {m}"))?;
+    let fresh = crate::core::plan::plan_host(h, &crate::core::diff::diff_host(h, &actual));
+    let key = |s: &Step| (s.id.clone(), s.action);
+    let want: Vec<_> = steps.iter().filter(|s| s.destructive).map(key).collect();
+    let got: Vec<_> = fresh
+        .steps
+        .iter()
+        .filter(|s| s.destructive)
+        .map(key)
+        .collect();
+    if want == got {
+        Ok(())
+    } else {
+        Err(format!(
+            "stale plan: at the barrier, host `{}` has destructive steps [{}] instead of the planned [{}]; nothing destructive runs in this run",
+            h.name(),
+            got.iter()
+                .map(|(i, a)| format!("{} {i}", a.as_str()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            want.iter()
+                .map(|(i, a)| format!("{} {i}", a.as_str()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ))
     }
-    if step.destructive && fail_fast.load(Ordering::SeqCst) {
-        let mut r = StepResult::not_run(false);
-        r.failure = Some((
-            FailureClass::Execution,
-            "a destructive step failed earlier in this run (fail fast)".into(),
-        ));
-        return r;
-    }
-    let r = run_step(host, resources, step, transport.clone(), opts, rec).await;
-    run.dispatched = true;
-    if step.destructive && r.status == StepStatus::Failed {
-        fail_fast.store(true, Ordering::SeqCst);
-    }
-    r
 }
 
-async fn run_step(
+/// Run steps `batch` (indices into `steps`, in order) in one remote command;
+/// the results of the steps that ran (at least the first one). Adjacent
+/// package steps with the same action share ONE package-manager call (one
+/// unit of the batch). A step whose command cannot be built fails on its own
+/// and ends the batch before it.
+#[allow(clippy::too_many_arguments)] // two call sites in run_host; a struct would only rename them
+async fn run_batch(
     host: &str,
     resources: &[Resource],
-    step: &Step,
+    steps: &[Step],
+    batch: &[usize],
+    ctx: &StepContext,
     transport: Arc<dyn Transport>,
     opts: &DispatchOpts,
     rec: &Recorder,
-) -> StepResult {
+) -> Vec<(usize, StepResult)> {
     let started = now_rfc3339();
-    rec.event(
-        Some(host),
-        "step_started",
-        json!({"step": step.index, "id": step.id, "action": step.action.as_str()}),
-    );
-    let resource = resources.iter().find(|r| r.id == step.id);
-    let cmd = match resource.map(|r| command_for(step, r)) {
-        Some(Ok(c)) => c,
-        Some(Err(e)) => return failed_before_start(host, step, e.to_string(), rec),
-        None => {
-            return failed_before_start(
-                host,
-                step,
-                format!("resource `{}` vanished from the desired state", step.id),
-                rec,
+    let resource = |k: usize| resources.iter().find(|r| r.id == steps[k].id);
+    // Units: (member step indices, command, how long the transport waits).
+    let mut units: Vec<(Vec<usize>, RemoteCommand, Duration)> = Vec::new();
+    let mut i = 0;
+    while i < batch.len() {
+        let k = batch[i];
+        let step = &steps[k];
+        let mut members = vec![k];
+        if step.kind == "package" {
+            while let Some(&next) = batch.get(i + members.len()) {
+                let n = &steps[next];
+                if n.kind != "package" || n.action != step.action || n.wave != step.wave {
+                    break;
+                }
+                members.push(next);
+            }
+        }
+        let built = match resource(k) {
+            None => Err(format!(
+                "resource `{}` vanished from the desired state",
+                step.id
+            )),
+            Some(_) if step.kind == "package" => {
+                let group: Vec<&Step> = members.iter().map(|&m| &steps[m]).collect();
+                package_command(&group, resources, ctx).map_err(|e| e.to_string())
+            }
+            Some(r) => command_for(step, r, ctx).map_err(|e| e.to_string()),
+        };
+        match built {
+            Ok(c) => {
+                let wait = transport_timeout(resource(k), ctx.step_timeout);
+                i += members.len();
+                units.push((members, c, wait));
+            }
+            Err(e) if units.is_empty() => {
+                return members
+                    .iter()
+                    .map(|&m| (m, failed_before_start(host, &steps[m], e.clone(), rec)))
+                    .collect();
+            }
+            Err(_) => break,
+        }
+    }
+    for (members, _, _) in &units {
+        for &k in members {
+            let s = &steps[k];
+            rec.event(
+                Some(host),
+                "step_started",
+                json!({"step": s.index, "id": s.id, "action": s.action.as_str(), "batch": members.len()}),
             );
         }
+    }
+    let timeout = units.iter().map(|u| u.2).sum::<Duration>();
+    let single = units.len() == 1;
+    let cmd = if single {
+        units[0].1.clone()
+    } else {
+        let cmds: Vec<RemoteCommand> = units.iter().map(|u| u.1.clone()).collect();
+        crate::apply::batch::script(&cmds)
     };
-    let timeout = opts.step_timeout;
-    let out = tokio::task::spawn_blocking(move || transport.exec(&cmd.script, &cmd.stdin, timeout))
-        .await
-        .unwrap_or_else(|e| {
-            Err(crate::transport::TransportError::new(
-                FailureClass::Transient,
-                format!("step task failed: {e}"),
-            ))
-        });
+    let t = transport.clone();
+    let out: StepExec =
+        tokio::task::spawn_blocking(move || t.exec(&cmd.script, &cmd.stdin, timeout))
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::transport::TransportError::new(
+                    FailureClass::Transient,
+                    format!("step task failed: {e}"),
+                ))
+            });
     let finished = now_rfc3339();
+    let per_unit: Vec<StepExec> = match out {
+        Ok(o) if single => vec![Ok(o)],
+        Ok(o) => match crate::apply::batch::parse(&o.stdout, units.len()) {
+            Ok(records) => records
+                .into_iter()
+                .map(|r| {
+                    Ok(crate::transport::ExecOutput {
+                        status: r.status,
+                        stdout: r.stdout,
+                        stderr: r.stderr,
+                    })
+                })
+                .collect(),
+            // Which steps ran is unknown: report every one as failed (they
+            // are non-destructive and idempotent, so a rerun is safe).
+            Err(e) => units
+                .iter()
+                .map(|_| {
+                    Err(crate::transport::TransportError::new(
+                        FailureClass::Execution,
+                        format!(
+                            "{e} (exit status {}; stderr: {}); the outcome of this step is unknown",
+                            o.status,
+                            String::from_utf8_lossy(&o.stderr).trim()
+                        ),
+                    ))
+                })
+                .collect(),
+        },
+        Err(e) => units.iter().map(|_| Err(e.clone())).collect(),
+    };
+    let mut results = Vec::new();
+    for ((members, _, _), out) in units.iter().zip(per_unit) {
+        for &k in members {
+            results.push((
+                k,
+                finish_step(host, &steps[k], &started, &finished, out.clone(), opts, rec),
+            ));
+        }
+    }
+    results
+}
+
+/// Log, record and report one executed step.
+fn finish_step(
+    host: &str,
+    step: &Step,
+    started: &str,
+    finished: &str,
+    out: StepExec,
+    opts: &DispatchOpts,
+    rec: &Recorder,
+) -> StepResult {
     let (status, exit_code, log_bytes, failure) = match out {
         Ok(o) => {
             let mut log = o.stdout.clone();
@@ -443,8 +821,8 @@ async fn run_step(
         destructive: step.destructive,
         attempt: 1,
         status,
-        started_at: started,
-        finished_at: finished,
+        started_at: started.to_string(),
+        finished_at: finished.to_string(),
         exit_code,
         log_path: log.clone(),
     };
@@ -495,6 +873,305 @@ pub fn status_word(s: StepStatus) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::core::model::{Blob, SourceTree, validate};
+    use crate::core::spec::DispatchMode;
+    use crate::reconcile::{self, ProbeOpts, TokenInput};
+
+    /// Host `h` (local) wants two files under `root` gone; both exist.
+    fn setup(root: &std::path::Path) -> DesiredState {
+        for f in ["a", "b"] {
+            fs::write(root.join(f), "x\n").unwrap();
+        }
+        let body = format!(
+            "resources:\n  - kind: file\n    path: {0}/a\n    state: absent\n  - kind: file\n    path: {0}/b\n    state: absent\n",
+            root.display()
+        );
+        let tree = SourceTree {
+            inventory: Some(Blob::Bytes(
+                b"hosts:\n  - name: h\n    transport: local\n".to_vec(),
+            )),
+            hosts: [("h.yaml".to_string(), Blob::Bytes(body.into_bytes()))].into(),
+            ..Default::default()
+        };
+        let v = validate(&tree);
+        assert!(v.is_valid(), "{:?}", v.problems);
+        v.state
+    }
+
+    /// Plan, authorize the operation as a valid token would, let `meddle`
+    /// change the host, then dispatch.
+    async fn run(root: &std::path::Path, meddle: impl FnOnce()) -> HostRun {
+        let state = setup(root);
+        let opts = ProbeOpts::new(&state.config, root);
+        let targets = vec!["h".to_string()];
+        let mut prep = reconcile::prepare(
+            &state,
+            &opts,
+            "rev",
+            targets,
+            DispatchMode::Enforced,
+            false,
+            &TokenInput::default(),
+        )
+        .await;
+        assert_eq!(prep.plan.hosts[0].destructive, 2);
+        prep.decision = reconcile::decide(
+            &state,
+            &prep.plan,
+            &prep.preflight_errors,
+            DispatchMode::Enforced,
+            false,
+            true,
+        );
+        meddle();
+        let sd = StateDir::new(root.join("state"));
+        sd.ensure().unwrap();
+        let rec = Arc::new(Recorder::new("r-test".into(), {
+            let mut db = Db::open(&sd.db_path()).unwrap();
+            db.begin_run(&crate::store::db::RunRow {
+                run_id: "r-test".into(),
+                started_at: "2026-11-23T00:00:00Z".into(),
+                action: crate::core::report::Action::Converge,
+                trigger: crate::core::report::Trigger::Cli,
+                dispatch_mode: DispatchMode::Enforced,
+                effective_mode: crate::core::report::EffectiveMode::Full,
+                policy_outcome: crate::core::policy::PolicyOutcome::Approved,
+                policy_reason: "test".into(),
+                desired_revision: "rev".into(),
+            })
+            .unwrap();
+            db
+        }));
+        let dopts = DispatchOpts {
+            step_timeout: Duration::from_secs(30),
+            concurrency: 1,
+            state: sd,
+            probe: opts,
+        };
+        execute(&prep, &state, &dopts, rec)
+            .await
+            .remove("h")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_barrier_lets_an_unchanged_plan_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = run(dir.path(), || {}).await;
+        assert!(
+            r.steps.iter().all(|s| s.status == StepStatus::Succeeded),
+            "{r:?}"
+        );
+        assert!(!dir.path().join("a").exists() && !dir.path().join("b").exists());
+    }
+
+    #[tokio::test]
+    async fn a_host_that_changed_since_the_plan_is_stale_at_the_barrier() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path().join("b");
+        let r = run(dir.path(), || fs::remove_file(&b).unwrap()).await;
+        for s in &r.steps {
+            assert_eq!(s.status, StepStatus::NotRun, "{r:?}");
+            let (class, msg) = s.failure.clone().unwrap();
+            assert_eq!(class, FailureClass::Policy);
+            assert!(msg.contains("stale"), "{msg}");
+        }
+        assert!(
+            dir.path().join("a").exists(),
+            "nothing destructive runs on a stale plan"
+        );
+    }
+}
+
+#[cfg(test)]
+mod command_tests {
+    use super::*;
+    use crate::core::diff::FieldChange;
+    use crate::core::model::{Blob, SourceTree, validate};
+
+    /// The resources of host `h` declared by `yaml` (a host file).
+    fn resources(yaml: &str) -> Vec<Resource> {
+        let mut tree = SourceTree {
+            inventory: Some(Blob::Bytes(
+                b"hosts:\n  - name: h\n    transport: local\n".to_vec(),
+            )),
+            ..SourceTree::default()
+        };
+        tree.hosts
+            .insert("h.yaml".into(), Blob::Bytes(yaml.as_bytes().to_vec()));
+        let v = validate(&tree);
+        assert!(v.is_valid(), "{:?}", v.problems);
+        v.state.hosts["h"].resources.clone()
+    }
+
+    fn step(index: usize, id: &str, action: Action, wave: usize, fields: &[&str]) -> Step {
+        Step {
+            index,
+            id: id.into(),
+            kind: id.split(':').next().map(kind_of).unwrap(),
+            action,
+            destructive: action == Action::Delete,
+            wave,
+            after: vec![],
+            fields: fields
+                .iter()
+                .map(|f| FieldChange {
+                    field: f.to_string(),
+                    from: None,
+                    to: None,
+                })
+                .collect(),
+            note: None,
+            replace: false,
+            triggers: vec![],
+            daemon_reload: false,
+        }
+    }
+
+    fn kind_of(k: &str) -> &'static str {
+        crate::core::spec::ResourceSpec::KINDS
+            .iter()
+            .find(|x| **x == k)
+            .copied()
+            .unwrap()
+    }
+
+    fn ctx(pm: Option<PackageManager>) -> StepContext {
+        StepContext {
+            package_manager: pm,
+            step_timeout: Duration::from_secs(300),
+        }
+    }
+
+    const HOST: &str = r#"
+resources:
+  - kind: user
+    name: app
+    uid: 1500
+    home: /srv/app
+    shell: /bin/sh
+    groups: [adm, web]
+    system: true
+  - kind: group
+    name: web
+    gid: 700
+  - kind: package
+    name: hello
+  - kind: package
+    name: tree
+  - kind: command
+    name: init
+    run: /usr/local/bin/init
+    creates: /srv/app/.done
+    timeout: 90s
+  - kind: command
+    name: always
+    run: "true"
+"#;
+
+    fn find<'a>(rs: &'a [Resource], id: &str) -> &'a Resource {
+        rs.iter().find(|r| r.id == id).unwrap()
+    }
+
+    #[test]
+    fn every_kind_and_action_has_a_command() {
+        let rs = resources(HOST);
+        let c = ctx(Some(PackageManager::Apt));
+        let script = |st: Step| command_for(&st, find(&rs, &st.id), &c).unwrap().script;
+        let user = script(step(0, "user:app", Action::Create, 0, &[]));
+        assert!(
+            user.contains(
+                "useradd \"$@\" -r -u '1500' -d '/srv/app' -s '/bin/sh' -G 'adm,web' -m -- \"$n\""
+            ),
+            "{user}"
+        );
+        // An update passes only what the diff found different.
+        let user = script(step(0, "user:app", Action::Update, 0, &["shell", "groups"]));
+        assert!(
+            user.ends_with("usermod -s '/bin/sh' -G 'adm,web' -- \"$n\"\n"),
+            "{user}"
+        );
+        let user = script(step(0, "user:app", Action::Delete, 0, &["exists"]));
+        assert!(user.contains("userdel -- \"$n\""), "{user}");
+        let group = script(step(0, "group:web", Action::Create, 0, &[]));
+        assert!(group.ends_with("groupadd -g '700' -- \"$n\"\n"), "{group}");
+        let group = script(step(0, "group:web", Action::Update, 0, &["gid"]));
+        assert!(group.ends_with("groupmod -g '700' -- \"$n\"\n"), "{group}");
+        let group = script(step(0, "group:web", Action::Delete, 0, &[]));
+        assert!(group.contains("groupdel -- \"$n\""), "{group}");
+        let pkg = script(step(0, "package:hello", Action::Create, 0, &[]));
+        assert!(pkg.starts_with("set -eu\nset -- 'hello'\n"), "{pkg}");
+        assert!(pkg.contains(" install -y "), "{pkg}");
+        let pkg = script(step(0, "package:hello", Action::Delete, 0, &[]));
+        assert!(pkg.contains(" remove -y -- \"$@\""), "{pkg}");
+        let cmd = script(step(0, "command:init", Action::Create, 0, &["run"]));
+        assert!(cmd.contains("timeout -k 10 90 sh -c \"$r\""), "{cmd}");
+        assert!(cmd.contains("c='/srv/app/.done'"), "{cmd}");
+        // Without its own timeout, a command gets step_timeout.
+        let cmd = script(step(0, "command:always", Action::Create, 0, &["run"]));
+        assert!(cmd.contains("timeout -k 10 300 sh -c \"$r\""), "{cmd}");
+    }
+
+    #[test]
+    fn a_package_without_a_manager_and_a_command_update_are_refused() {
+        let rs = resources(HOST);
+        let err = command_for(
+            &step(0, "package:hello", Action::Create, 0, &[]),
+            find(&rs, "package:hello"),
+            &ctx(None),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no package manager"), "{err}");
+        let err = command_for(
+            &step(0, "command:init", Action::Delete, 0, &[]),
+            find(&rs, "command:init"),
+            &ctx(None),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no applier"), "{err}");
+    }
+
+    #[test]
+    fn package_steps_share_one_call() {
+        let rs = resources(HOST);
+        let a = step(2, "package:hello", Action::Create, 0, &[]);
+        let b = step(3, "package:tree", Action::Create, 0, &[]);
+        let cmd = package_command(&[&a, &b], &rs, &ctx(Some(PackageManager::Dnf))).unwrap();
+        assert_eq!(
+            cmd.script,
+            "set -eu\nset -- 'hello' 'tree'\ndnf install -y \"$@\"\n"
+        );
+        let a = step(2, "package:hello", Action::Delete, 0, &[]);
+        let b = step(3, "package:tree", Action::Delete, 0, &[]);
+        let cmd = package_command(&[&a, &b], &rs, &ctx(Some(PackageManager::Apk))).unwrap();
+        assert_eq!(
+            cmd.script,
+            "set -eu\nset -- 'hello' 'tree'\napk del \"$@\"\n"
+        );
+    }
+
+    #[test]
+    fn commands_get_the_transport_time_their_timeout_needs() {
+        let rs = resources(HOST);
+        let five = Duration::from_secs(300);
+        assert_eq!(
+            transport_timeout(Some(find(&rs, "command:init")), five),
+            Duration::from_secs(105)
+        );
+        assert_eq!(
+            transport_timeout(Some(find(&rs, "command:always")), five),
+            Duration::from_secs(315)
+        );
+        assert_eq!(transport_timeout(Some(find(&rs, "user:app")), five), five);
+        assert_eq!(transport_timeout(None, five), five);
+    }
+}
+
+#[cfg(test)]
+mod service_tests {
     use super::*;
 
     fn step(index: usize, triggers: Vec<usize>) -> Step {
@@ -532,14 +1209,13 @@ mod tests {
         let skipped = done(Skipped, false);
         let held = done(NotRun, true);
         let killed = done(NotRun, false);
-        let restart = step(2, vec![0, 1]);
         // One success is enough, whatever the other did.
         for other in [&ok, &failed, &skipped, &held, &killed] {
-            assert_eq!(restart_gate(&restart, &[ok.clone(), other.clone()]), None);
-            assert_eq!(restart_gate(&restart, &[other.clone(), ok.clone()]), None);
+            assert_eq!(restart_gate(&[&ok, other]), None);
+            assert_eq!(restart_gate(&[other, &ok]), None);
         }
         // Nothing changed: skipped, with the reason.
-        let r = restart_gate(&restart, &[failed.clone(), skipped.clone()]).unwrap();
+        let r = restart_gate(&[&failed, &skipped]).unwrap();
         assert_eq!((r.status, r.held), (Skipped, false));
         assert!(
             r.failure
@@ -549,18 +1225,65 @@ mod tests {
         );
         // A trigger still to come (held for a token, or the kill switch):
         // not run, held if it is.
-        let r = restart_gate(&restart, &[failed.clone(), held.clone()]).unwrap();
+        let r = restart_gate(&[&failed, &held]).unwrap();
         assert_eq!((r.status, r.held), (NotRun, true));
-        let r = restart_gate(&restart, &[killed.clone(), failed]).unwrap();
+        let r = restart_gate(&[&killed, &failed]).unwrap();
         assert_eq!((r.status, r.held), (NotRun, false));
-        // Not a restart: no say.
-        assert_eq!(restart_gate(&step(1, vec![]), &[held]), None);
+    }
+
+    /// In the gating loop, a restart waits for its triggers' real results:
+    /// a trigger still in the batch flushes it (an ordinary dependent would
+    /// count it as succeeding and join the batch).
+    #[test]
+    fn a_restart_flushes_the_batch_that_holds_a_trigger() {
+        use StepStatus::*;
+        let restart = step(2, vec![0, 1]);
+        let mut dependent = step(2, vec![]);
+        dependent.after = vec![0, 1];
+        let ok = || Some(done(Succeeded, false));
+        let failed = || Some(done(Failed, false));
+        // Trigger 1 in the batch: flush, whatever trigger 0 did.
+        for first in [ok(), failed(), None] {
+            let batch: Vec<usize> = if first.is_none() { vec![0, 1] } else { vec![1] };
+            let res = [first, None, None];
+            assert_eq!(gate(&restart, true, &res, &batch), Gate::Flush);
+        }
+        // An ordinary step joins the batch.
+        assert_eq!(gate(&dependent, true, &[ok(), None, None], &[1]), Gate::Run);
+        // With the real results: runs on one success, skipped on none,
+        // where an ordinary dependent is skipped on any failure.
+        let res = [failed(), ok(), None];
+        assert_eq!(gate(&restart, true, &res, &[]), Gate::Run);
+        let Gate::Decided(r) = gate(&dependent, true, &res, &[]) else {
+            panic!("a dependent of a failed step runs")
+        };
+        assert_eq!(r.status, Skipped);
+        let res = [failed(), Some(done(Skipped, false)), None];
+        let Gate::Decided(r) = gate(&restart, true, &res, &[]) else {
+            panic!("a restart without a succeeded trigger runs")
+        };
+        assert_eq!(r.status, Skipped);
+        // Held for a trigger held for a token.
+        let res = [failed(), Some(done(NotRun, true)), None];
+        assert_eq!(
+            gate(&restart, true, &res, &[]),
+            Gate::Decided(StepResult::not_run(true))
+        );
+        // Not allowed on this host: not run, held.
+        let Gate::Decided(r) = gate(&restart, false, &[ok(), ok(), None], &[]) else {
+            panic!("a restart the policy does not allow runs")
+        };
+        assert_eq!((r.status, r.held), (NotRun, true));
     }
 
     #[test]
     fn service_steps_become_systemctl_calls() {
         use crate::core::diff::FieldChange;
         use crate::core::diff::tests::{svc, svc_res};
+        let ctx = StepContext {
+            package_manager: None,
+            step_timeout: Duration::from_secs(300),
+        };
         let resource = |enabled, running| svc_res(svc(enabled, running));
         let with = |action, fields: &[&str], reload| {
             let mut s = step(0, vec![]);
@@ -576,7 +1299,7 @@ mod tests {
                 .collect();
             s
         };
-        let script = |s: &Step, r: &Resource| command_for(s, r).unwrap().script;
+        let script = |s: &Step, r: &Resource| command_for(s, r, &ctx).unwrap().script;
         let tail = |s: String| s.split_once("u='app'\n").unwrap().1.to_string();
         assert_eq!(
             tail(script(

@@ -15,4 +15,5 @@ pub mod settings;
 pub mod shell;
 pub mod source;
 pub mod store;
+pub mod tokens;
 pub mod transport;

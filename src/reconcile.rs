@@ -19,9 +19,12 @@ use crate::core::diff::{self, Change};
 use crate::core::model::{DesiredState, Host};
 use crate::core::plan::{self, HostPlan, Plan};
 use crate::core::policy::{self, HostFacts, RunDecision};
+use crate::core::prune::{self, Managed};
 use crate::core::retry::{self, FailureClass};
 use crate::core::spec::{DispatchMode, ResourceSpec, TendConfig, TransportKind};
+use crate::core::token::{TokenFile, Verdict};
 use crate::probe::{self, ProbeItem};
+use crate::store::db::Db;
 use crate::transport::local::LocalTransport;
 use crate::transport::ssh::{SshTarget, SshTransport};
 use crate::transport::{Transport, TransportError};
@@ -47,6 +50,13 @@ pub struct Prepared {
     pub changes: BTreeMap<String, Vec<Change>>,
     pub plan: Plan,
     pub decision: RunDecision,
+    /// The token that decided the run's operation (valid, or the refused one
+    /// the operator should see), with the file it came from.
+    pub token: Option<(Verdict, TokenFile)>,
+    /// Every token checked against the operation.
+    pub token_verdicts: Vec<Verdict>,
+    /// Hosts refused before planning: (class, message).
+    pub preflight_errors: PreflightErrors,
 }
 
 /// Resolve the hosts named on the command line (all when none).
@@ -96,13 +106,25 @@ pub fn connect(host: &Host, opts: &ProbeOpts) -> Result<Arc<dyn Transport>, Tran
     }
 }
 
-/// What the probe must look at for a host.
+/// What the probe must look at for a host: one item per resource of a kind
+/// this build probes (every kind).
 pub fn probe_items(host: &Host) -> Vec<ProbeItem> {
     host.resources
         .iter()
-        .filter_map(|r| match &r.spec {
-            ResourceSpec::Service(s) => Some(ProbeItem::service(r.id.clone(), s.name.clone())),
-            _ => r.path().map(|p| ProbeItem::path(r.id.clone(), p)),
+        .map(|r| {
+            let id = r.id.clone();
+            match &r.spec {
+                ResourceSpec::File(s) => ProbeItem::path(id, &s.path),
+                ResourceSpec::Directory(s) => ProbeItem::path(id, &s.path),
+                ResourceSpec::Symlink(s) => ProbeItem::path(id, &s.path),
+                ResourceSpec::User(s) => ProbeItem::user(id, &s.name),
+                ResourceSpec::Group(s) => ProbeItem::group(id, &s.name),
+                ResourceSpec::Package(s) => ProbeItem::package(id, &s.name),
+                ResourceSpec::Command(s) => {
+                    ProbeItem::command(id, s.creates.clone(), s.unless.clone())
+                }
+                ResourceSpec::Service(s) => ProbeItem::service(id, &s.name),
+            }
         })
         .collect()
 }
@@ -255,15 +277,17 @@ pub async fn probe_fleet(
     (transports, probes)
 }
 
-/// Diff and plan every host, then decide.
-pub fn plan_and_decide(
+/// Hosts refused before planning, with the class and message of the refusal.
+pub type PreflightErrors = BTreeMap<String, (FailureClass, String)>;
+
+/// Diff and plan every host. Hosts that could not be probed or use a kind
+/// this build cannot converge get a failed host plan and a preflight error.
+pub fn plan_fleet(
     state: &DesiredState,
     revision: &str,
     targets: &[String],
     probes: &BTreeMap<String, HostProbe>,
-    mode: DispatchMode,
-    kill_switch: bool,
-) -> (BTreeMap<String, Vec<Change>>, Plan, RunDecision) {
+) -> (BTreeMap<String, Vec<Change>>, Plan, PreflightErrors) {
     let mut changes = BTreeMap::new();
     let mut host_plans = Vec::new();
     let mut errors: BTreeMap<String, (FailureClass, String)> = BTreeMap::new();
@@ -308,7 +332,18 @@ pub fn plan_and_decide(
             }
         }
     }
-    let plan = Plan::new(revision, host_plans);
+    (changes, Plan::new(revision, host_plans), errors)
+}
+
+/// Decide every host of a plan.
+pub fn decide(
+    state: &DesiredState,
+    plan: &Plan,
+    errors: &PreflightErrors,
+    mode: DispatchMode,
+    kill_switch: bool,
+    authorized: bool,
+) -> RunDecision {
     let facts: Vec<HostFacts> = plan
         .hosts
         .iter()
@@ -318,11 +353,41 @@ pub fn plan_and_decide(
             preflight_error: errors.get(&hp.host).cloned(),
         })
         .collect();
-    let decision = policy::decide(&facts, mode, state.config.canary.as_deref(), kill_switch);
-    (changes, plan, decision)
+    policy::decide(
+        &facts,
+        mode,
+        state.config.canary.as_deref(),
+        kill_switch,
+        authorized,
+    )
 }
 
-/// The whole front half.
+impl TokenInput {
+    /// The token files of a state dir, checked by the clock now.
+    pub fn load(sd: &crate::store::StateDir, db: Option<&Db>, max_ttl: Duration) -> Result<Self> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        Ok(TokenInput {
+            files: crate::tokens::load(sd, db)?,
+            now,
+            max_ttl,
+        })
+    }
+}
+
+/// The confirmation tokens a pass may use, and the clock to check them by.
+#[derive(Clone, Debug, Default)]
+pub struct TokenInput {
+    pub files: Vec<TokenFile>,
+    /// Seconds since the epoch.
+    pub now: i64,
+    pub max_ttl: Duration,
+}
+
+/// The whole front half. The plan's operation (if any) is checked against
+/// the tokens; a valid one authorizes its destructive steps.
 pub async fn prepare(
     state: &DesiredState,
     opts: &ProbeOpts,
@@ -330,11 +395,21 @@ pub async fn prepare(
     targets: Vec<String>,
     mode: DispatchMode,
     kill_switch: bool,
+    tokens: &TokenInput,
 ) -> Prepared {
     let (transports, probes) = probe_fleet(state, &targets, opts).await;
-    let (changes, plan, decision) =
-        plan_and_decide(state, revision, &targets, &probes, mode, kill_switch);
+    let (changes, plan, errors) = plan_fleet(state, revision, &targets, &probes);
+    let (token, verdicts) = match &plan.operation {
+        Some(op) => {
+            let hosts = plan.operation_hosts.iter().cloned().collect();
+            crate::tokens::choose(&tokens.files, op, &hosts, tokens.now, tokens.max_ttl)
+        }
+        None => (None, vec![]),
+    };
+    let authorized = token.as_ref().is_some_and(|(v, _)| v.is_valid());
+    let decision = decide(state, &plan, &errors, mode, kill_switch, authorized);
     Prepared {
+        preflight_errors: errors,
         revision: revision.to_string(),
         targets,
         transports,
@@ -342,5 +417,46 @@ pub async fn prepare(
         changes,
         plan,
         decision,
+        token,
+        token_verdicts: verdicts,
     }
+}
+
+/// The managed-resource records of the target hosts, read from SQLite (none
+/// when there is no database yet). A record that cannot be read back is an
+/// error: forgetting it would silently stop pruning it.
+pub fn load_managed(db: Option<&Db>, targets: &[String]) -> Result<BTreeMap<String, Vec<Managed>>> {
+    let mut out = BTreeMap::new();
+    let Some(db) = db else { return Ok(out) };
+    for host in targets {
+        let mut list = Vec::new();
+        for row in db.managed(host)? {
+            let spec = prune::spec_from_json(&row.spec_json).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read back managed resource `{}` of host `{host}` from {} ({e}); refusing to plan without it",
+                    row.resource_id,
+                    db.path().display()
+                )
+            })?;
+            list.push(Managed {
+                id: row.resource_id,
+                spec,
+            });
+        }
+        out.insert(host.clone(), list);
+    }
+    Ok(out)
+}
+
+/// The desired state with every target host's pruned resources added.
+pub fn with_prunes(state: &DesiredState, managed: &BTreeMap<String, Vec<Managed>>) -> DesiredState {
+    let mut state = state.clone();
+    for (host, list) in managed {
+        if let Some(h) = state.hosts.remove(host) {
+            state
+                .hosts
+                .insert(host.clone(), prune::with_pruned(h, list));
+        }
+    }
+    state
 }

@@ -11,7 +11,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{
     Fixture, Run, assert_keys, assert_rfc3339, is_run_id, list_tree, mode_of, read_json, repo,
@@ -610,7 +610,14 @@ fn plan_and_probe_write_nothing() {
     let db = fs::read(fx.state().join("tend.db")).unwrap();
     fx.run(&["plan"]).code(2);
     fx.run(&["probe"]).code(0);
-    assert_eq!(list_tree(&fx.state()), before);
+    // `plan` reads the managed resources (for prune) from the WAL-mode
+    // database, which may leave SQLite's empty -wal/-shm companions; no data.
+    let companions = |l: Vec<String>| -> Vec<String> {
+        l.into_iter()
+            .filter(|p| !p.ends_with("-wal") && !p.ends_with("-shm"))
+            .collect()
+    };
+    assert_eq!(companions(list_tree(&fx.state())), companions(before));
     assert_eq!(
         fs::read(fx.state().join("status/web.json")).unwrap(),
         status
@@ -1359,4 +1366,321 @@ fn unknown_host_is_an_error() {
     assert!(r.stderr.contains("nope"), "{r}");
     assert!(list_tree(&fx.root()).is_empty());
     fx.run(&["plan", "nope"]).code(1);
+}
+
+// ---------------------------------------------------------------------------
+// Prune and teardown
+// ---------------------------------------------------------------------------
+
+/// Host `a` with a directory and two files in it, applied.
+fn applied_fixture() -> Fixture {
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: a\n    transport: local\n",
+    );
+    fx.write(
+        "hosts/a.yaml",
+        "resources:\n  - kind: directory\n    path: {root}/app\n  - kind: file\n    path: {root}/app/keep\n    content: \"k\\n\"\n  - kind: file\n    path: {root}/app/gone\n    content: \"g\\n\"\n",
+    );
+    apply_json(&fx, &["--dispatch", "enforced"], 0);
+    fx
+}
+
+fn plan_steps(fx: &Fixture) -> Vec<(String, String, bool)> {
+    let plan = fx.run(&["plan", "--json"]);
+    plan.json()["hosts"][0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_string(),
+                s["action"].as_str().unwrap().to_string(),
+                s["destructive"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_resource_removed_from_the_desired_state_is_pruned_only_with_confirmation() {
+    let fx = applied_fixture();
+    let gone = fx.root().join("app/gone");
+    fx.write(
+        "hosts/a.yaml",
+        "resources:\n  - kind: directory\n    path: {root}/app\n  - kind: file\n    path: {root}/app/keep\n    content: \"k\\n\"\n",
+    );
+    let id = format!("file:{}", gone.display());
+    assert_eq!(plan_steps(&fx), [(id.clone(), "delete".to_string(), true)]);
+    fx.run(&["plan"]).code(2);
+    let plan = fx.run(&["plan"]);
+    assert!(plan.stdout.contains("pruned"), "{plan}");
+
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 3);
+    let o = host_outcome(&result, "a");
+    assert_eq!(o["outcome"], "EscalationRequired");
+    assert_eq!(o["changes"], json!({"create": 0, "update": 0, "delete": 1}));
+    assert!(gone.exists(), "a prune never runs without confirmation");
+    let status = fx.status("a");
+    assert_eq!(status["awaiting_confirmation"]["steps"], json!([id]));
+
+    // Removed by hand: nothing left to prune, and tend forgets it.
+    fs::remove_file(&gone).unwrap();
+    apply_json(&fx, &["--dispatch", "enforced"], 0);
+    assert_eq!(plan_steps(&fx), []);
+    fs::write(&gone, "back\n").unwrap();
+    assert_eq!(plan_steps(&fx), [], "no longer managed: not pruned again");
+}
+
+#[test]
+fn teardown_plans_every_managed_resource_in_reverse_order_and_waits() {
+    let fx = applied_fixture();
+    let body = fs::read_to_string(fx.dir().join("hosts/a.yaml")).unwrap();
+    fx.write("hosts/a.yaml", &format!("lifecycle: absent\n{body}"));
+    let root = fx.root();
+    let steps = plan_steps(&fx);
+    let ids: Vec<&str> = steps.iter().map(|s| s.0.as_str()).collect();
+    let dir = format!("directory:{}/app", root.display());
+    assert_eq!(steps.len(), 3, "{steps:?}");
+    assert!(steps.iter().all(|s| s.1 == "delete" && s.2), "{steps:?}");
+    assert_eq!(
+        ids.last(),
+        Some(&dir.as_str()),
+        "contents before their directory: {ids:?}"
+    );
+
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 3);
+    assert_eq!(result["operation_intent"]["action"], "teardown");
+    assert_eq!(host_outcome(&result, "a")["outcome"], "EscalationRequired");
+    assert_eq!(fx.status("a")["phase"], "TeardownPending");
+    assert!(root.join("app/keep").exists() && root.join("app/gone").exists());
+
+    // Once everything is gone (by hand here; with a token later), the
+    // teardown is complete while the host file still lists its resources.
+    fs::remove_dir_all(root.join("app")).unwrap();
+    apply_json(&fx, &["--dispatch", "enforced"], 0);
+    assert_eq!(fx.status("a")["phase"], "TeardownComplete");
+}
+
+// ---------------------------------------------------------------------------
+// Confirmation tokens
+// ---------------------------------------------------------------------------
+
+/// `delete_fixture` applied once: the delete awaits operation `op`.
+fn awaiting() -> (Fixture, String) {
+    let fx = delete_fixture();
+    apply_json(&fx, &["--dispatch", "enforced"], 3);
+    let op = fx.status("a")["awaiting_confirmation"]["operation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (fx, op)
+}
+
+fn write_token(fx: &Fixture, name: &str, body: &str, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = fx.state().join("confirm");
+    fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    fs::write(&path, body).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+fn token_body(op: &str, hosts: &str, expires: &str) -> String {
+    format!("operation: {op}\nhosts: [{hosts}]\nexpires: {expires}\nreason: clean up\n")
+}
+
+fn in_minutes(m: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    tend::core::token::format_rfc3339(now + m * 60)
+}
+
+#[test]
+fn confirm_writes_a_token_that_runs_the_delete_exactly_once() {
+    let (fx, op) = awaiting();
+    let r = fx.run(&[
+        "confirm",
+        &op,
+        "--reason",
+        "retire old.conf",
+        "--ttl",
+        "10m",
+    ]);
+    r.code(0);
+    let token = fx.state().join(format!("confirm/{op}.yaml"));
+    assert_eq!(mode_of(&token) & 0o777, 0o600);
+    let plan = fx.run(&["plan"]);
+    assert!(plan.stdout.contains("covers the operation"), "{plan}");
+
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 0);
+    let o = host_outcome(&result, "a");
+    assert_eq!(o["outcome"], "Completed", "{result:#}");
+    assert_eq!(o["steps"][0]["status"], "succeeded");
+    assert_eq!(result["effective_mode"], "full");
+    assert_eq!(result["policy_outcome"], "Approved");
+    let c = &result["confirmation"];
+    assert_eq!(c["operation"], op.as_str());
+    assert_eq!(c["hosts"], json!(["a"]));
+    assert_eq!(c["token_file"], format!("confirm/{op}.yaml"));
+    assert_eq!(c["scope_match"], true);
+    assert_eq!(c["reason"], "retire old.conf");
+    assert_eq!(c["refusal"], Value::Null);
+    assert!(
+        !fx.root().join("old.conf").exists(),
+        "the confirmed delete ran"
+    );
+    assert!(!token.exists(), "a used token leaves confirm/");
+    let used: Vec<_> = fs::read_dir(fx.state().join("confirm/used"))
+        .unwrap()
+        .collect();
+    assert_eq!(used.len(), 1);
+    assert_eq!(fx.status("a")["phase"], "Running");
+
+    // The same content again, for the same operation: refused as reused.
+    fs::write(fx.root().join("old.conf"), "old\n").unwrap();
+    let used_path = used.into_iter().next().unwrap().unwrap().path();
+    let bytes = fs::read(&used_path).unwrap();
+    write_token(
+        &fx,
+        "again.yaml",
+        std::str::from_utf8(&bytes).unwrap(),
+        0o600,
+    );
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 3);
+    assert_eq!(host_outcome(&result, "a")["outcome"], "EscalationRequired");
+    assert!(
+        result["confirmation"]["refusal"]
+            .as_str()
+            .unwrap()
+            .contains("already used"),
+        "{result:#}"
+    );
+    assert!(fx.root().join("old.conf").exists());
+    assert!(
+        fx.state().join("confirm/again.yaml").exists(),
+        "refused tokens stay where they are"
+    );
+    let msg = condition(&fx.status("a"), "AwaitingConfirmation")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("already used"), "{msg}");
+}
+
+#[test]
+fn refused_tokens_say_why_and_nothing_is_deleted() {
+    let (fx, op) = awaiting();
+    let cases: Vec<(&str, String, u32, &str, bool)> = vec![
+        (
+            "expired",
+            token_body(&op, "a", &in_minutes(-1)),
+            0o600,
+            "expired",
+            true,
+        ),
+        (
+            "writable",
+            token_body(&op, "a", &in_minutes(10)),
+            0o666,
+            "writable by group or others",
+            true,
+        ),
+        (
+            "too-long",
+            token_body(&op, "a", &in_minutes(120)),
+            0o600,
+            "token_max_ttl",
+            true,
+        ),
+        (
+            "other-op",
+            token_body(&"0".repeat(64), "a", &in_minutes(10)),
+            0o600,
+            "is for operation",
+            false,
+        ),
+        (
+            "superset",
+            token_body(&op, "a, b", &in_minutes(10)),
+            0o600,
+            "exactly [a]",
+            false,
+        ),
+        (
+            "malformed",
+            "operation: [\n".to_string(),
+            0o600,
+            "malformed",
+            false,
+        ),
+    ];
+    for (name, body, mode, why, scope) in cases {
+        let path = write_token(&fx, &format!("{name}.yaml"), &body, mode);
+        let result = apply_json(&fx, &["--dispatch", "enforced"], 3);
+        let o = host_outcome(&result, "a");
+        assert_eq!(o["outcome"], "EscalationRequired", "{name}: {result:#}");
+        assert_eq!(result["effective_mode"], "quick", "{name}");
+        let c = &result["confirmation"];
+        assert_eq!(c["token_file"], format!("confirm/{name}.yaml"), "{name}");
+        assert_eq!(c["scope_match"], scope, "{name}: {c:#}");
+        assert!(
+            c["refusal"].as_str().unwrap().contains(why),
+            "{name}: {c:#}"
+        );
+        assert!(
+            fx.root().join("old.conf").exists(),
+            "{name}: deleted without a valid token"
+        );
+        assert!(path.exists(), "{name}: a refused token stays");
+        fs::remove_file(path).unwrap();
+    }
+}
+
+#[test]
+fn a_token_goes_stale_when_the_desired_state_changes() {
+    let (fx, op) = awaiting();
+    fx.run(&["confirm", &op, "--reason", "r"]).code(0);
+    // Another destructive step joins the operation: its hash changes.
+    fs::write(fx.root().join("older.conf"), "x\n").unwrap();
+    fx.write(
+        "hosts/a.yaml",
+        "resources:\n  - kind: file\n    path: {root}/old.conf\n    state: absent\n  - kind: file\n    path: {root}/older.conf\n    state: absent\n",
+    );
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 3);
+    assert_ne!(result["confirmation"]["operation"], op.as_str());
+    assert_eq!(result["confirmation"]["scope_match"], false);
+    assert!(fx.root().join("old.conf").exists() && fx.root().join("older.conf").exists());
+}
+
+#[test]
+fn a_protected_host_is_policy_blocked_token_or_not() {
+    let (fx, op) = awaiting();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: a\n    transport: local\n    protected: true\n",
+    );
+    write_token(&fx, "t.yaml", &token_body(&op, "a", &in_minutes(10)), 0o600);
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 3);
+    let o = host_outcome(&result, "a");
+    assert_eq!(o["outcome"], "PolicyBlocked", "{result:#}");
+    assert_eq!(o["last_failure_class"], "Policy");
+    assert!(fx.root().join("old.conf").exists());
+    assert!(fx.state().join("confirm/t.yaml").exists(), "not consumed");
+}
+
+#[test]
+fn confirm_refuses_what_it_cannot_scope() {
+    let (fx, op) = awaiting();
+    fx.run(&["confirm", &"1".repeat(64), "--reason", "r"])
+        .code(1);
+    fx.run(&["confirm", "abc", "--reason", "r"]).code(1);
+    fx.run(&["confirm", &op, "--reason", "r", "--ttl", "3h"])
+        .code(1);
+    fx.run(&["confirm", &op, "--reason", " "]).code(1);
+    assert!(!fx.state().join(format!("confirm/{op}.yaml")).exists());
 }

@@ -157,6 +157,8 @@ resources:
 #[test]
 fn one_remote_command_per_host_per_probe() {
     let f = fleet();
+    // Files left by an earlier run (or anyone else) would leave nothing to plan.
+    f.sh("h3", "rm -rf /srv/count");
     let mut resources = String::from("resources:\n");
     for i in 0..30 {
         resources.push_str(&format!(
@@ -164,6 +166,7 @@ fn one_remote_command_per_host_per_probe() {
         ));
     }
     let d = Desired::new(FAST, &inventory(&["h3"]), &[("h3", &resources)]);
+    f.sh("h3", "rm -rf /srv/count");
     let before = (f.commands_started("h3"), f.connections("h3"));
     let out = d.tend(&["plan"]);
     assert_eq!(code(&out), 2, "{}", text(&out));
@@ -180,6 +183,35 @@ fn one_remote_command_per_host_per_probe() {
         1,
         "one probe = one connection"
     );
+
+    // Converging 30 files: the probe, then ONE batch for every
+    // non-destructive step, over one connection.
+    f.sh("h3", "rm -rf /srv/count && mkdir /srv/count");
+    let before = (f.commands_started("h3"), f.connections("h3"));
+    let out = d.tend(&["apply", "--dispatch", "enforced"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    support::wait_for("sshd to log both commands", Duration::from_secs(5), || {
+        f.commands_started("h3") >= before.0 + 2
+    });
+    assert_eq!(f.commands_started("h3") - before.0, 2, "probe + one batch");
+    assert_eq!(f.connections("h3") - before.1, 1, "the session is reused");
+    assert_eq!(f.sh("h3", "cat /srv/count/f7"), "7\n");
+    let r = d.last_result();
+    assert_eq!(r["host_outcomes"][0]["steps"].as_array().unwrap().len(), 30);
+
+    // A no-op converge: the probe and nothing else.
+    let before = f.commands_started("h3");
+    let out = d.tend(&["apply", "--dispatch", "enforced"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    support::wait_for("sshd to log the probe", Duration::from_secs(5), || {
+        f.commands_started("h3") > before
+    });
+    assert_eq!(
+        f.commands_started("h3") - before,
+        1,
+        "a no-op converge is one remote command"
+    );
+    assert_eq!(d.last_result()["host_outcomes"][0]["outcome"], "NoChange");
 }
 
 #[test]
@@ -398,4 +430,572 @@ resources:
         .unwrap();
     let log = std::fs::read_to_string(d.state().join(broken["log"].as_str().unwrap())).unwrap();
     assert!(log.contains("missing-parent"), "{log}");
+}
+
+mod bytes_over_ssh {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+    use tend::apply;
+    use tend::transport::Transport;
+    use tend::transport::ssh::{SshTarget, SshTransport};
+
+    use super::support::{fleet, shell_quote};
+
+    /// Path components that would do harm if anything reached a shell
+    /// unquoted: quotes, substitutions, globs, newlines, leading dashes. No
+    /// `/`: one component, in one existing directory.
+    fn component() -> impl Strategy<Value = String> {
+        let nasty = prop::sample::select(vec![
+            "'",
+            "\"",
+            "$(touch tend-pwned)",
+            "`touch tend-pwned`",
+            "\n",
+            " ",
+            "-rf",
+            "--",
+            "*",
+            "?",
+            "[a]",
+            "~",
+            ";",
+            "&",
+            "|",
+            "\\",
+            "é",
+            "日本",
+            "\t",
+            "$HOME",
+            "a",
+            "b",
+        ]);
+        prop::collection::vec(nasty, 1..5).prop_map(|parts| {
+            let s = parts.concat();
+            // `.` and `..` are not names a resource can have.
+            if s == "." || s == ".." {
+                format!("{s}x")
+            } else {
+                s
+            }
+        })
+    }
+
+    /// One session for every case, like a run.
+    fn transport() -> &'static SshTransport {
+        static T: std::sync::OnceLock<SshTransport> = std::sync::OnceLock::new();
+        T.get_or_init(|| {
+            let f = fleet();
+            let h = f.host("h2");
+            f.sh("h2", "mkdir -p /srv/bytes && rm -f /root/tend-pwned");
+            SshTransport::new(SshTarget {
+                host: "h2".into(),
+                address: h.address.clone(),
+                port: 22,
+                user: "root".into(),
+                identity: Some(f.key.clone()),
+                host_key: Some(h.fingerprint.clone()),
+                known_hosts: f.known_hosts.clone(),
+            })
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_path_and_content_round_trip_exactly(
+            name in component(),
+            content in prop::collection::vec(any::<u8>(), 0..4096),
+        ) {
+            let f = fleet();
+            let t = transport();
+            let path = format!("/srv/bytes/{name}");
+            let cmd = apply::write_file(&path, &content, None, None, None);
+            let out = t.exec(&cmd.script, &cmd.stdin, Duration::from_secs(30)).unwrap();
+            prop_assert_eq!(out.status, 0, "{}", String::from_utf8_lossy(&out.stderr));
+            // Read back through the system ssh client, not tend's transport;
+            // a substitution would have run in root's home, the session's cwd.
+            let p = shell_quote(&path);
+            let back = f.ssh("h2", &format!("cat -- {p} && rm -f -- {p} && [ ! -e /root/tend-pwned ]"));
+            prop_assert!(back.status.success(), "read back, or a name was executed: {}", String::from_utf8_lossy(&back.stderr));
+            prop_assert_eq!(back.stdout, content);
+        }
+    }
+}
+
+#[test]
+fn a_no_op_converge_of_five_hosts_with_thirty_resources_is_one_command_per_host() {
+    let f = fleet();
+    let hosts = ["h30", "h31", "h32", "h33", "h34"];
+    let mut body = String::from("resources:\n  - kind: directory\n    path: /srv/noop\n");
+    for i in 0..29 {
+        body.push_str(&format!(
+            "  - kind: file\n    path: /srv/noop/f{i}\n    content: \"{i}\\n\"\n    mode: \"0640\"\n"
+        ));
+    }
+    let files: Vec<(&str, &str)> = hosts.iter().map(|h| (*h, body.as_str())).collect();
+    let d = Desired::new(FAST, &inventory(&hosts), &files);
+    for h in hosts {
+        f.sh(h, "rm -rf /srv/noop");
+    }
+    let first = d.tend(&["apply", "--dispatch", "enforced"]);
+    assert_eq!(code(&first), 0, "{}", text(&first));
+    let before: Vec<usize> = hosts.iter().map(|h| f.commands_started(h)).collect();
+    let again = d.tend(&["apply", "--dispatch", "enforced"]);
+    assert_eq!(code(&again), 0, "{}", text(&again));
+    let r = d.last_result();
+    for (h, b) in hosts.iter().zip(&before) {
+        assert_eq!(outcome(&r, h)["outcome"], "NoChange", "{r:#}");
+        support::wait_for("sshd to log the probe", Duration::from_secs(5), || {
+            f.commands_started(h) > *b
+        });
+        assert_eq!(
+            f.commands_started(h) - b,
+            1,
+            "{h}: a no-op converge is one remote command"
+        );
+    }
+}
+
+// ---- users, groups, packages and commands (h12..h16) ------------------------
+
+/// The steps of a host's plan in `tend plan --json`.
+fn plan_steps(d: &Desired, host: &str) -> (i32, Vec<Value>) {
+    let out = d.tend(&["plan", "--json"]);
+    let plan: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("plan --json: {e}\n{}", text(&out)));
+    let hp = plan["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == host)
+        .unwrap_or_else(|| panic!("no plan for {host}: {plan:#}"))
+        .clone();
+    assert!(hp["error"].is_null(), "{hp:#}");
+    (code(&out), hp["steps"].as_array().unwrap().clone())
+}
+
+/// `(id, action, destructive, [changed fields])` of each step.
+fn summary(steps: &[Value]) -> Vec<(String, String, bool, Vec<String>)> {
+    steps
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_string(),
+                s["action"].as_str().unwrap().to_string(),
+                s["destructive"].as_bool().unwrap(),
+                s["fields"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f["field"].as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn step(
+    id: &str,
+    action: &str,
+    destructive: bool,
+    fields: &[&str],
+) -> (String, String, bool, Vec<String>) {
+    (
+        id.into(),
+        action.into(),
+        destructive,
+        fields.iter().map(|f| f.to_string()).collect(),
+    )
+}
+
+/// Applies in enforced mode; returns the exit code, the host's outcome and
+/// the remote commands the apply started on the host (probe included).
+fn apply_counting(d: &Desired, host: &str) -> (i32, Value, usize) {
+    let f = fleet();
+    let before = f.commands_started(host);
+    let runs = d.run_ids();
+    let out = d.tend(&["apply", "--dispatch", "enforced"]);
+    support::wait_for("sshd to log the sessions", Duration::from_secs(5), || {
+        f.commands_started(host) > before
+    });
+    // sshd logs a session as it starts it; every one has started by now.
+    std::thread::sleep(Duration::from_millis(200));
+    let new: Vec<String> = d.run_ids().difference(&runs).cloned().collect();
+    assert_eq!(new.len(), 1, "one new run: {new:?}\n{}", text(&out));
+    let r = d.result(&new[0]);
+    (
+        code(&out),
+        outcome(&r, host).clone(),
+        f.commands_started(host) - before,
+    )
+}
+
+/// A re-apply of a converged host is NoChange and runs only the probe.
+fn assert_converged(d: &Desired, host: &str) {
+    let (code, o, commands) = apply_counting(d, host);
+    assert_eq!(code, 0, "{o:#}");
+    assert_eq!(o["outcome"], "NoChange", "{o:#}");
+    assert_eq!(o["dispatch_status"], "not_dispatched", "{o:#}");
+    assert_eq!(commands, 1, "only the probe ran");
+}
+
+/// A desired state whose only change is a held destructive delete: planned
+/// as such, `apply` exits 3 with EscalationRequired, and nothing runs.
+fn assert_delete_held(d: &Desired, host: &str, id: &str) {
+    let (plan_code, steps) = plan_steps(d, host);
+    assert_eq!(plan_code, 2);
+    let got: Vec<(String, String, bool)> = summary(&steps)
+        .into_iter()
+        .map(|(id, action, destructive, _)| (id, action, destructive))
+        .collect();
+    assert_eq!(got, [(id.to_string(), "delete".to_string(), true)]);
+    let (code, o, commands) = apply_counting(d, host);
+    assert_eq!(code, 3, "{o:#}");
+    assert_eq!(o["outcome"], "EscalationRequired", "{o:#}");
+    assert_eq!(commands, 1, "only the probe ran");
+}
+
+#[test]
+fn users_converge_and_drift_is_corrected() {
+    let f = fleet();
+    let h = "h12";
+    f.sh(h, "userdel tkapp 2>/dev/null; groupdel tkweb 2>/dev/null; groupdel tkapp 2>/dev/null; rm -rf /srv/tkapp; true");
+    let host = |state: &str| {
+        format!(
+            r#"
+resources:
+  - kind: group
+    name: tkweb
+  - kind: user
+    name: tkapp
+    uid: 1600
+    home: /srv/tkapp
+    shell: /bin/sh
+    groups: [tkweb, adm]
+    state: {state}
+"#
+        )
+    };
+    let d = Desired::new(FAST, &inventory(&[h]), &[(h, &host("present"))]);
+    let (plan_code, steps) = plan_steps(&d, h);
+    assert_eq!(plan_code, 2);
+    assert_eq!(
+        summary(&steps),
+        [
+            step("group:tkweb", "create", false, &["exists"]),
+            step(
+                "user:tkapp",
+                "create",
+                false,
+                &["uid", "home", "shell", "groups"]
+            ),
+        ]
+    );
+    let (code, o, commands) = apply_counting(&d, h);
+    assert_eq!(code, 0, "{o:#}");
+    assert_eq!(o["outcome"], "Completed", "{o:#}");
+    assert_eq!(commands, 2, "the probe and one batch for both steps");
+    assert_eq!(
+        f.sh(
+            h,
+            "getent passwd tkapp | cut -d: -f1,3,6,7; id -nG tkapp; stat -c %U /srv/tkapp"
+        ),
+        "tkapp:1600:/srv/tkapp:/bin/sh\ntkapp adm tkweb\ntkapp\n"
+    );
+    assert_converged(&d, h);
+
+    // Drift by hand: another shell, no supplementary groups.
+    f.sh(h, "usermod -s /bin/bash -G '' tkapp");
+    let (plan_code, steps) = plan_steps(&d, h);
+    assert_eq!(plan_code, 2);
+    assert_eq!(
+        summary(&steps),
+        [step("user:tkapp", "update", false, &["shell", "groups"])]
+    );
+    assert_eq!(steps[0]["fields"][0]["from"], "/bin/bash");
+    assert_eq!(steps[0]["fields"][1]["from"], "(none)");
+    assert_eq!(steps[0]["fields"][1]["to"], "adm,tkweb");
+    let (code, o, _) = apply_counting(&d, h);
+    assert_eq!(code, 0, "{o:#}");
+    assert_eq!(
+        f.sh(h, "getent passwd tkapp | cut -d: -f7; id -nG tkapp"),
+        "/bin/sh\ntkapp adm tkweb\n"
+    );
+    assert_converged(&d, h);
+
+    // Removal is destructive: held until the token gate exists.
+    let gone = Desired::new(FAST, &inventory(&[h]), &[(h, &host("absent"))]);
+    assert_delete_held(&gone, h, "user:tkapp");
+    assert_eq!(f.sh(h, "getent passwd tkapp | cut -d: -f1"), "tkapp\n");
+    // The removal that step would run, by hand (no token gate yet): the
+    // account goes, its home stays; gone already is fine.
+    let rm = tend::apply::delete_user("tkapp");
+    f.sh(h, &rm.script);
+    f.sh(h, &rm.script);
+    assert_eq!(
+        f.sh(h, "getent passwd tkapp || echo gone; stat -c %u /srv/tkapp"),
+        "gone\n1600\n"
+    );
+}
+
+#[test]
+fn groups_converge_and_drift_is_corrected() {
+    let f = fleet();
+    let h = "h13";
+    f.sh(
+        h,
+        "groupdel tkops 2>/dev/null; groupdel tkdev 2>/dev/null; true",
+    );
+    let host = |state: &str| {
+        format!(
+            "resources:\n  - kind: group\n    name: tkops\n    gid: 2345\n    state: {state}\n  - kind: group\n    name: tkdev\n"
+        )
+    };
+    let d = Desired::new(FAST, &inventory(&[h]), &[(h, &host("present"))]);
+    let (plan_code, steps) = plan_steps(&d, h);
+    assert_eq!(plan_code, 2);
+    assert_eq!(
+        summary(&steps),
+        [
+            step("group:tkdev", "create", false, &["exists"]),
+            step("group:tkops", "create", false, &["gid"]),
+        ]
+    );
+    let (code, o, _) = apply_counting(&d, h);
+    assert_eq!(code, 0, "{o:#}");
+    assert_eq!(
+        f.sh(h, "getent group tkops | cut -d: -f1,3"),
+        "tkops:2345\n"
+    );
+    assert_converged(&d, h);
+
+    f.sh(h, "groupmod -g 2400 tkops");
+    let (_, steps) = plan_steps(&d, h);
+    assert_eq!(
+        summary(&steps),
+        [step("group:tkops", "update", false, &["gid"])]
+    );
+    assert_eq!(steps[0]["fields"][0]["from"], "2400");
+    assert_eq!(steps[0]["fields"][0]["to"], "2345");
+    let (code, o, _) = apply_counting(&d, h);
+    assert_eq!(code, 0, "{o:#}");
+    assert_eq!(f.sh(h, "getent group tkops | cut -d: -f3"), "2345\n");
+    assert_converged(&d, h);
+
+    let gone = Desired::new(FAST, &inventory(&[h]), &[(h, &host("absent"))]);
+    assert_delete_held(&gone, h, "group:tkops");
+    assert_eq!(f.sh(h, "getent group tkops | cut -d: -f1"), "tkops\n");
+    let rm = tend::apply::delete_group("tkops");
+    f.sh(h, &rm.script);
+    f.sh(h, &rm.script);
+    assert_eq!(f.sh(h, "getent group tkops || echo gone"), "gone\n");
+}
+
+#[test]
+fn packages_install_in_one_call_from_the_hosts_apt() {
+    let f = fleet();
+    let h = "h14";
+    // A host without package lists: the install fails once, apt-get update
+    // runs, the install is retried in the same step.
+    f.sh(
+        h,
+        "dpkg --purge hello tree >/dev/null 2>&1; rm -rf /var/lib/apt/lists/*; true",
+    );
+    let host = |tree: &str| {
+        format!(
+            "resources:\n  - kind: package\n    name: hello\n  - kind: package\n    name: tree\n    state: {tree}\n"
+        )
+    };
+    let slow = "probe_timeout: 10s\nretries: 0\nstep_timeout: 5m\n";
+    let d = Desired::new(slow, &inventory(&[h]), &[(h, &host("present"))]);
+    let (plan_code, steps) = plan_steps(&d, h);
+    assert_eq!(plan_code, 2);
+    assert_eq!(
+        summary(&steps),
+        [
+            step("package:hello", "create", false, &["installed"]),
+            step("package:tree", "create", false, &["installed"]),
+        ]
+    );
+    let (code, o, commands) = apply_counting(&d, h);
+    assert_eq!(code, 0, "{o:#}");
+    assert_eq!(o["outcome"], "Completed", "{o:#}");
+    assert_eq!(
+        commands, 2,
+        "the probe and ONE apt-get call for both packages"
+    );
+    assert_eq!(
+        f.sh(h, "dpkg-query -W -f '${Package} ${Status}\\n' hello tree"),
+        "hello install ok installed\ntree install ok installed\n"
+    );
+    // Both steps logged the one call's output, the retry included.
+    for s in o["steps"].as_array().unwrap() {
+        assert_eq!(s["status"], "succeeded", "{o:#}");
+        let log = std::fs::read_to_string(d.state().join(s["log"].as_str().unwrap())).unwrap();
+        assert!(log.contains("updating the package lists once"), "{log}");
+        assert!(
+            log.contains("Setting up hello") && log.contains("Setting up tree"),
+            "{log}"
+        );
+    }
+    assert_converged(&d, h);
+
+    // Removed by hand: planned and installed again.
+    f.sh(h, "dpkg -r hello >/dev/null");
+    let (_, steps) = plan_steps(&d, h);
+    assert_eq!(
+        summary(&steps),
+        [step("package:hello", "create", false, &["installed"])]
+    );
+    let (code, o, commands) = apply_counting(&d, h);
+    assert_eq!((code, commands), (0, 2), "{o:#}");
+    assert_eq!(
+        f.sh(h, "dpkg-query -W -f '${Status}\\n' hello"),
+        "install ok installed\n"
+    );
+    assert_converged(&d, h);
+
+    // `state: absent` is a destructive delete, held.
+    let gone = Desired::new(slow, &inventory(&[h]), &[(h, &host("absent"))]);
+    assert_delete_held(&gone, h, "package:tree");
+    assert_eq!(
+        f.sh(h, "dpkg-query -W -f '${Status}\\n' tree"),
+        "install ok installed\n"
+    );
+
+    // The removal that step would run (no token gate yet, so run its script
+    // by hand): it removes what it names, and refuses to take along a
+    // package that was not named (python3 depends on python3.11).
+    use tend::apply::{PackageManager, remove_packages};
+    let rm = remove_packages(PackageManager::Apt, &["tree"]);
+    f.sh(h, &rm.script);
+    assert_eq!(
+        f.sh(h, "dpkg-query -W -f '${Status}\\n' tree 2>/dev/null; true"),
+        ""
+    );
+    let rm = remove_packages(PackageManager::Apt, &["python3.11"]);
+    let out = f.ssh(h, &rm.script);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "tend: not removing python3.11: apt would also remove python3; declare those absent too\n"
+    );
+    assert_eq!(
+        f.sh(h, "dpkg-query -W -f '${Status}\\n' python3.11 python3"),
+        "install ok installed\ninstall ok installed\n"
+    );
+}
+
+#[test]
+fn commands_run_only_when_their_guard_says_so() {
+    let f = fleet();
+    let h = "h15";
+    f.sh(h, "rm -rf /srv/cmd && mkdir -p /srv/cmd");
+    let base = r#"
+resources:
+  - kind: command
+    name: once
+    run: "echo hello-from-once; echo ran >> /srv/cmd/once.log; touch /srv/cmd/once.done"
+    creates: /srv/cmd/once.done
+  - kind: command
+    name: never
+    run: "touch /srv/cmd/never"
+    unless: "test -d /srv/cmd"
+"#;
+    let d = Desired::new(FAST, &inventory(&[h]), &[(h, base)]);
+    // probe --json says what each guard found; plan --json lists only what runs.
+    let out = d.tend(&["probe", "--json"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let res = &doc["hosts"][0]["resources"];
+    assert_eq!(res["command:once"]["type"], "guard");
+    assert_eq!(res["command:once"]["will_run"], true);
+    assert_eq!(res["command:once"]["creates_exists"], false);
+    assert_eq!(res["command:never"]["will_run"], false);
+    assert_eq!(res["command:never"]["unless_status"], 0);
+    let (plan_code, steps) = plan_steps(&d, h);
+    assert_eq!(plan_code, 2);
+    assert_eq!(
+        summary(&steps),
+        [step("command:once", "create", false, &["run"])]
+    );
+    assert_eq!(
+        steps[0]["note"],
+        "will run: `/srv/cmd/once.done` does not exist"
+    );
+
+    let (code, o, _) = apply_counting(&d, h);
+    assert_eq!(code, 0, "{o:#}");
+    let s = &o["steps"][0];
+    let log = std::fs::read_to_string(d.state().join(s["log"].as_str().unwrap())).unwrap();
+    assert!(
+        log.contains("hello-from-once"),
+        "the command's output is its step log: {log}"
+    );
+    // Once, not again.
+    assert_converged(&d, h);
+    assert_eq!(
+        f.sh(
+            h,
+            "cat /srv/cmd/once.log; [ -e /srv/cmd/never ] || echo never-ran"
+        ),
+        "ran\nnever-ran\n"
+    );
+
+    // A destructive command waits for a token; a slow one is stopped by
+    // its timeout and fails.
+    let more = format!(
+        "{base}  - kind: command\n    name: wipe\n    run: \"touch /srv/cmd/wiped\"\n    creates: /srv/cmd/wiped\n    destructive: true\n"
+    );
+    let d = Desired::new(FAST, &inventory(&[h]), &[(h, &more)]);
+    let (_, steps) = plan_steps(&d, h);
+    assert_eq!(
+        summary(&steps),
+        [step("command:wipe", "create", true, &["run"])]
+    );
+    let (code, o, _) = apply_counting(&d, h);
+    assert_eq!(code, 3, "{o:#}");
+    assert_eq!(o["outcome"], "EscalationRequired", "{o:#}");
+    let slow = format!(
+        "{base}  - kind: command\n    name: slow\n    run: \"sleep 60\"\n    timeout: 1s\n"
+    );
+    let d = Desired::new(FAST, &inventory(&[h]), &[(h, &slow)]);
+    let started = std::time::Instant::now();
+    let (code, o, _) = apply_counting(&d, h);
+    assert_eq!(code, 4, "{o:#}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(o["outcome"], "ExecutionFailed", "{o:#}");
+    let msg = o["last_failure_message"].as_str().unwrap();
+    assert!(
+        msg.contains("status 124") && msg.contains("timed out after 1s"),
+        "{msg}"
+    );
+    assert_eq!(
+        f.sh(h, "cat /srv/cmd/once.log; ls /srv/cmd"),
+        "ran\nonce.done\nonce.log\n"
+    );
+}
+
+#[test]
+fn packages_on_a_host_without_a_package_manager_are_a_capability_mismatch() {
+    let f = fleet();
+    let h = "h16";
+    f.sh(h, "[ -e /usr/bin/apt-get ] || mv /usr/bin/apt-get.off /usr/bin/apt-get; mv /usr/bin/apt-get /usr/bin/apt-get.off");
+    let d = Desired::new(
+        FAST,
+        &inventory(&[h]),
+        &[(h, "resources:\n  - kind: package\n    name: hello\n")],
+    );
+    let out = d.tend(&["apply", "--dispatch", "enforced"]);
+    f.sh(h, "mv /usr/bin/apt-get.off /usr/bin/apt-get");
+    assert_eq!(code(&out), 4, "{}", text(&out));
+    let r = d.last_result();
+    let o = outcome(&r, h);
+    assert_eq!(o["outcome"], "CapabilityMismatch", "{r:#}");
+    assert_eq!(o["last_failure_class"], "Capability");
+    assert_eq!(o["attempt_count"], 1);
+    let msg = o["last_failure_message"].as_str().unwrap();
+    assert!(msg.contains("no package manager"), "{msg}");
 }

@@ -1,6 +1,8 @@
-//! Remote command builders: one POSIX `sh` script per change to a path-based
-//! resource (file, directory, symlink), ready for [`crate::transport::Transport::exec`];
-//! services in [`service`].
+//! Remote command builders: one POSIX `sh` script per change, ready for
+//! [`crate::transport::Transport::exec`]. Path-based resources (file,
+//! directory, symlink) are here; users and groups in [`account`], packages
+//! (one call for a list) in [`package`], commands in [`command`], services
+//! in [`service`].
 //!
 //! Invariant: pure. Every path, name and value reaches the script through
 //! [`crate::shell::quote`], assigned once to a shell variable and used as
@@ -18,12 +20,23 @@
 //! `sync` (with file operands, to fsync one file or directory), `mv -T`,
 //! `ln`, `mkdir`, `rmdir`, `rm`: GNU coreutils or a recent BusyBox.
 
+pub mod batch;
+
 use std::fmt::Write as _;
 
 use crate::core::spec::Mode;
 use crate::shell::quote;
 
+pub mod account;
+pub mod command;
+pub mod package;
 pub mod service;
+
+pub use account::{
+    UserFields, create_group, create_user, delete_group, delete_user, modify_group, modify_user,
+};
+pub use command::run_command;
+pub use package::{PackageManager, install_packages, remove_packages};
 
 #[cfg(test)]
 mod tests;
@@ -63,7 +76,13 @@ pub fn write_file(
     s.require_parent("write");
     s.temp_cleanup("rm -f");
     s.line(r#"tmp=$(mktemp "$d/.tend.XXXXXX")"#);
-    s.line(r#"cat > "$tmp""#);
+    // Exactly the content's length, not "until EOF": in a batch, the next
+    // step's content follows on the same stdin. A short read is an error.
+    let len = content.len();
+    s.line(&format!(r#"head -c {len} > "$tmp""#));
+    s.line(&format!(
+        r#"[ "$(wc -c < "$tmp")" -eq {len} ] || {{ echo "tend: content of $p arrived short" >&2; exit 1; }}"#
+    ));
     // Ownership before mode: chown clears the set-user-ID and set-group-ID bits.
     let keep_ids = match (owner, group) {
         (None, None) => Some("%u:%g"),

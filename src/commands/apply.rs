@@ -21,7 +21,7 @@ use crate::dispatch::{self, DispatchOpts, Recorder};
 use crate::reconcile;
 use crate::store::db::{Db, RunRow};
 
-pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
+pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
     let targets = reconcile::resolve_targets(&loaded.state, hosts)?;
     let sd = &loaded.state_dir;
     sd.ensure()?;
@@ -31,6 +31,9 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
     let run_id = new_run_id(started);
     let started_at = humantime::format_rfc3339_millis(started).to_string();
     let mut db = Db::open(&sd.db_path())?;
+    let managed = reconcile::load_managed(Some(&db), &targets)?;
+    loaded.state = reconcile::with_prunes(&loaded.state, &managed);
+    let tokens = reconcile::TokenInput::load(sd, Some(&db), loaded.state.config.token_max_ttl.0)?;
     let teardown = targets
         .iter()
         .any(|h| loaded.state.hosts[h].lifecycle == Lifecycle::Absent);
@@ -66,8 +69,60 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         targets.clone(),
         mode,
         kill,
+        &tokens,
     )
     .await;
+    let mut prep = prep;
+    for v in &prep.token_verdicts {
+        rec.event(
+            None,
+            "token_checked",
+            json!({"file": v.file, "scope_match": v.scope_match, "refusal": v.refusal}),
+        );
+    }
+    // A valid token is claimed (recorded as used, then moved to
+    // confirm/used/) BEFORE any destructive step it authorizes runs, and only
+    // when one will actually be dispatched.
+    let will_destroy = prep.decision.hosts.iter().any(|d| {
+        d.dispatch
+            && d.allow_destructive
+            && prep.plan.host(&d.host).is_some_and(|h| h.destructive > 0)
+    });
+    if let (Some((v, file)), Some(op)) = (&prep.token, &prep.plan.operation)
+        && v.is_valid()
+        && will_destroy
+    {
+        let claimed = crate::tokens::consume(
+            sd,
+            &mut rec.db(),
+            file,
+            op,
+            &prep.plan.operation_hosts,
+            &run_id,
+            &now_rfc3339(),
+        );
+        if let Err(e) = claimed {
+            // Fail closed: decide again without the token.
+            rec.event(
+                None,
+                "token_refused",
+                json!({"file": v.file, "refusal": format!("{e:#}")}),
+            );
+            let mut refused = v.clone();
+            refused.refusal = Some(format!("{e:#}"));
+            prep.token = Some((refused, file.clone()));
+            prep.decision = reconcile::decide(
+                &loaded.state,
+                &prep.plan,
+                &prep.preflight_errors,
+                mode,
+                kill,
+                false,
+            );
+        } else {
+            rec.event(None, "token_used", json!({"file": v.file, "operation": op}));
+        }
+    }
     for (host, p) in &prep.probes {
         match &p.result {
             Ok(_) => rec.event(Some(host), "probed", json!({"attempts": p.attempts})),
@@ -95,6 +150,7 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         step_timeout: loaded.state.config.step_timeout.0,
         concurrency: loaded.state.config.concurrency as usize,
         state: sd.clone(),
+        probe: reconcile::ProbeOpts::new(&loaded.state.config, &loaded.settings.dir),
     };
     let runs = dispatch::execute(&prep, &loaded.state, &opts, rec.clone()).await;
 
@@ -115,6 +171,24 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         ));
     }
     let completed_at = now_rfc3339();
+    let destroyed = outcomes.iter().flat_map(|o| &o.steps).any(|s| {
+        s.destructive
+            && matches!(
+                s.status,
+                report::StepStatus::Succeeded | report::StepStatus::Failed
+            )
+    });
+    let confirmation = match (&prep.token, &prep.plan.operation) {
+        (Some((v, _)), Some(op)) => Some(report::Confirmation {
+            operation: op.clone(),
+            hosts: prep.plan.operation_hosts.clone(),
+            token_file: v.file.clone(),
+            scope_match: v.scope_match,
+            reason: v.doc.as_ref().map(|d| d.reason.clone()),
+            refusal: v.refusal.clone(),
+        }),
+        _ => None,
+    };
     let result = RunResult {
         schema_version: report::SCHEMA_VERSION,
         run_id: run_id.clone(),
@@ -125,7 +199,11 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
             requested_by: loaded.settings.requested_by.clone(),
         },
         desired_revision: loaded.revision.clone(),
-        effective_mode: EffectiveMode::Quick,
+        effective_mode: if destroyed {
+            EffectiveMode::Full
+        } else {
+            EffectiveMode::Quick
+        },
         dispatch_mode: mode,
         policy_outcome: prep.decision.outcome,
         policy_reason: prep.decision.reason.clone(),
@@ -133,7 +211,7 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         execution_outcome: outcome::execution_outcome(&outcomes),
         execution_started_at: started_at,
         execution_completed_at: completed_at.clone(),
-        confirmation: None,
+        confirmation,
         host_outcomes: outcomes,
     };
     rec.event(
@@ -169,6 +247,10 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
             run_id: &run_id,
             now: &completed_at,
             confirm_cmd: &confirm_cmd,
+            token_refusal: prep
+                .token
+                .as_ref()
+                .and_then(|(v, _)| v.refusal.as_ref().map(|r| format!("{}: {r}", v.file))),
         });
         sd.write_status(&status)?;
     }
@@ -212,7 +294,7 @@ fn record_managed(
                 None => true,
                 Some((_, so)) => so.status == report::StepStatus::Succeeded,
             };
-            let gone = r.state().is_absent() || host.lifecycle == Lifecycle::Absent;
+            let gone = r.state().is_absent() || host.lifecycle == Lifecycle::Absent || r.pruned;
             if converged && gone {
                 db.remove_managed(&o.host, &r.id)?;
             } else if converged {

@@ -2,6 +2,7 @@
 //! process exit code; errors bubble up as `anyhow::Error` and exit 1.
 
 pub mod apply;
+pub mod confirm;
 pub mod plan;
 pub mod probe;
 pub mod runs;
@@ -49,9 +50,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run => bail!(
             "`tend run` (the controller) is not available in this build yet; use `tend apply`"
         ),
-        Command::Confirm { .. } => bail!(
-            "`tend confirm` is not available in this build yet: destructive steps stay held (EscalationRequired)"
-        ),
+        Command::Confirm {
+            operation,
+            reason,
+            ttl,
+        } => confirm::run(g, operation, reason, ttl.as_deref())?,
     };
     Ok(ExitCode::from(code))
 }

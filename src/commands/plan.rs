@@ -12,9 +12,18 @@ use crate::core::plan::{HostPlan, Plan};
 use crate::core::policy::{PolicyOutcome, RunDecision};
 use crate::reconcile;
 
-pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
+pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
     let targets = reconcile::resolve_targets(&loaded.state, hosts)?;
+    // Read-only: `plan` never creates or migrates the database.
+    let db = crate::store::db::Db::open_read_only(&loaded.state_dir.db_path())?;
+    let managed = reconcile::load_managed(db.as_ref(), &targets)?;
+    loaded.state = reconcile::with_prunes(&loaded.state, &managed);
     let kill = loaded.state_dir.kill_switch_engaged();
+    let tokens = reconcile::TokenInput::load(
+        &loaded.state_dir,
+        db.as_ref(),
+        loaded.state.config.token_max_ttl.0,
+    )?;
     let prep = reconcile::prepare(
         &loaded.state,
         &reconcile::ProbeOpts::new(&loaded.state.config, &loaded.settings.dir),
@@ -22,6 +31,7 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         targets,
         loaded.settings.dispatch,
         kill,
+        &tokens,
     )
     .await;
     if loaded.settings.json {
@@ -29,6 +39,15 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         std::io::stdout().write_all(&prep.plan.to_json())?;
     } else {
         print!("{}", render(&prep.plan, &prep.decision));
+        if let Some((v, _)) = &prep.token {
+            match &v.refusal {
+                None => println!(
+                    "Confirmation: {} covers the operation; `tend apply` will run its destructive steps.",
+                    v.file
+                ),
+                Some(why) => println!("Confirmation: {} refused: {why}", v.file),
+            }
+        }
     }
     let failed = prep.plan.hosts.iter().any(|h| h.error.is_some());
     let changes = prep.plan.hosts.iter().any(HostPlan::has_changes);

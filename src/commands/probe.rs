@@ -76,6 +76,30 @@ fn describe(o: &Observed) -> String {
         Observed::Symlink { target } => format!("symlink -> {}", String::from_utf8_lossy(target)),
         Observed::Other { file_type } => format!("other ({file_type})"),
         Observed::NotProbed => "not probed".into(),
+        Observed::User(u) => format!(
+            "user uid {} group {} home {} shell {} groups {}",
+            u.uid,
+            u.primary_group,
+            u.home,
+            u.shell,
+            if u.groups.is_empty() {
+                "-".into()
+            } else {
+                u.groups.join(",")
+            }
+        ),
+        Observed::Group(g) => format!("group gid {}", g.gid),
+        Observed::Package(p) => match &p.version {
+            Some(v) => format!("installed {v}"),
+            None => "installed".into(),
+        },
+        Observed::Guard(g) => {
+            if g.will_run {
+                "will run".into()
+            } else {
+                "will not run (guard holds)".into()
+            }
+        }
         Observed::Service(s) => format!(
             "service {} {} {} {}",
             s.unit,

@@ -2,7 +2,9 @@
 //! `diff` compares the desired state against.
 //!
 //! Invariant: plain data; no I/O. Paths and link targets are bytes (a path may
-//! hold any byte but NUL), shown lossily only for humans.
+//! hold any byte but NUL), shown lossily only for humans. Accounts, packages
+//! and command guards are what the host's own tools reported (`getent`,
+//! `id`, the package manager's query, `test -e` and the `unless` check).
 
 use std::collections::BTreeMap;
 
@@ -35,7 +37,8 @@ pub struct Facts {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Observed {
-    /// Nothing exists at the path.
+    /// Nothing exists at the path; for a user or group, no such account;
+    /// for a package, not installed (dpkg's `config-files` included).
     Absent,
     File(FileState),
     Directory(Meta),
@@ -50,8 +53,70 @@ pub enum Observed {
     },
     /// This version does not probe this kind of resource yet.
     NotProbed,
+    /// A user account that exists.
+    User(UserState),
+    /// A group that exists.
+    Group(GroupState),
+    /// An installed package.
+    Package(PackageState),
+    /// A command's guard, evaluated on the host by the probe.
+    Guard(GuardState),
     /// A systemd unit, as `systemctl show` reports it.
     Service(ServiceState),
+}
+
+/// A user account as `getent passwd` and `id -nG` report it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UserState {
+    pub uid: u32,
+    /// The primary group's id.
+    pub gid: u32,
+    pub home: String,
+    pub shell: String,
+    /// The primary group's name (its number when it has no name).
+    pub primary_group: String,
+    /// Supplementary groups, sorted, without the primary group.
+    pub groups: Vec<String>,
+}
+
+/// A group as `getent group` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GroupState {
+    pub gid: u32,
+    /// Members listed in the group database (not users whose primary group it is).
+    pub members: Vec<String>,
+}
+
+/// An installed package.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PackageState {
+    /// The installed version, when the manager's query reports one (apk's
+    /// `info -e` does not); several installed instances (multiarch) are
+    /// joined with `, `.
+    pub version: Option<String>,
+}
+
+/// What a command's guard said on the host. `run` runs only when neither
+/// guard holds: `creates` names a path that does not exist, and the `unless`
+/// check exits non-zero. A command with neither guard always runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GuardState {
+    /// Will `run` run?
+    pub will_run: bool,
+    /// Whether the `creates` path exists (`test -e`); None without `creates`.
+    pub creates_exists: Option<bool>,
+    /// The exit status of the `unless` check; None without `unless`.
+    pub unless_status: Option<u8>,
+}
+
+impl GuardState {
+    pub fn new(creates_exists: Option<bool>, unless_status: Option<u8>) -> Self {
+        GuardState {
+            will_run: creates_exists != Some(true) && unless_status != Some(0),
+            creates_exists,
+            unless_status,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -1,19 +1,26 @@
 //! Desired x actual -> changes, one per resource.
 //!
-//! Classification (SPEC.md sections 4 and 7): every delete is destructive;
-//! replacing one kind of file-system object with another (a directory with a
-//! file, a file with a symlink) removes what was there and is destructive too;
-//! replacing a file's content, retargeting a symlink and changing only mode or
-//! owner are non-destructive updates. For a service, starting or enabling is a
-//! non-destructive update, stopping or disabling a destructive one, and a
-//! teardown (stop and disable) a destructive delete.
+//! Classification (SPEC.md sections 4 and 7): every delete is destructive
+//! (a file, directory, symlink, user, group or package); replacing one kind
+//! of file-system object with another (a directory with a file, a file with a
+//! symlink) removes what was there and is destructive too; replacing a
+//! file's content, retargeting a symlink, changing only mode or owner, and
+//! changing a user's uid, home, shell or supplementary groups or a group's
+//! gid are non-destructive updates. A `command` whose guard says it will run
+//! is a `create`, destructive only when it says `destructive: true`;
+//! commands are never undone (`lifecycle: absent` leaves them a noop). For a
+//! service, starting or enabling is a non-destructive update, stopping or
+//! disabling a destructive one, and a teardown (stop and disable) a
+//! destructive delete.
 //!
 //! Invariant: pure and total: every resource gets exactly one change, in
 //! resource-id order.
 
 use serde::Serialize;
 
-use super::actual::{FileState, HostActual, Meta, Observed, ServiceState};
+use std::collections::BTreeSet;
+
+use super::actual::{FileState, GuardState, HostActual, Meta, Observed, ServiceState, UserState};
 use super::model::{Host, Resource, unit_name, unit_of_file};
 use super::spec::{Lifecycle, Mode, ResourceSpec, ServiceSpec, State};
 
@@ -91,16 +98,20 @@ impl Change {
     }
 }
 
-/// The kinds this build can probe and converge. Others are validated, but a
-/// host that uses them is refused before dispatch (fail closed).
+/// The kinds this build can probe and converge: every kind. A kind added to
+/// the model before its probe and steps would be validated, but a host that
+/// used it refused before dispatch (fail closed).
 pub fn is_supported(r: &Resource) -> bool {
-    matches!(
-        r.spec,
+    match r.spec {
         ResourceSpec::File(_)
-            | ResourceSpec::Directory(_)
-            | ResourceSpec::Symlink(_)
-            | ResourceSpec::Service(_)
-    )
+        | ResourceSpec::Directory(_)
+        | ResourceSpec::Symlink(_)
+        | ResourceSpec::User(_)
+        | ResourceSpec::Group(_)
+        | ResourceSpec::Package(_)
+        | ResourceSpec::Command(_)
+        | ResourceSpec::Service(_) => true,
+    }
 }
 
 /// Diff every resource of a host. Resources the probe did not report count as
@@ -115,7 +126,20 @@ pub fn diff_host(host: &Host, actual: &HostActual) -> Vec<Change> {
     let mut changes: Vec<Change> = host
         .resources
         .iter()
-        .map(|r| diff_resource(r, observed(r), host.lifecycle))
+        .map(|r| {
+            // A pruned resource is removed, whatever the host's lifecycle.
+            let lifecycle = if r.pruned {
+                Lifecycle::Absent
+            } else {
+                host.lifecycle
+            };
+            let mut c = diff_resource(r, observed(r), lifecycle);
+            if r.pruned && c.action == Action::Delete {
+                c.note =
+                    Some("pruned: tend applied it and it is no longer in the desired state".into());
+            }
+            c
+        })
         .collect();
     let changed_units: Vec<&str> = host
         .resources
@@ -145,14 +169,15 @@ pub fn diff_host(host: &Host, actual: &HostActual) -> Vec<Change> {
 }
 
 /// A resource of the host that brings a service's unit in this run: a
-/// present `package` with the service's name (as `dependency_edges` orders
-/// it), or a present `file` that is the unit's unit file.
+/// present (and not pruned) `package` with the service's name (as
+/// `dependency_edges` orders it), or such a `file` that is the unit's unit
+/// file.
 fn provider<'a>(host: &'a Host, s: &ServiceSpec) -> Option<&'a str> {
     let unit = unit_name(&s.name);
     let base = s.name.strip_suffix(".service").unwrap_or(&s.name);
     host.resources
         .iter()
-        .filter(|r| !r.state().is_absent())
+        .filter(|r| !r.state().is_absent() && !r.pruned)
         .find(|r| match &r.spec {
             ResourceSpec::Package(p) => p.name == base,
             ResourceSpec::File(f) => unit_of_file(&f.path) == Some((unit.as_str(), true)),
@@ -167,13 +192,14 @@ fn provider<'a>(host: &'a Host, s: &ServiceSpec) -> Option<&'a str> {
 /// or unit `file` in the desired state provides it in this same run: then
 /// the service's steps are planned after it (`dependency_edges`), from the
 /// state the probe saw (inactive, and disabled as far as systemd can tell).
-/// A teardown never needs the unit: there is nothing to stop.
+/// A teardown never needs the unit: there is nothing to stop; neither does
+/// a pruned service (it is torn down too).
 pub fn refusals(host: &Host, actual: &HostActual) -> Vec<String> {
     if host.lifecycle == Lifecycle::Absent {
         return vec![];
     }
     let mut out = Vec::new();
-    for r in &host.resources {
+    for r in host.resources.iter().filter(|r| !r.pruned) {
         if let (ResourceSpec::Service(s), Some(Observed::Service(st))) =
             (&r.spec, actual.resources.get(&r.id))
             && !st.is_loaded()
@@ -201,6 +227,10 @@ fn describe(o: &Observed) -> &'static str {
         Observed::Symlink { .. } => "a symlink",
         Observed::Other { .. } => "a special file",
         Observed::NotProbed => "an unprobed object",
+        Observed::User(_) => "a user",
+        Observed::Group(_) => "a group",
+        Observed::Package(_) => "an installed package",
+        Observed::Guard(_) => "a command guard",
         Observed::Service(_) => "a service",
     }
 }
@@ -264,6 +294,9 @@ pub fn diff_resource(r: &Resource, observed: &Observed, lifecycle: Lifecycle) ->
     let want_absent = lifecycle == Lifecycle::Absent || r.state() == State::Absent;
     if *observed == Observed::NotProbed {
         return Change::new(r, Action::Noop);
+    }
+    if let ResourceSpec::Command(s) = &r.spec {
+        return diff_command(r, s, observed, lifecycle);
     }
     if let (ResourceSpec::Service(s), Observed::Service(st)) = (&r.spec, observed) {
         return diff_service(r, s, st, lifecycle);
@@ -356,8 +389,75 @@ pub fn diff_resource(r: &Resource, observed: &Observed, lifecycle: Lifecycle) ->
             c.note = Some(format!("replaces {} at the path", describe(other)));
             c
         }
-        // Kinds this build does not probe never reach here with a real
-        // observation; stay a noop and let policy refuse the host.
+        (ResourceSpec::User(s), Observed::Absent) => {
+            let mut c = Change::new(r, Action::Create);
+            if let Some(uid) = s.uid {
+                c = c.field("uid", None, Some(uid.to_string()));
+            }
+            if let Some(home) = &s.home {
+                c = c.field("home", None, Some(home.clone()));
+            }
+            if let Some(shell) = &s.shell {
+                c = c.field("shell", None, Some(shell.clone()));
+            }
+            if !s.groups.is_empty() {
+                c = c.field("groups", None, Some(group_list(&s.groups, "")));
+            }
+            if s.system {
+                c = c.field("system", None, Some("yes".into()));
+            }
+            if c.fields.is_empty() {
+                c = c.field("exists", Some("no".into()), Some("yes".into()));
+            }
+            c
+        }
+        (ResourceSpec::User(s), Observed::User(u)) => {
+            let mut c = Change::new(r, Action::Update);
+            if let Some(uid) = s.uid
+                && uid != u.uid
+            {
+                c = c.field("uid", Some(u.uid.to_string()), Some(uid.to_string()));
+            }
+            if let Some(home) = &s.home
+                && *home != u.home
+            {
+                c = c.field("home", Some(u.home.clone()), Some(home.clone()));
+            }
+            if let Some(shell) = &s.shell
+                && *shell != u.shell
+            {
+                c = c.field("shell", Some(u.shell.clone()), Some(shell.clone()));
+            }
+            if !s.groups.is_empty() && !same_groups(&s.groups, u) {
+                c = c.field(
+                    "groups",
+                    Some(group_list(&u.groups, &u.primary_group)),
+                    Some(group_list(&s.groups, &u.primary_group)),
+                );
+            }
+            finish_update(c)
+        }
+        (ResourceSpec::Group(s), Observed::Absent) => {
+            let c = Change::new(r, Action::Create);
+            match s.gid {
+                Some(gid) => c.field("gid", None, Some(gid.to_string())),
+                None => c.field("exists", Some("no".into()), Some("yes".into())),
+            }
+        }
+        (ResourceSpec::Group(s), Observed::Group(g)) => match s.gid {
+            Some(gid) if gid != g.gid => Change::new(r, Action::Update).field(
+                "gid",
+                Some(g.gid.to_string()),
+                Some(gid.to_string()),
+            ),
+            _ => Change::new(r, Action::Noop),
+        },
+        (ResourceSpec::Package(_), Observed::Absent) => {
+            Change::new(r, Action::Create).field("installed", Some("no".into()), Some("yes".into()))
+        }
+        (ResourceSpec::Package(_), Observed::Package(_)) => Change::new(r, Action::Noop),
+        // Observations that do not fit the kind (which the probe parser never
+        // produces) stay a noop.
         _ => Change::new(r, Action::Noop),
     }
 }
@@ -428,6 +528,88 @@ fn diff_service(r: &Resource, s: &ServiceSpec, st: &ServiceState, lifecycle: Lif
     c
 }
 
+/// Supplementary groups as `usermod -G` will leave them: sorted, without
+/// duplicates, and without the primary group (which `id -nG` lists once, as
+/// the primary group, whether or not the user is also a member).
+fn group_set<'a>(groups: &'a [String], primary: &str) -> BTreeSet<&'a str> {
+    groups
+        .iter()
+        .map(String::as_str)
+        .filter(|g| *g != primary)
+        .collect()
+}
+
+fn group_list(groups: &[String], primary: &str) -> String {
+    let set = group_set(groups, primary);
+    if set.is_empty() {
+        "(none)".into()
+    } else {
+        set.into_iter().collect::<Vec<_>>().join(",")
+    }
+}
+
+fn same_groups(want: &[String], u: &UserState) -> bool {
+    group_set(want, &u.primary_group) == group_set(&u.groups, &u.primary_group)
+}
+
+/// A command runs when its guard says so; it is never undone.
+fn diff_command(
+    r: &Resource,
+    s: &crate::core::spec::CommandSpec,
+    observed: &Observed,
+    lifecycle: Lifecycle,
+) -> Change {
+    let Observed::Guard(g) = observed else {
+        return Change::new(r, Action::Noop);
+    };
+    if lifecycle == Lifecycle::Absent {
+        let mut c = Change::new(r, Action::Noop);
+        c.note = Some("commands are not undone by a teardown".into());
+        return c;
+    }
+    if !g.will_run {
+        let mut c = Change::new(r, Action::Noop);
+        c.note = Some(guard_reason(s, g));
+        return c;
+    }
+    let mut c = Change::new(r, Action::Create).field("run", None, Some(first_line(&s.run)));
+    c.destructive = s.destructive;
+    c.note = Some(format!("will run: {}", guard_reason(s, g)));
+    c
+}
+
+/// Why the guard says what it says, for people.
+fn guard_reason(s: &crate::core::spec::CommandSpec, g: &GuardState) -> String {
+    let mut why = Vec::new();
+    if let (Some(path), Some(exists)) = (&s.creates, g.creates_exists) {
+        why.push(if exists {
+            format!("`{path}` exists")
+        } else {
+            format!("`{path}` does not exist")
+        });
+    }
+    if let Some(status) = g.unless_status {
+        why.push(format!("the `unless` check exited {status}"));
+    }
+    if why.is_empty() {
+        "no `creates` or `unless` guard: it runs on every apply".into()
+    } else {
+        why.join(" and ")
+    }
+}
+
+/// The first line of a script, shortened, for a plan line.
+fn first_line(script: &str) -> String {
+    const MAX: usize = 60;
+    let lines: Vec<&str> = script.trim().lines().collect();
+    let first = lines.first().copied().unwrap_or("");
+    let mut out: String = first.chars().take(MAX).collect();
+    if first.chars().count() > MAX || lines.len() > 1 {
+        out.push('…');
+    }
+    out
+}
+
 fn finish_update(c: Change) -> Change {
     if c.fields.is_empty() {
         Change {
@@ -447,12 +629,34 @@ fn diff_absent(r: &Resource, observed: &Observed) -> Change {
         (ResourceSpec::File(_), Observed::File(_))
             | (ResourceSpec::Directory(_), Observed::Directory(_))
             | (ResourceSpec::Symlink(_), Observed::Symlink { .. })
+            | (ResourceSpec::User(_), Observed::User(_))
+            | (ResourceSpec::Group(_), Observed::Group(_))
+            | (ResourceSpec::Package(_), Observed::Package(_))
     );
     if present {
-        let mut c =
-            Change::new(r, Action::Delete).field("exists", Some("yes".into()), Some("no".into()));
-        if matches!(r.spec, ResourceSpec::Directory(_)) {
-            c.note = Some("removes the directory and everything in it".into());
+        let mut c = match observed {
+            Observed::Package(p) => Change::new(r, Action::Delete).field(
+                "installed",
+                Some(match &p.version {
+                    Some(v) => format!("yes ({v})"),
+                    None => "yes".into(),
+                }),
+                Some("no".into()),
+            ),
+            _ => Change::new(r, Action::Delete).field(
+                "exists",
+                Some("yes".into()),
+                Some("no".into()),
+            ),
+        };
+        match r.spec {
+            ResourceSpec::Directory(_) => {
+                c.note = Some("removes the directory and everything in it".into());
+            }
+            ResourceSpec::User(_) => {
+                c.note = Some("removes the account; its home directory and files stay".into());
+            }
+            _ => {}
         }
         c
     } else {
@@ -467,8 +671,11 @@ fn diff_absent(r: &Resource, observed: &Observed) -> Change {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::core::actual::{GroupState, PackageState};
     use crate::core::model::{Content, Origin};
-    use crate::core::spec::{DirectorySpec, FileSpec, SymlinkSpec};
+    use crate::core::spec::{
+        CommandSpec, DirectorySpec, FileSpec, GroupSpec, PackageSpec, SymlinkSpec, UserSpec,
+    };
     use crate::core::yaml::Pos;
 
     fn res(spec: ResourceSpec, content: Option<&str>) -> Resource {
@@ -479,6 +686,10 @@ pub(crate) mod tests {
                 ResourceSpec::File(s) => &s.path,
                 ResourceSpec::Directory(s) => &s.path,
                 ResourceSpec::Symlink(s) => &s.path,
+                ResourceSpec::User(s) => &s.name,
+                ResourceSpec::Group(s) => &s.name,
+                ResourceSpec::Package(s) => &s.name,
+                ResourceSpec::Command(s) => &s.name,
                 _ => "x",
             }
         );
@@ -495,6 +706,7 @@ pub(crate) mod tests {
             },
             from_group: None,
             replaces_group: None,
+            pruned: false,
         }
     }
 
@@ -860,6 +1072,264 @@ pub(crate) mod tests {
         }
     }
 
+    /// (resource, observed, (action, destructive, changed fields))
+    type Case = (
+        ResourceSpec,
+        Observed,
+        (Action, bool, &'static [&'static str]),
+    );
+    /// A case and the note the change must carry.
+    type NoteCase = (
+        ResourceSpec,
+        Observed,
+        (Action, bool, &'static [&'static str]),
+        &'static str,
+    );
+
+    fn user(uid: Option<u32>, shell: Option<&str>, groups: &[&str], state: State) -> ResourceSpec {
+        ResourceSpec::User(UserSpec {
+            name: "app".into(),
+            uid,
+            home: None,
+            shell: shell.map(str::to_string),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            system: false,
+            state,
+            id: None,
+            requires: vec![],
+        })
+    }
+
+    fn user_state(uid: u32, shell: &str, groups: &[&str]) -> Observed {
+        Observed::User(UserState {
+            uid,
+            gid: uid,
+            home: "/home/app".into(),
+            shell: shell.into(),
+            primary_group: "app".into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        })
+    }
+
+    #[test]
+    fn user_table() {
+        use Action::*;
+        let present = State::Present;
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            // Created when absent, with what is given.
+            (user(None, None, &[], present), Observed::Absent, (Create, false, &["exists"])),
+            (user(Some(1500), Some("/bin/sh"), &["adm"], present), Observed::Absent, (Create, false, &["uid", "shell", "groups"])),
+            // Only what is given is compared.
+            (user(None, None, &[], present), user_state(1000, "/bin/bash", &["adm"]), (Noop, false, &[])),
+            (user(Some(1000), Some("/bin/bash"), &["adm"], present), user_state(1000, "/bin/bash", &["adm"]), (Noop, false, &[])),
+            (user(Some(1001), None, &[], present), user_state(1000, "/bin/bash", &[]), (Update, false, &["uid"])),
+            (user(None, Some("/bin/sh"), &[], present), user_state(1000, "/bin/bash", &[]), (Update, false, &["shell"])),
+            // Groups are the whole supplementary set: order, duplicates and
+            // the primary group do not count; a missing or extra one does.
+            (user(None, None, &["sudo", "adm", "adm", "app"], present), user_state(1000, "/bin/sh", &["adm", "sudo"]), (Noop, false, &[])),
+            (user(None, None, &["adm"], present), user_state(1000, "/bin/sh", &["adm", "sudo"]), (Update, false, &["groups"])),
+            (user(None, None, &["adm", "sudo"], present), user_state(1000, "/bin/sh", &[]), (Update, false, &["groups"])),
+            (user(Some(1), Some("/bin/sh"), &["adm"], present), user_state(1000, "/bin/bash", &[]), (Update, false, &["uid", "shell", "groups"])),
+            // Removal is destructive; an absent one is nothing to do.
+            (user(None, None, &[], State::Absent), user_state(1000, "/bin/sh", &[]), (Delete, true, &["exists"])),
+            (user(Some(5), None, &[], State::Absent), Observed::Absent, (Noop, false, &[])),
+        ];
+        for (spec, observed, want) in cases {
+            check(spec, observed, want);
+        }
+        // The groups field shows the sets as usermod will leave them.
+        let c = diff_of(
+            user(None, None, &["sudo", "app", "adm"], present),
+            None,
+            &user_state(1000, "/bin/sh", &[]),
+        );
+        assert_eq!(c.fields[0].from.as_deref(), Some("(none)"));
+        assert_eq!(c.fields[0].to.as_deref(), Some("adm,sudo"));
+        let c = diff_of(
+            user(None, None, &[], State::Absent),
+            None,
+            &user_state(1000, "/bin/sh", &[]),
+        );
+        assert!(
+            c.note.unwrap().contains("home directory"),
+            "deleting a user keeps its files"
+        );
+    }
+
+    #[test]
+    fn user_home_and_system() {
+        let spec = ResourceSpec::User(UserSpec {
+            name: "app".into(),
+            uid: None,
+            home: Some("/srv/app".into()),
+            shell: None,
+            groups: vec![],
+            system: true,
+            state: State::Present,
+            id: None,
+            requires: vec![],
+        });
+        check(
+            spec.clone(),
+            Observed::Absent,
+            (Action::Create, false, &["home", "system"]),
+        );
+        // `system` cannot change after creation and is not compared.
+        check(
+            spec,
+            user_state(1000, "/bin/sh", &[]),
+            (Action::Update, false, &["home"]),
+        );
+    }
+
+    fn group(gid: Option<u32>, state: State) -> ResourceSpec {
+        ResourceSpec::Group(GroupSpec {
+            name: "app".into(),
+            gid,
+            state,
+            id: None,
+            requires: vec![],
+        })
+    }
+
+    #[test]
+    fn group_table() {
+        use Action::*;
+        let at = |gid| {
+            Observed::Group(GroupState {
+                gid,
+                members: vec!["web".into()],
+            })
+        };
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            (group(None, State::Present), Observed::Absent, (Create, false, &["exists"])),
+            (group(Some(500), State::Present), Observed::Absent, (Create, false, &["gid"])),
+            (group(None, State::Present), at(500), (Noop, false, &[])),
+            (group(Some(500), State::Present), at(500), (Noop, false, &[])),
+            (group(Some(501), State::Present), at(500), (Update, false, &["gid"])),
+            (group(Some(501), State::Absent), at(500), (Delete, true, &["exists"])),
+            (group(None, State::Absent), Observed::Absent, (Noop, false, &[])),
+        ];
+        for (spec, observed, want) in cases {
+            check(spec, observed, want);
+        }
+    }
+
+    fn package(state: State) -> ResourceSpec {
+        ResourceSpec::Package(PackageSpec {
+            name: "hello".into(),
+            state,
+            id: None,
+            requires: vec![],
+        })
+    }
+
+    #[test]
+    fn package_table() {
+        use Action::*;
+        let installed = || {
+            Observed::Package(PackageState {
+                version: Some("2.10-3".into()),
+            })
+        };
+        check(
+            package(State::Present),
+            Observed::Absent,
+            (Create, false, &["installed"]),
+        );
+        check(package(State::Present), installed(), (Noop, false, &[]));
+        check(
+            package(State::Absent),
+            installed(),
+            (Delete, true, &["installed"]),
+        );
+        check(package(State::Absent), Observed::Absent, (Noop, false, &[]));
+        let c = diff_of(package(State::Absent), None, &installed());
+        assert_eq!(c.fields[0].from.as_deref(), Some("yes (2.10-3)"));
+        assert_eq!(c.fields[0].to.as_deref(), Some("no"));
+    }
+
+    fn command(creates: Option<&str>, unless: Option<&str>, destructive: bool) -> ResourceSpec {
+        ResourceSpec::Command(CommandSpec {
+            name: "init".into(),
+            run: "/usr/local/bin/init --all\necho done\n".into(),
+            creates: creates.map(str::to_string),
+            unless: unless.map(str::to_string),
+            destructive,
+            timeout: None,
+            id: None,
+            requires: vec![],
+        })
+    }
+
+    #[test]
+    fn command_table() {
+        use Action::*;
+        let guard = |c, u| Observed::Guard(GuardState::new(c, u));
+        #[rustfmt::skip]
+        let cases: Vec<NoteCase> = vec![
+            (command(Some("/x"), None, false), guard(Some(false), None), (Create, false, &["run"]), "will run: `/x` does not exist"),
+            (command(Some("/x"), None, false), guard(Some(true), None), (Noop, false, &[]), "`/x` exists"),
+            (command(None, Some("check"), false), guard(None, Some(0)), (Noop, false, &[]), "the `unless` check exited 0"),
+            (command(None, Some("check"), false), guard(None, Some(1)), (Create, false, &["run"]), "will run: the `unless` check exited 1"),
+            // Both guards: either one holding is enough to skip it.
+            (command(Some("/x"), Some("check"), false), guard(Some(false), Some(0)), (Noop, false, &[]), "`/x` does not exist and the `unless` check exited 0"),
+            (command(Some("/x"), Some("check"), false), guard(Some(false), Some(2)), (Create, false, &["run"]), "will run: `/x` does not exist and the `unless` check exited 2"),
+            // No guard: runs every time.
+            (command(None, None, false), guard(None, None), (Create, false, &["run"]), "will run: no `creates` or `unless` guard: it runs on every apply"),
+            // Destructive only when it says so.
+            (command(Some("/x"), None, true), guard(Some(false), None), (Create, true, &["run"]), "will run: `/x` does not exist"),
+            (command(Some("/x"), None, true), guard(Some(true), None), (Noop, false, &[]), "`/x` exists"),
+        ];
+        for (spec, observed, want, note) in cases {
+            let c = diff_of(spec.clone(), None, &observed);
+            let fields: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
+            assert_eq!((c.action, c.destructive, fields.as_slice()), want, "{c:?}");
+            assert_eq!(c.note.as_deref(), Some(note), "{c:?}");
+        }
+        let c = diff_of(command(None, None, false), None, &guard(None, None));
+        assert_eq!(
+            c.fields[0].to.as_deref(),
+            Some("/usr/local/bin/init --all…")
+        );
+        // Never undone: a teardown leaves commands alone, whatever the guard.
+        for destructive in [false, true] {
+            let r = res(command(None, None, destructive), None);
+            let c = diff_resource(&r, &guard(None, None), Lifecycle::Absent);
+            assert_eq!((c.action, c.destructive), (Noop, false), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn teardown_removes_accounts_and_packages() {
+        let cases = [
+            (
+                user(None, None, &[], State::Present),
+                user_state(1000, "/bin/sh", &[]),
+            ),
+            (
+                group(None, State::Present),
+                Observed::Group(GroupState {
+                    gid: 5,
+                    members: vec![],
+                }),
+            ),
+            (
+                package(State::Present),
+                Observed::Package(PackageState { version: None }),
+            ),
+        ];
+        for (spec, observed) in cases {
+            let r = res(spec, None);
+            let c = diff_resource(&r, &observed, Lifecycle::Absent);
+            assert_eq!((c.action, c.destructive), (Action::Delete, true), "{c:?}");
+            let c = diff_resource(&r, &Observed::Absent, Lifecycle::Absent);
+            assert_eq!(c.action, Action::Noop, "{c:?}");
+        }
+    }
+
     /// A service `app` (id `service:app`).
     pub(crate) fn svc(enabled: bool, running: bool) -> ResourceSpec {
         ResourceSpec::Service(ServiceSpec {
@@ -1021,7 +1491,7 @@ pub(crate) mod tests {
         r
     }
 
-    fn package(name: &str, state: State) -> Resource {
+    fn package_res(name: &str, state: State) -> Resource {
         let mut r = res(
             ResourceSpec::Package(crate::core::spec::PackageSpec {
                 name: name.into(),
@@ -1074,9 +1544,9 @@ pub(crate) mod tests {
         assert!(refusals(&gone, &actual).is_empty());
         // A package of that name or the unit file, present, provides it.
         let providers = [
-            (package("app", State::Present), true),
-            (package("app", State::Absent), false),
-            (package("other", State::Present), false),
+            (package_res("app", State::Present), true),
+            (package_res("app", State::Absent), false),
+            (package_res("other", State::Present), false),
             (unit_file("/etc/systemd/system/app.service", false), true),
             (
                 unit_file("/usr/lib/systemd/system/app.service", false),
@@ -1143,6 +1613,49 @@ pub(crate) mod tests {
             let s = c.iter().find(|c| c.id == "service:app").unwrap();
             assert_eq!(s.daemon_reload, reload, "{path}");
             assert_eq!(s.fields[0].field, "running");
+        }
+    }
+
+    #[test]
+    fn a_pruned_service_is_torn_down_and_never_refused() {
+        let mut r = svc_res(svc(true, true));
+        r.pruned = true;
+        let h = host_of(vec![r], Lifecycle::Running);
+        let running = actual_of(&[("service:app", unit("loaded", "active", "enabled"))]);
+        let c = &diff_host(&h, &running)[0];
+        assert_eq!((c.action, c.destructive), (Action::Delete, true));
+        assert_eq!(
+            c.note.as_deref(),
+            Some("pruned: tend applied it and it is no longer in the desired state")
+        );
+        // Its unit gone from the host: nothing to stop, nothing refused.
+        let missing = actual_of(&[("service:app", unit("not-found", "inactive", ""))]);
+        assert!(refusals(&h, &missing).is_empty());
+        assert_eq!(diff_host(&h, &missing)[0].action, Action::Noop);
+        // A pruned package (being removed) provides no unit.
+        let mut p = package_res("app", State::Present);
+        p.pruned = true;
+        let h = host_of(vec![svc_res(svc(true, true)), p], Lifecycle::Running);
+        let mut a = missing.clone();
+        a.resources.insert(
+            "package:app".into(),
+            Observed::Package(PackageState { version: None }),
+        );
+        assert_eq!(refusals(&h, &a).len(), 1);
+    }
+
+    #[test]
+    fn every_kind_is_supported() {
+        let kinds = [
+            file(None, State::Present),
+            user(None, None, &[], State::Present),
+            group(None, State::Present),
+            package(State::Present),
+            command(None, None, false),
+            svc(true, true),
+        ];
+        for spec in kinds {
+            assert!(is_supported(&res(spec.clone(), None)), "{spec:?}");
         }
     }
 

@@ -6,9 +6,11 @@ pub mod model;
 pub mod outcome;
 pub mod plan;
 pub mod policy;
+pub mod prune;
 pub mod report;
 pub mod retry;
 pub mod spec;
+pub mod token;
 pub mod yaml;
 
 /// Lowercase hex of bytes.

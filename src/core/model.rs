@@ -110,6 +110,9 @@ pub struct Resource {
     pub from_group: Option<String>,
     /// Set when this host resource replaces a group resource with the same id.
     pub replaces_group: Option<String>,
+    /// Applied by tend earlier and no longer declared: planned as a removal
+    /// (see `prune`).
+    pub pruned: bool,
 }
 
 /// Which namespace a resource's key lives in: two resources may not share one.
@@ -1202,6 +1205,14 @@ fn load_resource(
             if s.run.trim().is_empty() {
                 bad(item.pos_of("run"), "`run` must not be empty".into(), sink);
             }
+            // An empty check exits 0: the command would silently never run.
+            if s.unless.as_deref().is_some_and(|u| u.trim().is_empty()) {
+                bad(
+                    item.pos_of("unless"),
+                    "`unless` must not be empty: drop it, or write the check".into(),
+                    sink,
+                );
+            }
             if let Some(c) = &s.creates {
                 check_path("creates", c, sink);
             }
@@ -1237,6 +1248,7 @@ fn load_resource(
         },
         from_group: group.map(str::to_string),
         replaces_group: None,
+        pruned: false,
     };
     r.id = match r.explicit_id() {
         Some(id) if id.trim().is_empty() || id.chars().any(char::is_control) => {
@@ -1598,7 +1610,11 @@ pub fn dependency_edges(resources: &[Resource]) -> Vec<(usize, usize, EdgeReason
         }
         match &r.spec {
             ResourceSpec::User(u) => {
-                for g in &u.groups {
+                // Its supplementary groups, and a group with its own name,
+                // which `useradd` then takes as its primary group instead of
+                // creating one (and which `groupadd` could not create after).
+                let own = std::iter::once(&u.name);
+                for g in u.groups.iter().chain(own) {
                     if let Some(&gi) = groups.get(g.as_str()) {
                         edges.insert((gi, i, EdgeReason::GroupOfUser));
                     }

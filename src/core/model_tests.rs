@@ -738,6 +738,33 @@ fn unknown_keys_in_every_resource_kind() {
 }
 
 #[test]
+fn a_command_needs_a_script_and_a_check_that_says_something() {
+    check(
+        &web1(
+            r#"
+            resources:
+              - kind: command
+                name: a
+                run: " "
+              - kind: command
+                name: b
+                run: "true"
+                unless: ""
+              - kind: command
+                name: c
+                run: "true"
+                creates: /srv/c
+                unless: "test -e /srv/d"
+            "#,
+        ),
+        "
+        hosts/web-1.yaml:4:10: `run` must not be empty
+        hosts/web-1.yaml:8:13: `unless` must not be empty: drop it, or write the check
+        ",
+    );
+}
+
+#[test]
 fn state_is_not_a_field_of_services_and_commands() {
     check(
         &web1(

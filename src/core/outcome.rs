@@ -174,6 +174,21 @@ pub fn host_outcome(
             o.last_failure_message = Some(msg);
         }
         o.reason = Some(format!("{failed} step(s) failed, {succeeded} succeeded"));
+    } else if let Some((class, msg)) = r.steps.iter().find_map(|s| {
+        (s.status == StepStatus::NotRun && !s.held)
+            .then(|| s.failure.clone())
+            .flatten()
+    }) {
+        // Stopped by the run, not by policy for this host: a stale plan at
+        // the barrier (Policy) or a destructive failure elsewhere (fail fast).
+        o.outcome = match (class, succeeded) {
+            (FailureClass::Policy, _) => HostOutcomeKind::PolicyBlocked,
+            (_, 0) => HostOutcomeKind::ExecutionFailed,
+            _ => HostOutcomeKind::PartialSuccess,
+        };
+        o.last_failure_class = Some(class);
+        o.last_failure_message = Some(msg.clone());
+        o.reason = Some(msg);
     } else if r.killed
         && r.steps
             .iter()
@@ -252,6 +267,8 @@ pub struct StatusInput<'a> {
     pub now: &'a str,
     /// The `tend confirm` command prefix, e.g. `tend confirm` or `tend --dir x confirm`.
     pub confirm_cmd: &'a str,
+    /// Why the token offered for the operation was refused (`file: reason`).
+    pub token_refusal: Option<String>,
 }
 
 /// The next status of a host after a run.
@@ -397,12 +414,23 @@ pub fn next_status(i: StatusInput) -> HostStatus {
         Some(a) => s.set_condition(
             ConditionType::AwaitingConfirmation,
             t,
-            "TokenRequired",
-            format!(
-                "{} destructive step(s) wait for a token: run `{}`",
-                a.steps.len(),
-                a.command
-            ),
+            if i.token_refusal.is_some() {
+                "TokenRefused"
+            } else {
+                "TokenRequired"
+            },
+            match &i.token_refusal {
+                None => format!(
+                    "{} destructive step(s) wait for a token: run `{}`",
+                    a.steps.len(),
+                    a.command
+                ),
+                Some(why) => format!(
+                    "{} destructive step(s) wait for a token; the token offered was refused ({why}): run `{}`",
+                    a.steps.len(),
+                    a.command
+                ),
+            },
             i.now,
         ),
         None if i.outcome.outcome == HostOutcomeKind::PolicyBlocked => s.set_condition(

@@ -36,6 +36,7 @@ pub(super) fn res(spec: ResourceSpec) -> Resource {
         origin: origin(),
         from_group: None,
         replaces_group: None,
+        pruned: false,
     };
     r.id = format!("{}:{}", r.kind(), r.key().1);
     r.content = match &r.spec {
@@ -575,8 +576,8 @@ fn numeric_owner_orders_after_the_account_with_that_id() {
         0 create file:/srv/b w0
         1 create group:app w0
         2 create group:other w0
-        3 create user:app w0
-        4 create file:/srv/a w1 after 1,3
+        3 create user:app w1 after 1
+        4 create file:/srv/a w2 after 1,3
         --
         ",
     );
@@ -591,6 +592,28 @@ fn group_before_a_user_in_it() {
         0 create group:wheel w0
         1 create user:alice w1 after 0
         --
+        ",
+    );
+}
+
+#[test]
+fn a_group_named_like_a_user_comes_first_and_goes_last() {
+    check(
+        vec![user("app"), group("app")],
+        &[("user:app", "create"), ("group:app", "create")],
+        "
+        0 create group:app w0
+        1 create user:app w1 after 0
+        --
+        ",
+    );
+    check(
+        vec![user("app"), group("app")],
+        &[("user:app", "delete"), ("group:app", "delete")],
+        "
+        --
+        0 delete user:app w0 !
+        1 delete group:app w1 after 0 !
         ",
     );
 }

@@ -61,13 +61,18 @@ pub struct RunDecision {
 }
 
 /// Decide every host, then apply the dispatch mode and the kill switch.
+/// `authorized`: a valid confirmation token covers the run's operation (its
+/// hash and exact host set); it lets the destructive steps of every host in
+/// that operation run, except on protected hosts.
 pub fn decide(
     hosts: &[HostFacts],
     mode: DispatchMode,
     canary: Option<&str>,
     kill_switch: bool,
+    authorized: bool,
 ) -> RunDecision {
-    let mut decisions: Vec<HostDecision> = hosts.iter().map(decide_host).collect();
+    let mut decisions: Vec<HostDecision> =
+        hosts.iter().map(|h| decide_host(h, authorized)).collect();
 
     // The mode decides where approved work may go.
     let mut run_block: Option<String> = None;
@@ -135,7 +140,7 @@ pub fn decide(
     }
 }
 
-fn decide_host(f: &HostFacts) -> HostDecision {
+fn decide_host(f: &HostFacts, authorized: bool) -> HostDecision {
     let plan = f.plan;
     let mut d = HostDecision {
         host: plan.host.clone(),
@@ -168,6 +173,12 @@ fn decide_host(f: &HostFacts) -> HostDecision {
         d.failure = Some(FailureClass::Policy);
         d.reason = format!(
             "host is protected: {destructive} destructive step(s) blocked, token or not ({})",
+            list_ids(plan)
+        );
+    } else if authorized {
+        d.allow_destructive = true;
+        d.reason = format!(
+            "{destructive} destructive step(s) confirmed by a valid token ({})",
             list_ids(plan)
         );
     } else {
@@ -299,7 +310,7 @@ mod tests {
                 protected,
                 preflight_error: err.map(|c| (c, "boom".into())),
             };
-            let dec = decide_host(&f);
+            let dec = decide_host(&f, false);
             assert_eq!(
                 (dec.outcome, dec.allow_nondestructive, dec.allow_destructive),
                 (want, nd, d),
@@ -317,18 +328,18 @@ mod tests {
         let dispatched =
             |r: &RunDecision| -> Vec<bool> { r.hosts.iter().map(|d| d.dispatch).collect() };
 
-        let off = decide(&hosts, DispatchMode::Off, None, false);
+        let off = decide(&hosts, DispatchMode::Off, None, false, false);
         assert_eq!(dispatched(&off), [false, false]);
         assert_eq!(off.outcome, PolicyOutcome::Approved);
 
-        let enforced = decide(&hosts, DispatchMode::Enforced, None, false);
+        let enforced = decide(&hosts, DispatchMode::Enforced, None, false, false);
         assert_eq!(dispatched(&enforced), [true, true]);
 
-        let canary = decide(&hosts, DispatchMode::Canary, Some("b"), false);
+        let canary = decide(&hosts, DispatchMode::Canary, Some("b"), false, false);
         assert_eq!(dispatched(&canary), [false, true]);
         assert_eq!(canary.outcome, PolicyOutcome::Approved);
 
-        let killed = decide(&hosts, DispatchMode::Enforced, None, true);
+        let killed = decide(&hosts, DispatchMode::Enforced, None, true, false);
         assert_eq!(dispatched(&killed), [false, false]);
         assert!(
             killed.hosts[0]
@@ -343,12 +354,12 @@ mod tests {
     fn canary_must_be_target_and_approved() {
         let a = plan("a", 0, 1);
         let hosts = [facts(&a)];
-        let r = decide(&hosts, DispatchMode::Canary, Some("zz"), false);
+        let r = decide(&hosts, DispatchMode::Canary, Some("zz"), false, false);
         assert_eq!(r.outcome, PolicyOutcome::PolicyBlocked);
         assert!(r.reason.contains("not a target"));
         assert!(r.hosts.iter().all(|d| !d.dispatch));
 
-        let r = decide(&hosts, DispatchMode::Canary, None, false);
+        let r = decide(&hosts, DispatchMode::Canary, None, false, false);
         assert_eq!(r.outcome, PolicyOutcome::PolicyBlocked);
 
         let failed = HostFacts {
@@ -356,16 +367,55 @@ mod tests {
             protected: false,
             preflight_error: Some((FailureClass::Auth, "denied".into())),
         };
-        let r = decide(&[failed], DispatchMode::Canary, Some("a"), false);
+        let r = decide(&[failed], DispatchMode::Canary, Some("a"), false, false);
         assert_eq!(r.outcome, PolicyOutcome::PolicyBlocked);
         assert!(r.reason.contains("not approved"));
+    }
+
+    #[test]
+    fn a_valid_token_approves_destructive_steps_except_on_protected_hosts() {
+        let a = plan("a", 2, 1);
+        let p = plan("p", 1, 0);
+        let protected = HostFacts {
+            plan: &p,
+            protected: true,
+            preflight_error: None,
+        };
+        let r = decide(
+            &[facts(&a), protected],
+            DispatchMode::Enforced,
+            None,
+            false,
+            true,
+        );
+        let (da, dp) = (&r.hosts[0], &r.hosts[1]);
+        assert_eq!(
+            (da.outcome, da.allow_destructive),
+            (PolicyOutcome::Approved, true)
+        );
+        assert!(
+            da.reason.contains("confirmed by a valid token"),
+            "{}",
+            da.reason
+        );
+        assert_eq!(
+            (dp.outcome, dp.allow_destructive),
+            (PolicyOutcome::PolicyBlocked, false)
+        );
+        assert_eq!(r.outcome, PolicyOutcome::PolicyBlocked);
     }
 
     #[test]
     fn run_outcome_is_the_most_severe() {
         let a = plan("a", 1, 0);
         let b = plan("b", 0, 1);
-        let r = decide(&[facts(&a), facts(&b)], DispatchMode::Enforced, None, false);
+        let r = decide(
+            &[facts(&a), facts(&b)],
+            DispatchMode::Enforced,
+            None,
+            false,
+            false,
+        );
         assert_eq!(r.outcome, PolicyOutcome::EscalationRequired);
         assert!(r.reason.contains("EscalationRequired: a"), "{}", r.reason);
     }

@@ -18,7 +18,8 @@
 //! FACT os_id <ID from /etc/os-release, unquoted, may be empty>
 //! FACT init <systemd when /run/systemd/system exists, else empty>
 //! TOOL <name> yes|no                    once per name in TOOLS
-//! I <index> absent
+//!
+//! I <index> absent                      path items, in any order
 //! I <index> file <mode> <uid> <gid> <size> <sha256>
 //! U <index> <owner name, rest of line; UNKNOWN when the uid has none>
 //! G <index> <group name, rest of line; UNKNOWN when the gid has none>
@@ -28,7 +29,26 @@
 //! I <index> link <target bytes as lowercase hex>
 //! I <index> other <file type as `stat -c %F` says, e.g. fifo>
 //! I <index> error <what failed>
-//! S <index> <Key>=<Value>               a service's properties (see [`service`])
+//!
+//! PASSWD <status>                       when there are user items: ONE
+//! PW <name>:<pw>:<uid>:<gid>:<gecos>:<home>:<shell>   `getent passwd u1 u2 ...`
+//! ID <name> <group> <group> ...         (its exit status, then one PW line per
+//!                                       user found, each followed by that
+//!                                       user's `id -nG`, primary group first)
+//! GROUP <status>                        when there are group items: ONE
+//! GR <name>:<pw>:<gid>:<member,member>  `getent group g1 g2 ...`
+//! PKG <manager> <status>                when there are package items: ONE query
+//! PK <line of the manager's query>      of the host's manager (below)
+//!
+//! S <index> Id=<unit>                   service items: ONE `systemctl show`
+//! S <index> LoadState=<state>           for every unit; exactly these four
+//! S <index> ActiveState=<state>         lines per service, in any order
+//! S <index> UnitFileState=<state>       (see [`service`])
+//! I <index> error <what failed>         instead, when systemctl refused it
+//!
+//! I <index> guard <creates> <unless>    command items: `exists`, `missing` or
+//!                                       `-` (no `creates`); the `unless`
+//!                                       check's exit status, or `-`
 //! END <item count>                      trailer
 //! ```
 //!
@@ -38,52 +58,134 @@
 //! of their own so that a name with a space cannot shift other fields. Link
 //! targets are hex because they may hold any byte, newlines included.
 //!
+//! Accounts and packages are asked about in one batch per database, so their
+//! lines carry names, not indices: every `PW`, `GR` and `PK` line must name
+//! an item of its section (a user, group or package the probe asked about),
+//! and each section's lines follow its header directly. `getent` exits 0 when
+//! it found every name and 2 when it missed one; a missed name is absent.
+//! Any other status, or a status that contradicts the lines, is an error.
+//!
+//! The package query depends on the manager (the first of `apt-get`, `dnf`,
+//! `apk` on PATH, the same as the `package_manager` fact):
+//!
+//! - `apt`: `dpkg-query -W -f '${Package}\t${Status}\t${Version}\n' p1 p2 ...`
+//!   (status 0, or 1 when a name is unknown to dpkg). `PK` lines are
+//!   `<package>\t<want> <flag> <state>\t<version>`; a package is installed
+//!   when its state is `installed`, `triggers-awaited` or `triggers-pending`,
+//!   absent when `not-installed` or `config-files`; a half-installed,
+//!   unpacked or half-configured package refuses the host (repair it first).
+//!   An item named `name:arch` matches the lines of `name`.
+//! - `dnf`: `rpm -q --qf '%{NAME}\t%{VERSION}-%{RELEASE}\n' p1 p2 ...`: `PK`
+//!   lines are `<name>\t<version>` or `package <name> is not installed`;
+//!   every name must be reported.
+//! - `apk`: `apk info -e p1 p2 ...`: `PK` lines are the names of the
+//!   installed packages (no version); a name not listed is absent.
+//!
+//! Services are asked about in one batch too, but systemctl prints one block
+//! of properties per unit in argument order, so the script tags each line
+//! with its item's index; the values are verbatim (`UnitFileState` may be
+//! empty: a unit without a unit file). An `S` line for an item that is not a
+//! service, an unknown or repeated property, or an incomplete set is an
+//! error.
+//!
+//! The `unless` check runs in the probe, with `sh -c`, stdin from /dev/null
+//! and its output discarded, so that `plan` says truthfully whether `run`
+//! will run. It runs on every probe (`probe` and `plan` too): it must be a
+//! read-only check.
+//!
 //! # Missing tools
 //!
-//! The script reports which of [`TOOLS`] are on the host's PATH. When a probe
-//! with path items finds one missing, [`parse`] returns
-//! [`ProbeParseError::MissingTools`] before looking at any item (whose lines
-//! are then meaningless); so does a probe with service items on a host
-//! without `systemctl` or not running systemd ([`ProbeParseError::NoSystemd`]).
-//! [`ProbeParseError::class`] maps those to `Capability`, and every other
-//! parse error to `Execution`.
+//! The script reports which of [`TOOLS`] are on the host's PATH. When a tool
+//! that the probe or the host's resources need is missing ([`PATH_TOOLS`] for
+//! paths, [`USER_TOOLS`], [`GROUP_TOOLS`], [`COMMAND_TOOLS`],
+//! [`SERVICE_TOOLS`], and the manager's own tools for packages), [`parse`]
+//! returns [`ProbeParseError::MissingTools`] before looking at any item
+//! (whose lines are then meaningless); package items on a host without a
+//! package manager give [`ProbeParseError::NoPackageManager`], and service
+//! items on a host not running systemd (no `/run/systemd/system`)
+//! [`ProbeParseError::NoSystemd`]. [`ProbeParseError::class`] maps those to
+//! `Capability`, and every other parse error to `Execution`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use crate::core::actual::{Facts, FileState, HostActual, Meta, Observed};
+use crate::core::actual::{
+    Facts, FileState, GroupState, GuardState, HostActual, Meta, Observed, PackageState, UserState,
+};
 use crate::core::retry::FailureClass;
 use crate::shell::quote;
 
 /// The first line of every probe's output; the number is the format version.
 pub const HEADER: &str = "TEND-PROBE 1";
 
-/// Tools the path probe runs, besides `sh` and its builtins.
+/// Tools the probe looks for on the host's PATH.
 pub const TOOLS: &[&str] = &[
     "stat",
     "sha256sum",
     "od",
     "readlink",
     "tr",
-    // Facts for later kinds and capability checks, never required here.
+    // Package managers (the first found is the host's) and their queries.
     "apt-get",
     "dnf",
     "apk",
+    "dpkg-query",
+    "rpm",
     "systemctl",
+    // Accounts.
+    "getent",
+    "id",
+    "useradd",
+    "usermod",
+    "userdel",
+    "groupadd",
+    "groupmod",
+    "groupdel",
+    // Commands run under it.
+    "timeout",
 ];
 
-/// The tools that probing paths needs; the rest of [`TOOLS`] are facts.
+/// The tools that probing paths needs.
 pub const PATH_TOOLS: &[&str] = &["stat", "sha256sum", "od", "readlink", "tr"];
+/// The tools that probing and converging users needs.
+pub const USER_TOOLS: &[&str] = &["getent", "id", "useradd", "usermod", "userdel"];
+/// The tools that probing and converging groups needs.
+pub const GROUP_TOOLS: &[&str] = &["getent", "groupadd", "groupmod", "groupdel"];
+/// The tools that running commands needs.
+pub const COMMAND_TOOLS: &[&str] = &["timeout"];
+/// The tools that probing and converging services needs.
+pub const SERVICE_TOOLS: &[&str] = &["systemctl"];
 
 mod service;
 
-/// What to look at on the host. Path-based resources (file, directory,
-/// symlink) and systemd services for now; packages, users, groups and command
-/// guards will be further variants.
+/// The tools a package manager's probe and steps need, by the name the
+/// `package_manager` fact gives it.
+fn package_tools(manager: &str) -> &'static [&'static str] {
+    match manager {
+        "apt" => &["apt-get", "dpkg-query"],
+        "dnf" => &["dnf", "rpm"],
+        "apk" => &["apk"],
+        _ => &[],
+    }
+}
+
+/// What to look at on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProbeTarget {
     /// The state of this absolute path, not following a symlink at the path.
     Path(String),
+    /// The user account with this name.
+    User(String),
+    /// The group with this name.
+    Group(String),
+    /// The package with this name, per the host's package manager.
+    Package(String),
+    /// A command's guards: whether `creates` exists, and the exit status of
+    /// the `unless` check.
+    Command {
+        creates: Option<String>,
+        unless: Option<String>,
+    },
     /// The state of this systemd unit (`nginx` means `nginx.service`).
     Service(String),
 }
@@ -101,6 +203,38 @@ impl ProbeItem {
         ProbeItem {
             key: key.into(),
             target: ProbeTarget::Path(path.into()),
+        }
+    }
+
+    pub fn user(key: impl Into<String>, name: impl Into<String>) -> Self {
+        ProbeItem {
+            key: key.into(),
+            target: ProbeTarget::User(name.into()),
+        }
+    }
+
+    pub fn group(key: impl Into<String>, name: impl Into<String>) -> Self {
+        ProbeItem {
+            key: key.into(),
+            target: ProbeTarget::Group(name.into()),
+        }
+    }
+
+    pub fn package(key: impl Into<String>, name: impl Into<String>) -> Self {
+        ProbeItem {
+            key: key.into(),
+            target: ProbeTarget::Package(name.into()),
+        }
+    }
+
+    pub fn command(
+        key: impl Into<String>,
+        creates: Option<String>,
+        unless: Option<String>,
+    ) -> Self {
+        ProbeItem {
+            key: key.into(),
+            target: ProbeTarget::Command { creates, unless },
         }
     }
 
@@ -154,21 +288,20 @@ G $1 %G" -- "$2" || echo "I $1 error stat failed"
 }
 "#;
 
-/// After the prelude and the `Pn='path'` assignments: classify every path
+/// After the prelude, the `Pn='path'` assignments and `PI`, the list of the
+/// path items' indices: classify every path
 /// with shell builtins, then stat and hash all regular files with ONE `stat`
 /// and ONE `sha256sum`, and all directories with one `stat`, so a probe costs
 /// a handful of processes on the host whatever the number of resources. The
 /// batched outputs are joined in order; if a batch fails (an unreadable file,
 /// a path that changed meanwhile) the per-path function `p` reports each of
 /// those paths on its own, so the failure lands on the right item.
-const BATCH: &str = r#"F= D= i=0
-while [ "$i" -lt "$N" ]; do
-  eval "x=\${P$i-}"
-  if [ -z "$x" ]; then :
-  elif [ -L "$x" ] || { [ ! -f "$x" ] && [ ! -d "$x" ]; }; then p "$i" "$x"
+const BATCH: &str = r#"F= D=
+for i in $PI; do
+  eval "x=\$P$i"
+  if [ -L "$x" ] || { [ ! -f "$x" ] && [ ! -d "$x" ]; }; then p "$i" "$x"
   elif [ -f "$x" ]; then F="$F $i"
   else D="$D $i"; fi
-  i=$((i + 1))
 done
 if [ -n "$F" ]; then
   # Not a function: `set --` in a function would set its own arguments.
@@ -206,23 +339,110 @@ TEND_STAT_END
 fi
 "#;
 
+/// Users: ONE `getent passwd` for every name (set as the positional
+/// parameters), then each user found with its `id -nG`.
+const USERS: &str = r#"L=$(getent passwd "$@" 2>/dev/null); s=$?
+echo "PASSWD $s"
+if [ -n "$L" ]; then
+  while IFS= read -r l; do
+    printf 'PW %s\n' "$l"
+    n=${l%%:*}
+    printf 'ID %s %s\n' "$n" "$(id -nG -- "$n" 2>/dev/null)"
+  done <<TEND_PW_END
+$L
+TEND_PW_END
+fi
+"#;
+
+/// Groups: ONE `getent group` for every name (the positional parameters).
+const GROUPS: &str = r#"L=$(getent group "$@" 2>/dev/null); s=$?
+echo "GROUP $s"
+if [ -n "$L" ]; then
+  while IFS= read -r l; do printf 'GR %s\n' "$l"; done <<TEND_GR_END
+$L
+TEND_GR_END
+fi
+"#;
+
+/// Packages: ONE query of the host's package manager for every name (the
+/// positional parameters). The manager is chosen as the `package_manager`
+/// fact is: the first of apt-get, dnf, apk on PATH.
+const PACKAGES: &str = r#"if command -v apt-get >/dev/null 2>&1; then
+  m=apt; L=$(dpkg-query -W -f '${Package}\t${Status}\t${Version}\n' "$@" 2>/dev/null); s=$?
+elif command -v dnf >/dev/null 2>&1; then
+  m=dnf; L=$(rpm -q --qf '%{NAME}\t%{VERSION}-%{RELEASE}\n' "$@" 2>/dev/null); s=$?
+elif command -v apk >/dev/null 2>&1; then
+  m=apk; L=$(apk info -e "$@" 2>/dev/null); s=$?
+else
+  m=none; L=; s=0
+fi
+echo "PKG $m $s"
+if [ -n "$L" ]; then
+  while IFS= read -r l; do printf 'PK %s\n' "$l"; done <<TEND_PK_END
+$L
+TEND_PK_END
+fi
+"#;
+
 /// Builds the one script that probes every item: the prelude, one
-/// `Pn='path'` (or `Qn='unit'`) assignment per item (about `5 + len(path)`
-/// bytes), the batch section for paths and the one for services.
+/// `Pn='path'` assignment per path item (about `5 + len(path)` bytes) and the
+/// batch section for paths; then one batched section per account database
+/// and one package query, each only when some item needs it; one
+/// `systemctl show` for the services (`Qn='unit'` assignments and `SI`, the
+/// list of their indices) when there are any; then each command's guards.
 pub fn script(items: &[ProbeItem]) -> String {
+    let w = "writing to a String cannot fail";
     let tools: Vec<String> = TOOLS.iter().map(|t| quote(t)).collect();
     let mut s = PRELUDE.replace("@TOOLS@", &tools.join(" "));
+    let (mut paths, mut services) = (Vec::new(), Vec::new());
+    let (mut users, mut groups, mut packages) = (Vec::new(), Vec::new(), Vec::new());
     for (i, item) in items.iter().enumerate() {
         match &item.target {
-            ProbeTarget::Path(path) => writeln!(s, "P{i}={}", quote(path)),
-            ProbeTarget::Service(unit) => writeln!(s, "Q{i}={}", quote(unit)),
+            ProbeTarget::Path(path) => {
+                writeln!(s, "P{i}={}", quote(path)).expect(w);
+                paths.push(i.to_string());
+            }
+            ProbeTarget::User(name) => users.push(quote(name)),
+            ProbeTarget::Group(name) => groups.push(quote(name)),
+            ProbeTarget::Package(name) => packages.push(quote(name)),
+            ProbeTarget::Command { .. } => {}
+            ProbeTarget::Service(unit) => {
+                writeln!(s, "Q{i}={}", quote(unit)).expect(w);
+                services.push(i.to_string());
+            }
         }
-        .expect("writing to a String cannot fail");
     }
-    writeln!(s, "N={}", items.len()).expect("writing to a String cannot fail");
+    writeln!(s, "PI='{}'", paths.join(" ")).expect(w);
     s.push_str(BATCH);
-    s.push_str(service::SECTION);
-    writeln!(s, "echo 'END {}'", items.len()).expect("writing to a String cannot fail");
+    for (names, section) in [(users, USERS), (groups, GROUPS), (packages, PACKAGES)] {
+        if !names.is_empty() {
+            writeln!(s, "set -- {}", names.join(" ")).expect(w);
+            s.push_str(section);
+        }
+    }
+    if !services.is_empty() {
+        writeln!(s, "SI='{}'", services.join(" ")).expect(w);
+        s.push_str(service::SECTION);
+    }
+    for (i, item) in items.iter().enumerate() {
+        let ProbeTarget::Command { creates, unless } = &item.target else {
+            continue;
+        };
+        s.push_str("c=- u=-\n");
+        if let Some(path) = creates {
+            writeln!(
+                s,
+                "if [ -e {} ]; then c=exists; else c=missing; fi",
+                quote(path)
+            )
+            .expect(w);
+        }
+        if let Some(check) = unless {
+            writeln!(s, "sh -c {} </dev/null >/dev/null 2>&1; u=$?", quote(check)).expect(w);
+        }
+        writeln!(s, "echo \"I {i} guard $c $u\"").expect(w);
+    }
+    writeln!(s, "echo 'END {}'", items.len()).expect(w);
     s
 }
 
@@ -252,8 +472,12 @@ pub enum ProbeParseError {
     Duplicate { line: usize, what: String },
     #[error("probe output does not report {what}")]
     NotReported { what: String },
-    #[error("the host lacks {} on PATH, which the probe needs", .0.join(", "))]
+    #[error("the host lacks {} on PATH, which tend needs for this host's resources", .0.join(", "))]
     MissingTools(Vec<String>),
+    #[error(
+        "the host has no package manager tend knows on PATH (apt-get, dnf or apk), which package resources need"
+    )]
+    NoPackageManager,
     #[error(
         "the host does not run systemd (no /run/systemd/system), which `service` resources need"
     )]
@@ -265,14 +489,15 @@ pub enum ProbeParseError {
 }
 
 impl ProbeParseError {
-    /// `Capability` for a missing tool (retrying cannot help; the operator
-    /// must install it), `Execution` for everything else (the probe ran and
-    /// its output cannot be trusted).
+    /// `Capability` for a missing tool or package manager, or a host not
+    /// running systemd (retrying cannot help; the operator must install it),
+    /// `Execution` for everything else (the probe ran and its output cannot
+    /// be trusted).
     pub fn class(&self) -> FailureClass {
         match self {
-            ProbeParseError::MissingTools(_) | ProbeParseError::NoSystemd => {
-                FailureClass::Capability
-            }
+            ProbeParseError::MissingTools(_)
+            | ProbeParseError::NoPackageManager
+            | ProbeParseError::NoSystemd => FailureClass::Capability,
             _ => FailureClass::Execution,
         }
     }
@@ -291,33 +516,61 @@ pub fn parse(stdout: &[u8], items: &[ProbeItem]) -> Result<HostActual, ProbePars
 
     // Facts and tools first, so that a missing tool is reported as such and
     // not as the garbled item lines it causes.
-    let (facts, mut missing) = parse_facts(&lines)?;
-    let needs_tools = items
-        .iter()
-        .any(|i| matches!(i.target, ProbeTarget::Path(_)));
-    if !needs_tools {
-        missing.clear();
+    let (facts, absent) = parse_facts(&lines)?;
+    let needs = |f: fn(&ProbeTarget) -> bool| items.iter().any(|i| f(&i.target));
+    let mut needed: BTreeSet<&str> = BTreeSet::new();
+    if needs(|t| matches!(t, ProbeTarget::Path(_))) {
+        needed.extend(PATH_TOOLS);
     }
-    let services = items
-        .iter()
-        .any(|i| matches!(i.target, ProbeTarget::Service(_)));
-    if services && !facts.tools.iter().any(|t| t == "systemctl") {
-        missing.push("systemctl".into());
+    if needs(|t| matches!(t, ProbeTarget::User(_))) {
+        needed.extend(USER_TOOLS);
     }
+    if needs(|t| matches!(t, ProbeTarget::Group(_))) {
+        needed.extend(GROUP_TOOLS);
+    }
+    if needs(|t| matches!(t, ProbeTarget::Command { .. })) {
+        needed.extend(COMMAND_TOOLS);
+    }
+    let services = needs(|t| matches!(t, ProbeTarget::Service(_)));
+    if services {
+        needed.extend(SERVICE_TOOLS);
+    }
+    let packages = needs(|t| matches!(t, ProbeTarget::Package(_)));
+    if packages && let Some(m) = &facts.package_manager {
+        needed.extend(package_tools(m));
+    }
+    let missing: Vec<String> = TOOLS
+        .iter()
+        .filter(|t| needed.contains(*t) && absent.iter().any(|a| a == *t))
+        .map(|t| t.to_string())
+        .collect();
     if !missing.is_empty() {
         return Err(ProbeParseError::MissingTools(missing));
+    }
+    if packages && facts.package_manager.is_none() {
+        return Err(ProbeParseError::NoPackageManager);
     }
     if services && facts.init.as_deref() != Some("systemd") {
         return Err(ProbeParseError::NoSystemd);
     }
 
-    let observed = parse_items(&lines, items, service::parse(&lines, items)?)?;
+    let mut observed = parse_items(&lines, items, service::parse(&lines, items)?)?;
+    parse_sections(&lines, items, &facts, &mut observed)?;
+    let observed = items
+        .iter()
+        .zip(observed)
+        .map(|(item, seen)| {
+            seen.ok_or_else(|| ProbeParseError::NotReported {
+                what: format!("`{}`", item.key),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let resources = items.iter().map(|i| i.key.clone()).zip(observed).collect();
     Ok(HostActual { facts, resources })
 }
 
 /// Reads the `FACT` and `TOOL` lines (and rejects unknown ones); returns the
-/// facts and the tools found missing.
+/// facts and the tools found missing on the host.
 fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbeParseError> {
     let mut kernel = None;
     let mut os_id = None;
@@ -360,7 +613,7 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
                     return Err(dup(n, format!("tool `{name}`")));
                 }
             }
-            "I" | "U" | "G" | "S" => {}
+            "I" | "U" | "G" | "PASSWD" | "PW" | "ID" | "GROUP" | "GR" | "PKG" | "PK" | "S" => {}
             _ => return Err(unknown(n, text)),
         }
     }
@@ -373,8 +626,7 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
     for (name, found) in TOOLS.iter().zip(&tools) {
         match found {
             Some(true) => present.push(name.to_string()),
-            Some(false) if PATH_TOOLS.contains(name) => missing.push(name.to_string()),
-            Some(false) => {}
+            Some(false) => missing.push(name.to_string()),
             None => return Err(not_reported(format!("tool `{name}`"))),
         }
     }
@@ -393,13 +645,15 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
     ))
 }
 
-/// Reads the `I`, `U` and `G` lines: one observation per item, in order,
-/// given what the other sections observed already (`observed`).
+/// Reads the `I`, `U` and `G` lines: the observations of path and command
+/// items (and a service's `error` line), by item index, added to what the
+/// `S` lines observed already (`observed`; None for the items none of these
+/// lines cover).
 fn parse_items(
     lines: &[(usize, &str)],
     items: &[ProbeItem],
     mut observed: Vec<Option<Observed>>,
-) -> Result<Vec<Observed>, ProbeParseError> {
+) -> Result<Vec<Option<Observed>>, ProbeParseError> {
     let not_reported = |what: String| ProbeParseError::NotReported { what };
     // A `file` or `dir` line leaves its metadata pending
     // until the `U` and `G` lines that must follow it directly.
@@ -461,10 +715,20 @@ fn parse_items(
             return Err(dup(n, format!("`{}`", item.key)));
         }
         let key = &item.key;
-        if matches!(item.target, ProbeTarget::Service(_)) && kind != "error" {
+        let is_path = matches!(item.target, ProbeTarget::Path(_));
+        let fits = match kind {
+            "absent" | "file" | "dir" | "link" | "other" => is_path,
+            "guard" => matches!(item.target, ProbeTarget::Command { .. }),
+            "error" => !matches!(
+                item.target,
+                ProbeTarget::User(_) | ProbeTarget::Group(_) | ProbeTarget::Package(_)
+            ),
+            _ => return Err(unknown(n, text)),
+        };
+        if !fits {
             return Err(bad(
                 n,
-                format!("`{key}`: a `{kind}` line for a service item"),
+                format!("`{key}`: a `{kind}` line does not answer what the probe asked"),
             ));
         }
         let field_count = |want: usize| -> Result<Vec<&str>, ProbeParseError> {
@@ -521,6 +785,31 @@ fn parse_items(
                     file_type: file_type.to_string(),
                 });
             }
+            "guard" => {
+                let f = field_count(2)?;
+                let ProbeTarget::Command { creates, unless } = &item.target else {
+                    unreachable!("checked above");
+                };
+                let creates_exists = match (f[0], creates) {
+                    ("-", None) => None,
+                    ("exists", Some(_)) => Some(true),
+                    ("missing", Some(_)) => Some(false),
+                    (other, _) => {
+                        return Err(bad(n, format!("`{key}`: bad `creates` result `{other}`")));
+                    }
+                };
+                let unless_status = match (f[1], unless) {
+                    ("-", None) => None,
+                    (status, Some(_)) => Some(decimal::<u8>(n, "unless status", status)?),
+                    (other, None) => {
+                        return Err(bad(n, format!("`{key}`: bad `unless` result `{other}`")));
+                    }
+                };
+                observed[index] = Some(Observed::Guard(GuardState::new(
+                    creates_exists,
+                    unless_status,
+                )));
+            }
             "error" => {
                 return Err(ProbeParseError::ItemFailed {
                     key: key.clone(),
@@ -537,12 +826,392 @@ fn parse_items(
             items[p.index].key
         )));
     }
+    Ok(observed)
+}
 
-    items
-        .iter()
-        .zip(observed)
-        .map(|(item, seen)| seen.ok_or_else(|| not_reported(format!("`{}`", item.key))))
-        .collect()
+/// The batched sections of the output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Section {
+    Users,
+    Groups,
+    Packages,
+}
+
+impl Section {
+    fn header(self) -> &'static str {
+        match self {
+            Section::Users => "PASSWD",
+            Section::Groups => "GROUP",
+            Section::Packages => "PKG",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Section::Users => "users",
+            Section::Groups => "groups",
+            Section::Packages => "packages",
+        }
+    }
+}
+
+/// The items of one section by the name they ask about (several items may
+/// ask about one name).
+type Names<'a> = BTreeMap<&'a str, Vec<usize>>;
+
+/// Reads the `PASSWD`/`PW`/`ID`, `GROUP`/`GR` and `PKG`/`PK` sections into
+/// the observations of user, group and package items.
+fn parse_sections(
+    lines: &[(usize, &str)],
+    items: &[ProbeItem],
+    facts: &Facts,
+    observed: &mut [Option<Observed>],
+) -> Result<(), ProbeParseError> {
+    let mut names: [Names; 3] = Default::default();
+    for (i, item) in items.iter().enumerate() {
+        let (section, name) = match &item.target {
+            ProbeTarget::User(n) => (0, n.as_str()),
+            ProbeTarget::Group(n) => (1, n.as_str()),
+            // `name:arch` asks about the lines of `name`.
+            ProbeTarget::Package(n) => (2, n.split(':').next().unwrap_or(n)),
+            _ => continue,
+        };
+        names[section].entry(name).or_default().push(i);
+    }
+    let [users, groups, packages] = &names;
+    let manager = facts.package_manager.as_deref().unwrap_or("none");
+
+    // Per section: (header line, exit status) once its header is seen.
+    let mut status: [Option<(usize, u8)>; 3] = [None; 3];
+    let mut section: Option<Section> = None;
+    // A `PW` line waiting for its `ID` line: (name, uid, gid, home, shell).
+    let mut pending: Option<(&str, u32, u32, String, String)> = None;
+    // Accumulated package lines: name -> (installed versions, seen).
+    let mut pkgs: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for &(n, text) in lines {
+        let (tag, rest) = text.split_once(' ').expect("checked in pass 1");
+        if let Some((name, ..)) = &pending
+            && tag != "ID"
+        {
+            return Err(bad(n, format!("user `{name}`: expected its `ID` line")));
+        }
+        let header = match tag {
+            "PASSWD" => Some(Section::Users),
+            "GROUP" => Some(Section::Groups),
+            "PKG" => Some(Section::Packages),
+            _ => None,
+        };
+        if let Some(h) = header {
+            let slot = h as usize;
+            if names[slot].is_empty() {
+                return Err(bad(
+                    n,
+                    format!("`{tag}` line, but the probe asked about no {}", h.what()),
+                ));
+            }
+            if status[slot].is_some() {
+                return Err(dup(n, format!("`{tag}`")));
+            }
+            let code = match h {
+                Section::Packages => {
+                    let (m, code) = rest.split_once(' ').unwrap_or((rest, ""));
+                    if m != manager {
+                        return Err(bad(
+                            n,
+                            format!(
+                                "packages queried with `{m}`, but the host's package manager is `{manager}`"
+                            ),
+                        ));
+                    }
+                    code
+                }
+                _ => rest,
+            };
+            status[slot] = Some((n, decimal(n, "exit status", code)?));
+            section = Some(h);
+            continue;
+        }
+        let inside = |want: Section| -> Result<(), ProbeParseError> {
+            if section == Some(want) {
+                Ok(())
+            } else {
+                Err(bad(
+                    n,
+                    format!("`{tag}` line outside the {} section", want.what()),
+                ))
+            }
+        };
+        match tag {
+            "PW" => {
+                inside(Section::Users)?;
+                let f: Vec<&str> = rest.split(':').collect();
+                if f.len() != 7 {
+                    return Err(bad(
+                        n,
+                        format!("passwd entry needs 7 fields, found {}", f.len()),
+                    ));
+                }
+                let Some((&name, _)) = users.get_key_value(f[0]) else {
+                    return Err(bad(
+                        n,
+                        format!(
+                            "passwd entry for `{}`, which the probe did not ask about",
+                            f[0]
+                        ),
+                    ));
+                };
+                if observed[users[name][0]].is_some() {
+                    return Err(dup(n, format!("user `{name}`")));
+                }
+                pending = Some((
+                    name,
+                    decimal(n, "uid", f[2])?,
+                    decimal(n, "gid", f[3])?,
+                    f[5].to_string(),
+                    f[6].to_string(),
+                ));
+            }
+            "ID" => {
+                let Some((name, uid, gid, home, shell)) = pending.take() else {
+                    return Err(bad(n, "`ID` line without a `PW` line before it".into()));
+                };
+                let (id_name, list) = rest.split_once(' ').unwrap_or((rest, ""));
+                if id_name != name {
+                    return Err(bad(n, format!("user `{name}`: `ID` line for `{id_name}`")));
+                }
+                let mut list = list.split(' ').filter(|g| !g.is_empty());
+                let Some(primary) = list.next() else {
+                    return Err(ProbeParseError::ItemFailed {
+                        key: items[users[name][0]].key.clone(),
+                        message: format!("`id -nG {name}` reported no groups"),
+                    });
+                };
+                let mut supplementary: Vec<String> =
+                    list.filter(|g| *g != primary).map(str::to_string).collect();
+                supplementary.sort();
+                supplementary.dedup();
+                let state = UserState {
+                    uid,
+                    gid,
+                    home,
+                    shell,
+                    primary_group: primary.to_string(),
+                    groups: supplementary,
+                };
+                for &i in &users[name] {
+                    observed[i] = Some(Observed::User(state.clone()));
+                }
+            }
+            "GR" => {
+                inside(Section::Groups)?;
+                let f: Vec<&str> = rest.split(':').collect();
+                if f.len() != 4 {
+                    return Err(bad(
+                        n,
+                        format!("group entry needs 4 fields, found {}", f.len()),
+                    ));
+                }
+                let Some(is) = groups.get(f[0]) else {
+                    return Err(bad(
+                        n,
+                        format!(
+                            "group entry for `{}`, which the probe did not ask about",
+                            f[0]
+                        ),
+                    ));
+                };
+                if observed[is[0]].is_some() {
+                    return Err(dup(n, format!("group `{}`", f[0])));
+                }
+                let state = GroupState {
+                    gid: decimal(n, "gid", f[2])?,
+                    members: f[3]
+                        .split(',')
+                        .filter(|m| !m.is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                };
+                for &i in is {
+                    observed[i] = Some(Observed::Group(state.clone()));
+                }
+            }
+            "PK" => {
+                inside(Section::Packages)?;
+                let (name, installed) = package_line(n, rest, manager, items, packages)?;
+                let versions = pkgs.entry(name).or_default();
+                if let Some(v) = installed {
+                    versions.push(v);
+                }
+            }
+            _ => section = None,
+        }
+    }
+    if let Some((name, ..)) = pending {
+        return Err(ProbeParseError::NotReported {
+            what: format!("the groups of user `{name}`"),
+        });
+    }
+
+    // Names without lines: absent when the tool's status says some were not
+    // found; an error when it says all were, or when it failed.
+    for (slot, section) in [Section::Users, Section::Groups, Section::Packages]
+        .into_iter()
+        .enumerate()
+    {
+        let names = &names[slot];
+        if names.is_empty() {
+            continue;
+        }
+        let Some((line, code)) = status[slot] else {
+            return Err(ProbeParseError::NotReported {
+                what: format!("the {} (`{}` line)", section.what(), section.header()),
+            });
+        };
+        let unreported: Vec<&str> = names
+            .keys()
+            .copied()
+            .filter(|n| match section {
+                Section::Packages => !pkgs.contains_key(n),
+                _ => observed[names[n][0]].is_none(),
+            })
+            .collect();
+        let tool = match section {
+            Section::Users => "getent passwd",
+            Section::Groups => "getent group",
+            Section::Packages => match manager {
+                "apt" => "dpkg-query",
+                "dnf" => "rpm -q",
+                _ => "apk info -e",
+            },
+        };
+        // A name without a line is absent when the tool's status says that
+        // some were not found. rpm reports every name on a line of its own
+        // (and exits with the number not installed); apk's status is not
+        // documented, and its lines are enough.
+        let (found_all, missed_some) = match (section, manager) {
+            (Section::Users | Section::Groups, _) => (Some(0), Some(2)),
+            (Section::Packages, "apt") => (Some(0), Some(1)),
+            (Section::Packages, "dnf") => (None, None),
+            _ => (None, Some(code)),
+        };
+        let verdict = match (unreported.is_empty(), found_all, missed_some) {
+            (true, Some(all), _) if code == all => Ok(()),
+            (true, None, _) => Ok(()),
+            (false, _, Some(some)) if code == some => Ok(()),
+            (false, _, _) if found_all.is_none_or(|a| a == code) => Err(format!(
+                "{tool} exited with status {code} but did not report {}",
+                unreported.join(", ")
+            )),
+            _ => Err(format!("{tool} exited with status {code}")),
+        };
+        verdict.map_err(|m| bad(line, m))?;
+        for name in unreported {
+            for &i in &names[name] {
+                observed[i] = Some(Observed::Absent);
+            }
+        }
+        if section == Section::Packages {
+            for (name, versions) in &pkgs {
+                let o = if versions.is_empty() {
+                    Observed::Absent
+                } else {
+                    let known: Vec<&str> = versions
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|v| !v.is_empty())
+                        .collect();
+                    Observed::Package(PackageState {
+                        version: (!known.is_empty()).then(|| known.join(", ")),
+                    })
+                };
+                for &i in &names[name] {
+                    observed[i] = Some(o.clone());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One `PK` line: the package name it is about (as the items spell it, for
+/// the lookup) and its version if it says the package is installed (empty
+/// when the manager reports none).
+fn package_line<'a>(
+    n: usize,
+    line: &str,
+    manager: &str,
+    items: &[ProbeItem],
+    packages: &Names<'a>,
+) -> Result<(&'a str, Option<String>), ProbeParseError> {
+    let known = |name: &str| -> Result<&'a str, ProbeParseError> {
+        packages
+            .get_key_value(name)
+            .map(|(k, _)| *k)
+            .ok_or_else(|| {
+                bad(
+                    n,
+                    format!("package line for `{name}`, which the probe did not ask about"),
+                )
+            })
+    };
+    match manager {
+        "apt" => {
+            let f: Vec<&str> = line.split('\t').collect();
+            if f.len() != 3 {
+                return Err(bad(
+                    n,
+                    format!(
+                        "dpkg-query line needs 3 tab-separated fields, found {}",
+                        f.len()
+                    ),
+                ));
+            }
+            let name = known(f[0])?;
+            let state = match f[1].split(' ').collect::<Vec<_>>()[..] {
+                [_, _, state] => state,
+                _ => {
+                    return Err(bad(
+                        n,
+                        format!("package `{name}`: bad dpkg status `{}`", f[1]),
+                    ));
+                }
+            };
+            match state {
+                "installed" | "triggers-awaited" | "triggers-pending" => {
+                    Ok((name, Some(f[2].to_string())))
+                }
+                "not-installed" | "config-files" => Ok((name, None)),
+                "half-installed" | "unpacked" | "half-configured" => {
+                    Err(ProbeParseError::ItemFailed {
+                        key: items[packages[name][0]].key.clone(),
+                        message: format!(
+                            "package `{name}` is {state}: repair it on the host first (e.g. `dpkg --configure -a`)"
+                        ),
+                    })
+                }
+                other => Err(bad(
+                    n,
+                    format!("package `{name}`: unknown dpkg state `{other}`"),
+                )),
+            }
+        }
+        "dnf" => {
+            if let Some(name) = line
+                .strip_prefix("package ")
+                .and_then(|l| l.strip_suffix(" is not installed"))
+            {
+                return Ok((known(name)?, None));
+            }
+            match line.split('\t').collect::<Vec<_>>()[..] {
+                [name, version] if !version.is_empty() => {
+                    Ok((known(name)?, Some(version.to_string())))
+                }
+                _ => Err(bad(n, format!("unrecognised rpm line `{line}`"))),
+            }
+        }
+        "apk" => Ok((known(line)?, Some(String::new()))),
+        _ => Err(bad(n, "package line without a package manager".into())),
+    }
 }
 
 /// A `file` or `dir` line waiting for its owner and group lines.

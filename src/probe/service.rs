@@ -23,17 +23,12 @@
 use super::{ProbeItem, ProbeParseError, ProbeTarget, bad, decimal, dup, unknown};
 use crate::core::actual::{Observed, ServiceState};
 
-/// Runs after the path section, with `N` set and `Q<index>='unit'` assigned
-/// for every service item.
-pub(super) const SECTION: &str = r#"set --; SV= i=0
-while [ "$i" -lt "$N" ]; do
-  eval "u=\${Q$i-}"
-  if [ -n "$u" ]; then set -- "$@" "$u"; SV="$SV $i"; fi
-  i=$((i + 1))
-done
-if [ -n "$SV" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+/// Runs when there are service items, with `Q<index>='unit'` assigned for
+/// every one of them and `SI` the list of their indices.
+pub(super) const SECTION: &str = r#"set --; for i in $SI; do eval "set -- \"\$@\" \"\$Q$i\""; done
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
   if O=$(systemctl show -p Id,LoadState,ActiveState,UnitFileState -- "$@" 2>/dev/null); then
-    set -- $SV
+    set -- $SI
     while IFS= read -r l; do
       if [ -z "$l" ]; then
         if [ "$#" -gt 0 ]; then shift; fi
@@ -44,7 +39,7 @@ if [ -n "$SV" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null
 $O
 TEND_SVC_END
   else
-    for i in $SV; do
+    for i in $SI; do
       eval "u=\$Q$i"
       if O=$(systemctl show -p Id,LoadState,ActiveState,UnitFileState -- "$u" 2>/dev/null); then
         while IFS= read -r l; do printf 'S %s %s\n' "$i" "$l"; done <<TEND_SVC_END
@@ -137,13 +132,19 @@ mod tests {
     use crate::transport::Transport;
     use crate::transport::local::LocalTransport;
 
-    const TOOLS: &str = "TOOL stat yes\nTOOL sha256sum yes\nTOOL od yes\nTOOL readlink yes\n\
-        TOOL tr yes\nTOOL apt-get yes\nTOOL dnf no\nTOOL apk no\nTOOL systemctl yes\n";
+    /// The line number of the first item line: after the header, three
+    /// facts and one line per tool.
+    const FIRST: usize = 5 + super::super::TOOLS.len();
 
-    /// Probe output of a systemd host with `body` as its items.
+    /// Probe output of a systemd host (every tool present) with `body` as
+    /// its items.
     fn output(body: &str, count: usize) -> Vec<u8> {
+        let tools: String = super::super::TOOLS
+            .iter()
+            .map(|t| format!("TOOL {t} yes\n"))
+            .collect();
         format!(
-            "TEND-PROBE 1\nFACT kernel Linux\nFACT os_id debian\nFACT init systemd\n{TOOLS}{body}END {count}\n"
+            "TEND-PROBE 1\nFACT kernel Linux\nFACT os_id debian\nFACT init systemd\n{tools}{body}END {count}\n"
         )
         .into_bytes()
     }
@@ -176,9 +177,10 @@ mod tests {
     fn script_assigns_units_beside_paths_and_asks_systemctl_once() {
         let s = script(&items());
         assert!(
-            s.contains("\nQ0='nginx'\nP1='/a'\nQ2='sshd.service'\nQ3='gone'\nN=4\n"),
+            s.contains("\nQ0='nginx'\nP1='/a'\nQ2='sshd.service'\nQ3='gone'\nPI='1'\n"),
             "{s}"
         );
+        assert!(s.contains("\nSI='0 2 3'\n"), "{s}");
         assert!(s.ends_with("fi\necho 'END 4'\n"), "{s}");
         // One batched call; the per-unit calls only in the fallback branch.
         assert_eq!(
@@ -187,7 +189,10 @@ mod tests {
             1
         );
         let s = script(&[ProbeItem::service("service:x", "it's $(x)")]);
-        assert!(s.contains("\nQ0='it'\\''s $(x)'\nN=1\n"), "{s}");
+        assert!(s.contains("\nQ0='it'\\''s $(x)'\nPI=''\n"), "{s}");
+        // Without service items, no service section.
+        let s = script(&[ProbeItem::path("file:/a", "/a")]);
+        assert!(!s.contains("systemctl show"), "{s}");
     }
 
     #[test]
@@ -267,22 +272,22 @@ mod tests {
             line,
             message: message.into(),
         };
-        // Line 14 is the first item line.
+        let (l1, l5, l6) = (FIRST, FIRST + 4, FIRST + 5);
         #[rustfmt::skip]
         let cases: Vec<(String, &[ProbeItem], ProbeParseError)> = vec![
             (String::new(), &one, NotReported { what: "`service:a`".into() }),
             (ok.replace("S 0 UnitFileState=enabled\n", ""), &one, NotReported { what: "`service:a` property `UnitFileState`".into() }),
             (ok.replace("Id=a.service", "Id="), &one, NotReported { what: "`service:a` property `Id`".into() }),
             (ok.replace("ActiveState=active", "ActiveState="), &one, NotReported { what: "`service:a` property `ActiveState`".into() }),
-            (format!("{ok}S 0 Id=b.service\n"), &one, Duplicate { line: 18, what: "`service:a` property `Id`".into() }),
-            (format!("{ok}S 0 SubState=running\n"), &one, bv(18, "`service:a`: unexpected property `SubState`")),
-            (format!("{ok}S 0 oops\n"), &one, UnknownLine { line: 18, text: "S 0 oops".into() }),
-            (format!("{ok}S 1 Id=b\n"), &one, bv(18, "item index 1 out of range (1 items)")),
-            (format!("{ok}S x Id=b\n"), &one, bv(18, "item index: bad number `x`")),
-            (format!("{ok}S  Id=b\n"), &one, bv(18, "item index: bad number ``")),
-            (format!("{ok}I 1 absent\nS 1 Id=b\n"), &mixed, bv(19, "`file:/b`: a service line for an item that is not a service")),
-            ("I 0 absent\n".into(), &one, bv(14, "`service:a`: a `absent` line for a service item")),
-            (format!("{ok}I 0 error again\n"), &one, Duplicate { line: 18, what: "`service:a`".into() }),
+            (format!("{ok}S 0 Id=b.service\n"), &one, Duplicate { line: l5, what: "`service:a` property `Id`".into() }),
+            (format!("{ok}S 0 SubState=running\n"), &one, bv(l5, "`service:a`: unexpected property `SubState`")),
+            (format!("{ok}S 0 oops\n"), &one, UnknownLine { line: l5, text: "S 0 oops".into() }),
+            (format!("{ok}S 1 Id=b\n"), &one, bv(l5, "item index 1 out of range (1 items)")),
+            (format!("{ok}S x Id=b\n"), &one, bv(l5, "item index: bad number `x`")),
+            (format!("{ok}S  Id=b\n"), &one, bv(l5, "item index: bad number ``")),
+            (format!("{ok}I 1 absent\nS 1 Id=b\n"), &mixed, bv(l6, "`file:/b`: a service line for an item that is not a service")),
+            ("I 0 absent\n".into(), &one, bv(l1, "`service:a`: a `absent` line does not answer what the probe asked")),
+            (format!("{ok}I 0 error again\n"), &one, Duplicate { line: l5, what: "`service:a`".into() }),
             ("I 0 error systemctl show failed: Unit name @x.service is neither\n".into(), &one,
                 ItemFailed { key: "service:a".into(), message: "systemctl show failed: Unit name @x.service is neither".into() }),
         ];

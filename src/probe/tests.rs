@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::*;
+use crate::core::actual::{GroupState, GuardState, PackageState, UserState};
 use crate::transport::Transport;
 use crate::transport::local::LocalTransport;
 
@@ -30,9 +31,17 @@ fn script_is_framed_and_defines_the_function_once() {
     );
     assert!(s.ends_with("fi\necho 'END 0'\n"), "{s}");
     assert!(
-        s.contains("for t in 'stat' 'sha256sum' 'od' 'readlink' 'tr' 'apt-get' 'dnf' 'apk' 'systemctl'; do\n"),
+        s.contains(
+            "for t in 'stat' 'sha256sum' 'od' 'readlink' 'tr' 'apt-get' 'dnf' 'apk' 'dpkg-query' \
+             'rpm' 'systemctl' 'getent' 'id' 'useradd' 'usermod' 'userdel' 'groupadd' 'groupmod' \
+             'groupdel' 'timeout'; do\n"
+        ),
         "{s}"
     );
+    // Without accounts, packages or commands, none of their sections.
+    for absent in ["getent passwd", "getent group", "dpkg-query -W", "guard"] {
+        assert!(!s.contains(absent), "{absent}: {s}");
+    }
     assert_eq!(s.matches("p() {").count(), 1);
 }
 
@@ -50,7 +59,7 @@ fn script_calls_the_function_once_per_item_with_quoted_paths() {
         .split("\n}\n")
         .nth(1)
         .unwrap()
-        .split("N=5\n")
+        .split("PI='0 1 2 3 4'\n")
         .next()
         .unwrap();
     assert_eq!(
@@ -68,14 +77,29 @@ fn script_calls_the_function_once_per_item_with_quoted_paths() {
             .iter()
             .map(|p| crate::shell::quote(p).len())
             .sum::<usize>();
-    assert_eq!(overhead, 5 * "P0=\n".len());
+    assert_eq!(overhead, 5 * "P0=\n".len() + "0 1 2 3 4".len());
 }
 
 // ---- parsing ---------------------------------------------------------------
 
 const FACTS: &str = "FACT kernel Linux\nFACT os_id debian\nFACT init \n";
 const TOOLS_OK: &str = "TOOL stat yes\nTOOL sha256sum yes\nTOOL od yes\nTOOL readlink yes\nTOOL tr yes\n\
-    TOOL apt-get yes\nTOOL dnf no\nTOOL apk no\nTOOL systemctl no\n";
+    TOOL apt-get yes\nTOOL dnf no\nTOOL apk no\nTOOL dpkg-query yes\nTOOL rpm no\nTOOL systemctl no\n\
+    TOOL getent yes\nTOOL id yes\nTOOL useradd yes\nTOOL usermod yes\nTOOL userdel yes\n\
+    TOOL groupadd yes\nTOOL groupmod yes\nTOOL groupdel yes\nTOOL timeout yes\n";
+/// The line number of the first line after the facts and tools.
+const B: usize = 2 + 3 + TOOLS.len();
+/// The tools TOOLS_OK says `no` for.
+const NOT_OK: &[&str] = &["dnf", "apk", "rpm", "systemctl"];
+
+/// Every tool in TOOLS_OK that says `yes`, in order.
+fn present() -> Vec<&'static str> {
+    TOOLS
+        .iter()
+        .copied()
+        .filter(|t| !NOT_OK.contains(t))
+        .collect()
+}
 
 /// Probe output with the usual facts and tools around `body`.
 fn output(body: &str, count: usize) -> Vec<u8> {
@@ -106,10 +130,7 @@ fn parses_every_kind_of_item() {
     let got = parse(&output(&body, 6), &its).unwrap();
     assert_eq!(got.facts.kernel.as_deref(), Some("Linux"));
     assert_eq!(got.facts.os_id.as_deref(), Some("debian"));
-    assert_eq!(
-        got.facts.tools,
-        ["stat", "sha256sum", "od", "readlink", "tr", "apt-get"]
-    );
+    assert_eq!(got.facts.tools, present());
     assert_eq!(got.facts.package_manager.as_deref(), Some("apt"));
     assert_eq!(got.facts.init, None);
     let r = |i: usize| got.resources[&its[i].key].clone();
@@ -155,8 +176,8 @@ fn empty_facts_are_none_and_no_items_is_fine() {
 #[test]
 fn missing_tools_are_reported_before_garbled_items() {
     let tools = TOOLS_OK
-        .replace("sha256sum yes", "sha256sum no")
-        .replace("od yes", "od no");
+        .replace("TOOL sha256sum yes", "TOOL sha256sum no")
+        .replace("TOOL od yes", "TOOL od no");
     let out = format!("TEND-PROBE 1\n{FACTS}{tools}I 0 error sha256sum failed\nEND 1\n");
     let err = parse(out.as_bytes(), &items(&["/a"])).unwrap_err();
     assert_eq!(
@@ -166,14 +187,13 @@ fn missing_tools_are_reported_before_garbled_items() {
     assert_eq!(err.class(), FailureClass::Capability);
     assert_eq!(
         err.to_string(),
-        "the host lacks sha256sum, od on PATH, which the probe needs"
+        "the host lacks sha256sum, od on PATH, which tend needs for this host's resources"
     );
     // Without path items nothing needs the tools; the facts list what exists.
     let out = format!("TEND-PROBE 1\n{FACTS}{tools}END 0\n");
-    assert_eq!(
-        parse(out.as_bytes(), &[]).unwrap().facts.tools,
-        ["stat", "readlink", "tr", "apt-get"]
-    );
+    let mut present = present();
+    present.retain(|t| !["sha256sum", "od"].contains(t));
+    assert_eq!(parse(out.as_bytes(), &[]).unwrap().facts.tools, present);
 }
 
 #[test]
@@ -196,45 +216,45 @@ fn every_malformed_output_is_an_error() {
         (format!("TEND-PROBE 1\n{FACTS}{TOOLS_OK}I 0 absent\n").into_bytes(), &one, MissingTrailer),
         (output("I 0 absent\n", 1)[..100].to_vec(), &one, MissingTrailer),
         (format!("TEND-PROBE 1\n{FACTS}{TOOLS_OK}END 1").into_bytes(), &one, MissingTrailer),
-        ([output("I 0 absent\n", 1), b"I 0 absent\n".to_vec()].concat(), &one, AfterTrailer { line: 16 }),
-        (output("I 0 absent\n", 1), &two, TrailerCount { line: 15, found: 1, expected: 2 }),
-        (output("I 0 absent\nEND x\n", 1), &one, AfterTrailer { line: 16 }),
-        (format!("TEND-PROBE 1\n{FACTS}{TOOLS_OK}END x\n").into_bytes(), &[], bv(14, "trailer count: bad number `x`")),
-        (output("hello world\n", 0), &[], UnknownLine { line: 14, text: "hello world".into() }),
-        (output("oops\n", 0), &[], UnknownLine { line: 14, text: "oops".into() }),
-        (output("FACT colour blue\n", 0), &[], UnknownLine { line: 14, text: "FACT colour blue".into() }),
-        (output("TOOL curl yes\n", 0), &[], UnknownLine { line: 14, text: "TOOL curl yes".into() }),
-        (output("I 0 socketish\n", 1), &one, UnknownLine { line: 14, text: "I 0 socketish".into() }),
-        (output("TOOL od no\n", 0), &[], Duplicate { line: 14, what: "tool `od`".into() }),
-        (output("FACT kernel Linux\n", 0), &[], Duplicate { line: 14, what: "fact `kernel`".into() }),
-        (output("I 0 absent\nI 0 absent\n", 1), &one, Duplicate { line: 15, what: "`file:/a`".into() }),
+        ([output("I 0 absent\n", 1), b"I 0 absent\n".to_vec()].concat(), &one, AfterTrailer { line: B + 2 }),
+        (output("I 0 absent\n", 1), &two, TrailerCount { line: B + 1, found: 1, expected: 2 }),
+        (output("I 0 absent\nEND x\n", 1), &one, AfterTrailer { line: B + 2 }),
+        (format!("TEND-PROBE 1\n{FACTS}{TOOLS_OK}END x\n").into_bytes(), &[], bv(B, "trailer count: bad number `x`")),
+        (output("hello world\n", 0), &[], UnknownLine { line: B, text: "hello world".into() }),
+        (output("oops\n", 0), &[], UnknownLine { line: B, text: "oops".into() }),
+        (output("FACT colour blue\n", 0), &[], UnknownLine { line: B, text: "FACT colour blue".into() }),
+        (output("TOOL curl yes\n", 0), &[], UnknownLine { line: B, text: "TOOL curl yes".into() }),
+        (output("I 0 socketish\n", 1), &one, UnknownLine { line: B, text: "I 0 socketish".into() }),
+        (output("TOOL od no\n", 0), &[], Duplicate { line: B, what: "tool `od`".into() }),
+        (output("FACT kernel Linux\n", 0), &[], Duplicate { line: B, what: "fact `kernel`".into() }),
+        (output("I 0 absent\nI 0 absent\n", 1), &one, Duplicate { line: B + 1, what: "`file:/a`".into() }),
         (output("I 0 absent\n", 1).replace_str("TOOL od yes\n", ""), &one, NotReported { what: "tool `od`".into() }),
         (output("", 1), &one, NotReported { what: "`file:/a`".into() }),
         (output(&file0, 1), &one, NotReported { what: "the owner of `file:/a`".into() }),
         (output(&format!("{file0}U 0 root\n"), 1), &one, NotReported { what: "the group of `file:/a`".into() }),
-        (output(&format!("{file0}I 0 absent\n"), 1), &one, bv(15, "`file:/a`: expected its `U` line")),
-        (output(&format!("{file0}U 0 root\nU 0 root\n"), 1), &one, bv(16, "`file:/a`: expected its `G` line")),
-        (output(&format!("{file0}U 1 root\n"), 1), &one, bv(15, "`file:/a`: `U` line for item 1, expected 0")),
-        (output(&format!("{file0}U 0 \n"), 1), &one, bv(15, "`file:/a`: empty name")),
-        (output("U 0 root\n", 1), &one, bv(14, "`U` line without a file or directory line before it")),
-        (output("I 1 absent\n", 1), &one, bv(14, "item index 1 out of range (1 items)")),
-        (output("I -0 absent\n", 1), &one, bv(14, "item index: bad number `-0`")),
-        (output("I +0 absent\n", 1), &one, bv(14, "item index: bad number `+0`")),
-        (output("I 0 absent now\n", 1), &one, bv(14, "`file:/a`: `absent` needs 0 fields, found 1")),
-        (output("I 0 dir 755 0\n", 1), &one, bv(14, "`file:/a`: `dir` needs 3 fields, found 2")),
-        (output("I 0 dir 755 0  0\n", 1), &one, bv(14, "`file:/a`: `dir` needs 3 fields, found 4")),
-        (output("I 0 dir 798 0 0\n", 1), &one, bv(14, "mode: bad octal mode `798`")),
-        (output("I 0 dir 17777 0 0\n", 1), &one, bv(14, "mode: bad octal mode `17777`")),
-        (output("I 0 dir 755 x 0\n", 1), &one, bv(14, "uid: bad number `x`")),
-        (output("I 0 dir 755 0 4294967296\n", 1), &one, bv(14, "gid: bad number `4294967296`")),
-        (output("I 0 file 644 0 0 -1 x\n", 1), &one, bv(14, "size: bad number `-1`")),
-        (output("I 0 file 644 0 0 1 ABC\n", 1), &one, bv(14, "sha256: bad digest `ABC`")),
-        (output("I 0 link \n", 1), &one, bv(14, "`file:/a`: bad link target ``")),
-        (output("I 0 link 6g\n", 1), &one, bv(14, "`file:/a`: bad link target `6g`")),
-        (output("I 0 link 616\n", 1), &one, bv(14, "`file:/a`: bad link target `616`")),
-        (output("I 0 other\n", 1), &one, bv(14, "`file:/a`: `other` without a file type")),
-        (output("TOOL od maybe\n", 0).replace_str("TOOL od yes\n", ""), &[], bv(13, "tool `od`: expected `yes` or `no`, found `maybe`")),
-        (output("I 0 \u{fffd}\n", 1).replace_str("\u{fffd}", "\u{ff}"), &one, UnknownLine { line: 14, text: "I 0 \u{ff}".into() }),
+        (output(&format!("{file0}I 0 absent\n"), 1), &one, bv(B + 1, "`file:/a`: expected its `U` line")),
+        (output(&format!("{file0}U 0 root\nU 0 root\n"), 1), &one, bv(B + 2, "`file:/a`: expected its `G` line")),
+        (output(&format!("{file0}U 1 root\n"), 1), &one, bv(B + 1, "`file:/a`: `U` line for item 1, expected 0")),
+        (output(&format!("{file0}U 0 \n"), 1), &one, bv(B + 1, "`file:/a`: empty name")),
+        (output("U 0 root\n", 1), &one, bv(B, "`U` line without a file or directory line before it")),
+        (output("I 1 absent\n", 1), &one, bv(B, "item index 1 out of range (1 items)")),
+        (output("I -0 absent\n", 1), &one, bv(B, "item index: bad number `-0`")),
+        (output("I +0 absent\n", 1), &one, bv(B, "item index: bad number `+0`")),
+        (output("I 0 absent now\n", 1), &one, bv(B, "`file:/a`: `absent` needs 0 fields, found 1")),
+        (output("I 0 dir 755 0\n", 1), &one, bv(B, "`file:/a`: `dir` needs 3 fields, found 2")),
+        (output("I 0 dir 755 0  0\n", 1), &one, bv(B, "`file:/a`: `dir` needs 3 fields, found 4")),
+        (output("I 0 dir 798 0 0\n", 1), &one, bv(B, "mode: bad octal mode `798`")),
+        (output("I 0 dir 17777 0 0\n", 1), &one, bv(B, "mode: bad octal mode `17777`")),
+        (output("I 0 dir 755 x 0\n", 1), &one, bv(B, "uid: bad number `x`")),
+        (output("I 0 dir 755 0 4294967296\n", 1), &one, bv(B, "gid: bad number `4294967296`")),
+        (output("I 0 file 644 0 0 -1 x\n", 1), &one, bv(B, "size: bad number `-1`")),
+        (output("I 0 file 644 0 0 1 ABC\n", 1), &one, bv(B, "sha256: bad digest `ABC`")),
+        (output("I 0 link \n", 1), &one, bv(B, "`file:/a`: bad link target ``")),
+        (output("I 0 link 6g\n", 1), &one, bv(B, "`file:/a`: bad link target `6g`")),
+        (output("I 0 link 616\n", 1), &one, bv(B, "`file:/a`: bad link target `616`")),
+        (output("I 0 other\n", 1), &one, bv(B, "`file:/a`: `other` without a file type")),
+        (output("TOOL od maybe\n", 0).replace_str("TOOL od yes\n", ""), &[], bv(B - 1, "tool `od`: expected `yes` or `no`, found `maybe`")),
+        (output("I 0 \u{fffd}\n", 1).replace_str("\u{fffd}", "\u{ff}"), &one, UnknownLine { line: B, text: "I 0 \u{ff}".into() }),
         ([&output("", 0)[..13], b"\xff\n", &output("", 0)[13..]].concat(), &[], bv(2, "line is not UTF-8")),
         (output("I 0 error stat failed\n", 1), &one, ItemFailed { key: "file:/a".into(), message: "stat failed".into() }),
         (output("", 2), &same_key, DuplicateKey("k".into())),
@@ -268,7 +288,10 @@ impl ReplaceStr for Vec<u8> {
 #[test]
 fn messages_say_what_and_where() {
     let err = parse(&output("I 0 dir 755 x 0\n", 1), &items(&["/a"])).unwrap_err();
-    assert_eq!(err.to_string(), "probe output line 14: uid: bad number `x`");
+    assert_eq!(
+        err.to_string(),
+        format!("probe output line {B}: uid: bad number `x`")
+    );
     let err = parse(b"", &[]).unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -561,4 +584,424 @@ fn live_probe_hashes_and_stats_every_file_in_one_process_each() {
     // sha256sum: `--` and the five files; stat: `-c FORMAT --` and the five
     // files, then the same for the one directory.
     assert_eq!(calls, "sha256sum 6\nstat 8\nstat 4\n", "{calls}");
+}
+
+// ---- users, groups, packages and command guards -----------------------------
+
+fn kinds() -> Vec<ProbeItem> {
+    vec![
+        ProbeItem::user("user:app", "app"),
+        ProbeItem::user("user:gone", "gone"),
+        ProbeItem::group("group:app", "app"),
+        ProbeItem::group("group:gone", "gone"),
+        ProbeItem::package("package:hello", "hello"),
+        ProbeItem::package("package:less", "less"),
+        ProbeItem::package("package:tree", "tree"),
+        ProbeItem::command("command:a", Some("/srv/x".into()), None),
+        ProbeItem::command("command:b", None, Some("test -e /srv/y".into())),
+        ProbeItem::command("command:c", Some("/srv/z".into()), Some("false".into())),
+        ProbeItem::command("command:d", None, None),
+    ]
+}
+
+#[test]
+fn script_asks_each_database_once_with_every_name() {
+    let mut its = kinds();
+    its.push(ProbeItem::user("user:q", "it's"));
+    its.push(ProbeItem::path("file:/a", "/a"));
+    let s = script(&its);
+    assert_eq!(s.matches("getent passwd").count(), 1, "{s}");
+    assert_eq!(s.matches("getent group").count(), 1, "{s}");
+    assert_eq!(s.matches("dpkg-query -W").count(), 1, "{s}");
+    assert_eq!(s.matches("rpm -q").count(), 1, "{s}");
+    assert_eq!(s.matches("apk info -e").count(), 1, "{s}");
+    // Names are the positional parameters of each query, quoted.
+    assert!(s.contains("set -- 'app' 'gone' 'it'\\''s'\n"), "{s}");
+    assert!(s.contains("set -- 'app' 'gone'\n"), "{s}");
+    assert!(s.contains("set -- 'hello' 'less' 'tree'\n"), "{s}");
+    assert!(
+        s.contains("dpkg-query -W -f '${Package}\\t${Status}\\t${Version}\\n' \"$@\" 2>/dev/null"),
+        "{s}"
+    );
+    assert!(
+        s.contains("rpm -q --qf '%{NAME}\\t%{VERSION}-%{RELEASE}\\n' \"$@\""),
+        "{s}"
+    );
+    assert!(s.contains("apk info -e \"$@\""), "{s}");
+    // The one path item keeps its own index.
+    assert!(s.contains("P12='/a'\nPI='12'\n"), "{s}");
+    // Guards: `test -e` for creates, the check under `sh -c` for unless.
+    let guards = s
+        .split("fi\nc=- u=-\n")
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join("");
+    assert_eq!(
+        format!("c=- u=-\n{guards}"),
+        "c=- u=-\n\
+         if [ -e '/srv/x' ]; then c=exists; else c=missing; fi\n\
+         echo \"I 7 guard $c $u\"\n\
+         c=- u=-\n\
+         sh -c 'test -e /srv/y' </dev/null >/dev/null 2>&1; u=$?\n\
+         echo \"I 8 guard $c $u\"\n\
+         c=- u=-\n\
+         if [ -e '/srv/z' ]; then c=exists; else c=missing; fi\n\
+         sh -c 'false' </dev/null >/dev/null 2>&1; u=$?\n\
+         echo \"I 9 guard $c $u\"\n\
+         c=- u=-\n\
+         echo \"I 10 guard $c $u\"\n\
+         echo 'END 13'\n"
+    );
+}
+
+#[test]
+fn a_check_with_quotes_stays_one_word() {
+    let its = [ProbeItem::command(
+        "c",
+        Some("/srv/it's $(x)".into()),
+        Some("grep -q 'a b' /etc/x && [ \"$HOME\" ]".into()),
+    )];
+    let s = script(&its);
+    assert!(s.contains("if [ -e '/srv/it'\\''s $(x)' ]; then"), "{s}");
+    assert!(
+        s.contains("sh -c 'grep -q '\\''a b'\\'' /etc/x && [ \"$HOME\" ]' </dev/null"),
+        "{s}"
+    );
+}
+
+/// Output for `kinds()`: app exists, gone does not; hello installed, less
+/// removed with its config files left, tree unknown to dpkg.
+fn kinds_output() -> String {
+    "PASSWD 2\n\
+     PW app:x:1001:1001:App,,,:/srv/app home:/bin/sh\n\
+     ID app app wheel adm app\n\
+     GROUP 2\n\
+     GR app:x:1001:web,api\n\
+     PKG apt 1\n\
+     PK hello\tinstall ok installed\t2.10-3\n\
+     PK less\tdeinstall ok config-files\t590-2\n\
+     I 7 guard missing -\n\
+     I 8 guard - 0\n\
+     I 9 guard exists 1\n\
+     I 10 guard - -\n"
+        .to_string()
+}
+
+#[test]
+fn parses_users_groups_packages_and_guards() {
+    let its = kinds();
+    let got = parse(&output(&kinds_output(), its.len()), &its).unwrap();
+    let r = |k: &str| got.resources[k].clone();
+    assert_eq!(
+        r("user:app"),
+        Observed::User(UserState {
+            uid: 1001,
+            gid: 1001,
+            home: "/srv/app home".into(),
+            shell: "/bin/sh".into(),
+            primary_group: "app".into(),
+            groups: vec!["adm".into(), "wheel".into()],
+        })
+    );
+    assert_eq!(r("user:gone"), Observed::Absent);
+    assert_eq!(
+        r("group:app"),
+        Observed::Group(GroupState {
+            gid: 1001,
+            members: vec!["web".into(), "api".into()],
+        })
+    );
+    assert_eq!(r("group:gone"), Observed::Absent);
+    assert_eq!(
+        r("package:hello"),
+        Observed::Package(PackageState {
+            version: Some("2.10-3".into())
+        })
+    );
+    assert_eq!(r("package:less"), Observed::Absent);
+    assert_eq!(r("package:tree"), Observed::Absent);
+    let guard = |k: &str| match r(k) {
+        Observed::Guard(g) => (g.will_run, g.creates_exists, g.unless_status),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(guard("command:a"), (true, Some(false), None));
+    assert_eq!(guard("command:b"), (false, None, Some(0)));
+    assert_eq!(guard("command:c"), (false, Some(true), Some(1)));
+    assert_eq!(guard("command:d"), (true, None, None));
+}
+
+#[test]
+fn every_package_manager_has_its_own_lines() {
+    let its = [
+        ProbeItem::package("a", "hello"),
+        ProbeItem::package("b", "tree"),
+        ProbeItem::package("c", "libc6:amd64"),
+    ];
+    let with = |manager: &str, body: &str| {
+        let tools = match manager {
+            "dnf" => TOOLS_OK
+                .replace("TOOL apt-get yes", "TOOL apt-get no")
+                .replace("TOOL dnf no", "TOOL dnf yes")
+                .replace("TOOL rpm no", "TOOL rpm yes"),
+            "apk" => TOOLS_OK
+                .replace("TOOL apt-get yes", "TOOL apt-get no")
+                .replace("TOOL apk no", "TOOL apk yes"),
+            _ => TOOLS_OK.to_string(),
+        };
+        let out = format!("TEND-PROBE 1\n{FACTS}{tools}{body}END 3\n");
+        parse(out.as_bytes(), &its)
+    };
+    let installed = |v: Option<&str>| {
+        Observed::Package(PackageState {
+            version: v.map(str::to_string),
+        })
+    };
+    // apt: multiarch instances of one name are one package; unknown names
+    // are absent (dpkg-query exits 1).
+    let got = with(
+        "apt",
+        "PKG apt 1\nPK hello\tinstall ok installed\t2.10-3\n\
+         PK libc6\tinstall ok installed\t2.36-9\nPK libc6\tinstall ok triggers-pending\t2.36-9+b1\n",
+    )
+    .unwrap();
+    assert_eq!(got.resources["a"], installed(Some("2.10-3")));
+    assert_eq!(got.resources["b"], Observed::Absent);
+    assert_eq!(got.resources["c"], installed(Some("2.36-9, 2.36-9+b1")));
+    assert_eq!(got.facts.package_manager.as_deref(), Some("apt"));
+    // dnf: rpm reports every name.
+    let got = with(
+        "dnf",
+        "PKG dnf 1\nPK hello\t2.10-3.fc40\nPK package tree is not installed\nPK libc6\t2.39-1.fc40\n",
+    )
+    .unwrap();
+    assert_eq!(got.resources["a"], installed(Some("2.10-3.fc40")));
+    assert_eq!(got.resources["b"], Observed::Absent);
+    assert_eq!(got.resources["c"], installed(Some("2.39-1.fc40")));
+    assert_eq!(
+        with("dnf", "PKG dnf 0\nPK hello\t1-1\nPK libc6\t1-1\n").unwrap_err(),
+        ProbeParseError::BadValue {
+            line: B,
+            message: "rpm -q exited with status 0 but did not report tree".into()
+        }
+    );
+    // apk: the names installed, no versions.
+    let got = with("apk", "PKG apk 1\nPK hello\n").unwrap();
+    assert_eq!(got.resources["a"], installed(None));
+    assert_eq!(got.resources["b"], Observed::Absent);
+    // The query must be the host's manager's.
+    assert_eq!(
+        with("apt", "PKG dnf 0\n").unwrap_err(),
+        ProbeParseError::BadValue {
+            line: B,
+            message: "packages queried with `dnf`, but the host's package manager is `apt`".into()
+        }
+    );
+}
+
+#[test]
+fn missing_tools_and_managers_are_capability_failures() {
+    let no = |tools: &[&str]| {
+        let mut t = TOOLS_OK.to_string();
+        for tool in tools {
+            t = t.replace(&format!("TOOL {tool} yes"), &format!("TOOL {tool} no"));
+        }
+        t
+    };
+    let run = |tools: String, its: &[ProbeItem]| {
+        let out = format!("TEND-PROBE 1\n{FACTS}{tools}END {}\n", its.len());
+        parse(out.as_bytes(), its).unwrap_err()
+    };
+    let user = [ProbeItem::user("u", "app")];
+    let group = [ProbeItem::group("g", "app")];
+    let pkg = [ProbeItem::package("p", "hello")];
+    let cmd = [ProbeItem::command("c", None, None)];
+    let cases: Vec<(String, &[ProbeItem], ProbeParseError)> = vec![
+        (
+            no(&["getent", "usermod"]),
+            &user,
+            ProbeParseError::MissingTools(vec!["getent".into(), "usermod".into()]),
+        ),
+        (
+            no(&["groupdel", "id"]),
+            &group,
+            ProbeParseError::MissingTools(vec!["groupdel".into()]),
+        ),
+        (
+            no(&["dpkg-query"]),
+            &pkg,
+            ProbeParseError::MissingTools(vec!["dpkg-query".into()]),
+        ),
+        (no(&["apt-get"]), &pkg, ProbeParseError::NoPackageManager),
+        (
+            no(&["timeout"]),
+            &cmd,
+            ProbeParseError::MissingTools(vec!["timeout".into()]),
+        ),
+    ];
+    for (i, (tools, its, want)) in cases.into_iter().enumerate() {
+        let err = run(tools, its);
+        assert_eq!(err, want, "case {i}");
+        assert_eq!(err.class(), FailureClass::Capability, "case {i}");
+    }
+    // A tool only another kind needs is not required.
+    let out = format!(
+        "TEND-PROBE 1\n{FACTS}{}GROUP 0\nGR app:x:5:\nEND 1\n",
+        no(&["useradd", "timeout", "dpkg-query", "sha256sum"])
+    );
+    assert!(parse(out.as_bytes(), &group).is_ok());
+    assert_eq!(
+        ProbeParseError::NoPackageManager.to_string(),
+        "the host has no package manager tend knows on PATH (apt-get, dnf or apk), which package resources need"
+    );
+}
+
+#[test]
+fn every_malformed_section_is_an_error() {
+    use ProbeParseError::*;
+    let its = kinds();
+    let n = its.len();
+    let base = kinds_output();
+    let bv = |line: usize, message: &str| BadValue {
+        line,
+        message: message.into(),
+    };
+    // Line numbers of kinds_output(): PASSWD at B, PW B+1, ID B+2, GROUP B+3,
+    // GR B+4, PKG B+5, PK B+6 and B+7, guards B+8..B+11.
+    let edit = |from: &str, to: &str| {
+        assert!(base.contains(from), "{from}");
+        base.replacen(from, to, 1)
+    };
+    #[rustfmt::skip]
+    let cases: Vec<(String, ProbeParseError)> = vec![
+        // users
+        (edit("PASSWD 2\n", ""), bv(B, "`PW` line outside the users section")),
+        (edit("PASSWD 2\n", "PASSWD 0\n"), bv(B, "getent passwd exited with status 0 but did not report gone")),
+        (edit("PASSWD 2\n", "PASSWD 1\n"), bv(B, "getent passwd exited with status 1")),
+        (edit("PASSWD 2\n", "PASSWD x\n"), bv(B, "exit status: bad number `x`")),
+        (edit("PASSWD 2\n", "PASSWD 2\nPASSWD 2\n"), Duplicate { line: B + 1, what: "`PASSWD`".into() }),
+        (edit("ID app app wheel adm app\n", ""), bv(B + 2, "user `app`: expected its `ID` line")),
+        (edit("ID app app wheel adm app\n", "ID web app\n"), bv(B + 2, "user `app`: `ID` line for `web`")),
+        (edit("ID app app wheel adm app\n", "ID app \n"), ItemFailed { key: "user:app".into(), message: "`id -nG app` reported no groups".into() }),
+        (edit("ID app app wheel adm app\n", "ID app app\nID app app\n"), bv(B + 3, "`ID` line without a `PW` line before it")),
+        (edit("PW app:x:1001:1001:App,,,:/srv/app home:/bin/sh\n", "PW app:x:1001:1001:/bin/sh\n"), bv(B + 1, "passwd entry needs 7 fields, found 5")),
+        (edit("PW app:x:1001:", "PW web:x:1001:"), bv(B + 1, "passwd entry for `web`, which the probe did not ask about")),
+        (edit("PW app:x:1001:1001:", "PW app:x:-1:1001:"), bv(B + 1, "uid: bad number `-1`")),
+        (edit("PW app:x:1001:1001:", "PW app:x:1001:g:"), bv(B + 1, "gid: bad number `g`")),
+        (edit("ID app app wheel adm app\n", "ID app app\nPW app:x:1:1::/:/bin/sh\nID app app\n"), Duplicate { line: B + 3, what: "user `app`".into() }),
+        (edit("GROUP 2\n", ""), bv(B + 3, "`GR` line outside the groups section")),
+        // groups
+        (edit("GROUP 2\n", "GROUP 0\n"), bv(B + 3, "getent group exited with status 0 but did not report gone")),
+        (edit("GR app:x:1001:web,api\n", "GR app:x:1001\n"), bv(B + 4, "group entry needs 4 fields, found 3")),
+        (edit("GR app:", "GR web:"), bv(B + 4, "group entry for `web`, which the probe did not ask about")),
+        (edit("GR app:x:1001:", "GR app:x:1e3:"), bv(B + 4, "gid: bad number `1e3`")),
+        (edit("GR app:x:1001:web,api\n", "GR app:x:1:\nGR app:x:1:\n"), Duplicate { line: B + 5, what: "group `app`".into() }),
+        // packages
+        (edit("PKG apt 1\n", "PKG apt 2\n"), bv(B + 5, "dpkg-query exited with status 2")),
+        (edit("PKG apt 1\n", "PKG apt 0\n"), bv(B + 5, "dpkg-query exited with status 0 but did not report tree")),
+        (edit("PKG apt 1\n", "PKG apt\n"), bv(B + 5, "exit status: bad number ``")),
+        (edit("PK hello\tinstall ok installed\t2.10-3\n", "PK hello\tinstall ok installed\n"), bv(B + 6, "dpkg-query line needs 3 tab-separated fields, found 2")),
+        (edit("PK hello\t", "PK curl\t"), bv(B + 6, "package line for `curl`, which the probe did not ask about")),
+        (edit("install ok installed", "installed"), bv(B + 6, "package `hello`: bad dpkg status `installed`")),
+        (edit("install ok installed", "install ok sideways"), bv(B + 6, "package `hello`: unknown dpkg state `sideways`")),
+        (edit("install ok installed", "install reinstreq half-configured"), ItemFailed { key: "package:hello".into(), message: "package `hello` is half-configured: repair it on the host first (e.g. `dpkg --configure -a`)".into() }),
+        (edit("PKG apt 1\n", "").replacen("PK less", "PKG apt 1\nPK less", 1), bv(B + 5, "`PK` line outside the packages section")),
+        // guards
+        (edit("I 7 guard missing -\n", "I 7 guard - -\n"), bv(B + 8, "`command:a`: bad `creates` result `-`")),
+        (edit("I 7 guard missing -\n", "I 7 guard missing 0\n"), bv(B + 8, "`command:a`: bad `unless` result `0`")),
+        (edit("I 8 guard - 0\n", "I 8 guard - -\n"), bv(B + 9, "unless status: bad number `-`")),
+        (edit("I 8 guard - 0\n", "I 8 guard - 256\n"), bv(B + 9, "unless status: bad number `256`")),
+        (edit("I 8 guard - 0\n", "I 8 guard maybe 0\n"), bv(B + 9, "`command:b`: bad `creates` result `maybe`")),
+        (edit("I 8 guard - 0\n", "I 8 guard -\n"), bv(B + 9, "`command:b`: `guard` needs 2 fields, found 1")),
+        (edit("I 8 guard - 0\n", ""), NotReported { what: "`command:b`".into() }),
+        (edit("I 8 guard - 0\n", "I 8 absent\n"), bv(B + 9, "`command:b`: a `absent` line does not answer what the probe asked")),
+        (edit("I 8 guard - 0\n", "I 0 guard - 0\n"), bv(B + 9, "`user:app`: a `guard` line does not answer what the probe asked")),
+        // a section the probe did not ask for
+        (base.clone() + "PASSWD 0\n", Duplicate { line: B + 12, what: "`PASSWD`".into() }),
+    ];
+    for (i, (body, want)) in cases.into_iter().enumerate() {
+        let got = parse(&output(&body, n), &its);
+        assert_eq!(got.as_ref().err(), Some(&want), "case {i}: {body}");
+        assert_eq!(want.class(), FailureClass::Execution, "case {i}");
+    }
+    // Sections nobody asked for, and missing sections.
+    let paths = items(&["/a"]);
+    assert_eq!(
+        parse(&output("I 0 absent\nGROUP 0\n", 1), &paths).unwrap_err(),
+        bv(B + 1, "`GROUP` line, but the probe asked about no groups")
+    );
+    let user = [ProbeItem::user("u", "app")];
+    assert_eq!(
+        parse(&output("", 1), &user).unwrap_err(),
+        NotReported {
+            what: "the users (`PASSWD` line)".into()
+        }
+    );
+    assert_eq!(
+        parse(&output("PASSWD 0\nPW app:x:1:1::/:/bin/sh\n", 1), &user).unwrap_err(),
+        NotReported {
+            what: "the groups of user `app`".into()
+        }
+    );
+}
+
+// ---- the new sections, run on this machine (read-only) ----------------------
+
+#[test]
+fn live_probe_of_accounts_packages_and_guards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let there = tmp.path().join("there");
+    fs::write(&there, "x").unwrap();
+    let marker = tmp.path().join("unless-ran");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let its = vec![
+        ProbeItem::user("user:root", "root"),
+        ProbeItem::user("user:none", "tend-no-such-user"),
+        ProbeItem::group("group:root", "root"),
+        ProbeItem::group("group:none", "tend-no-such-group"),
+        ProbeItem::package("package:dpkg", "dpkg"),
+        ProbeItem::package("package:none", "tend-no-such-package"),
+        ProbeItem::command("creates-there", Some(s(&there)), None),
+        ProbeItem::command("creates-missing", Some(s(&tmp.path().join("nope"))), None),
+        ProbeItem::command(
+            "unless-true",
+            None,
+            Some(format!(
+                "touch '{}'; echo noise; echo err >&2; true",
+                s(&marker)
+            )),
+        ),
+        ProbeItem::command("unless-exit-3", None, Some("exit 3".into())),
+        ProbeItem::path("file", s(&there)),
+    ];
+    let got = run_probe(&its).unwrap();
+    match &got.resources["user:root"] {
+        Observed::User(u) => {
+            assert_eq!((u.uid, u.gid, u.primary_group.as_str()), (0, 0, "root"));
+            assert_eq!(u.home, "/root");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(got.resources["user:none"], Observed::Absent);
+    assert!(matches!(&got.resources["group:root"], Observed::Group(g) if g.gid == 0));
+    assert_eq!(got.resources["group:none"], Observed::Absent);
+    if got.facts.package_manager.as_deref() == Some("apt") {
+        assert!(matches!(
+            &got.resources["package:dpkg"],
+            Observed::Package(PackageState { version: Some(_) })
+        ));
+        assert_eq!(got.resources["package:none"], Observed::Absent);
+    }
+    let guard = |k: &str| match &got.resources[k] {
+        Observed::Guard(g) => g.clone(),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(guard("creates-there"), GuardState::new(Some(true), None));
+    assert_eq!(guard("creates-missing"), GuardState::new(Some(false), None));
+    assert_eq!(guard("unless-true"), GuardState::new(None, Some(0)));
+    assert!(!guard("unless-true").will_run);
+    assert_eq!(guard("unless-exit-3"), GuardState::new(None, Some(3)));
+    assert!(guard("unless-exit-3").will_run);
+    // The check ran, and its output did not disturb the probe's.
+    assert!(marker.exists());
+    assert!(matches!(got.resources["file"], Observed::File(_)));
 }

@@ -8,14 +8,15 @@
 # namespace, so the host's hostname and its /proc, /dev, /run mounts belong to it
 # alone and disappear with it. See tests/fleet/README.md.
 #
-#   fleet.sh up [N]     start h1..hN (default 6); hosts already up stay up
+#   fleet.sh up [N]     start h1..hN (default 6); hosts already up stay up (also beyond N)
 #   fleet.sh down       stop every chroot host, unmount them; keeps keys and caches
 #   fleet.sh status     one line per host: name, address, state, pid
 #   fleet.sh stop I     stop hI's sshd and its sessions: connections are refused
 #   fleet.sh start I    start hI again with the disk it had (no wipe)
 #   fleet.sh freeze I   SIGSTOP hI's listener: TCP connects, no banner
 #   fleet.sh thaw I     SIGCONT it
-#   fleet.sh up-systemd [N]    start s1..sN (default 4): systemd-nspawn hosts, real systemd
+#   fleet.sh up-systemd [N]    start s1..sN (default 4): systemd-nspawn hosts, real systemd;
+#                              hosts already up stay up (also beyond N)
 #   fleet.sh down-systemd      stop every systemd host, unmount; keeps keys and caches
 #   fleet.sh status-systemd    one line per systemd host: name, address, state, pid
 #
@@ -1073,11 +1074,12 @@ cmd_up_systemd() {
   ensure_sd_base
   ensure_client_key
   set_sd_ssh_opts
+  # As for the chroot hosts: systemd hosts beyond N from an earlier, bigger
+  # 'up-systemd' stay up, so runs asking for different sizes never take each
+  # other's hosts away. `down-systemd` stops everything.
   for i in $(sd_configured_hosts); do
     if ((i > n)) && [ "$(sd_state "$i")" != down ]; then
-      say "s$i: beyond N=$n, taking it down"
-      sd_kill "$i"
-      umount_tree "$SD_STATE/s$i"
+      n=$i
     fi
   done
   for ((i = 1; i <= n; i++)); do
@@ -1159,12 +1161,12 @@ cmd_up() {
   ensure_base
   ensure_client_key
   set_ssh_opts
-  # Hosts beyond N from an earlier, bigger 'up' go: the fleet is h1..hN.
+  # Hosts beyond N from an earlier, bigger 'up' stay up: the fleet is at
+  # least h1..hN, so two test runs asking for different sizes never take
+  # each other's hosts away. `down` stops everything.
   for i in $(configured_hosts); do
     if ((i > n)) && [ "$(host_state "$i")" != down ]; then
-      say "h$i: beyond N=$n, taking it down"
-      kill_host "$i"
-      umount_tree "$STATE/h$i"
+      n=$i
     fi
   done
   for ((i = 1; i <= n; i++)); do

@@ -17,8 +17,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Hosts the fleet provides to the tests.
-pub const HOSTS: usize = 11;
+/// Hosts the fleet provides to the tests: h1..h11 for paths and transport
+/// failures, h12..h16 for users, groups, packages and commands, h30..h34 for
+/// the five-host no-op converge, h40..h47 for the safety campaign.
+pub const HOSTS: usize = 47;
 
 /// Systemd hosts the fleet provides to the tests.
 pub const SYSTEMD_HOSTS: usize = 4;
@@ -48,17 +50,19 @@ fn fleet_dir() -> PathBuf {
     PathBuf::from(std::env::var("TEND_FLEET_DIR").unwrap_or_else(|_| "/var/tmp/tend-fleet".into()))
 }
 
-/// Run `fleet.sh ARGS` once per test process (idempotent across processes:
+/// Run `fleet.sh CMD N` once per test process (idempotent across processes:
 /// the script keeps running hosts, and a file lock serializes the tests'
-/// calls), then read the hosts from `files/hosts.tsv`.
-fn bring_up(args: &[&str], files: &Path) -> Fleet {
+/// calls), then read the hosts from `files/hosts.tsv`. `n` gets the fleet
+/// dir, under the lock.
+fn bring_up(cmd: &str, n: impl FnOnce(&Path) -> usize, files: &Path) -> Fleet {
     let dir = fleet_dir();
     fs::create_dir_all(&dir).expect("create fleet dir");
     let lock = File::create(dir.join(".test-lock")).expect("fleet lock");
     lock.lock().expect("lock fleet");
+    let args = [cmd.to_string(), n(&dir).to_string()];
     let out = Command::new("bash")
         .arg(repo().join("tests/fleet/fleet.sh"))
-        .args(args)
+        .args(&args)
         .env("TEND_FLEET_DIR", &dir)
         .stdin(Stdio::null())
         .output()
@@ -98,19 +102,40 @@ fn bring_up(args: &[&str], files: &Path) -> Fleet {
 /// script keeps running hosts, and a file lock serializes `up`).
 pub fn fleet() -> &'static Fleet {
     static FLEET: OnceLock<Fleet> = OnceLock::new();
-    FLEET.get_or_init(|| bring_up(&["up", &HOSTS.to_string()], Path::new("")))
+    FLEET.get_or_init(|| {
+        // Never ask for fewer hosts than run (another test binary, a
+        // benchmark): `up` keeps them anyway, and asking for them keeps the
+        // answer the same whoever came first.
+        bring_up("up", |dir| HOSTS.max(highest_running(dir)), Path::new(""))
+    })
 }
 
 /// The systemd hosts s1..sN (`fleet.sh up-systemd`), booted on first use:
 /// real systemd as PID 1, each with a disabled, stopped `tend-demo.service`.
 pub fn systemd_fleet() -> &'static Fleet {
     static FLEET: OnceLock<Fleet> = OnceLock::new();
-    FLEET.get_or_init(|| {
-        bring_up(
-            &["up-systemd", &SYSTEMD_HOSTS.to_string()],
-            Path::new("systemd"),
-        )
-    })
+    FLEET.get_or_init(|| bring_up("up-systemd", |_| SYSTEMD_HOSTS, Path::new("systemd")))
+}
+
+/// The highest host index that `fleet.sh status` does not report `down`.
+fn highest_running(dir: &Path) -> usize {
+    let out = Command::new("bash")
+        .arg(repo().join("tests/fleet/fleet.sh"))
+        .arg("status")
+        .env("TEND_FLEET_DIR", dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tests/fleet/fleet.sh status");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let i = f.first()?.strip_prefix('h')?.parse::<usize>().ok()?;
+            (f.get(2).is_some_and(|s| *s != "down")).then_some(i)
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 impl Fleet {
@@ -123,11 +148,18 @@ impl Fleet {
         Command::new("timeout")
             .args(["30", "ssh", "-F"])
             .arg(&self.ssh_config)
+            // One multiplexed connection per host for the tests' own checks:
+            // a new SSH handshake per check costs more than the check. The
+            // master lingers 60 s and never counts as a command of tend's.
             .args([
                 "-o",
                 "BatchMode=yes",
                 "-o",
-                "ControlPath=none",
+                "ControlMaster=auto",
+                "-o",
+                "ControlPath=/tmp/tend-test-cm-%C",
+                "-o",
+                "ControlPersist=60",
                 host,
                 "sh",
                 "-c",
@@ -283,16 +315,39 @@ impl Desired {
             .expect("run tend")
     }
 
-    /// The newest run's result.json.
+    /// The run ids in the state dir.
+    pub fn run_ids(&self) -> std::collections::BTreeSet<String> {
+        match fs::read_dir(self.state().join("runs")) {
+            Ok(dir) => dir
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect(),
+            Err(_) => Default::default(),
+        }
+    }
+
+    /// One run's result.json.
+    pub fn result(&self, run_id: &str) -> serde_json::Value {
+        let path = self.state().join("runs").join(run_id).join("result.json");
+        serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+    }
+
+    /// The newest run's result.json (by start time: run ids only have
+    /// second resolution, so their order within a second is random).
     pub fn last_result(&self) -> serde_json::Value {
         let runs = self.state().join("runs");
-        let mut ids: Vec<_> = fs::read_dir(&runs)
+        fs::read_dir(&runs)
             .expect("runs dir")
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        ids.sort();
-        let path = runs.join(ids.last().expect("a run")).join("result.json");
-        serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+            .map(|e| {
+                let path = e.unwrap().path().join("result.json");
+                serde_json::from_slice::<serde_json::Value>(&fs::read(path).unwrap()).unwrap()
+            })
+            .max_by(|a, b| {
+                let key = |v: &serde_json::Value| {
+                    v["execution_started_at"].as_str().unwrap_or("").to_string()
+                };
+                key(a).cmp(&key(b))
+            })
+            .expect("a run")
     }
 }
 

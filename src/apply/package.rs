@@ -1,0 +1,280 @@
+//! Packages: one call of the host's package manager for a whole list of
+//! packages (dispatch groups the adjacent package steps of a host into one
+//! list), for apt, dnf and apk.
+//!
+//! apt runs non-interactively (`DEBIAN_FRONTEND=noninteractive`, keeping
+//! changed configuration files: `--force-confdef --force-confold`) and waits
+//! up to two minutes for the dpkg lock. An install that fails is retried once
+//! after `apt-get update`, which is what a fresh host with no (or stale)
+//! package lists needs. A removal refuses to go on when apt would also
+//! remove packages that were not named (their dependents): those must be
+//! declared absent too, so that the plan and its confirmation show them.
+//!
+//! Names are valid package names (the model checks that they start with a
+//! letter or digit), so they cannot be taken for options; apt-get still gets
+//! `--` before them.
+
+use super::{RemoteCommand, Script};
+use crate::shell::quote;
+
+/// The package managers tend drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PackageManager {
+    Apt,
+    Dnf,
+    Apk,
+}
+
+impl PackageManager {
+    /// From the probe's `package_manager` fact (`apt`, `dnf`, `apk`).
+    pub fn from_fact(fact: &str) -> Option<Self> {
+        match fact {
+            "apt" => Some(PackageManager::Apt),
+            "dnf" => Some(PackageManager::Dnf),
+            "apk" => Some(PackageManager::Apk),
+            _ => None,
+        }
+    }
+}
+
+/// Options every apt-get call gets: wait for the dpkg lock rather than fail
+/// at once when something else holds it.
+const APT: &str = "apt-get -q -o DPkg::Lock::Timeout=120";
+
+/// `set -- 'p1' 'p2' ...`: the names as the script's positional parameters.
+fn names_line(s: &mut Script, names: &[&str]) {
+    let quoted: Vec<String> = names.iter().map(|n| quote(n)).collect();
+    s.line(&format!("set -- {}", quoted.join(" ")));
+}
+
+/// Installs every package of `names` in one call.
+pub fn install_packages(manager: PackageManager, names: &[&str]) -> RemoteCommand {
+    let mut s = Script::new();
+    names_line(&mut s, names);
+    match manager {
+        PackageManager::Apt => {
+            s.line("export DEBIAN_FRONTEND=noninteractive");
+            s.line(&format!(
+                "i() {{ {APT} install -y --no-install-recommends \
+                 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold -- \"$@\"; }}"
+            ));
+            s.line(r#"if ! i "$@"; then"#);
+            s.line("  echo 'tend: apt-get install failed; updating the package lists once and retrying' >&2");
+            s.line(&format!("  {APT} update"));
+            s.line(r#"  i "$@""#);
+            s.line("fi");
+        }
+        PackageManager::Dnf => s.line(r#"dnf install -y "$@""#),
+        PackageManager::Apk => s.line(r#"apk add "$@""#),
+    }
+    s.command()
+}
+
+/// Removes every package of `names` in one call (configuration files stay).
+pub fn remove_packages(manager: PackageManager, names: &[&str]) -> RemoteCommand {
+    let mut s = Script::new();
+    names_line(&mut s, names);
+    match manager {
+        PackageManager::Apt => {
+            s.line("export DEBIAN_FRONTEND=noninteractive");
+            // What apt would remove (`Remv NAME[:ARCH] ...` lines of a
+            // simulation) beyond the names given.
+            s.line(&format!(r#"sim=$({APT} -s remove -- "$@")"#));
+            s.line("x=");
+            s.line("while IFS=' ' read -r w p rest; do");
+            s.line(r#"  [ "$w" = Remv ] || continue"#);
+            s.line("  k=");
+            s.line(r#"  for a in "$@"; do if [ "${p%%:*}" = "${a%%:*}" ]; then k=1; fi; done"#);
+            s.line(r#"  [ -n "$k" ] || x="$x $p""#);
+            s.line("done <<TEND_SIM_END");
+            s.line("$sim");
+            s.line("TEND_SIM_END");
+            s.line(r#"if [ -n "$x" ]; then"#);
+            s.fail(
+                "not removing %s: apt would also remove%s; declare those absent too",
+                r#""$*" "$x""#,
+            );
+            s.line("fi");
+            s.line(&format!(r#"{APT} remove -y -- "$@""#));
+        }
+        PackageManager::Dnf => s.line(r#"dnf remove -y "$@""#),
+        PackageManager::Apk => s.line(r#"apk del "$@""#),
+    }
+    s.command()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::transport::Transport;
+    use crate::transport::local::LocalTransport;
+
+    #[test]
+    fn managers_from_facts() {
+        assert_eq!(PackageManager::from_fact("apt"), Some(PackageManager::Apt));
+        assert_eq!(PackageManager::from_fact("dnf"), Some(PackageManager::Dnf));
+        assert_eq!(PackageManager::from_fact("apk"), Some(PackageManager::Apk));
+        assert_eq!(PackageManager::from_fact("apt-get"), None);
+    }
+
+    #[test]
+    fn one_call_for_every_package_with_quoted_names() {
+        let names = ["hello", "tree", "it's"];
+        let want_names = "set -- 'hello' 'tree' 'it'\\''s'\n";
+        for (cmd, call) in [
+            (
+                install_packages(PackageManager::Dnf, &names),
+                "dnf install -y \"$@\"\n",
+            ),
+            (
+                remove_packages(PackageManager::Dnf, &names),
+                "dnf remove -y \"$@\"\n",
+            ),
+            (
+                install_packages(PackageManager::Apk, &names),
+                "apk add \"$@\"\n",
+            ),
+            (
+                remove_packages(PackageManager::Apk, &names),
+                "apk del \"$@\"\n",
+            ),
+        ] {
+            assert_eq!(cmd.script, format!("set -eu\n{want_names}{call}"));
+        }
+        let apt = install_packages(PackageManager::Apt, &names);
+        assert!(apt.script.starts_with(&format!("set -eu\n{want_names}")));
+        assert!(
+            apt.script
+                .contains("export DEBIAN_FRONTEND=noninteractive\n"),
+            "{}",
+            apt.script
+        );
+        assert!(
+            apt.script.contains(
+                "apt-get -q -o DPkg::Lock::Timeout=120 install -y --no-install-recommends \
+                 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold -- \"$@\""
+            ),
+            "{}",
+            apt.script
+        );
+        assert_eq!(apt.script.matches(" update").count(), 1, "{}", apt.script);
+        let rm = remove_packages(PackageManager::Apt, &names);
+        assert!(
+            rm.script
+                .ends_with("apt-get -q -o DPkg::Lock::Timeout=120 remove -y -- \"$@\"\n"),
+            "{}",
+            rm.script
+        );
+        assert!(!rm.script.contains("purge"), "configuration files stay");
+    }
+
+    /// A stub `apt-get` that logs its arguments, installs only once the lists
+    /// exist (`update` creates them, or fails when `update_fails`), and
+    /// simulates removals with the `Remv` lines in `remv`.
+    fn run_with_apt(
+        cmd: &RemoteCommand,
+        lists: bool,
+        update_fails: bool,
+        remv: &str,
+    ) -> (i32, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        fs::create_dir(&bin).unwrap();
+        let log = dir.path().join("log");
+        let marker = dir.path().join("lists");
+        if lists {
+            fs::write(&marker, "").unwrap();
+        }
+        let stub = format!(
+            r#"#!/bin/sh
+log='{log}'; lists='{lists}'
+# The verb is the first argument that is not an option or an option's value.
+v=; skip=
+for a in "$@"; do
+  if [ -n "$skip" ]; then skip=; continue; fi
+  case $a in -o) skip=1 ;; -*) ;; *) v=$a; break ;; esac
+done
+printf '%s' "$v" >> "$log"
+for a in "$@"; do case $a in -*|*::*) ;; "$v") ;; *) printf ' %s' "$a" >> "$log" ;; esac; done
+echo "${{DEBIAN_FRONTEND:-}}" >> "$log"
+case $v in
+  update) {update}; touch "$lists" ;;
+  install) [ -e "$lists" ] || {{ echo 'E: Unable to locate package' >&2; exit 100; }} ;;
+  remove) for a in "$@"; do [ "$a" = -s ] && printf '%s' '{remv}'; done ;;
+esac
+exit 0
+"#,
+            log = log.display(),
+            lists = marker.display(),
+            update = if update_fails { "exit 100" } else { ":" },
+        );
+        let p = bin.join("apt-get");
+        fs::write(&p, stub).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        let script = format!("PATH={}:$PATH\n{}", bin.display(), cmd.script);
+        let out = LocalTransport::new()
+            .exec(&script, &cmd.stdin, Duration::from_secs(30))
+            .unwrap();
+        (
+            out.status,
+            fs::read_to_string(&log).unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[test]
+    fn apt_install_updates_the_lists_once_when_it_fails() {
+        let cmd = install_packages(PackageManager::Apt, &["hello", "tree"]);
+        // Lists present: one install.
+        let (status, log, _) = run_with_apt(&cmd, true, false, "");
+        assert_eq!(
+            (status, log.as_str()),
+            (0, "install hello treenoninteractive\n")
+        );
+        // A fresh host: install fails, update, install again.
+        let (status, log, stderr) = run_with_apt(&cmd, false, false, "");
+        assert_eq!(status, 0, "{stderr}");
+        assert_eq!(
+            log,
+            "install hello treenoninteractive\nupdatenoninteractive\ninstall hello treenoninteractive\n"
+        );
+        assert!(
+            stderr.contains("updating the package lists once"),
+            "{stderr}"
+        );
+        // An update that fails ends it.
+        let (status, log, _) = run_with_apt(&cmd, false, true, "");
+        assert_ne!(status, 0);
+        assert_eq!(
+            log,
+            "install hello treenoninteractive\nupdatenoninteractive\n"
+        );
+    }
+
+    #[test]
+    fn apt_remove_refuses_to_take_unnamed_packages_along() {
+        let cmd = remove_packages(PackageManager::Apt, &["hello", "libfoo:amd64"]);
+        let named = "Remv hello [2.10-3]\nRemv libfoo [1.0]\n";
+        let (status, log, stderr) = run_with_apt(&cmd, true, false, named);
+        assert_eq!(status, 0, "{stderr}");
+        assert_eq!(
+            log,
+            "remove hello libfoo:amd64noninteractive\nremove hello libfoo:amd64noninteractive\n"
+        );
+        let more = "Remv hello [2.10-3]\nRemv app-using-hello [1]\nRemv other:i386 [2]\n";
+        let (status, log, stderr) = run_with_apt(&cmd, true, false, more);
+        assert_eq!(status, 1);
+        assert_eq!(
+            log, "remove hello libfoo:amd64noninteractive\n",
+            "only simulated"
+        );
+        assert_eq!(
+            stderr,
+            "tend: not removing hello libfoo:amd64: apt would also remove app-using-hello other:i386; declare those absent too\n"
+        );
+    }
+}
