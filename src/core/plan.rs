@@ -21,7 +21,8 @@
 //! fails, or a disable that waits for a token, must not keep a change that
 //! did land from reaching the service). None is planned
 //! when the service's own step starts it (it starts after the triggers, with
-//! what they wrote), when it is meant to be stopped, or in a teardown.
+//! what they wrote), when it is meant to be stopped, in a teardown, or when
+//! the service is pruned (it is torn down).
 //!
 //! Invariant: pure and deterministic. The same inputs give byte-identical
 //! plan JSON; nothing here reads a clock or the environment.
@@ -211,12 +212,13 @@ fn restarts(host: &Host, changes: &[Change]) -> Vec<(usize, Vec<usize>)> {
         let ResourceSpec::Service(s) = &r.spec else {
             continue;
         };
-        // Started by its own step (after the triggers), or meant to be stopped.
+        // Started by its own step (after the triggers), or meant to be stopped
+        // (pruned: torn down).
         let starts = changes[i]
             .fields
             .iter()
             .any(|f| f.field == "running" && f.to.as_deref() == Some("active"));
-        if !s.running || starts {
+        if !s.running || starts || r.pruned {
             continue;
         }
         let mut triggers: Vec<usize> = s

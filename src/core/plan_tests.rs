@@ -791,6 +791,18 @@ fn no_restart_for_a_stopped_service_or_a_teardown() {
     );
     let p = plan_host(&h, &changes_of(&h, &[("file:/etc/app.conf", "update")]));
     assert!(p.steps.iter().all(|s| !s.is_restart()), "{p:#?}");
+    // A pruned service is torn down: no restart either.
+    let mut pruned = service("app").restart_on(&["file:/etc/app.conf"]);
+    pruned.pruned = true;
+    check(
+        vec![pruned, file("/etc/app.conf")],
+        &[("file:/etc/app.conf", "update"), ("service:app", "delete")],
+        "
+        0 update file:/etc/app.conf w0
+        --
+        1 delete service:app w1 !
+        ",
+    );
 }
 
 #[test]
