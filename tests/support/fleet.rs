@@ -143,6 +143,19 @@ impl Fleet {
         &self.hosts[name]
     }
 
+    /// Where the ssh master of a host of this fleet listens. `%C` hashes
+    /// this machine's name and the host's address, port and user, which are
+    /// the same in every fleet dir (fleets in network namespaces of their
+    /// own); the fleet dir's hash keeps two such fleets from sharing a
+    /// master, and so from running one fleet's checks on the other's host.
+    /// Short enough for a socket path.
+    fn control_path(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        self.dir.hash(&mut h);
+        format!("/tmp/tend-test-cm-{:016x}-%C", h.finish())
+    }
+
     /// Run a shell script on a host with the system ssh client.
     pub fn ssh(&self, host: &str, script: &str) -> Output {
         Command::new("timeout")
@@ -151,19 +164,9 @@ impl Fleet {
             // One multiplexed connection per host for the tests' own checks:
             // a new SSH handshake per check costs more than the check. The
             // master lingers 60 s and never counts as a command of tend's.
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "ControlMaster=auto",
-                "-o",
-                "ControlPath=/tmp/tend-test-cm-%C",
-                "-o",
-                "ControlPersist=60",
-                host,
-                "sh",
-                "-c",
-            ])
+            .args(["-o", "BatchMode=yes", "-o", "ControlMaster=auto", "-o"])
+            .arg(format!("ControlPath={}", self.control_path()))
+            .args(["-o", "ControlPersist=60", host, "sh", "-c"])
             .arg(shell_quote(script))
             .stdin(Stdio::null())
             .output()
