@@ -6,7 +6,9 @@
 //!
 //! Invariant: a step runs only if policy allowed its class (non-destructive or
 //! destructive) on its host, the mode dispatches to the host, the kill switch
-//! is off, and every step it depends on succeeded.
+//! is off, and every step it depends on succeeded; but a restart step (see
+//! `core::plan`) runs once at least one of its triggers succeeded, and is
+//! skipped when none did.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -213,6 +215,21 @@ pub fn command_for(step: &Step, r: &Resource, ctx: &StepContext) -> Result<Remot
             c.unless.as_deref(),
             c.timeout.map(|t| t.0).unwrap_or(ctx.step_timeout),
         ),
+        (ResourceSpec::Service(s), Action::Update) if step.is_restart() => {
+            apply::service::restart(&s.name, step.daemon_reload)
+        }
+        (ResourceSpec::Service(s), Action::Update | Action::Delete) => {
+            // Only what the diff found different; a delete (teardown) turns
+            // both off.
+            let teardown = step.action == Action::Delete;
+            let set = |field: &str, want: bool| changed(field).then_some(want && !teardown);
+            apply::service::converge(
+                &s.name,
+                set("enabled", s.enabled),
+                set("running", s.running),
+                step.daemon_reload,
+            )
+        }
         _ => {
             return Err(anyhow!(
                 "no applier for {} step on `{}` in this build",
@@ -338,9 +355,10 @@ async fn run_host(
     rec.event(Some(host), "host_dispatch_started", json!({"steps": n}));
     // Gate the steps in plan order. Non-destructive steps that may run are
     // collected into one batch (one remote command); a destructive step runs
-    // on its own, after the batch before it. When a batch stops at a failed
-    // step, the steps after it are gated again: dependents are skipped, the
-    // rest go into the next batch.
+    // on its own, after the batch before it, and so does the batch before a
+    // restart step whose triggers are in it (the restart needs their real
+    // results). When a batch stops at a failed step, the steps after it are
+    // gated again: dependents are skipped, the rest go into the next batch.
     let mut next = 0;
     while next < n {
         let mut batch: Vec<usize> = Vec::new();
@@ -352,39 +370,16 @@ async fn run_host(
             }
             let step = &steps[j];
             let allowed = if step.destructive { allow_d } else { allow_nd };
-            // Steps already in the batch count as succeeding: a batch stops
-            // at the first failure, so nothing after a failed step runs.
-            let deps: Vec<StepStatus> = step
-                .after
-                .iter()
-                .map(|&a| match &res[a] {
-                    Some(r) => r.status,
-                    None if batch.contains(&a) => StepStatus::Succeeded,
-                    None => StepStatus::NotRun,
-                })
-                .collect();
-            let gated = if !allowed {
-                Some(StepResult::not_run(true))
-            } else if deps
-                .iter()
-                .any(|s| matches!(s, StepStatus::Failed | StepStatus::Skipped))
-            {
-                let mut r = StepResult::not_run(false);
-                r.status = StepStatus::Skipped;
-                r.failure = Some((
-                    FailureClass::Execution,
-                    "a step it depends on failed".into(),
-                ));
-                Some(r)
-            } else if deps.contains(&StepStatus::NotRun) {
-                Some(StepResult::not_run(res.iter().flatten().any(|s| s.held)))
-            } else {
-                None
-            };
-            if let Some(r) = gated {
-                res[j] = Some(r);
-                j += 1;
-                continue;
+            match gate(step, allowed, &res, &batch) {
+                Gate::Decided(r) => {
+                    res[j] = Some(r);
+                    j += 1;
+                    continue;
+                }
+                // A restart whose triggers are in the batch: run the batch
+                // first, then gate it again on their real results.
+                Gate::Flush => break,
+                Gate::Run => {}
             }
             if !step.destructive {
                 batch.push(j);
@@ -493,6 +488,96 @@ async fn run_host(
             .collect(),
         killed,
     }
+}
+
+/// What the gating loop does with a step that has no result yet.
+#[derive(Debug, PartialEq)]
+enum Gate {
+    /// It does not run: this is its result.
+    Decided(StepResult),
+    /// It needs the real results of steps in the batch: run the batch first.
+    Flush,
+    /// It may run (in the batch, or on its own when destructive).
+    Run,
+}
+
+/// Gates one step on its policy class and on the results so far (`res`, by
+/// step index); steps in `batch` have no result yet. For an ordinary step,
+/// the steps in the batch count as succeeding: a batch stops at the first
+/// failure, so nothing after a failed step runs. A restart step needs the
+/// real results of its triggers (see [`restart_gate`]), so it flushes a
+/// batch that holds one of them.
+fn gate(step: &Step, allowed: bool, res: &[Option<StepResult>], batch: &[usize]) -> Gate {
+    if !allowed {
+        return Gate::Decided(StepResult::not_run(true));
+    }
+    if step.is_restart() {
+        if step
+            .triggers
+            .iter()
+            .any(|&t| res[t].is_none() && batch.contains(&t))
+        {
+            return Gate::Flush;
+        }
+        // Every trigger comes earlier in plan order, so every one has a
+        // result here; a missing one would count as not run.
+        let pending = StepResult::not_run(false);
+        let triggers: Vec<&StepResult> = step
+            .triggers
+            .iter()
+            .map(|&t| res[t].as_ref().unwrap_or(&pending))
+            .collect();
+        return match restart_gate(&triggers) {
+            Some(r) => Gate::Decided(r),
+            None => Gate::Run,
+        };
+    }
+    let deps: Vec<StepStatus> = step
+        .after
+        .iter()
+        .map(|&a| match &res[a] {
+            Some(r) => r.status,
+            None if batch.contains(&a) => StepStatus::Succeeded,
+            None => StepStatus::NotRun,
+        })
+        .collect();
+    if deps
+        .iter()
+        .any(|s| matches!(s, StepStatus::Failed | StepStatus::Skipped))
+    {
+        let mut r = StepResult::not_run(false);
+        r.status = StepStatus::Skipped;
+        r.failure = Some((
+            FailureClass::Execution,
+            "a step it depends on failed".into(),
+        ));
+        Gate::Decided(r)
+    } else if deps.contains(&StepStatus::NotRun) {
+        Gate::Decided(StepResult::not_run(res.iter().flatten().any(|s| s.held)))
+    } else {
+        Gate::Run
+    }
+}
+
+/// A restart step, given the results of its triggers: its result when it
+/// must not run, or None when it may (at least one trigger succeeded,
+/// whatever the others did). When none succeeded it is skipped, unless one
+/// was not run (held for a token, or stopped by the kill switch: the change
+/// may still come), which leaves it not run too, held if a trigger is.
+fn restart_gate(triggers: &[&StepResult]) -> Option<StepResult> {
+    if triggers.iter().any(|t| t.status == StepStatus::Succeeded) {
+        return None;
+    }
+    if triggers.iter().any(|t| t.status == StepStatus::NotRun) {
+        return Some(StepResult::not_run(triggers.iter().any(|t| t.held)));
+    }
+    let mut r = StepResult::not_run(false);
+    r.status = StepStatus::Skipped;
+    r.failure = Some((
+        FailureClass::Execution,
+        "none of the steps it restarts on succeeded, so nothing changed to restart for".into(),
+    ));
+    Some(r)
 }
 
 /// The barrier before a host's first destructive step: probe the host again,
@@ -941,6 +1026,8 @@ mod command_tests {
                 .collect(),
             note: None,
             replace: false,
+            triggers: vec![],
+            daemon_reload: false,
         }
     }
 
@@ -1080,5 +1167,174 @@ resources:
         );
         assert_eq!(transport_timeout(Some(find(&rs, "user:app")), five), five);
         assert_eq!(transport_timeout(None, five), five);
+    }
+}
+
+#[cfg(test)]
+mod service_tests {
+    use super::*;
+
+    fn step(index: usize, triggers: Vec<usize>) -> Step {
+        Step {
+            index,
+            id: "service:app".into(),
+            kind: "service",
+            action: Action::Update,
+            destructive: false,
+            wave: 1,
+            after: triggers.clone(),
+            fields: vec![],
+            note: None,
+            replace: false,
+            triggers,
+            daemon_reload: false,
+        }
+    }
+
+    fn done(status: StepStatus, held: bool) -> StepResult {
+        StepResult {
+            status,
+            attempts: 1,
+            log: None,
+            failure: None,
+            held,
+        }
+    }
+
+    #[test]
+    fn a_restart_runs_once_any_trigger_succeeded() {
+        use StepStatus::*;
+        let ok = done(Succeeded, false);
+        let failed = done(Failed, false);
+        let skipped = done(Skipped, false);
+        let held = done(NotRun, true);
+        let killed = done(NotRun, false);
+        // One success is enough, whatever the other did.
+        for other in [&ok, &failed, &skipped, &held, &killed] {
+            assert_eq!(restart_gate(&[&ok, other]), None);
+            assert_eq!(restart_gate(&[other, &ok]), None);
+        }
+        // Nothing changed: skipped, with the reason.
+        let r = restart_gate(&[&failed, &skipped]).unwrap();
+        assert_eq!((r.status, r.held), (Skipped, false));
+        assert!(
+            r.failure
+                .unwrap()
+                .1
+                .contains("none of the steps it restarts on succeeded")
+        );
+        // A trigger still to come (held for a token, or the kill switch):
+        // not run, held if it is.
+        let r = restart_gate(&[&failed, &held]).unwrap();
+        assert_eq!((r.status, r.held), (NotRun, true));
+        let r = restart_gate(&[&killed, &failed]).unwrap();
+        assert_eq!((r.status, r.held), (NotRun, false));
+    }
+
+    /// In the gating loop, a restart waits for its triggers' real results:
+    /// a trigger still in the batch flushes it (an ordinary dependent would
+    /// count it as succeeding and join the batch).
+    #[test]
+    fn a_restart_flushes_the_batch_that_holds_a_trigger() {
+        use StepStatus::*;
+        let restart = step(2, vec![0, 1]);
+        let mut dependent = step(2, vec![]);
+        dependent.after = vec![0, 1];
+        let ok = || Some(done(Succeeded, false));
+        let failed = || Some(done(Failed, false));
+        // Trigger 1 in the batch: flush, whatever trigger 0 did.
+        for first in [ok(), failed(), None] {
+            let batch: Vec<usize> = if first.is_none() { vec![0, 1] } else { vec![1] };
+            let res = [first, None, None];
+            assert_eq!(gate(&restart, true, &res, &batch), Gate::Flush);
+        }
+        // An ordinary step joins the batch.
+        assert_eq!(gate(&dependent, true, &[ok(), None, None], &[1]), Gate::Run);
+        // With the real results: runs on one success, skipped on none,
+        // where an ordinary dependent is skipped on any failure.
+        let res = [failed(), ok(), None];
+        assert_eq!(gate(&restart, true, &res, &[]), Gate::Run);
+        let Gate::Decided(r) = gate(&dependent, true, &res, &[]) else {
+            panic!("a dependent of a failed step runs")
+        };
+        assert_eq!(r.status, Skipped);
+        let res = [failed(), Some(done(Skipped, false)), None];
+        let Gate::Decided(r) = gate(&restart, true, &res, &[]) else {
+            panic!("a restart without a succeeded trigger runs")
+        };
+        assert_eq!(r.status, Skipped);
+        // Held for a trigger held for a token.
+        let res = [failed(), Some(done(NotRun, true)), None];
+        assert_eq!(
+            gate(&restart, true, &res, &[]),
+            Gate::Decided(StepResult::not_run(true))
+        );
+        // Not allowed on this host: not run, held.
+        let Gate::Decided(r) = gate(&restart, false, &[ok(), ok(), None], &[]) else {
+            panic!("a restart the policy does not allow runs")
+        };
+        assert_eq!((r.status, r.held), (NotRun, true));
+    }
+
+    #[test]
+    fn service_steps_become_systemctl_calls() {
+        use crate::core::diff::FieldChange;
+        use crate::core::diff::tests::{svc, svc_res};
+        let ctx = StepContext {
+            package_manager: None,
+            step_timeout: Duration::from_secs(300),
+        };
+        let resource = |enabled, running| svc_res(svc(enabled, running));
+        let with = |action, fields: &[&str], reload| {
+            let mut s = step(0, vec![]);
+            s.action = action;
+            s.daemon_reload = reload;
+            s.fields = fields
+                .iter()
+                .map(|f| FieldChange {
+                    field: f.to_string(),
+                    from: None,
+                    to: None,
+                })
+                .collect();
+            s
+        };
+        let script = |s: &Step, r: &Resource| command_for(s, r, &ctx).unwrap().script;
+        let tail = |s: String| s.split_once("u='app'\n").unwrap().1.to_string();
+        assert_eq!(
+            tail(script(
+                &with(Action::Update, &["running"], false),
+                &resource(true, true)
+            )),
+            "systemctl start -- \"$u\"\n"
+        );
+        assert_eq!(
+            tail(script(
+                &with(Action::Update, &["enabled", "running"], true),
+                &resource(false, false)
+            )),
+            "systemctl daemon-reload\nsystemctl disable --now -- \"$u\"\n"
+        );
+        assert_eq!(
+            tail(script(
+                &with(Action::Update, &["enabled"], false),
+                &resource(true, false)
+            )),
+            "systemctl enable -- \"$u\"\n"
+        );
+        // A teardown turns off what is on, whatever the spec says.
+        assert_eq!(
+            tail(script(
+                &with(Action::Delete, &["running"], false),
+                &resource(true, true)
+            )),
+            "systemctl stop -- \"$u\"\n"
+        );
+        let mut restart = step(1, vec![0]);
+        restart.daemon_reload = true;
+        assert_eq!(
+            tail(script(&restart, &resource(true, true))),
+            "systemctl daemon-reload\nsystemctl restart -- \"$u\"\n"
+        );
     }
 }

@@ -107,13 +107,13 @@ pub fn connect(host: &Host, opts: &ProbeOpts) -> Result<Arc<dyn Transport>, Tran
 }
 
 /// What the probe must look at for a host: one item per resource of a kind
-/// this build probes (services are not probed yet; policy refuses them).
+/// this build probes (every kind).
 pub fn probe_items(host: &Host) -> Vec<ProbeItem> {
     host.resources
         .iter()
-        .filter_map(|r| {
+        .map(|r| {
             let id = r.id.clone();
-            Some(match &r.spec {
+            match &r.spec {
                 ResourceSpec::File(s) => ProbeItem::path(id, &s.path),
                 ResourceSpec::Directory(s) => ProbeItem::path(id, &s.path),
                 ResourceSpec::Symlink(s) => ProbeItem::path(id, &s.path),
@@ -123,8 +123,8 @@ pub fn probe_items(host: &Host) -> Vec<ProbeItem> {
                 ResourceSpec::Command(s) => {
                     ProbeItem::command(id, s.creates.clone(), s.unless.clone())
                 }
-                ResourceSpec::Service(_) => return None,
-            })
+                ResourceSpec::Service(s) => ProbeItem::service(id, &s.name),
+            }
         })
         .collect()
 }
@@ -309,6 +309,18 @@ pub fn plan_fleet(
                     let msg = format!(
                         "host `{name}`: this build of tend cannot converge {} yet; nothing is dispatched to this host (fail closed)",
                         unsupported.join(", ")
+                    );
+                    errors.insert(name.clone(), (FailureClass::Capability, msg.clone()));
+                    host_plans.push(HostPlan::failed(name, msg));
+                    continue;
+                }
+                // What the host lacks (a unit nothing provides) is a capability
+                // mismatch, found at plan time, before anything runs.
+                let refused = diff::refusals(host, actual);
+                if !refused.is_empty() {
+                    let msg = format!(
+                        "host `{name}`: {}; nothing is dispatched to this host (fail closed)",
+                        refused.join("; ")
                     );
                     errors.insert(name.clone(), (FailureClass::Capability, msg.clone()));
                     host_plans.push(HostPlan::failed(name, msg));

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Desired, code, fleet, text};
+use support::{Desired, code, fleet, outcome, text};
 
 fn inventory(hosts: &[&str]) -> String {
     let f = fleet();
@@ -18,15 +18,6 @@ fn inventory(hosts: &[&str]) -> String {
         s.push_str(&f.inventory_entry(h));
     }
     s
-}
-
-fn outcome<'a>(result: &'a Value, host: &str) -> &'a Value {
-    result["host_outcomes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["host"] == host)
-        .unwrap_or_else(|| panic!("no outcome for {host} in {result:#}"))
 }
 
 const FAST: &str = "probe_timeout: 5s\nretries: 2\nretry_backoff: 50ms\n";

@@ -1,7 +1,8 @@
 //! Remote command builders: one POSIX `sh` script per change, ready for
 //! [`crate::transport::Transport::exec`]. Path-based resources (file,
 //! directory, symlink) are here; users and groups in [`account`], packages
-//! (one call for a list) in [`package`], commands in [`command`].
+//! (one call for a list) in [`package`], commands in [`command`], services
+//! in [`service`].
 //!
 //! Invariant: pure. Every path, name and value reaches the script through
 //! [`crate::shell::quote`], assigned once to a shell variable and used as
@@ -29,6 +30,7 @@ use crate::shell::quote;
 pub mod account;
 pub mod command;
 pub mod package;
+pub mod service;
 
 pub use account::{
     UserFields, create_group, create_user, delete_group, delete_user, modify_group, modify_user,

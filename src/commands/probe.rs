@@ -100,5 +100,16 @@ fn describe(o: &Observed) -> String {
                 "will not run (guard holds)".into()
             }
         }
+        Observed::Service(s) => format!(
+            "service {} {} {} {}",
+            s.unit,
+            s.load_state,
+            s.active_state,
+            if s.unit_file_state.is_empty() {
+                "-"
+            } else {
+                &s.unit_file_state
+            }
+        ),
     }
 }

@@ -61,6 +61,8 @@ pub enum Observed {
     Package(PackageState),
     /// A command's guard, evaluated on the host by the probe.
     Guard(GuardState),
+    /// A systemd unit, as `systemctl show` reports it.
+    Service(ServiceState),
 }
 
 /// A user account as `getent passwd` and `id -nG` report it.
@@ -137,6 +139,50 @@ pub struct Meta {
     pub owner: Option<String>,
     /// Group name, or None when the gid has no name.
     pub group: Option<String>,
+}
+
+/// The state of a systemd unit: four properties of `systemctl show`, verbatim.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceState {
+    /// `Id`: the unit's full name (`nginx.service`; an alias resolves to its unit).
+    pub unit: String,
+    /// `LoadState`: `loaded`, `not-found`, `masked`, `bad-setting`, `error`, ...
+    pub load_state: String,
+    /// `ActiveState`: `active`, `inactive`, `failed`, `activating`, ...
+    pub active_state: String,
+    /// `UnitFileState`: `enabled`, `disabled`, `static`, `masked`, ...; empty
+    /// when the unit has no unit file (not found, transient).
+    pub unit_file_state: String,
+}
+
+impl ServiceState {
+    /// Running, or on its way there (`activating` includes a unit waiting to
+    /// be restarted by systemd): starting it again would change nothing.
+    pub fn is_running(&self) -> bool {
+        matches!(
+            self.active_state.as_str(),
+            "active" | "reloading" | "activating"
+        )
+    }
+
+    /// Enabled for good: `enabled-runtime` lasts only until the next boot.
+    pub fn is_enabled(&self) -> bool {
+        self.unit_file_state == "enabled"
+    }
+
+    /// Units without an `[Install]` section (or made by a generator, or at
+    /// run time) have no enablement of their own that `systemctl enable`
+    /// could change; `enabled` is left alone for them.
+    pub fn enablement_is_fixed(&self) -> bool {
+        matches!(
+            self.unit_file_state.as_str(),
+            "static" | "indirect" | "generated" | "transient" | "alias"
+        )
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        matches!(self.load_state.as_str(), "loaded" | "masked")
+    }
 }
 
 fn hex_bytes<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {

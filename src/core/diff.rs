@@ -8,7 +8,10 @@
 //! changing a user's uid, home, shell or supplementary groups or a group's
 //! gid are non-destructive updates. A `command` whose guard says it will run
 //! is a `create`, destructive only when it says `destructive: true`;
-//! commands are never undone (`lifecycle: absent` leaves them a noop).
+//! commands are never undone (`lifecycle: absent` leaves them a noop). For a
+//! service, starting or enabling is a non-destructive update, stopping or
+//! disabling a destructive one, and a teardown (stop and disable) a
+//! destructive delete.
 //!
 //! Invariant: pure and total: every resource gets exactly one change, in
 //! resource-id order.
@@ -17,9 +20,9 @@ use serde::Serialize;
 
 use std::collections::BTreeSet;
 
-use super::actual::{FileState, GuardState, HostActual, Meta, Observed, UserState};
-use super::model::{Host, Resource};
-use super::spec::{Lifecycle, Mode, ResourceSpec, State};
+use super::actual::{FileState, GuardState, HostActual, Meta, Observed, ServiceState, UserState};
+use super::model::{Host, Resource, unit_name, unit_of_file};
+use super::spec::{Lifecycle, Mode, ResourceSpec, ServiceSpec, State};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -64,6 +67,11 @@ pub struct Change {
     /// The existing object must be removed first (a destructive replacement).
     #[serde(skip)]
     pub replace: bool,
+    /// A service: run `systemctl daemon-reload` before touching the unit,
+    /// because one of its unit files changes in this run or systemd has not
+    /// loaded it (see [`diff_host`]).
+    #[serde(skip)]
+    pub daemon_reload: bool,
 }
 
 impl Change {
@@ -76,6 +84,7 @@ impl Change {
             fields: vec![],
             note: None,
             replace: false,
+            daemon_reload: false,
         }
     }
 
@@ -89,33 +98,125 @@ impl Change {
     }
 }
 
-/// The kinds this build can probe and converge. Others are validated, but a
-/// host that uses them is refused before dispatch (fail closed).
+/// The kinds this build can probe and converge: every kind. A kind added to
+/// the model before its probe and steps would be validated, but a host that
+/// used it refused before dispatch (fail closed).
 pub fn is_supported(r: &Resource) -> bool {
-    !matches!(r.spec, ResourceSpec::Service(_))
+    match r.spec {
+        ResourceSpec::File(_)
+        | ResourceSpec::Directory(_)
+        | ResourceSpec::Symlink(_)
+        | ResourceSpec::User(_)
+        | ResourceSpec::Group(_)
+        | ResourceSpec::Package(_)
+        | ResourceSpec::Command(_)
+        | ResourceSpec::Service(_) => true,
+    }
 }
 
 /// Diff every resource of a host. Resources the probe did not report count as
 /// unknown and are refused by policy, so they get a noop here.
+///
+/// A service change also learns here whether systemd must reload its unit
+/// files first: when a `file` resource that is one of the unit's unit files
+/// or drop-ins changes in this run, or when the unit did not load when it was
+/// probed (its package or unit file comes in this run, see [`refusals`]).
 pub fn diff_host(host: &Host, actual: &HostActual) -> Vec<Change> {
-    host.resources
+    let observed = |r: &Resource| actual.resources.get(&r.id).unwrap_or(&Observed::NotProbed);
+    let mut changes: Vec<Change> = host
+        .resources
         .iter()
         .map(|r| {
-            let observed = actual.resources.get(&r.id).unwrap_or(&Observed::NotProbed);
             // A pruned resource is removed, whatever the host's lifecycle.
             let lifecycle = if r.pruned {
                 Lifecycle::Absent
             } else {
                 host.lifecycle
             };
-            let mut c = diff_resource(r, observed, lifecycle);
+            let mut c = diff_resource(r, observed(r), lifecycle);
             if r.pruned && c.action == Action::Delete {
                 c.note =
                     Some("pruned: tend applied it and it is no longer in the desired state".into());
             }
             c
         })
-        .collect()
+        .collect();
+    let changed_units: Vec<&str> = host
+        .resources
+        .iter()
+        .zip(&changes)
+        .filter(|(_, c)| c.action != Action::Noop)
+        .filter_map(|(r, _)| match &r.spec {
+            ResourceSpec::File(f) => unit_of_file(&f.path).map(|(unit, _)| unit),
+            _ => None,
+        })
+        .collect();
+    for (r, c) in host.resources.iter().zip(changes.iter_mut()) {
+        if let (ResourceSpec::Service(s), Observed::Service(st)) = (&r.spec, observed(r)) {
+            let unit = unit_name(&s.name);
+            c.daemon_reload = changed_units.contains(&unit.as_str()) || !st.is_loaded();
+            if !st.is_loaded()
+                && let Some(by) = provider(host, s)
+            {
+                c.note = Some(format!(
+                    "unit `{unit}` is {} on the host for now; `{by}` provides it in this run",
+                    st.load_state
+                ));
+            }
+        }
+    }
+    changes
+}
+
+/// A resource of the host that brings a service's unit in this run: a
+/// present (and not pruned) `package` with the service's name (as
+/// `dependency_edges` orders it), or such a `file` that is the unit's unit
+/// file.
+fn provider<'a>(host: &'a Host, s: &ServiceSpec) -> Option<&'a str> {
+    let unit = unit_name(&s.name);
+    let base = s.name.strip_suffix(".service").unwrap_or(&s.name);
+    host.resources
+        .iter()
+        .filter(|r| !r.state().is_absent() && !r.pruned)
+        .find(|r| match &r.spec {
+            ResourceSpec::Package(p) => p.name == base,
+            ResourceSpec::File(f) => unit_of_file(&f.path) == Some((unit.as_str(), true)),
+            _ => false,
+        })
+        .map(|r| r.id.as_str())
+}
+
+/// Why a host cannot be planned from what was probed, one message per
+/// problem; empty when it can. A service whose unit does not load on the host
+/// (not found, or a bad unit file) cannot be converged, unless a `package`
+/// or unit `file` in the desired state provides it in this same run: then
+/// the service's steps are planned after it (`dependency_edges`), from the
+/// state the probe saw (inactive, and disabled as far as systemd can tell).
+/// A teardown never needs the unit: there is nothing to stop; neither does
+/// a pruned service (it is torn down too).
+pub fn refusals(host: &Host, actual: &HostActual) -> Vec<String> {
+    if host.lifecycle == Lifecycle::Absent {
+        return vec![];
+    }
+    let mut out = Vec::new();
+    for r in host.resources.iter().filter(|r| !r.pruned) {
+        if let (ResourceSpec::Service(s), Some(Observed::Service(st))) =
+            (&r.spec, actual.resources.get(&r.id))
+            && !st.is_loaded()
+            && provider(host, s).is_none()
+        {
+            let what = if st.load_state == "not-found" {
+                "does not exist on the host".to_string()
+            } else {
+                format!("does not load on the host (LoadState {})", st.load_state)
+            };
+            out.push(format!(
+                "service `{}`: unit `{}` {what}, and no `package` or unit `file` in the desired state provides it; install it, or fix the name",
+                r.id, st.unit
+            ));
+        }
+    }
+    out
 }
 
 fn describe(o: &Observed) -> &'static str {
@@ -130,6 +231,7 @@ fn describe(o: &Observed) -> &'static str {
         Observed::Group(_) => "a group",
         Observed::Package(_) => "an installed package",
         Observed::Guard(_) => "a command guard",
+        Observed::Service(_) => "a service",
     }
 }
 
@@ -195,6 +297,9 @@ pub fn diff_resource(r: &Resource, observed: &Observed, lifecycle: Lifecycle) ->
     }
     if let ResourceSpec::Command(s) = &r.spec {
         return diff_command(r, s, observed, lifecycle);
+    }
+    if let (ResourceSpec::Service(s), Observed::Service(st)) = (&r.spec, observed) {
+        return diff_service(r, s, st, lifecycle);
     }
     if want_absent {
         return diff_absent(r, observed);
@@ -351,11 +456,76 @@ pub fn diff_resource(r: &Resource, observed: &Observed, lifecycle: Lifecycle) ->
             Change::new(r, Action::Create).field("installed", Some("no".into()), Some("yes".into()))
         }
         (ResourceSpec::Package(_), Observed::Package(_)) => Change::new(r, Action::Noop),
-        // Kinds this build does not probe (and observations that do not fit
-        // the kind, which the probe parser never produces) stay a noop; policy
-        // refuses a host with an unsupported kind.
+        // Observations that do not fit the kind (which the probe parser never
+        // produces) stay a noop.
         _ => Change::new(r, Action::Noop),
     }
+}
+
+/// A unit file state in which the unit starts at boot (or was linked in).
+fn is_enabled_in_any_way(st: &ServiceState) -> bool {
+    matches!(
+        st.unit_file_state.as_str(),
+        "enabled" | "enabled-runtime" | "linked" | "linked-runtime"
+    )
+}
+
+/// Services: `enabled` and `running`, each changed only where it differs.
+/// Enabling and starting are non-destructive; disabling and stopping are
+/// destructive. A teardown stops and disables (a destructive delete). Units
+/// whose enablement systemd fixes (static, generated, ...) keep it: `enabled`
+/// is not managed for them. A masked unit is never unmasked: enabling or
+/// starting it is planned and fails with systemctl's own message.
+fn diff_service(r: &Resource, s: &ServiceSpec, st: &ServiceState, lifecycle: Lifecycle) -> Change {
+    let teardown = lifecycle == Lifecycle::Absent;
+    let (want_enabled, want_running) = if teardown {
+        (false, false)
+    } else {
+        (s.enabled, s.running)
+    };
+    let from = |v: &str| (!v.is_empty()).then(|| v.to_string());
+    let mut c = Change::new(
+        r,
+        if teardown {
+            Action::Delete
+        } else {
+            Action::Update
+        },
+    );
+    let mut stops = Vec::new();
+    if st.enablement_is_fixed() {
+        if !want_enabled && !teardown {
+            c.note = Some(format!(
+                "`enabled: false` is left alone: the unit is {}",
+                st.unit_file_state
+            ));
+        }
+    } else if want_enabled && !st.is_enabled() {
+        c = c.field("enabled", from(&st.unit_file_state), Some("enabled".into()));
+    } else if !want_enabled && is_enabled_in_any_way(st) {
+        c = c.field(
+            "enabled",
+            from(&st.unit_file_state),
+            Some("disabled".into()),
+        );
+        stops.push("disables");
+    }
+    if want_running && !st.is_running() {
+        c = c.field("running", from(&st.active_state), Some("active".into()));
+    } else if !want_running && st.is_running() {
+        c = c.field("running", from(&st.active_state), Some("inactive".into()));
+        stops.push("stops");
+    }
+    if c.fields.is_empty() {
+        c.action = Action::Noop;
+        c.destructive = false;
+        return c;
+    }
+    if !stops.is_empty() {
+        c.destructive = true;
+        c.note = Some(format!("{} `{}`", stops.join(" and "), st.unit));
+    }
+    c
 }
 
 /// Supplementary groups as `usermod -G` will leave them: sorted, without
@@ -1160,28 +1330,332 @@ pub(crate) mod tests {
         }
     }
 
+    /// A service `app` (id `service:app`).
+    pub(crate) fn svc(enabled: bool, running: bool) -> ResourceSpec {
+        ResourceSpec::Service(ServiceSpec {
+            name: "app".into(),
+            enabled,
+            running,
+            restart_on: vec![],
+            id: None,
+            requires: vec![],
+        })
+    }
+
+    fn unit(load: &str, active: &str, file: &str) -> Observed {
+        Observed::Service(ServiceState {
+            unit: "app.service".into(),
+            load_state: load.into(),
+            active_state: active.into(),
+            unit_file_state: file.into(),
+        })
+    }
+
+    pub(crate) fn svc_res(spec: ResourceSpec) -> Resource {
+        let mut r = res(spec, None);
+        r.id = "service:app".into();
+        r
+    }
+
+    /// (enabled, running) wanted.
+    type Want = (bool, bool);
+    /// (ActiveState, UnitFileState) seen.
+    type Seen<'a> = (&'a str, &'a str);
+    /// (action, destructive, fields).
+    type Expect<'a> = (Action, bool, &'a [&'a str]);
+    /// (action, fields) of a teardown of the same unit.
+    type Teardown<'a> = (Action, &'a [&'a str]);
+
+    /// Wanted x seen -> expected, plus the teardown of the same unit.
     #[test]
-    fn every_kind_but_service_is_supported() {
-        let kinds = [
-            (file(None, State::Present), true),
-            (user(None, None, &[], State::Present), true),
-            (group(None, State::Present), true),
-            (package(State::Present), true),
-            (command(None, None, false), true),
+    fn service_table() {
+        use Action::*;
+        #[rustfmt::skip]
+        let cases: &[(Want, Seen, Expect, Teardown)] = &[
+            // Starting and enabling: non-destructive updates.
+            ((true, true), ("active", "enabled"), (Noop, false, &[]), (Delete, &["enabled", "running"])),
+            ((true, true), ("inactive", "enabled"), (Update, false, &["running"]), (Delete, &["enabled"])),
+            ((true, true), ("failed", "enabled"), (Update, false, &["running"]), (Delete, &["enabled"])),
+            ((true, true), ("active", "disabled"), (Update, false, &["enabled"]), (Delete, &["running"])),
+            ((true, true), ("inactive", "disabled"), (Update, false, &["enabled", "running"]), (Noop, &[])),
+            ((true, true), ("activating", "enabled-runtime"), (Update, false, &["enabled"]), (Delete, &["enabled", "running"])),
+            ((true, true), ("reloading", "enabled"), (Noop, false, &[]), (Delete, &["enabled", "running"])),
+            // Stopping and disabling: destructive.
+            ((true, false), ("active", "enabled"), (Update, true, &["running"]), (Delete, &["enabled", "running"])),
+            ((false, true), ("active", "enabled"), (Update, true, &["enabled"]), (Delete, &["enabled", "running"])),
+            ((false, true), ("active", "linked"), (Update, true, &["enabled"]), (Delete, &["enabled", "running"])),
+            ((false, false), ("active", "enabled"), (Update, true, &["enabled", "running"]), (Delete, &["enabled", "running"])),
+            ((false, false), ("inactive", "disabled"), (Noop, false, &[]), (Noop, &[])),
+            ((false, false), ("deactivating", "disabled"), (Noop, false, &[]), (Noop, &[])),
+            // Enabling and stopping at once: destructive, for the stop.
+            ((true, false), ("active", "disabled"), (Update, true, &["enabled", "running"]), (Delete, &["running"])),
+            // Enablement fixed by systemd: left alone either way.
+            ((true, true), ("active", "static"), (Noop, false, &[]), (Delete, &["running"])),
+            ((false, true), ("active", "static"), (Noop, false, &[]), (Delete, &["running"])),
+            ((true, true), ("inactive", "generated"), (Update, false, &["running"]), (Noop, &[])),
+            // Masked: more than disabled; enabling it is planned (and fails).
+            ((false, false), ("inactive", "masked"), (Noop, false, &[]), (Noop, &[])),
+            ((true, false), ("inactive", "masked"), (Update, false, &["enabled"]), (Noop, &[])),
+        ];
+        for &((enabled, running), (active, file), want, teardown) in cases {
+            let r = svc_res(svc(enabled, running));
+            let seen = unit("loaded", active, file);
+            let c = diff_resource(&r, &seen, Lifecycle::Running);
+            let fields: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
+            assert_eq!(
+                (c.action, c.destructive, fields.as_slice()),
+                want,
+                "want {enabled}/{running}, seen {active}/{file}: {c:?}"
+            );
+            let c = diff_resource(&r, &seen, Lifecycle::Absent);
+            let fields: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
+            assert_eq!(
+                (c.action, c.destructive, fields.as_slice()),
+                (teardown.0, teardown.0 == Delete, teardown.1),
+                "teardown of {active}/{file}: {c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn service_fields_say_from_what_to_what() {
+        let r = svc_res(svc(true, false));
+        let c = diff_resource(
+            &r,
+            &unit("loaded", "active", "disabled"),
+            Lifecycle::Running,
+        );
+        let f = |i: usize| {
+            let f = &c.fields[i];
+            (f.field.as_str(), f.from.as_deref(), f.to.as_deref())
+        };
+        assert_eq!(f(0), ("enabled", Some("disabled"), Some("enabled")));
+        assert_eq!(f(1), ("running", Some("active"), Some("inactive")));
+        assert_eq!(c.note.as_deref(), Some("stops `app.service`"));
+        // Nothing known about a unit without a unit file: `from` is null.
+        let c = diff_resource(
+            &svc_res(svc(true, true)),
+            &unit("not-found", "inactive", ""),
+            Lifecycle::Running,
+        );
+        assert_eq!(c.fields[0].from, None);
+        assert_eq!((c.action, c.destructive), (Action::Update, false));
+        // `enabled: false` on a static unit says why nothing happens.
+        let c = diff_resource(
+            &svc_res(svc(false, true)),
+            &unit("loaded", "active", "static"),
+            Lifecycle::Running,
+        );
+        assert_eq!(
+            c.note.as_deref(),
+            Some("`enabled: false` is left alone: the unit is static")
+        );
+    }
+
+    fn host_of(resources: Vec<Resource>, lifecycle: Lifecycle) -> Host {
+        use crate::core::spec::{InventoryHost, TransportKind};
+        let mut resources = resources;
+        resources.sort_by(|a, b| a.id.cmp(&b.id));
+        Host {
+            inv: InventoryHost {
+                name: "h".into(),
+                transport: TransportKind::Local,
+                address: None,
+                port: 22,
+                user: "root".into(),
+                identity: None,
+                host_key: None,
+                tags: vec![],
+                protected: false,
+            },
+            file: Some("hosts/h.yaml".into()),
+            lifecycle,
+            resources,
+        }
+    }
+
+    fn unit_file(path: &str, absent: bool) -> Resource {
+        let mut r = res(
+            ResourceSpec::File(FileSpec {
+                path: path.into(),
+                state: if absent {
+                    State::Absent
+                } else {
+                    State::Present
+                },
+                ..bare_file()
+            }),
+            Some("[Service]\n"),
+        );
+        r.id = format!("file:{path}");
+        r
+    }
+
+    fn package_res(name: &str, state: State) -> Resource {
+        let mut r = res(
+            ResourceSpec::Package(crate::core::spec::PackageSpec {
+                name: name.into(),
+                state,
+                id: None,
+                requires: vec![],
+            }),
+            None,
+        );
+        r.id = format!("package:{name}");
+        r
+    }
+
+    fn actual_of(entries: &[(&str, Observed)]) -> HostActual {
+        HostActual {
+            facts: Default::default(),
+            resources: entries
+                .iter()
+                .map(|(k, o)| (k.to_string(), o.clone()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_unit_that_does_not_load_is_refused_unless_provided_in_this_run() {
+        let missing = unit("not-found", "inactive", "");
+        let svc_only = host_of(vec![svc_res(svc(true, true))], Lifecycle::Running);
+        let actual = actual_of(&[("service:app", missing.clone())]);
+        assert_eq!(
+            refusals(&svc_only, &actual),
+            [
+                "service `service:app`: unit `app.service` does not exist on the host, and no \
+              `package` or unit `file` in the desired state provides it; install it, or fix the name"
+            ]
+        );
+        let broken = actual_of(&[("service:app", unit("bad-setting", "inactive", "disabled"))]);
+        assert!(
+            refusals(&svc_only, &broken)[0]
+                .contains("does not load on the host (LoadState bad-setting)")
+        );
+        // Loaded, or masked (which the steps then report): planned.
+        for ok in [
+            unit("loaded", "inactive", "disabled"),
+            unit("masked", "inactive", "masked"),
+        ] {
+            assert!(refusals(&svc_only, &actual_of(&[("service:app", ok)])).is_empty());
+        }
+        // A teardown has nothing to stop.
+        let gone = host_of(vec![svc_res(svc(true, true))], Lifecycle::Absent);
+        assert!(refusals(&gone, &actual).is_empty());
+        // A package of that name or the unit file, present, provides it.
+        let providers = [
+            (package_res("app", State::Present), true),
+            (package_res("app", State::Absent), false),
+            (package_res("other", State::Present), false),
+            (unit_file("/etc/systemd/system/app.service", false), true),
             (
-                ResourceSpec::Service(crate::core::spec::ServiceSpec {
-                    name: "nginx".into(),
-                    enabled: true,
-                    running: true,
-                    restart_on: vec![],
-                    id: None,
-                    requires: vec![],
-                }),
+                unit_file("/usr/lib/systemd/system/app.service", false),
+                true,
+            ),
+            (unit_file("/etc/systemd/system/app.service", true), false),
+            (
+                unit_file("/etc/systemd/system/app.service.d/x.conf", false),
                 false,
             ),
+            (unit_file("/etc/systemd/system/app.socket", false), false),
         ];
-        for (spec, want) in kinds {
-            assert_eq!(is_supported(&res(spec.clone(), None)), want, "{spec:?}");
+        for (p, provides) in providers {
+            let id = p.id.clone();
+            let h = host_of(vec![svc_res(svc(true, true)), p], Lifecycle::Running);
+            let mut a = actual.clone();
+            a.resources.insert(id.clone(), Observed::Absent);
+            assert_eq!(refusals(&h, &a).is_empty(), provides, "{id}");
+            if provides {
+                let c = diff_host(&h, &a);
+                let s = c.iter().find(|c| c.id == "service:app").unwrap();
+                assert_eq!((s.action, s.destructive), (Action::Update, false));
+                assert!(s.daemon_reload, "{id}");
+                assert_eq!(
+                    s.note.as_deref(),
+                    Some(format!("unit `app.service` is not-found on the host for now; `{id}` provides it in this run").as_str())
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn daemon_reload_when_a_unit_file_or_drop_in_changes() {
+        let loaded = unit("loaded", "inactive", "enabled");
+        let cases = [
+            (
+                "/etc/systemd/system/app.service",
+                fstate(0o644, "old\n"),
+                true,
+            ),
+            (
+                "/etc/systemd/system/app.service",
+                fstate(0o644, "[Service]\n"),
+                false,
+            ),
+            (
+                "/etc/systemd/system/app.service.d/x.conf",
+                Observed::Absent,
+                true,
+            ),
+            ("/etc/systemd/system/other.service", Observed::Absent, false),
+            ("/etc/app.conf", Observed::Absent, false),
+        ];
+        for (path, seen, reload) in cases {
+            let h = host_of(
+                vec![svc_res(svc(true, true)), unit_file(path, false)],
+                Lifecycle::Running,
+            );
+            let a = actual_of(&[
+                ("service:app", loaded.clone()),
+                (&format!("file:{path}"), seen),
+            ]);
+            let c = diff_host(&h, &a);
+            let s = c.iter().find(|c| c.id == "service:app").unwrap();
+            assert_eq!(s.daemon_reload, reload, "{path}");
+            assert_eq!(s.fields[0].field, "running");
+        }
+    }
+
+    #[test]
+    fn a_pruned_service_is_torn_down_and_never_refused() {
+        let mut r = svc_res(svc(true, true));
+        r.pruned = true;
+        let h = host_of(vec![r], Lifecycle::Running);
+        let running = actual_of(&[("service:app", unit("loaded", "active", "enabled"))]);
+        let c = &diff_host(&h, &running)[0];
+        assert_eq!((c.action, c.destructive), (Action::Delete, true));
+        assert_eq!(
+            c.note.as_deref(),
+            Some("pruned: tend applied it and it is no longer in the desired state")
+        );
+        // Its unit gone from the host: nothing to stop, nothing refused.
+        let missing = actual_of(&[("service:app", unit("not-found", "inactive", ""))]);
+        assert!(refusals(&h, &missing).is_empty());
+        assert_eq!(diff_host(&h, &missing)[0].action, Action::Noop);
+        // A pruned package (being removed) provides no unit.
+        let mut p = package_res("app", State::Present);
+        p.pruned = true;
+        let h = host_of(vec![svc_res(svc(true, true)), p], Lifecycle::Running);
+        let mut a = missing.clone();
+        a.resources.insert(
+            "package:app".into(),
+            Observed::Package(PackageState { version: None }),
+        );
+        assert_eq!(refusals(&h, &a).len(), 1);
+    }
+
+    #[test]
+    fn every_kind_is_supported() {
+        let kinds = [
+            file(None, State::Present),
+            user(None, None, &[], State::Present),
+            group(None, State::Present),
+            package(State::Present),
+            command(None, None, false),
+            svc(true, true),
+        ];
+        for spec in kinds {
+            assert!(is_supported(&res(spec.clone(), None)), "{spec:?}");
         }
     }
 

@@ -493,6 +493,63 @@ fn is_unit_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || b":_.@-\\".contains(&c))
 }
 
+/// Unit types `systemctl` recognises by suffix; any other name gets `.service`.
+const UNIT_TYPES: &[&str] = &[
+    "service",
+    "socket",
+    "timer",
+    "target",
+    "path",
+    "mount",
+    "automount",
+    "swap",
+    "slice",
+    "scope",
+    "device",
+];
+
+/// The full unit name of a `service` resource's `name`, as `systemctl`
+/// completes it: `nginx` is `nginx.service`, `nginx.socket` stays.
+pub fn unit_name(name: &str) -> String {
+    match name.rsplit_once('.') {
+        Some((_, suffix)) if UNIT_TYPES.contains(&suffix) => name.to_string(),
+        _ => format!("{name}.service"),
+    }
+}
+
+/// A template unit without an instance (`getty@`, `getty@.service`):
+/// systemd cannot load, start or enable it by that name.
+fn is_bare_template(name: &str) -> bool {
+    unit_name(name)
+        .rsplit_once('.')
+        .is_some_and(|(stem, _)| stem.ends_with('@'))
+}
+
+/// Directories systemd loads unit files from, most specific first.
+pub const UNIT_DIRS: &[&str] = &[
+    "/etc/systemd/system",
+    "/run/systemd/system",
+    "/usr/local/lib/systemd/system",
+    "/usr/lib/systemd/system",
+    "/lib/systemd/system",
+];
+
+/// The unit whose unit file (`/etc/systemd/system/nginx.service`) or drop-in
+/// (`/etc/systemd/system/nginx.service.d/x.conf`) is at `path`, if any; with
+/// `true` for a unit file proper.
+pub fn unit_of_file(path: &str) -> Option<(&str, bool)> {
+    UNIT_DIRS.iter().find_map(|dir| {
+        let rest = path.strip_prefix(dir)?.strip_prefix('/')?;
+        match rest.split_once('/') {
+            None => Some((rest, true)),
+            Some((unit, conf)) => {
+                let unit = unit.strip_suffix(".d")?;
+                (!conf.contains('/') && conf.ends_with(".conf")).then_some((unit, false))
+            }
+        }
+    })
+}
+
 /// Validate the desired-state tree.
 pub fn validate(tree: &SourceTree) -> Validated {
     let mut problems = Vec::new();
@@ -1088,6 +1145,16 @@ fn load_resource(
                     format!("invalid systemd unit name `{}`", s.name),
                     sink,
                 );
+            } else if is_bare_template(&s.name) {
+                bad(
+                    item.pos_of("name"),
+                    format!(
+                        "`{}` is a template unit: name an instance of it, such as `{}`",
+                        s.name,
+                        unit_name(&s.name).replacen("@.", "@main.", 1)
+                    ),
+                    sink,
+                );
             }
         }
         ResourceSpec::User(s) => {
@@ -1434,6 +1501,8 @@ pub enum EdgeReason {
     Owner,
     PackageOfService,
     RestartTrigger,
+    /// A unit file (or drop-in) before the service of that unit.
+    UnitFile,
 }
 
 /// Ordering edges `(before, after, why)` between resources (indices into
@@ -1492,6 +1561,15 @@ pub fn dependency_edges(resources: &[Resource]) -> Vec<(usize, usize, EdgeReason
             None
         }
     };
+    // Unit files and drop-ins by the unit they belong to.
+    let mut unit_files: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, r) in resources.iter().enumerate() {
+        if let ResourceSpec::File(f) = &r.spec
+            && let Some((unit, _)) = unit_of_file(&f.path)
+        {
+            unit_files.entry(unit).or_default().push(i);
+        }
+    }
     let packages: BTreeMap<&str, usize> = resources
         .iter()
         .enumerate()
@@ -1546,6 +1624,13 @@ pub fn dependency_edges(resources: &[Resource]) -> Vec<(usize, usize, EdgeReason
                 let base = s.name.strip_suffix(".service").unwrap_or(&s.name);
                 if let Some(&p) = packages.get(base) {
                     edges.insert((p, i, EdgeReason::PackageOfService));
+                }
+                for &f in unit_files
+                    .get(unit_name(&s.name).as_str())
+                    .into_iter()
+                    .flatten()
+                {
+                    edges.insert((f, i, EdgeReason::UnitFile));
                 }
                 for t in &s.restart_on {
                     if let Some(&j) = index.get(t.as_str())

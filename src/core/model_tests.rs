@@ -1829,3 +1829,64 @@ fn reserved_host_name_and_paths_under_files() {
         ",
     );
 }
+
+#[test]
+fn a_template_unit_needs_an_instance() {
+    check(
+        &web1(
+            r"
+            resources:
+              - kind: service
+                name: getty@
+              - kind: service
+                name: getty@.service
+              - kind: service
+                name: getty@tty1
+              - kind: service
+                name: app.socket
+            ",
+        ),
+        "
+        hosts/web-1.yaml:3:11: `getty@` is a template unit: name an instance of it, such as `getty@main.service`
+        hosts/web-1.yaml:5:11: `getty@.service` is a template unit: name an instance of it, such as `getty@main.service`
+        ",
+    );
+}
+
+#[test]
+fn unit_names_and_unit_files() {
+    assert_eq!(unit_name("nginx"), "nginx.service");
+    assert_eq!(unit_name("nginx.service"), "nginx.service");
+    assert_eq!(unit_name("app.socket"), "app.socket");
+    assert_eq!(unit_name("foo.bar"), "foo.bar.service");
+    assert_eq!(unit_name("getty@tty1"), "getty@tty1.service");
+    for (path, want) in [
+        (
+            "/etc/systemd/system/app.service",
+            Some(("app.service", true)),
+        ),
+        ("/lib/systemd/system/app.socket", Some(("app.socket", true))),
+        (
+            "/usr/lib/systemd/system/a@.service",
+            Some(("a@.service", true)),
+        ),
+        (
+            "/etc/systemd/system/app.service.d/10-x.conf",
+            Some(("app.service", false)),
+        ),
+        (
+            "/run/systemd/system/app.service.d/x.conf",
+            Some(("app.service", false)),
+        ),
+        ("/etc/systemd/system/app.service.d/x.txt", None),
+        ("/etc/systemd/system/app.service.d/a/x.conf", None),
+        (
+            "/etc/systemd/system/multi-user.target.wants/app.service",
+            None,
+        ),
+        ("/etc/systemd/systemx/app.service", None),
+        ("/etc/app.service", None),
+    ] {
+        assert_eq!(unit_of_file(path), want, "{path}");
+    }
+}

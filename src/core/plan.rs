@@ -12,6 +12,18 @@
 //! A non-destructive step that depends on a destructive one also waits until
 //! after the barrier, so the barrier never reorders a dependency.
 //!
+//! Restarts (`restart_on`): a running service whose `restart_on` names
+//! resources with a create or update step in this plan gets one extra step,
+//! a restart (action `update`, non-destructive, same resource id as the
+//! service), after all of those trigger steps. Its `triggers` (equal to its
+//! `after`) lists them: dispatch runs it only if at least one of them
+//! succeeded. It does not depend on the service's own step (an enable that
+//! fails, or a disable that waits for a token, must not keep a change that
+//! did land from reaching the service). None is planned
+//! when the service's own step starts it (it starts after the triggers, with
+//! what they wrote), when it is meant to be stopped, in a teardown, or when
+//! the service is pruned (it is torn down).
+//!
 //! Invariant: pure and deterministic. The same inputs give byte-identical
 //! plan JSON; nothing here reads a clock or the environment.
 
@@ -21,6 +33,7 @@ use serde::Serialize;
 
 use super::diff::{Action, Change, FieldChange};
 use super::model::{EdgeReason, Host, dependency_edges, is_ancestor};
+use super::spec::{Lifecycle, ResourceSpec};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -43,6 +56,21 @@ pub struct Step {
     /// Remove what is at the path before creating (a destructive replacement).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub replace: bool,
+    /// A restart step: the steps (all in `after`) that it restarts on; it runs
+    /// only if at least one of them succeeded. Empty for every other step.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<usize>,
+    /// A service step: `systemctl daemon-reload` first (a unit file of the
+    /// service changes in this run, or the unit was not loaded).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub daemon_reload: bool,
+}
+
+impl Step {
+    /// A restart planned for `restart_on`.
+    pub fn is_restart(&self) -> bool {
+        !self.triggers.is_empty()
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -174,15 +202,61 @@ pub fn operation_hash(desired_revision: &str, hosts: &[HostPlan]) -> Option<(Str
     Some((super::sha256_hex(&bytes), scope.into_iter().collect()))
 }
 
+/// Restarts to plan: (service resource index, trigger resource indices).
+fn restarts(host: &Host, changes: &[Change]) -> Vec<(usize, Vec<usize>)> {
+    if host.lifecycle == Lifecycle::Absent {
+        return vec![];
+    }
+    let mut out = Vec::new();
+    for (i, r) in host.resources.iter().enumerate() {
+        let ResourceSpec::Service(s) = &r.spec else {
+            continue;
+        };
+        // Started by its own step (after the triggers), or meant to be stopped
+        // (pruned: torn down).
+        let starts = changes[i]
+            .fields
+            .iter()
+            .any(|f| f.field == "running" && f.to.as_deref() == Some("active"));
+        if !s.running || starts || r.pruned {
+            continue;
+        }
+        let mut triggers: Vec<usize> = s
+            .restart_on
+            .iter()
+            .filter_map(|t| host.resources.iter().position(|x| x.id == *t))
+            .filter(|&j| j != i && matches!(changes[j].action, Action::Create | Action::Update))
+            .collect();
+        triggers.sort();
+        triggers.dedup();
+        if !triggers.is_empty() {
+            out.push((i, triggers));
+        }
+    }
+    out
+}
+
 /// Plan one host from its changes (one per resource, in resource order).
 pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
     debug_assert_eq!(host.resources.len(), changes.len());
     let n = changes.len();
-    let active: Vec<bool> = changes.iter().map(|c| c.action != Action::Noop).collect();
-    let removal = |i: usize| changes[i].action == Action::Delete;
+    // Nodes 0..n are the resources' changes; n.. are restarts, one per entry.
+    let restarts = restarts(host, changes);
+    let total = n + restarts.len();
+    let mut active: Vec<bool> = changes.iter().map(|c| c.action != Action::Noop).collect();
+    active.resize(total, true);
+    let removal = |i: usize| i < n && changes[i].action == Action::Delete;
+    // The change a node stands for (a restart: its service's).
+    let change_of = |i: usize| {
+        if i < n {
+            &changes[i]
+        } else {
+            &changes[restarts[i - n].0]
+        }
+    };
 
     // Step-level edges among active changes.
-    let mut preds: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
+    let mut preds: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); total];
     for (a, b, why) in dependency_edges(&host.resources) {
         if !active[a] || !active[b] {
             continue;
@@ -221,24 +295,31 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
             }
         }
     }
+    // A restart depends on its triggers only: whether the service's own
+    // step (an enable, say) succeeds or waits for a token, the change that
+    // did land must reach the service.
+    for (k, (_, triggers)) in restarts.iter().enumerate() {
+        preds[n + k].extend(triggers.iter().copied());
+    }
 
     // Phase: after the barrier if destructive, or if it depends on such.
-    let order = topo_order(n, &active, &preds);
+    let order = topo_order(total, &active, &preds);
     // Only edges that close a cycle point forward in `order`; drop them.
-    let mut pos = vec![usize::MAX; n];
+    let mut pos = vec![usize::MAX; total];
     for (k, &i) in order.iter().enumerate() {
         pos[i] = k;
     }
-    for i in 0..n {
+    for i in 0..total {
         let at = pos[i];
         preds[i].retain(|&p| pos[p] < at);
     }
-    let mut late = vec![false; n];
+    let destructive = |i: usize| i < n && changes[i].destructive;
+    let mut late = vec![false; total];
     for &i in &order {
-        late[i] = changes[i].destructive || preds[i].iter().any(|&p| late[p]);
+        late[i] = destructive(i) || preds[i].iter().any(|&p| late[p]);
     }
     // Depth within the DAG; late steps start after every early wave.
-    let mut depth = vec![0usize; n];
+    let mut depth = vec![0usize; total];
     for &i in &order {
         depth[i] = preds[i].iter().map(|&p| depth[p] + 1).max().unwrap_or(0);
     }
@@ -248,7 +329,7 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
         .map(|&i| depth[i] + 1)
         .max()
         .unwrap_or(0);
-    let mut late_depth = vec![0usize; n];
+    let mut late_depth = vec![0usize; total];
     for &i in &order {
         if late[i] {
             late_depth[i] = preds[i]
@@ -267,27 +348,61 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
         }
     };
 
-    // Final order: early before late, then by wave, then by resource id.
+    // Final order: early before late, then by wave, then by resource id
+    // (a restart after its service's own step, which is in an earlier wave).
     let mut chosen: Vec<usize> = order.clone();
     chosen.sort_by(|&a, &b| {
-        (late[a], wave_of(a), &changes[a].id).cmp(&(late[b], wave_of(b), &changes[b].id))
+        (late[a], wave_of(a), &change_of(a).id, a >= n).cmp(&(
+            late[b],
+            wave_of(b),
+            &change_of(b).id,
+            b >= n,
+        ))
     });
-    let mut step_of = vec![usize::MAX; n];
+    let mut step_of = vec![usize::MAX; total];
     for (k, &i) in chosen.iter().enumerate() {
         step_of[i] = k;
     }
     let mut counts = Counts::default();
     let mut steps = Vec::with_capacity(chosen.len());
     for (k, &i) in chosen.iter().enumerate() {
-        let c = &changes[i];
+        let c = change_of(i);
+        let mut after: Vec<usize> = preds[i].iter().map(|&p| step_of[p]).collect();
+        after.sort();
+        if i >= n {
+            counts.update += 1;
+            let triggers = &restarts[i - n].1;
+            let mut trigger_steps: Vec<usize> = triggers.iter().map(|&t| step_of[t]).collect();
+            trigger_steps.sort();
+            let ids: Vec<&str> = triggers.iter().map(|&t| changes[t].id.as_str()).collect();
+            steps.push(Step {
+                index: k,
+                id: c.id.clone(),
+                kind: c.kind,
+                action: Action::Update,
+                destructive: false,
+                wave: wave_of(i),
+                after,
+                fields: vec![FieldChange {
+                    field: "restart".into(),
+                    from: None,
+                    to: Some(format!("on change of {}", ids.join(", "))),
+                }],
+                note: Some(
+                    "restarts once, if at least one of the steps it restarts on succeeds".into(),
+                ),
+                replace: false,
+                triggers: trigger_steps,
+                daemon_reload: c.daemon_reload,
+            });
+            continue;
+        }
         match c.action {
             Action::Create => counts.create += 1,
             Action::Update => counts.update += 1,
             Action::Delete => counts.delete += 1,
             Action::Noop => {}
         }
-        let mut after: Vec<usize> = preds[i].iter().map(|&p| step_of[p]).collect();
-        after.sort();
         steps.push(Step {
             index: k,
             id: c.id.clone(),
@@ -299,6 +414,8 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
             fields: c.fields.clone(),
             note: c.note.clone(),
             replace: c.replace,
+            triggers: vec![],
+            daemon_reload: c.daemon_reload,
         });
     }
     let barrier = chosen.iter().filter(|&&i| !late[i]).count();

@@ -264,6 +264,17 @@ pub(super) fn assert_plan_invariants(p: &HostPlan) {
     for (k, s) in p.steps.iter().enumerate() {
         assert_eq!(s.index, k, "step index");
         assert!(s.action != Action::Noop, "noop step {}", s.id);
+        if s.is_restart() {
+            // A restart: a non-destructive update gated on its triggers
+            // alone, each a create or update of another resource.
+            assert_eq!(s.triggers, s.after, "triggers of restart {k}");
+            assert_eq!((s.action, s.destructive), (Action::Update, false));
+            for &t in &s.triggers {
+                let t = &p.steps[t];
+                assert!(matches!(t.action, Action::Create | Action::Update));
+                assert!(t.id != s.id && !t.is_restart(), "trigger {}", t.id);
+            }
+        }
         let mut sorted = s.after.clone();
         sorted.sort();
         sorted.dedup();
@@ -330,7 +341,9 @@ pub(super) fn assert_plan_invariants(p: &HostPlan) {
 
 /// Changes by hand: `create`, `update`, `delete` (destructive), `replace`
 /// (a destructive update that removes what is at the path), `stop` (a
-/// destructive update, as stopping a service is). Unnamed resources are noops.
+/// destructive update of field `running`, as stopping a service is), `start`
+/// (a non-destructive one), `disable` (a destructive update of `enabled`).
+/// Unnamed resources are noops.
 fn changes_of(h: &Host, spec: &[(&str, &str)]) -> Vec<Change> {
     for (id, _) in spec {
         assert!(h.resource(id).is_some(), "no resource {id}");
@@ -346,16 +359,32 @@ fn changes_of(h: &Host, spec: &[(&str, &str)]) -> Vec<Change> {
                 Some("delete") => (Action::Delete, true, false),
                 Some("replace") => (Action::Update, true, true),
                 Some("stop") => (Action::Update, true, false),
+                Some("start") => (Action::Update, false, false),
+                Some("disable") => (Action::Update, true, false),
                 Some(other) => panic!("unknown change {other}"),
+            };
+            let field = |field: &str, to: &str| {
+                vec![FieldChange {
+                    field: field.into(),
+                    from: None,
+                    to: Some(to.into()),
+                }]
+            };
+            let fields = match what {
+                Some("start") => field("running", "active"),
+                Some("stop") => field("running", "inactive"),
+                Some("disable") => field("enabled", "disabled"),
+                _ => vec![],
             };
             Change {
                 id: r.id.clone(),
                 kind: r.kind(),
                 action,
                 destructive,
-                fields: vec![],
+                fields,
                 note: None,
                 replace,
+                daemon_reload: false,
             }
         })
         .collect()
@@ -379,6 +408,10 @@ fn render(p: &HostPlan) -> String {
         if !s.after.is_empty() {
             let a: Vec<String> = s.after.iter().map(|a| a.to_string()).collect();
             out.push_str(&format!(" after {}", a.join(",")));
+        }
+        if s.is_restart() {
+            let t: Vec<String> = s.triggers.iter().map(|a| a.to_string()).collect();
+            out.push_str(&format!(" restart on {}", t.join(",")));
         }
         if s.destructive {
             out.push_str(" !");
@@ -617,11 +650,12 @@ fn restart_trigger_before_its_service() {
         "
         0 update file:/etc/nginx/nginx.conf w0
         1 update service:nginx w1 after 0
+        2 update service:nginx w1 after 0 restart on 0
         --
         ",
     );
-    // A removed trigger file is a change too: the restart follows it, and so
-    // waits behind the barrier.
+    // A removed trigger file orders the service's step after it (and so
+    // behind the barrier), but a removal is no trigger for a restart.
     check(
         vec![
             service("nginx").restart_on(&["file:/etc/nginx/conf.d/old.conf"]),
@@ -637,6 +671,184 @@ fn restart_trigger_before_its_service() {
         1 update service:nginx w1 after 0
         ",
     );
+}
+
+#[test]
+fn restart_once_after_every_trigger_that_changes() {
+    let nginx = || {
+        service("nginx").restart_on(&[
+            "file:/etc/nginx/nginx.conf",
+            "file:/etc/nginx/mime.types",
+            "directory:/etc/nginx/conf.d",
+        ])
+    };
+    let resources = || {
+        vec![
+            nginx(),
+            file("/etc/nginx/nginx.conf"),
+            file("/etc/nginx/mime.types"),
+            dir("/etc/nginx/conf.d"),
+        ]
+    };
+    // The service itself is fine: one restart, after both changed triggers
+    // (not after the unchanged one).
+    let p = check(
+        resources(),
+        &[
+            ("file:/etc/nginx/nginx.conf", "update"),
+            ("directory:/etc/nginx/conf.d", "create"),
+        ],
+        "
+        0 create directory:/etc/nginx/conf.d w0
+        1 update file:/etc/nginx/nginx.conf w0
+        2 update service:nginx w1 after 0,1 restart on 0,1
+        --
+        ",
+    );
+    assert_eq!(
+        p.changes,
+        Counts {
+            create: 1,
+            update: 2,
+            delete: 0
+        }
+    );
+    let restart = &p.steps[2];
+    assert_eq!(restart.fields[0].field, "restart");
+    assert_eq!(
+        restart.fields[0].to.as_deref(),
+        Some("on change of directory:/etc/nginx/conf.d, file:/etc/nginx/nginx.conf")
+    );
+    // No trigger changes: no restart.
+    check(resources(), &[], "");
+    // Its own step starts it, after the triggers: no restart on top.
+    check(
+        resources(),
+        &[
+            ("file:/etc/nginx/nginx.conf", "update"),
+            ("service:nginx", "start"),
+        ],
+        "
+        0 update file:/etc/nginx/nginx.conf w0
+        1 update service:nginx w1 after 0
+        --
+        ",
+    );
+    // Its own step disables it (held for a token): the restart does not
+    // wait for that, and runs before the barrier.
+    check(
+        resources(),
+        &[
+            ("file:/etc/nginx/nginx.conf", "update"),
+            ("service:nginx", "disable"),
+        ],
+        "
+        0 update file:/etc/nginx/nginx.conf w0
+        1 update service:nginx w1 after 0 restart on 0
+        --
+        2 update service:nginx w2 after 0 !
+        ",
+    );
+    // A trigger that replaces what is at its path is destructive: the
+    // restart follows it behind the barrier.
+    check(
+        resources(),
+        &[
+            ("file:/etc/nginx/nginx.conf", "update"),
+            ("file:/etc/nginx/mime.types", "replace"),
+        ],
+        "
+        0 update file:/etc/nginx/nginx.conf w0
+        --
+        1 update file:/etc/nginx/mime.types w1 !
+        2 update service:nginx w2 after 0,1 restart on 0,1
+        ",
+    );
+}
+
+#[test]
+fn no_restart_for_a_stopped_service_or_a_teardown() {
+    let mut stopped = service("app").restart_on(&["file:/etc/app.conf"]);
+    let ResourceSpec::Service(s) = &mut stopped.spec else {
+        unreachable!()
+    };
+    s.running = false;
+    check(
+        vec![stopped, file("/etc/app.conf")],
+        &[("file:/etc/app.conf", "update")],
+        "
+        0 update file:/etc/app.conf w0
+        --
+        ",
+    );
+    let h = host_with(
+        "h",
+        Lifecycle::Absent,
+        vec![
+            service("app").restart_on(&["file:/etc/app.conf"]),
+            file("/etc/app.conf"),
+        ],
+    );
+    let p = plan_host(&h, &changes_of(&h, &[("file:/etc/app.conf", "update")]));
+    assert!(p.steps.iter().all(|s| !s.is_restart()), "{p:#?}");
+    // A pruned service is torn down: no restart either.
+    let mut pruned = service("app").restart_on(&["file:/etc/app.conf"]);
+    pruned.pruned = true;
+    check(
+        vec![pruned, file("/etc/app.conf")],
+        &[("file:/etc/app.conf", "update"), ("service:app", "delete")],
+        "
+        0 update file:/etc/app.conf w0
+        --
+        1 delete service:app w1 !
+        ",
+    );
+}
+
+#[test]
+fn unit_file_before_its_service_and_reload_flag_carried() {
+    let h = host(
+        "h",
+        vec![
+            service("app").restart_on(&["file:/etc/systemd/system/app.service"]),
+            file("/etc/systemd/system/app.service"),
+            file("/etc/systemd/system/app.service.d/limits.conf"),
+            file("/etc/systemd/system/other.service"),
+        ],
+    );
+    let mut changes = changes_of(
+        &h,
+        &[
+            ("file:/etc/systemd/system/app.service", "update"),
+            (
+                "file:/etc/systemd/system/app.service.d/limits.conf",
+                "create",
+            ),
+            ("file:/etc/systemd/system/other.service", "create"),
+            ("service:app", "update"),
+        ],
+    );
+    let app = changes.iter().position(|c| c.id == "service:app").unwrap();
+    changes[app].daemon_reload = true;
+    let p = plan_host(&h, &changes);
+    assert_plan_invariants(&p);
+    assert_eq!(
+        render(&p),
+        "0 update file:/etc/systemd/system/app.service w0\n\
+         1 create file:/etc/systemd/system/app.service.d/limits.conf w0\n\
+         2 create file:/etc/systemd/system/other.service w0\n\
+         3 update service:app w1 after 0,1\n\
+         4 update service:app w1 after 0 restart on 0\n\
+         --\n"
+    );
+    assert!(p.steps[3].daemon_reload && p.steps[4].daemon_reload);
+    assert!(!p.steps[1].daemon_reload);
+    // In the plan document only where they apply.
+    let json = serde_json::to_value(&p).unwrap();
+    assert_eq!(json["steps"][4]["triggers"], serde_json::json!([0]));
+    assert_eq!(json["steps"][4]["daemon_reload"], true);
+    assert!(json["steps"][1].get("triggers").is_none());
+    assert!(json["steps"][1].get("daemon_reload").is_none());
 }
 
 #[test]

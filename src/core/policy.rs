@@ -4,9 +4,9 @@
 //!
 //! Fail closed: a host whose probe failed, or that uses a kind this build
 //! cannot converge, gets nothing dispatched. Destructive steps never run
-//! without a valid confirmation token; until the token gate exists every
-//! destructive step is held (`EscalationRequired`), and on a `protected` host
-//! it is `PolicyBlocked`, token or not.
+//! without a valid confirmation token covering the run's operation: without
+//! one, every destructive step is held (`EscalationRequired`), and on a
+//! `protected` host it is `PolicyBlocked`, token or not.
 //!
 //! Invariant: no I/O, no clock; every refusal carries a reason.
 
@@ -249,6 +249,8 @@ mod tests {
                 fields: vec![],
                 note: None,
                 replace: false,
+                triggers: vec![],
+                daemon_reload: false,
             });
         }
         HostPlan {

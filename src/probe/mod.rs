@@ -40,6 +40,12 @@
 //! PKG <manager> <status>                when there are package items: ONE query
 //! PK <line of the manager's query>      of the host's manager (below)
 //!
+//! S <index> Id=<unit>                   service items: ONE `systemctl show`
+//! S <index> LoadState=<state>           for every unit; exactly these four
+//! S <index> ActiveState=<state>         lines per service, in any order
+//! S <index> UnitFileState=<state>       (see [`service`])
+//! I <index> error <what failed>         instead, when systemctl refused it
+//!
 //! I <index> guard <creates> <unless>    command items: `exists`, `missing` or
 //!                                       `-` (no `creates`); the `unless`
 //!                                       check's exit status, or `-`
@@ -75,6 +81,13 @@
 //! - `apk`: `apk info -e p1 p2 ...`: `PK` lines are the names of the
 //!   installed packages (no version); a name not listed is absent.
 //!
+//! Services are asked about in one batch too, but systemctl prints one block
+//! of properties per unit in argument order, so the script tags each line
+//! with its item's index; the values are verbatim (`UnitFileState` may be
+//! empty: a unit without a unit file). An `S` line for an item that is not a
+//! service, an unknown or repeated property, or an incomplete set is an
+//! error.
+//!
 //! The `unless` check runs in the probe, with `sh -c`, stdin from /dev/null
 //! and its output discarded, so that `plan` says truthfully whether `run`
 //! will run. It runs on every probe (`probe` and `plan` too): it must be a
@@ -84,12 +97,14 @@
 //!
 //! The script reports which of [`TOOLS`] are on the host's PATH. When a tool
 //! that the probe or the host's resources need is missing ([`PATH_TOOLS`] for
-//! paths, [`USER_TOOLS`], [`GROUP_TOOLS`], [`COMMAND_TOOLS`], and the
-//! manager's own tools for packages), [`parse`] returns
-//! [`ProbeParseError::MissingTools`] before looking at any item (whose lines
-//! are then meaningless); package items on a host without a package manager
-//! give [`ProbeParseError::NoPackageManager`]. [`ProbeParseError::class`] maps
-//! both to `Capability`, and every other parse error to `Execution`.
+//! paths, [`USER_TOOLS`], [`GROUP_TOOLS`], [`COMMAND_TOOLS`],
+//! [`SERVICE_TOOLS`], and the manager's own tools for packages), [`parse`]
+//! returns [`ProbeParseError::MissingTools`] before looking at any item
+//! (whose lines are then meaningless); package items on a host without a
+//! package manager give [`ProbeParseError::NoPackageManager`], and service
+//! items on a host not running systemd (no `/run/systemd/system`)
+//! [`ProbeParseError::NoSystemd`]. [`ProbeParseError::class`] maps those to
+//! `Capability`, and every other parse error to `Execution`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -138,6 +153,10 @@ pub const USER_TOOLS: &[&str] = &["getent", "id", "useradd", "usermod", "userdel
 pub const GROUP_TOOLS: &[&str] = &["getent", "groupadd", "groupmod", "groupdel"];
 /// The tools that running commands needs.
 pub const COMMAND_TOOLS: &[&str] = &["timeout"];
+/// The tools that probing and converging services needs.
+pub const SERVICE_TOOLS: &[&str] = &["systemctl"];
+
+mod service;
 
 /// The tools a package manager's probe and steps need, by the name the
 /// `package_manager` fact gives it.
@@ -167,6 +186,8 @@ pub enum ProbeTarget {
         creates: Option<String>,
         unless: Option<String>,
     },
+    /// The state of this systemd unit (`nginx` means `nginx.service`).
+    Service(String),
 }
 
 /// One thing to probe, under the id of the resource that asked for it.
@@ -214,6 +235,13 @@ impl ProbeItem {
         ProbeItem {
             key: key.into(),
             target: ProbeTarget::Command { creates, unless },
+        }
+    }
+
+    pub fn service(key: impl Into<String>, unit: impl Into<String>) -> Self {
+        ProbeItem {
+            key: key.into(),
+            target: ProbeTarget::Service(unit.into()),
         }
     }
 }
@@ -359,13 +387,14 @@ fi
 /// Builds the one script that probes every item: the prelude, one
 /// `Pn='path'` assignment per path item (about `5 + len(path)` bytes) and the
 /// batch section for paths; then one batched section per account database
-/// and one package query, each only when some item needs it; then each
-/// command's guards.
+/// and one package query, each only when some item needs it; one
+/// `systemctl show` for the services (`Qn='unit'` assignments and `SI`, the
+/// list of their indices) when there are any; then each command's guards.
 pub fn script(items: &[ProbeItem]) -> String {
     let w = "writing to a String cannot fail";
     let tools: Vec<String> = TOOLS.iter().map(|t| quote(t)).collect();
     let mut s = PRELUDE.replace("@TOOLS@", &tools.join(" "));
-    let mut paths = Vec::new();
+    let (mut paths, mut services) = (Vec::new(), Vec::new());
     let (mut users, mut groups, mut packages) = (Vec::new(), Vec::new(), Vec::new());
     for (i, item) in items.iter().enumerate() {
         match &item.target {
@@ -377,6 +406,10 @@ pub fn script(items: &[ProbeItem]) -> String {
             ProbeTarget::Group(name) => groups.push(quote(name)),
             ProbeTarget::Package(name) => packages.push(quote(name)),
             ProbeTarget::Command { .. } => {}
+            ProbeTarget::Service(unit) => {
+                writeln!(s, "Q{i}={}", quote(unit)).expect(w);
+                services.push(i.to_string());
+            }
         }
     }
     writeln!(s, "PI='{}'", paths.join(" ")).expect(w);
@@ -386,6 +419,10 @@ pub fn script(items: &[ProbeItem]) -> String {
             writeln!(s, "set -- {}", names.join(" ")).expect(w);
             s.push_str(section);
         }
+    }
+    if !services.is_empty() {
+        writeln!(s, "SI='{}'", services.join(" ")).expect(w);
+        s.push_str(service::SECTION);
     }
     for (i, item) in items.iter().enumerate() {
         let ProbeTarget::Command { creates, unless } = &item.target else {
@@ -441,6 +478,10 @@ pub enum ProbeParseError {
         "the host has no package manager tend knows on PATH (apt-get, dnf or apk), which package resources need"
     )]
     NoPackageManager,
+    #[error(
+        "the host does not run systemd (no /run/systemd/system), which `service` resources need"
+    )]
+    NoSystemd,
     #[error("cannot probe `{key}`: {message}")]
     ItemFailed { key: String, message: String },
     #[error("two probe items have the key `{0}`")]
@@ -448,14 +489,15 @@ pub enum ProbeParseError {
 }
 
 impl ProbeParseError {
-    /// `Capability` for a missing tool or package manager (retrying cannot
-    /// help; the operator must install it), `Execution` for everything else (the probe ran and
-    /// its output cannot be trusted).
+    /// `Capability` for a missing tool or package manager, or a host not
+    /// running systemd (retrying cannot help; the operator must install it),
+    /// `Execution` for everything else (the probe ran and its output cannot
+    /// be trusted).
     pub fn class(&self) -> FailureClass {
         match self {
-            ProbeParseError::MissingTools(_) | ProbeParseError::NoPackageManager => {
-                FailureClass::Capability
-            }
+            ProbeParseError::MissingTools(_)
+            | ProbeParseError::NoPackageManager
+            | ProbeParseError::NoSystemd => FailureClass::Capability,
             _ => FailureClass::Execution,
         }
     }
@@ -489,6 +531,10 @@ pub fn parse(stdout: &[u8], items: &[ProbeItem]) -> Result<HostActual, ProbePars
     if needs(|t| matches!(t, ProbeTarget::Command { .. })) {
         needed.extend(COMMAND_TOOLS);
     }
+    let services = needs(|t| matches!(t, ProbeTarget::Service(_)));
+    if services {
+        needed.extend(SERVICE_TOOLS);
+    }
     let packages = needs(|t| matches!(t, ProbeTarget::Package(_)));
     if packages && let Some(m) = &facts.package_manager {
         needed.extend(package_tools(m));
@@ -504,8 +550,11 @@ pub fn parse(stdout: &[u8], items: &[ProbeItem]) -> Result<HostActual, ProbePars
     if packages && facts.package_manager.is_none() {
         return Err(ProbeParseError::NoPackageManager);
     }
+    if services && facts.init.as_deref() != Some("systemd") {
+        return Err(ProbeParseError::NoSystemd);
+    }
 
-    let mut observed = parse_items(&lines, items)?;
+    let mut observed = parse_items(&lines, items, service::parse(&lines, items)?)?;
     parse_sections(&lines, items, &facts, &mut observed)?;
     let observed = items
         .iter()
@@ -564,7 +613,7 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
                     return Err(dup(n, format!("tool `{name}`")));
                 }
             }
-            "I" | "U" | "G" | "PASSWD" | "PW" | "ID" | "GROUP" | "GR" | "PKG" | "PK" => {}
+            "I" | "U" | "G" | "PASSWD" | "PW" | "ID" | "GROUP" | "GR" | "PKG" | "PK" | "S" => {}
             _ => return Err(unknown(n, text)),
         }
     }
@@ -597,15 +646,17 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
 }
 
 /// Reads the `I`, `U` and `G` lines: the observations of path and command
-/// items, by item index (None for the items these lines do not cover).
+/// items (and a service's `error` line), by item index, added to what the
+/// `S` lines observed already (`observed`; None for the items none of these
+/// lines cover).
 fn parse_items(
     lines: &[(usize, &str)],
     items: &[ProbeItem],
+    mut observed: Vec<Option<Observed>>,
 ) -> Result<Vec<Option<Observed>>, ProbeParseError> {
     let not_reported = |what: String| ProbeParseError::NotReported { what };
     // A `file` or `dir` line leaves its metadata pending
     // until the `U` and `G` lines that must follow it directly.
-    let mut observed: Vec<Option<Observed>> = vec![None; items.len()];
     let mut pending: Option<Pending> = None;
     for &(n, text) in lines {
         let (tag, rest) = text.split_once(' ').expect("checked in pass 1");
@@ -668,7 +719,10 @@ fn parse_items(
         let fits = match kind {
             "absent" | "file" | "dir" | "link" | "other" => is_path,
             "guard" => matches!(item.target, ProbeTarget::Command { .. }),
-            "error" => is_path || matches!(item.target, ProbeTarget::Command { .. }),
+            "error" => !matches!(
+                item.target,
+                ProbeTarget::User(_) | ProbeTarget::Group(_) | ProbeTarget::Package(_)
+            ),
             _ => return Err(unknown(n, text)),
         };
         if !fits {

@@ -9,12 +9,20 @@
 # alone and disappear with it. See tests/fleet/README.md.
 #
 #   fleet.sh up [N]     start h1..hN (default 6); hosts already up stay up (also beyond N)
-#   fleet.sh down       stop every host, unmount everything; keeps keys and caches
+#   fleet.sh down       stop every chroot host, unmount them; keeps keys and caches
 #   fleet.sh status     one line per host: name, address, state, pid
 #   fleet.sh stop I     stop hI's sshd and its sessions: connections are refused
 #   fleet.sh start I    start hI again with the disk it had (no wipe)
 #   fleet.sh freeze I   SIGSTOP hI's listener: TCP connects, no banner
 #   fleet.sh thaw I     SIGCONT it
+#   fleet.sh up-systemd [N]    start s1..sN (default 4): systemd-nspawn hosts, real systemd;
+#                              hosts already up stay up (also beyond N)
+#   fleet.sh down-systemd      stop every systemd host, unmount; keeps keys and caches
+#   fleet.sh status-systemd    one line per systemd host: name, address, state, pid
+#
+# Systemd host sI runs real systemd as PID 1 (systemd-nspawn --boot) on the machine's
+# network; its own sshd (ssh.service) listens on 127.0.0.(100+I):22 only. Their files
+# are under FLEET/systemd/; the chroot hosts' commands never touch them.
 set -euo pipefail
 umask 022
 export LC_ALL=C
@@ -41,6 +49,17 @@ STATE=$LIB/fleet-$(printf '%s' "$FLEET" | sha256sum | cut -c1-12)
 KEY=$FLEET/id_ed25519
 AUTHORIZED_KEYS=$STATE/authorized_keys
 
+# Systemd hosts (up-systemd): their own base (the chroot base plus systemd, dbus and
+# openssh-server), their own files under SD_FLEET and roots under SD_STATE, which is
+# not under STATE: 'down' unmounts everything under STATE, and must not pull the root
+# from under a running container.
+SD_INCLUDE=$INCLUDE,systemd,dbus,openssh-server
+SD_PREP=systemd-2
+SD_FLEET=$FLEET/systemd
+SD_STATE=$LIB/systemd-$(printf '%s' "$FLEET" | sha256sum | cut -c1-12)
+SD_WAIT_SECS=${TEND_FLEET_SYSTEMD_WAIT:-60}
+SD_MAX_HOSTS=100
+
 say() { printf 'fleet: %s\n' "$*" >&2; }
 die() {
   printf 'fleet: error: %s\n' "$*" >&2
@@ -48,7 +67,7 @@ die() {
 }
 
 usage() {
-  sed -n '11,17s/^# \{0,1\}//p' "$SELF" >&2
+  sed -n '11,20s/^# \{0,1\}//p' "$SELF" >&2
   exit 2
 }
 
@@ -295,6 +314,25 @@ cleanup_policy_rc() {
   fi
 }
 
+# apt_install PACKAGE...: install them from the machine's apt sources.
+apt_install() {
+  say "installing $*"
+  # No package may start its daemon: a distribution sshd on *:22 would take every
+  # 127.0.0.x:22 from the fleet. An existing policy-rc.d is left alone.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 0755 /usr/sbin/policy-rc.d
+    POLICY_RC_CREATED=1
+    trap cleanup_policy_rc EXIT
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -q -o DPkg::Lock::Timeout=300 update >&2
+  # No recommends: openssh-server recommends libpam-systemd, which would pull
+  # systemd onto the machine that runs the tests.
+  apt-get -q -y -o DPkg::Lock::Timeout=300 install --no-install-recommends "$@" >&2
+  cleanup_policy_rc
+}
+
 ensure_packages() {
   local missing=()
   [ -x "$SSHD" ] || missing+=(openssh-server)
@@ -307,21 +345,7 @@ ensure_packages() {
     command -v "$tool" >/dev/null || die "$tool is missing (util-linux, passwd and libc-bin are part of every Debian)"
   done
   if ((${#missing[@]})); then
-    say "installing ${missing[*]}"
-    # No package may start its daemon: a distribution sshd on *:22 would take every
-    # 127.0.0.x:22 from the fleet. An existing policy-rc.d is left alone.
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-      chmod 0755 /usr/sbin/policy-rc.d
-      POLICY_RC_CREATED=1
-      trap cleanup_policy_rc EXIT
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get -q -o DPkg::Lock::Timeout=300 update >&2
-    # No recommends: openssh-server recommends libpam-systemd, which would pull
-    # systemd onto the machine that runs the tests.
-    apt-get -q -y -o DPkg::Lock::Timeout=300 install --no-install-recommends "${missing[@]}" >&2
-    cleanup_policy_rc
+    apt_install "${missing[@]}"
   fi
   mkdir -p /run/sshd
   # With UsePAM no, sshd refuses any login of a user whose password is locked ('!'),
@@ -388,20 +412,24 @@ stop_distro_sshd() {
 
 # ------------------------------------------------------------ the base root
 
-ensure_base() {
-  local arch key mirror tarball tmp log t0
+# ensure_rootfs FLAVOR INCLUDE PREP PREPARE: debootstrap SUITE (minbase + INCLUDE) once,
+# run PREPARE DIR on it, cache it as a tarball and extract it once; sets ROOTFS to the
+# extracted tree. The cache key hashes suite, include list, architecture and PREP, so
+# changing any of them builds a new base.
+ensure_rootfs() {
+  local flavor=$1 include=$2 prep=$3 prepare=$4 arch key mirror tarball tmp log t0
   arch=$(dpkg --print-architecture)
-  key=$(printf '%s\n' "suite=$SUITE" variant=minbase "include=$INCLUDE" "arch=$arch" "prep=$BASE_PREP" |
+  key=$(printf '%s\n' "suite=$SUITE" variant=minbase "include=$include" "arch=$arch" "prep=$prep" |
     sha256sum | cut -c1-12)
-  tarball=$CACHE/$SUITE-minbase-$key.tar.zst
-  BASE=$LIB/base-$key
-  [ -d "$BASE" ] && return 0
+  tarball=$CACHE/$SUITE-$flavor-$key.tar.zst
+  ROOTFS=$LIB/base-$key
+  [ -d "$ROOTFS" ] && return 0
   mkdir -p "$CACHE" "$LIB"
   # One builder at a time, whatever the fleet dir. fd 8 is closed again below, so no
   # sshd inherits it.
   exec 8>"$LIB/.base.lock"
   flock -w 900 8 || die "another fleet.sh has been building the base root for 15 minutes"
-  if [ -d "$BASE" ]; then
+  if [ -d "$ROOTFS" ]; then
     exec 8>&-
     return 0
   fi
@@ -411,19 +439,16 @@ ensure_base() {
   rm -rf --one-file-system "$tmp"
   if [ ! -s "$tarball" ]; then
     mirror=$(find_mirror)
-    log=$CACHE/$SUITE-minbase-$key.debootstrap.log
-    say "debootstrap $SUITE (minbase + $INCLUDE) from $mirror: about a minute, once"
+    log=$CACHE/$SUITE-$flavor-$key.debootstrap.log
+    say "debootstrap $SUITE (minbase + $include) from $mirror: about a minute, once"
     t0=$(now_us)
-    if ! debootstrap --variant=minbase --include="$INCLUDE" "$SUITE" "$tmp" "$mirror" >"$log" 2>&1; then
+    if ! debootstrap --variant=minbase --include="$include" "$SUITE" "$tmp" "$mirror" >"$log" 2>&1; then
       tail -n 20 "$log" >&2
       umount_tree "$tmp"
       die "debootstrap failed; the whole log is $log"
     fi
     umount_tree "$tmp"
-    # Package scripts inside the hosts must never start daemons: there is no service
-    # manager, and a daemon would outlive its host.
-    printf '#!/bin/sh\nexit 101\n' >"$tmp/usr/sbin/policy-rc.d"
-    chmod 0755 "$tmp/usr/sbin/policy-rc.d"
+    "$prepare" "$tmp"
     rm -f "$tmp"/var/cache/apt/archives/*.deb "$tmp"/var/cache/apt/*.bin
     mkdir -p "$tmp/root"
     say "debootstrap took $(elapsed "$t0"); caching it as $tarball"
@@ -431,15 +456,27 @@ ensure_base() {
       zstd -q -T0 -6 -o "$tarball.tmp"
     mv -f "$tarball.tmp" "$tarball"
     printf 'suite=%s variant=minbase include=%s arch=%s prep=%s mirror=%s\n' \
-      "$SUITE" "$INCLUDE" "$arch" "$BASE_PREP" "$mirror" >"$CACHE/$SUITE-minbase-$key.txt"
+      "$SUITE" "$include" "$arch" "$prep" "$mirror" >"$CACHE/$SUITE-$flavor-$key.txt"
   else
     say "extracting $tarball"
     mkdir -m 0755 "$tmp"
     zstd -dcq "$tarball" | tar --numeric-owner --xattrs --xattrs-include='*' -xpf - -C "$tmp"
   fi
   chmod 0755 "$tmp"
-  mv "$tmp" "$BASE"
+  mv "$tmp" "$ROOTFS"
   exec 8>&-
+}
+
+# Package scripts inside the chroot hosts must never start daemons: there is no
+# service manager, and a daemon would outlive its host.
+prepare_chroot_base() {
+  printf '#!/bin/sh\nexit 101\n' >"$1/usr/sbin/policy-rc.d"
+  chmod 0755 "$1/usr/sbin/policy-rc.d"
+}
+
+ensure_base() {
+  ensure_rootfs minbase "$INCLUDE" "$BASE_PREP" prepare_chroot_base
+  BASE=$ROOTFS
 }
 
 # ------------------------------------------------------------ keys and files
@@ -454,7 +491,6 @@ ensure_client_key() {
   install -m 0644 "$KEY.pub" "$AUTHORIZED_KEYS"
 }
 
-host_fingerprint() { ssh-keygen -lf "$FLEET/h$1/ssh_host_ed25519_key.pub" | awk '{print $2}'; }
 
 # write_host_config I: host key (once, kept), sshd_config.
 write_host_config() {
@@ -489,44 +525,53 @@ EOF
   mv -f "$CONF.tmp" "$CONF"
 }
 
-# write_fleet_files N: known_hosts, inventory.yaml, hosts.tsv, ssh_config for h1..hN.
-write_fleet_files() {
-  local n=$1 i fp
-  : >"$FLEET/known_hosts.tmp"
-  printf 'name\taddress\tfingerprint\tpidfile\tlog\troot\n' >"$FLEET/hosts.tsv.tmp"
+# write_host_files DIR N VARS ADDR HEADER: known_hosts, inventory.yaml, hosts.tsv and
+# ssh_config in DIR for hosts 1..N, whose paths VARS I sets (host_vars, sd_vars) and
+# whose address is ADDR I; HEADER heads inventory.yaml.
+write_host_files() {
+  local d=$1 n=$2 vars=$3 addr_of=$4 header=$5 i fp a
+  : >"$d/known_hosts.tmp"
+  printf 'name\taddress\tfingerprint\tpidfile\tlog\troot\n' >"$d/hosts.tsv.tmp"
   {
-    echo "# The tend test fleet, written by tests/fleet/fleet.sh up $n. Do not edit."
+    echo "# $header"
     echo "hosts:"
-  } >"$FLEET/inventory.yaml.tmp"
-  echo "# ssh -F $FLEET/ssh_config h1" >"$FLEET/ssh_config.tmp"
+  } >"$d/inventory.yaml.tmp"
+  "$vars" 1
+  echo "# ssh -F $d/ssh_config $H" >"$d/ssh_config.tmp"
   for ((i = 1; i <= n; i++)); do
-    host_vars "$i"
-    fp=$(host_fingerprint "$i")
-    printf '%s %s\n' "$(addr "$i")" "$(cut -d' ' -f1,2 "$HKEY.pub")" >>"$FLEET/known_hosts.tmp"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$H" "$(addr "$i")" "$fp" "$PIDF" "$LOGF" "$ROOT" \
-      >>"$FLEET/hosts.tsv.tmp"
-    cat >>"$FLEET/inventory.yaml.tmp" <<EOF
+    "$vars" "$i"
+    a=$("$addr_of" "$i")
+    fp=$(ssh-keygen -lf "$HKEY.pub" | awk '{print $2}')
+    printf '%s %s\n' "$a" "$(cut -d' ' -f1,2 "$HKEY.pub")" >>"$d/known_hosts.tmp"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$H" "$a" "$fp" "$PIDF" "$LOGF" "$ROOT" >>"$d/hosts.tsv.tmp"
+    cat >>"$d/inventory.yaml.tmp" <<EOF
   - name: $H
-    address: $(addr "$i")
+    address: $a
     port: 22
     user: root
     identity: $KEY
     host_key: "$fp"
 EOF
-    cat >>"$FLEET/ssh_config.tmp" <<EOF
-Host $H $(addr "$i")
-  HostName $(addr "$i")
+    cat >>"$d/ssh_config.tmp" <<EOF
+Host $H $a
+  HostName $a
   User root
   IdentityFile $KEY
   IdentitiesOnly yes
-  UserKnownHostsFile $FLEET/known_hosts
+  UserKnownHostsFile $d/known_hosts
   StrictHostKeyChecking yes
 EOF
   done
   local f
   for f in known_hosts hosts.tsv inventory.yaml ssh_config; do
-    mv -f "$FLEET/$f.tmp" "$FLEET/$f"
+    mv -f "$d/$f.tmp" "$d/$f"
   done
+}
+
+# write_fleet_files N: the fleet files for h1..hN.
+write_fleet_files() {
+  write_host_files "$FLEET" "$1" host_vars addr \
+    "The tend test fleet, written by tests/fleet/fleet.sh up $1. Do not edit."
 }
 
 # ------------------------------------------------------------ starting a host
@@ -548,9 +593,10 @@ ns_main() {
   local i=$1
   host_vars "$i"
   hostname "$H"
-  # This namespace got a copy of every mount, other hosts' roots included; a copy here
-  # would keep their overlay alive after they are stopped and wiped.
-  awk -v s="$STATE/" -v r="$ROOT" 'index($5, s) == 1 && $5 != r && index($5, r "/") != 1 { print $5 }' \
+  # This namespace got a copy of every mount, other hosts' roots included (systemd hosts
+  # and other fleet dirs too); a copy here would keep their overlay alive after they are
+  # stopped and wiped.
+  awk -v lib="$LIB/" -v r="$ROOT" 'index($5, lib) == 1 && $5 != r && index($5, r "/") != 1 { print $5 }' \
     /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
   mount -t proc -o nosuid,nodev,noexec proc "$ROOT/proc"
   mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$ROOT/sys" || echo "fleet: no /sys in $H"
@@ -673,14 +719,426 @@ $CHECKS"
     die "hosts not answering within ${WAIT_SECS}s or failing the checks: $(printf 'h%s ' "${failed[@]}")"
   fi
   rm -rf "$out"
-  if (($# >= 2)); then
-    local a=$1 b=$2 probe=/etc/tend-fleet-isolation-$$
-    on_host "$a" "echo h$a >$probe" || die "h$a: cannot write $probe"
-    on_host "$b" "test ! -e $probe" &
-    k=$!
-    on_host "$a" "rm -f $probe" || die "h$a: cannot remove $probe"
-    wait "$k" || die "a file written to /etc on h$a is visible on h$b: the hosts share their root"
+  if (($# >= 2)); then check_isolation on_host h "$1" "$2"; fi
+}
+
+# check_isolation ON PREFIX A B: a file written under /etc on host A (with ON, on_host
+# or on_sd) is not visible on host B: the hosts do not share a root.
+check_isolation() {
+  local on=$1 p=$2 a=$3 b=$4 probe=/etc/tend-fleet-isolation-$$ k
+  "$on" "$a" "echo $p$a >$probe" || die "$p$a: cannot write $probe"
+  "$on" "$b" "test ! -e $probe" &
+  k=$!
+  "$on" "$a" "rm -f $probe" || die "$p$a: cannot remove $probe"
+  wait "$k" || die "a file written to /etc on $p$a is visible on $p$b: the hosts share their root"
+}
+
+# ------------------------------------------------------------ systemd hosts
+
+sd_addr() { printf '127.0.0.%d\n' $((100 + $1)); }
+
+# Paths of systemd host I, in globals (as host_vars does for hI).
+sd_vars() {
+  H=s$1
+  HD=$SD_FLEET/$H
+  HS=$SD_STATE/$H
+  ROOT=$HS/root
+  PIDF=$HD/nspawn.pid
+  LOGF=$HD/nspawn.log
+  HKEY=$HD/ssh_host_ed25519_key
+}
+
+check_sd_index() {
+  if ! [[ ${1:-} =~ ^[1-9][0-9]*$ ]] || (($1 > SD_MAX_HOSTS)); then
+    die "systemd host index must be an integer from 1 to $SD_MAX_HOSTS, got '${1:-}'"
   fi
+}
+
+# Indexes of the systemd hosts that have a directory in SD_FLEET, ascending.
+sd_configured_hosts() {
+  local d
+  for d in "$SD_FLEET"/s[0-9]*; do
+    [ -f "$d/ssh_host_ed25519_key" ] || continue
+    d=${d##*/s}
+    if [[ $d =~ ^[0-9]+$ ]]; then printf '%s\n' "$d"; fi
+  done | sort -n
+}
+
+# sd_pid I: the pid of sI's systemd-nspawn, if it runs. The pidfile is trusted only if
+# the process is a systemd-nspawn booting sI's root, so a recycled pid is never signalled.
+sd_pid() {
+  local pid exe cmd
+  sd_vars "$1"
+  [ -s "$PIDF" ] || return 1
+  read -r pid <"$PIDF" || return 1
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+  [[ $exe == */systemd-nspawn ]] || return 1
+  cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+  [[ $cmd == *"--directory=$ROOT "* ]] || return 1
+  printf '%s\n' "$pid"
+}
+
+# sd_state I: up (nspawn runs) | stopped (root mounted, no container) | down.
+sd_state() {
+  sd_vars "$1"
+  if sd_pid "$1" >/dev/null; then
+    echo up
+  elif mountpoint -q "$ROOT"; then
+    echo stopped
+  else
+    echo down
+  fi
+}
+
+# sd_cgroup_pids I: every process in sI's cgroups: the container's, and its nspawn.
+sd_cgroup_pids() {
+  local d
+  for d in $(sd_cgroups "$1"); do
+    [ -d "$d" ] && find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null
+  done | sort -un
+}
+
+# sd_kill I: shut sI down: SIGTERM makes systemd-nspawn power the container off in
+# order (SIGRTMIN+3 to its systemd); SIGKILL after 15 s. The root stays mounted.
+sd_kill() {
+  local pid pids deadline
+  sd_vars "$1"
+  if pid=$(sd_pid "$1"); then
+    kill -TERM "$pid" 2>/dev/null || true
+    deadline=$(($(now_us) + 15000000))
+    while [ -e "/proc/$pid" ] && [ "$(proc_state "$pid" 2>/dev/null)" != Z ]; do
+      if (($(now_us) > deadline)); then
+        say "$H: systemd-nspawn $pid still runs 15 s after SIGTERM: killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        break
+      fi
+      sleep 0.05
+    done
+  fi
+  # The container's processes die with its PID namespace; make sure, by its cgroups,
+  # which hold nothing else.
+  mapfile -t pids < <(sd_cgroup_pids "$1")
+  if ((${#pids[@]})); then
+    say "$H: killing leftover processes ${pids[*]}"
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+    deadline=$(($(now_us) + 3000000))
+    while [ -n "$(sd_cgroup_pids "$1")" ] && (($(now_us) < deadline)); do sleep 0.05; done
+  fi
+  rm -f "$PIDF"
+  sd_remove_cgroups "$1"
+}
+
+# sd_host_config I: sI's host key, generated once and kept, so its fingerprint stays.
+sd_host_config() {
+  sd_vars "$1"
+  mkdir -p "$HD"
+  if [ ! -s "$HKEY" ] || [ ! -s "$HKEY.pub" ]; then
+    rm -f "$HKEY" "$HKEY.pub"
+    ssh-keygen -q -t ed25519 -N '' -C "$H" -f "$HKEY"
+  fi
+}
+
+# sd_mount_root I [fresh]: mount sI's overlay root; with "fresh", on an empty upper
+# layer, then write what makes it sI: hostname, machine id, host key, the sshd
+# drop-in that binds it to sI's address only, the fleet's client key for root.
+sd_mount_root() {
+  local fresh=${2:-} a
+  sd_vars "$1"
+  if [ -n "$fresh" ]; then
+    umount_tree "$ROOT"
+    rm -rf --one-file-system "$HS/upper" "$HS/work"
+  fi
+  mkdir -p "$HS/upper" "$HS/work" "$ROOT"
+  if ! mountpoint -q "$ROOT"; then
+    mount -t overlay overlay \
+      -o "lowerdir=$SD_BASE,upperdir=$HS/upper,workdir=$HS/work" "$ROOT"
+  fi
+  [ -n "$fresh" ] || return 0
+  a=$(sd_addr "$1")
+  printf '%s\n' "$H" >"$ROOT/etc/hostname"
+  printf '127.0.0.1\tlocalhost\n%s\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
+    "$a" "$H" >"$ROOT/etc/hosts"
+  # A machine id of its own (the base's is empty): journald and dbus want one.
+  tr -d '-' </proc/sys/kernel/random/uuid >"$ROOT/etc/machine-id"
+  install -m 0600 "$HKEY" "$ROOT/etc/ssh/ssh_host_ed25519_key"
+  install -m 0644 "$HKEY.pub" "$ROOT/etc/ssh/ssh_host_ed25519_key.pub"
+  # Debian's sshd_config includes sshd_config.d/*.conf first, and the first value of a
+  # keyword wins. Without ListenAddress, sshd would take port 22 of every address.
+  cat >"$ROOT/etc/ssh/sshd_config.d/tend-fleet.conf" <<EOC
+# $H of the tend test fleet (tests/fleet/fleet.sh up-systemd); written at a fresh start.
+ListenAddress $a
+HostKey /etc/ssh/ssh_host_ed25519_key
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+LogLevel VERBOSE
+MaxSessions 100
+MaxStartups 100:30:200
+UseDNS no
+PrintMotd no
+EOC
+  install -d -m 0700 "$ROOT/root/.ssh"
+  install -m 0600 "$KEY.pub" "$ROOT/root/.ssh/authorized_keys"
+}
+
+# What the systemd base needs beyond debootstrap, done once before it is cached.
+prepare_systemd_base() {
+  local r=$1
+  # Every host gets its own host key and machine id at its first start.
+  rm -f "$r"/etc/ssh/ssh_host_*
+  : >"$r/etc/machine-id"
+  rm -f "$r/var/lib/dbus/machine-id"
+  ln -s /etc/machine-id "$r/var/lib/dbus/machine-id"
+  # The hosts share the machine's network: apt's timers would reach Debian's mirrors
+  # from inside them. Nobody logs in on the console either.
+  local u
+  for u in apt-daily.timer apt-daily-upgrade.timer console-getty.service; do
+    ln -sfn /dev/null "$r/etc/systemd/system/$u"
+  done
+  # A harmless unit for tests to start, stop, enable and restart: disabled, stopped.
+  cat >"$r/etc/systemd/system/tend-demo.service" <<'EOU'
+[Unit]
+Description=tend test fleet demo unit (sleeps; does nothing)
+
+[Service]
+ExecStart=/bin/sleep infinity
+
+[Install]
+WantedBy=multi-user.target
+EOU
+}
+
+ensure_sd_base() {
+  ensure_rootfs systemd "$SD_INCLUDE" "$SD_PREP" prepare_systemd_base
+  SD_BASE=$ROOTFS
+}
+
+ensure_sd_packages() {
+  ensure_packages
+  # systemd-nspawn; it brings systemd's files onto the machine, not systemd as its init.
+  command -v systemd-nspawn >/dev/null || apt_install systemd-container
+  # Each container's systemd takes inotify instances; past about 22 containers the
+  # default of 128 runs out ("Too many open files").
+  local max
+  max=$(sysctl -n fs.inotify.max_user_instances)
+  if ((max < 8192)); then
+    say "raising fs.inotify.max_user_instances from $max to 8192 (systemd in each container needs some)"
+    sysctl -q -w fs.inotify.max_user_instances=8192
+  fi
+}
+
+sd_check_port_free() {
+  local a
+  a=$(sd_addr "$1")
+  if ss -Hltn 'sport = :22' | awk '{print $4}' | grep -qxF "$a:22"; then
+    die "s$1: $a:22 is already taken: $(ss -Hltnp 'sport = :22' | grep -F "$a:22 ")"
+  fi
+}
+
+# sd_cgroups I: sI's own cgroup directory in each hierarchy systemd uses here (the
+# cgroup2 mount, and the name=systemd one on a hybrid machine), one per line.
+sd_cgroups() {
+  awk -v sub_="tend-${SD_STATE##*/}/s$1" '
+    $9 == "cgroup2" || ($9 == "cgroup" && $NF ~ /(^|,)name=systemd(,|$)/) { print $5 "/" sub_ }' \
+    /proc/self/mountinfo
+}
+
+# sd_launch I: boot sI's root with systemd-nspawn, in the background. --register=no and
+# --keep-unit: the machine does not run systemd, so there is no machined and no bus to
+# register with. No --private-network: the container uses the machine's network, where
+# its sshd binds only sI's loopback address. The console goes to nspawn.log.
+#
+# --keep-unit makes the container's cgroup tree the one nspawn was started in. Each
+# host gets a cgroup of its own first (sd_cgroups): sharing one, the containers' systemds
+# would manage the same system.slice/*.service groups, and stopping a unit in one host
+# would kill its namesake in the others.
+sd_launch() {
+  local i=$1 cg
+  sd_vars "$i"
+  sd_check_port_free "$i"
+  rm -f "$PIDF"
+  mapfile -t cg < <(sd_cgroups "$i")
+  ((${#cg[@]})) || die "$H: no cgroup2 or name=systemd cgroup hierarchy is mounted"
+  # The inner bash moves itself into sI's cgroups, then becomes systemd-nspawn: $! is
+  # its pid.
+  setsid bash -c 'for d in "${@:3}"; do mkdir -p "$d" && echo $$ >"$d/cgroup.procs" || exit 1; done
+    exec systemd-nspawn --quiet --boot "--directory=$1" "--machine=$2" \
+      --register=no --keep-unit --link-journal=no --console=read-only' \
+    sd-launch "$ROOT" "$H" "${cg[@]}" </dev/null >"$LOGF" 2>&1 8>&- 9>&- &
+  printf '%s\n' "$!" >"$PIDF"
+}
+
+# sd_remove_cgroups I: remove sI's (empty) cgroup directories, deepest first.
+sd_remove_cgroups() {
+  local d
+  for d in $(sd_cgroups "$1"); do
+    [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  done
+}
+
+SD_SSH_OPTS=()
+set_sd_ssh_opts() {
+  SD_SSH_OPTS=(-F /dev/null -n -i "$KEY" -o IdentitiesOnly=yes -o BatchMode=yes
+    -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$SD_FLEET/known_hosts"
+    -o GlobalKnownHostsFile=/dev/null -o ConnectTimeout=3 -o ControlPath=none
+    -o LogLevel=ERROR)
+}
+
+# on_sd I COMMAND: run COMMAND on sI (one ssh session), with a hard time limit.
+on_sd() { timeout "${3:-10}" ssh "${SD_SSH_OPTS[@]}" "root@$(sd_addr "$1")" "$2"; }
+
+# What tests take for granted on a systemd host, checked by its first session, which
+# also waits (at most until the deadline) for the boot to finish.
+# shellcheck disable=SC2016 # expanded by the remote shell
+SD_CHECKS='st=$(systemctl is-system-running --wait 2>&1)
+[ "$st" = running ] || { echo "system is $st; failed units: $(systemctl --failed --plain --no-legend | tr "\n" " ")"; exit 1; }
+test "$(cat /proc/1/comm)" = systemd || { echo "PID 1 is $(cat /proc/1/comm)"; exit 1; }
+test "$(systemctl show -p ActiveState --value ssh.service)" = active || { echo "ssh.service is not active"; exit 1; }
+test "$(systemctl show -p LoadState --value tend-demo.service)" = loaded || { echo "tend-demo.service is not loaded"; exit 1; }
+for c in stat sha256sum od readlink tr mktemp sync mv systemctl; do
+  command -v "$c" >/dev/null || { echo "no $c"; exit 1; }
+done'
+
+# sd_check_hosts I...: wait until every named host answers over ssh, has booted
+# ("running") and passes SD_CHECKS, all in parallel, at most SD_WAIT_SECS in total;
+# then check that two hosts do not share a root.
+sd_check_hosts() {
+  local i deadline failed=() pids=() out k=0
+  deadline=$(($(now_us) + SD_WAIT_SECS * 1000000))
+  out=$(mktemp -d)
+  for i in "$@"; do
+    (
+      want="test \"\$(cat /etc/hostname)\" = s$i && test \"\$(hostname)\" = s$i ||
+        { echo \"hostname \$(hostname), /etc/hostname \$(cat /etc/hostname), want s$i\"; exit 1; }
+$SD_CHECKS"
+      while :; do
+        rc=0
+        left=$(((deadline - $(now_us)) / 1000000 + 1))
+        ((left >= 1)) || left=1
+        on_sd "$i" "$want" "$left" >"$out/$i" 2>&1 || rc=$?
+        case $rc in 255 | 124) ;; *) exit "$rc" ;; esac
+        (($(now_us) < deadline)) || exit "$rc"
+        # The container died: no point waiting.
+        sd_pid "$i" >/dev/null || exit 1
+        sleep 0.2
+      done
+    ) &
+    pids+=($!)
+  done
+  for i in "$@"; do
+    wait "${pids[k]}" || failed+=("$i")
+    k=$((k + 1))
+  done
+  if ((${#failed[@]})); then
+    for i in "${failed[@]}"; do
+      sd_vars "$i"
+      printf '\n== %s (%s), state %s: %s\n   last lines of %s:\n' "$H" "$(sd_addr "$i")" \
+        "$(sd_state "$i")" "$(tr '\n' ' ' <"$out/$i")" "$LOGF" >&2
+      tail -n 15 "$LOGF" 2>/dev/null | sed 's/^/   /' >&2 || true
+    done
+    rm -rf "$out"
+    die "systemd hosts not ready within ${SD_WAIT_SECS}s or failing the checks: $(printf 's%s ' "${failed[@]}")"
+  fi
+  rm -rf "$out"
+  local pid
+  for i in "$@"; do
+    pid=$(sd_pid "$i") || die "s$i: systemd-nspawn is gone"
+    grep -q "/tend-${SD_STATE##*/}/s$i/" "/proc/$pid/cgroup" ||
+      die "s$i: systemd-nspawn $pid is not in the host's own cgroup: $(tr '\n' ' ' <"/proc/$pid/cgroup")"
+  done
+  if (($# >= 2)); then check_isolation on_sd s "$1" "$2"; fi
+}
+
+# write_sd_files N: the same four files for s1..sN, in SD_FLEET.
+write_sd_files() {
+  write_host_files "$SD_FLEET" "$1" sd_vars sd_addr \
+    "The tend systemd test hosts, written by tests/fleet/fleet.sh up-systemd $1. Do not edit."
+}
+
+take_sd_lock() {
+  mkdir -p "$SD_FLEET"
+  exec 9>"$SD_FLEET/.lock"
+  flock -w 600 9 || die "another fleet.sh holds $SD_FLEET/.lock"
+}
+
+cmd_up_systemd() {
+  local n=${1:-4} i t0 kept=() fresh=()
+  if ! [[ $n =~ ^[1-9][0-9]*$ ]] || ((n > SD_MAX_HOSTS)); then
+    die "up-systemd: N must be 1..$SD_MAX_HOSTS, got '$n'"
+  fi
+  t0=$(now_us)
+  take_sd_lock
+  ensure_sd_packages
+  stop_distro_sshd
+  ensure_sd_base
+  ensure_client_key
+  set_sd_ssh_opts
+  # As for the chroot hosts: systemd hosts beyond N from an earlier, bigger
+  # 'up-systemd' stay up, so runs asking for different sizes never take each
+  # other's hosts away. `down-systemd` stops everything.
+  for i in $(sd_configured_hosts); do
+    if ((i > n)) && [ "$(sd_state "$i")" != down ]; then
+      n=$i
+    fi
+  done
+  for ((i = 1; i <= n; i++)); do
+    sd_host_config "$i"
+  done
+  write_sd_files "$n"
+  for ((i = 1; i <= n; i++)); do
+    case $(sd_state "$i") in
+    up) kept+=("s$i") ;;
+    *)
+      sd_check_port_free "$i"
+      sd_kill "$i"
+      sd_mount_root "$i" fresh
+      sd_launch "$i"
+      fresh+=("s$i")
+      ;;
+    esac
+  done
+  local all
+  mapfile -t all < <(seq 1 "$n")
+  sd_check_hosts "${all[@]}"
+  say "up-systemd: s1..s$n booted and answer (${#fresh[@]} started fresh${fresh:+: ${fresh[*]}}; ${#kept[@]} already up) in $(elapsed "$t0")"
+  say "inventory: $SD_FLEET/inventory.yaml  hosts: $SD_FLEET/hosts.tsv  ssh: ssh -F $SD_FLEET/ssh_config s1"
+}
+
+cmd_down_systemd() {
+  local i t0 m
+  t0=$(now_us)
+  [ -d "$SD_FLEET" ] || {
+    say "down-systemd: no systemd hosts in $SD_FLEET"
+    return 0
+  }
+  take_sd_lock
+  # In parallel: each container takes a second or two to power off.
+  local pids=()
+  for i in $(sd_configured_hosts); do
+    sd_kill "$i" &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i" || true; done
+  local d
+  for d in $(sd_cgroups 0); do rmdir "${d%/*}" 2>/dev/null || true; done
+  [ -d "$SD_STATE" ] && umount_tree "$SD_STATE"
+  m=$(awk -v s="$SD_STATE/" 'index($5, s) == 1 { print $5 }' /proc/self/mountinfo)
+  [ -z "$m" ] || die "down-systemd: still mounted: $m"
+  say "down-systemd: every systemd host stopped and unmounted in $(elapsed "$t0") (keys, base and cache kept)"
+}
+
+cmd_status_systemd() {
+  local i state pid any=
+  printf 'name\taddress\tstate\tpid\n'
+  [ -d "$SD_FLEET" ] || return 0
+  for i in $(sd_configured_hosts); do
+    any=1
+    state=$(sd_state "$i")
+    pid=$(sd_pid "$i") || pid=-
+    printf 's%s\t%s\t%s\t%s\n' "$i" "$(sd_addr "$i")" "$state" "$pid"
+  done
+  [ -n "$any" ] || say "status-systemd: no systemd hosts in $SD_FLEET"
 }
 
 # ------------------------------------------------------------ commands
@@ -856,6 +1314,14 @@ main() {
   down | status)
     [ $# -eq 0 ] || usage
     "cmd_$cmd"
+    ;;
+  up-systemd)
+    [ $# -le 1 ] || usage
+    cmd_up_systemd "$@"
+    ;;
+  down-systemd | status-systemd)
+    [ $# -eq 0 ] || usage
+    "cmd_${cmd//-/_}"
     ;;
   stop | start | freeze | thaw)
     [ $# -eq 1 ] || usage

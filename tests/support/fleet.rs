@@ -1,7 +1,9 @@
 //! The real SSH test fleet (tests/fleet/fleet.sh), seen from a test: bring it
 //! up once, run commands on hosts with the system `ssh`, count sessions in
 //! sshd's VERBOSE log, and inject faults (stop, freeze) that are undone when
-//! the guard drops.
+//! the guard drops. [`systemd_fleet`] brings up the systemd-nspawn hosts
+//! (s1..sN, real systemd) the same way; its hosts' `log` is the container's
+//! console log, and faults are for the chroot hosts only.
 //!
 //! Tests that need the fleet run in CI: there is no flag that skips them. The
 //! fleet needs root; without it, these tests fail with a clear message.
@@ -20,6 +22,9 @@ use std::time::{Duration, Instant};
 /// the five-host no-op converge, h40..h47 for the safety campaign.
 pub const HOSTS: usize = 47;
 
+/// Systemd hosts the fleet provides to the tests.
+pub const SYSTEMD_HOSTS: usize = 4;
+
 #[derive(Clone, Debug)]
 pub struct FleetHost {
     pub name: String,
@@ -29,6 +34,7 @@ pub struct FleetHost {
 }
 
 pub struct Fleet {
+    /// The fleet dir (`TEND_FLEET_DIR`).
     pub dir: PathBuf,
     pub key: PathBuf,
     pub known_hosts: PathBuf,
@@ -40,53 +46,75 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+fn fleet_dir() -> PathBuf {
+    PathBuf::from(std::env::var("TEND_FLEET_DIR").unwrap_or_else(|_| "/var/tmp/tend-fleet".into()))
+}
+
+/// Run `fleet.sh CMD N` once per test process (idempotent across processes:
+/// the script keeps running hosts, and a file lock serializes the tests'
+/// calls), then read the hosts from `files/hosts.tsv`. `n` gets the fleet
+/// dir, under the lock.
+fn bring_up(cmd: &str, n: impl FnOnce(&Path) -> usize, files: &Path) -> Fleet {
+    let dir = fleet_dir();
+    fs::create_dir_all(&dir).expect("create fleet dir");
+    let lock = File::create(dir.join(".test-lock")).expect("fleet lock");
+    lock.lock().expect("lock fleet");
+    let args = [cmd.to_string(), n(&dir).to_string()];
+    let out = Command::new("bash")
+        .arg(repo().join("tests/fleet/fleet.sh"))
+        .args(&args)
+        .env("TEND_FLEET_DIR", &dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tests/fleet/fleet.sh");
+    assert!(
+        out.status.success(),
+        "tests/fleet/fleet.sh {} failed (it needs root and the packages of .ci/run):\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(lock);
+    let files = dir.join(files);
+    let tsv = fs::read_to_string(files.join("hosts.tsv")).expect("hosts.tsv");
+    let mut hosts = BTreeMap::new();
+    for line in tsv.lines().skip(1) {
+        let f: Vec<&str> = line.split('\t').collect();
+        hosts.insert(
+            f[0].to_string(),
+            FleetHost {
+                name: f[0].into(),
+                address: f[1].into(),
+                fingerprint: f[2].into(),
+                log: PathBuf::from(f[4]),
+            },
+        );
+    }
+    Fleet {
+        key: dir.join("id_ed25519"),
+        known_hosts: files.join("known_hosts"),
+        ssh_config: files.join("ssh_config"),
+        hosts,
+        dir,
+    }
+}
+
 /// The fleet, started on first use (idempotent across test processes: the
 /// script keeps running hosts, and a file lock serializes `up`).
 pub fn fleet() -> &'static Fleet {
     static FLEET: OnceLock<Fleet> = OnceLock::new();
     FLEET.get_or_init(|| {
-        let dir = PathBuf::from(std::env::var("TEND_FLEET_DIR").unwrap_or_else(|_| "/var/tmp/tend-fleet".into()));
-        fs::create_dir_all(&dir).expect("create fleet dir");
-        let lock = File::create(dir.join(".test-lock")).expect("fleet lock");
-        lock.lock().expect("lock fleet");
-        // `up N` takes down hosts above N: never shrink a bigger fleet that
-        // something else (a benchmark, another test binary) started.
-        let hosts = HOSTS.max(highest_running(&dir));
-        let out = Command::new("bash")
-            .arg(repo().join("tests/fleet/fleet.sh"))
-            .args(["up", &hosts.to_string()])
-            .env("TEND_FLEET_DIR", &dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run tests/fleet/fleet.sh");
-        assert!(
-            out.status.success(),
-            "tests/fleet/fleet.sh up {HOSTS} failed (it needs root and the packages of .ci/run):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        drop(lock);
-        let tsv = fs::read_to_string(dir.join("hosts.tsv")).expect("hosts.tsv");
-        let mut hosts = BTreeMap::new();
-        for line in tsv.lines().skip(1) {
-            let f: Vec<&str> = line.split('\t').collect();
-            hosts.insert(
-                f[0].to_string(),
-                FleetHost {
-                    name: f[0].into(),
-                    address: f[1].into(),
-                    fingerprint: f[2].into(),
-                    log: PathBuf::from(f[4]),
-                },
-            );
-        }
-        Fleet {
-            key: dir.join("id_ed25519"),
-            known_hosts: dir.join("known_hosts"),
-            ssh_config: dir.join("ssh_config"),
-            hosts,
-            dir,
-        }
+        // Never ask for fewer hosts than run (another test binary, a
+        // benchmark): `up` keeps them anyway, and asking for them keeps the
+        // answer the same whoever came first.
+        bring_up("up", |dir| HOSTS.max(highest_running(dir)), Path::new(""))
     })
+}
+
+/// The systemd hosts s1..sN (`fleet.sh up-systemd`), booted on first use:
+/// real systemd as PID 1, each with a disabled, stopped `tend-demo.service`.
+pub fn systemd_fleet() -> &'static Fleet {
+    static FLEET: OnceLock<Fleet> = OnceLock::new();
+    FLEET.get_or_init(|| bring_up("up-systemd", |_| SYSTEMD_HOSTS, Path::new("systemd")))
 }
 
 /// The highest host index that `fleet.sh status` does not report `down`.
@@ -115,6 +143,19 @@ impl Fleet {
         &self.hosts[name]
     }
 
+    /// Where the ssh master of a host of this fleet listens. `%C` hashes
+    /// this machine's name and the host's address, port and user, which are
+    /// the same in every fleet dir (fleets in network namespaces of their
+    /// own); the fleet dir's hash keeps two such fleets from sharing a
+    /// master, and so from running one fleet's checks on the other's host.
+    /// Short enough for a socket path.
+    fn control_path(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        self.dir.hash(&mut h);
+        format!("/tmp/tend-test-cm-{:016x}-%C", h.finish())
+    }
+
     /// Run a shell script on a host with the system ssh client.
     pub fn ssh(&self, host: &str, script: &str) -> Output {
         Command::new("timeout")
@@ -123,19 +164,9 @@ impl Fleet {
             // One multiplexed connection per host for the tests' own checks:
             // a new SSH handshake per check costs more than the check. The
             // master lingers 60 s and never counts as a command of tend's.
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "ControlMaster=auto",
-                "-o",
-                "ControlPath=/tmp/tend-test-cm-%C",
-                "-o",
-                "ControlPersist=60",
-                host,
-                "sh",
-                "-c",
-            ])
+            .args(["-o", "BatchMode=yes", "-o", "ControlMaster=auto", "-o"])
+            .arg(format!("ControlPath={}", self.control_path()))
+            .args(["-o", "ControlPersist=60", host, "sh", "-c"])
             .arg(shell_quote(script))
             .stdin(Stdio::null())
             .output()
@@ -321,6 +352,16 @@ impl Desired {
             })
             .expect("a run")
     }
+}
+
+/// One host's entry in `host_outcomes` of a result.json.
+pub fn outcome<'a>(result: &'a serde_json::Value, host: &str) -> &'a serde_json::Value {
+    result["host_outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["host"] == host)
+        .unwrap_or_else(|| panic!("no outcome for {host} in {result:#}"))
 }
 
 pub fn code(o: &Output) -> i32 {
