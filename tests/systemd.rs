@@ -416,3 +416,113 @@ fn restart_on_restarts_once_when_a_trigger_changes() {
     reset_demo(f, "s4");
     f.sh("s4", "rm -rf /etc/tend-demo");
 }
+
+/// Every resource kind on five systemd hosts (s5..s9): converged, then a
+/// plan with nothing to do, then drift made by hand planned and corrected.
+#[test]
+fn every_kind_converges_on_five_hosts_and_drift_is_corrected() {
+    let f = systemd_fleet();
+    let hosts = ["s5", "s6", "s7", "s8", "s9"];
+    for h in hosts {
+        reset_demo(f, h);
+        f.sh(
+            h,
+            "rm -rf /srv/all; userdel tkall 2>/dev/null; groupdel tkall 2>/dev/null; true",
+        );
+    }
+    let body = r#"
+resources:
+  - kind: group
+    name: tkall
+  - kind: user
+    name: tkall
+    groups: [tkall]
+    shell: /bin/sh
+  - kind: directory
+    path: /srv/all
+    owner: tkall
+    group: tkall
+    mode: "0750"
+  - kind: file
+    path: /srv/all/app.conf
+    content: "port = 8080\n"
+    owner: tkall
+    mode: "0640"
+  - kind: symlink
+    path: /srv/all/current
+    target: /srv/all/app.conf
+  - kind: package
+    name: sudo
+  - kind: command
+    name: init-marker
+    run: date > /srv/all/.initialized
+    creates: /srv/all/.initialized
+    requires: ["directory:/srv/all"]
+  - kind: service
+    name: tend-demo
+    restart_on: ["file:/srv/all/app.conf"]
+"#;
+    let mut inventory = String::from("hosts:\n");
+    for h in hosts {
+        inventory.push_str(&f.inventory_entry(h));
+    }
+    let files: Vec<(&str, &str)> = hosts.iter().map(|h| (*h, body)).collect();
+    let d = Desired::new(FAST, &inventory, &files);
+    let (c, r) = apply(&d);
+    assert_eq!(c, 0, "{r:#}");
+    for h in hosts {
+        assert_eq!(outcome(&r, h)["outcome"], "Completed", "{h}: {r:#}");
+        assert_eq!(demo(f, h), "active enabled", "{h}");
+        assert_eq!(
+            f.sh(h, "stat -c '%U %G %a' /srv/all /srv/all/app.conf; readlink /srv/all/current; [ -s /srv/all/.initialized ] && echo init; id -nG tkall; dpkg-query -W -f '${Status}\\n' sudo"),
+            "tkall tkall 750\ntkall root 640\n/srv/all/app.conf\ninit\ntkall\ninstall ok installed\n",
+            "{h}"
+        );
+    }
+    let (c, plan) = plan_json(&d);
+    assert_eq!(c, 0, "nothing left to do: {plan:#}");
+
+    // Drift by hand on one host: the service stopped, the file edited, the
+    // user's shell changed.
+    f.sh("s7", "systemctl stop tend-demo.service; echo tampered >> /srv/all/app.conf; usermod -s /bin/bash tkall");
+    let (c, plan) = plan_json(&d);
+    assert_eq!(c, 2, "{plan:#}");
+    let s7 = plan["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "s7")
+        .unwrap();
+    let ids: Vec<&str> = s7["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&"file:/srv/all/app.conf")
+            && ids.contains(&"user:tkall")
+            && ids.contains(&"service:tend-demo"),
+        "{ids:?}"
+    );
+    let others_quiet = plan["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["host"] != "s7")
+        .all(|h| h["steps"].as_array().unwrap().is_empty());
+    assert!(others_quiet, "{plan:#}");
+    let (c, r) = apply(&d);
+    assert_eq!(c, 0, "{r:#}");
+    assert_eq!(outcome(&r, "s7")["outcome"], "Completed", "{r:#}");
+    assert_eq!(demo(f, "s7"), "active enabled");
+    assert_eq!(
+        f.sh(
+            "s7",
+            "cat /srv/all/app.conf; getent passwd tkall | cut -d: -f7"
+        ),
+        "port = 8080\n/bin/sh\n"
+    );
+    let (c, plan) = plan_json(&d);
+    assert_eq!(c, 0, "{plan:#}");
+}

@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 /// the five-host no-op converge, h40..h47 for the safety campaign.
 pub const HOSTS: usize = 47;
 
-/// Systemd hosts the fleet provides to the tests.
-pub const SYSTEMD_HOSTS: usize = 4;
+/// Systemd hosts the fleet provides to the tests: s1..s4 for the service
+/// tests, s5..s9 for every kind on five hosts.
+pub const SYSTEMD_HOSTS: usize = 9;
 
 #[derive(Clone, Debug)]
 pub struct FleetHost {
