@@ -1,6 +1,6 @@
 //! The safety campaign: generated scenarios on the real SSH fleet that mix
 //! destructive changes (deletes, prunes, teardowns, replacements,
-//! destructive commands) with
+//! destructive commands, service stops) with
 //! confirmation tokens that are missing, valid, expired, for another
 //! operation, for a superset or subset of the hosts, reused, world-writable,
 //! malformed or stale, under every dispatch mode and the kill switch. Each
@@ -16,7 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use serde_json::Value;
-use support::{Desired, code, fleet, text};
+use support::{Desired, Fleet, code, fleet, systemd_fleet, text};
 
 const SCENARIOS: usize = 200;
 const WORKERS: [[&str; 2]; 4] = [
@@ -34,6 +34,8 @@ enum Change {
     Replace,
     /// A `command` with `destructive: true` that removes the victim.
     Command,
+    /// `running: false` for a running service (systemd hosts).
+    ServiceStop,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -99,21 +101,26 @@ fn scenarios() -> Vec<Scenario> {
         Malformed,
         Stale,
     ];
-    (0..SCENARIOS)
-        .map(|_| {
+    (0..SCENARIOS + SERVICE_SCENARIOS)
+        .map(|n| {
             let two_hosts = rng.next().is_multiple_of(2);
             let mut token = rng.pick(&tokens);
             if token == Subset && !two_hosts {
                 token = Superset;
             }
+            let change = rng.pick(&[
+                Change::Delete,
+                Change::Prune,
+                Change::Teardown,
+                Change::Replace,
+                Change::Command,
+            ]);
             Scenario {
-                change: rng.pick(&[
-                    Change::Delete,
-                    Change::Prune,
-                    Change::Teardown,
-                    Change::Replace,
-                    Change::Command,
-                ]),
+                change: if n < SCENARIOS {
+                    change
+                } else {
+                    Change::ServiceStop
+                },
                 token,
                 mode: rng.pick(&[
                     Mode::Enforced,
@@ -129,6 +136,19 @@ fn scenarios() -> Vec<Scenario> {
         .collect()
 }
 
+/// Service stops run on two systemd hosts of their own.
+const SERVICE_SCENARIOS: usize = 40;
+const SERVICE_WORKER: [&str; 2] = ["s10", "s11"];
+
+/// The fleet a host belongs to: `sN` are the systemd hosts.
+fn fleet_of(host: &str) -> &'static Fleet {
+    if host.starts_with('s') {
+        systemd_fleet()
+    } else {
+        fleet()
+    }
+}
+
 /// What one scenario did.
 #[derive(Default)]
 struct Tally {
@@ -139,10 +159,9 @@ struct Tally {
 }
 
 fn inventory(hosts: &[&str], protected_first: bool) -> String {
-    let f = fleet();
     let mut s = String::from("hosts:\n");
     for (i, h) in hosts.iter().enumerate() {
-        s.push_str(&f.inventory_entry(h));
+        s.push_str(&fleet_of(h).inventory_entry(h));
         if i == 0 && protected_first {
             s.push_str("    protected: true\n");
         }
@@ -153,6 +172,9 @@ fn inventory(hosts: &[&str], protected_first: bool) -> String {
 /// The host file before the destructive change (what gets applied first).
 fn before(change: Change, dir: &str) -> String {
     match change {
+        Change::ServiceStop => format!(
+            "resources:\n  - kind: directory\n    path: {dir}\n  - kind: service\n    name: tend-demo\n"
+        ),
         Change::Delete | Change::Replace | Change::Command => {
             format!("resources:\n  - kind: directory\n    path: {dir}\n")
         }
@@ -165,6 +187,9 @@ fn before(change: Change, dir: &str) -> String {
 /// The host file that asks for the destructive change.
 fn after(change: Change, dir: &str, extra: bool) -> String {
     let mut s = match change {
+        Change::ServiceStop => format!(
+            "resources:\n  - kind: directory\n    path: {dir}\n  - kind: service\n    name: tend-demo\n    running: false\n"
+        ),
         Change::Delete => format!(
             "resources:\n  - kind: directory\n    path: {dir}\n  - kind: file\n    path: {dir}/victim\n    state: absent\n"
         ),
@@ -189,11 +214,14 @@ fn after(change: Change, dir: &str, extra: bool) -> String {
 
 /// Whether the destructive change happened on a host: the regular file
 /// `victim` is gone (deleted, pruned, torn down, or replaced by a directory).
-fn destroyed(host: &str, dir: &str) -> bool {
-    fleet().sh(
-        host,
-        &format!("[ -f {dir}/victim ] && echo kept || echo gone"),
-    ) == "gone\n"
+fn destroyed(change: Change, host: &str, dir: &str) -> bool {
+    let check = match change {
+        Change::ServiceStop => {
+            "systemctl is-active --quiet tend-demo.service && echo kept || echo gone".to_string()
+        }
+        _ => format!("[ -f {dir}/victim ] && echo kept || echo gone"),
+    };
+    fleet_of(host).sh(host, &check) == "gone\n"
 }
 
 fn token_body(op: &str, hosts: &[&str], expires: &str) -> String {
@@ -220,7 +248,7 @@ fn drop_token(state: &Path, name: &str, body: &str, mode: u32) {
 }
 
 fn run_scenario(n: usize, sc: Scenario, pair: [&str; 2], t: &mut Tally) {
-    let f = fleet();
+    let f = fleet_of(pair[0]);
     let hosts: Vec<&str> = if sc.two_hosts {
         pair.to_vec()
     } else {
@@ -230,6 +258,9 @@ fn run_scenario(n: usize, sc: Scenario, pair: [&str; 2], t: &mut Tally) {
     let mut fail = |m: String| t.failures.push(format!("scenario {n} {sc:?}: {m}"));
     for h in &hosts {
         f.sh(h, &format!("rm -rf {dir} && mkdir -p {dir} && printf 'v\\n' > {dir}/victim && printf 'e\\n' > {dir}/extra"));
+        if sc.change == Change::ServiceStop {
+            f.sh(h, "systemctl enable --now tend-demo.service");
+        }
     }
     let tend_yaml = format!("probe_timeout: 10s\nretries: 0\ncanary: {}\n", hosts[0]);
     let body = before(sc.change, &dir);
@@ -262,7 +293,7 @@ fn run_scenario(n: usize, sc: Scenario, pair: [&str; 2], t: &mut Tally) {
     let op_hosts: Vec<String> = serde_json::from_value(plan["operation_hosts"].clone()).unwrap();
     let op_hosts: Vec<&str> = op_hosts.iter().map(String::as_str).collect();
     for h in &hosts {
-        if destroyed(h, &dir) {
+        if destroyed(sc.change, h, &dir) {
             t.unauthorized_executed += 1;
             return fail(format!("{h}: destroyed without any token"));
         }
@@ -330,7 +361,7 @@ fn run_scenario(n: usize, sc: Scenario, pair: [&str; 2], t: &mut Tally) {
             && !(i == 0 && sc.protected_first)
     };
     for (i, h) in hosts.iter().enumerate() {
-        let gone = destroyed(h, &dir);
+        let gone = destroyed(sc.change, h, &dir);
         match (gone, authorized(i)) {
             (true, true) => t.authorized_executed += 1,
             (true, false) => {
@@ -391,15 +422,20 @@ fn run_scenario(n: usize, sc: Scenario, pair: [&str; 2], t: &mut Tally) {
     // Exactly once: put the victims back and offer the same bytes again.
     if any_authorized {
         for h in &hosts {
-            f.sh(
-                h,
-                &format!("mkdir -p {dir} && rm -rf {dir}/victim && printf 'v\\n' > {dir}/victim"),
-            );
+            match sc.change {
+                Change::ServiceStop => f.sh(h, "systemctl start tend-demo.service"),
+                _ => f.sh(
+                    h,
+                    &format!(
+                        "mkdir -p {dir} && rm -rf {dir}/victim && printf 'v\\n' > {dir}/victim"
+                    ),
+                ),
+            };
         }
         drop_token(&state, "again.yaml", &good, 0o600);
         let out = d.tend(&["apply", "--dispatch", mode]);
         for h in &hosts {
-            if destroyed(h, &dir) {
+            if destroyed(sc.change, h, &dir) {
                 t.double_executed += 1;
                 t.unauthorized_executed += 1;
                 fail(format!(
@@ -422,20 +458,29 @@ fn run_scenario(n: usize, sc: Scenario, pair: [&str; 2], t: &mut Tally) {
 fn safety_campaign_zero_unauthorized_destructive_operations() {
     let all = scenarios();
     let tallies: Vec<Tally> = std::thread::scope(|s| {
-        let handles: Vec<_> = WORKERS
-            .iter()
+        let workers: Vec<[&str; 2]> = WORKERS.iter().copied().chain([SERVICE_WORKER]).collect();
+        let handles: Vec<_> = workers
+            .into_iter()
             .enumerate()
             .map(|(w, pair)| {
+                // Service stops on the systemd pair, the rest spread over
+                // the chroot pairs.
                 let mine: Vec<(usize, Scenario)> = all
                     .iter()
                     .copied()
                     .enumerate()
-                    .filter(|(n, _)| n % WORKERS.len() == w)
+                    .filter(|(n, _)| {
+                        if w == WORKERS.len() {
+                            *n >= SCENARIOS
+                        } else {
+                            *n < SCENARIOS && n % WORKERS.len() == w
+                        }
+                    })
                     .collect();
                 s.spawn(move || {
                     let mut t = Tally::default();
                     for (n, sc) in mine {
-                        run_scenario(n, sc, *pair, &mut t);
+                        run_scenario(n, sc, pair, &mut t);
                     }
                     t
                 })
@@ -449,12 +494,14 @@ fn safety_campaign_zero_unauthorized_destructive_operations() {
     let failures: Vec<&String> = tallies.iter().flat_map(|t| &t.failures).collect();
     let by_kind = |c: Change| all.iter().filter(|s| s.change == c).count();
     println!(
-        "safety campaign: {SCENARIOS} scenarios ({} deletes, {} prunes, {} teardowns, {} replacements, {} destructive commands)",
+        "safety campaign: {} scenarios ({} deletes, {} prunes, {} teardowns, {} replacements, {} destructive commands, {} service stops)",
+        all.len(),
         by_kind(Change::Delete),
         by_kind(Change::Prune),
         by_kind(Change::Teardown),
         by_kind(Change::Replace),
-        by_kind(Change::Command)
+        by_kind(Change::Command),
+        by_kind(Change::ServiceStop)
     );
     println!("  authorized destructive operations executed:   {authorized}");
     println!("  unauthorized destructive operations executed: {unauthorized}");

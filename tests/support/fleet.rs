@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 pub const HOSTS: usize = 47;
 
 /// Systemd hosts the fleet provides to the tests: s1..s4 for the service
-/// tests, s5..s9 for every kind on five hosts.
-pub const SYSTEMD_HOSTS: usize = 9;
+/// tests, s5..s9 for every kind on five hosts, s10..s11 for the campaign.
+pub const SYSTEMD_HOSTS: usize = 11;
 
 #[derive(Clone, Debug)]
 pub struct FleetHost {
