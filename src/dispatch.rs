@@ -331,6 +331,9 @@ pub async fn execute(
     runs
 }
 
+/// Longest batch script: well under Linux's 128 KiB limit on one argument.
+const MAX_BATCH_SCRIPT: usize = 96 * 1024;
+
 /// What a step did on the host: exit status and output, or why it could not
 /// be run at all.
 type StepExec = Result<crate::transport::ExecOutput, crate::transport::TransportError>;
@@ -642,6 +645,7 @@ async fn run_batch(
     let resource = |k: usize| resources.iter().find(|r| r.id == steps[k].id);
     // Units: (member step indices, command, how long the transport waits).
     let mut units: Vec<(Vec<usize>, RemoteCommand, Duration)> = Vec::new();
+    let mut batch_bytes = 0;
     let mut i = 0;
     while i < batch.len() {
         let k = batch[i];
@@ -669,6 +673,14 @@ async fn run_batch(
         };
         match built {
             Ok(c) => {
+                // The batch script travels as one argument of `sh -c`, which
+                // Linux caps at 128 KiB: a long batch is cut, and the rest of
+                // the steps go out in the next one.
+                let bytes = crate::shell::quote(&c.script).len() + 200;
+                if !units.is_empty() && batch_bytes + bytes > MAX_BATCH_SCRIPT {
+                    break;
+                }
+                batch_bytes += bytes;
                 let wait = transport_timeout(resource(k), ctx.step_timeout);
                 i += members.len();
                 units.push((members, c, wait));

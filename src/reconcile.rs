@@ -154,6 +154,11 @@ impl ProbeOpts {
     }
 }
 
+/// The probe script goes to `sh` on stdin, not as an argument: an argument
+/// is capped at 128 KiB, which a host with thousands of resources would pass.
+/// Nothing in the script reads stdin itself.
+const PROBE_COMMAND: &str = "exec sh -s";
+
 /// Probe one host: one remote command per attempt; transient failures are
 /// retried with doubling backoff.
 pub async fn probe_host(host: &Host, transport: Arc<dyn Transport>, opts: &ProbeOpts) -> HostProbe {
@@ -163,7 +168,7 @@ pub async fn probe_host(host: &Host, transport: Arc<dyn Transport>, opts: &Probe
     let result = loop {
         attempts += 1;
         let (t, s, timeout) = (transport.clone(), script.clone(), opts.timeout);
-        let out = tokio::task::spawn_blocking(move || t.exec(&s, &[], timeout))
+        let out = tokio::task::spawn_blocking(move || t.exec(PROBE_COMMAND, s.as_bytes(), timeout))
             .await
             .unwrap_or_else(|e| {
                 Err(TransportError::new(

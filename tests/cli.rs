@@ -1684,3 +1684,53 @@ fn confirm_refuses_what_it_cannot_scope() {
     fx.run(&["confirm", &op, "--reason", " "]).code(1);
     assert!(!fx.state().join(format!("confirm/{op}.yaml")).exists());
 }
+
+#[test]
+fn a_host_with_hundreds_of_steps_converges_in_several_batches() {
+    // Far more than one `sh -c` argument (128 KiB) can carry in one batch.
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: a\n    transport: local\n",
+    );
+    let mut body = String::from("resources:\n  - kind: directory\n    path: {root}/many\n");
+    for i in 0..400 {
+        body.push_str(&format!(
+            "  - kind: file\n    path: {{root}}/many/file-with-a-rather-long-name-to-make-the-scripts-longer-{i:04}\n    content: \"{i}\\n\"\n"
+        ));
+    }
+    fx.write("hosts/a.yaml", &body);
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 0);
+    let o = host_outcome(&result, "a");
+    assert_eq!(o["outcome"], "Completed");
+    assert_eq!(o["steps"].as_array().unwrap().len(), 401);
+    let n = fs::read_dir(fx.root().join("many")).unwrap().count();
+    assert_eq!(n, 400);
+    fx.run(&["plan"]).code(0);
+}
+
+#[test]
+fn a_probe_larger_than_one_shell_argument_still_works() {
+    // ~3000 paths make a probe script of several hundred KiB: it goes to the
+    // host's shell on stdin, so no argument limit applies.
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: a\n    transport: local\n",
+    );
+    let mut body = String::from("resources:\n");
+    for i in 0..3000 {
+        body.push_str(&format!(
+            "  - kind: file\n    path: {{root}}/absent/a-long-path-name-so-that-the-probe-script-grows-well-past-the-limit-{i:05}\n    state: absent\n"
+        ));
+    }
+    fx.write("hosts/a.yaml", &body);
+    let r = fx.run(&["probe", "--json"]);
+    r.code(0);
+    let doc = r.json();
+    assert_eq!(
+        doc["hosts"][0]["resources"].as_object().unwrap().len(),
+        3000
+    );
+    fx.run(&["plan"]).code(0);
+}
