@@ -746,25 +746,24 @@ fn parse_items(
                 field_count(0)?;
                 observed[index] = Some(Observed::Absent);
             }
-            "file" => {
-                let f = field_count(5)?;
+            "file" | "dir" => {
+                let is_file = kind == "file";
+                let f = field_count(if is_file { 5 } else { 3 })?;
+                let (mode, uid, gid) = (
+                    mode(n, f[0])?,
+                    decimal(n, "uid", f[1])?,
+                    decimal(n, "gid", f[2])?,
+                );
+                let file = match is_file {
+                    true => Some((decimal(n, "size", f[3])?, sha256(n, f[4])?)),
+                    false => None,
+                };
                 pending = Some(Pending {
                     index,
-                    mode: mode(n, f[0])?,
-                    uid: decimal(n, "uid", f[1])?,
-                    gid: decimal(n, "gid", f[2])?,
-                    file: Some((decimal(n, "size", f[3])?, sha256(n, f[4])?)),
-                    owner: None,
-                });
-            }
-            "dir" => {
-                let f = field_count(3)?;
-                pending = Some(Pending {
-                    index,
-                    mode: mode(n, f[0])?,
-                    uid: decimal(n, "uid", f[1])?,
-                    gid: decimal(n, "gid", f[2])?,
-                    file: None,
+                    mode,
+                    uid,
+                    gid,
+                    file,
                     owner: None,
                 });
             }

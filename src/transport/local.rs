@@ -2,7 +2,7 @@
 //!
 //! Each call spawns `sh -c SCRIPT` in a process group of its own, feeds stdin
 //! from one thread, drains stdout and stderr on two more (so no pipe can fill
-//! up and stall the others), and reaps the child on a fourth. The calling
+//! up and stall the others), and learns of its exit on a fourth. The calling
 //! thread only waits on a channel with a deadline. On timeout the whole
 //! process group is killed, so a script's children (a `sleep`, a pipeline)
 //! die with it.
@@ -22,9 +22,8 @@ use std::time::{Duration, Instant};
 use super::{ExecOutput, Transport, TransportError};
 use crate::core::retry::FailureClass;
 
-/// How long to wait for the killed process to be reaped after a timeout.
-/// SIGKILL takes effect at once; this bound only guards against a stuck
-/// kernel or a process that escaped the group while holding the pipes.
+/// How long to wait for `sh` to die after SIGKILL before leaving its reaping
+/// to a background thread; only a process stuck in the kernel takes longer.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs scripts on the machine tend runs on.
@@ -60,7 +59,8 @@ enum Event {
     Stdin(io::Result<()>),
     Stdout(io::Result<Vec<u8>>),
     Stderr(io::Result<Vec<u8>>),
-    Exited(io::Result<ExitStatus>),
+    /// `sh` has exited; it stays a zombie until [`Child::wait`] reaps it.
+    Exited(io::Result<()>),
 }
 
 impl Transport for LocalTransport {
@@ -93,68 +93,89 @@ impl Transport for LocalTransport {
             .process_group(0)
             .spawn()
             .map_err(|e| spawn_error(&self.shell, e))?;
-        let pgid = child.id() as libc::pid_t;
 
         let (tx, rx) = mpsc::channel();
         spawn_io(&mut child, stdin.to_vec(), &tx);
-        {
-            let tx = tx.clone();
-            thread::spawn(move || {
-                let _ = tx.send(Event::Exited(child.wait()));
-            });
-        }
-        drop(tx);
+        let pid = child.id();
+        thread::spawn(move || {
+            let _ = tx.send(Event::Exited(wait_without_reaping(pid)));
+        });
 
-        let mut stdout = None;
-        let mut stderr = None;
-        let mut status = None;
-        while stdout.is_none() || stderr.is_none() || status.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(Event::Stdin(Ok(()))) => {}
-                // The script exited or closed stdin without reading it all;
-                // its exit status says whether that was a failure.
-                Ok(Event::Stdin(Err(e))) if e.kind() == io::ErrorKind::BrokenPipe => {}
-                Ok(Event::Stdin(Err(e))) => {
-                    return Err(io_failure(pgid, &rx, "write the script's stdin", e));
-                }
-                Ok(Event::Stdout(r)) => {
-                    stdout = Some(r.map_err(|e| io_failure(pgid, &rx, "read stdout", e))?)
-                }
-                Ok(Event::Stderr(r)) => {
-                    stderr = Some(r.map_err(|e| io_failure(pgid, &rx, "read stderr", e))?)
-                }
-                Ok(Event::Exited(r)) => {
-                    status = Some(r.map_err(|e| io_failure(pgid, &rx, "wait for sh", e))?)
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    kill_group(pgid, &rx, status.is_some());
-                    return Err(TransportError::new(
+        match collect(&rx, deadline) {
+            Ok((stdout, stderr)) => {
+                // Exited already: this only reaps and reads the status.
+                let status = child.wait().map_err(|e| {
+                    TransportError::new(
+                        FailureClass::Transient,
+                        format!("local command: cannot reap sh: {e}"),
+                    )
+                })?;
+                Ok(ExecOutput {
+                    status: exit_code(status),
+                    stdout,
+                    stderr,
+                })
+            }
+            Err(failure) => {
+                kill_group(child, &rx);
+                Err(match failure {
+                    Failure::Timeout => TransportError::new(
                         FailureClass::Timeout,
                         format!(
                             "local command timed out after {}",
                             humantime::format_duration(timeout)
                         ),
-                    ));
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    // Every helper sends once before it ends, so this means
-                    // one of them panicked.
-                    kill_group(pgid, &rx, true);
-                    return Err(TransportError::new(
+                    ),
+                    Failure::Io(what, e) => TransportError::new(
                         FailureClass::Transient,
-                        "local command: a helper thread died",
-                    ));
-                }
+                        format!("local command: cannot {what}: {e}"),
+                    ),
+                })
             }
         }
-        let status = status.expect("loop ends with a status");
-        Ok(ExecOutput {
-            status: exit_code(status),
-            stdout: stdout.expect("loop ends with stdout"),
-            stderr: stderr.expect("loop ends with stderr"),
-        })
     }
+}
+
+/// Why [`collect`] stopped early.
+enum Failure {
+    Timeout,
+    Io(&'static str, io::Error),
+}
+
+/// Waits until `sh` has exited and both output pipes are at end of file, or
+/// the deadline passes; returns stdout and stderr.
+fn collect(rx: &mpsc::Receiver<Event>, deadline: Instant) -> Result<(Vec<u8>, Vec<u8>), Failure> {
+    let mut stdout = None;
+    let mut stderr = None;
+    let mut exited = false;
+    while stdout.is_none() || stderr.is_none() || !exited {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Event::Stdin(Ok(()))) => {}
+            // The script exited or closed stdin without reading it all; its
+            // exit status says whether that was a failure.
+            Ok(Event::Stdin(Err(e))) if e.kind() == io::ErrorKind::BrokenPipe => {}
+            Ok(Event::Stdin(Err(e))) => return Err(Failure::Io("write the script's stdin", e)),
+            Ok(Event::Stdout(r)) => stdout = Some(r.map_err(|e| Failure::Io("read stdout", e))?),
+            Ok(Event::Stderr(r)) => stderr = Some(r.map_err(|e| Failure::Io("read stderr", e))?),
+            Ok(Event::Exited(r)) => {
+                r.map_err(|e| Failure::Io("wait for sh", e))?;
+                exited = true;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => return Err(Failure::Timeout),
+            // Every helper sends once before it ends, so one of them panicked.
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Failure::Io(
+                    "collect output",
+                    io::Error::other("a helper thread died"),
+                ));
+            }
+        }
+    }
+    Ok((
+        stdout.expect("loop ends with stdout"),
+        stderr.expect("loop ends with stderr"),
+    ))
 }
 
 /// Starts the stdin writer and the two output readers.
@@ -179,39 +200,53 @@ fn spawn_io(child: &mut Child, input: Vec<u8>, tx: &mpsc::Sender<Event>) {
     });
 }
 
-/// Kills the process group and waits (briefly) for `sh` to be reaped, so that
-/// the caller does not return while the script may still be running.
-fn kill_group(pgid: libc::pid_t, rx: &mpsc::Receiver<Event>, already_reaped: bool) {
-    // SAFETY: kill(2) with a negative pid signals a process group; it has no
-    // memory-safety preconditions. The group id is the pid of our child, which
-    // the kernel does not reuse while the group has members. ESRCH (nobody
-    // left in the group) is fine.
-    unsafe {
-        libc::kill(-pgid, libc::SIGKILL);
-    }
-    if already_reaped {
-        return;
-    }
-    let until = Instant::now() + KILL_GRACE;
-    while let Ok(ev) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
-        if matches!(ev, Event::Exited(_)) {
-            return;
+/// Blocks until process `pid` has exited, without reaping it. While it is an
+/// unreaped zombie its pid, which is also its process group id, cannot be
+/// reused, so a later `kill(-pgid)` cannot hit a stranger's group.
+fn wait_without_reaping(pid: u32) -> io::Result<()> {
+    loop {
+        // SAFETY: siginfo_t is plain data, valid when zeroed; waitid writes
+        // into it and reads nothing else of ours.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: a plain system call with a valid pointer to `info`.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
 
-/// An I/O failure on our side of the pipes: stop the script and report it.
-fn io_failure(
-    pgid: libc::pid_t,
-    rx: &mpsc::Receiver<Event>,
-    what: &str,
-    e: io::Error,
-) -> TransportError {
-    kill_group(pgid, rx, false);
-    TransportError::new(
-        FailureClass::Transient,
-        format!("local command: cannot {what}: {e}"),
-    )
+/// Kills the script's whole process group, then reaps `sh`: at once if it has
+/// died within [`KILL_GRACE`] (SIGKILL is not refused, so it normally has),
+/// otherwise on a thread of its own, so the caller never hangs on a process
+/// stuck in the kernel.
+fn kill_group(mut child: Child, rx: &mpsc::Receiver<Event>) {
+    // `sh` is not reaped before this point, so its pid is still its group's id.
+    let pgid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) has no memory-safety preconditions. ESRCH (nobody left
+    // in the group) is fine.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
+    }
+    let until = Instant::now() + KILL_GRACE;
+    while let Ok(ev) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+        if matches!(ev, Event::Exited(_)) {
+            let _ = child.wait();
+            return;
+        }
+    }
+    thread::spawn(move || child.wait());
 }
 
 fn spawn_error(shell: &std::path::Path, e: io::Error) -> TransportError {
