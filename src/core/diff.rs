@@ -268,23 +268,17 @@ fn meta_fields(
             Some(m.to_string()),
         );
     }
-    if let Some(o) = owner
-        && !owner_matches(o, &meta.owner, meta.uid)
-    {
-        c = c.field(
-            "owner",
-            Some(owner_label(&meta.owner, meta.uid)),
-            Some(o.clone()),
-        );
-    }
-    if let Some(g) = group
-        && !owner_matches(g, &meta.group, meta.gid)
-    {
-        c = c.field(
-            "group",
-            Some(owner_label(&meta.group, meta.gid)),
-            Some(g.clone()),
-        );
+    // Owner and group compare the same way: by name, or by id when the
+    // desired value is numeric.
+    for (field, want, name, id) in [
+        ("owner", owner, &meta.owner, meta.uid),
+        ("group", group, &meta.group, meta.gid),
+    ] {
+        if let Some(w) = want
+            && !owner_matches(w, name, id)
+        {
+            c = c.field(field, Some(owner_label(name, id)), Some(w.clone()));
+        }
     }
     c
 }
