@@ -7,6 +7,7 @@ pub mod apply;
 pub mod cli;
 pub mod clock;
 pub mod commands;
+pub mod controller;
 pub mod core;
 pub mod dispatch;
 pub mod probe;

@@ -1,0 +1,1 @@
+//! Placeholder: the per-host work queue, debouncer and backoff live here.
