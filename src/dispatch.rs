@@ -265,6 +265,24 @@ pub struct DispatchOpts {
     pub state: StateDir,
     /// For the barrier re-probe before a host's first destructive step.
     pub probe: crate::reconcile::ProbeOpts,
+    /// Set when the controller shuts down: like the kill switch, dispatch
+    /// stops before its next step (the running one finishes or times out).
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl DispatchOpts {
+    /// Why dispatch must stop before its next step, if it must: the kill
+    /// switch (`kill_switch`) or a controller shutdown (`shutdown`). The
+    /// word is the timeline event's kind.
+    pub fn halt(&self) -> Option<&'static str> {
+        if self.state.kill_switch_engaged() {
+            Some("kill_switch")
+        } else if self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+            Some("shutdown")
+        } else {
+            None
+        }
+    }
 }
 
 /// Execute every dispatched host of a prepared pass.
@@ -393,13 +411,9 @@ async fn run_host(
             if !batch.is_empty() {
                 break;
             }
-            res[j] = Some(if opts.state.kill_switch_engaged() {
+            res[j] = Some(if let Some(why) = opts.halt() {
                 killed = true;
-                rec.event(
-                    Some(host),
-                    "kill_switch",
-                    json!({"step": step.index, "id": step.id}),
-                );
+                rec.event(Some(host), why, json!({"step": step.index, "id": step.id}));
                 StepResult::not_run(false)
             } else if fail_fast.load(Ordering::SeqCst) {
                 let mut r = StepResult::not_run(false);
@@ -448,11 +462,11 @@ async fn run_host(
             j += 1;
         }
         if !batch.is_empty() {
-            if opts.state.kill_switch_engaged() {
+            if let Some(why) = opts.halt() {
                 killed = true;
                 rec.event(
                     Some(host),
-                    "kill_switch",
+                    why,
                     json!({"step": steps[batch[0]].index, "id": steps[batch[0]].id}),
                 );
                 for &k in &batch {
@@ -927,6 +941,7 @@ mod tests {
             DispatchMode::Enforced,
             false,
             &TokenInput::default(),
+            Default::default(),
         )
         .await;
         assert_eq!(prep.plan.hosts[0].destructive, 2);
@@ -953,6 +968,7 @@ mod tests {
                 policy_outcome: crate::core::policy::PolicyOutcome::Approved,
                 policy_reason: "test".into(),
                 desired_revision: "rev".into(),
+                target_hosts: vec!["h".into()],
             })
             .unwrap();
             db
@@ -962,6 +978,7 @@ mod tests {
             concurrency: 1,
             state: sd,
             probe: opts,
+            stop: None,
         };
         execute(&prep, &state, &dopts, rec)
             .await

@@ -10,6 +10,7 @@ pub mod commands;
 pub mod controller;
 pub mod core;
 pub mod dispatch;
+pub mod pass;
 pub mod probe;
 pub mod reconcile;
 pub mod settings;

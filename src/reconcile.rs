@@ -392,7 +392,9 @@ pub struct TokenInput {
 }
 
 /// The whole front half. The plan's operation (if any) is checked against
-/// the tokens; a valid one authorizes its destructive steps.
+/// the tokens; a valid one authorizes its destructive steps. `open` holds
+/// transports kept from earlier passes; the other targets get new ones.
+#[allow(clippy::too_many_arguments)] // the inputs of a pass; a struct would only rename them
 pub async fn prepare(
     state: &DesiredState,
     opts: &ProbeOpts,
@@ -401,8 +403,16 @@ pub async fn prepare(
     mode: DispatchMode,
     kill_switch: bool,
     tokens: &TokenInput,
+    open: Transports,
 ) -> Prepared {
-    let (transports, probes) = probe_fleet(state, &targets, opts).await;
+    let missing: Vec<String> = targets
+        .iter()
+        .filter(|t| !open.contains_key(*t))
+        .cloned()
+        .collect();
+    let (mut transports, mut probes) = connect_all(state, &missing, opts);
+    transports.extend(open);
+    probes.extend(probe_all(state, &transports, opts).await);
     let (changes, plan, errors) = plan_fleet(state, revision, &targets, &probes);
     let (token, verdicts) = match &plan.operation {
         Some(op) => {

@@ -146,6 +146,9 @@ fn git_revision(dir: &Path, state_dir: &Path) -> Option<(String, bool)> {
             .arg("-C")
             .arg(dir)
             .args(args)
+            // `git status` must not refresh the index: the controller
+            // watches the git dir, and a write there would wake it again.
+            .env("GIT_OPTIONAL_LOCKS", "0")
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .output()

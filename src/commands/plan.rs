@@ -32,6 +32,7 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
         loaded.settings.dispatch,
         kill,
         &tokens,
+        Default::default(),
     )
     .await;
     if loaded.settings.json {

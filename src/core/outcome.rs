@@ -269,30 +269,59 @@ pub struct StatusInput<'a> {
     pub confirm_cmd: &'a str,
     /// Why the token offered for the operation was refused (`file: reason`).
     pub token_refusal: Option<String>,
+    /// The controller's crash-loop verdict: `(reason, message)` while the
+    /// host is Degraded.
+    pub degraded: Option<(String, String)>,
+    /// The desired state as committed is invalid: `(its revision, the first
+    /// problems as file:line:col: message)`. The pass ran against the last
+    /// valid state (`revision`) with dispatch off, so the host is at most
+    /// `Probed`: it was not planned against what is committed.
+    pub invalid: Option<(String, String)>,
 }
 
 /// The next status of a host after a run.
 pub fn next_status(i: StatusInput) -> HostStatus {
     let mut s = i.prev.unwrap_or_else(|| HostStatus::new(i.host, i.now));
     s.host = i.host.to_string();
-    s.desired_revision = Some(i.revision.to_string());
+    s.desired_revision = Some(match &i.invalid {
+        Some((current, _)) => current.clone(),
+        None => i.revision.to_string(),
+    });
     s.last_run_id = Some(i.run_id.to_string());
     let hp = i.plan.host(i.host);
     let (t, f) = (ConditionStatus::True, ConditionStatus::False);
-    s.set_condition(
-        ConditionType::ValidDesiredState,
-        t,
-        "Valid",
-        "the desired state is valid",
-        i.now,
-    );
-    s.set_condition(
-        ConditionType::Degraded,
-        f,
-        "NotDegraded",
-        "no repeated failures",
-        i.now,
-    );
+    match &i.invalid {
+        None => s.set_condition(
+            ConditionType::ValidDesiredState,
+            t,
+            "Valid",
+            "the desired state is valid",
+            i.now,
+        ),
+        Some((_, msg)) => s.set_condition(
+            ConditionType::ValidDesiredState,
+            f,
+            "InvalidDesiredState",
+            msg.clone(),
+            i.now,
+        ),
+    }
+    match &i.degraded {
+        None => s.set_condition(
+            ConditionType::Degraded,
+            f,
+            "NotDegraded",
+            "no repeated failures",
+            i.now,
+        ),
+        Some((reason, msg)) => s.set_condition(
+            ConditionType::Degraded,
+            t,
+            reason.clone(),
+            msg.clone(),
+            i.now,
+        ),
+    }
 
     if !i.reached {
         let msg = i
@@ -455,5 +484,8 @@ pub fn next_status(i: StatusInput) -> HostStatus {
         (Lifecycle::Running, 0) => Phase::Running,
         (Lifecycle::Running, _) => Phase::Ready,
     };
+    if i.invalid.is_some() {
+        s.phase = Phase::Probed;
+    }
     s
 }

@@ -63,6 +63,9 @@ pub enum ExecutionOutcome {
     PartialSuccess,
     ExecutionFailed,
     NotExecuted,
+    /// Additive: the run was cut short (the process died mid-run); the
+    /// controller closes such runs at its next start-up.
+    Interrupted,
 }
 
 /// How one host fared in a run.

@@ -110,6 +110,11 @@ CREATE TABLE managed_resources (
     PRIMARY KEY (host, resource_id)
 ) STRICT;
 "#,
+    // 2: the hosts a run targets, so that a run cut short by a crash can
+    // still be closed with one outcome per host. NULL for older runs.
+    r#"
+ALTER TABLE runs ADD COLUMN target_hosts_json TEXT;
+"#,
 ];
 
 /// What is known of a run when it begins (after policy, before dispatch).
@@ -124,6 +129,8 @@ pub struct RunRow {
     pub policy_outcome: PolicyOutcome,
     pub policy_reason: String,
     pub desired_revision: String,
+    /// The resolved target hosts (empty for runs recorded before schema 2).
+    pub target_hosts: Vec<String>,
 }
 
 /// One row of run history. `run` holds the values `finish_run` last wrote.
@@ -264,8 +271,9 @@ impl Db {
         self.write(format!("begin run {}", run.run_id), |tx| {
             tx.execute(
                 r#"INSERT INTO runs (run_id, started_at, action, "trigger", dispatch_mode,
-                       effective_mode, policy_outcome, policy_reason, desired_revision)
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"#,
+                       effective_mode, policy_outcome, policy_reason, desired_revision,
+                       target_hosts_json)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"#,
                 rusqlite::params![
                     run.run_id,
                     run.started_at,
@@ -276,6 +284,7 @@ impl Db {
                     text(&run.policy_outcome),
                     run.policy_reason,
                     run.desired_revision,
+                    serde_json::to_string(&run.target_hosts).expect("strings serialize"),
                 ],
             )?;
             Ok(())
@@ -487,6 +496,47 @@ impl Db {
         })
     }
 
+    /// Runs that began and never finished (`execution_outcome` NULL): cut
+    /// short by a crash or a kill -9, oldest first.
+    pub fn unfinished_runs(&self) -> Result<Vec<RunSummary>, StoreError> {
+        self.read("list unfinished runs".into(), |conn| {
+            let mut stmt = conn.prepare(&format!(
+                "{RUN_SELECT} WHERE execution_outcome IS NULL ORDER BY started_at, run_id"
+            ))?;
+            let rows = stmt.query_map([], run_summary)?;
+            rows.collect()
+        })
+    }
+
+    /// Every recorded step attempt of a run, in (host, step, attempt) order.
+    pub fn step_attempts(&self, run_id: &str) -> Result<Vec<StepAttemptRow>, StoreError> {
+        self.read(format!("read the step attempts of run {run_id}"), |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT run_id, host, step_index, resource_id, action, destructive, attempt,
+                        status, started_at, finished_at, exit_code, log_path
+                 FROM step_attempts WHERE run_id = ?1
+                 ORDER BY host, step_index, attempt",
+            )?;
+            let rows = stmt.query_map([run_id], |r| {
+                Ok(StepAttemptRow {
+                    run_id: r.get(0)?,
+                    host: r.get(1)?,
+                    step_index: r.get(2)?,
+                    resource_id: r.get(3)?,
+                    action: enum_column(r, 4)?,
+                    destructive: r.get(5)?,
+                    attempt: r.get(6)?,
+                    status: enum_column(r, 7)?,
+                    started_at: r.get(8)?,
+                    finished_at: r.get(9)?,
+                    exit_code: r.get(10)?,
+                    log_path: r.get(11)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
     pub fn run(&self, run_id: &str) -> Result<Option<RunSummary>, StoreError> {
         self.read(format!("read run {run_id}"), |conn| {
             conn.query_row(
@@ -657,7 +707,7 @@ fn user_version(conn: &Connection) -> rusqlite::Result<u32> {
 
 const RUN_SELECT: &str = r#"SELECT run_id, started_at, action, "trigger", dispatch_mode,
     effective_mode, policy_outcome, policy_reason, desired_revision, completed_at,
-    execution_outcome FROM runs"#;
+    execution_outcome, target_hosts_json FROM runs"#;
 
 fn run_summary(r: &Row<'_>) -> rusqlite::Result<RunSummary> {
     Ok(RunSummary {
@@ -671,6 +721,12 @@ fn run_summary(r: &Row<'_>) -> rusqlite::Result<RunSummary> {
             policy_outcome: enum_column(r, 6)?,
             policy_reason: r.get(7)?,
             desired_revision: r.get(8)?,
+            target_hosts: match r.get::<_, Option<String>>(11)? {
+                None => Vec::new(),
+                Some(j) => serde_json::from_str(&j).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(11, Type::Text, Box::new(e))
+                })?,
+            },
         },
         completed_at: r.get(9)?,
         execution_outcome: r
@@ -723,6 +779,7 @@ mod tests {
 
     fn run_row(run_id: &str, started_at: &str) -> RunRow {
         RunRow {
+            target_hosts: vec!["web-1".into()],
             run_id: run_id.into(),
             started_at: started_at.into(),
             action: Action::Converge,

@@ -1,0 +1,510 @@
+//! One reconcile pass over some target hosts, recorded as a run: the body of
+//! `tend apply` and of every controller pass. Probe, diff, plan, decide,
+//! claim a token, dispatch, then record (SQLite, run artifacts, status
+//! files). Printing is left to the caller.
+//!
+//! Invariant: a pass never dispatches when the desired state is invalid
+//! (`Overlay::invalid` forces mode `off`), and every run it begins it also
+//! finishes with exactly one host outcome per target host.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use crate::clock::{new_run_id, now_rfc3339};
+use crate::core::model::DesiredState;
+use crate::core::outcome::{self, StatusInput};
+use crate::core::policy::PolicyOutcome;
+use crate::core::report::{
+    self, EffectiveMode, FleetStatus, HostOutcome, HostStatus, OperationIntent, Phase, RunResult,
+    Trigger,
+};
+use crate::core::spec::{DispatchMode, Lifecycle};
+use crate::dispatch::{self, DispatchOpts, Recorder};
+use crate::reconcile::{self, Transports};
+use crate::settings::Settings;
+use crate::store::StateDir;
+use crate::store::db::{Db, RunRow};
+
+/// Open transports kept across passes (the controller's), keyed by host,
+/// each with the inventory entry it was built from: a changed entry gets a
+/// new transport.
+#[derive(Default)]
+pub struct TransportCache {
+    inner: Mutex<BTreeMap<String, Cached>>,
+}
+
+/// A transport and the inventory entry (its Debug form) it was built from.
+type Cached = (String, Arc<dyn crate::transport::Transport>);
+
+impl TransportCache {
+    fn fingerprint(state: &DesiredState, host: &str) -> String {
+        format!("{:?}", state.hosts[host].inv)
+    }
+
+    /// The cached transports of `targets` that still match the inventory.
+    fn take(&self, state: &DesiredState, targets: &[String]) -> Transports {
+        let inner = self.inner.lock().expect("transport cache lock");
+        targets
+            .iter()
+            .filter_map(|h| {
+                let (fp, t) = inner.get(h)?;
+                (*fp == Self::fingerprint(state, h)).then(|| (h.clone(), t.clone()))
+            })
+            .collect()
+    }
+
+    fn put(&self, state: &DesiredState, transports: &Transports) {
+        let mut inner = self.inner.lock().expect("transport cache lock");
+        for (h, t) in transports {
+            inner.insert(h.clone(), (Self::fingerprint(state, h), t.clone()));
+        }
+    }
+
+    /// Drop the transports of hosts that left the inventory.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.inner
+            .lock()
+            .expect("transport cache lock")
+            .retain(|h, _| keep(h));
+    }
+}
+
+/// What the controller adds to a host's status beyond the pass itself.
+#[derive(Clone, Debug, Default)]
+pub struct Overlay {
+    /// Hosts in a crash loop: `(reason, message)` for their Degraded condition.
+    pub degraded: BTreeMap<String, (String, String)>,
+    /// The desired state as it stands is invalid: `(its revision, the
+    /// problems)`. The pass runs on the last valid state with dispatch off.
+    pub invalid: Option<(String, String)>,
+}
+
+/// Everything one pass needs.
+pub struct PassInput<'a> {
+    pub settings: &'a Settings,
+    /// The (last valid) desired state, without prunes.
+    pub state: &'a DesiredState,
+    /// Its revision.
+    pub revision: &'a str,
+    pub state_dir: &'a StateDir,
+    pub targets: Vec<String>,
+    pub trigger: Trigger,
+    pub mode: DispatchMode,
+    pub cache: Option<&'a TransportCache>,
+    /// Controller shutdown: dispatch stops before its next step.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Record no run for a pass that finds every target host already
+    /// `Running` at this revision with nothing to do (the controller's
+    /// resyncs); its status still gets the new probe time.
+    pub quiet_noop: bool,
+    pub overlay: &'a Overlay,
+}
+
+/// What a pass did.
+pub struct PassReport {
+    /// The run's result, or `None` for a quiet no-op pass.
+    pub result: Option<RunResult>,
+    pub run_dir: Option<PathBuf>,
+    /// The `tend apply` exit code for this pass.
+    pub code: u8,
+}
+
+pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
+    let sd = input.state_dir;
+    sd.ensure()?;
+    let started = SystemTime::now();
+    let started_at = humantime::format_rfc3339_millis(started).to_string();
+    let targets = input.targets.clone();
+    let mut db = Db::open(&sd.db_path())?;
+    let managed = reconcile::load_managed(Some(&db), &targets)?;
+    let state = reconcile::with_prunes(input.state, &managed);
+    let config = &state.config;
+    let tokens = reconcile::TokenInput::load(sd, Some(&db), config.token_max_ttl.0)?;
+    let teardown = targets
+        .iter()
+        .any(|h| state.hosts[h].lifecycle == Lifecycle::Absent);
+    let action = if teardown {
+        report::Action::Teardown
+    } else {
+        report::Action::Converge
+    };
+    // Invalid desired state never dispatches.
+    let mode = if input.overlay.invalid.is_some() {
+        DispatchMode::Off
+    } else {
+        input.mode
+    };
+    let probe_opts = reconcile::ProbeOpts::new(config, &input.settings.dir);
+    let kill = sd.kill_switch_engaged();
+    let cached = input
+        .cache
+        .map(|c| c.take(&state, &targets))
+        .unwrap_or_default();
+    let mut prep = reconcile::prepare(
+        &state,
+        &probe_opts,
+        input.revision,
+        targets.clone(),
+        mode,
+        kill,
+        &tokens,
+        cached,
+    )
+    .await;
+    if let Some(c) = input.cache {
+        c.put(&state, &prep.transports);
+    }
+
+    if input.quiet_noop && quiet(&input, &prep, sd) {
+        for host in &targets {
+            let prev = sd.read_status(host)?;
+            let mut s = prev.expect("quiet passes have a previous status");
+            if let Some(p) = prep.probes.get(host) {
+                s.last_probe_at = Some(p.at.clone());
+            }
+            sd.write_status(&s)?;
+        }
+        return Ok(PassReport {
+            result: None,
+            run_dir: None,
+            code: crate::commands::exit::OK,
+        });
+    }
+
+    // Begin the run. A run id is random in its last four characters; two
+    // passes in one second may draw the same one, so draw again on conflict.
+    let mut run_id = new_run_id(started);
+    let mut tries = 0;
+    loop {
+        let begun = db.begin_run(&RunRow {
+            run_id: run_id.clone(),
+            started_at: started_at.clone(),
+            action,
+            trigger: input.trigger,
+            dispatch_mode: mode,
+            effective_mode: EffectiveMode::Quick,
+            policy_outcome: PolicyOutcome::Approved,
+            policy_reason: "planning".into(),
+            desired_revision: input.revision.to_string(),
+            target_hosts: targets.clone(),
+        });
+        match begun {
+            Ok(()) => break,
+            Err(_) if tries < 8 && db.run(&run_id)?.is_some() => {
+                tries += 1;
+                run_id = new_run_id(SystemTime::now());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let rec = Arc::new(Recorder::new(run_id.clone(), db));
+    rec.event(
+        None,
+        "run_started",
+        json!({
+            "targets": targets,
+            "trigger": input.trigger,
+            "dispatch_mode": mode.as_str(),
+            "desired_revision": input.revision,
+        }),
+    );
+    if let Some((rev, problems)) = &input.overlay.invalid {
+        rec.event(
+            None,
+            "desired_state_invalid",
+            json!({"revision": rev, "problems": problems, "planned_against": input.revision}),
+        );
+    }
+    for v in &prep.token_verdicts {
+        rec.event(
+            None,
+            "token_checked",
+            json!({"file": v.file, "scope_match": v.scope_match, "refusal": v.refusal}),
+        );
+    }
+    // A valid token is claimed (recorded as used, then moved to
+    // confirm/used/) BEFORE any destructive step it authorizes runs, and only
+    // when one will actually be dispatched.
+    let will_destroy = prep.decision.hosts.iter().any(|d| {
+        d.dispatch
+            && d.allow_destructive
+            && prep.plan.host(&d.host).is_some_and(|h| h.destructive > 0)
+    });
+    if let (Some((v, file)), Some(op)) = (&prep.token, &prep.plan.operation)
+        && v.is_valid()
+        && will_destroy
+    {
+        let claimed = crate::tokens::consume(
+            sd,
+            &mut rec.db(),
+            file,
+            op,
+            &prep.plan.operation_hosts,
+            &run_id,
+            &now_rfc3339(),
+        );
+        if let Err(e) = claimed {
+            // Fail closed: decide again without the token.
+            rec.event(
+                None,
+                "token_refused",
+                json!({"file": v.file, "refusal": format!("{e:#}")}),
+            );
+            let mut refused = v.clone();
+            refused.refusal = Some(format!("{e:#}"));
+            prep.token = Some((refused, file.clone()));
+            prep.decision = reconcile::decide(
+                &state,
+                &prep.plan,
+                &prep.preflight_errors,
+                mode,
+                kill,
+                false,
+            );
+        } else {
+            rec.event(None, "token_used", json!({"file": v.file, "operation": op}));
+        }
+    }
+    for (host, p) in &prep.probes {
+        match &p.result {
+            Ok(_) => rec.event(Some(host), "probed", json!({"attempts": p.attempts})),
+            Err((class, msg)) => rec.event(
+                Some(host),
+                "probe_failed",
+                json!({"attempts": p.attempts, "class": class.as_str(), "message": msg}),
+            ),
+        }
+    }
+    for d in &prep.decision.hosts {
+        rec.event(
+            Some(&d.host),
+            "policy",
+            json!({
+                "outcome": d.outcome,
+                "reason": d.reason,
+                "dispatch": d.dispatch,
+                "not_dispatched_reason": d.not_dispatched_reason,
+            }),
+        );
+    }
+
+    let opts = DispatchOpts {
+        step_timeout: config.step_timeout.0,
+        concurrency: config.concurrency as usize,
+        state: sd.clone(),
+        probe: probe_opts,
+        stop: input.stop.clone(),
+    };
+    let runs = dispatch::execute(&prep, &state, &opts, rec.clone()).await;
+
+    // One outcome per resolved host.
+    let run_blocked = prep.decision.outcome == PolicyOutcome::PolicyBlocked
+        && prep.decision.hosts.iter().all(|d| !d.dispatch)
+        && mode == DispatchMode::Canary;
+    let mut outcomes: Vec<HostOutcome> = Vec::new();
+    for d in &prep.decision.hosts {
+        let hp = prep.plan.host(&d.host).expect("every target is planned");
+        let attempts = prep.probes.get(&d.host).map(|p| p.attempts).unwrap_or(0);
+        outcomes.push(outcome::host_outcome(
+            hp,
+            d,
+            run_blocked,
+            attempts,
+            runs.get(&d.host),
+        ));
+    }
+    let completed_at = now_rfc3339();
+    let destroyed = outcomes.iter().flat_map(|o| &o.steps).any(|s| {
+        s.destructive
+            && matches!(
+                s.status,
+                report::StepStatus::Succeeded | report::StepStatus::Failed
+            )
+    });
+    let confirmation = match (&prep.token, &prep.plan.operation) {
+        (Some((v, _)), Some(op)) => Some(report::Confirmation {
+            operation: op.clone(),
+            hosts: prep.plan.operation_hosts.clone(),
+            token_file: v.file.clone(),
+            scope_match: v.scope_match,
+            reason: v.doc.as_ref().map(|d| d.reason.clone()),
+            refusal: v.refusal.clone(),
+        }),
+        _ => None,
+    };
+    let result = RunResult {
+        schema_version: report::SCHEMA_VERSION,
+        run_id: run_id.clone(),
+        operation_intent: OperationIntent {
+            action,
+            trigger: input.trigger,
+            target_hosts: targets.clone(),
+            requested_by: input.settings.requested_by.clone(),
+        },
+        desired_revision: input.revision.to_string(),
+        effective_mode: if destroyed {
+            EffectiveMode::Full
+        } else {
+            EffectiveMode::Quick
+        },
+        dispatch_mode: mode,
+        policy_outcome: prep.decision.outcome,
+        policy_reason: prep.decision.reason.clone(),
+        blast_radius: targets.clone(),
+        execution_outcome: outcome::execution_outcome(&outcomes),
+        execution_started_at: started_at,
+        execution_completed_at: completed_at.clone(),
+        confirmation,
+        host_outcomes: outcomes,
+    };
+    rec.event(
+        None,
+        "run_finished",
+        json!({"execution_outcome": result.execution_outcome, "policy_outcome": result.policy_outcome}),
+    );
+
+    // Managed resources: what is converged on a dispatched host is tend's.
+    record_managed(&state, &prep, &result, &rec, &completed_at)?;
+
+    let result_json = serde_json::to_string_pretty(&result)?;
+    rec.db().finish_run(&result, &result_json)?;
+    sd.write_run_artifacts(&run_id, &result, &prep.plan.to_json(), &rec.take_timeline())?;
+
+    // Status files.
+    let confirm_cmd = crate::commands::confirm_command(input.settings);
+    for o in &result.host_outcomes {
+        let prev = sd.read_status(&o.host).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "previous status unreadable; starting afresh");
+            None
+        });
+        let probe = prep.probes.get(&o.host);
+        let status = outcome::next_status(StatusInput {
+            prev,
+            host: &o.host,
+            lifecycle: state.hosts[&o.host].lifecycle,
+            plan: &prep.plan,
+            outcome: o,
+            reached: probe.is_some_and(|p| p.result.is_ok()),
+            probe_at: probe.map(|p| p.at.as_str()).unwrap_or(&completed_at),
+            revision: input.revision,
+            run_id: &run_id,
+            now: &completed_at,
+            confirm_cmd: &confirm_cmd,
+            token_refusal: prep
+                .token
+                .as_ref()
+                .and_then(|(v, _)| v.refusal.as_ref().map(|r| format!("{}: {r}", v.file))),
+            degraded: input.overlay.degraded.get(&o.host).cloned(),
+            invalid: input.overlay.invalid.clone(),
+        });
+        sd.write_status(&status)?;
+    }
+
+    let code = outcome::apply_exit_code(&prep.decision, &result.host_outcomes);
+    Ok(PassReport {
+        run_dir: Some(sd.run_dir(&run_id)),
+        result: Some(result),
+        code,
+    })
+}
+
+/// A pass with nothing to tell: every target probed fine, nothing to do, no
+/// token in play, and its status already says `Running` at this revision
+/// with no condition that this pass would change.
+fn quiet(input: &PassInput<'_>, prep: &reconcile::Prepared, sd: &StateDir) -> bool {
+    use report::{ConditionStatus as S, ConditionType as C};
+    if input.overlay.invalid.is_some() || !prep.token_verdicts.is_empty() {
+        return false;
+    }
+    input.targets.iter().all(|host| {
+        let probed = prep.probes.get(host).is_some_and(|p| p.result.is_ok());
+        let idle = prep
+            .plan
+            .host(host)
+            .is_some_and(|hp| hp.error.is_none() && hp.steps.is_empty());
+        let Ok(Some(prev)) = sd.read_status(host) else {
+            return false;
+        };
+        let cond = |kind: C, want: S| prev.condition(kind).is_some_and(|c| c.status == want);
+        probed
+            && idle
+            && !input.overlay.degraded.contains_key(host)
+            && prev.phase == Phase::Running
+            && prev.desired_revision.as_deref() == Some(input.revision)
+            && prev.converged_revision.as_deref() == Some(input.revision)
+            && cond(C::Reachable, S::True)
+            && cond(C::Converged, S::True)
+            && cond(C::Drifted, S::False)
+            && cond(C::Degraded, S::False)
+            && cond(C::ValidDesiredState, S::True)
+            && cond(C::AwaitingConfirmation, S::False)
+    })
+}
+
+fn record_managed(
+    state: &DesiredState,
+    prep: &reconcile::Prepared,
+    result: &RunResult,
+    rec: &Recorder,
+    at: &str,
+) -> Result<()> {
+    let mut db = rec.db();
+    for o in &result.host_outcomes {
+        if o.dispatch_status != report::DispatchStatus::Dispatched
+            && o.outcome != report::HostOutcomeKind::NoChange
+        {
+            continue;
+        }
+        let host = &state.hosts[&o.host];
+        let Some(hp) = prep.plan.host(&o.host) else {
+            continue;
+        };
+        for r in &host.resources {
+            let step = hp.steps.iter().zip(&o.steps).find(|(s, _)| s.id == r.id);
+            let converged = match step {
+                None => true,
+                Some((_, so)) => so.status == report::StepStatus::Succeeded,
+            };
+            let gone = r.state().is_absent() || host.lifecycle == Lifecycle::Absent || r.pruned;
+            if converged && gone {
+                db.remove_managed(&o.host, &r.id)?;
+            } else if converged {
+                let spec = serde_json::to_string(&r.spec)?;
+                db.upsert_managed(
+                    &o.host,
+                    &r.id,
+                    r.kind(),
+                    r.key().1,
+                    &spec,
+                    &result.run_id,
+                    at,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `status/fleet.json` from the status file of every host in `hosts`.
+pub fn write_fleet<'a>(
+    sd: &StateDir,
+    hosts: impl IntoIterator<Item = &'a String>,
+    now: &str,
+) -> Result<()> {
+    let mut statuses = Vec::new();
+    for name in hosts {
+        let s = sd
+            .read_status(name)
+            .with_context(|| format!("reading status of host `{name}`"))?
+            .unwrap_or_else(|| HostStatus::new(name.clone(), now));
+        statuses.push(s);
+    }
+    sd.write_fleet(&FleetStatus::from_statuses(now, statuses.iter()))?;
+    Ok(())
+}
