@@ -88,6 +88,12 @@ pub enum Command {
     },
     /// The controller: watch, reconcile, resync, until SIGINT/SIGTERM.
     Run,
+    /// Ask the controller to reconcile a host now, clearing its backoff and
+    /// crash loop (`Degraded`).
+    Retry {
+        /// The host.
+        host: String,
+    },
     /// Show host status from the status files.
     Status {
         /// One host (default: the fleet).

@@ -24,6 +24,8 @@ fn init_tracing(cli: &Cli) {
         "error"
     } else {
         match cli.global.verbose {
+            // The controller is a daemon: its passes are its log.
+            0 if matches!(cli.command, tend::cli::Command::Run) => "info",
             0 => "warn",
             1 => "info",
             2 => "debug",
@@ -33,6 +35,7 @@ fn init_tracing(cli: &Cli) {
     let filter = EnvFilter::try_from_env("TEND_LOG").unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cli.global.log_format {
         LogFormat::Human => builder.with_target(false).init(),

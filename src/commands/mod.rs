@@ -5,6 +5,8 @@ pub mod apply;
 pub mod confirm;
 pub mod plan;
 pub mod probe;
+pub mod retry;
+pub mod run;
 pub mod runs;
 pub mod schema;
 pub mod status;
@@ -47,9 +49,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { host } => status::run(g, host.as_deref())?,
         Command::Runs { limit } => runs::list(g, *limit)?,
         Command::Show { run_id } => runs::show(g, run_id)?,
-        Command::Run => bail!(
-            "`tend run` (the controller) is not available in this build yet; use `tend apply`"
-        ),
+        Command::Run => run::run(g)?,
+        Command::Retry { host } => retry::run(g, host)?,
         Command::Confirm {
             operation,
             reason,
@@ -59,7 +60,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

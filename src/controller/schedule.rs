@@ -12,7 +12,7 @@
 //! before its [`WorkQueue::done`]. Everything is deterministic: time is tokio's
 //! clock (paused in tests) and randomness comes from a seed the caller keeps.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -26,12 +26,24 @@ const HORIZON: Duration = Duration::from_secs(365 * 24 * 3600);
 /// A per-host queue of pending passes, ordered by deadline.
 pub struct WorkQueue<T: Clone> {
     delay: DelayQueue<String>,
-    /// Hosts in `delay`: their key, requested deadline and payload.
-    queued: HashMap<String, (Key, Instant, T)>,
+    /// Hosts queued: waiting in `delay` or already due.
+    queued: HashMap<String, Entry<T>>,
+    /// Queued hosts whose deadline has passed, by (requested deadline,
+    /// host). `DelayQueue` hands out expired entries in wheel order, not
+    /// deadline order; taking them from here instead keeps the queue fair
+    /// when more hosts are due than there are free slots.
+    due: BTreeSet<(Instant, String)>,
     /// Hosts handed out by `next` and not yet `done`.
     running: HashSet<String>,
     /// Requests that arrived while their host was running.
     parked: HashMap<String, (Instant, T)>,
+}
+
+struct Entry<T> {
+    /// The key in `delay`; `None` once the entry is in `due`.
+    key: Option<Key>,
+    at: Instant,
+    why: T,
 }
 
 impl<T: Clone> Default for WorkQueue<T> {
@@ -45,6 +57,7 @@ impl<T: Clone> WorkQueue<T> {
         Self {
             delay: DelayQueue::new(),
             queued: HashMap::new(),
+            due: BTreeSet::new(),
             running: HashSet::new(),
             parked: HashMap::new(),
         }
@@ -65,43 +78,88 @@ impl<T: Clone> WorkQueue<T> {
         }
         let armed = at.min(after(Instant::now(), HORIZON));
         match self.queued.get_mut(host) {
-            Some((_, old, _)) if *old <= at => {}
-            Some((key, old, payload)) => {
-                self.delay.reset_at(key, armed);
-                *old = at;
-                *payload = why;
+            Some(e) if e.at <= at => {}
+            Some(e) => {
+                match &e.key {
+                    Some(key) => self.delay.reset_at(key, armed),
+                    None => {
+                        self.due.remove(&(e.at, host.to_string()));
+                        self.due.insert((at, host.to_string()));
+                    }
+                }
+                e.at = at;
+                e.why = why;
             }
             None => {
                 let key = self.delay.insert_at(host.to_string(), armed);
-                self.queued.insert(host.to_string(), (key, at, why));
+                self.queued.insert(
+                    host.to_string(),
+                    Entry {
+                        key: Some(key),
+                        at,
+                        why,
+                    },
+                );
             }
+        }
+    }
+
+    /// Move an expired entry of `delay` into `due`.
+    fn expired(&mut self, host: String) {
+        // Every entry of `delay` is in `queued`; a stray one is dropped.
+        if let Some(e) = self.queued.get_mut(&host) {
+            e.key = None;
+            self.due.insert((e.at, host));
         }
     }
 
     /// Wait for the earliest due host, mark it running and return it with its
     /// payload. `None` at once when nothing is queued. Cancel-safe: the only
-    /// await is `poll_expired`, which removes an entry only in the poll that
-    /// returns it, and the bookkeeping after it runs without yielding.
+    /// await that can be pending is `poll_expired`, which removes an entry
+    /// only in the poll that returns it, and the bookkeeping after it runs
+    /// without yielding.
     pub async fn next(&mut self) -> Option<(String, T)> {
         loop {
             if self.queued.is_empty() {
                 return None;
             }
-            let expired = std::future::poll_fn(|cx| self.delay.poll_expired(cx)).await?;
-            let host = expired.into_inner();
-            // Every entry of `delay` is in `queued`; a stray one is skipped.
-            let Some((_, at, why)) = self.queued.remove(&host) else {
+            if self.due.is_empty() {
+                let first = std::future::poll_fn(|cx| self.delay.poll_expired(cx)).await?;
+                self.expired(first.into_inner());
+            }
+            // Everything else already expired joins `due` too, so that the
+            // earliest deadline goes first.
+            while let Some(e) = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(match self.delay.poll_expired(cx) {
+                    std::task::Poll::Ready(Some(e)) => Some(e),
+                    _ => None,
+                })
+            })
+            .await
+            {
+                self.expired(e.into_inner());
+            }
+            let Some((at, host)) = self.due.pop_first() else {
+                continue;
+            };
+            let Some(entry) = self.queued.remove(&host) else {
                 continue;
             };
             if at > Instant::now() {
                 // Only a deadline beyond the horizon expires early: re-arm it.
                 let armed = at.min(after(Instant::now(), HORIZON));
                 let key = self.delay.insert_at(host.clone(), armed);
-                self.queued.insert(host, (key, at, why));
+                self.queued.insert(
+                    host,
+                    Entry {
+                        key: Some(key),
+                        ..entry
+                    },
+                );
                 continue;
             }
             self.running.insert(host.clone());
-            return Some((host, why));
+            return Some((host, entry.why));
         }
     }
 
@@ -117,8 +175,15 @@ impl<T: Clone> WorkQueue<T> {
     /// `host` left the inventory. A running pass is left to finish (and stays
     /// counted as running so the host is not handed out twice meanwhile).
     pub fn forget(&mut self, host: &str) {
-        if let Some((key, _, _)) = self.queued.remove(host) {
-            self.delay.remove(&key);
+        if let Some(e) = self.queued.remove(host) {
+            match e.key {
+                Some(key) => {
+                    self.delay.remove(&key);
+                }
+                None => {
+                    self.due.remove(&(e.at, host.to_string()));
+                }
+            }
         }
         self.parked.remove(host);
     }
@@ -142,7 +207,7 @@ impl<T: Clone> WorkQueue<T> {
 
     /// The deadline of a queued host (not of a parked request).
     pub fn deadline(&self, host: &str) -> Option<Instant> {
-        self.queued.get(host).map(|(_, at, _)| *at)
+        self.queued.get(host).map(|e| e.at)
     }
 }
 
@@ -370,6 +435,25 @@ mod tests {
             assert_eq!((h.as_str(), Instant::now() - t0), (host, secs * S));
         }
         assert_eq!(q.running(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overdue_hosts_go_earliest_deadline_first() {
+        // Nobody asks while the slots are full; when one frees up, the host
+        // that has waited longest goes first, whatever the timer wheel says.
+        let t0 = Instant::now();
+        let mut q = WorkQueue::new();
+        for (i, host) in ["e", "d", "c", "b", "a"].iter().enumerate() {
+            q.schedule(host, t0 + (i as u32 + 1) * S, ());
+        }
+        tokio::time::sleep(100 * S).await;
+        q.schedule("z", t0 + 50 * S, ());
+        let mut order = Vec::new();
+        while !q.is_empty() {
+            order.push(q.next().await.expect("queued").0);
+        }
+        assert_eq!(order, ["e", "d", "c", "b", "a", "z"]);
+        assert_eq!(Instant::now() - t0, 100 * S);
     }
 
     #[tokio::test(start_paused = true)]

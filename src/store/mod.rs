@@ -119,6 +119,7 @@ impl StateDir {
             self.root.join("status"),
             self.root.join("runs"),
             self.confirm_used_dir(),
+            self.retry_dir(),
         ] {
             fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
         }
@@ -198,6 +199,33 @@ impl StateDir {
         read_json(&self.status_path(host))
     }
 
+    /// The hosts that have a status file.
+    pub fn status_hosts(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.root.join("status");
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io("list", &dir, e)),
+        };
+        let mut hosts = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("list", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(host) = name.strip_suffix(".json")
+                && host != "fleet"
+            {
+                hosts.push(host.to_string());
+            }
+        }
+        hosts.sort();
+        Ok(hosts)
+    }
+
+    /// Where `tend retry HOST` leaves its requests for the controller.
+    pub fn retry_dir(&self) -> PathBuf {
+        self.root.join("retry")
+    }
+
     pub fn write_fleet(&self, fleet: &FleetStatus) -> Result<(), StoreError> {
         write_json_atomic(&self.fleet_path(), fleet)
     }
@@ -222,18 +250,21 @@ impl StateDir {
         let dir = self.run_dir(run_id);
         write_atomic(&dir.join("plan.json"), plan_json)?;
 
-        let timeline_path = dir.join("timeline.jsonl");
-        let mut lines = Vec::new();
-        for event in timeline {
-            // A `Value` always encodes; the error arm is for form's sake.
-            serde_json::to_writer(&mut lines, event).map_err(|source| StoreError::Encode {
-                path: timeline_path.clone(),
-                source,
-            })?;
-            lines.push(b'\n');
-        }
-        write_atomic(&timeline_path, &lines)?;
+        write_timeline(&dir, timeline)?;
+        write_json_atomic(&dir.join("result.json"), result)
+    }
 
+    /// Close the artifacts of a run cut short by a crash: its timeline (from
+    /// the events recorded as it went) and its `result.json`. Its plan was
+    /// never written and is not made up.
+    pub fn write_interrupted_run(
+        &self,
+        result: &RunResult,
+        timeline: &[serde_json::Value],
+    ) -> Result<(), StoreError> {
+        self.check_name("run id", &result.run_id)?;
+        let dir = self.run_dir(&result.run_id);
+        write_timeline(&dir, timeline)?;
         write_json_atomic(&dir.join("result.json"), result)
     }
 
@@ -317,6 +348,21 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> 
 /// becomes `_`, at most `SAFE_ID_MAX` bytes, and never `.` or `..` (nor
 /// empty). Different ids may map to one name; the step index in front keeps
 /// log names unique.
+/// `timeline.jsonl`: one compact JSON value per line.
+fn write_timeline(dir: &Path, timeline: &[serde_json::Value]) -> Result<(), StoreError> {
+    let path = dir.join("timeline.jsonl");
+    let mut lines = Vec::new();
+    for event in timeline {
+        // A `Value` always encodes; the error arm is for form's sake.
+        serde_json::to_writer(&mut lines, event).map_err(|source| StoreError::Encode {
+            path: path.clone(),
+            source,
+        })?;
+        lines.push(b'\n');
+    }
+    write_atomic(&path, &lines)
+}
+
 pub fn safe_file_part(id: &str) -> String {
     let mut s: String = id
         .bytes()

@@ -1,0 +1,68 @@
+//! `tend run`: the controller. Holds the state dir's lock, closes runs a
+//! crash left open, then watches, reconciles and resyncs until SIGINT or
+//! SIGTERM; exits 0 on a clean shutdown.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+
+use super::exit;
+use crate::cli::Global;
+use crate::controller::{self, Event, real::Real, recover, watch};
+use crate::core::model;
+use crate::settings::Settings;
+use crate::store::StateDir;
+
+pub fn run(g: &Global) -> Result<u8> {
+    // The state dir and the first settings come from tend.yaml even when
+    // the rest of the desired state is invalid: the controller starts,
+    // reports the problems on every host it knows, and waits for a fix.
+    let tree = crate::source::read_tree(&g.dir)?;
+    let config = model::validate(&tree).state.config;
+    let settings = Settings::resolve(g, config, None)?;
+    let sd = StateDir::new(settings.state_dir.clone());
+    sd.ensure()?;
+    let _lock = super::lock_state_dir(&sd)?;
+    tracing::info!(
+        dir = %g.dir.display(),
+        state_dir = %sd.root().display(),
+        dispatch = settings.dispatch.as_str(),
+        pid = std::process::id(),
+        "tend run: controller starting"
+    );
+    let interrupted = recover::interrupted_runs(&sd).context("closing interrupted runs")?;
+    if !interrupted.is_empty() {
+        tracing::warn!(hosts = ?interrupted, "runs left unfinished were marked Interrupted; their hosts get a fresh pass");
+    }
+
+    super::runtime()?.block_on(async move {
+        let (tx, rx) = mpsc::unbounded_channel();
+        watch::signals(tx.clone())?;
+        let paths = watch::Paths::resolve(&g.dir, sd.root())?;
+        let real = Arc::new(Real::new(g.clone(), settings));
+        let watches = watch::Watches::start(paths, tx.clone())?;
+        real.set_watches(watches);
+        // Retry requests left while no controller ran.
+        if let Ok(entries) = std::fs::read_dir(sd.retry_dir()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.starts_with('.') && std::fs::remove_file(e.path()).is_ok() {
+                    let _ = tx.send(Event::RetryRequested(name));
+                }
+            }
+        }
+        controller::run(real, rx, seed()).await;
+        anyhow::Ok(())
+    })?;
+    Ok(exit::OK)
+}
+
+/// Jitter seed: different for every process start.
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
