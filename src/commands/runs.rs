@@ -32,6 +32,7 @@ pub fn list(g: &Global, limit: usize) -> Result<u8> {
                     "policy_outcome": r.run.policy_outcome,
                     "execution_outcome": r.execution_outcome,
                     "desired_revision": r.run.desired_revision,
+                    "target_hosts": r.run.target_hosts,
                 })
             })
             .collect();
