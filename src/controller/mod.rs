@@ -160,6 +160,10 @@ pub async fn run<R: Reconciler>(r: Arc<R>, mut events: mpsc::UnboundedReceiver<E
     book.schedule_all(Instant::now(), Trigger::Resync);
     let mut running: JoinSet<(String, Verdict)> = JoinSet::new();
     let mut stopping = false;
+    // The desired state is also read again every `resync`, in case a
+    // change escaped the watch (a network file system, a lost event).
+    let mut reread = tokio::time::interval_at(Instant::now() + timing.resync, timing.resync);
+    reread.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
         if stopping && running.is_empty() {
@@ -212,6 +216,7 @@ pub async fn run<R: Reconciler>(r: Arc<R>, mut events: mpsc::UnboundedReceiver<E
                     }
                 }
             }
+            _ = reread.tick(), if !stopping => reload(&*r, &mut book, &mut debounce, false),
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() && !stopping => {
                 debounce.fire();
                 reload(&*r, &mut book, &mut debounce, false);

@@ -376,3 +376,19 @@ async fn hosts_that_leave_the_inventory_are_forgotten() {
     assert_eq!(fake.passes_of("b").len(), 1);
     assert!(fake.passes_of("a").len() >= 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_change_the_watch_missed_is_found_at_the_next_resync() {
+    let fake = Fake::new(&["a"], 4, Duration::ZERO);
+    let (_tx, _h) = start(&fake);
+    at(&fake, 1.0).await;
+    // No event: the revision changes behind the watch's back.
+    fake.set_revision("rev-2");
+    at(&fake, 301.0).await;
+    let p = fake.passes_of("a");
+    assert!(
+        p.iter()
+            .any(|(t, tr)| *tr == Trigger::Watch && (*t - 300.0).abs() < 0.01),
+        "{p:?}"
+    );
+}

@@ -204,19 +204,31 @@ impl Watches {
     }
 }
 
-/// SIGINT and SIGTERM become `Shutdown`, SIGHUP `Reload`.
+/// SIGINT and SIGTERM become `Shutdown`, SIGHUP `Reload`. A second SIGINT
+/// or SIGTERM exits at once: the operator insists, and the runs left open
+/// are closed as `Interrupted` at the next start.
 pub fn signals(tx: UnboundedSender<Event>) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tokio::spawn(async move {
+        let mut stopping = false;
         loop {
             let ev = tokio::select! {
                 _ = int.recv() => Event::Shutdown,
                 _ = term.recv() => Event::Shutdown,
                 _ = hup.recv() => Event::Reload,
             };
+            if ev == Event::Shutdown {
+                if stopping {
+                    tracing::warn!(
+                        "second stop signal: exiting now; unfinished runs are closed as Interrupted at the next start"
+                    );
+                    std::process::exit(1);
+                }
+                stopping = true;
+            }
             if tx.send(ev).is_err() {
                 break;
             }
