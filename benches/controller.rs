@@ -11,11 +11,10 @@
 mod support;
 
 use std::fs;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Desired, fleet};
+use support::{Daemon, Desired, fleet};
 
 const HOSTS: [&str; 5] = ["h25", "h26", "h27", "h28", "h29"];
 const QUIET: Duration = Duration::from_millis(100);
@@ -66,17 +65,7 @@ fn main() {
     let hosts: Vec<(&str, String)> = HOSTS.iter().map(|h| (*h, body(0))).collect();
     let refs: Vec<(&str, &str)> = hosts.iter().map(|(h, b)| (*h, b.as_str())).collect();
     let d = Desired::new(&tend_yaml, &inventory, &refs);
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tend"))
-        .arg("--dir")
-        .arg(d.dir())
-        .arg("run")
-        .env_remove("TEND_DISPATCH")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .expect("start tend run");
+    let daemon = Daemon::start(&d);
 
     let wait = |old: &str| -> (String, Instant) {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -87,7 +76,7 @@ fn main() {
             assert!(
                 Instant::now() < deadline,
                 "hosts did not converge; log:\n{}",
-                fs::read_to_string(log.path()).unwrap_or_default()
+                daemon.log()
             );
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -103,8 +92,7 @@ fn main() {
         rev = new;
         samples.push((t1 - t0).saturating_sub(QUIET));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(daemon);
 
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;

@@ -140,23 +140,27 @@ pub fn revision(dir: &Path, state_dir: &Path, tree: &SourceTree) -> String {
     }
 }
 
+/// `git -C dir ARGS…`: its stdout without the trailing newline, or `None`
+/// when git is missing or fails.
+pub fn git(dir: &Path, args: &[&str]) -> Option<String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        // `git status` must not refresh the index: the controller watches
+        // the git dir, and a write there would wake it again.
+        .env("GIT_OPTIONAL_LOCKS", "0")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+}
+
 fn git_revision(dir: &Path, state_dir: &Path) -> Option<(String, bool)> {
-    let git = |args: &[&str]| -> Option<String> {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(args)
-            // `git status` must not refresh the index: the controller
-            // watches the git dir, and a write there would wake it again.
-            .env("GIT_OPTIONAL_LOCKS", "0")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim_end().to_string())
-    };
+    let git = |args: &[&str]| git(dir, args);
     if git(&["rev-parse", "--is-inside-work-tree"])? != "true" {
         return None;
     }

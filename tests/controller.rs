@@ -10,11 +10,11 @@ mod support;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Desired, code, fleet, text, wait_for};
+use support::{Daemon, Desired, code, fleet, text, wait_for};
 
 /// Fast timings so that each scenario takes seconds.
 const TEND_YAML: &str = "dispatch: enforced
@@ -76,78 +76,6 @@ fn commit(d: &Desired, msg: &str) -> String {
 
 fn write_host(d: &Desired, host: &str, body: &str) {
     fs::write(d.dir().join("hosts").join(format!("{host}.yaml")), body).unwrap();
-}
-
-/// A running `tend run`, killed (SIGKILL) if the test did not stop it. Its
-/// log lives outside the desired-state dir (a write there is a change).
-struct Daemon {
-    child: Option<Child>,
-    log: tempfile::NamedTempFile,
-}
-
-impl Daemon {
-    fn start(d: &Desired) -> Daemon {
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tend"))
-            .arg("--dir")
-            .arg(d.dir())
-            .args(["run", "-v"])
-            .env_remove("TEND_DISPATCH")
-            .env_remove("SSH_AUTH_SOCK")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .expect("start tend run");
-        Daemon {
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    }
-
-    /// Wait for the process to exit on its own.
-    fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let child = self.child.as_mut().unwrap();
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                self.child = None;
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tend run did not exit; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn status(d: &Desired, host: &str) -> Value {

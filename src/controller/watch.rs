@@ -8,7 +8,6 @@
 //! into the state dir, whose `runs/` grows without bound.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
 use notify::event::{AccessKind, AccessMode, EventKind};
@@ -82,18 +81,7 @@ impl Paths {
 
 /// `git rev-parse --absolute-git-dir`, when `dir` is in a git work tree.
 fn git_dir(dir: &Path) -> Option<PathBuf> {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["rev-parse", "--absolute-git-dir"])
-        .env("GIT_OPTIONAL_LOCKS", "0")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim_end()))
+    crate::source::git(dir, &["rev-parse", "--absolute-git-dir"]).map(PathBuf::from)
 }
 
 /// The file watches; dropping it stops them.
