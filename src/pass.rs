@@ -103,6 +103,10 @@ pub struct PassInput<'a> {
     /// `Running` at this revision with nothing to do (the controller's
     /// resyncs); its status still gets the new probe time.
     pub quiet_noop: bool,
+    /// The pass is one of the controller's: its scope is the whole
+    /// inventory, so in canary mode a pass without the canary holds its
+    /// hosts back rather than being `PolicyBlocked`.
+    pub fleet_scope: bool,
     pub overlay: &'a Overlay,
 }
 
@@ -159,6 +163,32 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
     .await;
     if let Some(c) = input.cache {
         c.put(&state, &prep.transports);
+    }
+    // The controller's scope is the whole inventory, one host per pass.
+    let decide = |prep: &reconcile::Prepared, authorized: bool| {
+        if input.fleet_scope {
+            reconcile::decide_in_fleet(
+                &state,
+                &prep.plan,
+                &prep.preflight_errors,
+                mode,
+                kill,
+                authorized,
+            )
+        } else {
+            reconcile::decide(
+                &state,
+                &prep.plan,
+                &prep.preflight_errors,
+                mode,
+                kill,
+                authorized,
+            )
+        }
+    };
+    if input.fleet_scope {
+        let authorized = prep.token.as_ref().is_some_and(|(v, _)| v.is_valid());
+        prep.decision = decide(&prep, authorized);
     }
 
     if input.quiet_noop && quiet(&input, &prep, sd) {
@@ -259,14 +289,7 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
             let mut refused = v.clone();
             refused.refusal = Some(format!("{e:#}"));
             prep.token = Some((refused, file.clone()));
-            prep.decision = reconcile::decide(
-                &state,
-                &prep.plan,
-                &prep.preflight_errors,
-                mode,
-                kill,
-                false,
-            );
+            prep.decision = decide(&prep, false);
         } else {
             rec.event(None, "token_used", json!({"file": v.file, "operation": op}));
         }

@@ -340,6 +340,36 @@ pub fn plan_fleet(
     (changes, Plan::new(revision, host_plans), errors)
 }
 
+/// Decide the hosts of a controller pass: like [`decide`], except that in
+/// canary mode a pass that does not hold the canary (which has a pass of its
+/// own) holds its hosts back instead of being `PolicyBlocked`.
+pub fn decide_in_fleet(
+    state: &DesiredState,
+    plan: &Plan,
+    errors: &PreflightErrors,
+    mode: DispatchMode,
+    kill_switch: bool,
+    authorized: bool,
+) -> RunDecision {
+    match (mode, state.config.canary.as_deref()) {
+        (DispatchMode::Canary, Some(c))
+            if state.hosts.contains_key(c) && plan.host(c).is_none() =>
+        {
+            let facts: Vec<HostFacts> = plan
+                .hosts
+                .iter()
+                .map(|hp| HostFacts {
+                    plan: hp,
+                    protected: state.hosts[&hp.host].inv.protected,
+                    preflight_error: errors.get(&hp.host).cloned(),
+                })
+                .collect();
+            policy::decide_canary_elsewhere(&facts, c, kill_switch, authorized)
+        }
+        _ => decide(state, plan, errors, mode, kill_switch, authorized),
+    }
+}
+
 /// Decide every host of a plan.
 pub fn decide(
     state: &DesiredState,

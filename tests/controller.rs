@@ -3,7 +3,7 @@
 //! hand edits on a host, broken YAML, tokens, `tend retry`, SIGTERM and
 //! kill -9.
 //!
-//! Hosts h17..h24 belong to this file, one test each (tests run in parallel).
+//! Hosts h17..h24, h35 and h36 belong to this file (tests run in parallel).
 
 #[path = "support/fleet.rs"]
 mod support;
@@ -525,4 +525,51 @@ fn a_crash_loop_degrades_the_host_and_tend_retry_releases_it() {
     wait_status(&d, &daemon, "h24", "Running, not degraded", |s| {
         running_at(s, &fixed) && condition(s, "Degraded")["status"] == "False"
     });
+}
+
+#[test]
+fn canary_mode_converges_the_canary_and_holds_the_others() {
+    let f = fleet();
+    for h in ["h35", "h36"] {
+        f.sh(h, "rm -rf /srv/ctl");
+    }
+    let tend_yaml = TEND_YAML.replace("dispatch: enforced", "dispatch: canary\ncanary: h35");
+    let d = repo(
+        &tend_yaml,
+        &[
+            ("h35", &file_body("/srv/ctl/conf", "new\n")),
+            ("h36", &file_body("/srv/ctl/conf", "new\n")),
+        ],
+    );
+    let head = git(d.dir(), &["rev-parse", "HEAD"]);
+    let daemon = Daemon::start(&d);
+    wait_status(&d, &daemon, "h35", "the canary Running", |s| {
+        running_at(s, &head)
+    });
+    // The other host is planned, not dispatched, and not blocked by policy.
+    wait_status(&d, &daemon, "h36", "held by the mode", |s| {
+        s["phase"] == "Ready" && s["desired_revision"] == head
+    });
+    let s = status(&d, "h36");
+    assert_eq!(condition(&s, "Converged")["status"], "False", "{s:#}");
+    assert_eq!(
+        condition(&s, "AwaitingConfirmation")["reason"],
+        "NothingHeld",
+        "{s:#}"
+    );
+    assert_eq!(
+        f.sh("h36", "test -e /srv/ctl && echo present || echo absent"),
+        "absent\n"
+    );
+    let held: Vec<Value> = results(&d)
+        .into_iter()
+        .filter(|r| r["operation_intent"]["target_hosts"] == serde_json::json!(["h36"]))
+        .collect();
+    assert!(!held.is_empty());
+    for r in &held {
+        assert_eq!(r["policy_outcome"], "Approved", "{r:#}");
+        let o = &r["host_outcomes"][0];
+        assert_eq!(o["outcome"], "Planned", "{r:#}");
+        assert_eq!(o["dispatch_status"], "not_dispatched");
+    }
 }

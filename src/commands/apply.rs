@@ -28,6 +28,7 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         cache: None,
         stop: None,
         quiet_noop: false,
+        fleet_scope: false,
         overlay: &Overlay::default(),
     })
     .await?;

@@ -281,6 +281,7 @@ impl Reconciler for Real {
                     cache: Some(&self.cache),
                     stop: Some(self.stop.clone()),
                     quiet_noop: true,
+                    fleet_scope: true,
                     overlay: &overlay,
                 })
                 .await;

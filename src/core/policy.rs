@@ -140,6 +140,29 @@ pub fn decide(
     }
 }
 
+/// Canary mode for a run that holds only hosts other than the canary while
+/// the canary itself is reconciled in a run of its own (the controller works
+/// host by host over the whole inventory). Such a run is not "the canary is
+/// not a target" (`PolicyBlocked`): its hosts are simply not dispatched to,
+/// and a host with changes is `Planned`.
+pub fn decide_canary_elsewhere(
+    hosts: &[HostFacts],
+    canary: &str,
+    kill_switch: bool,
+    authorized: bool,
+) -> RunDecision {
+    let mut run = decide(hosts, DispatchMode::Enforced, None, kill_switch, authorized);
+    for d in &mut run.hosts {
+        if d.dispatch {
+            d.dispatch = false;
+            d.not_dispatched_reason = Some(format!(
+                "dispatch mode is canary; only `{canary}` is dispatched"
+            ));
+        }
+    }
+    run
+}
+
 fn decide_host(f: &HostFacts, authorized: bool) -> HostDecision {
     let plan = f.plan;
     let mut d = HostDecision {
@@ -341,6 +364,33 @@ mod tests {
 
         let killed = decide(&hosts, DispatchMode::Enforced, None, true, false);
         assert_eq!(dispatched(&killed), [false, false]);
+        assert!(
+            killed.hosts[0]
+                .not_dispatched_reason
+                .as_deref()
+                .unwrap()
+                .contains("kill switch")
+        );
+    }
+
+    #[test]
+    fn canary_elsewhere_holds_other_hosts_without_blocking() {
+        let plans = [plan("a", 0, 1), plan("b", 0, 0)];
+        let hosts: Vec<HostFacts> = plans.iter().map(facts).collect();
+        let run = decide_canary_elsewhere(&hosts, "c", false, false);
+        assert_eq!(run.outcome, PolicyOutcome::Approved);
+        assert!(run.hosts.iter().all(|d| !d.dispatch));
+        assert_eq!(
+            run.hosts[0].not_dispatched_reason.as_deref(),
+            Some("dispatch mode is canary; only `c` is dispatched")
+        );
+        // Nothing to do stays "nothing to do".
+        assert_eq!(
+            run.hosts[1].not_dispatched_reason.as_deref(),
+            Some("nothing to do")
+        );
+        // The kill switch still says so.
+        let killed = decide_canary_elsewhere(&hosts, "c", true, false);
         assert!(
             killed.hosts[0]
                 .not_dispatched_reason

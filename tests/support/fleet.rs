@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 /// Hosts the fleet provides to the tests: h1..h11 for paths and transport
 /// failures, h12..h16 for users, groups, packages and commands, h17..h24 for
-/// the controller, h25..h29 for the controller bench, h30..h34 for the
-/// five-host no-op converge, h40..h47 for the safety campaign.
+/// the controller (and h35, h36), h25..h29 for the controller bench, h30..h34
+/// for the five-host no-op converge, h40..h47 for the safety campaign.
 pub const HOSTS: usize = 47;
 
 /// Systemd hosts the fleet provides to the tests: s1..s4 for the service
