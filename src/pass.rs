@@ -165,37 +165,29 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
         c.put(&state, &prep.transports);
     }
     // The controller's scope is the whole inventory, one host per pass.
+    let decide_fn = if input.fleet_scope {
+        reconcile::decide_in_fleet
+    } else {
+        reconcile::decide
+    };
     let decide = |prep: &reconcile::Prepared, authorized: bool| {
-        if input.fleet_scope {
-            reconcile::decide_in_fleet(
-                &state,
-                &prep.plan,
-                &prep.preflight_errors,
-                mode,
-                kill,
-                authorized,
-            )
-        } else {
-            reconcile::decide(
-                &state,
-                &prep.plan,
-                &prep.preflight_errors,
-                mode,
-                kill,
-                authorized,
-            )
-        }
+        decide_fn(
+            &state,
+            &prep.plan,
+            &prep.preflight_errors,
+            mode,
+            kill,
+            authorized,
+        )
     };
     if input.fleet_scope {
         let authorized = prep.token.as_ref().is_some_and(|(v, _)| v.is_valid());
         prep.decision = decide(&prep, authorized);
     }
 
-    if input.quiet_noop && quiet(&input, &prep, sd) {
-        for host in &targets {
-            let prev = sd.read_status(host)?;
-            let mut s = prev.expect("quiet passes have a previous status");
-            if let Some(p) = prep.probes.get(host) {
+    if let Some(prevs) = input.quiet_noop.then(|| quiet(&input, &prep, sd)).flatten() {
+        for mut s in prevs {
+            if let Some(p) = prep.probes.get(&s.host) {
                 s.last_probe_at = Some(p.at.clone());
             }
             sd.write_status(&s)?;
@@ -439,23 +431,28 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
 
 /// A pass with nothing to tell: every target probed fine, nothing to do, no
 /// token in play, and its status already says `Running` at this revision
-/// with no condition that this pass would change.
-fn quiet(input: &PassInput<'_>, prep: &reconcile::Prepared, sd: &StateDir) -> bool {
+/// with no condition that this pass would change. Returns those statuses.
+fn quiet(
+    input: &PassInput<'_>,
+    prep: &reconcile::Prepared,
+    sd: &StateDir,
+) -> Option<Vec<HostStatus>> {
     use report::{ConditionStatus as S, ConditionType as C};
     if input.overlay.invalid.is_some() || !prep.token_verdicts.is_empty() {
-        return false;
+        return None;
     }
-    input.targets.iter().all(|host| {
+    let mut prevs = Vec::new();
+    for host in &input.targets {
         let probed = prep.probes.get(host).is_some_and(|p| p.result.is_ok());
         let idle = prep
             .plan
             .host(host)
             .is_some_and(|hp| hp.error.is_none() && hp.steps.is_empty());
         let Ok(Some(prev)) = sd.read_status(host) else {
-            return false;
+            return None;
         };
         let cond = |kind: C, want: S| prev.condition(kind).is_some_and(|c| c.status == want);
-        probed
+        let settled = probed
             && idle
             && !input.overlay.degraded.contains_key(host)
             && prev.phase == Phase::Running
@@ -466,8 +463,13 @@ fn quiet(input: &PassInput<'_>, prep: &reconcile::Prepared, sd: &StateDir) -> bo
             && cond(C::Drifted, S::False)
             && cond(C::Degraded, S::False)
             && cond(C::ValidDesiredState, S::True)
-            && cond(C::AwaitingConfirmation, S::False)
-    })
+            && cond(C::AwaitingConfirmation, S::False);
+        if !settled {
+            return None;
+        }
+        prevs.push(prev);
+    }
+    Some(prevs)
 }
 
 fn record_managed(

@@ -355,19 +355,31 @@ pub fn decide_in_fleet(
         (DispatchMode::Canary, Some(c))
             if state.hosts.contains_key(c) && plan.host(c).is_none() =>
         {
-            let facts: Vec<HostFacts> = plan
-                .hosts
-                .iter()
-                .map(|hp| HostFacts {
-                    plan: hp,
-                    protected: state.hosts[&hp.host].inv.protected,
-                    preflight_error: errors.get(&hp.host).cloned(),
-                })
-                .collect();
-            policy::decide_canary_elsewhere(&facts, c, kill_switch, authorized)
+            policy::decide_canary_elsewhere(
+                &host_facts(state, plan, errors),
+                c,
+                kill_switch,
+                authorized,
+            )
         }
         _ => decide(state, plan, errors, mode, kill_switch, authorized),
     }
+}
+
+/// What policy needs to know of each planned host.
+fn host_facts<'a>(
+    state: &DesiredState,
+    plan: &'a Plan,
+    errors: &PreflightErrors,
+) -> Vec<HostFacts<'a>> {
+    plan.hosts
+        .iter()
+        .map(|hp| HostFacts {
+            plan: hp,
+            protected: state.hosts[&hp.host].inv.protected,
+            preflight_error: errors.get(&hp.host).cloned(),
+        })
+        .collect()
 }
 
 /// Decide every host of a plan.
@@ -379,17 +391,8 @@ pub fn decide(
     kill_switch: bool,
     authorized: bool,
 ) -> RunDecision {
-    let facts: Vec<HostFacts> = plan
-        .hosts
-        .iter()
-        .map(|hp| HostFacts {
-            plan: hp,
-            protected: state.hosts[&hp.host].inv.protected,
-            preflight_error: errors.get(&hp.host).cloned(),
-        })
-        .collect();
     policy::decide(
-        &facts,
+        &host_facts(state, plan, errors),
         mode,
         state.config.canary.as_deref(),
         kill_switch,
