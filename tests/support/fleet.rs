@@ -20,12 +20,16 @@ use std::time::{Duration, Instant};
 /// Hosts the fleet provides to the tests: h1..h11 for paths and transport
 /// failures, h12..h16 for users, groups, packages and commands, h17..h24 for
 /// the controller (and h35, h36), h25..h29 for the controller bench, h30..h34
-/// for the five-host no-op converge, h40..h47 for the safety campaign.
-pub const HOSTS: usize = 47;
+/// for the five-host no-op converge, h40..h47 for the safety campaign,
+/// h48..h53 for the state dir's trust rules, h54..h61 for the controller's
+/// hardening, h62..h69 for step builders and large probes, h70..h79 for
+/// dispatch records, retries and large applies.
+pub const HOSTS: usize = 79;
 
 /// Systemd hosts the fleet provides to the tests: s1..s4 for the service
-/// tests, s5..s9 for every kind on five hosts, s10..s11 for the campaign.
-pub const SYSTEMD_HOSTS: usize = 11;
+/// tests, s5..s9 for every kind on five hosts, s10..s11 for the campaign,
+/// s12..s13 for idempotent service steps and owed restarts.
+pub const SYSTEMD_HOSTS: usize = 13;
 
 #[derive(Clone, Debug)]
 pub struct FleetHost {
