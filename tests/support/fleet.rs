@@ -70,6 +70,12 @@ fn bring_up(cmd: &str, n: impl FnOnce(&Path) -> usize, files: &Path) -> Fleet {
         .arg(repo().join("tests/fleet/fleet.sh"))
         .args(&args)
         .env("TEND_FLEET_DIR", &dir)
+        // A deadline, not a sleep: generous, because the machine may be busy
+        // compiling and running other suites while 80 hosts start.
+        .env(
+            "TEND_FLEET_WAIT",
+            std::env::var("TEND_FLEET_WAIT").unwrap_or_else(|_| "180".into()),
+        )
         .stdin(Stdio::null())
         .output()
         .expect("run tests/fleet/fleet.sh");
