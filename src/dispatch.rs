@@ -31,15 +31,17 @@ use crate::core::retry::FailureClass;
 use crate::core::spec::ResourceSpec;
 use crate::reconcile::Prepared;
 use crate::store::StateDir;
-use crate::store::db::{Db, StepAttemptRow};
+use crate::store::db::{Db, Record, StepAttemptRow};
 use crate::transport::Transport;
 
 /// Records a run's events to SQLite as they happen and keeps the timeline
-/// for `timeline.jsonl`.
+/// for `timeline.jsonl`. Once a write fails the recorder is **broken**:
+/// dispatch sends nothing more in this run (records first, then work).
 pub struct Recorder {
     pub run_id: String,
     db: Mutex<Db>,
     timeline: Mutex<Vec<Value>>,
+    broken: Mutex<Option<String>>,
 }
 
 impl Recorder {
@@ -48,35 +50,69 @@ impl Recorder {
             run_id,
             db: Mutex::new(db),
             timeline: Mutex::new(Vec::new()),
+            broken: Mutex::new(None),
         }
     }
 
     /// One event: to the database now, and to the timeline.
     pub fn event(&self, host: Option<&str>, kind: &str, detail: Value) {
-        let at = now_rfc3339();
-        if let Err(e) = self.db.lock().expect("db lock").record_event(
-            Some(&self.run_id),
-            &at,
-            host,
-            kind,
-            &detail,
-        ) {
-            tracing::warn!(error = %e, kind, "could not record event");
+        let _ = self.records(vec![Record::Event {
+            at: now_rfc3339(),
+            host: host.map(str::to_string),
+            kind: kind.to_string(),
+            detail,
+        }]);
+    }
+
+    /// Write `records` in one transaction; their events join the timeline.
+    /// A failure breaks the recorder (see [`Recorder::broken`]).
+    pub fn records(&self, records: Vec<Record>) -> Result<(), String> {
+        let written = lock(&self.db).write_records(&self.run_id, &records);
+        {
+            let mut t = lock(&self.timeline);
+            for r in records {
+                if let Record::Event {
+                    at,
+                    host,
+                    kind,
+                    detail,
+                } = r
+                {
+                    let mut line = json!({"at": at, "kind": kind, "host": host});
+                    if let (Value::Object(l), Value::Object(d)) = (&mut line, detail) {
+                        l.extend(d);
+                    }
+                    t.push(line);
+                }
+            }
         }
-        let mut line = json!({"at": at, "kind": kind, "host": host});
-        if let (Value::Object(l), Value::Object(d)) = (&mut line, detail) {
-            l.extend(d);
-        }
-        self.timeline.lock().expect("timeline lock").push(line);
+        written.map_err(|e| {
+            let msg = format!("{e:#}");
+            tracing::error!(error = %msg, "could not write a record; nothing more is dispatched in this run");
+            lock(&self.broken).get_or_insert(msg.clone());
+            msg
+        })
+    }
+
+    /// Why no further work may be sent in this run: a record that could
+    /// not be written.
+    pub fn broken(&self) -> Option<String> {
+        lock(&self.broken).clone()
     }
 
     pub fn db(&self) -> std::sync::MutexGuard<'_, Db> {
-        self.db.lock().expect("db lock")
+        lock(&self.db)
     }
 
     pub fn take_timeline(&self) -> Vec<Value> {
-        std::mem::take(&mut *self.timeline.lock().expect("timeline lock"))
+        std::mem::take(&mut *lock(&self.timeline))
     }
+}
+
+/// A poisoned lock only means another thread panicked while holding it;
+/// the data (a connection, a list) is still whole.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Build the remote command for one step.
@@ -265,9 +301,15 @@ pub struct DispatchOpts {
     pub state: StateDir,
     /// For the barrier re-probe before a host's first destructive step.
     pub probe: crate::reconcile::ProbeOpts,
-    /// Set when the controller shuts down: like the kill switch, dispatch
-    /// stops before its next step (the running one finishes or times out).
+    /// Set when the controller shuts down or `tend apply` gets SIGINT or
+    /// SIGTERM: like the kill switch, dispatch stops before its next batch
+    /// (the running one finishes or times out).
     pub stop: Option<Arc<AtomicBool>>,
+    /// `step_output_limit`: bytes of a step's stdout (and stderr) kept.
+    pub output_limit: u64,
+    /// `retries` and `retry_backoff`, for transient failures of steps.
+    pub retries: u32,
+    pub backoff: Duration,
 }
 
 impl DispatchOpts {
@@ -349,9 +391,6 @@ pub async fn execute(
     runs
 }
 
-/// Longest batch script: well under Linux's 128 KiB limit on one argument.
-const MAX_BATCH_SCRIPT: usize = 96 * 1024;
-
 /// What a step did on the host: exit status and output, or why it could not
 /// be run at all.
 type StepExec = Result<crate::transport::ExecOutput, crate::transport::TransportError>;
@@ -364,7 +403,7 @@ async fn run_host(
     ctx: &StepContext,
     transport: Arc<dyn Transport>,
     opts: &DispatchOpts,
-    rec: &Recorder,
+    rec: &Arc<Recorder>,
     (fail_fast, stale): (&AtomicBool, &AtomicBool),
 ) -> HostRun {
     let (host, resources) = (h.name(), &h.resources[..]);
@@ -415,6 +454,8 @@ async fn run_host(
                 killed = true;
                 rec.event(Some(host), why, json!({"step": step.index, "id": step.id}));
                 StepResult::not_run(false)
+            } else if let Some(e) = rec.broken() {
+                unrecorded(&e)
             } else if fail_fast.load(Ordering::SeqCst) {
                 let mut r = StepResult::not_run(false);
                 r.failure = Some((
@@ -440,7 +481,7 @@ async fn run_host(
             } else {
                 barrier_passed = true;
                 dispatched = true;
-                let r = run_batch(
+                let (mut ran, halted) = run_batch(
                     host,
                     resources,
                     steps,
@@ -450,10 +491,12 @@ async fn run_host(
                     opts,
                     rec,
                 )
-                .await
-                .pop()
-                .expect("one result")
-                .1;
+                .await;
+                killed |= halted.is_some();
+                let r = ran
+                    .pop()
+                    .map(|(_, r)| r)
+                    .unwrap_or_else(|| StepResult::not_run(false));
                 if r.status == StepStatus::Failed {
                     fail_fast.store(true, Ordering::SeqCst);
                 }
@@ -472,9 +515,13 @@ async fn run_host(
                 for &k in &batch {
                     res[k] = Some(StepResult::not_run(false));
                 }
+            } else if let Some(e) = rec.broken() {
+                for &k in &batch {
+                    res[k] = Some(unrecorded(&e));
+                }
             } else {
                 dispatched = true;
-                for (k, r) in run_batch(
+                let (ran, halted) = run_batch(
                     host,
                     resources,
                     steps,
@@ -484,8 +531,9 @@ async fn run_host(
                     opts,
                     rec,
                 )
-                .await
-                {
+                .await;
+                killed |= halted.is_some();
+                for (k, r) in ran {
                     res[k] = Some(r);
                 }
             }
@@ -505,6 +553,18 @@ async fn run_host(
             .collect(),
         killed,
     }
+}
+
+/// A step not sent because a record of this run could not be written.
+fn unrecorded(why: &str) -> StepResult {
+    let mut r = StepResult::not_run(false);
+    r.failure = Some((
+        FailureClass::Execution,
+        format!(
+            "not sent: a record of this run could not be written ({why}); records come before work"
+        ),
+    ));
+    r
 }
 
 /// What the gating loop does with a step that has no result yet.
@@ -639,11 +699,45 @@ async fn barrier(
     }
 }
 
+/// The most script one batch carries. The batch travels on stdin, so no
+/// channel request or argv limit applies; this bounds memory and how much
+/// one attempt holds.
+const MAX_BATCH_SCRIPT: usize = 4 * 1024 * 1024;
+
+/// One unit of a batch: its member steps (several package steps share one
+/// manager call), its command, and how long the transport waits for it.
+struct Unit {
+    members: Vec<usize>,
+    cmd: RemoteCommand,
+    wait: Duration,
+}
+
+/// Whether running a step again is safe when an attempt may have started
+/// (SPEC 8.3): writes of files, directories and symlinks, package installs,
+/// user and group creates and modifies. A command or a service action that
+/// may have started is never sent again in the run.
+pub fn step_idempotent(step: &Step) -> bool {
+    match (step.kind, step.action) {
+        ("file" | "directory" | "symlink", Action::Create | Action::Update) => !step.replace,
+        ("package", Action::Create) => true,
+        ("user" | "group", Action::Create | Action::Update) => true,
+        _ => false,
+    }
+}
+
 /// Run steps `batch` (indices into `steps`, in order) in one remote command;
-/// the results of the steps that ran (at least the first one). Adjacent
+/// the results of the steps that ran (at least the first one), and whether
+/// the kill switch or a shutdown stopped it between attempts. Adjacent
 /// package steps with the same action share ONE package-manager call (one
-/// unit of the batch). A step whose command cannot be built fails on its own
-/// and ends the batch before it.
+/// unit of the batch). A step whose command cannot be built fails on its
+/// own and ends the batch before it.
+///
+/// Records first: every attempt is recorded as sent before its command
+/// goes out; each step's start and end are recorded as the host reports
+/// them. A transient failure is retried (up to `retries`, with backoff)
+/// from the first unfinished unit when it had not started or is
+/// idempotent; the batch takes the host's step lock, so a retry waits for
+/// an earlier attempt that may still run.
 #[allow(clippy::too_many_arguments)] // two call sites in run_host; a struct would only rename them
 async fn run_batch(
     host: &str,
@@ -653,12 +747,10 @@ async fn run_batch(
     ctx: &StepContext,
     transport: Arc<dyn Transport>,
     opts: &DispatchOpts,
-    rec: &Recorder,
-) -> Vec<(usize, StepResult)> {
-    let started = now_rfc3339();
+    rec: &Arc<Recorder>,
+) -> (Vec<(usize, StepResult)>, Option<&'static str>) {
     let resource = |k: usize| resources.iter().find(|r| r.id == steps[k].id);
-    // Units: (member step indices, command, how long the transport waits).
-    let mut units: Vec<(Vec<usize>, RemoteCommand, Duration)> = Vec::new();
+    let mut units: Vec<Unit> = Vec::new();
     let mut batch_bytes = 0;
     let mut i = 0;
     while i < batch.len() {
@@ -687,107 +779,349 @@ async fn run_batch(
         };
         match built {
             Ok(c) => {
-                // The batch script travels as one argument of `sh -c`, which
-                // Linux caps at 128 KiB: a long batch is cut, and the rest of
-                // the steps go out in the next one.
-                let bytes = crate::shell::quote(&c.script).len() + 200;
+                let bytes = c.script.len() + 200;
                 if !units.is_empty() && batch_bytes + bytes > MAX_BATCH_SCRIPT {
                     break;
                 }
                 batch_bytes += bytes;
                 let wait = transport_timeout(resource(k), ctx.step_timeout);
                 i += members.len();
-                units.push((members, c, wait));
+                units.push(Unit {
+                    members,
+                    cmd: c,
+                    wait,
+                });
             }
             Err(e) if units.is_empty() => {
-                return members
+                let r = members
                     .iter()
                     .map(|&m| (m, failed_before_start(host, &steps[m], e.clone(), rec)))
                     .collect();
+                return (r, None);
             }
             Err(_) => break,
         }
     }
-    for (members, _, _) in &units {
-        for &k in members {
-            let s = &steps[k];
-            rec.event(
-                Some(host),
-                "step_started",
-                json!({"step": s.index, "id": s.id, "action": s.action.as_str(), "batch": members.len()}),
-            );
+
+    let mut results: Vec<(usize, StepResult)> = Vec::new();
+    let mut first = 0;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let todo = &units[first..];
+        let sent_at = now_rfc3339();
+        let mut recs = Vec::new();
+        for u in todo {
+            for &k in &u.members {
+                recs.push(Record::AttemptSent(attempt_row(
+                    rec, host, &steps[k], attempt, &sent_at,
+                )));
+            }
         }
-    }
-    let timeout = units.iter().map(|u| u.2).sum::<Duration>();
-    let single = units.len() == 1;
-    let cmd = if single {
-        units[0].1.clone()
-    } else {
-        let cmds: Vec<RemoteCommand> = units.iter().map(|u| u.1.clone()).collect();
-        crate::apply::batch::script(&cmds)
-    };
-    let t = transport.clone();
-    let out: StepExec =
-        tokio::task::spawn_blocking(move || t.exec(&cmd.script, &cmd.stdin, timeout))
-            .await
-            .unwrap_or_else(|e| {
-                Err(crate::transport::TransportError::new(
-                    FailureClass::Transient,
-                    format!("step task failed: {e}"),
-                ))
-            });
-    let finished = now_rfc3339();
-    let per_unit: Vec<StepExec> = match out {
-        Ok(o) if single => vec![Ok(o)],
-        Ok(o) => match crate::apply::batch::parse(&o.stdout, units.len()) {
-            Ok(records) => records
-                .into_iter()
-                .map(|r| {
-                    Ok(crate::transport::ExecOutput {
-                        status: r.status,
-                        stdout: r.stdout,
-                        stderr: r.stderr,
-                    })
-                })
-                .collect(),
-            // Which steps ran is unknown: report every one as failed (they
-            // are non-destructive and idempotent, so a rerun is safe).
-            Err(e) => units
-                .iter()
-                .map(|_| {
-                    Err(crate::transport::TransportError::new(
+        recs.push(Record::Event {
+            at: sent_at.clone(),
+            host: Some(host.to_string()),
+            kind: "batch_sent".into(),
+            detail: json!({
+                "attempt": attempt,
+                "steps": todo.iter().flat_map(|u| u.members.iter().map(|&k| steps[k].index)).collect::<Vec<_>>(),
+            }),
+        });
+        if let Err(e) = rec.records(recs) {
+            for u in todo {
+                for &k in &u.members {
+                    let mut r = StepResult::not_run(false);
+                    r.failure = Some((
                         FailureClass::Execution,
-                        format!(
-                            "{e} (exit status {}; stderr: {}); the outcome of this step is unknown",
-                            o.status,
-                            String::from_utf8_lossy(&o.stderr).trim()
-                        ),
-                    ))
-                })
+                        format!("not sent: a record could not be written first ({e})"),
+                    ));
+                    results.push((k, r));
+                }
+            }
+            return (results, None);
+        }
+        let timeout = todo.iter().map(|u| u.wait).sum::<Duration>();
+        let bopts = crate::apply::batch::BatchOpts {
+            output_limit: opts.output_limit,
+            lock_wait_secs: timeout.as_secs().max(1),
+            require_lock: attempt > 1,
+        };
+        let cmds: Vec<RemoteCommand> = todo.iter().map(|u| u.cmd.clone()).collect();
+        let cmd = crate::apply::batch::script(&cmds, bopts);
+        let mut live = Attempt {
+            host: host.to_string(),
+            rec: rec.clone(),
+            state: opts.state.clone(),
+            units: todo
+                .iter()
+                .map(|u| u.members.iter().map(|&k| steps[k].clone()).collect())
                 .collect(),
-        },
-        Err(e) => units.iter().map(|_| Err(e.clone())).collect(),
-    };
-    let mut results = Vec::new();
-    for ((members, _, _), out) in units.iter().zip(per_unit) {
-        for &k in members {
+            attempt,
+            sent_at: sent_at.clone(),
+            parser: crate::apply::batch::Parser::new(todo.len(), bopts),
+            finished: vec![None; todo.len()],
+        };
+        let t = transport.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let out = t.exec_streaming(&cmd.script, &cmd.stdin, timeout * 2, &mut |b| live.feed(b));
+            (out, live)
+        })
+        .await;
+        let (out, live) = match joined {
+            Ok(x) => x,
+            Err(e) => {
+                // The attempt's thread died: what it did is unknown, so
+                // every unit fails and nothing is sent again.
+                for u in todo {
+                    for &k in &u.members {
+                        let msg = format!("the step's task failed: {e}");
+                        let err =
+                            crate::transport::TransportError::new(FailureClass::Execution, msg);
+                        results.push((
+                            k,
+                            finish_step(host, &steps[k], attempt, &sent_at, Err(err), opts, rec),
+                        ));
+                    }
+                }
+                return (results, None);
+            }
+        };
+        // The units the host reported finished, in order.
+        let mut j = 0;
+        let mut stopped_at_failure = false;
+        while j < todo.len() {
+            let Some(done) = &live.finished[j] else { break };
+            for (&k, r) in todo[j].members.iter().zip(done) {
+                results.push((k, r.clone()));
+            }
+            j += 1;
+            if done.iter().any(|r| r.status == StepStatus::Failed) {
+                stopped_at_failure = true;
+                break;
+            }
+        }
+        if stopped_at_failure || j == todo.len() {
+            // The batch stopped at a failed step (the rest are gated again
+            // by the caller) or every step ran.
+            return (results, None);
+        }
+        // The attempt ended without the record of unit j.
+        let err = match out {
+            Err(e) => e,
+            Ok(o) => {
+                let why = match live.parser.error() {
+                    Some(e) => e.to_string(),
+                    None => "batch output: cut short".to_string(),
+                };
+                // 96: the step lock is held by an earlier attempt.
+                let class = if o.status == 96 {
+                    FailureClass::Transient
+                } else {
+                    FailureClass::Execution
+                };
+                crate::transport::TransportError::new(
+                    class,
+                    format!(
+                        "{why} (exit status {}; stderr: {})",
+                        o.status,
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ),
+                )
+            }
+        };
+        let started = live.parser.running() == Some(j);
+        let idempotent = todo[j].members.iter().all(|&k| step_idempotent(&steps[k]));
+        let halt = opts.halt();
+        let retry = err.class == FailureClass::Transient
+            && attempt <= opts.retries
+            && (!started || idempotent)
+            && halt.is_none()
+            && rec.broken().is_none();
+        if retry {
+            // Close this attempt's records, then send again from unit j.
+            let at = now_rfc3339();
+            let mut recs = Vec::new();
+            for u in &todo[j..] {
+                for &k in &u.members {
+                    let mut row = attempt_row(rec, host, &steps[k], attempt, &sent_at);
+                    row.status = StepStatus::Failed;
+                    row.finished_at = at.clone();
+                    recs.push(Record::AttemptFinished(row));
+                }
+            }
+            recs.push(Record::Event {
+                at,
+                host: Some(host.to_string()),
+                kind: "batch_retry".into(),
+                detail: json!({"attempt": attempt, "started": started, "class": err.class.as_str(), "message": err.message}),
+            });
+            let _ = rec.records(recs);
+            tracing::info!(%host, attempt, error = %err.message, "transient failure of a batch; retrying");
+            tokio::time::sleep(crate::core::retry::backoff(opts.backoff, attempt)).await;
+            if let Some(why) = opts.halt() {
+                rec.event(
+                    Some(host),
+                    why,
+                    json!({"step": steps[todo[j].members[0]].index}),
+                );
+                for u in &units[first + j..] {
+                    for &k in &u.members {
+                        let mut r = StepResult::not_run(false);
+                        r.attempts = attempt;
+                        results.push((k, r));
+                    }
+                }
+                return (results, Some(why));
+            }
+            first += j;
+            continue;
+        }
+        // Unit j fails with the error; the units after it never started.
+        for &k in &todo[j].members {
+            let mut e = err.clone();
+            if started && !idempotent {
+                e.message
+                    .push_str("; the step may have run, so it is not sent again in this run");
+            }
             results.push((
                 k,
-                finish_step(host, &steps[k], &started, &finished, out.clone(), opts, rec),
+                finish_step(host, &steps[k], attempt, &sent_at, Err(e), opts, rec),
             ));
         }
+        let at = now_rfc3339();
+        let mut recs = Vec::new();
+        for u in &todo[j + 1..] {
+            for &k in &u.members {
+                let mut row = attempt_row(rec, host, &steps[k], attempt, &sent_at);
+                row.finished_at = at.clone();
+                recs.push(Record::AttemptFinished(row));
+                let mut r = StepResult::not_run(false);
+                r.attempts = attempt;
+                r.failure = Some((
+                    err.class,
+                    format!(
+                        "host `{host}`, step {} `{}`: not started: the batch ended before it ({})",
+                        steps[k].index, steps[k].id, err.message
+                    ),
+                ));
+                results.push((k, r));
+            }
+        }
+        let _ = rec.records(recs);
+        return (results, None);
     }
-    results
 }
 
-/// Log, record and report one executed step.
+/// An attempt's row as sent: status `not_run`, no finish yet.
+fn attempt_row(
+    rec: &Recorder,
+    host: &str,
+    step: &Step,
+    attempt: u32,
+    sent_at: &str,
+) -> StepAttemptRow {
+    StepAttemptRow {
+        run_id: rec.run_id.clone(),
+        host: host.to_string(),
+        step_index: step.index as u32,
+        resource_id: step.id.clone(),
+        action: crate::core::outcome::step_action(step.action),
+        destructive: step.destructive,
+        attempt,
+        status: StepStatus::NotRun,
+        started_at: sent_at.to_string(),
+        finished_at: String::new(),
+        exit_code: None,
+        log_path: None,
+    }
+}
+
+/// One attempt of a batch as the host reports it, on the transport's
+/// thread: each start and each end is recorded when its line arrives.
+struct Attempt {
+    host: String,
+    rec: Arc<Recorder>,
+    state: StateDir,
+    /// The member steps of each unit sent.
+    units: Vec<Vec<Step>>,
+    attempt: u32,
+    sent_at: String,
+    parser: crate::apply::batch::Parser,
+    /// Per unit, its members' results once the host reported its end.
+    finished: Vec<Option<Vec<StepResult>>>,
+}
+
+impl Attempt {
+    fn feed(&mut self, bytes: &[u8]) {
+        use crate::apply::batch::BatchEvent;
+        for ev in self.parser.push(bytes) {
+            match ev {
+                BatchEvent::Started(u) => {
+                    let at = now_rfc3339();
+                    let mut recs = Vec::new();
+                    for s in &self.units[u] {
+                        recs.push(Record::AttemptStarted {
+                            host: self.host.clone(),
+                            step_index: s.index as u32,
+                            attempt: self.attempt,
+                        });
+                        recs.push(Record::Event {
+                            at: at.clone(),
+                            host: Some(self.host.clone()),
+                            kind: "step_started".into(),
+                            detail: json!({"step": s.index, "id": s.id, "action": s.action.as_str(), "attempt": self.attempt}),
+                        });
+                    }
+                    let _ = self.rec.records(recs);
+                }
+                BatchEvent::Finished(u, out) => {
+                    let done = self.units[u]
+                        .iter()
+                        .map(|s| {
+                            let o = crate::transport::ExecOutput {
+                                status: out.status,
+                                stdout: out.stdout.clone(),
+                                stderr: out.stderr.clone(),
+                            };
+                            finish_step_in(
+                                &self.host,
+                                s,
+                                self.attempt,
+                                &self.sent_at,
+                                Ok(o),
+                                &self.state,
+                                &self.rec,
+                            )
+                        })
+                        .collect();
+                    self.finished[u] = Some(done);
+                }
+                BatchEvent::End => {}
+            }
+        }
+    }
+}
+
+/// Log, record and report one ended attempt of a step.
 fn finish_step(
     host: &str,
     step: &Step,
-    started: &str,
-    finished: &str,
+    attempt: u32,
+    sent_at: &str,
     out: StepExec,
     opts: &DispatchOpts,
+    rec: &Recorder,
+) -> StepResult {
+    finish_step_in(host, step, attempt, sent_at, out, &opts.state, rec)
+}
+
+fn finish_step_in(
+    host: &str,
+    step: &Step,
+    attempt: u32,
+    sent_at: &str,
+    out: StepExec,
+    state: &StateDir,
     rec: &Recorder,
 ) -> StepResult {
     let (status, exit_code, log_bytes, failure) = match out {
@@ -828,44 +1162,36 @@ fn finish_step(
             )
         }
     };
-    let log = match opts
-        .state
-        .write_step_log(&rec.run_id, host, step.index, &step.id, &log_bytes)
-    {
+    let log = match state.write_step_log(&rec.run_id, host, step.index, &step.id, &log_bytes) {
         Ok(rel) => Some(rel),
         Err(e) => {
-            tracing::warn!(error = %e, "could not write step log");
+            // A record that cannot be written stops further dispatch.
+            let _ = rec.records(Vec::new());
+            lock(&rec.broken).get_or_insert(format!("writing a step log: {e:#}"));
+            tracing::error!(error = %e, "could not write a step log; nothing more is dispatched in this run");
             None
         }
     };
-    let row = StepAttemptRow {
-        run_id: rec.run_id.clone(),
-        host: host.to_string(),
-        step_index: step.index as u32,
-        resource_id: step.id.clone(),
-        action: crate::core::outcome::step_action(step.action),
-        destructive: step.destructive,
-        attempt: 1,
-        status,
-        started_at: started.to_string(),
-        finished_at: finished.to_string(),
-        exit_code,
-        log_path: log.clone(),
-    };
-    if let Err(e) = rec.db().record_step_attempt(&row) {
-        tracing::warn!(error = %e, "could not record step attempt");
-    }
-    rec.event(
-        Some(host),
-        "step_finished",
-        json!({"step": step.index, "id": step.id, "status": status_word(status), "exit_code": exit_code}),
-    );
+    let mut row = attempt_row(rec, host, step, attempt, sent_at);
+    row.status = status;
+    row.finished_at = now_rfc3339();
+    row.exit_code = exit_code;
+    row.log_path = log.clone();
+    let _ = rec.records(vec![
+        Record::AttemptFinished(row),
+        Record::Event {
+            at: now_rfc3339(),
+            host: Some(host.to_string()),
+            kind: "step_finished".into(),
+            detail: json!({"step": step.index, "id": step.id, "status": status_word(status), "exit_code": exit_code, "attempt": attempt}),
+        },
+    ]);
     if let Some((_, msg)) = &failure {
         tracing::warn!("{msg}");
     }
     StepResult {
         status,
-        attempts: 1,
+        attempts: attempt,
         log,
         failure,
         held: false,
@@ -979,6 +1305,9 @@ mod tests {
             state: sd,
             probe: opts,
             stop: None,
+            output_limit: 1024 * 1024,
+            retries: 2,
+            backoff: Duration::from_millis(10),
         };
         execute(&prep, &state, &dopts, rec)
             .await

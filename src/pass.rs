@@ -315,6 +315,9 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
         state: sd.clone(),
         probe: probe_opts,
         stop: input.stop.clone(),
+        output_limit: config.step_output_limit,
+        retries: config.retries,
+        backoff: config.retry_backoff.0,
     };
     let runs = dispatch::execute(&prep, &state, &opts, rec.clone()).await;
 

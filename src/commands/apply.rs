@@ -3,6 +3,8 @@
 //! confirmation or blocked by policy, 4 partial or failed, 1 error.
 
 use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 
@@ -17,6 +19,12 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
     let sd = &loaded.state_dir;
     sd.ensure()?;
     let _lock = super::lock_state_dir(sd)?;
+    // A run a crash left open on this state dir is closed first (SPEC 8.3).
+    let interrupted = crate::controller::recover::interrupted_runs(sd)?;
+    if !interrupted.is_empty() {
+        tracing::warn!(hosts = ?interrupted, "runs left unfinished were closed as Interrupted");
+    }
+    let stop = stop_on_signals()?;
     let report = pass::run(PassInput {
         settings: &loaded.settings,
         state: &loaded.state,
@@ -26,7 +34,7 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         trigger: Trigger::Cli,
         mode: loaded.settings.dispatch,
         cache: None,
-        stop: None,
+        stop: Some(stop),
         quiet_noop: false,
         fleet_scope: false,
         overlay: &Overlay::default(),
@@ -43,6 +51,40 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         print!("{}", summary(&result, dir.display().to_string()));
     }
     Ok(report.code)
+}
+
+/// SIGINT or SIGTERM: dispatch sends nothing more, the running batch
+/// finishes, and the run is closed and recorded as usual (exit 4 when
+/// steps were left). A second signal exits at once; the run left open is
+/// closed as `Interrupted` by the next `tend apply` or `tend run`.
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            seen += 1;
+            if seen == 1 {
+                tracing::warn!(
+                    "stop signal: no new steps are sent; the running ones finish and the run is recorded (a second signal exits at once)"
+                );
+                flag.store(true, Ordering::SeqCst);
+            } else {
+                tracing::error!(
+                    "second stop signal: exiting now; the next tend apply or tend run closes this run as Interrupted"
+                );
+                std::process::exit(130);
+            }
+        }
+    });
+    Ok(stop)
 }
 
 fn summary(result: &RunResult, run_dir: String) -> String {

@@ -132,7 +132,10 @@ pub fn host_outcome(
         }
     };
 
-    let executed = run.is_some_and(|r| r.dispatched);
+    // A host stopped during dispatch (kill switch, signal) counts as
+    // executed even when nothing ran yet: it is not `Planned`, it was cut
+    // short.
+    let executed = run.is_some_and(|r| r.dispatched || r.killed);
     if !executed {
         if run_blocked {
             o.outcome = HostOutcomeKind::PolicyBlocked;
@@ -154,7 +157,9 @@ pub fn host_outcome(
     }
 
     let r = run.expect("executed");
-    o.dispatch_status = DispatchStatus::Dispatched;
+    if r.dispatched {
+        o.dispatch_status = DispatchStatus::Dispatched;
+    }
     let count = |st: StepStatus| r.steps.iter().filter(|s| s.status == st).count();
     let failed = count(StepStatus::Failed);
     let succeeded = count(StepStatus::Succeeded);
@@ -208,7 +213,9 @@ pub fn host_outcome(
     o
 }
 
-/// The run's execution outcome from every step of every host.
+/// The run's execution outcome from every step of every host: a run in
+/// which a host was cut short (`PartialSuccess`: a step failed, or the kill
+/// switch or a signal stopped it with steps left) is never `Completed`.
 pub fn execution_outcome(outcomes: &[HostOutcome]) -> ExecutionOutcome {
     let all = outcomes.iter().flat_map(|o| &o.steps);
     let (mut ok, mut bad) = (0, 0);
@@ -219,9 +226,12 @@ pub fn execution_outcome(outcomes: &[HostOutcome]) -> ExecutionOutcome {
             _ => {}
         }
     }
+    let cut_short = outcomes
+        .iter()
+        .any(|o| o.outcome == HostOutcomeKind::PartialSuccess);
     match (ok, bad) {
         (0, 0) => ExecutionOutcome::NotExecuted,
-        (_, 0) => ExecutionOutcome::Completed,
+        (_, 0) if !cut_short => ExecutionOutcome::Completed,
         (0, _) => ExecutionOutcome::ExecutionFailed,
         _ => ExecutionOutcome::PartialSuccess,
     }

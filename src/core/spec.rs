@@ -51,6 +51,10 @@ pub struct TendConfig {
     pub known_hosts: String,
     /// State directory, relative to the desired-state directory.
     pub state_dir: String,
+    /// Bytes of a step's stdout (and of its stderr) kept: past it, the
+    /// first and the last half of it, with the count of bytes left out.
+    #[schemars(range(min = 1024))]
+    pub step_output_limit: u64,
 }
 
 impl Default for TendConfig {
@@ -71,6 +75,7 @@ impl Default for TendConfig {
             crash_loop_threshold: 5,
             known_hosts: "~/.ssh/known_hosts".into(),
             state_dir: ".tend".into(),
+            step_output_limit: 1024 * 1024,
         }
     }
 }

@@ -115,7 +115,39 @@ CREATE TABLE managed_resources (
     r#"
 ALTER TABLE runs ADD COLUMN target_hosts_json TEXT;
 "#,
+    // 3: an attempt is recorded when its command is sent (`sent`), moved to
+    // `started` when the host reports the step's start marker, and to
+    // `finished` with its status; so a crash leaves a record of exactly
+    // what the host reported. Older rows were written finished.
+    r#"
+ALTER TABLE step_attempts ADD COLUMN phase TEXT NOT NULL DEFAULT 'finished'
+    CHECK (phase IN ('sent', 'started', 'finished'));
+"#,
 ];
+
+/// One record of a run, written with others in one transaction
+/// ([`Db::write_records`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    /// An event of the run's timeline.
+    Event {
+        at: String,
+        host: Option<String>,
+        kind: String,
+        detail: serde_json::Value,
+    },
+    /// An attempt whose command is about to be sent: the row, phase `sent`
+    /// (its status and finish time are ignored).
+    AttemptSent(StepAttemptRow),
+    /// The host reported the step's start.
+    AttemptStarted {
+        host: String,
+        step_index: u32,
+        attempt: u32,
+    },
+    /// The attempt ended: the row as it ended.
+    AttemptFinished(StepAttemptRow),
+}
 
 /// What is known of a run when it begins (after policy, before dispatch).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,7 +174,9 @@ pub struct RunSummary {
     pub execution_outcome: Option<ExecutionOutcome>,
 }
 
-/// One attempt of one step, recorded when the attempt ends.
+/// One attempt of one step. Read back, an attempt cut short by a crash
+/// shows `failed` if the host had reported its start (it may have done
+/// anything) and `not_run` if it had not, with no finish time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepAttemptRow {
     pub run_id: String,
@@ -360,6 +394,91 @@ impl Db {
         })
     }
 
+    /// Write `records` of run `run_id` in ONE transaction: all or none.
+    pub fn write_records(&mut self, run_id: &str, records: &[Record]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.write(
+            format!("record {} event(s) of run {run_id}", records.len()),
+            |tx| {
+                for r in records {
+                    match r {
+                        Record::Event {
+                            at,
+                            host,
+                            kind,
+                            detail,
+                        } => {
+                            tx.execute(
+                                "INSERT INTO events (run_id, at, host, kind, detail_json)
+                             VALUES (?1, ?2, ?3, ?4, ?5)",
+                                rusqlite::params![run_id, at, host, kind, detail.to_string()],
+                            )?;
+                        }
+                        Record::AttemptSent(a) => {
+                            tx.execute(
+                                "INSERT INTO step_attempts (run_id, host, step_index, resource_id,
+                                 action, destructive, attempt, status, started_at, finished_at,
+                                 exit_code, log_path, phase)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, '', NULL, NULL, 'sent')",
+                                rusqlite::params![
+                                    run_id,
+                                    a.host,
+                                    a.step_index,
+                                    a.resource_id,
+                                    text(&a.action),
+                                    a.destructive,
+                                    a.attempt,
+                                    text(&StepStatus::NotRun),
+                                    a.started_at,
+                                ],
+                            )?;
+                        }
+                        Record::AttemptStarted {
+                            host,
+                            step_index,
+                            attempt,
+                        } => {
+                            tx.execute(
+                                "UPDATE step_attempts SET phase = 'started'
+                             WHERE run_id = ?1 AND host = ?2 AND step_index = ?3 AND attempt = ?4",
+                                rusqlite::params![run_id, host, step_index, attempt],
+                            )?;
+                        }
+                        Record::AttemptFinished(a) => {
+                            tx.execute(
+                                "INSERT INTO step_attempts (run_id, host, step_index, resource_id,
+                                 action, destructive, attempt, status, started_at, finished_at,
+                                 exit_code, log_path, phase)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'finished')
+                             ON CONFLICT (run_id, host, step_index, attempt) DO UPDATE SET
+                                 status = excluded.status, finished_at = excluded.finished_at,
+                                 exit_code = excluded.exit_code, log_path = excluded.log_path,
+                                 phase = 'finished'",
+                                rusqlite::params![
+                                    run_id,
+                                    a.host,
+                                    a.step_index,
+                                    a.resource_id,
+                                    text(&a.action),
+                                    a.destructive,
+                                    a.attempt,
+                                    text(&a.status),
+                                    a.started_at,
+                                    a.finished_at,
+                                    a.exit_code,
+                                    a.log_path,
+                                ],
+                            )?;
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )
+    }
+
     /// Close a run begun with `begin_run`: update its row from `result` and
     /// insert every host outcome, all in one transaction, so the history
     /// never shows a finished run with some of its hosts missing.
@@ -513,11 +632,17 @@ impl Db {
         self.read(format!("read the step attempts of run {run_id}"), |conn| {
             let mut stmt = conn.prepare(
                 "SELECT run_id, host, step_index, resource_id, action, destructive, attempt,
-                        status, started_at, finished_at, exit_code, log_path
+                        status, started_at, finished_at, exit_code, log_path, phase
                  FROM step_attempts WHERE run_id = ?1
                  ORDER BY host, step_index, attempt",
             )?;
             let rows = stmt.query_map([run_id], |r| {
+                let phase: String = r.get(12)?;
+                let status = match phase.as_str() {
+                    "started" => StepStatus::Failed,
+                    "sent" => StepStatus::NotRun,
+                    _ => enum_column(r, 7)?,
+                };
                 Ok(StepAttemptRow {
                     run_id: r.get(0)?,
                     host: r.get(1)?,
@@ -526,7 +651,7 @@ impl Db {
                     action: enum_column(r, 4)?,
                     destructive: r.get(5)?,
                     attempt: r.get(6)?,
-                    status: enum_column(r, 7)?,
+                    status,
                     started_at: r.get(8)?,
                     finished_at: r.get(9)?,
                     exit_code: r.get(10)?,

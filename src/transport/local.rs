@@ -57,18 +57,22 @@ impl LocalTransport {
 /// What the helper threads report back to the waiting thread.
 enum Event {
     Stdin(io::Result<()>),
-    Stdout(io::Result<Vec<u8>>),
+    /// A chunk of stdout as it arrives.
+    StdoutChunk(Vec<u8>),
+    /// Stdout reached end of file (or failed).
+    StdoutEnd(io::Result<()>),
     Stderr(io::Result<Vec<u8>>),
     /// `sh` has exited; it stays a zombie until [`Child::wait`] reaps it.
     Exited(io::Result<()>),
 }
 
 impl Transport for LocalTransport {
-    fn exec(
+    fn exec_streaming(
         &self,
         script: &str,
         stdin: &[u8],
         timeout: Duration,
+        sink: super::StdoutSink<'_>,
     ) -> Result<ExecOutput, TransportError> {
         let deadline = Instant::now() + timeout;
         if script.as_bytes().contains(&0) {
@@ -101,8 +105,8 @@ impl Transport for LocalTransport {
             let _ = tx.send(Event::Exited(wait_without_reaping(pid)));
         });
 
-        match collect(&rx, deadline) {
-            Ok((stdout, stderr)) => {
+        match collect(&rx, deadline, sink) {
+            Ok(stderr) => {
                 // Exited already: this only reaps and reads the status.
                 let status = child.wait().map_err(|e| {
                     TransportError::new(
@@ -112,7 +116,7 @@ impl Transport for LocalTransport {
                 })?;
                 Ok(ExecOutput {
                     status: exit_code(status),
-                    stdout,
+                    stdout: Vec::new(),
                     stderr,
                 })
             }
@@ -143,12 +147,17 @@ enum Failure {
 }
 
 /// Waits until `sh` has exited and both output pipes are at end of file, or
-/// the deadline passes; returns stdout and stderr.
-fn collect(rx: &mpsc::Receiver<Event>, deadline: Instant) -> Result<(Vec<u8>, Vec<u8>), Failure> {
-    let mut stdout = None;
+/// the deadline passes; passes stdout to `sink` as it comes and returns
+/// stderr.
+fn collect(
+    rx: &mpsc::Receiver<Event>,
+    deadline: Instant,
+    sink: super::StdoutSink<'_>,
+) -> Result<Vec<u8>, Failure> {
+    let mut stdout_done = false;
     let mut stderr = None;
     let mut exited = false;
-    while stdout.is_none() || stderr.is_none() || !exited {
+    while !stdout_done || stderr.is_none() || !exited {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(Event::Stdin(Ok(()))) => {}
@@ -156,7 +165,11 @@ fn collect(rx: &mpsc::Receiver<Event>, deadline: Instant) -> Result<(Vec<u8>, Ve
             // exit status says whether that was a failure.
             Ok(Event::Stdin(Err(e))) if e.kind() == io::ErrorKind::BrokenPipe => {}
             Ok(Event::Stdin(Err(e))) => return Err(Failure::Io("write the script's stdin", e)),
-            Ok(Event::Stdout(r)) => stdout = Some(r.map_err(|e| Failure::Io("read stdout", e))?),
+            Ok(Event::StdoutChunk(b)) => sink(&b),
+            Ok(Event::StdoutEnd(r)) => {
+                r.map_err(|e| Failure::Io("read stdout", e))?;
+                stdout_done = true;
+            }
             Ok(Event::Stderr(r)) => stderr = Some(r.map_err(|e| Failure::Io("read stderr", e))?),
             Ok(Event::Exited(r)) => {
                 r.map_err(|e| Failure::Io("wait for sh", e))?;
@@ -172,10 +185,7 @@ fn collect(rx: &mpsc::Receiver<Event>, deadline: Instant) -> Result<(Vec<u8>, Ve
             }
         }
     }
-    Ok((
-        stdout.expect("loop ends with stdout"),
-        stderr.expect("loop ends with stderr"),
-    ))
+    Ok(stderr.unwrap_or_default())
 }
 
 /// Starts the stdin writer and the two output readers.
@@ -190,13 +200,35 @@ fn spawn_io(child: &mut Child, input: Vec<u8>, tx: &mpsc::Sender<Event>) {
     });
     let t = tx.clone();
     thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = t.send(Event::Stdout(pipe_out.read_to_end(&mut buf).map(|_| buf)));
+        let mut buf = vec![0u8; 64 * 1024];
+        let end = loop {
+            match pipe_out.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    if t.send(Event::StdoutChunk(buf[..n].to_vec())).is_err() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        let _ = t.send(Event::StdoutEnd(end));
     });
     let t = tx.clone();
     thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = t.send(Event::Stderr(pipe_err.read_to_end(&mut buf).map(|_| buf)));
+        // Bounded: a script that floods stderr cannot grow tend.
+        let mut kept = super::Bounded::new(super::STDERR_LIMIT);
+        let mut buf = vec![0u8; 64 * 1024];
+        let end = loop {
+            match pipe_err.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => kept.push(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        let _ = t.send(Event::Stderr(end.map(|()| kept.into_bytes())));
     });
 }
 

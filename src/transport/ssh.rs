@@ -26,6 +26,10 @@ const ERR_TIMEOUT: i32 = -9;
 const ERR_SOCKET_TIMEOUT: i32 = -30;
 const ERR_AUTH_FAILED: i32 = -18;
 const ERR_PUBKEY_UNVERIFIED: i32 = -19;
+const ERR_EAGAIN: i32 = -37;
+
+/// A silent command gets a keepalive this often.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
 
 /// Channel window: large enough that stderr never stalls while stdout is
 /// read to its end (libssh2 queues what is not read yet).
@@ -167,9 +171,11 @@ impl SshTransport {
                 format!("not authenticated as `{}`", t.user),
             ));
         }
-        // libssh2 sends keepalives only when asked; a long step calls
-        // keepalive_send through its reads.
-        sess.set_keepalive(false, 15);
+        // No keepalive interval in libssh2: one configured there also cuts
+        // every blocking wait short at the next keepalive, failing any
+        // command silent for that long with "Timed out waiting on socket".
+        // `pump` sends keepalives by hand instead.
+        sess.set_keepalive(false, 0);
         Ok(sess)
     }
 
@@ -232,12 +238,19 @@ impl SshTransport {
         self.err(class, format!("{doing}: {}", e.message()))
     }
 
+    /// Run one command on an open session. Stdin is written, and stdout
+    /// and stderr read, in one non-blocking loop, so that what the host
+    /// reports reaches `sink` as it happens (even while content is still
+    /// going out), neither stream can stall the other, and a long silence
+    /// is waited out up to the deadline (a keepalive every
+    /// [`KEEPALIVE_EVERY`] keeps middleboxes from dropping the connection).
     fn run(
         &self,
         sess: &Session,
         script: &str,
         stdin: &[u8],
         deadline: Instant,
+        sink: super::StdoutSink<'_>,
     ) -> Result<ExecOutput, TransportError> {
         set_timeout(sess, deadline);
         let mut ch = sess
@@ -246,19 +259,11 @@ impl SshTransport {
         let command = format!("sh -c {}", crate::shell::quote(script));
         ch.exec(&command)
             .map_err(|e| self.classify(e, "cannot start the remote command"))?;
-        if !stdin.is_empty() {
-            ch.write_all(stdin)
-                .map_err(|e| self.io_err(e, "writing stdin"))?;
-        }
-        ch.send_eof()
-            .map_err(|e| self.classify(e, "closing stdin"))?;
-        let mut stdout = Vec::new();
-        ch.read_to_end(&mut stdout)
-            .map_err(|e| self.io_err(e, "reading stdout"))?;
-        let mut stderr = Vec::new();
-        ch.stderr()
-            .read_to_end(&mut stderr)
-            .map_err(|e| self.io_err(e, "reading stderr"))?;
+        sess.set_blocking(false);
+        let pumped = self.pump(sess, &mut ch, stdin, deadline, sink);
+        sess.set_blocking(true);
+        let stderr = pumped?;
+        set_timeout(sess, deadline);
         ch.wait_close()
             .map_err(|e| self.classify(e, "waiting for the remote command"))?;
         let mut status = ch
@@ -271,9 +276,92 @@ impl SshTransport {
         }
         Ok(ExecOutput {
             status,
-            stdout,
+            stdout: Vec::new(),
             stderr,
         })
+    }
+
+    /// The non-blocking loop of [`Self::run`]; returns stderr (bounded).
+    fn pump(
+        &self,
+        sess: &Session,
+        ch: &mut ssh2::Channel,
+        stdin: &[u8],
+        deadline: Instant,
+        sink: super::StdoutSink<'_>,
+    ) -> Result<Vec<u8>, TransportError> {
+        let would_block = |e: &std::io::Error| e.kind() == std::io::ErrorKind::WouldBlock;
+        let mut written = 0;
+        let mut eof_sent = false;
+        let (mut out_done, mut err_done) = (false, false);
+        let mut stderr = super::Bounded::new(super::STDERR_LIMIT);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut idle_since = Instant::now();
+        while !(out_done && err_done) {
+            let mut progress = false;
+            if written < stdin.len() {
+                match ch.write(&stdin[written..]) {
+                    Ok(n) => {
+                        written += n;
+                        progress |= n > 0;
+                    }
+                    Err(e) if would_block(&e) => {}
+                    Err(e) => return Err(self.io_err(e, "writing stdin")),
+                }
+            }
+            if written == stdin.len() && !eof_sent {
+                match ch.send_eof() {
+                    Ok(()) => {
+                        eof_sent = true;
+                        progress = true;
+                    }
+                    Err(e) if e.code() == ErrorCode::Session(ERR_EAGAIN) => {}
+                    Err(e) => return Err(self.classify(e, "closing stdin")),
+                }
+            }
+            if !out_done {
+                match ch.read(&mut buf) {
+                    Ok(0) => out_done = ch.eof(),
+                    Ok(n) => {
+                        sink(&buf[..n]);
+                        progress = true;
+                    }
+                    Err(e) if would_block(&e) => {}
+                    Err(e) => return Err(self.io_err(e, "reading stdout")),
+                }
+            }
+            if !err_done {
+                match ch.stderr().read(&mut buf) {
+                    Ok(0) => err_done = ch.eof(),
+                    Ok(n) => {
+                        stderr.push(&buf[..n]);
+                        progress = true;
+                    }
+                    Err(e) if would_block(&e) => {}
+                    Err(e) => return Err(self.io_err(e, "reading stderr")),
+                }
+            }
+            if progress {
+                idle_since = Instant::now();
+                continue;
+            }
+            let Some(left) = remaining(deadline) else {
+                return Err(self.err(
+                    FailureClass::Timeout,
+                    "the remote command did not finish in time",
+                ));
+            };
+            if idle_since.elapsed() >= KEEPALIVE_EVERY {
+                // Best effort: a dead peer shows as a failed read or write,
+                // or at the deadline.
+                sess.set_keepalive(false, 1);
+                let _ = sess.keepalive_send();
+                sess.set_keepalive(false, 0);
+                idle_since = Instant::now();
+            }
+            wait_socket(sess, left.min(KEEPALIVE_EVERY));
+        }
+        Ok(stderr.into_bytes())
     }
 
     fn io_err(&self, e: std::io::Error, doing: &str) -> TransportError {
@@ -287,11 +375,12 @@ impl SshTransport {
 }
 
 impl Transport for SshTransport {
-    fn exec(
+    fn exec_streaming(
         &self,
         script: &str,
         stdin: &[u8],
         timeout: Duration,
+        sink: super::StdoutSink<'_>,
     ) -> Result<ExecOutput, TransportError> {
         let deadline = Instant::now() + timeout;
         let mut guard = self.session.lock().unwrap_or_else(|p| p.into_inner());
@@ -310,7 +399,7 @@ impl Transport for SshTransport {
             *guard = Some((self.connect(deadline)?, Instant::now()));
         }
         let (sess, last) = guard.as_mut().expect("connected");
-        match self.run(sess, script, stdin, deadline) {
+        match self.run(sess, script, stdin, deadline, sink) {
             Ok(out) => {
                 *last = Instant::now();
                 Ok(out)
@@ -328,6 +417,28 @@ fn remaining(deadline: Instant) -> Option<Duration> {
     deadline
         .checked_duration_since(Instant::now())
         .filter(|d| !d.is_zero())
+}
+
+/// Wait until the session's socket can move data in the direction libssh2
+/// is blocked on, or `wait` passes.
+fn wait_socket(sess: &Session, wait: Duration) {
+    use std::os::unix::io::AsRawFd;
+    let events = match sess.block_directions() {
+        ssh2::BlockDirections::Outbound => libc::POLLOUT,
+        ssh2::BlockDirections::Both => libc::POLLIN | libc::POLLOUT,
+        ssh2::BlockDirections::Inbound | ssh2::BlockDirections::None => libc::POLLIN,
+    };
+    let mut fd = libc::pollfd {
+        fd: sess.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    let ms = wait.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd, for the duration of the call. An error
+    // (EINTR) only ends the wait early; the caller loops.
+    unsafe {
+        libc::poll(&mut fd, 1, ms);
+    }
 }
 
 /// Every blocking libssh2 call gives up at the deadline.
