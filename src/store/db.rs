@@ -115,6 +115,51 @@ CREATE TABLE managed_resources (
     r#"
 ALTER TABLE runs ADD COLUMN target_hosts_json TEXT;
 "#,
+    // 3: token trust and history retention (SPEC 8.4, 8.5).
+    // `token_first_seen`: when tend first saw each token file with given
+    // bytes; `expires` is bounded from the earlier of this and the file's
+    // mtime, so a future mtime cannot stretch token_max_ttl.
+    // `tokens` and `managed_resources` are kept for ever while the runs they
+    // name may be removed by retention, so they are rebuilt without the
+    // foreign key to `runs` (their run ids stay as plain history).
+    r#"
+CREATE TABLE token_first_seen (
+    file       TEXT NOT NULL,
+    sha256     TEXT NOT NULL,
+    first_seen INTEGER NOT NULL,
+    PRIMARY KEY (file, sha256)
+) STRICT;
+
+CREATE TABLE tokens_v3 (
+    sha256         TEXT PRIMARY KEY NOT NULL,
+    file           TEXT NOT NULL,
+    operation      TEXT NOT NULL,
+    hosts_json     TEXT NOT NULL,
+    used_by_run    TEXT,
+    used_at        TEXT,
+    refused_reason TEXT
+) STRICT;
+INSERT INTO tokens_v3 SELECT sha256, file, operation, hosts_json, used_by_run, used_at, refused_reason FROM tokens;
+DROP TABLE tokens;
+ALTER TABLE tokens_v3 RENAME TO tokens;
+
+CREATE TABLE managed_resources_v3 (
+    host           TEXT NOT NULL,
+    resource_id    TEXT NOT NULL,
+    kind           TEXT NOT NULL,
+    "key"          TEXT NOT NULL,
+    spec_json      TEXT NOT NULL,
+    applied_run_id TEXT NOT NULL,
+    applied_at     TEXT NOT NULL,
+    PRIMARY KEY (host, resource_id)
+) STRICT;
+INSERT INTO managed_resources_v3
+    SELECT host, resource_id, kind, "key", spec_json, applied_run_id, applied_at FROM managed_resources;
+DROP TABLE managed_resources;
+ALTER TABLE managed_resources_v3 RENAME TO managed_resources;
+
+CREATE INDEX runs_by_started ON runs (started_at);
+"#,
 ];
 
 /// What is known of a run when it begins (after policy, before dispatch).
@@ -596,6 +641,35 @@ impl Db {
                 },
             )
             .optional()
+        })
+    }
+
+    /// When tend first saw the token file `file` holding bytes that hash to
+    /// `sha256`: recorded as `now` the first time (one statement, so two
+    /// processes agree on the earlier), read back after. A read-only
+    /// connection (`tend plan`) records nothing and answers `now` for a file
+    /// never recorded, which is what the next writer will record.
+    pub fn token_first_seen(&self, file: &str, sha256: &str, now: i64) -> Result<i64, StoreError> {
+        let doing = || format!("record when token {file} was first seen");
+        if self.conn.is_readonly("main").unwrap_or(true) {
+            return self.read(doing(), |conn| {
+                conn.query_row(
+                    "SELECT first_seen FROM token_first_seen WHERE file = ?1 AND sha256 = ?2",
+                    rusqlite::params![file, sha256],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+                .map(|t| t.unwrap_or(now).min(now))
+            });
+        }
+        self.read(doing(), |conn| {
+            conn.query_row(
+                "INSERT INTO token_first_seen (file, sha256, first_seen) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (file, sha256) DO UPDATE SET first_seen = min(first_seen, excluded.first_seen)
+                 RETURNING first_seen",
+                rusqlite::params![file, sha256, now],
+                |r| r.get(0),
+            )
         })
     }
 
