@@ -329,3 +329,57 @@ fn a_state_dir_inside_hosts_groups_or_files_is_an_error() {
     assert!(r.stderr.contains("lies inside hosts/"), "{r}");
     assert!(!inside.exists());
 }
+
+// ---------------------------------------------------------------------------
+// Retention at the end of `tend apply`
+// ---------------------------------------------------------------------------
+
+#[test]
+fn apply_ends_with_history_retention() {
+    let fx = Fixture::two_hosts();
+    let first = fx.run(&["apply", "--json"]);
+    first.code(2);
+    let first = first.json()["run_id"].as_str().unwrap().to_string();
+    // Age the first run by two months, as if it were recorded then.
+    let db = rusqlite::Connection::open(fx.state().join("tend.db")).unwrap();
+    db.execute(
+        "UPDATE runs SET started_at = '2020-01-01T00:00:00.000Z' WHERE run_id = ?1",
+        [&first],
+    )
+    .unwrap();
+    drop(db);
+    // A directory a crash left without its rows, and an old used token.
+    let orphan = fx.state().join("runs/r-20200101T000000Z-dead");
+    fs::create_dir_all(&orphan).unwrap();
+    let used = fx
+        .state()
+        .join("confirm/used/r-20200101T000000Z-dead-t.yaml");
+    fs::write(&used, "x").unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&used)
+        .unwrap()
+        .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_577_836_800))
+        .unwrap();
+
+    fx.run(&["apply", "--json"]).code(2);
+    assert!(
+        !fx.state().join("runs").join(&first).exists(),
+        "aged run removed"
+    );
+    assert!(!orphan.exists(), "orphan removed");
+    assert!(!used.exists(), "old used token removed");
+    let db = rusqlite::Connection::open(fx.state().join("tend.db")).unwrap();
+    let n: i64 = db
+        .query_row(
+            "SELECT count(*) FROM runs WHERE run_id = ?1",
+            [&first],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 0);
+    let left: i64 = db
+        .query_row("SELECT count(*) FROM runs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 1, "the newest run of each host stays");
+}

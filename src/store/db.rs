@@ -673,6 +673,103 @@ impl Db {
         })
     }
 
+    /// Remove the runs that history retention lets go (SPEC 8.5), with every
+    /// row that belongs to them, in one IMMEDIATE transaction; returns their
+    /// ids. Times are RFC 3339 UTC strings, compared as text (every time
+    /// tend records has that form). A run is removed when it is finished and
+    /// started before `keep_before`, or before `destructive_before` when it
+    /// ran or planned a destructive step, carried a confirmation or used a
+    /// token; the newest run of each host is never removed, nor a run some
+    /// other table still refers to by foreign key (a table added later that
+    /// this code does not know keeps its runs rather than losing rows).
+    /// Token-use and managed-resource records are kept for ever.
+    pub fn remove_old_runs(
+        &mut self,
+        keep_before: &str,
+        destructive_before: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        self.write("remove runs past their retention".into(), |tx| {
+            let mut guard = String::new();
+            let mut refs = tx.prepare(
+                r#"SELECT m.name, f."from" FROM sqlite_master m, pragma_foreign_key_list(m.name) f
+                   WHERE m.type = 'table' AND f."table" = 'runs'
+                     AND m.name NOT IN ('events', 'step_attempts', 'host_outcomes')"#,
+            )?;
+            let refs: Vec<(String, String)> = refs
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            for (table, column) in refs {
+                let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+                guard.push_str(&format!(
+                    " AND r.run_id NOT IN (SELECT {c} FROM {t} WHERE {c} IS NOT NULL)",
+                    c = q(&column),
+                    t = q(&table)
+                ));
+            }
+            let select = format!(
+                r#"SELECT r.run_id FROM runs r
+                   WHERE r.completed_at IS NOT NULL
+                     AND r.started_at < ?1
+                     AND (r.started_at < ?2 OR NOT (
+                          r.result_json IS NULL
+                          OR EXISTS (SELECT 1 FROM step_attempts s
+                                     WHERE s.run_id = r.run_id AND s.destructive = 1)
+                          OR EXISTS (SELECT 1 FROM tokens t WHERE t.used_by_run = r.run_id)
+                          OR json_type(r.result_json, '$.confirmation') IN ('object', 'text')
+                          OR EXISTS (SELECT 1 FROM json_each(r.result_json, '$.host_outcomes') h,
+                                                  json_each(h.value, '$.steps') st
+                                     WHERE json_extract(st.value, '$.destructive') = 1)))
+                     AND r.run_id NOT IN (
+                          SELECT run_id FROM (
+                              SELECT ho.run_id, row_number() OVER (
+                                  PARTITION BY ho.host
+                                  ORDER BY r2.started_at DESC, r2.run_id DESC) AS n
+                              FROM host_outcomes ho JOIN runs r2 ON r2.run_id = ho.run_id)
+                          WHERE n = 1)
+                     {guard}
+                   ORDER BY r.run_id"#
+            );
+            let ids: Vec<String> = tx
+                .prepare(&select)?
+                .query_map([keep_before, destructive_before], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for id in &ids {
+                for table in ["events", "step_attempts", "host_outcomes", "runs"] {
+                    tx.execute(&format!("DELETE FROM {table} WHERE run_id = ?1"), [id])?;
+                }
+            }
+            Ok(ids)
+        })
+    }
+
+    /// Whether a run is recorded (finished or not).
+    pub fn has_run(&self, run_id: &str) -> Result<bool, StoreError> {
+        self.read(format!("look up run {run_id}"), |conn| {
+            conn.query_row("SELECT 1 FROM runs WHERE run_id = ?1", [run_id], |_| Ok(()))
+                .optional()
+                .map(|r| r.is_some())
+        })
+    }
+
+    /// Run raw SQL, for tests that need a schema this code does not make.
+    #[cfg(test)]
+    pub(crate) fn test_exec(&self, sql: &str) {
+        self.conn.execute_batch(sql).expect("test SQL");
+    }
+
+    /// Forget when token files were first seen before `before` (seconds since
+    /// the epoch). Safe to forget: a file seen again is taken as first seen
+    /// then, and its `expires` must still be within `token_max_ttl` of the
+    /// earlier of that and its mtime.
+    pub fn forget_token_sightings(&mut self, before: i64) -> Result<usize, StoreError> {
+        self.write("forget old token sightings".into(), |tx| {
+            tx.execute(
+                "DELETE FROM token_first_seen WHERE first_seen < ?1",
+                [before],
+            )
+        })
+    }
+
     /// Connection settings, set on every open (they are not persistent,
     /// except the journal mode).
     fn configure(&self) -> Result<(), StoreError> {

@@ -15,6 +15,7 @@ use crate::core::report::{FleetStatus, HostStatus, RunResult};
 
 pub mod db;
 pub mod fsutil;
+pub mod retention;
 pub mod trust;
 
 pub use db::Db;
