@@ -1258,4 +1258,50 @@ mod tests {
         let ro = Db::open_read_only(&path).unwrap().unwrap();
         assert!(ro.run(RUN).unwrap().is_some());
     }
+
+    /// Migration 3 rebuilds `tokens` and `managed_resources` without their
+    /// foreign keys to `runs`: their rows survive it, and afterwards a run
+    /// they name can be removed while they stay.
+    #[test]
+    fn migration_3_keeps_tokens_and_managed_resources_and_frees_their_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("tend.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(MIGRATIONS[1]).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute_batch(&format!(
+                r#"INSERT INTO runs (run_id, started_at, action, "trigger", dispatch_mode,
+                       effective_mode, policy_outcome, policy_reason, desired_revision)
+                   VALUES ('{RUN}', '{T0}', 'converge', 'cli', 'enforced', 'full',
+                           'Approved', 'ok', 'abc');
+                   INSERT INTO tokens VALUES ('sha', 'confirm/t.yaml', 'op', '["web-1"]',
+                           '{RUN}', '{T0}', NULL);
+                   INSERT INTO managed_resources VALUES ('web-1', 'file:/x', 'file', '/x',
+                           '{{}}', '{RUN}', '{T0}');"#
+            ))
+            .unwrap();
+        }
+        let mut db = Db::open(&path).unwrap();
+        assert!(db.schema_version().unwrap() >= 3);
+        let t = db.token("sha").unwrap().unwrap();
+        assert_eq!(t.used_by_run.as_deref(), Some(RUN));
+        assert_eq!(db.managed("web-1").unwrap().len(), 1);
+        assert!(
+            !db.claim_token("sha", "confirm/t.yaml", "op", &[], "r-2", T0)
+                .unwrap()
+        );
+        db.test_exec(&format!("DELETE FROM runs WHERE run_id = '{RUN}'"));
+        assert_eq!(count(&db, "tokens"), 1);
+        assert_eq!(count(&db, "managed_resources"), 1);
+        assert_eq!(
+            db.token_first_seen("confirm/t.yaml", "sha", 100).unwrap(),
+            100
+        );
+        assert_eq!(
+            db.token_first_seen("confirm/t.yaml", "sha", 200).unwrap(),
+            100
+        );
+    }
 }
