@@ -383,3 +383,38 @@ fn apply_ends_with_history_retention() {
         .unwrap();
     assert_eq!(left, 1, "the newest run of each host stays");
 }
+
+#[test]
+fn confirmers_and_history_are_validated() {
+    for (yaml, want) in [
+        (
+            "confirmers: ['@a', '@b']\n",
+            "tend.yaml:1:13: confirmers may name at most one `@group`",
+        ),
+        ("confirmers: ['@']\n", "is not a user name or `@group` name"),
+        (
+            "history:\n  keep: 30d\n  keep_destructive: 7d\n",
+            "tend.yaml:2:3: history: `keep_destructive` must be at least `keep`",
+        ),
+        ("history:\n  keep: 0s\n", "must be above zero"),
+        ("history:\n  kept: 30d\n", "unknown field `kept`"),
+    ] {
+        let fx = delete_fixture();
+        fx.write("tend.yaml", yaml);
+        let r = fx.run(&["validate"]);
+        r.code(1);
+        assert!(format!("{r}").contains(want), "{yaml}: {r}");
+    }
+    let fx = delete_fixture();
+    fx.write(
+        "tend.yaml",
+        "confirmers: [root, '@root']\nhistory:\n  keep: 1d\n  keep_destructive: 1d\n",
+    );
+    fx.run(&["validate"]).code(0);
+    // A name unknown to this machine is an error when the state dir is
+    // needed, not a silent drop.
+    fx.write("tend.yaml", "confirmers: [no-such-user-here]\n");
+    let r = fx.run(&["apply"]);
+    r.code(1);
+    assert!(r.stderr.contains("no user `no-such-user-here`"), "{r}");
+}
