@@ -408,7 +408,7 @@ impl TokenInput {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         Ok(TokenInput {
-            files: crate::tokens::load(sd, db)?,
+            files: crate::tokens::load(sd, db, now)?,
             now,
             max_ttl,
         })

@@ -12,6 +12,7 @@ use anyhow::{Result, bail};
 
 use crate::cli::{DispatchArg, Global};
 use crate::core::spec::{DispatchMode, TendConfig};
+use crate::store::StateDir;
 
 pub const DISPATCH_ENV: &str = "TEND_DISPATCH";
 
@@ -51,6 +52,7 @@ impl Settings {
             Some(s) => s.clone(),
             None => resolve_relative(&global.dir, &config.state_dir),
         };
+        check_state_dir_placement(&global.dir, &state_dir)?;
         let requested_by = std::env::var("SUDO_USER")
             .or_else(|_| std::env::var("USER"))
             .or_else(|_| std::env::var("LOGNAME"))
@@ -66,9 +68,58 @@ impl Settings {
         })
     }
 
+    /// The state dir, with `confirmers` resolved on this machine.
+    pub fn state_dir(&self) -> Result<StateDir> {
+        Ok(StateDir::with_confirmers(
+            self.state_dir.clone(),
+            &self.config.confirmers,
+        )?)
+    }
+
     /// A path from tend.yaml or the inventory, relative to the desired-state dir.
     pub fn desired_path(&self, p: &str) -> PathBuf {
         resolve_relative(&self.dir, p)
+    }
+}
+
+/// A state dir inside `hosts/`, `groups/` or `files/` of the desired-state
+/// dir would turn tend's own records into desired state (and change the
+/// revision at every run). Checked on the paths as resolved, symlinks
+/// included, so an absolute `state_dir`, `--state-dir` or a symlink cannot
+/// slip past the lexical check of validation.
+pub fn check_state_dir_placement(dir: &Path, state_dir: &Path) -> Result<()> {
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return Ok(());
+    };
+    let state = resolve_existing(state_dir);
+    for sub in ["hosts", "groups", "files"] {
+        let inside = resolve_existing(&dir.join(sub));
+        if state.starts_with(&inside) {
+            bail!(
+                "state_dir {} lies inside {sub}/ of the desired-state directory, which holds desired state: put it elsewhere (e.g. `.tend`)",
+                state_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `p` with symlinks resolved as far as it exists; the missing rest is
+/// appended as written (it holds no symlink yet).
+fn resolve_existing(p: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut cur = p.to_path_buf();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&cur) {
+            return rest.iter().rev().fold(real, |acc: PathBuf, c| acc.join(c));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                cur = parent.to_path_buf();
+            }
+            _ => return p.to_path_buf(),
+        }
     }
 }
 

@@ -14,7 +14,9 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
 
-use crate::core::model::{Blob, MAX_SOURCE_BYTES, MAX_YAML_BYTES, SourceTree, content_hash};
+use crate::core::model::{
+    Blob, FILES_ROOT_KEY, MAX_SOURCE_BYTES, MAX_YAML_BYTES, SourceTree, content_hash,
+};
 
 /// Read everything `validate` needs. Only an unreadable directory is an error;
 /// problems with single files become `Blob::Refused`/`TooLarge` and are
@@ -37,7 +39,7 @@ pub fn read_tree(dir: &Path) -> Result<SourceTree> {
         inventory: read_optional(&dir.join("inventory.yaml"), MAX_YAML_BYTES)?,
         hosts: read_flat(&dir.join("hosts"))?,
         groups: read_flat(&dir.join("groups"))?,
-        sources: read_sources(&dir.join("files"))?,
+        sources: read_sources(dir, &dir.join("files"))?,
     })
 }
 
@@ -82,26 +84,49 @@ fn read_flat(dir: &Path) -> Result<BTreeMap<String, Blob>> {
     Ok(out)
 }
 
-/// `files/**`: every regular file, by path relative to `files/`. A symlink
-/// that resolves outside `files/` is refused, so a `source:` cannot read
-/// arbitrary files of the machine tend runs on.
-fn read_sources(root: &Path) -> Result<BTreeMap<String, Blob>> {
+/// `files/**`: every regular file, by path relative to `files/`. `files/`
+/// and every path under it must stay inside the desired-state dir once
+/// symlinks are resolved, so a `source:` cannot copy arbitrary files of the
+/// machine tend runs on to a host: `files/` resolving elsewhere refuses every
+/// source (under `FILES_ROOT_KEY`) and reads nothing; a symlink under it
+/// resolving elsewhere is refused by name.
+fn read_sources(dir: &Path, root: &Path) -> Result<BTreeMap<String, Blob>> {
     let mut out = BTreeMap::new();
+    let canon_dir =
+        fs::canonicalize(dir).with_context(|| format!("cannot read {}", dir.display()))?;
     let canon_root = match fs::canonicalize(root) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // A dangling `files` symlink is still a refusal worth naming.
+            if fs::symlink_metadata(root).is_ok() {
+                out.insert(
+                    FILES_ROOT_KEY.to_string(),
+                    Blob::Refused(format!("files/ is a broken symlink: {e}")),
+                );
+            }
+            return Ok(out);
+        }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", root.display())),
         Ok(p) => p,
     };
+    if !canon_root.starts_with(&canon_dir) {
+        out.insert(
+            FILES_ROOT_KEY.to_string(),
+            Blob::Refused(format!(
+                "files/ resolves to {}, outside the desired-state directory",
+                canon_root.display()
+            )),
+        );
+        return Ok(out);
+    }
     let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
             let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
             let path = entry.path();
-            let rel = path
-                .strip_prefix(root)
-                .expect("under root")
-                .to_string_lossy()
-                .replace('\\', "/");
+            let Ok(rel) = path.strip_prefix(root) else {
+                continue;
+            };
+            let rel = rel.to_string_lossy().replace('\\', "/");
             let ft = entry
                 .file_type()
                 .with_context(|| format!("cannot stat {}", path.display()))?;
@@ -111,9 +136,9 @@ fn read_sources(root: &Path) -> Result<BTreeMap<String, Blob>> {
             }
             let blob = if ft.is_symlink() {
                 match fs::canonicalize(&path) {
-                    Ok(real) if real.starts_with(&canon_root) => read_blob(&real, MAX_SOURCE_BYTES),
+                    Ok(real) if real.starts_with(&canon_dir) => read_blob(&real, MAX_SOURCE_BYTES),
                     Ok(real) => Blob::Refused(format!(
-                        "is a symlink to {}, outside files/",
+                        "is a symlink to {}, outside files/ and the desired-state directory",
                         real.display()
                     )),
                     Err(e) => Blob::Refused(format!("is a broken symlink: {e}")),

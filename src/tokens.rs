@@ -8,18 +8,23 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
 use crate::core::token::{self, TokenFile, Verdict};
-use crate::store::StateDir;
 use crate::store::db::Db;
+use crate::store::{StateDir, trust};
 
-/// Every `*.yaml` directly in `confirm/`, sorted by name. A file that cannot
-/// be read is still listed (its check refuses it).
-pub fn load(sd: &StateDir, db: Option<&Db>) -> Result<Vec<TokenFile>> {
+/// Every `*.yaml` directly in `confirm/`, sorted by name, whatever its type:
+/// a symlink, FIFO or directory is listed with the reason it is refused, as
+/// is every file of a `confirm/` that is not safe (world-writable, or
+/// group-writable by a group outside `confirmers`). Each file is opened
+/// without following symlinks and without blocking, and judged by `fstat` of
+/// what was opened (`store::trust::read_token`). When tend first saw each
+/// file with its bytes is recorded in SQLite (`db`; read only when the
+/// connection is read-only) and bounds its `expires`.
+pub fn load(sd: &StateDir, db: Option<&Db>, now: i64) -> Result<Vec<TokenFile>> {
     let dir = sd.confirm_dir();
     let mut out = Vec::new();
     let entries = match fs::read_dir(&dir) {
@@ -29,30 +34,48 @@ pub fn load(sd: &StateDir, db: Option<&Db>) -> Result<Vec<TokenFile>> {
     };
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".yaml") && !n.starts_with('.'))
         .collect();
     names.sort();
+    let dir_refusal = trust::confirm_dir_refusal(&dir, sd.confirmers());
     for name in names {
-        let path = dir.join(&name);
-        let (bytes, mode, mtime) = match (fs::read(&path), fs::metadata(&path)) {
-            (Ok(b), Ok(m)) => (b, m.mode(), m.mtime()),
-            // Unreadable: refused as malformed, with its name.
-            _ => (Vec::new(), 0o600, 0),
+        let rel_path = format!("confirm/{name}");
+        let read = match &dir_refusal {
+            Some(why) => Err(why.clone()),
+            None => trust::read_token(&dir.join(&name), sd.confirmers()),
         };
-        let sha = crate::core::sha256_hex(&bytes);
-        let used_before = match db {
-            Some(db) => db.token(&sha)?.is_some_and(|t| t.used_by_run.is_some()),
-            None => false,
+        let file = match read {
+            Ok(r) => {
+                let sha = crate::core::sha256_hex(&r.bytes);
+                let (used_before, first_seen) = match db {
+                    Some(db) => (
+                        db.token(&sha)?.is_some_and(|t| t.used_by_run.is_some()),
+                        db.token_first_seen(&rel_path, &sha, now)?,
+                    ),
+                    None => (false, now),
+                };
+                TokenFile {
+                    rel_path,
+                    bytes: r.bytes,
+                    mode: r.mode,
+                    mtime: r.mtime,
+                    first_seen,
+                    used_before,
+                    refused: None,
+                }
+            }
+            Err(why) => TokenFile {
+                rel_path,
+                bytes: Vec::new(),
+                mode: 0,
+                mtime: 0,
+                first_seen: now,
+                used_before: false,
+                refused: Some(why),
+            },
         };
-        out.push(TokenFile {
-            rel_path: format!("confirm/{name}"),
-            bytes,
-            mode,
-            mtime,
-            used_before,
-        });
+        out.push(file);
     }
     Ok(out)
 }
@@ -104,11 +127,10 @@ pub fn consume(
     let from = sd.root().join(&file.rel_path);
     let name = from
         .file_name()
-        .expect("a file name")
-        .to_string_lossy()
-        .into_owned();
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "token.yaml".into());
     let to = sd.confirm_used_dir().join(format!("{run_id}-{name}"));
-    fs::create_dir_all(sd.confirm_used_dir())
+    sd.ensure()
         .with_context(|| format!("creating {}", sd.confirm_used_dir().display()))?;
     fs::rename(&from, &to)
         .with_context(|| format!("moving used token {} to {}", from.display(), to.display()))?;

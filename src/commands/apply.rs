@@ -41,6 +41,7 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
     })
     .await?;
     pass::write_fleet(sd, loaded.state.hosts.keys(), &now_rfc3339())?;
+    crate::store::retention::sweep_now(sd, &loaded.state.config.history);
     let result = report.result.expect("apply always records a run");
     if loaded.settings.json {
         let mut out = std::io::stdout().lock();

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use super::{exit, state_dir_of};
 use crate::cli::Global;
 use crate::core::token::{self, TokenDoc};
+use crate::store::StateDir;
 
 pub fn run(g: &Global, operation: &str, reason: &str, ttl: Option<&str>) -> Result<u8> {
     if operation.len() != 64
@@ -46,7 +47,7 @@ pub fn run(g: &Global, operation: &str, reason: &str, ttl: Option<&str>) -> Resu
             d
         }
     };
-    let sd = state_dir_of(g);
+    let sd = StateDir::with_confirmers(state_dir_of(g).root(), &config.confirmers)?;
     // The exact host set is the operation's: every host awaiting it says so.
     let mut hosts: Option<Vec<String>> = None;
     if let Ok(entries) = fs::read_dir(sd.root().join("status")) {
@@ -87,17 +88,29 @@ pub fn run(g: &Global, operation: &str, reason: &str, ttl: Option<&str>) -> Resu
             .ok(),
     };
     let dir = sd.confirm_dir();
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // The first user of a state dir creates it with its modes; a confirmer
+    // of a group drops the token into the `confirm/` tend made and touches
+    // nothing else (it could not change tend's directories anyway).
+    if !dir.exists() {
+        sd.ensure()?;
+    }
     let path = dir.join(format!("{operation}.yaml"));
-    // Written 0600 from the start (a group/world-writable token is refused),
-    // then renamed into place: never half-written.
+    // Written with its final mode from the start (0600, or 0640 with the
+    // confirmers group: never group-writable, which is refused), then
+    // renamed into place: never half-written.
     let tmp = dir.join(format!(".{operation}.yaml.tmp-{}", std::process::id()));
+    let confirmers = sd.confirmers().clone();
     let write = || -> std::io::Result<()> {
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(confirmers.token_mode())
             .open(&tmp)?;
+        if let Some(gid) = confirmers.gid() {
+            std::os::unix::fs::fchown(&f, None, Some(gid))?;
+        }
+        // The umask may have taken bits off; the mode is set, not hoped for.
+        f.set_permissions(fs::Permissions::from_mode(confirmers.token_mode()))?;
         f.write_all(token::render(&doc).as_bytes())?;
         f.sync_all()?;
         fs::rename(&tmp, &path)?;

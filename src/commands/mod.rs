@@ -91,7 +91,7 @@ fn with_desired(
     }
     let settings = Settings::resolve(g, validated.state.config.clone(), flag)?;
     let revision = crate::source::revision(&settings.dir, &settings.state_dir, &tree);
-    let state_dir = StateDir::new(settings.state_dir.clone());
+    let state_dir = settings.state_dir()?;
     f(Loaded {
         settings,
         state: validated.state,
@@ -117,13 +117,7 @@ fn state_dir_of(g: &Global) -> StateDir {
 /// the file so that a refusal can name it.
 pub fn lock_state_dir(sd: &StateDir) -> Result<File> {
     let path = sd.lock_path();
-    let mut f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("opening lock file {}", path.display()))?;
+    let mut f = sd.open_lock()?;
     match f.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {

@@ -12,7 +12,6 @@ use crate::cli::Global;
 use crate::controller::{self, Event, real::Real, recover, watch};
 use crate::core::model;
 use crate::settings::Settings;
-use crate::store::StateDir;
 
 pub fn run(g: &Global) -> Result<u8> {
     // The state dir and the first settings come from tend.yaml even when
@@ -21,7 +20,7 @@ pub fn run(g: &Global) -> Result<u8> {
     let tree = crate::source::read_tree(&g.dir)?;
     let config = model::validate(&tree).state.config;
     let settings = Settings::resolve(g, config, None)?;
-    let sd = StateDir::new(settings.state_dir.clone());
+    let sd = settings.state_dir()?;
     sd.ensure()?;
     let _lock = super::lock_state_dir(&sd)?;
     tracing::info!(
@@ -40,7 +39,7 @@ pub fn run(g: &Global) -> Result<u8> {
         let (tx, rx) = mpsc::unbounded_channel();
         watch::signals(tx.clone())?;
         let paths = watch::Paths::resolve(&g.dir, sd.root())?;
-        let real = Arc::new(Real::new(g.clone(), settings));
+        let real = Arc::new(Real::new(g.clone(), settings, sd.clone()));
         let watches = watch::Watches::start(paths, tx.clone())?;
         real.set_watches(watches);
         // Retry requests left while no controller ran.

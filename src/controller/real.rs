@@ -55,8 +55,7 @@ impl Real {
     /// The controller for `--dir` and friends. The state dir is fixed for
     /// the life of the process (moving `state_dir` in tend.yaml needs a
     /// restart); `settings` is the first resolution.
-    pub fn new(global: Global, settings: Settings) -> Real {
-        let state_dir = StateDir::new(settings.state_dir.clone());
+    pub fn new(global: Global, settings: Settings, state_dir: StateDir) -> Real {
         let snap = Snapshot {
             settings,
             valid: None,

@@ -38,6 +38,10 @@ pub enum Blob {
     Refused(String),
 }
 
+/// The key of `SourceTree::sources` that holds the refusal of `files/`
+/// itself; no source can be named by it (an empty path is refused).
+pub const FILES_ROOT_KEY: &str = "";
+
 /// The desired-state directory as bytes. Paths are relative to it, with `/`.
 #[derive(Clone, Debug, Default)]
 pub struct SourceTree {
@@ -568,6 +572,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
             if let (Some(c), _) = typed::<TendConfig>(&node, &[], &mut sink) {
                 config = c;
                 check_config(&config, &node, &mut sink);
+                check_trust_config(&config, &node, &mut sink);
             }
         }
     }
@@ -749,6 +754,74 @@ pub fn validate(tree: &SourceTree) -> Validated {
     Validated {
         state: DesiredState { config, hosts },
         problems,
+    }
+}
+
+/// The tend.yaml settings of the state dir's trust rules and retention
+/// (SPEC 8.4, 8.5): `confirmers` names at most one group; history durations
+/// are above zero, and destructive runs are kept at least as long as the
+/// others; a relative `state_dir` does not lie inside `hosts/`, `groups/` or
+/// `files/`, where its files would become desired state (an absolute one is
+/// checked by the shell, which can resolve it).
+fn check_trust_config(config: &TendConfig, node: &Node, sink: &mut Sink) {
+    let groups = config.confirmers.iter().filter(|c| c.starts_with('@'));
+    if groups.count() > 1 {
+        sink.at(
+            node.pos_of("confirmers"),
+            "confirmers may name at most one `@group`: the confirm directory belongs to one group",
+        );
+    }
+    if let Some(bad) = config
+        .confirmers
+        .iter()
+        .find(|c| c.trim_start_matches('@').is_empty() || c.contains(['/', ':', ' ', '\0']))
+    {
+        sink.at(
+            node.pos_of("confirmers"),
+            format!("confirmers: `{bad}` is not a user name or `@group` name"),
+        );
+    }
+    let history_pos = || node.get("history").map_or(Pos::START, |h| h.pos);
+    let (keep, keep_destructive) = (config.history.keep.0, config.history.keep_destructive.0);
+    if keep.is_zero() || keep_destructive.is_zero() {
+        sink.at(
+            history_pos(),
+            "history: `keep` and `keep_destructive` must be above zero",
+        );
+    } else if keep_destructive < keep {
+        sink.at(
+            history_pos(),
+            "history: `keep_destructive` must be at least `keep` (destructive runs are kept longer)",
+        );
+    }
+    let sd = config.state_dir.trim();
+    if !sd.starts_with('/') && !sd.starts_with("~/") {
+        // Lexical: `a/../hosts/x` is inside hosts/; `../hosts/x` is not
+        // inside the desired-state dir at all.
+        let mut parts: Vec<&str> = Vec::new();
+        let mut outside = false;
+        for c in sd.split('/') {
+            match c {
+                "" | "." => {}
+                ".." if parts.is_empty() => outside = true,
+                ".." => {
+                    parts.pop();
+                }
+                c if !outside => parts.push(c),
+                _ => {}
+            }
+        }
+        if let Some(first) = parts
+            .first()
+            .filter(|f| matches!(**f, "hosts" | "groups" | "files"))
+        {
+            sink.at(
+                node.pos_of("state_dir"),
+                format!(
+                    "state_dir `{sd}` lies inside {first}/, which holds desired state: put it elsewhere (e.g. `.tend`)"
+                ),
+            );
+        }
     }
 }
 
@@ -1272,6 +1345,11 @@ fn resolve_source(src: &str, tree: &SourceTree) -> Result<Content, String> {
         ));
     }
     match tree.sources.get(src) {
+        // `files/` itself refused (it resolves outside the desired-state
+        // dir): every source names that reason.
+        None if let Some(Blob::Refused(why)) = tree.sources.get(FILES_ROOT_KEY) => {
+            Err(format!("source files/{src}: {why}"))
+        }
         None => Err(format!(
             "source `{src}` does not exist: expected files/{src}"
         )),

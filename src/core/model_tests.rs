@@ -666,7 +666,7 @@ fn unknown_top_level_keys() {
         groups/web.yaml:1:1: unknown field `resourcez`, expected `lifecycle` or `resources`
         hosts/web-1.yaml:2:1: unknown field `lifecycel`, expected `lifecycle` or `resources`
         inventory.yaml:2:1: unknown field `extra`, expected `hosts`
-        tend.yaml:2:1: unknown field `dispatchh`, expected one of `dispatch`, `canary`, `concurrency`, `probe_timeout`, `step_timeout`, `retries`, `retry_backoff`, `resync`, `quiet_window`, `max_defer`, `token_max_ttl`, `crash_loop_threshold`, `known_hosts`, `state_dir`, `step_output_limit`
+        tend.yaml:2:1: unknown field `dispatchh`, expected one of `dispatch`, `canary`, `concurrency`, `probe_timeout`, `step_timeout`, `retries`, `retry_backoff`, `resync`, `quiet_window`, `max_defer`, `token_max_ttl`, `crash_loop_threshold`, `known_hosts`, `state_dir`, `step_output_limit`, `confirmers`, `history`
         ",
     );
 }

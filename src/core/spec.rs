@@ -55,6 +55,32 @@ pub struct TendConfig {
     /// first and the last half of it, with the count of bytes left out.
     #[schemars(range(min = 1024))]
     pub step_output_limit: u64,
+    /// Who besides the user tend runs as may confirm: user names and at most
+    /// one `@group`. With a group, the state dir is created 0750 and
+    /// `confirm/` 1770 with that group.
+    pub confirmers: Vec<String>,
+    /// How long run history is kept.
+    pub history: History,
+}
+
+/// `history:` in tend.yaml (SPEC 8.5).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct History {
+    /// Runs older than this are removed (`runs/<id>/` and their records).
+    pub keep: HumanDuration,
+    /// Runs that ran or refused a destructive step, or used a token, are
+    /// kept this long; so are the files in `confirm/used/`.
+    pub keep_destructive: HumanDuration,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            keep: HumanDuration(Duration::from_secs(30 * 86400)),
+            keep_destructive: HumanDuration(Duration::from_secs(365 * 86400)),
+        }
+    }
 }
 
 impl Default for TendConfig {
@@ -76,6 +102,8 @@ impl Default for TendConfig {
             known_hosts: "~/.ssh/known_hosts".into(),
             state_dir: ".tend".into(),
             step_output_limit: 1024 * 1024,
+            confirmers: Vec::new(),
+            history: History::default(),
         }
     }
 }

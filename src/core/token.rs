@@ -41,8 +41,17 @@ pub struct TokenFile {
     pub mode: u32,
     /// Modification time, seconds since the epoch.
     pub mtime: i64,
+    /// When tend first saw this file with these bytes (seconds since the
+    /// epoch, recorded in SQLite). `expires` is bounded from the earlier of
+    /// this and `mtime`, so a file given a future mtime cannot stretch
+    /// `token_max_ttl`.
+    pub first_seen: i64,
     /// The sha256 of these bytes was used by an earlier run.
     pub used_before: bool,
+    /// Why the shell refused the file before reading it as a token (not a
+    /// regular file, an owner outside `confirmers`, an unsafe `confirm/`);
+    /// `None` when its bytes were read.
+    pub refused: Option<String>,
 }
 
 impl TokenFile {
@@ -99,6 +108,10 @@ pub fn check(
         scope_match: false,
         refusal: None,
     };
+    if let Some(why) = &file.refused {
+        v.refusal = Some(format!("token file refused: {why}"));
+        return v;
+    }
     let doc = match parse(&file.bytes) {
         Ok(d) => d,
         Err(e) => {
@@ -135,10 +148,18 @@ pub fn check(
                 doc.expires
             )),
             Some(exp) if exp <= now => Some(format!("token expired at {}", doc.expires)),
-            Some(exp) if exp > file.mtime + max_ttl.as_secs() as i64 => Some(format!(
-                "token expires more than token_max_ttl ({}) after its file was written",
-                humantime::format_duration(max_ttl)
-            )),
+            Some(exp)
+                if exp
+                    > file
+                        .mtime
+                        .min(file.first_seen)
+                        .saturating_add(i64::try_from(max_ttl.as_secs()).unwrap_or(i64::MAX)) =>
+            {
+                Some(format!(
+                    "token expires more than token_max_ttl ({}) after its file was written or first seen",
+                    humantime::format_duration(max_ttl)
+                ))
+            }
             Some(_) => None,
         }
     };
@@ -147,97 +168,35 @@ pub fn check(
     v
 }
 
-fn short(h: &str) -> &str {
-    &h[..h.len().min(12)]
+/// The first twelve characters of an operation hash, for messages. Counted
+/// in characters, not bytes: the hash comes from a file anyone in
+/// `confirmers` may write, and slicing a multi-byte character would panic.
+fn short(h: &str) -> String {
+    h.chars().take(12).collect()
 }
 
 /// Seconds since the epoch of an RFC 3339 time (`Z` or `±HH:MM` offset,
-/// optional fraction, which is dropped).
+/// optional fraction, which is dropped). `None` for anything else, including
+/// times outside what an `i64` of seconds and the `time` crate can hold.
 pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let t = s.get(r)?;
-        t.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| t.parse().ok())?
-    };
-    let (y, mo, d, h, mi, se) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    let mut rest = &s[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if n == 0 {
-            return None;
-        }
-        rest = &frac[n..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6
-            && (rest.starts_with('+') || rest.starts_with('-'))
-            && &rest[3..4] == ":" =>
-        {
-            let oh: i64 = rest[1..3].parse().ok()?;
-            let om: i64 = rest[4..6].parse().ok()?;
-            let o = oh * 3600 + om * 60;
-            if rest.starts_with('-') { -o } else { o }
-        }
-        _ => return None,
-    };
-    Some(days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + se - offset)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
-/// algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146097 + doe - 719468
+    use time::format_description::well_known::Rfc3339;
+    time::OffsetDateTime::parse(s, &Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
 }
 
 /// The RFC 3339 UTC form of seconds since the epoch (the inverse of
-/// [`parse_rfc3339`] for `Z` times).
+/// [`parse_rfc3339`] for `Z` times). A time outside the years 1..=9999
+/// cannot be written in RFC 3339 and is clamped to the nearest end, which
+/// only `tend confirm` with an absurd clock could ask for.
 pub fn format_rfc3339(t: i64) -> String {
-    let days = t.div_euclid(86400);
-    let secs = t.rem_euclid(86400);
-    // Civil from days (Hinnant).
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    use time::format_description::well_known::Rfc3339;
+    // 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z.
+    let t = t.clamp(-62_135_596_800, 253_402_300_799);
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&Rfc3339).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
 }
 
 /// The token document `tend confirm` writes.
@@ -273,7 +232,9 @@ mod tests {
             bytes: text.as_bytes().to_vec(),
             mode,
             mtime: NOW - 60,
+            first_seen: NOW - 60,
             used_before: used,
+            refused: None,
         }
     }
 
@@ -443,5 +404,138 @@ mod tests {
             by: Some("alice".into()),
         };
         assert_eq!(parse(render(&doc).as_bytes()).unwrap(), doc);
+    }
+
+    /// Inputs that made the former hand-written parser slice inside a
+    /// multi-byte character: each is a refusal with a reason now.
+    #[test]
+    fn non_ascii_and_odd_offsets_are_refusals_not_panics() {
+        let good = token(OP, "web-1, web-2", NOW + 600);
+        let exp = format_rfc3339(NOW + 600);
+        for text in [
+            good.replace(OP, "aééééééééééééé"),
+            good.replace(&exp, "2026-11-23T12:00:00+0é:0"),
+            good.replace(&exp, "2026-11-23T12:00:00+é:00"),
+            good.replace(&exp, "2026-11-23T12:00:00é"),
+            good.replace(&exp, "2026-11-23T12:00:00.é"),
+            good.replace(&exp, "2026-11-23T12:00:00+01:0é"),
+            good.replace(&exp, "2026-11-23T12:00:00+1:00"),
+            good.replace(&exp, "２026-11-23T12:00:00Z"),
+            good.replace(&exp, "9999-12-31T23:59:60-23:59"),
+        ] {
+            let v = verdict(&text, 0o600, false);
+            assert!(v.refusal.is_some(), "{text}: {v:?}");
+        }
+        assert_eq!(parse_rfc3339("2026-11-23T12:00:00+é:00"), None);
+    }
+
+    #[test]
+    fn a_future_mtime_does_not_stretch_the_ttl() {
+        let mut f = file(&token(OP, "web-1, web-2", NOW + 7000), 0o600, false);
+        f.mtime = NOW + 365 * 86400;
+        f.first_seen = NOW - 60;
+        let hosts: BTreeSet<String> = ["web-1".to_string(), "web-2".to_string()].into();
+        let v = check(&f, OP, &hosts, NOW, Duration::from_secs(3600));
+        assert!(
+            v.refusal
+                .as_deref()
+                .is_some_and(|r| r.contains("token_max_ttl")),
+            "{v:?}"
+        );
+        // Seen first after it was written: the mtime bounds it.
+        f.mtime = NOW - 60;
+        f.first_seen = NOW + 365 * 86400;
+        let v = check(&f, OP, &hosts, NOW, Duration::from_secs(3600));
+        assert!(v.refusal.is_some(), "{v:?}");
+    }
+
+    #[test]
+    fn a_file_the_shell_refused_is_refused_with_its_reason() {
+        let mut f = file(&token(OP, "web-1, web-2", NOW + 600), 0o600, false);
+        f.refused = Some("a FIFO, not a regular file".into());
+        let hosts: BTreeSet<String> = ["web-1".to_string(), "web-2".to_string()].into();
+        let v = check(&f, OP, &hosts, NOW, Duration::from_secs(3600));
+        assert_eq!(
+            v.refusal.as_deref(),
+            Some("token file refused: a FIFO, not a regular file")
+        );
+    }
+
+    #[test]
+    fn formatting_clamps_to_what_rfc3339_can_say() {
+        assert_eq!(format_rfc3339(i64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(format_rfc3339(i64::MIN), "0001-01-01T00:00:00Z");
+    }
+
+    mod no_panic {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn check_bytes(bytes: Vec<u8>, mtime: i64, first_seen: i64, now: i64, ttl: u64) {
+            let f = TokenFile {
+                rel_path: "confirm/x.yaml".into(),
+                bytes,
+                mode: 0o600,
+                mtime,
+                first_seen,
+                used_before: false,
+                refused: None,
+            };
+            let hosts: BTreeSet<String> = ["web-1".to_string()].into();
+            let _ = check(&f, OP, &hosts, now, Duration::from_secs(ttl));
+        }
+
+        /// A scalar as a token field could hold it: any text, or text built
+        /// from the pieces of a time with multi-byte characters in between.
+        fn scalar() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[0-9é:+TZz.\\-]{0,40}",
+                "[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9é]{0,4})?([Zz]|[+-][0-9é]{1,2}:[0-9é]{1,2})?",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..400),
+                               mtime in any::<i64>(), seen in any::<i64>(),
+                               now in any::<i64>(), ttl in any::<u64>()) {
+                check_bytes(bytes, mtime, seen, now, ttl);
+            }
+
+            #[test]
+            fn arbitrary_yaml_documents(op in scalar(), hosts in proptest::collection::vec(scalar(), 0..4),
+                                        expires in scalar(), reason in scalar(),
+                                        mtime in any::<i64>(), now in any::<i64>(), ttl in any::<u64>()) {
+                let q = |s: &str| serde_json::to_string(s).unwrap();
+                let hosts: Vec<String> = hosts.iter().map(|h| q(h)).collect();
+                let yaml = format!(
+                    "operation: {}\nhosts: [{}]\nexpires: {}\nreason: {}\n",
+                    q(&op), hosts.join(", "), q(&expires), q(&reason)
+                );
+                check_bytes(yaml.into_bytes(), mtime, mtime, now, ttl);
+                // The same fields unquoted, where YAML reads them as it will.
+                let raw = format!("operation: {op}\nexpires: {expires}\nhosts: []\nreason: r\n");
+                check_bytes(raw.into_bytes(), mtime, now, now, ttl);
+                let _ = parse_rfc3339(&expires);
+            }
+
+            #[test]
+            fn arbitrary_json_documents(op in scalar(), expires in scalar(), n in any::<i64>(), now in any::<i64>()) {
+                // JSON is YAML 1.2: a token written as JSON is read the same way.
+                let json = serde_json::json!({"operation": op, "hosts": ["web-1"], "expires": expires, "reason": "r"});
+                check_bytes(json.to_string().into_bytes(), n, n, now, 3600);
+                let json = serde_json::json!({"operation": n, "hosts": [n], "expires": n, "reason": [op]});
+                check_bytes(json.to_string().into_bytes(), n, n, now, 3600);
+            }
+
+            #[test]
+            fn formatted_times_parse_back(t in -62_135_596_800i64..=253_402_300_799) {
+                prop_assert_eq!(parse_rfc3339(&format_rfc3339(t)), Some(t));
+            }
+        }
     }
 }

@@ -115,7 +115,52 @@ CREATE TABLE managed_resources (
     r#"
 ALTER TABLE runs ADD COLUMN target_hosts_json TEXT;
 "#,
-    // 3: an attempt is recorded when its command is sent (`sent`), moved to
+    // 3: token trust and history retention (SPEC 8.4, 8.5).
+    // `token_first_seen`: when tend first saw each token file with given
+    // bytes; `expires` is bounded from the earlier of this and the file's
+    // mtime, so a future mtime cannot stretch token_max_ttl.
+    // `tokens` and `managed_resources` are kept for ever while the runs they
+    // name may be removed by retention, so they are rebuilt without the
+    // foreign key to `runs` (their run ids stay as plain history).
+    r#"
+CREATE TABLE token_first_seen (
+    file       TEXT NOT NULL,
+    sha256     TEXT NOT NULL,
+    first_seen INTEGER NOT NULL,
+    PRIMARY KEY (file, sha256)
+) STRICT;
+
+CREATE TABLE tokens_v3 (
+    sha256         TEXT PRIMARY KEY NOT NULL,
+    file           TEXT NOT NULL,
+    operation      TEXT NOT NULL,
+    hosts_json     TEXT NOT NULL,
+    used_by_run    TEXT,
+    used_at        TEXT,
+    refused_reason TEXT
+) STRICT;
+INSERT INTO tokens_v3 SELECT sha256, file, operation, hosts_json, used_by_run, used_at, refused_reason FROM tokens;
+DROP TABLE tokens;
+ALTER TABLE tokens_v3 RENAME TO tokens;
+
+CREATE TABLE managed_resources_v3 (
+    host           TEXT NOT NULL,
+    resource_id    TEXT NOT NULL,
+    kind           TEXT NOT NULL,
+    "key"          TEXT NOT NULL,
+    spec_json      TEXT NOT NULL,
+    applied_run_id TEXT NOT NULL,
+    applied_at     TEXT NOT NULL,
+    PRIMARY KEY (host, resource_id)
+) STRICT;
+INSERT INTO managed_resources_v3
+    SELECT host, resource_id, kind, "key", spec_json, applied_run_id, applied_at FROM managed_resources;
+DROP TABLE managed_resources;
+ALTER TABLE managed_resources_v3 RENAME TO managed_resources;
+
+CREATE INDEX runs_by_started ON runs (started_at);
+"#,
+    // 4: an attempt is recorded when its command is sent (`sent`), moved to
     // `started` when the host reports the step's start marker, and to
     // `finished` with its status; so a crash leaves a record of exactly
     // what the host reported. Older rows were written finished.
@@ -724,6 +769,132 @@ impl Db {
         })
     }
 
+    /// When tend first saw the token file `file` holding bytes that hash to
+    /// `sha256`: recorded as `now` the first time (one statement, so two
+    /// processes agree on the earlier), read back after. A read-only
+    /// connection (`tend plan`) records nothing and answers `now` for a file
+    /// never recorded, which is what the next writer will record.
+    pub fn token_first_seen(&self, file: &str, sha256: &str, now: i64) -> Result<i64, StoreError> {
+        let doing = || format!("record when token {file} was first seen");
+        if self.conn.is_readonly("main").unwrap_or(true) {
+            return self.read(doing(), |conn| {
+                conn.query_row(
+                    "SELECT first_seen FROM token_first_seen WHERE file = ?1 AND sha256 = ?2",
+                    rusqlite::params![file, sha256],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+                .map(|t| t.unwrap_or(now).min(now))
+            });
+        }
+        self.read(doing(), |conn| {
+            conn.query_row(
+                "INSERT INTO token_first_seen (file, sha256, first_seen) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (file, sha256) DO UPDATE SET first_seen = min(first_seen, excluded.first_seen)
+                 RETURNING first_seen",
+                rusqlite::params![file, sha256, now],
+                |r| r.get(0),
+            )
+        })
+    }
+
+    /// Remove the runs that history retention lets go (SPEC 8.5), with every
+    /// row that belongs to them, in one IMMEDIATE transaction; returns their
+    /// ids. Times are RFC 3339 UTC strings, compared as text (every time
+    /// tend records has that form). A run is removed when it is finished and
+    /// started before `keep_before`, or before `destructive_before` when it
+    /// ran or planned a destructive step, carried a confirmation or used a
+    /// token; the newest run of each host is never removed, nor a run some
+    /// other table still refers to by foreign key (a table added later that
+    /// this code does not know keeps its runs rather than losing rows).
+    /// Token-use and managed-resource records are kept for ever.
+    pub fn remove_old_runs(
+        &mut self,
+        keep_before: &str,
+        destructive_before: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        self.write("remove runs past their retention".into(), |tx| {
+            let mut guard = String::new();
+            let mut refs = tx.prepare(
+                r#"SELECT m.name, f."from" FROM sqlite_master m, pragma_foreign_key_list(m.name) f
+                   WHERE m.type = 'table' AND f."table" = 'runs'
+                     AND m.name NOT IN ('events', 'step_attempts', 'host_outcomes')"#,
+            )?;
+            let refs: Vec<(String, String)> = refs
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            for (table, column) in refs {
+                let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+                guard.push_str(&format!(
+                    " AND r.run_id NOT IN (SELECT {c} FROM {t} WHERE {c} IS NOT NULL)",
+                    c = q(&column),
+                    t = q(&table)
+                ));
+            }
+            let select = format!(
+                r#"SELECT r.run_id FROM runs r
+                   WHERE r.completed_at IS NOT NULL
+                     AND r.started_at < ?1
+                     AND (r.started_at < ?2 OR NOT (
+                          r.result_json IS NULL
+                          OR EXISTS (SELECT 1 FROM step_attempts s
+                                     WHERE s.run_id = r.run_id AND s.destructive = 1)
+                          OR EXISTS (SELECT 1 FROM tokens t WHERE t.used_by_run = r.run_id)
+                          OR json_type(r.result_json, '$.confirmation') IN ('object', 'text')
+                          OR EXISTS (SELECT 1 FROM json_each(r.result_json, '$.host_outcomes') h,
+                                                  json_each(h.value, '$.steps') st
+                                     WHERE json_extract(st.value, '$.destructive') = 1)))
+                     AND r.run_id NOT IN (
+                          SELECT run_id FROM (
+                              SELECT ho.run_id, row_number() OVER (
+                                  PARTITION BY ho.host
+                                  ORDER BY r2.started_at DESC, r2.run_id DESC) AS n
+                              FROM host_outcomes ho JOIN runs r2 ON r2.run_id = ho.run_id)
+                          WHERE n = 1)
+                     {guard}
+                   ORDER BY r.run_id"#
+            );
+            let ids: Vec<String> = tx
+                .prepare(&select)?
+                .query_map([keep_before, destructive_before], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for id in &ids {
+                for table in ["events", "step_attempts", "host_outcomes", "runs"] {
+                    tx.execute(&format!("DELETE FROM {table} WHERE run_id = ?1"), [id])?;
+                }
+            }
+            Ok(ids)
+        })
+    }
+
+    /// Whether a run is recorded (finished or not).
+    pub fn has_run(&self, run_id: &str) -> Result<bool, StoreError> {
+        self.read(format!("look up run {run_id}"), |conn| {
+            conn.query_row("SELECT 1 FROM runs WHERE run_id = ?1", [run_id], |_| Ok(()))
+                .optional()
+                .map(|r| r.is_some())
+        })
+    }
+
+    /// Run raw SQL, for tests that need a schema this code does not make.
+    #[cfg(test)]
+    pub(crate) fn test_exec(&self, sql: &str) {
+        self.conn.execute_batch(sql).expect("test SQL");
+    }
+
+    /// Forget when token files were first seen before `before` (seconds since
+    /// the epoch). Safe to forget: a file seen again is taken as first seen
+    /// then, and its `expires` must still be within `token_max_ttl` of the
+    /// earlier of that and its mtime.
+    pub fn forget_token_sightings(&mut self, before: i64) -> Result<usize, StoreError> {
+        self.write("forget old token sightings".into(), |tx| {
+            tx.execute(
+                "DELETE FROM token_first_seen WHERE first_seen < ?1",
+                [before],
+            )
+        })
+    }
+
     /// Connection settings, set on every open (they are not persistent,
     /// except the journal mode).
     fn configure(&self) -> Result<(), StoreError> {
@@ -1211,5 +1382,51 @@ mod tests {
         drop(db);
         let ro = Db::open_read_only(&path).unwrap().unwrap();
         assert!(ro.run(RUN).unwrap().is_some());
+    }
+
+    /// Migration 3 rebuilds `tokens` and `managed_resources` without their
+    /// foreign keys to `runs`: their rows survive it, and afterwards a run
+    /// they name can be removed while they stay.
+    #[test]
+    fn migration_3_keeps_tokens_and_managed_resources_and_frees_their_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("tend.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(MIGRATIONS[1]).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute_batch(&format!(
+                r#"INSERT INTO runs (run_id, started_at, action, "trigger", dispatch_mode,
+                       effective_mode, policy_outcome, policy_reason, desired_revision)
+                   VALUES ('{RUN}', '{T0}', 'converge', 'cli', 'enforced', 'full',
+                           'Approved', 'ok', 'abc');
+                   INSERT INTO tokens VALUES ('sha', 'confirm/t.yaml', 'op', '["web-1"]',
+                           '{RUN}', '{T0}', NULL);
+                   INSERT INTO managed_resources VALUES ('web-1', 'file:/x', 'file', '/x',
+                           '{{}}', '{RUN}', '{T0}');"#
+            ))
+            .unwrap();
+        }
+        let mut db = Db::open(&path).unwrap();
+        assert!(db.schema_version().unwrap() >= 3);
+        let t = db.token("sha").unwrap().unwrap();
+        assert_eq!(t.used_by_run.as_deref(), Some(RUN));
+        assert_eq!(db.managed("web-1").unwrap().len(), 1);
+        assert!(
+            !db.claim_token("sha", "confirm/t.yaml", "op", &[], "r-2", T0)
+                .unwrap()
+        );
+        db.test_exec(&format!("DELETE FROM runs WHERE run_id = '{RUN}'"));
+        assert_eq!(count(&db, "tokens"), 1);
+        assert_eq!(count(&db, "managed_resources"), 1);
+        assert_eq!(
+            db.token_first_seen("confirm/t.yaml", "sha", 100).unwrap(),
+            100
+        );
+        assert_eq!(
+            db.token_first_seen("confirm/t.yaml", "sha", 200).unwrap(),
+            100
+        );
     }
 }

@@ -15,9 +15,12 @@ use crate::core::report::{FleetStatus, HostStatus, RunResult};
 
 pub mod db;
 pub mod fsutil;
+pub mod retention;
+pub mod trust;
 
 pub use db::Db;
 pub use fsutil::{write_atomic, write_json_atomic};
+pub use trust::Confirmers;
 
 /// Everything that can go wrong recording state. Each message names the file
 /// (or database) and says what was being done to it; the cause is in `source`.
@@ -55,6 +58,10 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("refusing {}: {why}", path.display())]
+    Untrusted { path: PathBuf, why: String },
+    #[error("confirmers: {0}")]
+    Confirmers(String),
     #[error(
         "database {} has schema version {found}, but this tend uses version {supported}{}",
         path.display(),
@@ -102,28 +109,69 @@ const SAFE_ID_MAX: usize = 100;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateDir {
     root: PathBuf,
+    /// Who besides tend's own user may confirm (SPEC 8.4); decides the
+    /// modes the state dir and `confirm/` are created with and which token
+    /// files are trusted.
+    confirmers: Confirmers,
 }
 
 impl StateDir {
+    /// A state dir that only tend's own user may confirm in.
     pub fn new(root: impl Into<PathBuf>) -> StateDir {
-        StateDir { root: root.into() }
+        StateDir {
+            root: root.into(),
+            confirmers: Confirmers::default(),
+        }
+    }
+
+    /// A state dir with `confirmers` from tend.yaml, resolved against the
+    /// user and group databases of this machine. An unknown name is an
+    /// error: silently dropping it would lock that confirmer out, and
+    /// guessing would let someone else in.
+    pub fn with_confirmers(
+        root: impl Into<PathBuf>,
+        names: &[String],
+    ) -> Result<StateDir, StoreError> {
+        Ok(StateDir {
+            root: root.into(),
+            confirmers: Confirmers::resolve(names)?,
+        })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// Create the state dir and its fixed subdirectories.
+    pub fn confirmers(&self) -> &Confirmers {
+        &self.confirmers
+    }
+
+    /// Create the state dir and its fixed subdirectories. The state dir,
+    /// `confirm/` and `confirm/used/` get their modes set explicitly (not
+    /// left to the umask): 0700 without a confirmers group; with one, the
+    /// state dir 0750 and `confirm/` 1770 with that group, so its members
+    /// can drop tokens but not remove each other's. Directories that exist
+    /// are brought to these modes too, so a state dir made by an older tend
+    /// or a permissive umask is tightened.
     pub fn ensure(&self) -> Result<(), StoreError> {
+        let c = &self.confirmers;
+        trust::ensure_private_dir(&self.root, c.root_mode(), c.gid(), true)?;
+        trust::ensure_private_dir(&self.confirm_dir(), c.confirm_mode(), c.gid(), false)?;
+        trust::ensure_private_dir(&self.confirm_used_dir(), 0o700, None, false)?;
         for dir in [
             self.root.join("status"),
             self.root.join("runs"),
-            self.confirm_used_dir(),
             self.retry_dir(),
         ] {
             fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
         }
         Ok(())
+    }
+
+    /// Open the lock file without following a symlink: a `lock` that points
+    /// at another file must never be truncated through. Created 0600.
+    pub fn open_lock(&self) -> Result<fs::File, StoreError> {
+        trust::open_lock(&self.lock_path())
     }
 
     pub fn db_path(&self) -> PathBuf {
