@@ -296,16 +296,31 @@ G $1 %G" -- "$2" || echo "I $1 error stat failed"
 /// batched outputs are joined in order; if a batch fails (an unreadable file,
 /// a path that changed meanwhile) the per-path function `p` reports each of
 /// those paths on its own, so the failure lands on the right item.
-const BATCH: &str = r#"F= D=
-for i in $PI; do
+///
+/// Every step is linear in the number of paths: the classification is one
+/// loop whose output is captured once (`C`), split by type with `read` in
+/// one loop per type, and each batch's argument list is set with ONE `set
+/// --` over `"$Pn"` references. Appending to the positional parameters one
+/// path at a time (`set -- "$@" "$x"`) copies the whole list on every
+/// append, which made a host with 10,000 files take 20 s to probe.
+const BATCH: &str = r#"C=$(for i in $PI; do
   eval "x=\$P$i"
-  if [ -L "$x" ] || { [ ! -f "$x" ] && [ ! -d "$x" ]; }; then p "$i" "$x"
-  elif [ -f "$x" ]; then F="$F $i"
-  else D="$D $i"; fi
-done
+  if [ -L "$x" ]; then echo "o $i"
+  elif [ -f "$x" ]; then echo "f $i"
+  elif [ -d "$x" ]; then echo "d $i"
+  else echo "o $i"; fi
+done)
+pick() {
+  while read -r t i; do if [ "$t" = "$1" ]; then echo "$i"; fi; done <<TEND_C_END
+$C
+TEND_C_END
+}
+refs() { for i in "$@"; do printf '"$P%s" ' "$i"; done; }
+O=$(pick o) F=$(pick f) D=$(pick d)
+for i in $O; do eval "p \"\$i\" \"\$P$i\""; done
 if [ -n "$F" ]; then
-  # Not a function: `set --` in a function would set its own arguments.
-  set --; for i in $F; do eval "set -- \"\$@\" \"\$P$i\""; done
+  # Not in a function: `set --` in a function would set its own arguments.
+  R=$(refs $F); eval "set -- $R"
   if H=$(sha256sum -- "$@") && S=$(stat -c '%a %u %g %s
 %U
 %G' -- "$@"); then
@@ -323,7 +338,7 @@ TEND_SHA_END
   fi
 fi
 if [ -n "$D" ]; then
-  set --; for i in $D; do eval "set -- \"\$@\" \"\$P$i\""; done
+  R=$(refs $D); eval "set -- $R"
   if S=$(stat -c '%a %u %g
 %U
 %G' -- "$@"); then
