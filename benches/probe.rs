@@ -5,6 +5,11 @@
 //!
 //!     sudo cargo bench --bench probe            # needs root: it starts the fleet
 //!     TEND_BENCH_SIZES=5,50,100 cargo bench --bench probe
+//!
+//! Then one host with many managed files (all present, so each is hashed):
+//! 1,000 and 10,000 by default, on the fleet's last host (h79), or as
+//! `TEND_BENCH_FILES=1000,10000 TEND_BENCH_FILES_HOST=h64`; prints the
+//! probe's wall time (one warm probe, the session already open).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -21,21 +26,25 @@ fn main() {
     let sizes: Vec<usize> = std::env::var("TEND_BENCH_SIZES")
         .unwrap_or_else(|_| "5,50".into())
         .split(',')
+        .filter(|s| !s.trim().is_empty())
         .map(|s| s.trim().parse().expect("TEND_BENCH_SIZES: numbers"))
         .collect();
-    let max = *sizes.iter().max().unwrap();
+    // Empty: only the many-files figure, on a fleet that is already up.
+    let max = sizes.iter().copied().max().unwrap_or(0);
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let fleet_dir = PathBuf::from(
         std::env::var("TEND_FLEET_DIR").unwrap_or_else(|_| "/var/tmp/tend-fleet".into()),
     );
-    let up = Command::new("bash")
-        .arg(repo.join("tests/fleet/fleet.sh"))
-        .args(["up", &max.to_string()])
-        .env("TEND_FLEET_DIR", &fleet_dir)
-        .stdin(Stdio::null())
-        .status()
-        .expect("run fleet.sh");
-    assert!(up.success(), "fleet.sh up {max} failed");
+    if max > 0 {
+        let up = Command::new("bash")
+            .arg(repo.join("tests/fleet/fleet.sh"))
+            .args(["up", &max.to_string()])
+            .env("TEND_FLEET_DIR", &fleet_dir)
+            .stdin(Stdio::null())
+            .status()
+            .expect("run fleet.sh");
+        assert!(up.success(), "fleet.sh up {max} failed");
+    }
     let tsv = fs::read_to_string(fleet_dir.join("hosts.tsv")).unwrap();
     let hosts: Vec<Vec<String>> = tsv
         .lines()
@@ -127,6 +136,67 @@ fn main() {
                 cmds as f64 / n as f64
             );
         }
+    }
+    let host = match std::env::var("TEND_BENCH_FILES_HOST") {
+        Ok(name) => hosts
+            .iter()
+            .find(|h| h[0] == name)
+            .expect("no such fleet host"),
+        Err(_) => hosts.last().expect("the fleet has hosts"),
+    };
+    many_files(&rt, host, &fleet_dir);
+}
+
+/// One host with `n` existing, managed files: the probe's wall time.
+fn many_files(rt: &tokio::runtime::Runtime, host: &[String], fleet_dir: &std::path::Path) {
+    let counts: Vec<usize> = std::env::var("TEND_BENCH_FILES")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().expect("TEND_BENCH_FILES: numbers"))
+        .collect();
+    println!("one host, N managed files (all present):");
+    println!("{:>8} {:>10}", "files", "probe");
+    for n in counts {
+        let seed = format!(
+            "rm -rf /srv/many && mkdir -p /srv/many && cd /srv/many && \
+             i=0; while [ $i -lt {n} ]; do echo $i > f$i; i=$((i+1)); done"
+        );
+        let ok = Command::new("ssh")
+            .arg("-F")
+            .arg(fleet_dir.join("ssh_config"))
+            .args(["-o", "BatchMode=yes", &host[0], &seed])
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "seeding {}", host[0]);
+        let mut tree = tree(std::slice::from_ref(&host.to_vec()), fleet_dir);
+        let mut body = String::from("resources:\n");
+        for i in 0..n {
+            body.push_str(&format!(
+                "  - kind: file\n    path: /srv/many/f{i}\n    content: \"{i}\\n\"\n"
+            ));
+        }
+        tree.tend = Some(Blob::Bytes(b"probe_timeout: 120s\n".to_vec()));
+        tree.hosts = BTreeMap::from([(format!("{}.yaml", host[0]), Blob::Bytes(body.into()))]);
+        let validated = model::validate(&tree);
+        assert!(validated.is_valid(), "{:?}", validated.problems);
+        let state = validated.state;
+        let targets: Vec<String> = state.hosts.keys().cloned().collect();
+        let opts = ProbeOpts::new(&state.config, std::path::Path::new("/"));
+        let (transports, failed) = reconcile::connect_all(&state, &targets, &opts);
+        assert!(failed.is_empty());
+        // Open the session first: the figure is the probe, not the handshake.
+        for t in transports.values() {
+            t.exec("true", &[], Duration::from_secs(30))
+                .expect("warm up");
+        }
+        let t0 = Instant::now();
+        let probes = rt.block_on(reconcile::probe_all(&state, &transports, &opts));
+        let wall = t0.elapsed();
+        let bad: Vec<_> = probes.iter().filter(|(_, p)| p.result.is_err()).collect();
+        assert!(bad.is_empty(), "probe failures: {bad:?}");
+        println!("{:>8} {:>8.0}ms", n, wall.as_secs_f64() * 1000.0);
     }
 }
 

@@ -173,10 +173,13 @@ pub fn package_command(
 pub fn command_for(step: &Step, r: &Resource, ctx: &StepContext) -> Result<RemoteCommand> {
     let content_changed = step.fields.iter().any(|f| f.field == "content");
     let changed = |field: &str| step.fields.iter().any(|f| f.field == field);
+    // What the plan saw at a path: the builder checks on the host that it
+    // is still what it may remove or replace (SPEC 8.1).
+    let seen = step.path_seen().unwrap_or(apply::PathType::Nothing);
     let cmd = match (&r.spec, step.action) {
-        (ResourceSpec::File(_), Action::Delete) => apply::remove_file(&path_of(r)),
-        (ResourceSpec::Directory(_), Action::Delete) => apply::remove_directory(&path_of(r)),
-        (ResourceSpec::Symlink(_), Action::Delete) => apply::remove_symlink(&path_of(r)),
+        (ResourceSpec::File(_), Action::Delete) => apply::remove_file(&path_of(r), seen),
+        (ResourceSpec::Directory(_), Action::Delete) => apply::remove_directory(&path_of(r), seen),
+        (ResourceSpec::Symlink(_), Action::Delete) => apply::remove_symlink(&path_of(r), seen),
         (ResourceSpec::File(s), Action::Create | Action::Update) => {
             if step.action == Action::Create || content_changed || step.replace {
                 let empty = Vec::new();
@@ -185,25 +188,41 @@ pub fn command_for(step: &Step, r: &Resource, ctx: &StepContext) -> Result<Remot
                     .as_ref()
                     .map(|c| c.bytes.as_slice())
                     .unwrap_or(&empty);
-                let write = apply::write_file(
+                apply::write_file_at(
                     &s.path,
                     bytes,
                     s.mode,
                     s.owner.as_deref(),
                     s.group.as_deref(),
-                );
-                prefix_removal(step, &s.path, write)
+                    seen,
+                )
             } else {
-                apply::set_meta(&s.path, s.mode, s.owner.as_deref(), s.group.as_deref())
+                apply::set_meta(
+                    &s.path,
+                    s.mode,
+                    s.owner.as_deref(),
+                    s.group.as_deref(),
+                    seen,
+                )
             }
         }
         (ResourceSpec::Directory(s), Action::Create | Action::Update) => {
             if step.action == Action::Create || step.replace {
-                let mk =
-                    apply::make_directory(&s.path, s.mode, s.owner.as_deref(), s.group.as_deref());
-                prefix_removal(step, &s.path, mk)
+                apply::make_directory(
+                    &s.path,
+                    s.mode,
+                    s.owner.as_deref(),
+                    s.group.as_deref(),
+                    seen,
+                )
             } else {
-                apply::set_meta(&s.path, s.mode, s.owner.as_deref(), s.group.as_deref())
+                apply::set_meta(
+                    &s.path,
+                    s.mode,
+                    s.owner.as_deref(),
+                    s.group.as_deref(),
+                    seen,
+                )
             }
         }
         (ResourceSpec::Symlink(s), Action::Create | Action::Update) => {
@@ -211,7 +230,7 @@ pub fn command_for(step: &Step, r: &Resource, ctx: &StepContext) -> Result<Remot
                 .target
                 .as_deref()
                 .ok_or_else(|| anyhow!("symlink `{}` has no target", r.id))?;
-            prefix_removal(step, &s.path, apply::make_symlink(&s.path, target))
+            apply::make_symlink(&s.path, target, seen)
         }
         (ResourceSpec::User(u), Action::Create) => apply::create_user(
             &u.name,
@@ -279,18 +298,6 @@ pub fn command_for(step: &Step, r: &Resource, ctx: &StepContext) -> Result<Remot
 
 fn path_of(r: &Resource) -> String {
     r.path().unwrap_or_default().to_string()
-}
-
-/// A destructive replacement removes what is in the way first.
-fn prefix_removal(step: &Step, path: &str, then: RemoteCommand) -> RemoteCommand {
-    if !step.replace {
-        return then;
-    }
-    let rm = apply::remove_directory(path);
-    RemoteCommand {
-        script: format!("( {}\n) || exit $?\n{}", rm.script, then.script),
-        stdin: then.stdin,
-    }
 }
 
 /// Dispatch options.
@@ -713,16 +720,10 @@ struct Unit {
 }
 
 /// Whether running a step again is safe when an attempt may have started
-/// (SPEC 8.3): writes of files, directories and symlinks, package installs,
-/// user and group creates and modifies. A command or a service action that
-/// may have started is never sent again in the run.
+/// (SPEC 8.3; the table is `apply::is_idempotent`). A command or a service
+/// action that may have started is never sent again in the run.
 pub fn step_idempotent(step: &Step) -> bool {
-    match (step.kind, step.action) {
-        ("file" | "directory" | "symlink", Action::Create | Action::Update) => !step.replace,
-        ("package", Action::Create) => true,
-        ("user" | "group", Action::Create | Action::Update) => true,
-        _ => false,
-    }
+    apply::is_idempotent(step.kind, step.action)
 }
 
 /// Run steps `batch` (indices into `steps`, in order) in one remote command;
@@ -1448,16 +1449,15 @@ resources:
         );
         // An update passes only what the diff found different.
         let user = script(step(0, "user:app", Action::Update, 0, &["shell", "groups"]));
-        assert!(
-            user.ends_with("usermod -s '/bin/sh' -G 'adm,web' -- \"$n\"\n"),
-            "{user}"
-        );
+        assert!(user.contains("set -- \"$@\" -s '/bin/sh'\n"), "{user}");
+        assert!(user.contains("set -- \"$@\" -G 'adm,web'\n"), "{user}");
+        assert!(!user.contains("-u '1500'"), "{user}");
         let user = script(step(0, "user:app", Action::Delete, 0, &["exists"]));
         assert!(user.contains("userdel -- \"$n\""), "{user}");
         let group = script(step(0, "group:web", Action::Create, 0, &[]));
         assert!(group.ends_with("groupadd -g '700' -- \"$n\"\n"), "{group}");
         let group = script(step(0, "group:web", Action::Update, 0, &["gid"]));
-        assert!(group.ends_with("groupmod -g '700' -- \"$n\"\n"), "{group}");
+        assert!(group.contains("groupmod -g '700' -- \"$n\"\n"), "{group}");
         let group = script(step(0, "group:web", Action::Delete, 0, &[]));
         assert!(group.contains("groupdel -- \"$n\""), "{group}");
         let pkg = script(step(0, "package:hello", Action::Create, 0, &[]));
@@ -1498,17 +1498,13 @@ resources:
         let a = step(2, "package:hello", Action::Create, 0, &[]);
         let b = step(3, "package:tree", Action::Create, 0, &[]);
         let cmd = package_command(&[&a, &b], &rs, &ctx(Some(PackageManager::Dnf))).unwrap();
-        assert_eq!(
-            cmd.script,
-            "set -eu\nset -- 'hello' 'tree'\ndnf install -y \"$@\"\n"
-        );
+        assert!(cmd.script.starts_with("set -eu\nset -- 'hello' 'tree'\n"));
+        assert!(cmd.script.ends_with("\ndnf install -y \"$@\"\n"));
         let a = step(2, "package:hello", Action::Delete, 0, &[]);
         let b = step(3, "package:tree", Action::Delete, 0, &[]);
         let cmd = package_command(&[&a, &b], &rs, &ctx(Some(PackageManager::Apk))).unwrap();
-        assert_eq!(
-            cmd.script,
-            "set -eu\nset -- 'hello' 'tree'\napk del \"$@\"\n"
-        );
+        assert!(cmd.script.starts_with("set -eu\nset -- 'hello' 'tree'\n"));
+        assert!(cmd.script.ends_with("\napk del \"$@\"\n"));
     }
 
     #[test]
@@ -1664,7 +1660,7 @@ mod service_tests {
                 &with(Action::Update, &["running"], false),
                 &resource(true, true)
             )),
-            "systemctl start -- \"$u\"\n"
+            "systemctl is-active --quiet -- \"$u\" || systemctl start -- \"$u\"\n"
         );
         assert_eq!(
             tail(script(
@@ -1678,7 +1674,7 @@ mod service_tests {
                 &with(Action::Update, &["enabled"], false),
                 &resource(true, false)
             )),
-            "systemctl enable -- \"$u\"\n"
+            "[ \"$(systemctl is-enabled -- \"$u\" 2>/dev/null)\" = enabled ] || systemctl enable -- \"$u\"\n"
         );
         // A teardown turns off what is on, whatever the spec says.
         assert_eq!(

@@ -46,9 +46,17 @@ impl UserFields<'_> {
 /// `useradd` would otherwise refuse to create the user's own group;
 /// otherwise `useradd` does what the host's `login.defs` says (on Debian, a
 /// group of the user's name).
+///
+/// A user that exists already is accepted: the fields given are made so,
+/// where they differ (as [`modify_user`] does), so that running the step
+/// twice changes nothing.
 pub fn create_user(name: &str, fields: UserFields, system: bool) -> RemoteCommand {
     let mut s = Script::new();
     s.var("n", name);
+    s.line(r#"if getent passwd "$n" >/dev/null 2>&1; then"#);
+    ensure_user(&mut s, fields);
+    s.line("  exit 0");
+    s.line("fi");
     s.line(r#"if getent group "$n" >/dev/null 2>&1; then set -- -g "$n"; else set --; fi"#);
     let mut words = vec!["useradd".to_string(), r#""$@""#.to_string()];
     if system {
@@ -63,18 +71,59 @@ pub fn create_user(name: &str, fields: UserFields, system: bool) -> RemoteComman
     s.command()
 }
 
-/// Changes the given fields of the existing user `name`. A new `home` is
-/// only recorded: the old directory is neither moved nor removed (that would
-/// not be a non-destructive update); `-G` sets the complete list of
-/// supplementary groups. Nothing given, nothing run.
+/// Changes the given fields of the existing user `name`, those that differ
+/// on the host (checked first, so a second run changes nothing). A new
+/// `home` is only recorded: the old directory is neither moved nor removed
+/// (that would not be a non-destructive update); `-G` sets the complete
+/// list of supplementary groups. A missing user is an error.
 pub fn modify_user(name: &str, fields: UserFields) -> RemoteCommand {
     let mut s = Script::new();
     s.var("n", name);
-    let options = fields.options();
-    if !options.is_empty() {
-        s.line(&format!(r#"usermod {} -- "$n""#, options.join(" ")));
-    }
+    s.line(r#"if ! getent passwd "$n" >/dev/null 2>&1; then"#);
+    s.fail("cannot change user %s: it does not exist", r#""$n""#);
+    s.line("fi");
+    ensure_user(&mut s, fields);
     s.command()
+}
+
+/// `usermod` with the options of the fields given whose value on the host
+/// differs: uid, home and shell from `getent passwd`, supplementary groups
+/// (compared as sets, the primary group left out) from `id`.
+fn ensure_user(s: &mut Script, fields: UserFields) {
+    if fields.options().is_empty() {
+        return;
+    }
+    s.line(r#"e=$(getent passwd "$n") || e="$n:::::""#);
+    s.line("IFS=: read -r _ _ cu _ _ ch cs <<TEND_PW_END");
+    s.line("$e");
+    s.line("TEND_PW_END");
+    s.line("set --");
+    if let Some(uid) = fields.uid {
+        let v = quote(&uid.to_string());
+        s.line(&format!(r#"[ "$cu" = {v} ] || set -- "$@" -u {v}"#));
+    }
+    if let Some(home) = fields.home {
+        let v = quote(home);
+        s.line(&format!(r#"[ "$ch" = {v} ] || set -- "$@" -d {v}"#));
+    }
+    if let Some(shell) = fields.shell {
+        let v = quote(shell);
+        s.line(&format!(r#"[ "$cs" = {v} ] || set -- "$@" -s {v}"#));
+    }
+    if let Some(groups) = fields.groups {
+        let want = quote(&groups.join(" "));
+        s.line(&format!("w={want}"));
+        s.line(r#"pg=$(id -gn -- "$n" 2>/dev/null) || pg="#);
+        s.line(r#"cg=$(id -nG -- "$n" 2>/dev/null) || cg="#);
+        s.line("x=");
+        s.line(r#"for g in $cg; do [ "$g" = "$pg" ] || case " $w " in *" $g "*) ;; *) x=1 ;; esac; done"#);
+        s.line(r#"for g in $w; do [ "$g" = "$pg" ] || case " $cg " in *" $g "*) ;; *) x=1 ;; esac; done"#);
+        s.line(&format!(
+            r#"[ -z "$x" ] || set -- "$@" -G {}"#,
+            quote(&groups.join(","))
+        ));
+    }
+    s.line(r#"if [ "$#" -gt 0 ]; then usermod "$@" -- "$n"; fi"#);
 }
 
 /// Removes the user `name`; its home directory and files stay. Absent
@@ -86,10 +135,17 @@ pub fn delete_user(name: &str) -> RemoteCommand {
     s.command()
 }
 
-/// Creates the group `name`, with `gid` when given.
+/// Creates the group `name`, with `gid` when given. A group that exists
+/// already is accepted (its gid made `gid` where given and different).
 pub fn create_group(name: &str, gid: Option<u32>) -> RemoteCommand {
     let mut s = Script::new();
     s.var("n", name);
+    s.line(r#"if getent group "$n" >/dev/null 2>&1; then"#);
+    if let Some(gid) = gid {
+        ensure_gid(&mut s, gid);
+    }
+    s.line("  exit 0");
+    s.line("fi");
     match gid {
         Some(gid) => s.line(&format!(
             r#"groupadd -g {} -- "$n""#,
@@ -100,15 +156,24 @@ pub fn create_group(name: &str, gid: Option<u32>) -> RemoteCommand {
     s.command()
 }
 
-/// Changes the gid of the existing group `name`.
+/// Changes the gid of the existing group `name`, if it differs.
 pub fn modify_group(name: &str, gid: u32) -> RemoteCommand {
     let mut s = Script::new();
     s.var("n", name);
-    s.line(&format!(
-        r#"groupmod -g {} -- "$n""#,
-        quote(&gid.to_string())
-    ));
+    s.line(r#"if ! getent group "$n" >/dev/null 2>&1; then"#);
+    s.fail("cannot change group %s: it does not exist", r#""$n""#);
+    s.line("fi");
+    ensure_gid(&mut s, gid);
     s.command()
+}
+
+fn ensure_gid(s: &mut Script, gid: u32) {
+    let v = quote(&gid.to_string());
+    s.line(r#"e=$(getent group "$n") || e="$n::""#);
+    s.line("IFS=: read -r _ _ cg _ <<TEND_GR_END");
+    s.line("$e");
+    s.line("TEND_GR_END");
+    s.line(&format!(r#"[ "$cg" = {v} ] || groupmod -g {v} -- "$n""#));
 }
 
 /// Removes the group `name`. Absent already is fine; `groupdel` refuses a
@@ -148,12 +213,22 @@ mod tests {
             },
             true,
         );
-        assert_eq!(
-            cmd.script,
-            "set -eu\n\
-             n='app'\n\
-             if getent group \"$n\" >/dev/null 2>&1; then set -- -g \"$n\"; else set --; fi\n\
-             useradd \"$@\" -r -u '1500' -d '/srv/app home' -s '/bin/sh' -G 'adm,sudo' -m -- \"$n\"\n"
+        assert!(
+            cmd.script.starts_with(
+                "set -eu\n\
+                 n='app'\n\
+                 if getent passwd \"$n\" >/dev/null 2>&1; then\n"
+            ),
+            "{}",
+            cmd.script
+        );
+        assert!(
+            cmd.script.ends_with(
+                "if getent group \"$n\" >/dev/null 2>&1; then set -- -g \"$n\"; else set --; fi\n\
+                 useradd \"$@\" -r -u '1500' -d '/srv/app home' -s '/bin/sh' -G 'adm,sudo' -m -- \"$n\"\n"
+            ),
+            "{}",
+            cmd.script
         );
         assert!(cmd.stdin.is_empty());
         // Nothing given: no options, no home created.
@@ -176,10 +251,14 @@ mod tests {
                 ..UserFields::default()
             },
         );
-        assert_eq!(
-            cmd.script,
-            "set -eu\nn='app'\nusermod -s '/bin/it'\\''s' -G 'adm' -- \"$n\"\n"
-        );
+        for want in [
+            "[ \"$cs\" = '/bin/it'\\''s' ] || set -- \"$@\" -s '/bin/it'\\''s'\n",
+            "[ -z \"$x\" ] || set -- \"$@\" -G 'adm'\n",
+            "if [ \"$#\" -gt 0 ]; then usermod \"$@\" -- \"$n\"; fi\n",
+        ] {
+            assert!(cmd.script.contains(want), "{want}\n{}", cmd.script);
+        }
+        assert!(!cmd.script.contains("-u "), "{}", cmd.script);
         let cmd = modify_user(
             "app",
             UserFields {
@@ -188,11 +267,13 @@ mod tests {
                 ..UserFields::default()
             },
         );
-        assert!(cmd.script.ends_with("usermod -u '7' -d '/h' -- \"$n\"\n"));
+        assert!(cmd.script.contains("set -- \"$@\" -u '7'\n"));
+        assert!(cmd.script.contains("set -- \"$@\" -d '/h'\n"));
         assert!(!cmd.script.contains("-m"), "a home is never moved");
         assert_eq!(
             modify_user("app", UserFields::default()).script,
-            "set -eu\nn='app'\n"
+            "set -eu\nn='app'\nif ! getent passwd \"$n\" >/dev/null 2>&1; then\n  \
+             printf 'tend: cannot change user %s: it does not exist\\n' \"$n\" >&2\n  exit 1\nfi\n"
         );
     }
 
@@ -238,7 +319,7 @@ mod tests {
         ] {
             let body = if tool == "getent" {
                 format!(
-                    "#!/bin/sh\nfor k in {known}; do [ \"$k\" = \"$2\" ] && exit 0; done\nexit 2\n"
+                    "#!/bin/sh\nfor k in {known}; do [ \"$k\" = \"$1:$2\" ] && exit 0; done\nexit 2\n"
                 )
             } else {
                 format!(
@@ -275,7 +356,10 @@ mod tests {
         );
         assert!(!Path::new("/srv/a b").exists());
         // A group of the user's name becomes its primary group.
-        let (_, log) = run_stubbed(&create_user("app", UserFields::default(), true), &["app"]);
+        let (_, log) = run_stubbed(
+            &create_user("app", UserFields::default(), true),
+            &["group:app"],
+        );
         assert_eq!(log, "useradd\n[-g]\n[app]\n[-r]\n[--]\n[app]\n");
     }
 
@@ -283,16 +367,16 @@ mod tests {
     fn deletes_run_only_when_the_account_exists() {
         assert_eq!(run_stubbed(&delete_user("app"), &[]), (0, String::new()));
         assert_eq!(
-            run_stubbed(&delete_user("app"), &["app"]),
+            run_stubbed(&delete_user("app"), &["passwd:app"]),
             (0, "userdel\n[--]\n[app]\n".into())
         );
         assert_eq!(run_stubbed(&delete_group("app"), &[]), (0, String::new()));
         assert_eq!(
-            run_stubbed(&delete_group("app"), &["app"]),
+            run_stubbed(&delete_group("app"), &["group:app"]),
             (0, "groupdel\n[--]\n[app]\n".into())
         );
         assert_eq!(
-            run_stubbed(&modify_group("app", 9), &["app"]),
+            run_stubbed(&modify_group("app", 9), &["group:app"]),
             (0, "groupmod\n[-g]\n[9]\n[--]\n[app]\n".into())
         );
     }

@@ -24,6 +24,8 @@ pub mod batch;
 
 use std::fmt::Write as _;
 
+use crate::core::diff::Action;
+pub use crate::core::plan::PathType;
 use crate::core::spec::Mode;
 use crate::shell::quote;
 
@@ -53,6 +55,17 @@ pub struct RemoteCommand {
     pub stdin: Vec<u8>,
 }
 
+/// [`write_file_at`] where the plan saw nothing at `path`.
+pub fn write_file(
+    path: &str,
+    content: &[u8],
+    mode: Option<Mode>,
+    owner: Option<&str>,
+    group: Option<&str>,
+) -> RemoteCommand {
+    write_file_at(path, content, mode, owner, group, PathType::Nothing)
+}
+
 /// Replaces (or creates) the regular file at `path` with `content`,
 /// atomically: the content goes to a temporary file in the same directory,
 /// which gets its ownership and mode, is fsynced, and is renamed over `path`;
@@ -61,24 +74,53 @@ pub struct RemoteCommand {
 ///
 /// `mode`, `owner` and `group` are managed only when given. What is not given
 /// is kept from the regular file being replaced; a new file gets
-/// [`NEW_FILE_MODE`] and the ownership of whoever runs the script. A symlink
-/// at `path` is replaced by the file (its target is left alone); a directory
-/// at `path` is an error.
-pub fn write_file(
+/// [`NEW_FILE_MODE`] and the ownership of whoever runs the script.
+///
+/// `seen` is what the plan saw at `path`. New content over a regular file
+/// always proceeds (it is not destructive, also when the file appeared after
+/// the probe); anything else found at `path` (a directory, a symlink, a
+/// special file) is replaced only when it is what the plan saw (a planned
+/// replacement), else the step fails naming it. A regular file that already
+/// has this content, mode and ownership is left alone.
+pub fn write_file_at(
     path: &str,
     content: &[u8],
     mode: Option<Mode>,
     owner: Option<&str>,
     group: Option<&str>,
+    seen: PathType,
 ) -> RemoteCommand {
     let mut s = Script::new();
     s.path_and_parent(path);
     s.require_parent("write");
+    s.found();
+    s.require_found(
+        &[PathType::Nothing, PathType::File, seen],
+        seen,
+        "not replaced",
+    );
+    let len = content.len();
+    // Already as desired (this content, and the mode and ownership given):
+    // the content is read and dropped, and nothing on the host is touched,
+    // not even the directory (no temporary file), so that running the step
+    // twice changes nothing. The hash is computed here, from the content.
+    let mut same = vec![
+        r#"[ "$f" = file ]"#.to_string(),
+        format!(
+            r#"{{ h=$(sha256sum < "$p") && [ "${{h%% *}}" = {} ]; }}"#,
+            crate::core::sha256_hex(content)
+        ),
+    ];
+    same.extend(meta_matches(mode, owner, group));
+    s.line(&format!("if {}; then", same.join(" && ")));
+    s.line(&format!("  head -c {len} > /dev/null"));
+    s.line(r#"  printf 'tend: %s already has this content, mode and ownership\n' "$p""#);
+    s.line("  exit 0");
+    s.line("fi");
     s.temp_cleanup("rm -f");
     s.line(r#"tmp=$(mktemp "$d/.tend.XXXXXX")"#);
     // Exactly the content's length, not "until EOF": in a batch, the next
     // step's content follows on the same stdin. A short read is an error.
-    let len = content.len();
     s.line(&format!(r#"head -c {len} > "$tmp""#));
     s.line(&format!(
         r#"[ "$(wc -c < "$tmp")" -eq {len} ] || {{ echo "tend: content of $p arrived short" >&2; exit 1; }}"#
@@ -91,7 +133,7 @@ pub fn write_file(
         (Some(_), Some(_)) => None,
     };
     if keep_ids.is_some() || mode.is_none() {
-        s.line(r#"if [ -f "$p" ] && [ ! -L "$p" ]; then"#);
+        s.line(r#"if [ "$f" = file ]; then"#);
         if let Some(format) = keep_ids {
             let format = quote(format);
             s.line(&format!("  o=$(stat -c {format} -- \"$p\")"));
@@ -112,6 +154,11 @@ pub fn write_file(
         None => s.line(r#"chmod -- "$m" "$tmp""#),
     }
     s.line(r#"sync -- "$tmp""#);
+    if seen == PathType::Directory {
+        // A planned replacement of a directory: `mv` cannot rename a file
+        // over one.
+        s.line(r#"if [ "$f" = directory ]; then rm -rf -- "$p"; fi"#);
+    }
     s.line(r#"mv -Tf -- "$tmp" "$p""#);
     s.line("tmp=");
     s.line(r#"sync -- "$d""#);
@@ -122,42 +169,62 @@ pub fn write_file(
 }
 
 /// Changes the mode and/or ownership of the existing file or directory at
-/// `path`, leaving its content alone. Refuses a symlink (chmod would follow
-/// it) and a missing path.
+/// `path` (`seen`, what the plan saw there), leaving its content alone, as
+/// far as they differ. Refuses a missing path and anything but `seen` (a
+/// symlink: chmod would follow it).
 pub fn set_meta(
     path: &str,
     mode: Option<Mode>,
     owner: Option<&str>,
     group: Option<&str>,
+    seen: PathType,
 ) -> RemoteCommand {
     let mut s = Script::new();
     s.var("p", path);
-    s.line(r#"if [ -L "$p" ]; then"#);
-    s.fail("cannot change %s: it is a symlink", r#""$p""#);
-    s.line(r#"elif [ ! -e "$p" ]; then"#);
+    s.found();
+    s.line(r#"if [ "$f" = nothing ]; then"#);
     s.fail("cannot change %s: it does not exist", r#""$p""#);
     s.line("fi");
-    // -h: should a symlink appear after the check, change the link, not its target.
-    s.chown(r#""$p""#, owner, group, true);
-    if let Some(m) = mode {
-        s.line(&format!(r#"chmod -- {} "$p""#, chmod_mode(m)));
-    }
+    // Only a file or a directory: chmod would follow a symlink.
+    let allowed: Vec<PathType> = [seen]
+        .into_iter()
+        .filter(|t| matches!(t, PathType::File | PathType::Directory))
+        .collect();
+    s.require_found(&allowed, seen, "not changed");
+    s.ensure_meta(mode, owner, group);
     s.command()
 }
 
 /// Creates the directory `path` (its parent must exist), with `mode`
 /// (default [`NEW_DIRECTORY_MODE`]) and the ownership given. It starts out
 /// private (0700) until owner and mode are set, and is removed again if
-/// setting them fails. An existing `path` is an error.
+/// setting them fails. A directory already at `path` is accepted: it gets
+/// the mode and ownership given, where they differ. Anything else at `path`
+/// is removed only when it is what the plan saw (`seen`: a planned
+/// replacement), else the step fails naming it.
 pub fn make_directory(
     path: &str,
     mode: Option<Mode>,
     owner: Option<&str>,
     group: Option<&str>,
+    seen: PathType,
 ) -> RemoteCommand {
     let mut s = Script::new();
     s.path_and_parent(path);
     s.require_parent("create");
+    s.found();
+    s.require_found(
+        &[PathType::Nothing, PathType::Directory, seen],
+        seen,
+        "not replaced",
+    );
+    s.line(r#"if [ "$f" = directory ]; then"#);
+    s.ensure_meta(mode, owner, group);
+    s.line("  exit 0");
+    s.line("fi");
+    if !matches!(seen, PathType::Nothing | PathType::Directory) {
+        s.line(r#"if [ "$f" != nothing ]; then rm -f -- "$p"; fi"#);
+    }
     s.line("c=");
     s.line(r#"trap '[ -z "$c" ] || rmdir -- "$p"' EXIT"#);
     s.signal_traps();
@@ -173,15 +240,29 @@ pub fn make_directory(
     s.command()
 }
 
-/// Makes `path` a symlink to `target`, atomically, whether `path` is absent,
-/// a symlink (retarget) or a file: the link is made under a temporary
-/// directory beside `path` and renamed over it. A directory at `path` is an
-/// error.
-pub fn make_symlink(path: &str, target: &str) -> RemoteCommand {
+/// Makes `path` a symlink to `target`, atomically: the link is made under a
+/// temporary directory beside `path` and renamed over it. A symlink at
+/// `path` is retargeted (one that already points at `target` is left
+/// alone); anything else is replaced only when it is what the plan saw
+/// (`seen`: a planned replacement), else the step fails naming it.
+pub fn make_symlink(path: &str, target: &str, seen: PathType) -> RemoteCommand {
     let mut s = Script::new();
     s.path_and_parent(path);
     s.var("t", target);
     s.require_parent("create");
+    s.found();
+    s.require_found(
+        &[PathType::Nothing, PathType::Symlink, seen],
+        seen,
+        "not replaced",
+    );
+    // `readlink` ends the target with a newline and `$(...)` strips every
+    // trailing newline, so both sides get one more character first.
+    s.var("w", &format!("{target}\n."));
+    s.line(r#"if [ "$f" = symlink ] && [ "$(readlink -- "$p"; echo .)" = "$w" ]; then exit 0; fi"#);
+    if seen == PathType::Directory {
+        s.line(r#"if [ "$f" = directory ]; then rm -rf -- "$p"; fi"#);
+    }
     // A fresh directory gives a link name nobody else can race for.
     s.temp_cleanup("rm -rf");
     s.line(r#"tmp=$(mktemp -d "$d/.tend.XXXXXX")"#);
@@ -193,39 +274,57 @@ pub fn make_symlink(path: &str, target: &str) -> RemoteCommand {
     s.command()
 }
 
-/// Removes the file at `path`; absent already is fine. `rm` without `-r`
-/// will not remove a directory.
-pub fn remove_file(path: &str) -> RemoteCommand {
-    let mut s = Script::new();
-    s.var("p", path);
-    s.line(r#"rm -f -- "$p""#);
-    s.command()
+/// Removes the file at `path`; absent already is fine. Refuses anything but
+/// what the plan saw (`seen`).
+pub fn remove_file(path: &str, seen: PathType) -> RemoteCommand {
+    remove(path, seen, "rm -f")
 }
 
 /// Removes the symlink at `path` (not its target); absent already is fine.
-/// Refuses if something other than a symlink is there now.
-pub fn remove_symlink(path: &str) -> RemoteCommand {
-    let mut s = Script::new();
-    s.var("p", path);
-    s.line(r#"if [ -e "$p" ] && [ ! -L "$p" ]; then"#);
-    s.fail("not removing %s: it is no longer a symlink", r#""$p""#);
-    s.line("fi");
-    s.line(r#"rm -f -- "$p""#);
-    s.command()
+/// Refuses anything but what the plan saw (`seen`).
+pub fn remove_symlink(path: &str, seen: PathType) -> RemoteCommand {
+    remove(path, seen, "rm -f")
 }
 
 /// Removes the directory at `path` and everything in it; absent already is
-/// fine. Whether that is allowed is the planner's decision. The root
-/// directory is refused outright.
-pub fn remove_directory(path: &str) -> RemoteCommand {
-    let mut s = Script::new();
-    s.var("p", path);
+/// fine. Whether that is allowed is the planner's decision; what is there
+/// must still be what the plan saw (`seen`). The root directory is refused
+/// outright.
+pub fn remove_directory(path: &str, seen: PathType) -> RemoteCommand {
     if path.bytes().all(|b| b == b'/') {
+        let mut s = Script::new();
+        s.var("p", path);
         s.fail("refusing to remove %s", r#""$p""#);
         return s.command();
     }
-    s.line(r#"rm -rf -- "$p""#);
+    remove(path, seen, "rm -rf")
+}
+
+fn remove(path: &str, seen: PathType, rm: &str) -> RemoteCommand {
+    let mut s = Script::new();
+    s.var("p", path);
+    s.found();
+    s.require_found(&[PathType::Nothing, seen], seen, "not removed");
+    s.line(&format!(r#"{rm} -- "$p""#));
     s.command()
+}
+
+/// Whether a step of this kind and action may be sent again after an
+/// attempt that may have started (SPEC 8.3): running it twice ends in the
+/// same state as running it once. Path writes, package installs, user and
+/// group creates and updates are, because their builders check the host
+/// first and accept "already as desired". Deletes of paths, users, groups
+/// and packages are too: their builders accept "already gone" and refuse
+/// anything of another type than the plan saw, so a second attempt removes
+/// at most what the first was allowed to. A `command` (its effect is
+/// unknown) and a service action (a second restart is a second outage;
+/// stop and start are not checked before they act) are not.
+pub fn is_idempotent(kind: &str, action: Action) -> bool {
+    match kind {
+        "file" | "directory" | "symlink" | "user" | "group" | "package" => true,
+        "command" | "service" => action == Action::Noop,
+        _ => false,
+    }
 }
 
 /// A mode as `chmod` must see it: five octal digits, because GNU chmod keeps
@@ -233,6 +332,38 @@ pub fn remove_directory(path: &str) -> RemoteCommand {
 /// clears them only when the mode has a fifth, leading zero.
 fn chmod_mode(mode: Mode) -> String {
     format!("{:05o}", mode.0 & 0o7777)
+}
+
+/// Tests (shell words) that `$p` has the mode and ownership given; an
+/// owner or group matches by name or by number.
+fn meta_matches(mode: Option<Mode>, owner: Option<&str>, group: Option<&str>) -> Vec<String> {
+    let mut tests = Vec::new();
+    for (want, name, id) in [(owner, "%U", "%u"), (group, "%G", "%g")] {
+        if let Some(w) = want {
+            let w = quote(w);
+            tests.push(format!(
+                r#"{{ [ "$(stat -c {name} -- "$p")" = {w} ] || [ "$(stat -c {id} -- "$p")" = {w} ]; }}"#
+            ));
+        }
+    }
+    if let Some(m) = mode {
+        tests.push(format!(
+            r#"[ "$(stat -c %a -- "$p")" = '{:o}' ]"#,
+            m.0 & 0o7777
+        ));
+    }
+    tests
+}
+
+/// The word [`Script::found`] sets `f` to for this type.
+fn code(t: PathType) -> &'static str {
+    match t {
+        PathType::Nothing => "nothing",
+        PathType::File => "file",
+        PathType::Directory => "directory",
+        PathType::Symlink => "symlink",
+        PathType::Other => "other",
+    }
 }
 
 /// The parent directory of an absolute path, without following anything:
@@ -288,6 +419,66 @@ impl Script {
         let format = quote(&format!("tend: {format}\\n"));
         self.line(&format!("  printf {format} {args} >&2"));
         self.line("  exit 1");
+    }
+
+    /// Sets `f` to what is at `$p` now, without following a symlink:
+    /// `nothing`, `file`, `directory`, `symlink` or `other`.
+    fn found(&mut self) {
+        self.line(
+            r#"if [ -L "$p" ]; then f=symlink; elif [ -d "$p" ]; then f=directory; elif [ -f "$p" ]; then f=file; elif [ -e "$p" ]; then f=other; else f=nothing; fi"#,
+        );
+    }
+
+    /// Fails, naming `$p` and what is there, unless `f` is one of
+    /// `allowed`: the step never removes or replaces an object of another
+    /// type than the plan saw (`seen`). The check and the change run in
+    /// the same script, on the host.
+    fn require_found(&mut self, allowed: &[PathType], seen: PathType, verb: &str) {
+        let refused: Vec<PathType> = PathType::ALL
+            .into_iter()
+            .filter(|t| !allowed.contains(t))
+            .collect();
+        if refused.is_empty() {
+            return;
+        }
+        self.line("case $f in");
+        for t in refused {
+            self.line(&format!("{})", code(t)));
+            self.fail(
+                &format!(
+                    "%s: found {} where the plan saw {}; {verb}",
+                    t.describe(),
+                    seen.describe()
+                ),
+                r#""$p""#,
+            );
+            self.line("  ;;");
+        }
+        self.line("esac");
+    }
+
+    /// Mode and ownership of `$p` as given, each changed only where it
+    /// differs (an owner or group matches by name or by number), so that a
+    /// second run changes nothing, not even the inode's ctime.
+    fn ensure_meta(&mut self, mode: Option<Mode>, owner: Option<&str>, group: Option<&str>) {
+        // Ownership before mode: chown clears the set-user-ID and set-group-ID bits.
+        for (want, name, id, tool) in [(owner, "%U", "%u", "chown"), (group, "%G", "%g", "chgrp")] {
+            if let Some(w) = want {
+                let w = quote(w);
+                // -h: should a symlink appear after the check, change the
+                // link, not its target.
+                self.line(&format!(
+                    r#"[ "$(stat -c {name} -- "$p")" = {w} ] || [ "$(stat -c {id} -- "$p")" = {w} ] || {tool} -h -- {w} "$p""#
+                ));
+            }
+        }
+        if let Some(m) = mode {
+            self.line(&format!(
+                r#"[ "$(stat -c %a -- "$p")" = '{:o}' ] || chmod -- {} "$p""#,
+                m.0 & 0o7777,
+                chmod_mode(m)
+            ));
+        }
     }
 
     /// Removes `$tmp` with `rm` when the script ends before clearing it,

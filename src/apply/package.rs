@@ -47,10 +47,43 @@ fn names_line(s: &mut Script, names: &[&str]) {
     s.line(&format!("set -- {}", quoted.join(" ")));
 }
 
-/// Installs every package of `names` in one call.
+/// `set --` to the packages of the positional parameters that are
+/// installed (`want = true`) or not installed (`want = false`), asking the
+/// host's package database about each first: the step then acts only on
+/// what is not yet as desired, and ends at once when nothing is left.
+fn keep_only(s: &mut Script, manager: PackageManager, want: bool, done: &str) {
+    let check = match manager {
+        // dpkg's `config-files` state is not installed, as the probe says.
+        PackageManager::Apt => {
+            r#"case $(dpkg-query -W -f '${Status}' -- "$a" 2>/dev/null) in *' installed') i=1 ;; *) i= ;; esac"#
+        }
+        PackageManager::Dnf => r#"if rpm -q --quiet "$a" 2>/dev/null; then i=1; else i=; fi"#,
+        PackageManager::Apk => r#"if apk info -e "$a" >/dev/null 2>&1; then i=1; else i=; fi"#,
+    };
+    let keep = if want {
+        r#"[ -n "$i" ]"#
+    } else {
+        r#"[ -z "$i" ]"#
+    };
+    // Package names are validated (no blanks, no glob characters), so the
+    // list can go through a variable and field splitting.
+    s.line("k=");
+    s.line(&format!(
+        r#"for a in "$@"; do {check}; if {keep}; then k="$k $a"; fi; done"#
+    ));
+    s.line(r#"if [ -z "$k" ]; then"#);
+    s.line(&format!("  printf 'tend: %s: {done}\\n' \"$*\""));
+    s.line("  exit 0");
+    s.line("fi");
+    s.line("set -f; set -- $k; set +f");
+}
+
+/// Installs every package of `names` that is not installed yet, in one
+/// call; nothing when every one is.
 pub fn install_packages(manager: PackageManager, names: &[&str]) -> RemoteCommand {
     let mut s = Script::new();
     names_line(&mut s, names);
+    keep_only(&mut s, manager, false, "already installed");
     match manager {
         PackageManager::Apt => {
             s.line("export DEBIAN_FRONTEND=noninteractive");
@@ -70,10 +103,12 @@ pub fn install_packages(manager: PackageManager, names: &[&str]) -> RemoteComman
     s.command()
 }
 
-/// Removes every package of `names` in one call (configuration files stay).
+/// Removes every package of `names` that is installed, in one call
+/// (configuration files stay); nothing when none is.
 pub fn remove_packages(manager: PackageManager, names: &[&str]) -> RemoteCommand {
     let mut s = Script::new();
     names_line(&mut s, names);
+    keep_only(&mut s, manager, true, "not installed");
     match manager {
         PackageManager::Apt => {
             s.line("export DEBIAN_FRONTEND=noninteractive");
@@ -143,7 +178,13 @@ mod tests {
                 "apk del \"$@\"\n",
             ),
         ] {
-            assert_eq!(cmd.script, format!("set -eu\n{want_names}{call}"));
+            assert!(
+                cmd.script
+                    .starts_with(&format!("set -eu\n{want_names}k=\n")),
+                "{}",
+                cmd.script
+            );
+            assert!(cmd.script.ends_with(call), "{}", cmd.script);
         }
         let apt = install_packages(PackageManager::Apt, &names);
         assert!(apt.script.starts_with(&format!("set -eu\n{want_names}")));
@@ -174,12 +215,15 @@ mod tests {
 
     /// A stub `apt-get` that logs its arguments, installs only once the lists
     /// exist (`update` creates them, or fails when `update_fails`), and
-    /// simulates removals with the `Remv` lines in `remv`.
+    /// simulates removals with the `Remv` lines in `remv`; a stub
+    /// `dpkg-query` reports every package installed when `installed`, else
+    /// none.
     fn run_with_apt(
         cmd: &RemoteCommand,
         lists: bool,
         update_fails: bool,
         remv: &str,
+        installed: bool,
     ) -> (i32, String, String) {
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("bin");
@@ -215,6 +259,14 @@ exit 0
         let p = bin.join("apt-get");
         fs::write(&p, stub).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        let status = if installed {
+            "install ok installed"
+        } else {
+            "unknown ok not-installed"
+        };
+        let q = bin.join("dpkg-query");
+        fs::write(&q, format!("#!/bin/sh\nprintf '%s' '{status}'\n")).unwrap();
+        fs::set_permissions(&q, fs::Permissions::from_mode(0o755)).unwrap();
         let script = format!("PATH={}:$PATH\n{}", bin.display(), cmd.script);
         let out = LocalTransport::new()
             .exec(&script, &cmd.stdin, Duration::from_secs(30))
@@ -230,13 +282,13 @@ exit 0
     fn apt_install_updates_the_lists_once_when_it_fails() {
         let cmd = install_packages(PackageManager::Apt, &["hello", "tree"]);
         // Lists present: one install.
-        let (status, log, _) = run_with_apt(&cmd, true, false, "");
+        let (status, log, _) = run_with_apt(&cmd, true, false, "", false);
         assert_eq!(
             (status, log.as_str()),
             (0, "install hello treenoninteractive\n")
         );
         // A fresh host: install fails, update, install again.
-        let (status, log, stderr) = run_with_apt(&cmd, false, false, "");
+        let (status, log, stderr) = run_with_apt(&cmd, false, false, "", false);
         assert_eq!(status, 0, "{stderr}");
         assert_eq!(
             log,
@@ -247,7 +299,7 @@ exit 0
             "{stderr}"
         );
         // An update that fails ends it.
-        let (status, log, _) = run_with_apt(&cmd, false, true, "");
+        let (status, log, _) = run_with_apt(&cmd, false, true, "", false);
         assert_ne!(status, 0);
         assert_eq!(
             log,
@@ -256,17 +308,27 @@ exit 0
     }
 
     #[test]
+    fn what_is_already_as_desired_is_left_alone() {
+        let cmd = install_packages(PackageManager::Apt, &["hello", "tree"]);
+        let (status, log, _) = run_with_apt(&cmd, true, false, "", true);
+        assert_eq!((status, log.as_str()), (0, ""), "nothing to install");
+        let cmd = remove_packages(PackageManager::Apt, &["hello"]);
+        let (status, log, _) = run_with_apt(&cmd, true, false, "", false);
+        assert_eq!((status, log.as_str()), (0, ""), "nothing to remove");
+    }
+
+    #[test]
     fn apt_remove_refuses_to_take_unnamed_packages_along() {
         let cmd = remove_packages(PackageManager::Apt, &["hello", "libfoo:amd64"]);
         let named = "Remv hello [2.10-3]\nRemv libfoo [1.0]\n";
-        let (status, log, stderr) = run_with_apt(&cmd, true, false, named);
+        let (status, log, stderr) = run_with_apt(&cmd, true, false, named, true);
         assert_eq!(status, 0, "{stderr}");
         assert_eq!(
             log,
             "remove hello libfoo:amd64noninteractive\nremove hello libfoo:amd64noninteractive\n"
         );
         let more = "Remv hello [2.10-3]\nRemv app-using-hello [1]\nRemv other:i386 [2]\n";
-        let (status, log, stderr) = run_with_apt(&cmd, true, false, more);
+        let (status, log, stderr) = run_with_apt(&cmd, true, false, more, true);
         assert_eq!(status, 1);
         assert_eq!(
             log, "remove hello libfoo:amd64noninteractive\n",

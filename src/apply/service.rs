@@ -10,7 +10,8 @@ use super::{RemoteCommand, Script};
 
 /// Brings a unit to the given enablement and activity, as far as given:
 /// `Some(true)` enables (starts), `Some(false)` disables (stops), `None`
-/// leaves it. Where both change the same way, one `--now` call does both.
+/// leaves it. Turning both off is one `disable --now` call; enabling and
+/// starting each check first whether the unit already is so.
 /// With `daemon_reload`, systemd re-reads its unit files first (one of them
 /// changed in this run, or the unit was not loaded yet).
 pub fn converge(
@@ -21,16 +22,18 @@ pub fn converge(
 ) -> RemoteCommand {
     let mut s = start(unit, daemon_reload);
     match (enable, running) {
-        (Some(true), Some(true)) => s.line(r#"systemctl enable --now -- "$u""#),
         (Some(false), Some(false)) => s.line(r#"systemctl disable --now -- "$u""#),
         (enable, running) => {
+            // Checked first: an enabled unit is not enabled again, an
+            // active one not started again. (Disabling and stopping what
+            // is already off are no-ops of systemctl itself.)
             match enable {
-                Some(true) => s.line(r#"systemctl enable -- "$u""#),
+                Some(true) => s.line(ENABLE),
                 Some(false) => s.line(r#"systemctl disable -- "$u""#),
                 None => {}
             }
             match running {
-                Some(true) => s.line(r#"systemctl start -- "$u""#),
+                Some(true) => s.line(START),
                 Some(false) => s.line(r#"systemctl stop -- "$u""#),
                 None => {}
             }
@@ -38,6 +41,10 @@ pub fn converge(
     }
     s.command()
 }
+
+const ENABLE: &str =
+    r#"[ "$(systemctl is-enabled -- "$u" 2>/dev/null)" = enabled ] || systemctl enable -- "$u""#;
+const START: &str = r#"systemctl is-active --quiet -- "$u" || systemctl start -- "$u""#;
 
 /// Restarts a unit (starting it if it is not running), after a
 /// `daemon-reload` when asked.
@@ -68,31 +75,33 @@ mod tests {
     }
 
     #[test]
-    fn one_call_per_change_and_now_where_both_agree() {
-        let cases: &[(Option<bool>, Option<bool>, &str)] = &[
-            (Some(true), Some(true), "systemctl enable --now -- \"$u\"\n"),
+    fn one_call_per_change_and_a_check_before_enabling_or_starting() {
+        let en = format!("{ENABLE}\n");
+        let st = format!("{START}\n");
+        let cases: Vec<(Option<bool>, Option<bool>, String)> = vec![
+            (Some(true), Some(true), format!("{en}{st}")),
             (
                 Some(false),
                 Some(false),
-                "systemctl disable --now -- \"$u\"\n",
+                "systemctl disable --now -- \"$u\"\n".into(),
             ),
-            (Some(true), None, "systemctl enable -- \"$u\"\n"),
-            (Some(false), None, "systemctl disable -- \"$u\"\n"),
-            (None, Some(true), "systemctl start -- \"$u\"\n"),
-            (None, Some(false), "systemctl stop -- \"$u\"\n"),
+            (Some(true), None, en.clone()),
+            (Some(false), None, "systemctl disable -- \"$u\"\n".into()),
+            (None, Some(true), st.clone()),
+            (None, Some(false), "systemctl stop -- \"$u\"\n".into()),
             (
                 Some(true),
                 Some(false),
-                "systemctl enable -- \"$u\"\nsystemctl stop -- \"$u\"\n",
+                format!("{en}systemctl stop -- \"$u\"\n"),
             ),
             (
                 Some(false),
                 Some(true),
-                "systemctl disable -- \"$u\"\nsystemctl start -- \"$u\"\n",
+                format!("systemctl disable -- \"$u\"\n{st}"),
             ),
-            (None, None, ""),
+            (None, None, String::new()),
         ];
-        for &(enable, running, want) in cases {
+        for (enable, running, want) in cases {
             let cmd = converge("nginx", enable, running, false);
             assert_eq!(body(&cmd), want, "{enable:?} {running:?}");
         }
@@ -110,7 +119,7 @@ mod tests {
         );
         assert_eq!(
             body(&converge("nginx", None, Some(true), true)),
-            "systemctl daemon-reload\nsystemctl start -- \"$u\"\n"
+            format!("systemctl daemon-reload\n{START}\n")
         );
     }
 
@@ -125,7 +134,7 @@ mod tests {
                 cmd.script
             );
             assert_eq!(cmd.script.matches(&assignment).count(), 1);
-            assert!(cmd.script.ends_with("systemctl enable -- \"$u\"\n"));
+            assert!(cmd.script.ends_with(&format!("{ENABLE}\n")));
         }
     }
 }

@@ -31,6 +31,7 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
+use super::actual::Observed;
 use super::diff::{Action, Change, FieldChange};
 use super::model::{EdgeReason, Host, dependency_edges, is_ancestor};
 use super::spec::{Lifecycle, ResourceSpec};
@@ -70,6 +71,93 @@ impl Step {
     /// A restart planned for `restart_on`.
     pub fn is_restart(&self) -> bool {
         !self.triggers.is_empty()
+    }
+}
+
+/// What the probe saw at a path-managing step's path, as far as a step's
+/// builder must know it: the step may remove or replace only an object of
+/// this type (SPEC 8.1), and checks on the host that it still is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathType {
+    Nothing,
+    File,
+    Directory,
+    Symlink,
+    /// A socket, fifo or device.
+    Other,
+}
+
+impl PathType {
+    pub const ALL: [PathType; 5] = [
+        PathType::Nothing,
+        PathType::File,
+        PathType::Directory,
+        PathType::Symlink,
+        PathType::Other,
+    ];
+
+    /// The type a `file`, `directory` or `symlink` resource manages.
+    pub fn of_kind(kind: &str) -> Option<PathType> {
+        match kind {
+            "file" => Some(PathType::File),
+            "directory" => Some(PathType::Directory),
+            "symlink" => Some(PathType::Symlink),
+            _ => None,
+        }
+    }
+
+    /// The type of an observed object, None for what is not a path.
+    pub fn of_observed(o: &Observed) -> Option<PathType> {
+        match o {
+            Observed::Absent => Some(PathType::Nothing),
+            Observed::File(_) => Some(PathType::File),
+            Observed::Directory(_) => Some(PathType::Directory),
+            Observed::Symlink { .. } => Some(PathType::Symlink),
+            Observed::Other { .. } => Some(PathType::Other),
+            _ => None,
+        }
+    }
+
+    /// For people: `nothing`, `a regular file`, ...
+    pub fn describe(self) -> &'static str {
+        match self {
+            PathType::Nothing => "nothing",
+            PathType::File => "a regular file",
+            PathType::Directory => "a directory",
+            PathType::Symlink => "a symlink",
+            PathType::Other => "a special file",
+        }
+    }
+}
+
+impl Step {
+    /// What the plan saw at the path of a `file`, `directory` or `symlink`
+    /// step; None for other kinds. The step itself says it: diff makes a
+    /// create only where nothing is, an update without `replace` only of an
+    /// object of the resource's own type, a delete only of that type, and
+    /// a replacement names the type it replaces in its `type` field (as
+    /// `diff` describes it: `regular file`, `directory`, `symlink`, or
+    /// another word for a special file).
+    pub fn path_seen(&self) -> Option<PathType> {
+        let own = PathType::of_kind(self.kind)?;
+        Some(match self.action {
+            Action::Create => PathType::Nothing,
+            Action::Update if self.replace => {
+                let from = self
+                    .fields
+                    .iter()
+                    .find(|f| f.field == "type")
+                    .and_then(|f| f.from.as_deref());
+                match from {
+                    Some("regular file") => PathType::File,
+                    Some("directory") => PathType::Directory,
+                    Some("symlink") => PathType::Symlink,
+                    Some("nothing") | None => PathType::Nothing,
+                    Some(_) => PathType::Other,
+                }
+            }
+            Action::Update | Action::Delete | Action::Noop => own,
+        })
     }
 }
 

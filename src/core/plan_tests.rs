@@ -1261,3 +1261,50 @@ fn plan_document_snapshot() {
     let json = String::from_utf8(p.to_json()).unwrap();
     insta::assert_snapshot!(json);
 }
+
+/// What the plan saw at a path, as its step tells the builder: for every
+/// path kind, desired present or absent, over every type the probe can
+/// report, the step's `path_seen` is the type the probe saw.
+#[test]
+fn path_steps_carry_the_type_the_probe_saw() {
+    let observed = [
+        Observed::Absent,
+        fstate(0o644, "other\n"),
+        Observed::Directory(meta(0o700)),
+        Observed::Symlink {
+            target: b"/elsewhere".to_vec(),
+        },
+        Observed::Other {
+            file_type: "fifo".into(),
+        },
+    ];
+    let kinds: Vec<Resource> = vec![file("/p").content("x\n"), dir("/p"), link("/p", "/t")];
+    let mut seen = 0;
+    for lifecycle in [Lifecycle::Running, Lifecycle::Absent] {
+        for r in &kinds {
+            for o in &observed {
+                let h = host_with("h", lifecycle, vec![r.clone()]);
+                let mut a = HostActual::default();
+                a.resources.insert(r.id.clone(), o.clone());
+                let p = plan_host(&h, &diff_host(&h, &a));
+                for step in &p.steps {
+                    seen += 1;
+                    assert_eq!(
+                        step.path_seen(),
+                        PathType::of_observed(o),
+                        "{} {:?} over {o:?}",
+                        r.id,
+                        step.action
+                    );
+                }
+            }
+        }
+    }
+    assert!(seen >= 15, "{seen} steps");
+    // Not a path: nothing to say.
+    let h = host("h", vec![user("app")]);
+    let mut a = HostActual::default();
+    a.resources.insert("user:app".into(), Observed::Absent);
+    let p = plan_host(&h, &diff_host(&h, &a));
+    assert_eq!(p.steps[0].path_seen(), None);
+}

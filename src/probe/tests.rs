@@ -29,7 +29,7 @@ fn script_is_framed_and_defines_the_function_once() {
         s.starts_with("export LC_ALL=C\necho 'TEND-PROBE 1'\n"),
         "{s}"
     );
-    assert!(s.ends_with("fi\necho 'END 0'\n"), "{s}");
+    assert!(s.ends_with("unset IFS; set +f\necho 'END 0'\n"), "{s}");
     assert!(
         s.contains(
             "for t in 'stat' 'sha256sum' 'od' 'readlink' 'tr' 'apt-get' 'dnf' 'apk' 'dpkg-query' \
