@@ -35,7 +35,7 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
     pass::write_fleet(sd, loaded.state.hosts.keys(), &now_rfc3339())?;
     let result = report.result.expect("apply always records a run");
     if loaded.settings.json {
-        let mut out = std::io::stdout().lock();
+        let mut out = crate::output::stdout();
         out.write_all(serde_json::to_string_pretty(&result)?.as_bytes())?;
         writeln!(out)?;
     } else {

@@ -565,9 +565,9 @@ pub fn validate(tree: &SourceTree) -> Validated {
         if let Some(Some(node)) = load_yaml(blob, &mut sink) {
             canary_pos = Some(node.pos_of("canary"));
             // A partly bad tend.yaml still has its other settings checked.
-            if let (Some(c), _) = typed::<TendConfig>(&node, &[], &mut sink) {
+            if let (Some(mut c), _) = typed::<TendConfig>(&node, &[], &mut sink) {
+                check_config(&mut c, &node, &mut sink);
                 config = c;
-                check_config(&config, &node, &mut sink);
             }
         }
     }
@@ -752,44 +752,135 @@ pub fn validate(tree: &SourceTree) -> Validated {
     }
 }
 
-fn check_config(config: &TendConfig, node: &Node, sink: &mut Sink) {
+/// Longest duration any setting may have. Every duration ends up added to
+/// a clock reading or armed on a timer; a year keeps that arithmetic far
+/// from overflow (`Instant + Duration` panics on overflow) and inside the
+/// timer wheel, and no setting has a use for more.
+pub const DURATION_CEILING: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+/// Most hosts worked on at once (as the schema says).
+pub const CONCURRENCY_CEILING: u32 = 1024;
+/// Most transient retries after the first attempt (as the schema says).
+pub const RETRIES_CEILING: u32 = 10;
+
+/// Check tend.yaml's values, and put the default back in place of every
+/// value found wrong: a `TendConfig` that leaves validation, valid or not,
+/// holds only values every consumer can use (the controller starts on the
+/// settings of an invalid desired state, and must not panic on them).
+fn check_config(config: &mut TendConfig, node: &Node, sink: &mut Sink) {
+    let defaults = TendConfig::default();
+    // Quote a value as written: humantime would render `48h` as `2days`.
+    let written = |key: &str, d: std::time::Duration| {
+        node.get(key)
+            .and_then(Node::as_str)
+            .map_or_else(|| humantime::format_duration(d).to_string(), str::to_string)
+    };
     if config.token_max_ttl.0 > TOKEN_TTL_CEILING {
-        // Quote the value as written: humantime would render `48h` as `2days`.
-        let written = node.get("token_max_ttl").and_then(Node::as_str);
         sink.at(
             node.pos_of("token_max_ttl"),
             format!(
                 "token_max_ttl `{}` is above the maximum of 24h: write at most `24h`",
-                written.map_or_else(
-                    || humantime::format_duration(config.token_max_ttl.0).to_string(),
-                    str::to_string
-                )
+                written("token_max_ttl", config.token_max_ttl.0)
             ),
         );
+        config.token_max_ttl = defaults.token_max_ttl;
     }
-    if config.concurrency == 0 {
-        sink.at(node.pos_of("concurrency"), "concurrency must be at least 1");
+    if config.concurrency == 0 || config.concurrency > CONCURRENCY_CEILING {
+        sink.at(
+            node.pos_of("concurrency"),
+            format!("concurrency must be between 1 and {CONCURRENCY_CEILING}"),
+        );
+        config.concurrency = defaults.concurrency;
+    }
+    if config.retries > RETRIES_CEILING {
+        sink.at(
+            node.pos_of("retries"),
+            format!("retries must be at most {RETRIES_CEILING}"),
+        );
+        config.retries = defaults.retries;
     }
     if config.crash_loop_threshold == 0 {
         sink.at(
             node.pos_of("crash_loop_threshold"),
             "crash_loop_threshold must be at least 1",
         );
+        config.crash_loop_threshold = defaults.crash_loop_threshold;
     }
     if config.state_dir.trim().is_empty() {
         sink.at(node.pos_of("state_dir"), "state_dir must not be empty");
+        config.state_dir = defaults.state_dir.clone();
     }
-    if config.probe_timeout.0.is_zero() {
-        sink.at(
-            node.pos_of("probe_timeout"),
-            "probe_timeout must be above zero",
-        );
+    // Every duration, whether zero is meaningful for it: a timeout of zero
+    // could never succeed, a resync of zero would re-probe without pause,
+    // and a token lifetime of zero refuses every token; a zero backoff,
+    // quiet window or deferral only means "at once".
+    let durations: [(
+        &str,
+        &mut super::spec::HumanDuration,
+        bool,
+        super::spec::HumanDuration,
+    ); 7] = [
+        (
+            "probe_timeout",
+            &mut config.probe_timeout,
+            true,
+            defaults.probe_timeout,
+        ),
+        (
+            "step_timeout",
+            &mut config.step_timeout,
+            true,
+            defaults.step_timeout,
+        ),
+        (
+            "retry_backoff",
+            &mut config.retry_backoff,
+            false,
+            defaults.retry_backoff,
+        ),
+        ("resync", &mut config.resync, true, defaults.resync),
+        (
+            "quiet_window",
+            &mut config.quiet_window,
+            false,
+            defaults.quiet_window,
+        ),
+        (
+            "max_defer",
+            &mut config.max_defer,
+            false,
+            defaults.max_defer,
+        ),
+        (
+            "token_max_ttl",
+            &mut config.token_max_ttl,
+            true,
+            defaults.token_max_ttl,
+        ),
+    ];
+    for (key, value, nonzero, default) in durations {
+        if let Some(why) = duration_problem(key, value.0, nonzero, &written) {
+            sink.at(node.pos_of(key), why);
+            *value = default;
+        }
     }
-    if config.step_timeout.0.is_zero() {
-        sink.at(
-            node.pos_of("step_timeout"),
-            "step_timeout must be above zero",
-        );
+}
+
+/// Why a duration setting is unusable, if it is.
+fn duration_problem(
+    key: &str,
+    d: std::time::Duration,
+    nonzero: bool,
+    written: &dyn Fn(&str, std::time::Duration) -> String,
+) -> Option<String> {
+    if nonzero && d.is_zero() {
+        Some(format!("{key} must be above zero"))
+    } else if d > DURATION_CEILING {
+        Some(format!(
+            "{key} `{}` is above the maximum of 365d: write at most `365d`",
+            written(key, d)
+        ))
+    } else {
+        None
     }
 }
 
@@ -1216,12 +1307,15 @@ fn load_resource(
             if let Some(c) = &s.creates {
                 check_path("creates", c, sink);
             }
-            if s.timeout.is_some_and(|t| t.0.is_zero()) {
-                bad(
-                    item.pos_of("timeout"),
-                    "timeout must be above zero".into(),
-                    sink,
-                );
+            if let Some(t) = s.timeout {
+                let written = |_: &str, d| {
+                    item.get("timeout")
+                        .and_then(Node::as_str)
+                        .map_or_else(|| humantime::format_duration(d).to_string(), str::to_string)
+                };
+                if let Some(why) = duration_problem("timeout", t.0, true, &written) {
+                    bad(item.pos_of("timeout"), why, sink);
+                }
             }
         }
     }
