@@ -66,67 +66,52 @@ fn main() {
     }
 }
 
-/// A host file of `n` resources. One directory holds 50 entries; every
-/// tenth file is required by the next resource; every hundredth resource is
-/// a user, group, package, service or command.
+/// A host file of `n` resources, one flow mapping per line so that 100k
+/// stay under the 8 MiB file limit. One directory holds 100 entries; every
+/// tenth file requires the file before it; in each directory there is a
+/// group, a user in it owning the files, a package, its service restarting
+/// on a file, a guarded command and a symlink.
 fn host_file(n: usize) -> String {
-    let mut s = String::with_capacity(n * 80);
+    let mut s = String::with_capacity(n * 64);
     s.push_str("resources:\n");
     let mut dir = String::new();
     for i in 0..n {
-        match i % 100 {
+        let k = i % 100;
+        let _ = match k {
             0 => {
                 dir = format!("/srv/d{}", i / 100);
-                let _ = writeln!(
-                    s,
-                    "  - kind: directory\n    path: {dir}\n    mode: \"0755\""
-                );
+                writeln!(s, "- {{kind: directory, path: {dir}, mode: \"0755\"}}")
             }
-            1 => {
-                let _ = writeln!(s, "  - kind: group\n    name: g{i}");
-            }
-            2 => {
-                let _ = writeln!(
-                    s,
-                    "  - kind: user\n    name: u{i}\n    groups: [g{}]",
-                    i - 1
-                );
-            }
-            3 => {
-                let _ = writeln!(s, "  - kind: package\n    name: p{i}");
-            }
-            4 => {
-                let _ = writeln!(
-                    s,
-                    "  - kind: service\n    name: p{}\n    restart_on: [\"file:{dir}/f{}\"]",
-                    i - 1,
-                    i + 1
-                );
-            }
-            6 => {
-                let _ = writeln!(
-                    s,
-                    "  - kind: command\n    name: c{i}\n    run: \"true\"\n    creates: {dir}/done{i}"
-                );
-            }
-            7 => {
-                let _ = writeln!(
-                    s,
-                    "  - kind: symlink\n    path: {dir}/l{i}\n    target: {dir}/f{}",
-                    i - 2
-                );
-            }
-            k => {
-                let _ = write!(
-                    s,
-                    "  - kind: file\n    path: {dir}/f{i}\n    content: \"line {i}\\n\"\n    owner: u{}\n",
-                    i - k + 2
-                );
-                if k % 10 == 9 {
-                    let _ = writeln!(s, "    requires: [\"file:{dir}/f{}\"]", i - 1);
-                }
-            }
-        }
+            1 => writeln!(s, "- {{kind: group, name: g{i}}}"),
+            2 => writeln!(s, "- {{kind: user, name: u{i}, groups: [g{}]}}", i - 1),
+            3 => writeln!(s, "- {{kind: package, name: p{i}}}"),
+            4 => writeln!(
+                s,
+                "- {{kind: service, name: p{}, restart_on: [\"file:{dir}/f{}\"]}}",
+                i - 1,
+                i + 1
+            ),
+            6 => writeln!(
+                s,
+                "- {{kind: command, name: c{i}, run: \"true\", creates: {dir}/done{i}}}"
+            ),
+            7 => writeln!(
+                s,
+                "- {{kind: symlink, path: {dir}/l{i}, target: {dir}/f{}}}",
+                i - 2
+            ),
+            k if k % 10 == 9 => writeln!(
+                s,
+                "- {{kind: file, path: {dir}/f{i}, content: x, owner: u{}, requires: [\"file:{dir}/f{}\"]}}",
+                i - k + 2,
+                i - 1
+            ),
+            k => writeln!(
+                s,
+                "- {{kind: file, path: {dir}/f{i}, content: x, owner: u{}}}",
+                i - k + 2
+            ),
+        };
     }
     s
 }

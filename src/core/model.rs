@@ -461,6 +461,19 @@ pub fn is_ancestor(anc: &str, p: &str) -> bool {
     p.len() > anc.len() && p.starts_with(anc) && p.as_bytes()[anc.len()] == b'/'
 }
 
+/// The proper ancestors of a path that [`is_ancestor`] accepts, nearest
+/// first: `/a/b/c` gives `/a/b`, `/a` (never `/` itself). Looking these up in
+/// an index of paths finds every ancestor relation in time linear in the
+/// number of paths times their depth.
+pub fn ancestors(p: &str) -> impl Iterator<Item = &str> {
+    let mut end = p.len();
+    std::iter::from_fn(move || {
+        let cut = p[..end].rfind('/')?;
+        end = cut;
+        (cut > 0).then(|| &p[..cut])
+    })
+}
+
 fn is_account_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
@@ -1389,10 +1402,11 @@ fn merge_host(
     let mut tags: Vec<&String> = tags.iter().collect();
     tags.sort();
     tags.dedup();
+    let own_ids: BTreeSet<&str> = own.iter().map(|o| o.id.as_str()).collect();
     for tag in tags {
         for r in groups.get(tag.as_str()).into_iter().flatten() {
             if let Some(prev) = by_id.get(&r.id)
-                && !own.iter().any(|o| o.id == r.id)
+                && !own_ids.contains(r.id.as_str())
             {
                 problems.push(Diagnostic {
                     file: r.origin.file.clone(),
@@ -1501,51 +1515,52 @@ fn check_host(host: &Host, rejected: &Rejected, problems: &mut Vec<Diagnostic>) 
             }
         }
     }
-    // A present path under a present file or symlink resource: it could never exist.
-    for f in &host.resources {
-        if !matches!(f.spec, ResourceSpec::File(_) | ResourceSpec::Symlink(_))
-            || f.state().is_absent()
-        {
-            continue;
-        }
-        let fp = f.path().unwrap_or_default();
-        for r in &host.resources {
-            if let Some(p) = r.path()
-                && !r.state().is_absent()
-                && is_ancestor(fp, p)
+    // A present path under a present file or symlink resource (it could
+    // never exist), or inside a directory declared absent. Each path looks
+    // up its own ancestors in an index of those resources' paths, so the
+    // checks cost the number of resources times the path depth, not the
+    // number of pairs of resources.
+    let mut leaves: BTreeMap<&str, Vec<&Resource>> = BTreeMap::new();
+    let mut absent_dirs: BTreeMap<&str, Vec<&Resource>> = BTreeMap::new();
+    for r in &host.resources {
+        match (&r.spec, r.path()) {
+            (ResourceSpec::File(_) | ResourceSpec::Symlink(_), Some(p))
+                if !r.state().is_absent() =>
             {
+                leaves.entry(p).or_default().push(r)
+            }
+            (ResourceSpec::Directory(d), Some(p)) if d.state.is_absent() => {
+                absent_dirs.entry(p).or_default().push(r)
+            }
+            _ => {}
+        }
+    }
+    for r in &host.resources {
+        let Some(p) = r.path().filter(|_| !r.state().is_absent()) else {
+            continue;
+        };
+        for anc in ancestors(p) {
+            for f in leaves.get(anc).into_iter().flatten() {
                 push(
                     r,
                     r.origin.key_pos,
                     format!(
-                        "`{}` is under `{fp}`, which `{}` manages as a {}, not a directory",
+                        "`{}` is under `{anc}`, which `{}` manages as a {}, not a directory",
                         r.id,
                         f.id,
                         f.kind()
                     ),
                 );
             }
-        }
-    }
-    // A present path inside a directory that is declared absent.
-    for d in &host.resources {
-        if let (ResourceSpec::Directory(ds), Some(dp)) = (&d.spec, d.path())
-            && ds.state.is_absent()
-        {
-            for r in &host.resources {
-                if let Some(p) = r.path()
-                    && !r.state().is_absent()
-                    && is_ancestor(dp, p)
-                {
-                    push(
-                        r,
-                        r.origin.pos,
-                        format!(
-                            "`{}` is inside directory `{dp}`, which is declared absent",
-                            r.id
-                        ),
-                    );
-                }
+            if absent_dirs.contains_key(anc) {
+                push(
+                    r,
+                    r.origin.pos,
+                    format!(
+                        "`{}` is inside directory `{anc}`, which is declared absent",
+                        r.id
+                    ),
+                );
             }
         }
     }
@@ -1609,12 +1624,13 @@ pub fn dependency_edges(resources: &[Resource]) -> Vec<(usize, usize, EdgeReason
         .map(|(i, r)| (r.id.as_str(), i))
         .collect();
     let mut edges = BTreeSet::new();
-    let dirs: Vec<(usize, &str)> = resources
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| matches!(r.spec, ResourceSpec::Directory(_)))
-        .filter_map(|(i, r)| r.path().map(|p| (i, p)))
-        .collect();
+    // Directories by path: each resource looks up its ancestors here.
+    let mut dirs: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, r) in resources.iter().enumerate() {
+        if let (ResourceSpec::Directory(_), Some(p)) = (&r.spec, r.path()) {
+            dirs.entry(p).or_default().push(i);
+        }
+    }
     let users: BTreeMap<&str, usize> = resources
         .iter()
         .enumerate()
@@ -1685,9 +1701,11 @@ pub fn dependency_edges(resources: &[Resource]) -> Vec<(usize, usize, EdgeReason
             _ => r.path(),
         };
         if let Some(p) = own_path {
-            for &(d, dp) in &dirs {
-                if d != i && is_ancestor(dp, p) {
-                    edges.insert((d, i, EdgeReason::ParentDirectory));
+            for anc in ancestors(p) {
+                for &d in dirs.get(anc).into_iter().flatten() {
+                    if d != i {
+                        edges.insert((d, i, EdgeReason::ParentDirectory));
+                    }
                 }
             }
         }

@@ -1890,3 +1890,78 @@ fn unit_names_and_unit_files() {
         assert_eq!(unit_of_file(path), want, "{path}");
     }
 }
+
+#[test]
+fn ancestors_are_the_proper_parent_directories_nearest_first() {
+    assert_eq!(ancestors("/a/b/c").collect::<Vec<_>>(), ["/a/b", "/a"]);
+    assert_eq!(ancestors("/a").count(), 0);
+    for (anc, p) in [
+        ("/a", "/a/b"),
+        ("/a/b", "/a/b/c"),
+        ("/a", "/ab"),
+        ("/a/b", "/a"),
+    ] {
+        assert_eq!(
+            ancestors(p).any(|x| x == anc),
+            is_ancestor(anc, p),
+            "{anc} {p}"
+        );
+    }
+}
+
+/// A host with 30k resources: with all-pairs checks on paths (every file
+/// against every path, every directory against every path) this took
+/// minutes in a debug build; with the path index it takes seconds. No
+/// timing is asserted: the test states that such a host validates, that its
+/// edges are the ones expected, and that path problems are still found.
+#[test]
+fn a_30k_resource_host_validates_with_its_path_checks() {
+    use std::fmt::Write as _;
+    let n = 30_000;
+    let mut host = String::from("resources:\n");
+    for d in 0..n / 100 {
+        let _ = writeln!(host, "  - kind: directory\n    path: /srv/d{d}");
+        for f in 1..100 {
+            let _ = writeln!(
+                host,
+                "  - kind: file\n    path: /srv/d{d}/f{f}\n    content: x"
+            );
+        }
+    }
+    // One file under a file, one under an absent directory.
+    host.push_str("  - kind: file\n    path: /srv/d1/f1/under\n    content: x\n");
+    host.push_str("  - kind: directory\n    path: /gone\n    state: absent\n");
+    host.push_str("  - kind: file\n    path: /gone/f\n    content: x\n");
+    let tree = SourceTree {
+        inventory: Some(Blob::Bytes(
+            b"hosts:\n  - name: big\n    transport: local\n".to_vec(),
+        )),
+        hosts: BTreeMap::from([("big.yaml".into(), Blob::Bytes(host.into_bytes()))]),
+        ..SourceTree::default()
+    };
+    let v = validate(&tree);
+    let messages: Vec<String> = v.problems.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        messages,
+        [
+            format!(
+                "hosts/big.yaml:{}:11: `file:/srv/d1/f1/under` is under `/srv/d1/f1`, which `file:/srv/d1/f1` manages as a file, not a directory",
+                3 * n / 100 * 99 + 2 * (n / 100) + 2 + 1
+            ),
+            format!(
+                "hosts/big.yaml:{}:5: `file:/gone/f` is inside directory `/gone`, which is declared absent",
+                3 * n / 100 * 99 + 2 * (n / 100) + 2 + 3 + 3
+            ),
+        ]
+    );
+    let host = &v.state.hosts["big"];
+    assert_eq!(host.resources.len(), n + 3);
+    let edges = dependency_edges(&host.resources);
+    let parents = edges
+        .iter()
+        .filter(|e| e.2 == EdgeReason::ParentDirectory)
+        .count();
+    // Each file's own directory; the file under a file and the file under
+    // the absent directory have theirs too.
+    assert_eq!(parents, n / 100 * 99 + 2);
+}
