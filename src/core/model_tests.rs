@@ -1965,3 +1965,76 @@ fn a_30k_resource_host_validates_with_its_path_checks() {
     // the absent directory have theirs too.
     assert_eq!(parents, n / 100 * 99 + 2);
 }
+
+/// One resource as a flow mapping, from a small vocabulary so that paths
+/// nest and collide, ids are required in cycles, and durations and numbers
+/// take odd values.
+fn resource_line() -> impl Strategy<Value = String> {
+    const PATHS: &[&str] = &[
+        "/a", "/a/b", "/a/b/c", "/d", "/d/e", "/a/./b", "/x/../y", "a",
+    ];
+    const NAMES: &[&str] = &["app", "root", "0", "x-y", "nginx", "a@.service", ""];
+    const NUMS: &[&str] = &[
+        "0",
+        "1",
+        "-1",
+        "65536",
+        "4294967296",
+        "99999999999999999999",
+        "0x10",
+    ];
+    const DURS: &[&str] = &["0s", "1ms", "1s", "366d", "1000000000000y", "x", "1h 30m"];
+    let path = proptest::sample::select(PATHS);
+    let name = proptest::sample::select(NAMES);
+    let id = proptest::sample::select(
+        &["file:/a", "directory:/a", "service:app", "user:app", "nope"][..],
+    );
+    (0..8usize, path, name, id, proptest::sample::select(NUMS), proptest::sample::select(DURS), any::<bool>())
+        .prop_map(|(kind, path, name, id, num, dur, absent)| {
+            let state = if absent { ", state: absent" } else { "" };
+            match kind {
+                0 => format!("{{kind: file, path: \"{path}\", content: x, mode: \"{num}\", owner: \"{name}\"{state}, requires: [\"{id}\"]}}"),
+                1 => format!("{{kind: directory, path: \"{path}\", group: \"{num}\"{state}, requires: [\"{id}\"]}}"),
+                2 => format!("{{kind: symlink, path: \"{path}\", target: \"{path}\"{state}}}"),
+                3 => format!("{{kind: package, name: \"{name}\"{state}}}"),
+                4 => format!("{{kind: service, name: \"{name}\", restart_on: [\"{id}\"], requires: [\"{id}\"]}}"),
+                5 => format!("{{kind: user, name: \"{name}\", uid: {num}, groups: [\"{name}\"]{state}}}"),
+                6 => format!("{{kind: group, name: \"{name}\", gid: {num}{state}}}"),
+                _ => format!("{{kind: command, name: \"{name}\", run: x, creates: \"{path}\", timeout: \"{dur}\", destructive: {absent}}}"),
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever validation accepts, or rejects but still returns as its
+    /// best-effort state, diffs and plans without a panic, against a host
+    /// where nothing exists.
+    #[test]
+    fn structured_resources_validate_diff_and_plan_without_panic(
+        lines in proptest::collection::vec(resource_line(), 0..24),
+        dur in proptest::sample::select(&["0s", "1s", "366d", "1000000000000y", "5m"][..]),
+    ) {
+        let body: String = lines.iter().map(|l| format!("  - {l}\n")).collect();
+        let mut t = tree(&web1("resources: []"));
+        t.hosts.insert("web-1.yaml".into(), Blob::Bytes(format!("resources:\n{body}").into_bytes()));
+        t.tend = Some(Blob::Bytes(
+            format!("resync: {dur}\nprobe_timeout: {dur}\nquiet_window: {dur}\nretry_backoff: {dur}\n").into_bytes(),
+        ));
+        let v = validate(&t);
+        // The settings that leave validation are usable, valid or not.
+        let c = &v.state.config;
+        prop_assert!(!c.resync.0.is_zero() && c.resync.0 <= DURATION_CEILING);
+        prop_assert!(!c.probe_timeout.0.is_zero() && c.quiet_window.0 <= DURATION_CEILING);
+        for host in v.state.hosts.values() {
+            let mut actual = crate::core::actual::HostActual::default();
+            for r in &host.resources {
+                actual.resources.insert(r.id.clone(), crate::core::actual::Observed::Absent);
+            }
+            let changes = crate::core::diff::diff_host(host, &actual);
+            let plan = crate::core::plan::plan_host(host, &changes);
+            prop_assert!(plan.barrier <= plan.steps.len());
+        }
+    }
+}
