@@ -418,6 +418,16 @@ fn typed<T: DeserializeOwned>(node: &Node, skip: &[&str], sink: &mut Sink) -> (O
     }
 }
 
+/// An IP address (v4, or v6 with an optional `%zone`) or a DNS name: what
+/// the SSH transport can resolve, without brackets, a port, a user or
+/// anything a log line or a command would need to quote.
+fn is_address(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'%'))
+}
+
 fn is_host_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
@@ -974,8 +984,13 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Po
                 }
                 // Present but of the wrong type: already reported.
                 None => ok = false,
-                Some(a) if a.trim().is_empty() || a.contains(char::is_whitespace) => {
-                    sink.at(item.pos_of("address"), format!("invalid address `{a}`"));
+                Some(a) if !is_address(a) => {
+                    sink.at(
+                        item.pos_of("address"),
+                        format!(
+                            "invalid address {a:?}: write an IP address or a DNS name (the port goes in `port`)"
+                        ),
+                    );
                     ok = false;
                 }
                 Some(a) => {
@@ -1015,9 +1030,28 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Po
         {
             sink.at(item.pos_of("identity"), "identity must not be empty");
             ok = false;
+        } else if let Some(i) = &h.identity
+            && i.contains(char::is_control)
+        {
+            // A NUL could never reach the file system, and a newline only
+            // confuses every message that names the file.
+            sink.at(
+                item.pos_of("identity"),
+                format!("identity {i:?} contains a control character"),
+            );
+            ok = false;
         }
         if h.user.is_empty() {
             sink.at(item.pos_of("user"), "user must not be empty");
+            ok = false;
+        } else if h
+            .user
+            .contains(|c: char| c.is_control() || c.is_whitespace())
+        {
+            sink.at(
+                item.pos_of("user"),
+                format!("user {:?} contains a space or a control character", h.user),
+            );
             ok = false;
         }
         if let Some(tags) = item.get("tags") {

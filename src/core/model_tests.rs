@@ -2038,3 +2038,38 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn addresses_users_and_identities_that_no_connection_could_use() {
+    check(
+        r#"
+        //- inventory.yaml
+        hosts:
+          - name: a
+            address: "[::1]:22"
+          - name: b
+            address: "root@10.0.0.1"
+          - name: c
+            address: fe80::1%eth0
+            user: "ro ot"
+            identity: "keys/id\u0000"
+          - name: d
+            address: "10.0.0.1\n"
+        //- hosts/a.yaml
+        resources: []
+        //- hosts/b.yaml
+        resources: []
+        //- hosts/c.yaml
+        resources: []
+        //- hosts/d.yaml
+        resources: []
+        "#,
+        r#"
+        inventory.yaml:3:14: invalid address "[::1]:22": write an IP address or a DNS name (the port goes in `port`)
+        inventory.yaml:5:14: invalid address "root@10.0.0.1": write an IP address or a DNS name (the port goes in `port`)
+        inventory.yaml:8:11: user "ro ot" contains a space or a control character
+        inventory.yaml:9:15: identity "keys/id\0" contains a control character
+        inventory.yaml:11:14: invalid address "10.0.0.1\n": write an IP address or a DNS name (the port goes in `port`)
+        "#,
+    );
+}
