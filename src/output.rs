@@ -119,6 +119,8 @@ pub fn eprint_fmt(args: fmt::Arguments<'_>) {
 // The crate's printing macros. Defined with `macro_rules!` before every other
 // module (see lib.rs), they are in textual scope everywhere in the crate and
 // take precedence over the standard prelude's macros of the same names.
+// Each carries `allow(unused_macros)`: a macro no module uses today still
+// exists so that no future module falls back to the panicking standard one.
 
 #[allow(unused_macros)]
 macro_rules! print {
@@ -137,8 +139,6 @@ macro_rules! println {
     };
 }
 
-// Not every macro is used today; they exist so that no module falls back to
-// the standard one.
 #[allow(unused_macros)]
 macro_rules! eprint {
     ($($arg:tt)*) => {
