@@ -3,6 +3,11 @@
 //! See ARCHITECTURE.md for the code map. `core` is pure; everything else is
 //! the shell around it.
 
+// First, so that its printing macros are in scope in every module below: no
+// command panics or fails on a closed pipe (see `output`).
+#[macro_use]
+pub mod output;
+
 pub mod apply;
 pub mod cli;
 pub mod clock;

@@ -7,15 +7,47 @@ use clap::Parser;
 use tend::cli::{Cli, LogFormat};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage(e),
+    };
     init_tracing(&cli);
-    match tend::commands::run(cli) {
+    let code = match tend::commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            error(format_args!("{e:#}"));
+            return ExitCode::from(tend::commands::exit::ERROR);
+        }
+    };
+    // Output that could not be written (other than to a closed pipe, which
+    // ends it quietly) is an error: the command's result was lost.
+    match tend::output::finish() {
+        None => code,
+        Some(why) => {
+            error(format_args!("writing to standard output: {why}"));
             ExitCode::from(tend::commands::exit::ERROR)
         }
     }
+}
+
+/// `--help` and `--version` print to stdout and exit 0; every usage error
+/// (unknown flag, bad value, missing argument) exits 1 like every other
+/// error (SPEC 8.6). clap's own code, 2, would read as "changes pending" for
+/// `plan` and `apply`.
+fn usage(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    // clap prints help and version to stdout, errors to stderr; a closed
+    // pipe makes `print` fail, which leaves nothing more to say.
+    let _ = e.print();
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+        _ => ExitCode::from(tend::commands::exit::ERROR),
+    }
+}
+
+fn error(msg: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(tend::output::Stderr, "error: {msg}");
 }
 
 fn init_tracing(cli: &Cli) {
@@ -36,7 +68,8 @@ fn init_tracing(cli: &Cli) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        // Through `output`, like every other write: a closed stderr never panics.
+        .with_writer(|| tend::output::Stderr);
     match cli.global.log_format {
         LogFormat::Human => builder.with_target(false).init(),
         LogFormat::Json => builder.json().init(),

@@ -44,7 +44,7 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
     crate::store::retention::sweep_now(sd, &loaded.state.config.history);
     let result = report.result.expect("apply always records a run");
     if loaded.settings.json {
-        let mut out = std::io::stdout().lock();
+        let mut out = crate::output::stdout();
         out.write_all(serde_json::to_string_pretty(&result)?.as_bytes())?;
         writeln!(out)?;
     } else {

@@ -37,7 +37,7 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
     .await;
     if loaded.settings.json {
         use std::io::Write;
-        std::io::stdout().write_all(&prep.plan.to_json())?;
+        crate::output::stdout().write_all(&prep.plan.to_json())?;
     } else {
         print!("{}", render(&prep.plan, &prep.decision));
         if let Some((v, _)) = &prep.token {

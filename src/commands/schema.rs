@@ -8,7 +8,7 @@ use super::exit;
 
 pub fn run() -> Result<u8> {
     let schema = crate::core::spec::schema();
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::output::stdout();
     serde_json::to_writer_pretty(&mut out, &schema)?;
     writeln!(out)?;
     Ok(exit::OK)

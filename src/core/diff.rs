@@ -18,7 +18,7 @@
 
 use serde::Serialize;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::actual::{FileState, GuardState, HostActual, Meta, Observed, ServiceState, UserState};
 use super::model::{Host, Resource, unit_name, unit_of_file};
@@ -141,7 +141,9 @@ pub fn diff_host(host: &Host, actual: &HostActual) -> Vec<Change> {
             c
         })
         .collect();
-    let changed_units: Vec<&str> = host
+    // A set, and providers indexed once: a lookup per service kept this
+    // linear in the number of resources (a scan per service was not).
+    let changed_units: BTreeSet<&str> = host
         .resources
         .iter()
         .zip(&changes)
@@ -151,12 +153,13 @@ pub fn diff_host(host: &Host, actual: &HostActual) -> Vec<Change> {
             _ => None,
         })
         .collect();
+    let providers = Providers::of(host);
     for (r, c) in host.resources.iter().zip(changes.iter_mut()) {
         if let (ResourceSpec::Service(s), Observed::Service(st)) = (&r.spec, observed(r)) {
             let unit = unit_name(&s.name);
-            c.daemon_reload = changed_units.contains(&unit.as_str()) || !st.is_loaded();
+            c.daemon_reload = changed_units.contains(unit.as_str()) || !st.is_loaded();
             if !st.is_loaded()
-                && let Some(by) = provider(host, s)
+                && let Some(by) = providers.of_service(s)
             {
                 c.note = Some(format!(
                     "unit `{unit}` is {} on the host for now; `{by}` provides it in this run",
@@ -168,22 +171,56 @@ pub fn diff_host(host: &Host, actual: &HostActual) -> Vec<Change> {
     changes
 }
 
-/// A resource of the host that brings a service's unit in this run: a
+/// The resources of a host that bring a service's unit in this run: a
 /// present (and not pruned) `package` with the service's name (as
 /// `dependency_edges` orders it), or such a `file` that is the unit's unit
-/// file.
-fn provider<'a>(host: &'a Host, s: &ServiceSpec) -> Option<&'a str> {
-    let unit = unit_name(&s.name);
-    let base = s.name.strip_suffix(".service").unwrap_or(&s.name);
-    host.resources
-        .iter()
-        .filter(|r| !r.state().is_absent() && !r.pruned)
-        .find(|r| match &r.spec {
-            ResourceSpec::Package(p) => p.name == base,
-            ResourceSpec::File(f) => unit_of_file(&f.path) == Some((unit.as_str(), true)),
-            _ => false,
-        })
-        .map(|r| r.id.as_str())
+/// file. The first in resource order wins, by package name and by unit.
+struct Providers<'a> {
+    /// By package name and by unit: (index in the host's resources, resource).
+    packages: BTreeMap<&'a str, (usize, &'a Resource)>,
+    unit_files: BTreeMap<&'a str, (usize, &'a Resource)>,
+}
+
+impl<'a> Providers<'a> {
+    fn of(host: &'a Host) -> Self {
+        let mut p = Providers {
+            packages: BTreeMap::new(),
+            unit_files: BTreeMap::new(),
+        };
+        for (i, r) in host
+            .resources
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.state().is_absent() && !r.pruned)
+        {
+            match &r.spec {
+                ResourceSpec::Package(pk) => {
+                    p.packages.entry(pk.name.as_str()).or_insert((i, r));
+                }
+                ResourceSpec::File(f) => {
+                    if let Some((unit, true)) = unit_of_file(&f.path) {
+                        p.unit_files.entry(unit).or_insert((i, r));
+                    }
+                }
+                _ => {}
+            }
+        }
+        p
+    }
+
+    /// The id of the first resource (in resource order) that provides the
+    /// service's unit.
+    fn of_service(&self, s: &ServiceSpec) -> Option<&'a str> {
+        let unit = unit_name(&s.name);
+        let base = s.name.strip_suffix(".service").unwrap_or(&s.name);
+        let package = self.packages.get(base);
+        let file = self.unit_files.get(unit.as_str());
+        [package, file]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(i, _)| *i)
+            .map(|(_, r)| r.id.as_str())
+    }
 }
 
 /// Why a host cannot be planned from what was probed, one message per
@@ -199,11 +236,12 @@ pub fn refusals(host: &Host, actual: &HostActual) -> Vec<String> {
         return vec![];
     }
     let mut out = Vec::new();
+    let providers = Providers::of(host);
     for r in host.resources.iter().filter(|r| !r.pruned) {
         if let (ResourceSpec::Service(s), Some(Observed::Service(st))) =
             (&r.spec, actual.resources.get(&r.id))
             && !st.is_loaded()
-            && provider(host, s).is_none()
+            && providers.of_service(s).is_none()
         {
             let what = if st.load_state == "not-found" {
                 "does not exist on the host".to_string()

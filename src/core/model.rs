@@ -422,6 +422,16 @@ fn typed<T: DeserializeOwned>(node: &Node, skip: &[&str], sink: &mut Sink) -> (O
     }
 }
 
+/// An IP address (v4, or v6 with an optional `%zone`) or a DNS name: what
+/// the SSH transport can resolve, without brackets, a port, a user or
+/// anything a log line or a command would need to quote.
+fn is_address(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'%'))
+}
+
 fn is_host_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
@@ -463,6 +473,19 @@ pub fn path_problem(p: &str) -> Option<String> {
 /// Is `anc` a proper ancestor directory of `p` (both normalized absolute)?
 pub fn is_ancestor(anc: &str, p: &str) -> bool {
     p.len() > anc.len() && p.starts_with(anc) && p.as_bytes()[anc.len()] == b'/'
+}
+
+/// The proper ancestors of a path that [`is_ancestor`] accepts, nearest
+/// first: `/a/b/c` gives `/a/b`, `/a` (never `/` itself). Looking these up in
+/// an index of paths finds every ancestor relation in time linear in the
+/// number of paths times their depth.
+pub fn ancestors(p: &str) -> impl Iterator<Item = &str> {
+    let mut end = p.len();
+    std::iter::from_fn(move || {
+        let cut = p[..end].rfind('/')?;
+        end = cut;
+        (cut > 0).then(|| &p[..cut])
+    })
 }
 
 fn is_account_name(s: &str) -> bool {
@@ -569,9 +592,9 @@ pub fn validate(tree: &SourceTree) -> Validated {
         if let Some(Some(node)) = load_yaml(blob, &mut sink) {
             canary_pos = Some(node.pos_of("canary"));
             // A partly bad tend.yaml still has its other settings checked.
-            if let (Some(c), _) = typed::<TendConfig>(&node, &[], &mut sink) {
+            if let (Some(mut c), _) = typed::<TendConfig>(&node, &[], &mut sink) {
+                check_config(&mut c, &node, &mut sink);
                 config = c;
-                check_config(&config, &node, &mut sink);
                 check_trust_config(&config, &node, &mut sink);
             }
         }
@@ -825,44 +848,135 @@ fn check_trust_config(config: &TendConfig, node: &Node, sink: &mut Sink) {
     }
 }
 
-fn check_config(config: &TendConfig, node: &Node, sink: &mut Sink) {
+/// Longest duration any setting may have. Every duration ends up added to
+/// a clock reading or armed on a timer; a year keeps that arithmetic far
+/// from overflow (`Instant + Duration` panics on overflow) and inside the
+/// timer wheel, and no setting has a use for more.
+pub const DURATION_CEILING: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+/// Most hosts worked on at once (as the schema says).
+pub const CONCURRENCY_CEILING: u32 = 1024;
+/// Most transient retries after the first attempt (as the schema says).
+pub const RETRIES_CEILING: u32 = 10;
+
+/// Check tend.yaml's values, and put the default back in place of every
+/// value found wrong: a `TendConfig` that leaves validation, valid or not,
+/// holds only values every consumer can use (the controller starts on the
+/// settings of an invalid desired state, and must not panic on them).
+fn check_config(config: &mut TendConfig, node: &Node, sink: &mut Sink) {
+    let defaults = TendConfig::default();
+    // Quote a value as written: humantime would render `48h` as `2days`.
+    let written = |key: &str, d: std::time::Duration| {
+        node.get(key)
+            .and_then(Node::as_str)
+            .map_or_else(|| humantime::format_duration(d).to_string(), str::to_string)
+    };
     if config.token_max_ttl.0 > TOKEN_TTL_CEILING {
-        // Quote the value as written: humantime would render `48h` as `2days`.
-        let written = node.get("token_max_ttl").and_then(Node::as_str);
         sink.at(
             node.pos_of("token_max_ttl"),
             format!(
                 "token_max_ttl `{}` is above the maximum of 24h: write at most `24h`",
-                written.map_or_else(
-                    || humantime::format_duration(config.token_max_ttl.0).to_string(),
-                    str::to_string
-                )
+                written("token_max_ttl", config.token_max_ttl.0)
             ),
         );
+        config.token_max_ttl = defaults.token_max_ttl;
     }
-    if config.concurrency == 0 {
-        sink.at(node.pos_of("concurrency"), "concurrency must be at least 1");
+    if config.concurrency == 0 || config.concurrency > CONCURRENCY_CEILING {
+        sink.at(
+            node.pos_of("concurrency"),
+            format!("concurrency must be between 1 and {CONCURRENCY_CEILING}"),
+        );
+        config.concurrency = defaults.concurrency;
+    }
+    if config.retries > RETRIES_CEILING {
+        sink.at(
+            node.pos_of("retries"),
+            format!("retries must be at most {RETRIES_CEILING}"),
+        );
+        config.retries = defaults.retries;
     }
     if config.crash_loop_threshold == 0 {
         sink.at(
             node.pos_of("crash_loop_threshold"),
             "crash_loop_threshold must be at least 1",
         );
+        config.crash_loop_threshold = defaults.crash_loop_threshold;
     }
     if config.state_dir.trim().is_empty() {
         sink.at(node.pos_of("state_dir"), "state_dir must not be empty");
+        config.state_dir = defaults.state_dir.clone();
     }
-    if config.probe_timeout.0.is_zero() {
-        sink.at(
-            node.pos_of("probe_timeout"),
-            "probe_timeout must be above zero",
-        );
+    // Every duration, whether zero is meaningful for it: a timeout of zero
+    // could never succeed, a resync of zero would re-probe without pause,
+    // and a token lifetime of zero refuses every token; a zero backoff,
+    // quiet window or deferral only means "at once".
+    let durations: [(
+        &str,
+        &mut super::spec::HumanDuration,
+        bool,
+        super::spec::HumanDuration,
+    ); 7] = [
+        (
+            "probe_timeout",
+            &mut config.probe_timeout,
+            true,
+            defaults.probe_timeout,
+        ),
+        (
+            "step_timeout",
+            &mut config.step_timeout,
+            true,
+            defaults.step_timeout,
+        ),
+        (
+            "retry_backoff",
+            &mut config.retry_backoff,
+            false,
+            defaults.retry_backoff,
+        ),
+        ("resync", &mut config.resync, true, defaults.resync),
+        (
+            "quiet_window",
+            &mut config.quiet_window,
+            false,
+            defaults.quiet_window,
+        ),
+        (
+            "max_defer",
+            &mut config.max_defer,
+            false,
+            defaults.max_defer,
+        ),
+        (
+            "token_max_ttl",
+            &mut config.token_max_ttl,
+            true,
+            defaults.token_max_ttl,
+        ),
+    ];
+    for (key, value, nonzero, default) in durations {
+        if let Some(why) = duration_problem(key, value.0, nonzero, &written) {
+            sink.at(node.pos_of(key), why);
+            *value = default;
+        }
     }
-    if config.step_timeout.0.is_zero() {
-        sink.at(
-            node.pos_of("step_timeout"),
-            "step_timeout must be above zero",
-        );
+}
+
+/// Why a duration setting is unusable, if it is.
+fn duration_problem(
+    key: &str,
+    d: std::time::Duration,
+    nonzero: bool,
+    written: &dyn Fn(&str, std::time::Duration) -> String,
+) -> Option<String> {
+    if nonzero && d.is_zero() {
+        Some(format!("{key} must be above zero"))
+    } else if d > DURATION_CEILING {
+        Some(format!(
+            "{key} `{}` is above the maximum of 365d: write at most `365d`",
+            written(key, d)
+        ))
+    } else {
+        None
     }
 }
 
@@ -943,8 +1057,13 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Po
                 }
                 // Present but of the wrong type: already reported.
                 None => ok = false,
-                Some(a) if a.trim().is_empty() || a.contains(char::is_whitespace) => {
-                    sink.at(item.pos_of("address"), format!("invalid address `{a}`"));
+                Some(a) if !is_address(a) => {
+                    sink.at(
+                        item.pos_of("address"),
+                        format!(
+                            "invalid address {a:?}: write an IP address or a DNS name (the port goes in `port`)"
+                        ),
+                    );
                     ok = false;
                 }
                 Some(a) => {
@@ -984,9 +1103,28 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Po
         {
             sink.at(item.pos_of("identity"), "identity must not be empty");
             ok = false;
+        } else if let Some(i) = &h.identity
+            && i.contains(char::is_control)
+        {
+            // A NUL could never reach the file system, and a newline only
+            // confuses every message that names the file.
+            sink.at(
+                item.pos_of("identity"),
+                format!("identity {i:?} contains a control character"),
+            );
+            ok = false;
         }
         if h.user.is_empty() {
             sink.at(item.pos_of("user"), "user must not be empty");
+            ok = false;
+        } else if h
+            .user
+            .contains(|c: char| c.is_control() || c.is_whitespace())
+        {
+            sink.at(
+                item.pos_of("user"),
+                format!("user {:?} contains a space or a control character", h.user),
+            );
             ok = false;
         }
         if let Some(tags) = item.get("tags") {
@@ -1289,12 +1427,15 @@ fn load_resource(
             if let Some(c) = &s.creates {
                 check_path("creates", c, sink);
             }
-            if s.timeout.is_some_and(|t| t.0.is_zero()) {
-                bad(
-                    item.pos_of("timeout"),
-                    "timeout must be above zero".into(),
-                    sink,
-                );
+            if let Some(t) = s.timeout {
+                let written = |_: &str, d| {
+                    item.get("timeout")
+                        .and_then(Node::as_str)
+                        .map_or_else(|| humantime::format_duration(d).to_string(), str::to_string)
+                };
+                if let Some(why) = duration_problem("timeout", t.0, true, &written) {
+                    bad(item.pos_of("timeout"), why, sink);
+                }
             }
         }
     }
@@ -1373,10 +1514,11 @@ fn merge_host(
     let mut tags: Vec<&String> = tags.iter().collect();
     tags.sort();
     tags.dedup();
+    let own_ids: BTreeSet<&str> = own.iter().map(|o| o.id.as_str()).collect();
     for tag in tags {
         for r in groups.get(tag.as_str()).into_iter().flatten() {
             if let Some(prev) = by_id.get(&r.id)
-                && !own.iter().any(|o| o.id == r.id)
+                && !own_ids.contains(r.id.as_str())
             {
                 problems.push(Diagnostic {
                     file: r.origin.file.clone(),
@@ -1485,51 +1627,52 @@ fn check_host(host: &Host, rejected: &Rejected, problems: &mut Vec<Diagnostic>) 
             }
         }
     }
-    // A present path under a present file or symlink resource: it could never exist.
-    for f in &host.resources {
-        if !matches!(f.spec, ResourceSpec::File(_) | ResourceSpec::Symlink(_))
-            || f.state().is_absent()
-        {
-            continue;
-        }
-        let fp = f.path().unwrap_or_default();
-        for r in &host.resources {
-            if let Some(p) = r.path()
-                && !r.state().is_absent()
-                && is_ancestor(fp, p)
+    // A present path under a present file or symlink resource (it could
+    // never exist), or inside a directory declared absent. Each path looks
+    // up its own ancestors in an index of those resources' paths, so the
+    // checks cost the number of resources times the path depth, not the
+    // number of pairs of resources.
+    let mut leaves: BTreeMap<&str, Vec<&Resource>> = BTreeMap::new();
+    let mut absent_dirs: BTreeMap<&str, Vec<&Resource>> = BTreeMap::new();
+    for r in &host.resources {
+        match (&r.spec, r.path()) {
+            (ResourceSpec::File(_) | ResourceSpec::Symlink(_), Some(p))
+                if !r.state().is_absent() =>
             {
+                leaves.entry(p).or_default().push(r)
+            }
+            (ResourceSpec::Directory(d), Some(p)) if d.state.is_absent() => {
+                absent_dirs.entry(p).or_default().push(r)
+            }
+            _ => {}
+        }
+    }
+    for r in &host.resources {
+        let Some(p) = r.path().filter(|_| !r.state().is_absent()) else {
+            continue;
+        };
+        for anc in ancestors(p) {
+            for f in leaves.get(anc).into_iter().flatten() {
                 push(
                     r,
                     r.origin.key_pos,
                     format!(
-                        "`{}` is under `{fp}`, which `{}` manages as a {}, not a directory",
+                        "`{}` is under `{anc}`, which `{}` manages as a {}, not a directory",
                         r.id,
                         f.id,
                         f.kind()
                     ),
                 );
             }
-        }
-    }
-    // A present path inside a directory that is declared absent.
-    for d in &host.resources {
-        if let (ResourceSpec::Directory(ds), Some(dp)) = (&d.spec, d.path())
-            && ds.state.is_absent()
-        {
-            for r in &host.resources {
-                if let Some(p) = r.path()
-                    && !r.state().is_absent()
-                    && is_ancestor(dp, p)
-                {
-                    push(
-                        r,
-                        r.origin.pos,
-                        format!(
-                            "`{}` is inside directory `{dp}`, which is declared absent",
-                            r.id
-                        ),
-                    );
-                }
+            if absent_dirs.contains_key(anc) {
+                push(
+                    r,
+                    r.origin.pos,
+                    format!(
+                        "`{}` is inside directory `{anc}`, which is declared absent",
+                        r.id
+                    ),
+                );
             }
         }
     }
@@ -1593,12 +1736,13 @@ pub fn dependency_edges(resources: &[Resource]) -> Vec<(usize, usize, EdgeReason
         .map(|(i, r)| (r.id.as_str(), i))
         .collect();
     let mut edges = BTreeSet::new();
-    let dirs: Vec<(usize, &str)> = resources
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| matches!(r.spec, ResourceSpec::Directory(_)))
-        .filter_map(|(i, r)| r.path().map(|p| (i, p)))
-        .collect();
+    // Directories by path: each resource looks up its ancestors here.
+    let mut dirs: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, r) in resources.iter().enumerate() {
+        if let (ResourceSpec::Directory(_), Some(p)) = (&r.spec, r.path()) {
+            dirs.entry(p).or_default().push(i);
+        }
+    }
     let users: BTreeMap<&str, usize> = resources
         .iter()
         .enumerate()
@@ -1669,9 +1813,11 @@ pub fn dependency_edges(resources: &[Resource]) -> Vec<(usize, usize, EdgeReason
             _ => r.path(),
         };
         if let Some(p) = own_path {
-            for &(d, dp) in &dirs {
-                if d != i && is_ancestor(dp, p) {
-                    edges.insert((d, i, EdgeReason::ParentDirectory));
+            for anc in ancestors(p) {
+                for &d in dirs.get(anc).into_iter().flatten() {
+                    if d != i {
+                        edges.insert((d, i, EdgeReason::ParentDirectory));
+                    }
                 }
             }
         }

@@ -1890,3 +1890,186 @@ fn unit_names_and_unit_files() {
         assert_eq!(unit_of_file(path), want, "{path}");
     }
 }
+
+#[test]
+fn ancestors_are_the_proper_parent_directories_nearest_first() {
+    assert_eq!(ancestors("/a/b/c").collect::<Vec<_>>(), ["/a/b", "/a"]);
+    assert_eq!(ancestors("/a").count(), 0);
+    for (anc, p) in [
+        ("/a", "/a/b"),
+        ("/a/b", "/a/b/c"),
+        ("/a", "/ab"),
+        ("/a/b", "/a"),
+    ] {
+        assert_eq!(
+            ancestors(p).any(|x| x == anc),
+            is_ancestor(anc, p),
+            "{anc} {p}"
+        );
+    }
+}
+
+/// A host with 30k resources: with all-pairs checks on paths (every file
+/// against every path, every directory against every path) this took
+/// minutes in a debug build; with the path index it takes seconds. No
+/// timing is asserted: the test states that such a host validates, that its
+/// edges are the ones expected, and that path problems are still found.
+#[test]
+fn a_30k_resource_host_validates_with_its_path_checks() {
+    use std::fmt::Write as _;
+    let n = 30_000;
+    let mut host = String::from("resources:\n");
+    for d in 0..n / 100 {
+        let _ = writeln!(host, "  - kind: directory\n    path: /srv/d{d}");
+        for f in 1..100 {
+            let _ = writeln!(
+                host,
+                "  - kind: file\n    path: /srv/d{d}/f{f}\n    content: x"
+            );
+        }
+    }
+    // One file under a file, one under an absent directory.
+    host.push_str("  - kind: file\n    path: /srv/d1/f1/under\n    content: x\n");
+    host.push_str("  - kind: directory\n    path: /gone\n    state: absent\n");
+    host.push_str("  - kind: file\n    path: /gone/f\n    content: x\n");
+    let tree = SourceTree {
+        inventory: Some(Blob::Bytes(
+            b"hosts:\n  - name: big\n    transport: local\n".to_vec(),
+        )),
+        hosts: BTreeMap::from([("big.yaml".into(), Blob::Bytes(host.into_bytes()))]),
+        ..SourceTree::default()
+    };
+    let v = validate(&tree);
+    let messages: Vec<String> = v.problems.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        messages,
+        [
+            format!(
+                "hosts/big.yaml:{}:11: `file:/srv/d1/f1/under` is under `/srv/d1/f1`, which `file:/srv/d1/f1` manages as a file, not a directory",
+                3 * n / 100 * 99 + 2 * (n / 100) + 2 + 1
+            ),
+            format!(
+                "hosts/big.yaml:{}:5: `file:/gone/f` is inside directory `/gone`, which is declared absent",
+                3 * n / 100 * 99 + 2 * (n / 100) + 2 + 3 + 3
+            ),
+        ]
+    );
+    let host = &v.state.hosts["big"];
+    assert_eq!(host.resources.len(), n + 3);
+    let edges = dependency_edges(&host.resources);
+    let parents = edges
+        .iter()
+        .filter(|e| e.2 == EdgeReason::ParentDirectory)
+        .count();
+    // Each file's own directory; the file under a file and the file under
+    // the absent directory have theirs too.
+    assert_eq!(parents, n / 100 * 99 + 2);
+}
+
+/// One resource as a flow mapping, from a small vocabulary so that paths
+/// nest and collide, ids are required in cycles, and durations and numbers
+/// take odd values.
+fn resource_line() -> impl Strategy<Value = String> {
+    const PATHS: &[&str] = &[
+        "/a", "/a/b", "/a/b/c", "/d", "/d/e", "/a/./b", "/x/../y", "a",
+    ];
+    const NAMES: &[&str] = &["app", "root", "0", "x-y", "nginx", "a@.service", ""];
+    const NUMS: &[&str] = &[
+        "0",
+        "1",
+        "-1",
+        "65536",
+        "4294967296",
+        "99999999999999999999",
+        "0x10",
+    ];
+    const DURS: &[&str] = &["0s", "1ms", "1s", "366d", "1000000000000y", "x", "1h 30m"];
+    let path = proptest::sample::select(PATHS);
+    let name = proptest::sample::select(NAMES);
+    let id = proptest::sample::select(
+        &["file:/a", "directory:/a", "service:app", "user:app", "nope"][..],
+    );
+    (0..8usize, path, name, id, proptest::sample::select(NUMS), proptest::sample::select(DURS), any::<bool>())
+        .prop_map(|(kind, path, name, id, num, dur, absent)| {
+            let state = if absent { ", state: absent" } else { "" };
+            match kind {
+                0 => format!("{{kind: file, path: \"{path}\", content: x, mode: \"{num}\", owner: \"{name}\"{state}, requires: [\"{id}\"]}}"),
+                1 => format!("{{kind: directory, path: \"{path}\", group: \"{num}\"{state}, requires: [\"{id}\"]}}"),
+                2 => format!("{{kind: symlink, path: \"{path}\", target: \"{path}\"{state}}}"),
+                3 => format!("{{kind: package, name: \"{name}\"{state}}}"),
+                4 => format!("{{kind: service, name: \"{name}\", restart_on: [\"{id}\"], requires: [\"{id}\"]}}"),
+                5 => format!("{{kind: user, name: \"{name}\", uid: {num}, groups: [\"{name}\"]{state}}}"),
+                6 => format!("{{kind: group, name: \"{name}\", gid: {num}{state}}}"),
+                _ => format!("{{kind: command, name: \"{name}\", run: x, creates: \"{path}\", timeout: \"{dur}\", destructive: {absent}}}"),
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever validation accepts, or rejects but still returns as its
+    /// best-effort state, diffs and plans without a panic, against a host
+    /// where nothing exists.
+    #[test]
+    fn structured_resources_validate_diff_and_plan_without_panic(
+        lines in proptest::collection::vec(resource_line(), 0..24),
+        dur in proptest::sample::select(&["0s", "1s", "366d", "1000000000000y", "5m"][..]),
+    ) {
+        let body: String = lines.iter().map(|l| format!("  - {l}\n")).collect();
+        let mut t = tree(&web1("resources: []"));
+        t.hosts.insert("web-1.yaml".into(), Blob::Bytes(format!("resources:\n{body}").into_bytes()));
+        t.tend = Some(Blob::Bytes(
+            format!("resync: {dur}\nprobe_timeout: {dur}\nquiet_window: {dur}\nretry_backoff: {dur}\n").into_bytes(),
+        ));
+        let v = validate(&t);
+        // The settings that leave validation are usable, valid or not.
+        let c = &v.state.config;
+        prop_assert!(!c.resync.0.is_zero() && c.resync.0 <= DURATION_CEILING);
+        prop_assert!(!c.probe_timeout.0.is_zero() && c.quiet_window.0 <= DURATION_CEILING);
+        for host in v.state.hosts.values() {
+            let mut actual = crate::core::actual::HostActual::default();
+            for r in &host.resources {
+                actual.resources.insert(r.id.clone(), crate::core::actual::Observed::Absent);
+            }
+            let changes = crate::core::diff::diff_host(host, &actual);
+            let plan = crate::core::plan::plan_host(host, &changes);
+            prop_assert!(plan.barrier <= plan.steps.len());
+        }
+    }
+}
+
+#[test]
+fn addresses_users_and_identities_that_no_connection_could_use() {
+    check(
+        r#"
+        //- inventory.yaml
+        hosts:
+          - name: a
+            address: "[::1]:22"
+          - name: b
+            address: "root@10.0.0.1"
+          - name: c
+            address: fe80::1%eth0
+            user: "ro ot"
+            identity: "keys/id\u0000"
+          - name: d
+            address: "10.0.0.1\n"
+        //- hosts/a.yaml
+        resources: []
+        //- hosts/b.yaml
+        resources: []
+        //- hosts/c.yaml
+        resources: []
+        //- hosts/d.yaml
+        resources: []
+        "#,
+        r#"
+        inventory.yaml:3:14: invalid address "[::1]:22": write an IP address or a DNS name (the port goes in `port`)
+        inventory.yaml:5:14: invalid address "root@10.0.0.1": write an IP address or a DNS name (the port goes in `port`)
+        inventory.yaml:8:11: user "ro ot" contains a space or a control character
+        inventory.yaml:9:15: identity "keys/id\0" contains a control character
+        inventory.yaml:11:14: invalid address "10.0.0.1\n": write an IP address or a DNS name (the port goes in `port`)
+        "#,
+    );
+}

@@ -312,7 +312,8 @@ fn restarts(host: &Host, changes: &[Change]) -> Vec<(usize, Vec<usize>)> {
         let mut triggers: Vec<usize> = s
             .restart_on
             .iter()
-            .filter_map(|t| host.resources.iter().position(|x| x.id == *t))
+            // Resources are sorted by id: a search, not a scan per trigger.
+            .filter_map(|t| host.resources.binary_search_by(|x| x.id.cmp(t)).ok())
             .filter(|&j| j != i && matches!(changes[j].action, Action::Create | Action::Update))
             .collect();
         triggers.sort();
