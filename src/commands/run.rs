@@ -3,6 +3,7 @@
 //! SIGTERM; exits 0 on a clean shutdown.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
@@ -13,6 +14,9 @@ use crate::controller::{self, Event, real::Real, recover, watch};
 use crate::core::model;
 use crate::settings::Settings;
 use crate::store::StateDir;
+
+/// How long a clean shutdown waits for blocking work nobody needs any more.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 pub fn run(g: &Global) -> Result<u8> {
     // The state dir and the first settings come from tend.yaml even when
@@ -36,7 +40,8 @@ pub fn run(g: &Global) -> Result<u8> {
         tracing::warn!(hosts = ?interrupted, "runs left unfinished were marked Interrupted; their hosts get a fresh pass");
     }
 
-    super::runtime()?.block_on(async move {
+    let rt = super::runtime()?;
+    let served = rt.block_on(async move {
         let (tx, rx) = mpsc::unbounded_channel();
         watch::signals(tx.clone())?;
         let paths = watch::Paths::resolve(&g.dir, sd.root())?;
@@ -54,7 +59,12 @@ pub fn run(g: &Global) -> Result<u8> {
         }
         controller::run(real, rx, seed()).await;
         anyhow::Ok(())
-    })?;
+    });
+    // Every pass has finished; what may still run is a load of the desired
+    // state (a slow `git`) that nobody waits for any more. Do not let it
+    // hold the exit.
+    rt.shutdown_timeout(SHUTDOWN_GRACE);
+    served?;
     Ok(exit::OK)
 }
 
