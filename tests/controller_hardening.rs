@@ -239,6 +239,17 @@ fn slow_git(dir: &Path, flag: &Path, pid: &Path) {
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// Kills the hanging `git` whose pid is in the file, however the test ends.
+struct KillOnDrop(std::path::PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(pid) = fs::read_to_string(&self.0) {
+            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        }
+    }
+}
+
 #[test]
 fn a_hanging_git_stalls_neither_a_retry_nor_shutdown() {
     let f = fleet();
@@ -257,6 +268,7 @@ fn a_hanging_git_stalls_neither_a_retry_nor_shutdown() {
             .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
     )
     .unwrap();
+    let _sleeper = KillOnDrop(pid.clone());
     let mut daemon = Daemon::start_with_env(&d, &[("PATH", path.as_os_str())]);
     for h in ["h56", "h57"] {
         wait_status(&d, &daemon, h, "Running", running);
@@ -266,7 +278,6 @@ fn a_hanging_git_stalls_neither_a_retry_nor_shutdown() {
     fs::write(&flag, "").unwrap();
     fs::write(d.dir().join("NOTES"), "a change\n").unwrap();
     wait_for("the load to hang in git", LIMIT, || pid.exists());
-    let sleeper = fs::read_to_string(&pid).unwrap().trim().to_string();
 
     // A retry is served while the load hangs: h57 is probed again.
     let probed = status(&d, "h57")["last_probe_at"].clone();
@@ -279,7 +290,6 @@ fn a_hanging_git_stalls_neither_a_retry_nor_shutdown() {
     daemon.signal("-TERM");
     let st = daemon.wait(Duration::from_secs(30));
     assert_eq!(st.code(), Some(0), "log:\n{}", daemon.log());
-    let _ = Command::new("kill").args(["-KILL", &sleeper]).status();
 }
 
 #[test]
