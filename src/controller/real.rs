@@ -653,3 +653,120 @@ fn verdict(host: &str, res: Option<&RunResult>, sd: &StateDir) -> Verdict {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::LogFormat;
+    use crate::core::report::ExecutionOutcome;
+    use crate::core::spec::TendConfig;
+
+    fn real(dir: &std::path::Path) -> Real {
+        let g = Global {
+            dir: dir.join("desired"),
+            state_dir: Some(dir.join("state")),
+            json: false,
+            verbose: 0,
+            quiet: false,
+            log_format: LogFormat::Human,
+        };
+        let settings = Settings::resolve(&g, TendConfig::default(), None).unwrap();
+        let r = Real::new(g, settings);
+        r.state_dir().ensure().unwrap();
+        r
+    }
+
+    fn row(run_id: &str, host: &str) -> RunRow {
+        RunRow {
+            run_id: run_id.into(),
+            started_at: "2026-12-03T10:00:00.000Z".into(),
+            action: Action::Converge,
+            trigger: Trigger::Resync,
+            dispatch_mode: crate::core::spec::DispatchMode::Enforced,
+            effective_mode: EffectiveMode::Quick,
+            policy_outcome: PolicyOutcome::Approved,
+            policy_reason: "planning".into(),
+            desired_revision: "rev".into(),
+            target_hosts: vec![host.into()],
+        }
+    }
+
+    #[test]
+    fn a_failed_pass_closes_the_run_it_began_and_no_other() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = real(tmp.path());
+        let sd = r.state_dir().clone();
+        let mut db = Db::open(&sd.db_path()).unwrap();
+        db.begin_run(&row("r-20261203T100000Z-aaaa", "a")).unwrap();
+        db.begin_run(&row("r-20261203T100000Z-bbbb", "b")).unwrap();
+        drop(db);
+
+        let id = r
+            .inner
+            .record_failed_pass("a", Trigger::Resync, "the pass panicked: boom")
+            .unwrap();
+        assert_eq!(id, "r-20261203T100000Z-aaaa");
+        let db = Db::open(&sd.db_path()).unwrap();
+        let open: Vec<String> = db
+            .unfinished_runs()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.run.run_id)
+            .collect();
+        // The other host's pass may still be running: its run stays open.
+        assert_eq!(open, vec!["r-20261203T100000Z-bbbb"]);
+        let run = db.run(&id).unwrap().unwrap();
+        assert_eq!(
+            run.execution_outcome,
+            Some(ExecutionOutcome::ExecutionFailed)
+        );
+        let result = sd.read_run_result(&id).unwrap().unwrap();
+        let o = &result.host_outcomes[0];
+        assert_eq!(o.outcome, HostOutcomeKind::ExecutionFailed);
+        assert_eq!(
+            o.last_failure_message.as_deref(),
+            Some("the pass panicked: boom")
+        );
+        let s = sd.read_status("a").unwrap().unwrap();
+        assert_eq!(s.last_run_id.as_deref(), Some(id.as_str()));
+        let c = s.condition(ConditionType::Converged).unwrap();
+        assert_eq!(c.status, ConditionStatus::False);
+        assert_eq!(c.reason, "PassFailed");
+        assert!(c.message.contains("boom"), "{}", c.message);
+    }
+
+    #[test]
+    fn a_pass_that_failed_before_its_run_began_gets_a_failed_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = real(tmp.path());
+        let sd = r.state_dir().clone();
+        let id = r
+            .inner
+            .record_failed_pass("a", Trigger::Retry, "the pass panicked: early")
+            .unwrap();
+        let db = Db::open(&sd.db_path()).unwrap();
+        assert!(db.unfinished_runs().unwrap().is_empty());
+        let run = db.run(&id).unwrap().unwrap();
+        assert_eq!(
+            run.execution_outcome,
+            Some(ExecutionOutcome::ExecutionFailed)
+        );
+        assert_eq!(run.run.target_hosts, vec!["a"]);
+        assert_eq!(run.run.trigger, Trigger::Retry);
+        let events: Vec<String> = db
+            .events(&id)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(events, vec!["pass_failed"]);
+        let result = sd.read_run_result(&id).unwrap().unwrap();
+        assert_eq!(result.host_outcomes.len(), 1);
+        assert_eq!(
+            result.host_outcomes[0].last_failure_message.as_deref(),
+            Some("the pass panicked: early")
+        );
+        let s = sd.read_status("a").unwrap().unwrap();
+        assert_eq!(s.last_run_id.as_deref(), Some(id.as_str()));
+    }
+}
