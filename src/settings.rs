@@ -15,6 +15,10 @@ use crate::core::spec::{DispatchMode, TendConfig};
 use crate::store::StateDir;
 
 pub const DISPATCH_ENV: &str = "TEND_DISPATCH";
+/// Test hook, for the end-to-end tests of the controller only: every
+/// controller pass of the host it names panics, to show that the daemon
+/// records the failure and keeps serving every other host.
+pub const TEST_PANIC_HOST_ENV: &str = "TEND_TEST_PANIC_HOST";
 
 /// Where the dispatch mode came from, for the run record and for people.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +39,8 @@ pub struct Settings {
     pub dispatch_source: ModeSource,
     /// Who asked, for `operation_intent.requested_by`.
     pub requested_by: String,
+    /// `TEND_TEST_PANIC_HOST`: a test hook, see `TEST_PANIC_HOST_ENV`.
+    pub test_panic_host: Option<String>,
 }
 
 impl Settings {
@@ -65,6 +71,9 @@ impl Settings {
             dispatch,
             dispatch_source,
             requested_by,
+            test_panic_host: std::env::var(TEST_PANIC_HOST_ENV)
+                .ok()
+                .filter(|h| !h.is_empty()),
         })
     }
 

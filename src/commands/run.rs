@@ -3,6 +3,7 @@
 //! SIGTERM; exits 0 on a clean shutdown.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
@@ -12,6 +13,9 @@ use crate::cli::Global;
 use crate::controller::{self, Event, real::Real, recover, watch};
 use crate::core::model;
 use crate::settings::Settings;
+
+/// How long a clean shutdown waits for blocking work nobody needs any more.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 pub fn run(g: &Global) -> Result<u8> {
     // The state dir and the first settings come from tend.yaml even when
@@ -35,10 +39,27 @@ pub fn run(g: &Global) -> Result<u8> {
         tracing::warn!(hosts = ?interrupted, "runs left unfinished were marked Interrupted; their hosts get a fresh pass");
     }
 
-    super::runtime()?.block_on(async move {
+    let rt = super::runtime()?;
+    let served = rt.block_on(async move {
         let (tx, rx) = mpsc::unbounded_channel();
         watch::signals(tx.clone())?;
         let paths = watch::Paths::resolve(&g.dir, sd.root())?;
+        // History retention (SPEC 8.5): at start, then hourly, on a
+        // blocking thread; the controller holds the state dir's lock. The
+        // `history` settings are those tend.yaml had at start.
+        let history = settings.config.history.clone();
+        let retention_sd = sd.clone();
+        tokio::spawn(async move {
+            let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                hourly.tick().await;
+                let (sd, h) = (retention_sd.clone(), history.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    crate::store::retention::sweep_now(&sd, &h)
+                })
+                .await;
+            }
+        });
         let real = Arc::new(Real::new(g.clone(), settings, sd.clone()));
         let watches = watch::Watches::start(paths, tx.clone())?;
         real.set_watches(watches);
@@ -53,7 +74,12 @@ pub fn run(g: &Global) -> Result<u8> {
         }
         controller::run(real, rx, seed()).await;
         anyhow::Ok(())
-    })?;
+    });
+    // Every pass has finished; what may still run is a load of the desired
+    // state (a slow `git`) that nobody waits for any more. Do not let it
+    // hold the exit.
+    rt.shutdown_timeout(SHUTDOWN_GRACE);
+    served?;
     Ok(exit::OK)
 }
 

@@ -14,13 +14,13 @@ pub mod recover;
 pub mod schedule;
 pub mod watch;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::core::report::Trigger;
@@ -77,10 +77,14 @@ pub struct Loaded {
 }
 
 /// The loop's window on the world. The real one runs `pass::run`; tests use
-/// a fake.
+/// a fake. None of these may block the thread that calls it: the loop runs
+/// them on the async runtime, and a blocking call there would stall every
+/// timer, signal and host behind it.
 pub trait Reconciler: Send + Sync + 'static {
-    /// Read the desired state again.
-    fn load(&self) -> Loaded;
+    /// Read the desired state again. It runs `git` and reads files, so the
+    /// real one does that on a blocking thread; the loop runs it as a task
+    /// of its own and goes on serving timers, signals and passes meanwhile.
+    fn load(&self) -> impl Future<Output = Loaded> + Send;
     /// One pass for `host`. `degraded` is the host's crash-loop verdict, to
     /// show in its status.
     fn reconcile(
@@ -89,7 +93,18 @@ pub trait Reconciler: Send + Sync + 'static {
         trigger: Trigger,
         degraded: Option<(String, String)>,
     ) -> impl Future<Output = Verdict> + Send;
-    /// Show (or clear) a host's crash-loop verdict in its status now.
+    /// A pass of `host` ended without a verdict (it panicked, or its task
+    /// was cancelled): record it as a failed pass of that host, `message`
+    /// saying why, as a pass's own failure would be recorded.
+    fn record_failure(
+        &self,
+        host: String,
+        trigger: Trigger,
+        message: String,
+    ) -> impl Future<Output = ()> + Send;
+    /// Show (or clear) a host's crash-loop verdict in its status. Called
+    /// from the loop: it must not block (the real one hands the write to a
+    /// blocking thread).
     fn set_degraded(&self, host: &str, degraded: Option<(String, String)>);
     /// Shutdown began: running passes stop before their next step.
     fn stop(&self);
@@ -137,10 +152,122 @@ impl Book {
     }
 }
 
+/// Loads of the desired state run as tasks of their own, one at a time: a
+/// slow `git` or disk delays only the load, never the loop.
+struct Loads {
+    /// The load in flight and whether it was forced (SIGHUP).
+    task: Option<(JoinHandle<Loaded>, bool)>,
+    /// A load was asked for while one ran (`Some(force)`): it starts when
+    /// the running one ends, since that one may have read the tree before
+    /// the change that asked for it.
+    again: Option<bool>,
+}
+
+impl Loads {
+    fn request<R: Reconciler>(&mut self, r: &Arc<R>, force: bool) {
+        if self.task.is_some() {
+            self.again = Some(self.again.unwrap_or(false) || force);
+        } else {
+            self.task = Some((spawn_load(r), force));
+        }
+    }
+
+    /// Wait for the load in flight; pending forever when there is none.
+    async fn join(&mut self) -> (Result<Loaded, JoinError>, bool) {
+        match &mut self.task {
+            Some((task, force)) => (task.await, *force),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The load in flight ended: start the one asked for meanwhile.
+    fn finished<R: Reconciler>(&mut self, r: &Arc<R>) {
+        self.task = None;
+        if let Some(force) = self.again.take() {
+            self.request(r, force);
+        }
+    }
+}
+
+fn spawn_load<R: Reconciler>(r: &Arc<R>) -> JoinHandle<Loaded> {
+    let r = r.clone();
+    tokio::spawn(async move { r.load().await })
+}
+
+/// What a pass task that ended without a verdict means, for its record.
+fn crash_message(e: JoinError) -> String {
+    if e.is_cancelled() {
+        return "the pass was cancelled before it finished".into();
+    }
+    let payload = e.into_panic();
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    format!("the pass panicked: {what}")
+}
+
+/// One pass of `host`, in a task of its own. Its `JoinHandle` is awaited
+/// here, where the host is known: a pass that panics (or is cancelled)
+/// becomes a failed pass of that host, recorded by the reconciler and
+/// retried with backoff by `settle`, like any other failure.
+async fn pass<R: Reconciler>(
+    r: Arc<R>,
+    host: String,
+    trigger: Trigger,
+    degraded: Option<(String, String)>,
+) -> (String, Verdict) {
+    let task = {
+        let (r, host) = (r.clone(), host.clone());
+        tokio::spawn(async move { r.reconcile(host, trigger, degraded).await })
+    };
+    let verdict = match task.await {
+        Ok(v) => v,
+        Err(e) => {
+            let message = crash_message(e);
+            tracing::error!(%host, %message, "pass crashed: recorded as a failed pass");
+            r.record_failure(host.clone(), trigger, message.clone())
+                .await;
+            // A panic's message can hold changing details (addresses,
+            // counters); its first line is what repeats in a crash loop.
+            let first = message.lines().next().unwrap_or_default();
+            Verdict::Failed {
+                signature: format!("crash/{first}"),
+                message,
+            }
+        }
+    };
+    (host, verdict)
+}
+
 /// Run the controller until shutdown. `events` carries every trigger;
 /// `seed` seeds the jitter (tests pass a fixed one).
 pub async fn run<R: Reconciler>(r: Arc<R>, mut events: mpsc::UnboundedReceiver<Event>, seed: u64) {
-    let loaded = r.load();
+    // The first load decides the hosts and the timing. Events that arrive
+    // meanwhile wait for it, except a shutdown, which is served at once.
+    let mut early = Vec::new();
+    let mut first = spawn_load(&r);
+    let loaded = loop {
+        tokio::select! {
+            res = &mut first => match res {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::error!(error = %crash_message(e), "loading the desired state failed; trying again");
+                    tokio::time::sleep(BACKOFF_FIRST).await;
+                    first = spawn_load(&r);
+                }
+            },
+            ev = events.recv() => match ev {
+                None | Some(Event::Shutdown) => {
+                    tracing::info!("shutting down before the first load finished");
+                    r.stop();
+                    return;
+                }
+                Some(ev) => early.push(ev),
+            },
+        }
+    };
     let timing = loaded.timing;
     let mut book = Book {
         queue: WorkQueue::new(),
@@ -159,11 +286,19 @@ pub async fn run<R: Reconciler>(r: Arc<R>, mut events: mpsc::UnboundedReceiver<E
     );
     book.schedule_all(Instant::now(), Trigger::Resync);
     let mut running: JoinSet<(String, Verdict)> = JoinSet::new();
+    // The host of each pass task, so that even a task that fails outside
+    // `pass` releases its host.
+    let mut running_hosts: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut loads = Loads {
+        task: None,
+        again: None,
+    };
     let mut stopping = false;
     // The desired state is also read again every `resync`, in case a
     // change escaped the watch (a network file system, a lost event).
     let mut reread = tokio::time::interval_at(Instant::now() + timing.resync, timing.resync);
     reread.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut early = early.into_iter();
 
     loop {
         if stopping && running.is_empty() {
@@ -172,7 +307,7 @@ pub async fn run<R: Reconciler>(r: Arc<R>, mut events: mpsc::UnboundedReceiver<E
         let room = running.len() < book.loaded.timing.concurrency.max(1);
         let deadline = debounce.deadline();
         tokio::select! {
-            ev = events.recv(), if !stopping => {
+            ev = async { match early.next() { Some(ev) => Some(ev), None => events.recv().await } }, if !stopping => {
                 match ev {
                     None | Some(Event::Shutdown) => {
                         tracing::info!(running = running.len(), "shutting down: no new passes; running steps finish");
@@ -182,7 +317,7 @@ pub async fn run<R: Reconciler>(r: Arc<R>, mut events: mpsc::UnboundedReceiver<E
                     Some(Event::DesiredChanged) => debounce.touch(Instant::now()),
                     Some(Event::Reload) => {
                         debounce.fire();
-                        reload(&*r, &mut book, &mut debounce, true);
+                        loads.request(&r, true);
                     }
                     Some(Event::TokenAppeared) => {
                         let hosts: Vec<String> = book
@@ -216,29 +351,51 @@ pub async fn run<R: Reconciler>(r: Arc<R>, mut events: mpsc::UnboundedReceiver<E
                     }
                 }
             }
-            _ = reread.tick(), if !stopping => reload(&*r, &mut book, &mut debounce, false),
+            _ = reread.tick(), if !stopping => loads.request(&r, false),
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() && !stopping => {
                 debounce.fire();
-                reload(&*r, &mut book, &mut debounce, false);
+                loads.request(&r, false);
+            }
+            (res, force) = loads.join(), if !stopping => {
+                loads.finished(&r);
+                match res {
+                    Ok(fresh) => apply_load(&*r, &mut book, &mut debounce, fresh, force),
+                    // The loaded state stays as it was; the next change or
+                    // resync loads again.
+                    Err(e) => tracing::error!(error = %crash_message(e), "loading the desired state failed; keeping the last one"),
+                }
             }
             next = book.queue.next(), if room && !stopping && !book.queue.is_empty() => {
                 if let Some((host, trigger)) = next {
                     let degraded = book.degraded.get(&host).cloned();
-                    let r = r.clone();
                     tracing::debug!(%host, ?trigger, "pass starts");
-                    running.spawn(async move {
-                        let v = r.reconcile(host.clone(), trigger, degraded).await;
-                        (host, v)
-                    });
+                    let task = running.spawn(pass(r.clone(), host.clone(), trigger, degraded));
+                    running_hosts.insert(task.id(), host);
                 }
             }
-            Some(joined) = running.join_next(), if !running.is_empty() => {
+            Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
                 match joined {
-                    Ok((host, verdict)) => settle(&*r, &mut book, &host, verdict, stopping),
-                    // A pass that panicked: its host is unknown here, so the
-                    // queue cannot release it; log loudly. The real
-                    // reconciler catches its own errors, so this is a bug.
-                    Err(e) => tracing::error!(error = %e, "a pass task failed"),
+                    Ok((id, (host, verdict))) => {
+                        running_hosts.remove(&id);
+                        settle(&*r, &mut book, &host, verdict, stopping);
+                    }
+                    // `pass` itself failed (recording the crash panicked):
+                    // the host is still released and retried with backoff.
+                    Err(e) => {
+                        let id = e.id();
+                        let message = crash_message(e);
+                        match running_hosts.remove(&id) {
+                            Some(host) => {
+                                tracing::error!(%host, %message, "pass task failed");
+                                let verdict = Verdict::Failed {
+                                    signature: format!("crash/{message}"),
+                                    message,
+                                };
+                                settle(&*r, &mut book, &host, verdict, stopping);
+                            }
+                            None => tracing::error!(%message, "a pass task of an unknown host failed"),
+                        }
+                    }
                 }
             }
         }
@@ -289,11 +446,16 @@ fn settle<R: Reconciler>(r: &R, book: &mut Book, host: &str, verdict: Verdict, s
     }
 }
 
-/// Re-read the desired state. A new revision (or `force`, for SIGHUP)
-/// releases every crash loop and reconciles every host now; hosts that left
-/// the inventory are forgotten.
-fn reload<R: Reconciler>(r: &R, book: &mut Book, debounce: &mut Debouncer, force: bool) {
-    let fresh = r.load();
+/// Take a fresh load of the desired state. A new revision (or `force`, for
+/// SIGHUP) releases every crash loop and reconciles every host now; hosts
+/// that left the inventory are forgotten.
+fn apply_load<R: Reconciler>(
+    r: &R,
+    book: &mut Book,
+    debounce: &mut Debouncer,
+    fresh: Loaded,
+    force: bool,
+) {
     let changed = fresh.revision != book.loaded.revision || fresh.valid != book.loaded.valid;
     if !changed && !force {
         tracing::debug!(revision = %fresh.revision, "desired state unchanged");

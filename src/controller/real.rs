@@ -5,21 +5,32 @@
 //!
 //! Invariant: while the desired state is invalid, passes run on the last
 //! valid state with dispatch off and say `ValidDesiredState=False` with the
-//! problems; with no valid state ever seen, hosts are not even probed.
+//! problems; with no valid state ever seen, hosts are not even probed. No
+//! file, `git` or SQLite work of its own runs on an async worker thread:
+//! each goes to `spawn_blocking`, so a slow disk or `git` stalls only the
+//! work that waits for it. A pass that fails without a result (an error or
+//! a panic) is still recorded: a failed run of its host, and its status.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::SystemTime;
+
+use anyhow::Result;
+use serde_json::json;
 
 use crate::cli::Global;
-use crate::clock::now_rfc3339;
+use crate::clock::{new_run_id, now_rfc3339};
 use crate::core::model::{self, DesiredState};
+use crate::core::policy::PolicyOutcome;
 use crate::core::report::{
-    ConditionStatus, ConditionType, HostOutcomeKind, HostStatus, RunResult, StepStatus, Trigger,
+    self, Action, Changes, ConditionStatus, ConditionType, DispatchStatus, EffectiveMode,
+    HostOutcome, HostOutcomeKind, HostStatus, OperationIntent, RunResult, StepStatus, Trigger,
 };
 use crate::pass::{self, Overlay, PassInput, TransportCache};
 use crate::settings::Settings;
 use crate::store::StateDir;
+use crate::store::db::{Db, RunRow};
 
 use super::{Loaded, Reconciler, Timing, Verdict};
 
@@ -38,7 +49,13 @@ struct Snapshot {
     orphans: Vec<String>,
 }
 
+/// The real reconciler: a handle on the state that its blocking work
+/// shares (`spawn_blocking` needs owned data).
 pub struct Real {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     global: Global,
     state_dir: StateDir,
     snapshot: RwLock<Arc<Snapshot>>,
@@ -47,8 +64,29 @@ pub struct Real {
     /// `fleet.json` is rebuilt from every status file after each pass;
     /// one rebuild at a time keeps the last writer from using older reads.
     fleet: Mutex<()>,
-    /// The file watches, refreshed after each load to cover new directories.
+    /// The file watches, refreshed before each load to cover new and
+    /// recreated directories.
     watches: Mutex<Option<super::watch::Watches>>,
+    /// Read-modify-writes of a status file made here (not by a pass) take
+    /// turns, so that one does not overwrite another's change.
+    status: Mutex<()>,
+}
+
+/// A lock whose holder panicked is still usable: what it guards is replaced
+/// whole (snapshot, watches) or is a unit token, so a panic never leaves it
+/// half-written, and one crashed pass must not take every later one down.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Run blocking work off the async runtime. A panic in it is re-raised in
+/// the caller's task, where the controller records it as a failed pass.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("blocking work was cancelled: {e}"),
+    }
 }
 
 impl Real {
@@ -63,30 +101,38 @@ impl Real {
             orphans: Vec::new(),
         };
         Real {
-            global,
-            state_dir,
-            snapshot: RwLock::new(Arc::new(snap)),
-            cache: TransportCache::default(),
-            stop: Arc::new(AtomicBool::new(false)),
-            fleet: Mutex::new(()),
-            watches: Mutex::new(None),
+            inner: Arc::new(Inner {
+                global,
+                state_dir,
+                snapshot: RwLock::new(Arc::new(snap)),
+                cache: TransportCache::default(),
+                stop: Arc::new(AtomicBool::new(false)),
+                fleet: Mutex::new(()),
+                watches: Mutex::new(None),
+                status: Mutex::new(()),
+            }),
         }
     }
 
     pub fn set_watches(&self, w: super::watch::Watches) {
-        *self.watches.lock().expect("watches lock") = Some(w);
+        *lock(&self.inner.watches) = Some(w);
     }
 
     pub fn state_dir(&self) -> &StateDir {
-        &self.state_dir
+        &self.inner.state_dir
     }
 
     pub fn desired_dir(&self) -> PathBuf {
-        self.global.dir.clone()
+        self.inner.global.dir.clone()
     }
+}
 
+impl Inner {
     fn current(&self) -> Arc<Snapshot> {
-        self.snapshot.read().expect("snapshot lock").clone()
+        self.snapshot
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn hosts(snap: &Snapshot) -> Vec<String> {
@@ -97,7 +143,7 @@ impl Real {
     }
 
     fn write_fleet(&self, snap: &Snapshot) {
-        let _one = self.fleet.lock().expect("fleet lock");
+        let _one = lock(&self.fleet);
         let hosts = Self::hosts(snap);
         if let Err(e) = pass::write_fleet(&self.state_dir, hosts.iter(), &now_rfc3339()) {
             tracing::error!(error = %format!("{e:#}"), "could not write fleet.json");
@@ -107,6 +153,7 @@ impl Real {
     /// Status of a host that cannot be planned at all: the desired state
     /// was never valid, or names the host only in a broken inventory.
     fn report_unplannable(&self, host: &str, snap: &Snapshot, degraded: Option<(String, String)>) {
+        let _turn = lock(&self.status);
         let now = now_rfc3339();
         let mut s = match self.state_dir.read_status(host) {
             Ok(Some(s)) => s,
@@ -148,8 +195,18 @@ fn set_degraded_condition(s: &mut HostStatus, degraded: Option<(String, String)>
     }
 }
 
-impl Reconciler for Real {
-    fn load(&self) -> Loaded {
+impl Inner {
+    /// Read, validate and take the desired state. Blocking: runs `git`
+    /// and reads the tree.
+    fn load_blocking(&self) -> Loaded {
+        // Watches first: a directory recreated since the last load (a
+        // checkout, `git stash`) is watched again before the tree is read,
+        // so an edit either lands before the read or is seen by the watch.
+        if let Some(w) = lock(&self.watches).as_mut()
+            && let Err(e) = w.refresh()
+        {
+            tracing::warn!(error = %format!("{e:#}"), "could not watch a new directory");
+        }
         let prev = self.current();
         let dir = &self.global.dir;
         let (validated, tree) = match crate::source::read_tree(dir) {
@@ -242,24 +299,204 @@ impl Reconciler for Real {
             valid: snap.invalid.is_none(),
             timing,
         };
-        *self.snapshot.write().expect("snapshot lock") = Arc::new(snap);
-        if let Some(w) = self.watches.lock().expect("watches lock").as_mut()
-            && let Err(e) = w.refresh()
-        {
-            tracing::warn!(error = %format!("{e:#}"), "could not watch a new directory");
-        }
+        *self
+            .snapshot
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(snap);
         let keep = loaded.hosts.clone();
         self.cache.retain(|h| keep.iter().any(|k| k == h));
         loaded
     }
 
-    async fn reconcile(
+    fn set_degraded_blocking(&self, host: &str, degraded: Option<(String, String)>) {
+        {
+            let _turn = lock(&self.status);
+            let now = now_rfc3339();
+            match self.state_dir.read_status(host) {
+                Ok(Some(mut s)) => {
+                    set_degraded_condition(&mut s, degraded, &now);
+                    if let Err(e) = self.state_dir.write_status(&s) {
+                        tracing::error!(%host, error = %e, "could not write status");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(%host, error = %e, "could not read status"),
+            }
+        }
+        self.write_fleet(&self.current());
+    }
+
+    /// Record a pass of `host` that ended without a result: a run of that
+    /// host that failed with `message`, and its status. A run the pass had
+    /// begun is closed with what its step attempts show (as start-up
+    /// recovery closes a crashed one); a pass that failed before it began
+    /// one gets a run of its own, so the history shows every failed pass.
+    fn record_failed_pass(&self, host: &str, trigger: Trigger, message: &str) -> Result<String> {
+        let _turn = lock(&self.status);
+        let sd = &self.state_dir;
+        sd.ensure()?;
+        let now = now_rfc3339();
+        let reason = format!("the pass failed: {message}; the host is retried with backoff");
+        let mut db = Db::open(&sd.db_path())?;
+        // Never two passes of one host at once, and the controller holds
+        // the state dir: an unfinished run of this host alone is this pass's.
+        let mut run_id = None;
+        for open in db.unfinished_runs()? {
+            if open.run.target_hosts != [host] {
+                continue;
+            }
+            let id = open.run.run_id.clone();
+            let attempts = db.step_attempts(&id)?;
+            let mut result = super::recover::interrupted_result(&open.run, &attempts, &now);
+            result.execution_outcome = report::ExecutionOutcome::ExecutionFailed;
+            for o in &mut result.host_outcomes {
+                o.reason = Some(reason.clone());
+                o.last_failure_message = Some(message.to_string());
+            }
+            db.record_event(
+                Some(&id),
+                &now,
+                Some(host),
+                "pass_failed",
+                &json!({"message": message}),
+            )?;
+            db.finish_run(&result, &serde_json::to_string_pretty(&result)?)?;
+            let timeline = super::recover::timeline(&db, &id)?;
+            sd.write_interrupted_run(&result, &timeline)?;
+            run_id = Some(id);
+        }
+        let run_id = match run_id {
+            Some(id) => id,
+            None => self.record_new_failed_run(&mut db, host, trigger, message, &reason, &now)?,
+        };
+        let mut s = match sd.read_status(host) {
+            Ok(Some(s)) => s,
+            _ => HostStatus::new(host, &now),
+        };
+        s.last_run_id = Some(run_id.clone());
+        s.set_condition(
+            ConditionType::Converged,
+            ConditionStatus::False,
+            "PassFailed",
+            reason,
+            &now,
+        );
+        sd.write_status(&s)?;
+        Ok(run_id)
+    }
+
+    fn record_new_failed_run(
         &self,
+        db: &mut Db,
+        host: &str,
+        trigger: Trigger,
+        message: &str,
+        reason: &str,
+        now: &str,
+    ) -> Result<String> {
+        let snap = self.current();
+        let revision = match (&snap.valid, &snap.invalid) {
+            (Some((_, rev)), _) => rev.clone(),
+            (None, Some((rev, _))) => rev.clone(),
+            (None, None) => "unknown".into(),
+        };
+        let mut row = RunRow {
+            run_id: new_run_id(SystemTime::now()),
+            started_at: now.to_string(),
+            action: Action::Converge,
+            trigger,
+            dispatch_mode: snap.settings.dispatch,
+            effective_mode: EffectiveMode::Quick,
+            policy_outcome: PolicyOutcome::PreflightFailed,
+            policy_reason: reason.to_string(),
+            desired_revision: revision.clone(),
+            target_hosts: vec![host.to_string()],
+        };
+        // Run ids are random in their last characters: draw again on a clash.
+        let mut tries = 0;
+        loop {
+            match db.begin_run(&row) {
+                Ok(()) => break,
+                Err(_) if tries < 8 && db.run(&row.run_id)?.is_some() => {
+                    tries += 1;
+                    row.run_id = new_run_id(SystemTime::now());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        db.record_event(
+            Some(&row.run_id),
+            now,
+            Some(host),
+            "pass_failed",
+            &json!({"message": message}),
+        )?;
+        let outcomes = vec![HostOutcome {
+            host: host.to_string(),
+            outcome: HostOutcomeKind::ExecutionFailed,
+            reason: Some(reason.to_string()),
+            dispatch_status: DispatchStatus::NotDispatched,
+            attempt_count: 0,
+            last_failure_class: None,
+            last_failure_message: Some(message.to_string()),
+            changes: Changes::default(),
+            steps: Vec::new(),
+        }];
+        let result = RunResult {
+            schema_version: report::SCHEMA_VERSION,
+            run_id: row.run_id.clone(),
+            operation_intent: OperationIntent {
+                action: Action::Converge,
+                trigger,
+                target_hosts: row.target_hosts.clone(),
+                requested_by: snap.settings.requested_by.clone(),
+            },
+            desired_revision: revision,
+            effective_mode: EffectiveMode::Quick,
+            dispatch_mode: row.dispatch_mode,
+            policy_outcome: PolicyOutcome::PreflightFailed,
+            policy_reason: reason.to_string(),
+            blast_radius: row.target_hosts.clone(),
+            execution_outcome: report::ExecutionOutcome::ExecutionFailed,
+            execution_started_at: now.to_string(),
+            execution_completed_at: now.to_string(),
+            confirmation: None,
+            host_outcomes: outcomes,
+        };
+        db.finish_run(&result, &serde_json::to_string_pretty(&result)?)?;
+        let timeline = super::recover::timeline(db, &row.run_id)?;
+        self.state_dir.write_interrupted_run(&result, &timeline)?;
+        Ok(row.run_id)
+    }
+
+    /// Record a failed pass, off the async runtime; a failure to record is
+    /// logged (the host is retried with backoff either way).
+    async fn record_failure(self: Arc<Self>, host: String, trigger: Trigger, message: String) {
+        let me = self.clone();
+        blocking(move || {
+            match me.record_failed_pass(&host, trigger, &message) {
+                Ok(run_id) => tracing::warn!(%host, %run_id, %message, "failed pass recorded"),
+                Err(e) => {
+                    tracing::error!(%host, error = %format!("{e:#}"), %message, "could not record a failed pass")
+                }
+            }
+            me.write_fleet(&me.current());
+        })
+        .await;
+    }
+
+    async fn reconcile(
+        self: Arc<Self>,
         host: String,
         trigger: Trigger,
         degraded: Option<(String, String)>,
     ) -> Verdict {
         let snap = self.current();
+        if snap.settings.test_panic_host.as_deref() == Some(host.as_str()) {
+            // The test hook of `TEND_TEST_PANIC_HOST` (see `Settings`): a
+            // real pass that panics, to show the daemon survives one.
+            panic!("test hook TEND_TEST_PANIC_HOST: the pass of host `{host}` panics");
+        }
         let verdict = match &snap.valid {
             Some((state, revision)) if state.hosts.contains_key(&host) => {
                 let mut overlay = Overlay {
@@ -289,44 +526,73 @@ impl Reconciler for Real {
                         if let Some(res) = &r.result {
                             log_run(&host, res);
                         }
-                        verdict(&host, r.result.as_ref(), &self.state_dir)
+                        let (sd, h) = (self.state_dir.clone(), host.clone());
+                        blocking(move || verdict(&h, r.result.as_ref(), &sd)).await
                     }
                     Err(e) => {
+                        // A pass that failed without a result is still a
+                        // failed pass of its host, recorded as such.
                         let message = format!("{e:#}");
                         tracing::error!(%host, error = %message, "pass failed");
-                        Verdict::Failed {
+                        self.clone()
+                            .record_failure(host.clone(), trigger, message.clone())
+                            .await;
+                        return Verdict::Failed {
                             signature: format!("pass error: {message}"),
                             message,
-                        }
+                        };
                     }
                 }
             }
             _ => {
-                self.report_unplannable(&host, &snap, degraded);
+                let me = self.clone();
+                let (h, s) = (host.clone(), snap.clone());
+                blocking(move || me.report_unplannable(&h, &s, degraded)).await;
                 Verdict::Settled { awaiting: false }
             }
         };
-        self.write_fleet(&snap);
+        let me = self.clone();
+        blocking(move || me.write_fleet(&snap)).await;
         verdict
+    }
+}
+
+impl Reconciler for Real {
+    async fn load(&self) -> Loaded {
+        let me = self.inner.clone();
+        blocking(move || me.load_blocking()).await
+    }
+
+    async fn reconcile(
+        &self,
+        host: String,
+        trigger: Trigger,
+        degraded: Option<(String, String)>,
+    ) -> Verdict {
+        self.inner.clone().reconcile(host, trigger, degraded).await
+    }
+
+    async fn record_failure(&self, host: String, trigger: Trigger, message: String) {
+        self.inner
+            .clone()
+            .record_failure(host, trigger, message)
+            .await
     }
 
     fn set_degraded(&self, host: &str, degraded: Option<(String, String)>) {
-        let now = now_rfc3339();
-        match self.state_dir.read_status(host) {
-            Ok(Some(mut s)) => {
-                set_degraded_condition(&mut s, degraded, &now);
-                if let Err(e) = self.state_dir.write_status(&s) {
-                    tracing::error!(%host, error = %e, "could not write status");
-                }
+        let me = self.inner.clone();
+        let host = host.to_string();
+        // Called from the loop, which must not wait on the disk.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || me.set_degraded_blocking(&host, degraded));
             }
-            Ok(None) => {}
-            Err(e) => tracing::error!(%host, error = %e, "could not read status"),
+            Err(_) => me.set_degraded_blocking(&host, degraded),
         }
-        self.write_fleet(&self.current());
     }
 
     fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.inner.stop.store(true, Ordering::SeqCst);
     }
 }
 
@@ -384,5 +650,123 @@ fn verdict(host: &str, res: Option<&RunResult>, sd: &StateDir) -> Verdict {
                 message,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::LogFormat;
+    use crate::core::report::ExecutionOutcome;
+    use crate::core::spec::TendConfig;
+
+    fn real(dir: &std::path::Path) -> Real {
+        let g = Global {
+            dir: dir.join("desired"),
+            state_dir: Some(dir.join("state")),
+            json: false,
+            verbose: 0,
+            quiet: false,
+            log_format: LogFormat::Human,
+        };
+        let settings = Settings::resolve(&g, TendConfig::default(), None).unwrap();
+        let sd = settings.state_dir().unwrap();
+        let r = Real::new(g, settings, sd);
+        r.state_dir().ensure().unwrap();
+        r
+    }
+
+    fn row(run_id: &str, host: &str) -> RunRow {
+        RunRow {
+            run_id: run_id.into(),
+            started_at: "2026-12-03T10:00:00.000Z".into(),
+            action: Action::Converge,
+            trigger: Trigger::Resync,
+            dispatch_mode: crate::core::spec::DispatchMode::Enforced,
+            effective_mode: EffectiveMode::Quick,
+            policy_outcome: PolicyOutcome::Approved,
+            policy_reason: "planning".into(),
+            desired_revision: "rev".into(),
+            target_hosts: vec![host.into()],
+        }
+    }
+
+    #[test]
+    fn a_failed_pass_closes_the_run_it_began_and_no_other() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = real(tmp.path());
+        let sd = r.state_dir().clone();
+        let mut db = Db::open(&sd.db_path()).unwrap();
+        db.begin_run(&row("r-20261203T100000Z-aaaa", "a")).unwrap();
+        db.begin_run(&row("r-20261203T100000Z-bbbb", "b")).unwrap();
+        drop(db);
+
+        let id = r
+            .inner
+            .record_failed_pass("a", Trigger::Resync, "the pass panicked: boom")
+            .unwrap();
+        assert_eq!(id, "r-20261203T100000Z-aaaa");
+        let db = Db::open(&sd.db_path()).unwrap();
+        let open: Vec<String> = db
+            .unfinished_runs()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.run.run_id)
+            .collect();
+        // The other host's pass may still be running: its run stays open.
+        assert_eq!(open, vec!["r-20261203T100000Z-bbbb"]);
+        let run = db.run(&id).unwrap().unwrap();
+        assert_eq!(
+            run.execution_outcome,
+            Some(ExecutionOutcome::ExecutionFailed)
+        );
+        let result = sd.read_run_result(&id).unwrap().unwrap();
+        let o = &result.host_outcomes[0];
+        assert_eq!(o.outcome, HostOutcomeKind::ExecutionFailed);
+        assert_eq!(
+            o.last_failure_message.as_deref(),
+            Some("the pass panicked: boom")
+        );
+        let s = sd.read_status("a").unwrap().unwrap();
+        assert_eq!(s.last_run_id.as_deref(), Some(id.as_str()));
+        let c = s.condition(ConditionType::Converged).unwrap();
+        assert_eq!(c.status, ConditionStatus::False);
+        assert_eq!(c.reason, "PassFailed");
+        assert!(c.message.contains("boom"), "{}", c.message);
+    }
+
+    #[test]
+    fn a_pass_that_failed_before_its_run_began_gets_a_failed_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = real(tmp.path());
+        let sd = r.state_dir().clone();
+        let id = r
+            .inner
+            .record_failed_pass("a", Trigger::Retry, "the pass panicked: early")
+            .unwrap();
+        let db = Db::open(&sd.db_path()).unwrap();
+        assert!(db.unfinished_runs().unwrap().is_empty());
+        let run = db.run(&id).unwrap().unwrap();
+        assert_eq!(
+            run.execution_outcome,
+            Some(ExecutionOutcome::ExecutionFailed)
+        );
+        assert_eq!(run.run.target_hosts, vec!["a"]);
+        assert_eq!(run.run.trigger, Trigger::Retry);
+        let events: Vec<String> = db
+            .events(&id)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(events, vec!["pass_failed"]);
+        let result = sd.read_run_result(&id).unwrap().unwrap();
+        assert_eq!(result.host_outcomes.len(), 1);
+        assert_eq!(
+            result.host_outcomes[0].last_failure_message.as_deref(),
+            Some("the pass panicked: early")
+        );
+        let s = sd.read_status("a").unwrap().unwrap();
+        assert_eq!(s.last_run_id.as_deref(), Some(id.as_str()));
     }
 }

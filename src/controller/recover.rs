@@ -38,25 +38,30 @@ pub fn interrupted_runs(sd: &StateDir) -> Result<Vec<String>> {
         )?;
         let json = serde_json::to_string_pretty(&result)?;
         db.finish_run(&result, &json)?;
-        let timeline: Vec<serde_json::Value> = db
-            .events(&run.run.run_id)?
-            .into_iter()
-            .map(|e| {
-                let mut line = json!({"at": e.at, "kind": e.kind, "host": e.host});
-                if let (serde_json::Value::Object(l), serde_json::Value::Object(d)) =
-                    (&mut line, e.detail)
-                {
-                    l.extend(d);
-                }
-                line
-            })
-            .collect();
+        let timeline = timeline(&db, &run.run.run_id)?;
         sd.write_interrupted_run(&result, &timeline)?;
         hosts.extend(run.run.target_hosts.iter().cloned());
     }
     hosts.sort();
     hosts.dedup();
     Ok(hosts)
+}
+
+/// A run's timeline (`timeline.jsonl` lines) from the events it recorded.
+pub fn timeline(db: &Db, run_id: &str) -> Result<Vec<serde_json::Value>> {
+    Ok(db
+        .events(run_id)?
+        .into_iter()
+        .map(|e| {
+            let mut line = json!({"at": e.at, "kind": e.kind, "host": e.host});
+            if let (serde_json::Value::Object(l), serde_json::Value::Object(d)) =
+                (&mut line, e.detail)
+            {
+                l.extend(d);
+            }
+            line
+        })
+        .collect())
 }
 
 /// The result of a run cut short: what its step attempts show, and for

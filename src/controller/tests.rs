@@ -1,6 +1,7 @@
 //! The loop on paused tokio time against a fake reconciler: startup, resync,
 //! debounce, dedupe, backoff schedule, crash loop and its release, the
-//! concurrency bound, no two passes of one host at once, and shutdown.
+//! concurrency bound, no two passes of one host at once, shutdown, a pass
+//! that panics, and a slow load that stalls nothing else.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,6 +32,15 @@ struct Fake {
     loads: AtomicUsize,
     degraded: Mutex<Vec<(String, bool)>>,
     stopped: AtomicBool,
+    /// Hosts whose passes panic.
+    panics: Mutex<BTreeSet<String>>,
+    /// Every failure recorded through `record_failure`: (seconds since t0,
+    /// host, message).
+    recorded: Mutex<Vec<(f64, String, String)>>,
+    /// How long a load takes (awaited, as a slow `git` would be).
+    load_time: Mutex<Duration>,
+    /// Loads finished: (seconds since t0 at the start, at the end).
+    loads_done: Mutex<Vec<(f64, f64)>>,
 }
 
 impl Fake {
@@ -58,6 +68,10 @@ impl Fake {
             loads: AtomicUsize::new(0),
             degraded: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
+            panics: Mutex::new(BTreeSet::new()),
+            recorded: Mutex::new(Vec::new()),
+            load_time: Mutex::new(Duration::ZERO),
+            loads_done: Mutex::new(Vec::new()),
         })
     }
 
@@ -85,11 +99,19 @@ impl Fake {
     fn set_revision(&self, rev: &str) {
         self.loaded.lock().unwrap().revision = rev.into();
     }
+
+    fn since(&self) -> f64 {
+        (Instant::now() - self.t0).as_secs_f64()
+    }
 }
 
 impl Reconciler for Fake {
-    fn load(&self) -> Loaded {
+    async fn load(&self) -> Loaded {
+        let start = self.since();
+        let wait = *self.load_time.lock().unwrap();
+        tokio::time::sleep(wait).await;
         self.loads.fetch_add(1, Ordering::SeqCst);
+        self.loads_done.lock().unwrap().push((start, self.since()));
         self.loaded.lock().unwrap().clone()
     }
 
@@ -110,12 +132,20 @@ impl Reconciler for Fake {
         }
         tokio::time::sleep(self.pass_time).await;
         self.active.lock().unwrap().remove(&host);
+        if self.panics.lock().unwrap().contains(&host) {
+            panic!("index out of bounds in the pass of {host}");
+        }
         self.script
             .lock()
             .unwrap()
             .get_mut(&host)
             .and_then(|q| q.pop_front())
             .unwrap_or(Verdict::Settled { awaiting: false })
+    }
+
+    async fn record_failure(&self, host: String, _trigger: Trigger, message: String) {
+        let t = self.since();
+        self.recorded.lock().unwrap().push((t, host, message));
     }
 
     fn set_degraded(&self, host: &str, degraded: Option<(String, String)>) {
@@ -389,6 +419,120 @@ async fn a_change_the_watch_missed_is_found_at_the_next_resync() {
     assert!(
         p.iter()
             .any(|(t, tr)| *tr == Trigger::Watch && (*t - 300.0).abs() < 0.01),
+        "{p:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pass_that_panics_is_a_recorded_failure_retried_with_backoff() {
+    let fake = Fake::new(&["a", "b"], 4, Duration::from_millis(100));
+    fake.panics.lock().unwrap().insert("a".into());
+    let (tx, _h) = start(&fake);
+    at(&fake, 5.0).await;
+    // The other host is served as usual meanwhile: a retry runs at once.
+    tx.send(Event::RetryRequested("b".into())).unwrap();
+    at(&fake, 6.0).await;
+    let b = fake.passes_of("b");
+    assert_eq!(b.len(), 2, "{b:?}");
+    assert_eq!(b[1].1, Trigger::Retry);
+    assert!((b[1].0 - 5.0).abs() < 0.01, "{b:?}");
+    // The host that panicked was released and retried with backoff: 1 s,
+    // then 2 s (each +-10%, after a pass of 0.1 s).
+    let a = fake.passes_of("a");
+    assert_eq!(a.len(), 3, "{a:?}");
+    let gaps: Vec<f64> = a.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    for (gap, nominal) in gaps.iter().zip([1.0, 2.0]) {
+        let want = nominal + 0.1;
+        assert!((gap - want).abs() <= nominal * 0.1 + 0.01, "{gaps:?}");
+    }
+    assert!(a[1..].iter().all(|(_, tr)| *tr == Trigger::Retry), "{a:?}");
+    // Each crash was recorded as a failed pass of its host, with the
+    // panic's message.
+    let rec = fake.recorded.lock().unwrap().clone();
+    assert_eq!(rec.len(), 3, "{rec:?}");
+    for (_, host, msg) in &rec {
+        assert_eq!(host, "a");
+        assert_eq!(
+            msg,
+            "the pass panicked: index out of bounds in the pass of a"
+        );
+    }
+    // The same crash again and again is a crash loop, like any failure.
+    assert_eq!(
+        *fake.degraded.lock().unwrap(),
+        vec![("a".to_string(), true)]
+    );
+    // Once it stops panicking, the next pass settles it.
+    fake.panics.lock().unwrap().clear();
+    tx.send(Event::RetryRequested("a".into())).unwrap();
+    at(&fake, 7.0).await;
+    assert_eq!(fake.passes_of("a").len(), 4);
+    assert_eq!(fake.degraded.lock().unwrap()[1], ("a".to_string(), false));
+    assert_eq!(fake.recorded.lock().unwrap().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_load_stalls_neither_timers_nor_passes_nor_shutdown() {
+    let fake = Fake::new(&["a", "b"], 4, Duration::from_millis(100));
+    let (tx, h) = start(&fake);
+    at(&fake, 1.0).await;
+    // From now on a load takes 1000 s (a `git` that hangs).
+    *fake.load_time.lock().unwrap() = Duration::from_secs(1000);
+    fake.set_revision("rev-2");
+    tx.send(Event::DesiredChanged).unwrap();
+    // The load starts when the quiet window ends (3 s) and is still
+    // running at 10 s; a retry and a failure's backoff are served anyway.
+    fake.fail("b", 1, "Transient/x");
+    tx.send(Event::RetryRequested("b".into())).unwrap();
+    at(&fake, 10.0).await;
+    assert_eq!(fake.loads_done.lock().unwrap().len(), 1, "only the first");
+    let b = fake.passes_of("b");
+    // Start, the retry at 1 s (which failed), then its backoff retry.
+    assert_eq!(b.len(), 3, "{b:?}");
+    assert!((b[1].0 - 1.0).abs() < 0.01, "{b:?}");
+    assert!(b[2].0 > 2.0 && b[2].0 < 3.5, "{b:?}");
+    // More changes while the load runs are one more load after it, not a
+    // pile of them.
+    for i in 0..5 {
+        at(&fake, 20.0 + i as f64).await;
+        tx.send(Event::DesiredChanged).unwrap();
+    }
+    at(&fake, 900.0).await;
+    // Resyncs went on at 300 s intervals while the load hung.
+    let a = fake.passes_of("a");
+    assert!(
+        a.iter().any(|(t, tr)| *tr == Trigger::Resync && *t > 290.0),
+        "{a:?}"
+    );
+    // And a shutdown is served at once, without waiting for the load.
+    tx.send(Event::Shutdown).unwrap();
+    h.await.unwrap();
+    assert!(Instant::now() - fake.t0 < Duration::from_secs(901));
+    assert!(fake.stopped.load(Ordering::SeqCst));
+}
+
+#[tokio::test(start_paused = true)]
+async fn loads_asked_for_during_a_load_run_once_after_it() {
+    let fake = Fake::new(&["a"], 4, Duration::ZERO);
+    let (tx, _h) = start(&fake);
+    at(&fake, 1.0).await;
+    *fake.load_time.lock().unwrap() = Duration::from_secs(50);
+    tx.send(Event::Reload).unwrap();
+    at(&fake, 2.0).await;
+    fake.set_revision("rev-2");
+    for _ in 0..3 {
+        tx.send(Event::Reload).unwrap();
+    }
+    at(&fake, 200.0).await;
+    // The start, the first SIGHUP's load (1..51 s), then one load for the
+    // three that came while it ran (51..101 s), which sees rev-2.
+    let loads = fake.loads_done.lock().unwrap().clone();
+    assert_eq!(loads.len(), 3, "{loads:?}");
+    assert!((loads[2].0 - 51.0).abs() < 0.01, "{loads:?}");
+    let p = fake.passes_of("a");
+    assert!(
+        p.iter()
+            .any(|(t, tr)| *tr == Trigger::Watch && (*t - 101.0).abs() < 0.01),
         "{p:?}"
     );
 }

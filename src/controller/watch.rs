@@ -7,6 +7,8 @@
 //! lies inside the desired-state directory; and the watches never descend
 //! into the state dir, whose `runs/` grows without bound.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -88,8 +90,18 @@ fn git_dir(dir: &Path) -> Option<PathBuf> {
 pub struct Watches {
     watcher: RecommendedWatcher,
     paths: Paths,
-    /// Top-level entries of the desired dir watched recursively so far.
-    watched: Vec<PathBuf>,
+    /// Directories of the desired state watched so far, each with the
+    /// identity (device, inode) it had when its watch was added. A watch
+    /// follows an inode, not a path: a directory removed and created again
+    /// (a checkout, `git stash`) or the desired-state dir replaced by a
+    /// rename is a new inode that nothing watches until it is re-armed.
+    watched: BTreeMap<PathBuf, Identity>,
+}
+
+type Identity = (u64, u64);
+
+fn identity(p: &Path) -> Option<Identity> {
+    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl Watches {
@@ -132,7 +144,7 @@ impl Watches {
         let mut w = Watches {
             watcher,
             paths,
-            watched: Vec::new(),
+            watched: BTreeMap::new(),
         };
         let state = w.paths.state.clone();
         for (dir, mode) in [
@@ -156,33 +168,75 @@ impl Watches {
             .with_context(|| format!("watching {}", dir.display()))
     }
 
+    /// Watch `dir`, again when it is watched already. A watch follows an
+    /// inode, and the inode numbers of a removed directory and of one
+    /// created at once at the same path are often equal, so identity alone
+    /// cannot tell a recreated directory: adding the watch again is cheap
+    /// and harmless for the same directory (the watcher merges it) and arms
+    /// the new one. A directory whose identity did change (the desired dir
+    /// replaced by a rename) loses its old watch first, which would
+    /// otherwise report on a directory that is no longer the desired state.
+    fn arm(&mut self, dir: &Path, mode: RecursiveMode) -> Result<()> {
+        let Some(id) = identity(dir) else {
+            // Gone since it was listed: nothing to watch; its parent's
+            // watch reports it if it comes back.
+            self.disarm(dir);
+            return Ok(());
+        };
+        if self.watched.get(dir).is_some_and(|old| *old != id) {
+            tracing::info!(dir = %dir.display(), "directory replaced: watching the new one");
+            self.disarm(dir);
+        }
+        self.add(dir, mode)?;
+        self.watched.insert(dir.to_path_buf(), id);
+        Ok(())
+    }
+
+    fn disarm(&mut self, dir: &Path) {
+        if self.watched.remove(dir).is_some() {
+            // The kernel drops the watch of a removed directory by itself;
+            // this only clears the watcher's own book.
+            let _ = self.watcher.unwatch(dir);
+        }
+    }
+
     /// Watch the desired dir: its own entries, and every subdirectory but
-    /// the state dir and the git dir recursively. Called again after each
-    /// change, to pick up new top-level directories.
+    /// the state dir and the git dir recursively. Called before each load
+    /// (a change of a top-level entry is seen by the desired dir's own
+    /// watch and causes one), to pick up new top-level directories and to
+    /// re-arm the watch of a directory that was removed and created again,
+    /// or of the desired dir itself when it was replaced.
     pub fn refresh(&mut self) -> Result<()> {
         let desired = self.paths.desired.clone();
         if !self.state_inside() {
-            if self.watched.is_empty() {
-                self.add(&desired, RecursiveMode::Recursive)?;
-                self.watched.push(desired);
-            }
-            return Ok(());
+            // One recursive watch, which adds the subdirectories created
+            // under it as they appear.
+            return self.arm(&desired, RecursiveMode::Recursive);
         }
-        if !self.watched.contains(&desired) {
-            self.add(&desired, RecursiveMode::NonRecursive)?;
-            self.watched.push(desired.clone());
-        }
+        self.arm(&desired, RecursiveMode::NonRecursive)?;
         let entries = std::fs::read_dir(&desired)
             .with_context(|| format!("listing {}", desired.display()))?;
+        let mut present = BTreeSet::new();
         for entry in entries.flatten() {
             let p = entry.path();
             let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
             let skip = self.paths.state.starts_with(&p)
                 || self.paths.git.as_ref().is_some_and(|g| g.starts_with(&p));
-            if is_dir && !skip && !self.watched.contains(&p) {
-                self.add(&p, RecursiveMode::Recursive)?;
-                self.watched.push(p);
+            if is_dir && !skip {
+                self.arm(&p, RecursiveMode::Recursive)?;
+                present.insert(p);
             }
+        }
+        // Directories that went away: forget them, so that one created
+        // again under the same name is watched anew.
+        let gone: Vec<PathBuf> = self
+            .watched
+            .keys()
+            .filter(|p| **p != desired && !present.contains(*p))
+            .cloned()
+            .collect();
+        for p in gone {
+            self.disarm(&p);
         }
         Ok(())
     }

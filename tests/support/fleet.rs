@@ -375,11 +375,17 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(d: &Desired) -> Daemon {
+        Daemon::start_with_env(d, &[])
+    }
+
+    /// `start` with extra environment variables.
+    pub fn start_with_env(d: &Desired, env: &[(&str, &std::ffi::OsStr)]) -> Daemon {
         let log = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_tend"))
             .arg("--dir")
             .arg(d.dir())
             .args(["run", "-v"])
+            .envs(env.iter().copied())
             .env_remove("TEND_DISPATCH")
             .env_remove("SSH_AUTH_SOCK")
             .stdin(Stdio::null())
