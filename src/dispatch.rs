@@ -649,6 +649,10 @@ fn gate(step: &Step, allowed: bool, res: &[Option<StepResult>], batch: &[usize])
 /// was not run (held for a token, or stopped by the kill switch: the change
 /// may still come), which leaves it not run too, held if a trigger is.
 fn restart_gate(triggers: &[&StepResult]) -> Option<StepResult> {
+    // An owed restart with nothing to restart on in this pass: it runs.
+    if triggers.is_empty() {
+        return None;
+    }
     if triggers.iter().any(|t| t.status == StepStatus::Succeeded) {
         return None;
     }
@@ -817,6 +821,22 @@ async fn run_batch(
                 recs.push(Record::AttemptSent(attempt_row(
                     rec, host, &steps[k], attempt, &sent_at,
                 )));
+            }
+        }
+        // A restart whose trigger goes out in this batch is owed from now
+        // on, until it succeeds (SPEC 8.3): a crash between the trigger and
+        // the restart must not lose it.
+        let sending: Vec<usize> = todo
+            .iter()
+            .flat_map(|u| u.members.iter().copied())
+            .collect();
+        for r in steps.iter().filter(|s| s.is_restart()) {
+            if r.triggers.iter().any(|t| sending.contains(t)) {
+                recs.push(Record::OwedRestart {
+                    host: host.to_string(),
+                    resource_id: r.id.clone(),
+                    at: sent_at.clone(),
+                });
             }
         }
         recs.push(Record::Event {
@@ -1387,6 +1407,7 @@ mod command_tests {
             replace: false,
             triggers: vec![],
             daemon_reload: false,
+            owed: false,
         }
     }
 
@@ -1542,6 +1563,7 @@ mod service_tests {
             replace: false,
             triggers,
             daemon_reload: false,
+            owed: false,
         }
     }
 

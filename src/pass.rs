@@ -127,7 +127,10 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
     let targets = input.targets.clone();
     let mut db = Db::open(&sd.db_path())?;
     let managed = reconcile::load_managed(Some(&db), &targets)?;
-    let state = reconcile::with_prunes(input.state, &managed);
+    let mut state = reconcile::with_prunes(input.state, &managed);
+    // Restarts owed by earlier passes are planned again (SPEC 8.3).
+    reconcile::add_owed_restarts(&mut state, Some(&db), &targets)?;
+    let state = state;
     let config = &state.config;
     let tokens = reconcile::TokenInput::load(sd, Some(&db), config.token_max_ttl.0)?;
     let teardown = targets
@@ -389,6 +392,7 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
 
     // Managed resources: what is converged on a dispatched host is tend's.
     record_managed(&state, &prep, &result, &rec, &completed_at)?;
+    let owed = settle_owed_restarts(&state, &prep, &result, &rec)?;
 
     let result_json = serde_json::to_string_pretty(&result)?;
     rec.db().finish_run(&result, &result_json)?;
@@ -419,6 +423,7 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
                 .as_ref()
                 .and_then(|(v, _)| v.refusal.as_ref().map(|r| format!("{}: {r}", v.file))),
             degraded: input.overlay.degraded.get(&o.host).cloned(),
+            owed_restarts: owed.get(&o.host).cloned().unwrap_or_default(),
             invalid: input.overlay.invalid.clone(),
         });
         sd.write_status(&status)?;
@@ -473,6 +478,54 @@ fn quiet(
         prevs.push(prev);
     }
     Some(prevs)
+}
+
+/// After dispatch, the owed restarts of each target host (SPEC 8.3): a
+/// restart that succeeded is no longer owed; one whose trigger succeeded
+/// and that did not is owed (dispatch recorded it before the trigger went
+/// out); one recorded before a trigger that then did not succeed was never
+/// owed; and an owed restart the plan no longer has (its service left the
+/// desired state, stopped, or is started by its own step) is dropped, on a
+/// host that was probed and planned. Returns what is owed now, by host.
+fn settle_owed_restarts(
+    state: &DesiredState,
+    prep: &reconcile::Prepared,
+    result: &RunResult,
+    rec: &Recorder,
+) -> Result<BTreeMap<String, Vec<String>>> {
+    let mut db = rec.db();
+    let mut owed = BTreeMap::new();
+    for o in &result.host_outcomes {
+        let Some(hp) = prep.plan.host(&o.host) else {
+            continue;
+        };
+        let planned =
+            hp.error.is_none() && prep.probes.get(&o.host).is_some_and(|p| p.result.is_ok());
+        let before = &state.hosts[&o.host].owed_restarts;
+        let mut keep = std::collections::BTreeSet::new();
+        for (step, so) in hp.steps.iter().zip(&o.steps) {
+            if !step.is_restart() {
+                continue;
+            }
+            let triggered = step.triggers.iter().any(|&t| {
+                o.steps
+                    .get(t)
+                    .is_some_and(|s| s.status == report::StepStatus::Succeeded)
+            });
+            if so.status != report::StepStatus::Succeeded && (step.owed || triggered) {
+                keep.insert(step.id.clone());
+            }
+        }
+        for id in db.owed_restarts(&o.host)? {
+            let in_plan = hp.steps.iter().any(|s| s.is_restart() && s.id == id);
+            let stays = keep.contains(&id) || (!in_plan && !planned && before.contains(&id));
+            if !stays {
+                db.clear_owed_restart(&o.host, &id)?;
+            }
+        }
+        owed.insert(o.host.clone(), db.owed_restarts(&o.host)?);
+    }
+    Ok(owed)
 }
 
 fn record_managed(

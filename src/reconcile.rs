@@ -497,6 +497,22 @@ pub fn load_managed(db: Option<&Db>, targets: &[String]) -> Result<BTreeMap<Stri
 }
 
 /// The desired state with every target host's pruned resources added.
+/// Plan the restarts owed by earlier passes (SPEC 8.3) on the target hosts.
+pub fn add_owed_restarts(
+    state: &mut DesiredState,
+    db: Option<&Db>,
+    targets: &[String],
+) -> Result<()> {
+    let Some(db) = db else { return Ok(()) };
+    for h in targets {
+        let owed = db.owed_restarts(h)?;
+        if let Some(host) = state.hosts.get_mut(h) {
+            host.owed_restarts = owed;
+        }
+    }
+    Ok(())
+}
+
 pub fn with_prunes(state: &DesiredState, managed: &BTreeMap<String, Vec<Managed>>) -> DesiredState {
     let mut state = state.clone();
     for (host, list) in managed {

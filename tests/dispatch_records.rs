@@ -317,3 +317,92 @@ fn a_full_state_dir_dispatches_nothing() {
         text(&apply)
     );
 }
+
+/// Class 11: a `restart_on` restart whose trigger succeeded and which did
+/// not succeed is owed: listed in status, `Converged=False` with reason
+/// `RestartOwed`, and run by the next pass although nothing else changed,
+/// until it succeeds. On systemd host s13: a drop-in refusing manual starts
+/// makes the restart fail while the service stays active.
+#[test]
+fn a_failed_restart_is_owed_until_it_succeeds() {
+    let f = support::systemd_fleet();
+    let h = "s13";
+    f.sh(
+        h,
+        "systemctl stop tend-owed.service 2>/dev/null; rm -rf /run/systemd/system/tend-owed.service.d /etc/tend-owed.conf; systemctl daemon-reload",
+    );
+    let body = |v: &str| {
+        format!(
+            "resources:
+  - kind: file
+    path: /etc/systemd/system/tend-owed.service
+    content: \"[Service]\\nExecStart=/bin/sleep infinity\\n\"
+  - kind: file
+    path: /etc/tend-owed.conf
+    content: \"{v}\\n\"
+  - kind: service
+    name: tend-owed
+    running: true
+    restart_on: [\"file:/etc/tend-owed.conf\"]
+"
+        )
+    };
+    let inv = format!("hosts:\n{}", f.inventory_entry(h));
+    let d = Desired::new(FAST, &inv, &[(h, &body("1"))]);
+    let apply = d.tend(&["apply", "--dispatch", "enforced"]);
+    assert_eq!(code(&apply), 0, "{}", text(&apply));
+
+    // The restart is refused; the service stays active.
+    f.sh(
+        h,
+        "mkdir -p /run/systemd/system/tend-owed.service.d && printf '[Unit]\\nRefuseManualStart=yes\\n' > /run/systemd/system/tend-owed.service.d/refuse.conf && systemctl daemon-reload",
+    );
+    std::fs::write(d.dir().join(format!("hosts/{h}.yaml")), body("2")).unwrap();
+    let apply = d.tend(&["apply", "--dispatch", "enforced"]);
+    assert_eq!(code(&apply), 4, "{}", text(&apply));
+    let status = |d: &Desired| -> Value {
+        serde_json::from_slice(&std::fs::read(d.state().join(format!("status/{h}.json"))).unwrap())
+            .unwrap()
+    };
+    let st = status(&d);
+    assert_eq!(
+        st["pending"]["restarts"],
+        serde_json::json!(["service:tend-owed"]),
+        "{st:#}"
+    );
+    let converged = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Converged")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (&converged["status"], &converged["reason"]),
+        (&"False".into(), &"RestartOwed".into()),
+        "{st:#}"
+    );
+
+    // Nothing else changes: the next plan still holds the owed restart.
+    let plan = d.tend(&["plan"]);
+    assert_eq!(code(&plan), 2, "{}", text(&plan));
+    f.sh(
+        h,
+        "rm -rf /run/systemd/system/tend-owed.service.d && systemctl daemon-reload",
+    );
+    let before = f.sh(
+        h,
+        "systemctl show -p InvocationID --value tend-owed.service",
+    );
+    let apply = d.tend(&["apply", "--dispatch", "enforced"]);
+    assert_eq!(code(&apply), 0, "{}", text(&apply));
+    let after = f.sh(
+        h,
+        "systemctl show -p InvocationID --value tend-owed.service",
+    );
+    assert_ne!(before, after, "the owed restart ran");
+    let st = status(&d);
+    assert_eq!(st["pending"]["restarts"], serde_json::json!([]), "{st:#}");
+    assert_eq!(d.tend(&["plan"]).status.code(), Some(0));
+    f.sh(h, "systemctl stop tend-owed.service; rm -f /etc/systemd/system/tend-owed.service /etc/tend-owed.conf; systemctl daemon-reload");
+}

@@ -18,6 +18,10 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
     let db = crate::store::db::Db::open_read_only(&loaded.state_dir.db_path())?;
     let managed = reconcile::load_managed(db.as_ref(), &targets)?;
     loaded.state = reconcile::with_prunes(&loaded.state, &managed);
+    // A database from before owed restarts has none to show.
+    if let Err(e) = reconcile::add_owed_restarts(&mut loaded.state, db.as_ref(), &targets) {
+        tracing::warn!(error = %e, "owed restarts unreadable; planning without them");
+    }
     let kill = loaded.state_dir.kill_switch_engaged();
     let tokens = reconcile::TokenInput::load(
         &loaded.state_dir,

@@ -1503,6 +1503,7 @@ pub(crate) mod tests {
             file: Some("hosts/h.yaml".into()),
             lifecycle,
             resources,
+            owed_restarts: vec![],
         }
     }
 

@@ -219,6 +219,10 @@ pub struct Host {
     pub lifecycle: Lifecycle,
     /// Host and group resources, merged, sorted by id.
     pub resources: Vec<Resource>,
+    /// Services whose `restart_on` restart is owed (SPEC 8.3: a trigger
+    /// succeeded, the restart did not), sorted; from the history, like
+    /// prunes. Empty from validation.
+    pub owed_restarts: Vec<String>,
 }
 
 impl Host {
@@ -767,6 +771,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
             file,
             lifecycle,
             resources,
+            owed_restarts: Vec::new(),
         };
         check_host(&host, &gone, &mut problems);
         hosts.insert(name, host);

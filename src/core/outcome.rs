@@ -282,6 +282,8 @@ pub struct StatusInput<'a> {
     /// The controller's crash-loop verdict: `(reason, message)` while the
     /// host is Degraded.
     pub degraded: Option<(String, String)>,
+    /// Services whose restart is owed after this pass (SPEC 8.3), sorted.
+    pub owed_restarts: Vec<String>,
     /// The desired state as committed is invalid: `(its revision, the first
     /// problems as file:line:col: message)`. The pass ran against the last
     /// valid state (`revision`) with dispatch off, so the host is at most
@@ -375,13 +377,20 @@ pub fn next_status(i: StatusInput) -> HostStatus {
     }
 
     // What is still pending: every planned step that did not succeed.
-    let mut pending = Pending::default();
+    let mut pending = Pending {
+        restarts: i.owed_restarts.clone(),
+        ..Pending::default()
+    };
     let mut held_ids = Vec::new();
+    // Whether every step left pending is a restart (then the reason is
+    // `RestartOwed`, when one is owed).
+    let mut only_restarts = true;
     if let Some(hp) = hp {
         for (step, out) in hp.steps.iter().zip(&i.outcome.steps) {
             if out.status == StepStatus::Succeeded {
                 continue;
             }
+            only_restarts &= step.is_restart();
             match step.action {
                 Action::Create => pending.create += 1,
                 Action::Update => pending.update += 1,
@@ -394,8 +403,10 @@ pub fn next_status(i: StatusInput) -> HostStatus {
             }
         }
     }
-    s.pending = pending;
     let pending_total = pending.create + pending.update + pending.delete;
+    let owed = pending.restarts.len();
+    let destructive_pending = pending.destructive;
+    s.pending = pending;
     let drift = hp.map(|h| h.steps.len()).unwrap_or(0);
     if drift > 0 {
         s.set_condition(
@@ -414,7 +425,17 @@ pub fn next_status(i: StatusInput) -> HostStatus {
             i.now,
         );
     }
-    if pending_total == 0 {
+    if owed > 0 && only_restarts {
+        s.set_condition(
+            ConditionType::Converged,
+            f,
+            "RestartOwed",
+            format!(
+                "{owed} restart(s) owed: a change they restart on was applied, the restart did not succeed; the next pass runs it"
+            ),
+            i.now,
+        );
+    } else if pending_total == 0 {
         s.converged_revision = Some(i.revision.to_string());
         s.set_condition(
             ConditionType::Converged,
@@ -432,7 +453,7 @@ pub fn next_status(i: StatusInput) -> HostStatus {
             i.now,
         );
     }
-    let awaiting = match (&i.plan.operation, pending.destructive > 0) {
+    let awaiting = match (&i.plan.operation, destructive_pending > 0) {
         (Some(op), true)
             if matches!(
                 i.outcome.outcome,
@@ -488,7 +509,7 @@ pub fn next_status(i: StatusInput) -> HostStatus {
         ),
     }
     s.awaiting_confirmation = awaiting;
-    s.phase = match (i.lifecycle, pending_total) {
+    s.phase = match (i.lifecycle, pending_total + owed as u32) {
         (Lifecycle::Absent, 0) => Phase::TeardownComplete,
         (Lifecycle::Absent, _) => Phase::TeardownPending,
         (Lifecycle::Running, 0) => Phase::Running,

@@ -65,12 +65,16 @@ pub struct Step {
     /// service changes in this run, or the unit was not loaded).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub daemon_reload: bool,
+    /// A restart owed by an earlier pass (SPEC 8.3): it runs whatever its
+    /// triggers do in this pass.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub owed: bool,
 }
 
 impl Step {
-    /// A restart planned for `restart_on`.
+    /// A restart planned for `restart_on`, or owed from an earlier pass.
     pub fn is_restart(&self) -> bool {
-        !self.triggers.is_empty()
+        !self.triggers.is_empty() || self.owed
     }
 }
 
@@ -291,7 +295,10 @@ pub fn operation_hash(desired_revision: &str, hosts: &[HostPlan]) -> Option<(Str
 }
 
 /// Restarts to plan: (service resource index, trigger resource indices).
-fn restarts(host: &Host, changes: &[Change]) -> Vec<(usize, Vec<usize>)> {
+/// The restarts of a host: (its service's change, the changes it restarts
+/// on, whether it is owed from an earlier pass). An owed restart is planned
+/// even when nothing it restarts on changes now.
+fn restarts(host: &Host, changes: &[Change]) -> Vec<(usize, Vec<usize>, bool)> {
     if host.lifecycle == Lifecycle::Absent {
         return vec![];
     }
@@ -318,8 +325,9 @@ fn restarts(host: &Host, changes: &[Change]) -> Vec<(usize, Vec<usize>)> {
             .collect();
         triggers.sort();
         triggers.dedup();
-        if !triggers.is_empty() {
-            out.push((i, triggers));
+        let owed = host.owed_restarts.binary_search(&r.id).is_ok();
+        if !triggers.is_empty() || owed {
+            out.push((i, triggers, owed));
         }
     }
     out
@@ -387,7 +395,7 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
     // A restart depends on its triggers only: whether the service's own
     // step (an enable, say) succeeds or waits for a token, the change that
     // did land must reach the service.
-    for (k, (_, triggers)) in restarts.iter().enumerate() {
+    for (k, (_, triggers, _)) in restarts.iter().enumerate() {
         preds[n + k].extend(triggers.iter().copied());
     }
 
@@ -460,10 +468,21 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
         after.sort();
         if i >= n {
             counts.update += 1;
-            let triggers = &restarts[i - n].1;
+            let (_, triggers, owed) = &restarts[i - n];
             let mut trigger_steps: Vec<usize> = triggers.iter().map(|&t| step_of[t]).collect();
             trigger_steps.sort();
             let ids: Vec<&str> = triggers.iter().map(|&t| changes[t].id.as_str()).collect();
+            let (why, note) = if ids.is_empty() {
+                (
+                    "owed: an earlier restart did not succeed".to_string(),
+                    "owed from an earlier pass: runs until it succeeds",
+                )
+            } else {
+                (
+                    format!("on change of {}", ids.join(", ")),
+                    "restarts once, if at least one of the steps it restarts on succeeds",
+                )
+            };
             steps.push(Step {
                 index: k,
                 id: c.id.clone(),
@@ -475,14 +494,13 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
                 fields: vec![FieldChange {
                     field: "restart".into(),
                     from: None,
-                    to: Some(format!("on change of {}", ids.join(", "))),
+                    to: Some(why),
                 }],
-                note: Some(
-                    "restarts once, if at least one of the steps it restarts on succeeds".into(),
-                ),
+                note: Some(note.into()),
                 replace: false,
                 triggers: trigger_steps,
                 daemon_reload: c.daemon_reload,
+                owed: *owed,
             });
             continue;
         }
@@ -505,6 +523,7 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
             replace: c.replace,
             triggers: vec![],
             daemon_reload: c.daemon_reload,
+            owed: false,
         });
     }
     let barrier = chosen.iter().filter(|&&i| !late[i]).count();

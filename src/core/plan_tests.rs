@@ -251,6 +251,7 @@ pub(super) fn host_with(name: &str, lifecycle: Lifecycle, mut resources: Vec<Res
         file: Some(format!("hosts/{name}.yaml")),
         lifecycle,
         resources,
+        owed_restarts: vec![],
     }
 }
 

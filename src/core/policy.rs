@@ -274,6 +274,7 @@ mod tests {
                 replace: false,
                 triggers: vec![],
                 daemon_reload: false,
+                owed: false,
             });
         }
         HostPlan {

@@ -288,13 +288,16 @@ pub struct Condition {
 }
 
 /// Changes pending on a host; `destructive` counts the steps among them that
-/// need a token.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// need a token. `restarts`: services whose `restart_on` restart is owed
+/// (SPEC 8.3), run by the next pass until one succeeds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pending {
     pub create: u32,
     pub update: u32,
     pub delete: u32,
     pub destructive: u32,
+    #[serde(default)]
+    pub restarts: Vec<String>,
 }
 
 /// What the operator must do to let held destructive steps run.
@@ -413,7 +416,7 @@ impl FleetHost {
             converged: status
                 .condition(ConditionType::Converged)
                 .is_some_and(|c| c.status == ConditionStatus::True),
-            pending: status.pending,
+            pending: status.pending.clone(),
         }
     }
 }
@@ -717,7 +720,7 @@ mod tests {
         }
         assert_keys(
             &v["pending"],
-            &["create", "update", "delete", "destructive"],
+            &["create", "update", "delete", "destructive", "restarts"],
         );
         assert_keys(
             &v["awaiting_confirmation"],
@@ -777,6 +780,7 @@ mod tests {
             update: 2,
             delete: 3,
             destructive: 3,
+            restarts: vec!["service:app".into()],
         };
         st.awaiting_confirmation = Some(awaiting());
         round_trip(&st);
@@ -855,7 +859,7 @@ mod tests {
             assert_keys(h, &["host", "phase", "converged", "pending"]);
             assert_keys(
                 &h["pending"],
-                &["create", "update", "delete", "destructive"],
+                &["create", "update", "delete", "destructive", "restarts"],
             );
         }
         assert_eq!(hosts[0]["host"], "web-1");

@@ -168,6 +168,18 @@ CREATE INDEX runs_by_started ON runs (started_at);
 ALTER TABLE step_attempts ADD COLUMN phase TEXT NOT NULL DEFAULT 'finished'
     CHECK (phase IN ('sent', 'started', 'finished'));
 "#,
+    // 5: `restart_on` restarts owed by a pass whose trigger succeeded and
+    // whose restart did not (SPEC 8.3); cleared when one succeeds or the
+    // service leaves the desired state.
+    r#"
+CREATE TABLE owed_restarts (
+    host        TEXT NOT NULL,
+    resource_id TEXT NOT NULL,
+    run_id      TEXT NOT NULL,
+    since       TEXT NOT NULL,
+    PRIMARY KEY (host, resource_id)
+) STRICT;
+"#,
 ];
 
 /// One record of a run, written with others in one transaction
@@ -192,6 +204,12 @@ pub enum Record {
     },
     /// The attempt ended: the row as it ended.
     AttemptFinished(StepAttemptRow),
+    /// A service's restart is owed (kept as first recorded if already so).
+    OwedRestart {
+        host: String,
+        resource_id: String,
+        at: String,
+    },
 }
 
 /// What is known of a run when it begins (after policy, before dispatch).
@@ -491,6 +509,17 @@ impl Db {
                                 rusqlite::params![run_id, host, step_index, attempt],
                             )?;
                         }
+                        Record::OwedRestart {
+                            host,
+                            resource_id,
+                            at,
+                        } => {
+                            tx.execute(
+                                "INSERT INTO owed_restarts (host, resource_id, run_id, since)
+                             VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                                rusqlite::params![host, resource_id, run_id, at],
+                            )?;
+                        }
                         Record::AttemptFinished(a) => {
                             tx.execute(
                                 "INSERT INTO step_attempts (run_id, host, step_index, resource_id,
@@ -519,6 +548,31 @@ impl Db {
                         }
                     }
                 }
+                Ok(())
+            },
+        )
+    }
+
+    /// The services of `host` whose restart is owed, sorted.
+    pub fn owed_restarts(&self, host: &str) -> Result<Vec<String>, StoreError> {
+        self.read(format!("read the owed restarts of host {host}"), |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT resource_id FROM owed_restarts WHERE host = ?1 ORDER BY resource_id",
+            )?;
+            let rows = stmt.query_map([host], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    /// A restart of `host` is no longer owed.
+    pub fn clear_owed_restart(&mut self, host: &str, resource_id: &str) -> Result<(), StoreError> {
+        self.write(
+            format!("clear the owed restart of {resource_id} on {host}"),
+            |tx| {
+                tx.execute(
+                    "DELETE FROM owed_restarts WHERE host = ?1 AND resource_id = ?2",
+                    [host, resource_id],
+                )?;
                 Ok(())
             },
         )
