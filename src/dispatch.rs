@@ -67,7 +67,8 @@ impl Recorder {
     /// Write `records` in one transaction; their events join the timeline.
     /// A failure breaks the recorder (see [`Recorder::broken`]).
     pub fn records(&self, records: Vec<Record>) -> Result<(), String> {
-        let written = lock(&self.db).write_records(&self.run_id, &records);
+        let written =
+            crate::store::blocking(|| lock(&self.db).write_records(&self.run_id, &records));
         {
             let mut t = lock(&self.timeline);
             for r in records {

@@ -121,18 +121,25 @@ pub struct PassReport {
 
 pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
     let sd = input.state_dir;
-    sd.ensure()?;
+    // Blocking work (files, SQLite) runs where it cannot stall the
+    // runtime's other tasks: timers, signals, other hosts' passes.
     let started = SystemTime::now();
     let started_at = humantime::format_rfc3339_millis(started).to_string();
     let targets = input.targets.clone();
-    let mut db = Db::open(&sd.db_path())?;
-    let managed = reconcile::load_managed(Some(&db), &targets)?;
-    let mut state = reconcile::with_prunes(input.state, &managed);
-    // Restarts owed by earlier passes are planned again (SPEC 8.3).
-    reconcile::add_owed_restarts(&mut state, Some(&db), &targets)?;
-    let state = state;
+    let (db, state, tokens) = crate::store::blocking(|| -> Result<_> {
+        sd.ensure()?;
+        let db = Db::open(&sd.db_path())?;
+        let managed = reconcile::load_managed(Some(&db), &targets)?;
+        let mut state = reconcile::with_prunes(input.state, &managed);
+        // Restarts owed by earlier passes are planned again (SPEC 8.3).
+        reconcile::add_owed_restarts(&mut state, Some(&db), &targets)?;
+        let state = state;
+        let config = &state.config;
+        let tokens = reconcile::TokenInput::load(sd, Some(&db), config.token_max_ttl.0)?;
+        Ok((db, state, tokens))
+    })?;
+    let mut db = db;
     let config = &state.config;
-    let tokens = reconcile::TokenInput::load(sd, Some(&db), config.token_max_ttl.0)?;
     let teardown = targets
         .iter()
         .any(|h| state.hosts[h].lifecycle == Lifecycle::Absent);
@@ -188,129 +195,140 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
         prep.decision = decide(&prep, authorized);
     }
 
-    if let Some(prevs) = input.quiet_noop.then(|| quiet(&input, &prep, sd)).flatten() {
-        for mut s in prevs {
-            if let Some(p) = prep.probes.get(&s.host) {
-                s.last_probe_at = Some(p.at.clone());
+    if input.quiet_noop
+        && let Some(report) = crate::store::blocking(|| -> Result<Option<PassReport>> {
+            let Some(prevs) = quiet(&input, &prep, sd) else {
+                return Ok(None);
+            };
+            for mut s in prevs {
+                if let Some(p) = prep.probes.get(&s.host) {
+                    s.last_probe_at = Some(p.at.clone());
+                }
+                sd.write_status(&s)?;
             }
-            sd.write_status(&s)?;
-        }
-        return Ok(PassReport {
-            result: None,
-            run_dir: None,
-            code: crate::commands::exit::OK,
-        });
+            Ok(Some(PassReport {
+                result: None,
+                run_dir: None,
+                code: crate::commands::exit::OK,
+            }))
+        })?
+    {
+        return Ok(report);
     }
 
-    // Begin the run. A run id is random in its last four characters; two
-    // passes in one second may draw the same one, so draw again on conflict.
-    let mut run_id = new_run_id(started);
-    let mut tries = 0;
-    loop {
-        let begun = db.begin_run(&RunRow {
-            run_id: run_id.clone(),
-            started_at: started_at.clone(),
-            action,
-            trigger: input.trigger,
-            dispatch_mode: mode,
-            effective_mode: EffectiveMode::Quick,
-            policy_outcome: PolicyOutcome::Approved,
-            policy_reason: "planning".into(),
-            desired_revision: input.revision.to_string(),
-            target_hosts: targets.clone(),
-        });
-        match begun {
-            Ok(()) => break,
-            Err(_) if tries < 8 && db.run(&run_id)?.is_some() => {
-                tries += 1;
-                run_id = new_run_id(SystemTime::now());
+    let (run_id, rec) = crate::store::blocking(|| -> Result<_> {
+        // Begin the run. A run id is random in its last four characters; two
+        // passes in one second may draw the same one, so draw again on conflict.
+        let mut run_id = new_run_id(started);
+        let mut tries = 0;
+        loop {
+            let begun = db.begin_run(&RunRow {
+                run_id: run_id.clone(),
+                started_at: started_at.clone(),
+                action,
+                trigger: input.trigger,
+                dispatch_mode: mode,
+                effective_mode: EffectiveMode::Quick,
+                policy_outcome: PolicyOutcome::Approved,
+                policy_reason: "planning".into(),
+                desired_revision: input.revision.to_string(),
+                target_hosts: targets.clone(),
+            });
+            match begun {
+                Ok(()) => break,
+                Err(_) if tries < 8 && db.run(&run_id)?.is_some() => {
+                    tries += 1;
+                    run_id = new_run_id(SystemTime::now());
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
         }
-    }
-    let rec = Arc::new(Recorder::new(run_id.clone(), db));
-    rec.event(
-        None,
-        "run_started",
-        json!({
-            "targets": targets,
-            "trigger": input.trigger,
-            "dispatch_mode": mode.as_str(),
-            "desired_revision": input.revision,
-        }),
-    );
-    if let Some((rev, problems)) = &input.overlay.invalid {
+        let rec = Arc::new(Recorder::new(run_id.clone(), db));
         rec.event(
             None,
-            "desired_state_invalid",
-            json!({"revision": rev, "problems": problems, "planned_against": input.revision}),
-        );
-    }
-    for v in &prep.token_verdicts {
-        rec.event(
-            None,
-            "token_checked",
-            json!({"file": v.file, "scope_match": v.scope_match, "refusal": v.refusal}),
-        );
-    }
-    // A valid token is claimed (recorded as used, then moved to
-    // confirm/used/) BEFORE any destructive step it authorizes runs, and only
-    // when one will actually be dispatched.
-    let will_destroy = prep.decision.hosts.iter().any(|d| {
-        d.dispatch
-            && d.allow_destructive
-            && prep.plan.host(&d.host).is_some_and(|h| h.destructive > 0)
-    });
-    if let (Some((v, file)), Some(op)) = (&prep.token, &prep.plan.operation)
-        && v.is_valid()
-        && will_destroy
-    {
-        let claimed = crate::tokens::consume(
-            sd,
-            &mut rec.db(),
-            file,
-            op,
-            &prep.plan.operation_hosts,
-            &run_id,
-            &now_rfc3339(),
-        );
-        if let Err(e) = claimed {
-            // Fail closed: decide again without the token.
-            rec.event(
-                None,
-                "token_refused",
-                json!({"file": v.file, "refusal": format!("{e:#}")}),
-            );
-            let mut refused = v.clone();
-            refused.refusal = Some(format!("{e:#}"));
-            prep.token = Some((refused, file.clone()));
-            prep.decision = decide(&prep, false);
-        } else {
-            rec.event(None, "token_used", json!({"file": v.file, "operation": op}));
-        }
-    }
-    for (host, p) in &prep.probes {
-        match &p.result {
-            Ok(_) => rec.event(Some(host), "probed", json!({"attempts": p.attempts})),
-            Err((class, msg)) => rec.event(
-                Some(host),
-                "probe_failed",
-                json!({"attempts": p.attempts, "class": class.as_str(), "message": msg}),
-            ),
-        }
-    }
-    for d in &prep.decision.hosts {
-        rec.event(
-            Some(&d.host),
-            "policy",
+            "run_started",
             json!({
-                "outcome": d.outcome,
-                "reason": d.reason,
-                "dispatch": d.dispatch,
-                "not_dispatched_reason": d.not_dispatched_reason,
+                "targets": targets,
+                "trigger": input.trigger,
+                "dispatch_mode": mode.as_str(),
+                "desired_revision": input.revision,
             }),
         );
-    }
+        if let Some((rev, problems)) = &input.overlay.invalid {
+            rec.event(
+                None,
+                "desired_state_invalid",
+                json!({"revision": rev, "problems": problems, "planned_against": input.revision}),
+            );
+        }
+        for v in &prep.token_verdicts {
+            rec.event(
+                None,
+                "token_checked",
+                json!({"file": v.file, "scope_match": v.scope_match, "refusal": v.refusal}),
+            );
+        }
+        // A valid token is claimed (recorded as used, then moved to
+        // confirm/used/) BEFORE any destructive step it authorizes runs, and only
+        // when one will actually be dispatched.
+        let will_destroy = prep.decision.hosts.iter().any(|d| {
+            d.dispatch
+                && d.allow_destructive
+                && prep.plan.host(&d.host).is_some_and(|h| h.destructive > 0)
+        });
+        if let (Some((v, file)), Some(op)) = (&prep.token, &prep.plan.operation)
+            && v.is_valid()
+            && will_destroy
+        {
+            let claimed = crate::tokens::consume(
+                sd,
+                &mut rec.db(),
+                file,
+                op,
+                &prep.plan.operation_hosts,
+                &run_id,
+                &now_rfc3339(),
+            );
+            if let Err(e) = claimed {
+                // Fail closed: decide again without the token.
+                rec.event(
+                    None,
+                    "token_refused",
+                    json!({"file": v.file, "refusal": format!("{e:#}")}),
+                );
+                let mut refused = v.clone();
+                refused.refusal = Some(format!("{e:#}"));
+                prep.token = Some((refused, file.clone()));
+                prep.decision = decide(&prep, false);
+            } else {
+                rec.event(None, "token_used", json!({"file": v.file, "operation": op}));
+            }
+        }
+        for (host, p) in &prep.probes {
+            match &p.result {
+                Ok(_) => rec.event(Some(host), "probed", json!({"attempts": p.attempts})),
+                Err((class, msg)) => rec.event(
+                    Some(host),
+                    "probe_failed",
+                    json!({"attempts": p.attempts, "class": class.as_str(), "message": msg}),
+                ),
+            }
+        }
+        for d in &prep.decision.hosts {
+            rec.event(
+                Some(&d.host),
+                "policy",
+                json!({
+                    "outcome": d.outcome,
+                    "reason": d.reason,
+                    "dispatch": d.dispatch,
+                    "not_dispatched_reason": d.not_dispatched_reason,
+                }),
+            );
+        }
+
+        Ok((run_id, rec))
+    })?;
 
     let opts = DispatchOpts {
         step_timeout: config.step_timeout.0,
@@ -324,116 +342,118 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
     };
     let runs = dispatch::execute(&prep, &state, &opts, rec.clone()).await;
 
-    // One outcome per resolved host.
-    let run_blocked = prep.decision.outcome == PolicyOutcome::PolicyBlocked
-        && prep.decision.hosts.iter().all(|d| !d.dispatch)
-        && mode == DispatchMode::Canary;
-    let mut outcomes: Vec<HostOutcome> = Vec::new();
-    for d in &prep.decision.hosts {
-        let hp = prep.plan.host(&d.host).expect("every target is planned");
-        let attempts = prep.probes.get(&d.host).map(|p| p.attempts).unwrap_or(0);
-        outcomes.push(outcome::host_outcome(
-            hp,
-            d,
-            run_blocked,
-            attempts,
-            runs.get(&d.host),
-        ));
-    }
-    let completed_at = now_rfc3339();
-    let destroyed = outcomes.iter().flat_map(|o| &o.steps).any(|s| {
-        s.destructive
-            && matches!(
-                s.status,
-                report::StepStatus::Succeeded | report::StepStatus::Failed
-            )
-    });
-    let confirmation = match (&prep.token, &prep.plan.operation) {
-        (Some((v, _)), Some(op)) => Some(report::Confirmation {
-            operation: op.clone(),
-            hosts: prep.plan.operation_hosts.clone(),
-            token_file: v.file.clone(),
-            scope_match: v.scope_match,
-            reason: v.doc.as_ref().map(|d| d.reason.clone()),
-            refusal: v.refusal.clone(),
-        }),
-        _ => None,
-    };
-    let result = RunResult {
-        schema_version: report::SCHEMA_VERSION,
-        run_id: run_id.clone(),
-        operation_intent: OperationIntent {
-            action,
-            trigger: input.trigger,
-            target_hosts: targets.clone(),
-            requested_by: input.settings.requested_by.clone(),
-        },
-        desired_revision: input.revision.to_string(),
-        effective_mode: if destroyed {
-            EffectiveMode::Full
-        } else {
-            EffectiveMode::Quick
-        },
-        dispatch_mode: mode,
-        policy_outcome: prep.decision.outcome,
-        policy_reason: prep.decision.reason.clone(),
-        blast_radius: targets.clone(),
-        execution_outcome: outcome::execution_outcome(&outcomes),
-        execution_started_at: started_at,
-        execution_completed_at: completed_at.clone(),
-        confirmation,
-        host_outcomes: outcomes,
-    };
-    rec.event(
-        None,
-        "run_finished",
-        json!({"execution_outcome": result.execution_outcome, "policy_outcome": result.policy_outcome}),
-    );
-
-    // Managed resources: what is converged on a dispatched host is tend's.
-    record_managed(&state, &prep, &result, &rec, &completed_at)?;
-    let owed = settle_owed_restarts(&state, &prep, &result, &rec)?;
-
-    let result_json = serde_json::to_string_pretty(&result)?;
-    rec.db().finish_run(&result, &result_json)?;
-    sd.write_run_artifacts(&run_id, &result, &prep.plan.to_json(), &rec.take_timeline())?;
-
-    // Status files.
-    let confirm_cmd = crate::commands::confirm_command(input.settings);
-    for o in &result.host_outcomes {
-        let prev = sd.read_status(&o.host).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "previous status unreadable; starting afresh");
-            None
+    crate::store::blocking(|| -> Result<PassReport> {
+        // One outcome per resolved host.
+        let run_blocked = prep.decision.outcome == PolicyOutcome::PolicyBlocked
+            && prep.decision.hosts.iter().all(|d| !d.dispatch)
+            && mode == DispatchMode::Canary;
+        let mut outcomes: Vec<HostOutcome> = Vec::new();
+        for d in &prep.decision.hosts {
+            let hp = prep.plan.host(&d.host).expect("every target is planned");
+            let attempts = prep.probes.get(&d.host).map(|p| p.attempts).unwrap_or(0);
+            outcomes.push(outcome::host_outcome(
+                hp,
+                d,
+                run_blocked,
+                attempts,
+                runs.get(&d.host),
+            ));
+        }
+        let completed_at = now_rfc3339();
+        let destroyed = outcomes.iter().flat_map(|o| &o.steps).any(|s| {
+            s.destructive
+                && matches!(
+                    s.status,
+                    report::StepStatus::Succeeded | report::StepStatus::Failed
+                )
         });
-        let probe = prep.probes.get(&o.host);
-        let status = outcome::next_status(StatusInput {
-            prev,
-            host: &o.host,
-            lifecycle: state.hosts[&o.host].lifecycle,
-            plan: &prep.plan,
-            outcome: o,
-            reached: probe.is_some_and(|p| p.result.is_ok()),
-            probe_at: probe.map(|p| p.at.as_str()).unwrap_or(&completed_at),
-            revision: input.revision,
-            run_id: &run_id,
-            now: &completed_at,
-            confirm_cmd: &confirm_cmd,
-            token_refusal: prep
-                .token
-                .as_ref()
-                .and_then(|(v, _)| v.refusal.as_ref().map(|r| format!("{}: {r}", v.file))),
-            degraded: input.overlay.degraded.get(&o.host).cloned(),
-            owed_restarts: owed.get(&o.host).cloned().unwrap_or_default(),
-            invalid: input.overlay.invalid.clone(),
-        });
-        sd.write_status(&status)?;
-    }
+        let confirmation = match (&prep.token, &prep.plan.operation) {
+            (Some((v, _)), Some(op)) => Some(report::Confirmation {
+                operation: op.clone(),
+                hosts: prep.plan.operation_hosts.clone(),
+                token_file: v.file.clone(),
+                scope_match: v.scope_match,
+                reason: v.doc.as_ref().map(|d| d.reason.clone()),
+                refusal: v.refusal.clone(),
+            }),
+            _ => None,
+        };
+        let result = RunResult {
+            schema_version: report::SCHEMA_VERSION,
+            run_id: run_id.clone(),
+            operation_intent: OperationIntent {
+                action,
+                trigger: input.trigger,
+                target_hosts: targets.clone(),
+                requested_by: input.settings.requested_by.clone(),
+            },
+            desired_revision: input.revision.to_string(),
+            effective_mode: if destroyed {
+                EffectiveMode::Full
+            } else {
+                EffectiveMode::Quick
+            },
+            dispatch_mode: mode,
+            policy_outcome: prep.decision.outcome,
+            policy_reason: prep.decision.reason.clone(),
+            blast_radius: targets.clone(),
+            execution_outcome: outcome::execution_outcome(&outcomes),
+            execution_started_at: started_at,
+            execution_completed_at: completed_at.clone(),
+            confirmation,
+            host_outcomes: outcomes,
+        };
+        rec.event(
+            None,
+            "run_finished",
+            json!({"execution_outcome": result.execution_outcome, "policy_outcome": result.policy_outcome}),
+        );
 
-    let code = outcome::apply_exit_code(&prep.decision, &result.host_outcomes);
-    Ok(PassReport {
-        run_dir: Some(sd.run_dir(&run_id)),
-        result: Some(result),
-        code,
+        // Managed resources: what is converged on a dispatched host is tend's.
+        record_managed(&state, &prep, &result, &rec, &completed_at)?;
+        let owed = settle_owed_restarts(&state, &prep, &result, &rec)?;
+
+        let result_json = serde_json::to_string_pretty(&result)?;
+        rec.db().finish_run(&result, &result_json)?;
+        sd.write_run_artifacts(&run_id, &result, &prep.plan.to_json(), &rec.take_timeline())?;
+
+        // Status files.
+        let confirm_cmd = crate::commands::confirm_command(input.settings);
+        for o in &result.host_outcomes {
+            let prev = sd.read_status(&o.host).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "previous status unreadable; starting afresh");
+                None
+            });
+            let probe = prep.probes.get(&o.host);
+            let status = outcome::next_status(StatusInput {
+                prev,
+                host: &o.host,
+                lifecycle: state.hosts[&o.host].lifecycle,
+                plan: &prep.plan,
+                outcome: o,
+                reached: probe.is_some_and(|p| p.result.is_ok()),
+                probe_at: probe.map(|p| p.at.as_str()).unwrap_or(&completed_at),
+                revision: input.revision,
+                run_id: &run_id,
+                now: &completed_at,
+                confirm_cmd: &confirm_cmd,
+                token_refusal: prep
+                    .token
+                    .as_ref()
+                    .and_then(|(v, _)| v.refusal.as_ref().map(|r| format!("{}: {r}", v.file))),
+                degraded: input.overlay.degraded.get(&o.host).cloned(),
+                owed_restarts: owed.get(&o.host).cloned().unwrap_or_default(),
+                invalid: input.overlay.invalid.clone(),
+            });
+            sd.write_status(&status)?;
+        }
+
+        let code = outcome::apply_exit_code(&prep.decision, &result.host_outcomes);
+        Ok(PassReport {
+            run_dir: Some(sd.run_dir(&run_id)),
+            result: Some(result),
+            code,
+        })
     })
 }
 

@@ -432,6 +432,19 @@ pub fn safe_file_part(id: &str) -> String {
     s
 }
 
+/// Run blocking work (files, SQLite, `git`) from async code without
+/// stalling the runtime: on a multi-threaded runtime the worker hands its
+/// other tasks to the rest first (`block_in_place`); elsewhere (a
+/// current-thread test runtime, no runtime) it runs inline.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
