@@ -1715,3 +1715,183 @@ mod service_tests {
         );
     }
 }
+
+/// Step retries (SPEC 8.3) against a real `sh` behind a transport that drops
+/// the connection once, mid-batch or before it.
+#[cfg(test)]
+mod retry_tests {
+    use std::fs;
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+    use crate::core::model::{Blob, SourceTree, validate};
+    use crate::core::spec::DispatchMode;
+    use crate::reconcile::{self, ProbeOpts, TokenInput};
+    use crate::transport::local::LocalTransport;
+    use crate::transport::{ExecOutput, StdoutSink, TransportError};
+
+    /// How the second command (the first batch) fails.
+    #[derive(Clone, Copy)]
+    enum Drop {
+        /// Before the host got anything.
+        BeforeSending,
+        /// The batch runs on the host; the connection drops right after the
+        /// first step's start marker reached tend.
+        AfterFirstStart,
+    }
+
+    struct Flaky {
+        inner: LocalTransport,
+        calls: AtomicU32,
+        drop: Drop,
+    }
+
+    impl Transport for Flaky {
+        fn exec_streaming(
+            &self,
+            script: &str,
+            stdin: &[u8],
+            timeout: Duration,
+            sink: StdoutSink<'_>,
+        ) -> Result<ExecOutput, TransportError> {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let lost = || TransportError::new(FailureClass::Transient, "connection dropped");
+            if call != 2 {
+                return self.inner.exec_streaming(script, stdin, timeout, sink);
+            }
+            match self.drop {
+                Drop::BeforeSending => Err(lost()),
+                Drop::AfterFirstStart => {
+                    let mut seen = Vec::new();
+                    let mut cut = false;
+                    self.inner
+                        .exec_streaming(script, stdin, timeout, &mut |b| {
+                            if cut {
+                                return;
+                            }
+                            seen.extend_from_slice(b);
+                            let marker = b"TEND-START 0\n";
+                            if let Some(p) = seen.windows(marker.len()).position(|w| w == marker) {
+                                sink(&seen[..p + marker.len()]);
+                                cut = true;
+                            }
+                        })
+                        .ok();
+                    Err(lost())
+                }
+            }
+        }
+    }
+
+    async fn run(root: &std::path::Path, body: &str, drop: Drop) -> (HostRun, Vec<StepAttemptRow>) {
+        let tree = SourceTree {
+            inventory: Some(Blob::Bytes(
+                b"hosts:\n  - name: h\n    transport: local\n".to_vec(),
+            )),
+            hosts: [("h.yaml".to_string(), Blob::Bytes(body.as_bytes().to_vec()))].into(),
+            ..Default::default()
+        };
+        let v = validate(&tree);
+        assert!(v.is_valid(), "{:?}", v.problems);
+        let state = v.state;
+        let opts = ProbeOpts::new(&state.config, root);
+        let flaky: Arc<dyn Transport> = Arc::new(Flaky {
+            inner: LocalTransport::new(),
+            calls: AtomicU32::new(0),
+            drop,
+        });
+        let prep = reconcile::prepare(
+            &state,
+            &opts,
+            "rev",
+            vec!["h".to_string()],
+            DispatchMode::Enforced,
+            false,
+            &TokenInput::default(),
+            [("h".to_string(), flaky)].into(),
+        )
+        .await;
+        let sd = StateDir::new(root.join("state"));
+        sd.ensure().unwrap();
+        let mut db = Db::open(&sd.db_path()).unwrap();
+        db.begin_run(&crate::store::db::RunRow {
+            run_id: "r-retry".into(),
+            started_at: "2026-11-23T00:00:00Z".into(),
+            action: crate::core::report::Action::Converge,
+            trigger: crate::core::report::Trigger::Cli,
+            dispatch_mode: DispatchMode::Enforced,
+            effective_mode: crate::core::report::EffectiveMode::Quick,
+            policy_outcome: crate::core::policy::PolicyOutcome::Approved,
+            policy_reason: "test".into(),
+            desired_revision: "rev".into(),
+            target_hosts: vec!["h".into()],
+        })
+        .unwrap();
+        let rec = Arc::new(Recorder::new("r-retry".into(), db));
+        let dopts = DispatchOpts {
+            step_timeout: Duration::from_secs(30),
+            concurrency: 1,
+            state: sd.clone(),
+            probe: opts,
+            stop: None,
+            output_limit: 1024 * 1024,
+            retries: 2,
+            backoff: Duration::from_millis(10),
+        };
+        let run = execute(&prep, &state, &dopts, rec.clone())
+            .await
+            .remove("h")
+            .unwrap();
+        let rows = rec.db().step_attempts("r-retry").unwrap();
+        (run, rows)
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_step_that_may_have_started_is_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = format!(
+            "resources:\n  - kind: file\n    path: {}/f\n    content: \"x\\n\"\n",
+            dir.path().display()
+        );
+        let (run, rows) = run(dir.path(), &body, Drop::AfterFirstStart).await;
+        assert_eq!(run.steps[0].status, StepStatus::Succeeded, "{run:?}");
+        assert_eq!(run.steps[0].attempts, 2);
+        let statuses: Vec<_> = rows.iter().map(|r| (r.attempt, r.status)).collect();
+        assert_eq!(
+            statuses,
+            vec![(1, StepStatus::Failed), (2, StepStatus::Succeeded)]
+        );
+        assert_eq!(fs::read_to_string(dir.path().join("f")).unwrap(), "x\n");
+    }
+
+    #[tokio::test]
+    async fn a_command_that_may_have_started_is_not_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("ran");
+        let body = format!(
+            "resources:\n  - kind: command\n    name: c\n    run: \"echo once >> {}\"\n    unless: \"false\"\n",
+            log.display()
+        );
+        let (run, rows) = run(dir.path(), &body, Drop::AfterFirstStart).await;
+        assert_eq!(run.steps[0].status, StepStatus::Failed, "{run:?}");
+        assert_eq!(run.steps[0].attempts, 1);
+        let (_, msg) = run.steps[0].failure.clone().unwrap();
+        assert!(msg.contains("may have run"), "{msg}");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(fs::read_to_string(&log).unwrap(), "once\n");
+    }
+
+    #[tokio::test]
+    async fn a_command_that_never_started_is_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("ran");
+        let body = format!(
+            "resources:\n  - kind: command\n    name: c\n    run: \"echo once >> {}\"\n    unless: \"false\"\n",
+            log.display()
+        );
+        let (run, _) = run(dir.path(), &body, Drop::BeforeSending).await;
+        assert_eq!(run.steps[0].status, StepStatus::Succeeded, "{run:?}");
+        assert_eq!(run.steps[0].attempts, 2);
+        assert_eq!(fs::read_to_string(&log).unwrap(), "once\n");
+    }
+}

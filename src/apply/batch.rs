@@ -22,7 +22,8 @@
 //! `limit/2` and the last `limit - limit/2` are sent (the byte counts in the
 //! record are the full sizes), and the parser marks what was left out.
 //!
-//! Before the first step the batch takes `/run/tend/steps.lock` (flock), so
+//! Before the first step the batch takes `/run/tend/steps.lock` (flock;
+//! `$TMPDIR/tend-<uid>/` for a login that is not root), so
 //! that an attempt never runs while an earlier one on the same host may
 //! still run (a retry after a dropped connection waits for it instead).
 //!
@@ -67,8 +68,9 @@ pub fn script(steps: &[RemoteCommand], opts: BatchOpts) -> RemoteCommand {
          tend_size() {{ if [ -s \"$1\" ]; then wc -c < \"$1\"; else echo 0; fi; }}\n\
          tend_part() {{ if [ \"$2\" -eq 0 ]; then :; elif [ \"$2\" -le {limit} ]; then cat -- \"$1\"; else head -c {h} -- \"$1\"; tail -c {t} -- \"$1\"; fi; }}\n\
          tend_emit() {{ no=$(tend_size \"$o\"); ne=$(tend_size \"$e\"); printf 'TEND-STEP %s %s %s %s\\n' \"$1\" \"$2\" $no $ne; tend_part \"$o\" $no; tend_part \"$e\" $ne; }}\n\
+         if [ \"$(id -u)\" = 0 ]; then l=/run/tend; else l=\"${{TMPDIR:-/tmp}}/tend-$(id -u)\"; fi\n\
          if command -v flock >/dev/null 2>&1; then\n\
-         \x20 {{ mkdir -p /run/tend && chmod 0700 /run/tend && exec 9>>/run/tend/steps.lock && flock -w {wait} 9; }} || {{ echo 'tend: an earlier attempt still holds /run/tend/steps.lock on this host' >&2; exit 96; }}\n\
+         \x20 {{ mkdir -p \"$l\" && chmod 0700 \"$l\" && exec 9>>\"$l/steps.lock\" && flock -w {wait} 9; }} || {{ echo \"tend: an earlier attempt still holds $l/steps.lock on this host\" >&2; exit 96; }}\n\
          elif [ {require} = 1 ]; then\n\
          \x20 echo 'tend: no flock on this host, so it cannot be told whether an earlier attempt still runs; not retried' >&2; exit 96\n\
          fi\n",
