@@ -376,25 +376,45 @@ pub async fn execute(
             destructive_failed.clone(),
             stale.clone(),
         );
+        let name = host.inv.name.clone();
+        let n = steps.len();
         set.spawn(async move {
-            let _permit = sem.acquire_owned().await.expect("semaphore open");
-            let run = run_host(
-                &host,
-                &steps,
-                (allow_nd, allow_d),
-                &ctx,
-                transport,
-                &opts,
-                &rec,
-                (&fail_fast, &stale),
-            )
-            .await;
-            (host.inv.name.clone(), run)
+            let _permit = sem.acquire_owned().await;
+            // The host's work in a task of its own: a panic in it becomes
+            // this host's failed steps, never the whole run's.
+            let worker = tokio::spawn(async move {
+                run_host(
+                    &host,
+                    &steps,
+                    (allow_nd, allow_d),
+                    &ctx,
+                    transport,
+                    &opts,
+                    &rec,
+                    (&fail_fast, &stale),
+                )
+                .await
+            });
+            let run = worker.await.unwrap_or_else(|e| {
+                let msg = format!("dispatch of this host failed: {e}");
+                tracing::error!(error = %msg, "dispatch task failed");
+                let mut failed = StepResult::not_run(false);
+                failed.status = StepStatus::Failed;
+                failed.failure = Some((FailureClass::Execution, msg));
+                HostRun {
+                    dispatched: true,
+                    steps: vec![failed; n],
+                    killed: false,
+                }
+            });
+            (name, run)
         });
     }
     while let Some(joined) = set.join_next().await {
-        let (name, run) = joined.expect("dispatch task panicked");
-        runs.insert(name, run);
+        // The task above does not panic: its one fallible await is caught.
+        if let Ok((name, run)) = joined {
+            runs.insert(name, run);
+        }
     }
     runs
 }
