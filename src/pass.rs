@@ -49,7 +49,7 @@ impl TransportCache {
 
     /// The cached transports of `targets` that still match the inventory.
     fn take(&self, state: &DesiredState, targets: &[String]) -> Transports {
-        let inner = self.inner.lock().expect("transport cache lock");
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         targets
             .iter()
             .filter_map(|h| {
@@ -60,7 +60,7 @@ impl TransportCache {
     }
 
     fn put(&self, state: &DesiredState, transports: &Transports) {
-        let mut inner = self.inner.lock().expect("transport cache lock");
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         for (h, t) in transports {
             inner.insert(h.clone(), (Self::fingerprint(state, h), t.clone()));
         }
