@@ -19,11 +19,7 @@ use tend::transport::Transport;
 use tend::transport::ssh::{SshTarget, SshTransport};
 
 fn inventory(f: &Fleet, hosts: &[&str]) -> String {
-    let mut s = String::from("hosts:\n");
-    for h in hosts {
-        s.push_str(&f.inventory_entry(h));
-    }
-    s
+    f.inventory(hosts)
 }
 
 /// tend's own transport to a fleet host, as a run uses it.

@@ -14,12 +14,7 @@ use serde_json::Value;
 use support::{Desired, code, fleet, outcome, text, wait_for};
 
 fn inventory(hosts: &[&str]) -> String {
-    let f = fleet();
-    let mut s = String::from("hosts:\n");
-    for h in hosts {
-        s.push_str(&f.inventory_entry(h));
-    }
-    s
+    fleet().inventory(hosts)
 }
 
 const FAST: &str = "probe_timeout: 30s\nretries: 2\nretry_backoff: 50ms\n";

@@ -252,6 +252,15 @@ impl Fleet {
         }
     }
 
+    /// `inventory.yaml` for these hosts, each pinned to its real host key.
+    pub fn inventory(&self, hosts: &[&str]) -> String {
+        let mut s = String::from("hosts:\n");
+        for h in hosts {
+            s.push_str(&self.inventory_entry(h));
+        }
+        s
+    }
+
     /// An inventory entry for a host, pinned to its real host key.
     pub fn inventory_entry(&self, host: &str) -> String {
         let h = self.host(host);
