@@ -321,7 +321,10 @@ impl SshTransport {
             }
             if !out_done {
                 match ch.read(&mut buf) {
-                    Ok(0) => out_done = ch.eof(),
+                    Ok(0) => {
+                        out_done = ch.eof();
+                        progress |= out_done;
+                    }
                     Ok(n) => {
                         sink(&buf[..n]);
                         progress = true;
@@ -332,7 +335,10 @@ impl SshTransport {
             }
             if !err_done {
                 match ch.stderr().read(&mut buf) {
-                    Ok(0) => err_done = ch.eof(),
+                    Ok(0) => {
+                        err_done = ch.eof();
+                        progress |= err_done;
+                    }
                     Ok(n) => {
                         stderr.push(&buf[..n]);
                         progress = true;
