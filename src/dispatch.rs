@@ -89,8 +89,11 @@ impl Recorder {
         }
         written.map_err(|e| {
             let msg = format!("{e:#}");
-            tracing::error!(error = %msg, "could not write a record; nothing more is dispatched in this run");
-            lock(&self.broken).get_or_insert(msg.clone());
+            let mut broken = lock(&self.broken);
+            if broken.is_none() {
+                tracing::error!(error = %msg, "could not write a record; nothing more is dispatched in this run");
+                *broken = Some(msg.clone());
+            }
             msg
         })
     }

@@ -264,8 +264,9 @@ resources:
     assert_eq!(f.sh("h74", "ls /srv/int"), "slow\nstarted\n");
 }
 
-/// Class 7: with the state dir's file system full, nothing is sent: a step
-/// never runs without its record.
+/// Class 7: with the state dir's file system filling up as the run begins,
+/// nothing is sent: a step never runs without its record (the run could
+/// begin, the records of its attempts could not be written).
 #[test]
 fn a_full_state_dir_dispatches_nothing() {
     let f = fleet();
@@ -296,15 +297,20 @@ fn a_full_state_dir_dispatches_nothing() {
     // A first run creates the database; then the disk is filled.
     let first = d.tend(&["apply", "--dispatch", "off"]);
     assert_eq!(code(&first), 2, "{}", text(&first));
-    let _ = Command::new("sh")
+    // Leave room for the run to begin (its row, a few events), not for the
+    // records of 300 attempts: the disk fills up during dispatch.
+    let filled = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "dd if=/dev/zero of={}/filler bs=4k 2>/dev/null; sync",
+            "avail=$(df --output=avail -B4096 {0} | tail -1); dd if=/dev/zero of={0}/filler bs=4096 count=$((avail - 12)) 2>/dev/null; sync",
             state.display()
         ))
-        .status();
+        .status()
+        .unwrap();
+    assert!(filled.success());
     let apply = d.tend(&["apply", "--dispatch", "enforced"]);
     assert_ne!(code(&apply), 0, "{}", text(&apply));
+    eprintln!("full state dir: {}", text(&apply));
     assert_eq!(
         f.sh("h75", "ls /srv/full 2>/dev/null | wc -l"),
         "0\n",
