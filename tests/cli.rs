@@ -671,7 +671,7 @@ fn result_shape() -> Value {
 }
 
 fn pending_shape() -> Value {
-    json!({"create": null, "update": null, "delete": null, "destructive": null})
+    json!({"create": null, "update": null, "delete": null, "destructive": null, "restarts": null})
 }
 
 fn status_shape() -> Value {
@@ -857,7 +857,7 @@ fn example_end_to_end() {
     assert_eq!(status["desired_revision"], second["desired_revision"]);
     assert_eq!(
         status["pending"],
-        json!({"create": 0, "update": 0, "delete": 0, "destructive": 0})
+        json!({"create": 0, "update": 0, "delete": 0, "destructive": 0, "restarts": []})
     );
     assert_eq!(status["awaiting_confirmation"], Value::Null);
     assert_eq!(condition(&status, "Converged")["status"], "True");
@@ -1185,7 +1185,7 @@ fn mixed_create_and_delete() {
     let status = fx.status("a");
     assert_eq!(
         status["pending"],
-        json!({"create": 0, "update": 0, "delete": 1, "destructive": 1})
+        json!({"create": 0, "update": 0, "delete": 1, "destructive": 1, "restarts": []})
     );
 }
 
