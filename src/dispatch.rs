@@ -443,6 +443,8 @@ async fn run_host(
     let mut res: Vec<Option<StepResult>> = vec![None; n];
     let mut killed = false;
     let mut dispatched = false;
+    // Attempts recorded per step so far in this run.
+    let mut prior = vec![0u32; n];
     rec.event(Some(host), "host_dispatch_started", json!({"steps": n}));
     // Gate the steps in plan order. Non-destructive steps that may run are
     // collected into one batch (one remote command); a destructive step runs
@@ -521,6 +523,7 @@ async fn run_host(
                     transport.clone(),
                     opts,
                     rec,
+                    &mut prior,
                 )
                 .await;
                 killed |= halted.is_some();
@@ -561,6 +564,7 @@ async fn run_host(
                     transport.clone(),
                     opts,
                     rec,
+                    &mut prior,
                 )
                 .await;
                 killed |= halted.is_some();
@@ -777,7 +781,11 @@ async fn run_batch(
     transport: Arc<dyn Transport>,
     opts: &DispatchOpts,
     rec: &Arc<Recorder>,
+    prior: &mut [u32],
 ) -> (Vec<(usize, StepResult)>, Option<&'static str>) {
+    // Attempts of each step already recorded in this run: this call's
+    // attempts number on from them.
+    let base = prior.to_vec();
     let resource = |k: usize| resources.iter().find(|r| r.id == steps[k].id);
     let mut units: Vec<Unit> = Vec::new();
     let mut batch_bytes = 0;
@@ -843,7 +851,11 @@ async fn run_batch(
         for u in todo {
             for &k in &u.members {
                 recs.push(Record::AttemptSent(attempt_row(
-                    rec, host, &steps[k], attempt, &sent_at,
+                    rec,
+                    host,
+                    &steps[k],
+                    base[k] + attempt,
+                    &sent_at,
                 )));
             }
         }
@@ -902,6 +914,7 @@ async fn run_batch(
                 .map(|u| u.members.iter().map(|&k| steps[k].clone()).collect())
                 .collect(),
             attempt,
+            base: base.clone(),
             sent_at: sent_at.clone(),
             parser: crate::apply::batch::Parser::new(todo.len(), bopts),
             finished: vec![None; todo.len()],
@@ -924,7 +937,15 @@ async fn run_batch(
                             crate::transport::TransportError::new(FailureClass::Execution, msg);
                         results.push((
                             k,
-                            finish_step(host, &steps[k], attempt, &sent_at, Err(err), opts, rec),
+                            finish_step(
+                                host,
+                                &steps[k],
+                                base[k] + attempt,
+                                &sent_at,
+                                Err(err),
+                                opts,
+                                rec,
+                            ),
                         ));
                     }
                 }
@@ -947,7 +968,21 @@ async fn run_batch(
         }
         if stopped_at_failure || j == todo.len() {
             // The batch stopped at a failed step (the rest are gated again
-            // by the caller) or every step ran.
+            // by the caller, so what was sent of them was no attempt) or
+            // every step ran.
+            let withdrawn: Vec<Record> = todo[j..]
+                .iter()
+                .flat_map(|u| &u.members)
+                .map(|&k| Record::AttemptWithdrawn {
+                    host: host.to_string(),
+                    step_index: steps[k].index as u32,
+                    attempt: base[k] + attempt,
+                })
+                .collect();
+            let _ = rec.records(withdrawn);
+            for &k in todo[j..].iter().flat_map(|u| &u.members) {
+                prior[k] = base[k] + attempt - 1;
+            }
             return (results, None);
         }
         // The attempt ended without the record of unit j.
@@ -988,7 +1023,7 @@ async fn run_batch(
             let mut recs = Vec::new();
             for u in &todo[j..] {
                 for &k in &u.members {
-                    let mut row = attempt_row(rec, host, &steps[k], attempt, &sent_at);
+                    let mut row = attempt_row(rec, host, &steps[k], base[k] + attempt, &sent_at);
                     row.status = StepStatus::Failed;
                     row.finished_at = at.clone();
                     recs.push(Record::AttemptFinished(row));
@@ -1012,7 +1047,7 @@ async fn run_batch(
                 for u in &units[first + j..] {
                     for &k in &u.members {
                         let mut r = StepResult::not_run(false);
-                        r.attempts = attempt;
+                        r.attempts = base[k] + attempt;
                         results.push((k, r));
                     }
                 }
@@ -1030,18 +1065,26 @@ async fn run_batch(
             }
             results.push((
                 k,
-                finish_step(host, &steps[k], attempt, &sent_at, Err(e), opts, rec),
+                finish_step(
+                    host,
+                    &steps[k],
+                    base[k] + attempt,
+                    &sent_at,
+                    Err(e),
+                    opts,
+                    rec,
+                ),
             ));
         }
         let at = now_rfc3339();
         let mut recs = Vec::new();
         for u in &todo[j + 1..] {
             for &k in &u.members {
-                let mut row = attempt_row(rec, host, &steps[k], attempt, &sent_at);
+                let mut row = attempt_row(rec, host, &steps[k], base[k] + attempt, &sent_at);
                 row.finished_at = at.clone();
                 recs.push(Record::AttemptFinished(row));
                 let mut r = StepResult::not_run(false);
-                r.attempts = attempt;
+                r.attempts = base[k] + attempt;
                 r.failure = Some((
                     err.class,
                     format!(
@@ -1090,6 +1133,8 @@ struct Attempt {
     /// The member steps of each unit sent.
     units: Vec<Vec<Step>>,
     attempt: u32,
+    /// Attempts of each step (by index) recorded before this call.
+    base: Vec<u32>,
     sent_at: String,
     parser: crate::apply::batch::Parser,
     /// Per unit, its members' results once the host reported its end.
@@ -1108,13 +1153,13 @@ impl Attempt {
                         recs.push(Record::AttemptStarted {
                             host: self.host.clone(),
                             step_index: s.index as u32,
-                            attempt: self.attempt,
+                            attempt: self.base[s.index] + self.attempt,
                         });
                         recs.push(Record::Event {
                             at: at.clone(),
                             host: Some(self.host.clone()),
                             kind: "step_started".into(),
-                            detail: json!({"step": s.index, "id": s.id, "action": s.action.as_str(), "attempt": self.attempt}),
+                            detail: json!({"step": s.index, "id": s.id, "action": s.action.as_str(), "attempt": self.base[s.index] + self.attempt}),
                         });
                     }
                     let _ = self.rec.records(recs);
@@ -1131,7 +1176,7 @@ impl Attempt {
                             finish_step_in(
                                 &self.host,
                                 s,
-                                self.attempt,
+                                self.base[s.index] + self.attempt,
                                 &self.sent_at,
                                 Ok(o),
                                 &self.state,
@@ -1761,6 +1806,8 @@ mod retry_tests {
         /// The batch runs on the host; the connection drops right after the
         /// first step's start marker reached tend.
         AfterFirstStart,
+        /// Never.
+        Never,
     }
 
     struct Flaky {
@@ -1779,11 +1826,11 @@ mod retry_tests {
         ) -> Result<ExecOutput, TransportError> {
             let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             let lost = || TransportError::new(FailureClass::Transient, "connection dropped");
-            if call != 2 {
+            if call != 2 || matches!(self.drop, Drop::Never) {
                 return self.inner.exec_streaming(script, stdin, timeout, sink);
             }
             match self.drop {
-                Drop::BeforeSending => Err(lost()),
+                Drop::BeforeSending | Drop::Never => Err(lost()),
                 Drop::AfterFirstStart => {
                     let mut seen = Vec::new();
                     let mut cut = false;
@@ -1916,5 +1963,25 @@ mod retry_tests {
         assert_eq!(run.steps[0].status, StepStatus::Succeeded, "{run:?}");
         assert_eq!(run.steps[0].attempts, 2);
         assert_eq!(fs::read_to_string(&log).unwrap(), "once\n");
+    }
+
+    #[tokio::test]
+    async fn steps_after_a_failed_one_go_out_again_as_first_attempts() {
+        // `a` fails (no parent directory); the batch stops there; `b`, sent
+        // in it but never reached, goes out in the next batch as attempt 1.
+        let dir = tempfile::tempdir().unwrap();
+        let body = format!(
+            "resources:\n  - kind: file\n    path: {0}/a/missing/f\n    content: \"x\\n\"\n  - kind: file\n    path: {0}/b\n    content: \"y\\n\"\n",
+            dir.path().display()
+        );
+        let (run, rows) = run(dir.path(), &body, Drop::Never).await;
+        let by_status: Vec<_> = run.steps.iter().map(|s| (s.status, s.attempts)).collect();
+        assert_eq!(
+            by_status,
+            vec![(StepStatus::Failed, 1), (StepStatus::Succeeded, 1)],
+            "{run:?}"
+        );
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(fs::read_to_string(dir.path().join("b")).unwrap(), "y\n");
     }
 }

@@ -204,6 +204,14 @@ pub enum Record {
     },
     /// The attempt ended: the row as it ended.
     AttemptFinished(StepAttemptRow),
+    /// An attempt sent in a batch that stopped at an earlier failed step:
+    /// the host never reached it, so it was no attempt (the step is gated
+    /// again and may go out later as attempt 1).
+    AttemptWithdrawn {
+        host: String,
+        step_index: u32,
+        attempt: u32,
+    },
     /// A service's restart is owed (kept as first recorded if already so).
     OwedRestart {
         host: String,
@@ -506,6 +514,17 @@ impl Db {
                             tx.execute(
                                 "UPDATE step_attempts SET phase = 'started'
                              WHERE run_id = ?1 AND host = ?2 AND step_index = ?3 AND attempt = ?4",
+                                rusqlite::params![run_id, host, step_index, attempt],
+                            )?;
+                        }
+                        Record::AttemptWithdrawn {
+                            host,
+                            step_index,
+                            attempt,
+                        } => {
+                            tx.execute(
+                                "DELETE FROM step_attempts WHERE run_id = ?1 AND host = ?2
+                                 AND step_index = ?3 AND attempt = ?4 AND phase = 'sent'",
                                 rusqlite::params![run_id, host, step_index, attempt],
                             )?;
                         }
