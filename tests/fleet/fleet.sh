@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test fleet: N real OpenSSH hosts on this machine, one per loopback address.
 #
-# Host hI listens on 127.0.0.(10+I):22. Each host is an sshd of its own (own config,
+# Host hI listens on NET.(10+I):22, NET being 127.0.0 unless TEND_FLEET_NET says
+# otherwise (a second fleet, in a fleet dir of its own, on another loopback range: see
+# "Second fleet" in tests/fleet/README.md). Each host is an sshd of its own (own config,
 # host key, pidfile and log) whose sessions are chrooted into an overlayfs root: one
 # Debian bookworm base (debootstrap, cached as a zstd tarball) as the read-only lower
 # layer, a small upper layer per host. The sshd runs in its own UTS and mount
@@ -28,7 +30,9 @@ umask 022
 export LC_ALL=C
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
-FLEET=$(realpath -m "${TEND_FLEET_DIR:-/var/tmp/tend-fleet}")
+DEFAULT_FLEET=/var/tmp/tend-fleet
+DEFAULT_NET=127.0.0
+FLEET=$(realpath -m "${TEND_FLEET_DIR:-$DEFAULT_FLEET}")
 CACHE=${TEND_FLEET_CACHE:-/var/cache/tend-fleet}
 SUITE=bookworm
 # coreutils, bash, dpkg, apt are in minbase already. python3: Ansible and pyinfra
@@ -66,8 +70,32 @@ die() {
   exit 1
 }
 
+# The fleet's loopback range, NET: hI listens on NET.(10+I). A fleet dir keeps the
+# range it was first brought up in (FLEET/net, written only for a range other than the
+# default), so the commands after 'up' (status, stop, down...) find its hosts without
+# TEND_FLEET_NET, and a second range given to the same dir is refused rather than
+# leaving sshds of one config on two addresses. The default fleet dir stays on the
+# default range: a second fleet needs a dir of its own, or the two would share (and
+# rewrite) their keys, configs and inventories.
+net_of_dir() {
+  if [ -s "$FLEET/net" ]; then cat "$FLEET/net"; else printf '%s\n' "$DEFAULT_NET"; fi
+}
+choose_net() {
+  local recorded
+  recorded=$(net_of_dir)
+  NET=${TEND_FLEET_NET:-$recorded}
+  [[ $NET =~ ^127\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])$ ]] ||
+    die "TEND_FLEET_NET must be the first three parts of a loopback address (127.X.Y), got '$NET'"
+  if [ "$NET" != "$recorded" ] && [ -n "$(configured_hosts)" ]; then
+    die "the fleet in $FLEET lives on $recorded.x, not $NET.x: use another TEND_FLEET_DIR for another range"
+  fi
+  if [ "$NET" != "$DEFAULT_NET" ] && [ "$FLEET" = "$DEFAULT_FLEET" ]; then
+    die "TEND_FLEET_NET=$NET needs a TEND_FLEET_DIR of its own: $DEFAULT_FLEET is the default fleet's, on $DEFAULT_NET.x"
+  fi
+}
+
 usage() {
-  sed -n '11,20s/^# \{0,1\}//p' "$SELF" >&2
+  sed -n '13,23s/^# \{0,1\}//p' "$SELF" >&2
   exit 2
 }
 
@@ -81,7 +109,7 @@ elapsed() {
 
 # ---------------------------------------------------------------- host naming
 
-addr() { printf '127.0.0.%d\n' $((10 + $1)); }
+addr() { printf '%s.%d\n' "$NET" $((10 + $1)); }
 
 # check_index I: I names a host slot.
 check_index() {
@@ -644,20 +672,32 @@ launch() {
   # sshd's privilege separation directory; /run is emptied by a reboot.
   mkdir -p /run/sshd
   "$SSHD" -t -f "$CONF" || die "$H: sshd rejects $CONF"
-  rm -f "$PIDF" "$HD/mntns"
+  rm -f "$PIDF" "$HD/mntns" "$HD/launch.pid"
   # setsid: the sshd must not belong to the caller's session or process group. All fds
   # are redirected and the lock fd closed, so the sshd holds nothing of the caller's.
-  TEND_FLEET_DIR=$FLEET setsid unshare --uts --mount --propagation private -- \
-    bash "$SELF" __ns "$i" </dev/null >"$HD/launch.log" 2>&1 8>&- 9>&- &
-  LAUNCHED[$i]=$!
+  # The subshell around it makes the sshd no child of this script: with a couple of
+  # hundred children, and pids wrapping around meanwhile, bash was seen waiting forever
+  # for a command that had long ended. Its pid goes through a file instead of $!.
+  (
+    TEND_FLEET_DIR=$FLEET TEND_FLEET_NET=$NET setsid unshare --uts --mount --propagation private -- \
+      bash "$SELF" __ns "$i" </dev/null >"$HD/launch.log" 2>&1 8>&- 9>&- &
+    printf '%s\n' "$!" >"$HD/launch.pid"
+  )
+  LAUNCHED[$i]=1
 }
 
 # launched I: wait until the sshd that launch started writes its pidfile (it listens by
-# then), and record its mount namespace for kill_host.
+# then), and record its mount namespace for kill_host. Each host gets 5 s from when it
+# is waited for, or until LAUNCH_DEADLINE if that is later: hosts start side by side,
+# and a hundred of them starting on a busy machine take longer than 5 s between them
+# (the whole launch phase then has the WAIT_SECS that 'up' was given).
+LAUNCH_DEADLINE=0
 launched() {
-  local i=$1 bg=${LAUNCHED[$1]} pid deadline state
+  local i=$1 bg pid deadline state
   host_vars "$i"
+  read -r bg <"$HD/launch.pid"
   deadline=$(($(now_us) + 5000000))
+  ((deadline >= LAUNCH_DEADLINE)) || deadline=$LAUNCH_DEADLINE
   until pid=$(listener_pid "$i"); do
     state=$(proc_state "$bg" 2>/dev/null) || state=Z
     if [ "$state" = Z ] || (($(now_us) > deadline)); then
@@ -1156,6 +1196,10 @@ cmd_up() {
   fi
   t0=$(now_us)
   take_lock
+  if [ "$NET" != "$DEFAULT_NET" ]; then
+    printf '%s\n' "$NET" >"$FLEET/net.tmp"
+    mv -f "$FLEET/net.tmp" "$FLEET/net"
+  fi
   ensure_packages
   stop_distro_sshd
   ensure_base
@@ -1193,6 +1237,7 @@ cmd_up() {
       ;;
     esac
   done
+  LAUNCH_DEADLINE=$(($(now_us) + WAIT_SECS * 1000000))
   for i in "${!LAUNCHED[@]}"; do
     launched "$i"
   done
@@ -1306,6 +1351,7 @@ main() {
     return
   fi
   [ "$(id -u)" = 0 ] || die "run as root: it mounts, chroots and starts sshd on port 22"
+  choose_net
   case $cmd in
   up)
     [ $# -le 1 ] || usage

@@ -475,3 +475,84 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// The second chroot fleet's dir: a fleet of its own beside the default one
+/// (`TEND_SCALE_FLEET_DIR`, default `/var/tmp/tend-fleet-scale`).
+pub fn scale_fleet_dir() -> PathBuf {
+    PathBuf::from(
+        std::env::var("TEND_SCALE_FLEET_DIR")
+            .unwrap_or_else(|_| "/var/tmp/tend-fleet-scale".into()),
+    )
+}
+
+/// The loopback range of the second fleet: its host hI listens on
+/// `127.0.1.(10+I)`, clear of the default fleet (`127.0.0.11..`) and the
+/// systemd hosts (`127.0.0.101..`).
+pub const SCALE_NET: &str = "127.0.1";
+
+/// Run `fleet.sh ARGS` on the second fleet (its dir and range), with a
+/// generous deadline for `up`; panics with the script's stderr on failure.
+fn scale_script(args: &[&str]) {
+    let dir = scale_fleet_dir();
+    fs::create_dir_all(&dir).expect("create the second fleet's dir");
+    let out = Command::new("bash")
+        .arg(repo().join("tests/fleet/fleet.sh"))
+        .args(args)
+        .env("TEND_FLEET_DIR", &dir)
+        .env("TEND_FLEET_NET", SCALE_NET)
+        // A deadline, not a sleep: a couple of hundred hosts starting on a
+        // machine busy with other suites take minutes.
+        .env(
+            "TEND_FLEET_WAIT",
+            std::env::var("TEND_SCALE_FLEET_WAIT").unwrap_or_else(|_| "600".into()),
+        )
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tests/fleet/fleet.sh");
+    assert!(
+        out.status.success(),
+        "TEND_FLEET_DIR={} TEND_FLEET_NET={SCALE_NET} tests/fleet/fleet.sh {} failed (it needs root and the packages of .ci/run):\n{}",
+        dir.display(),
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A second chroot fleet of `n` hosts (h1..hN on `127.0.1.(10+I)`, in
+/// [`scale_fleet_dir`]), every host started fresh: whatever an earlier run
+/// left of it is taken down first. It never touches the default fleet. Take
+/// it down with [`Fleet::down`] when done (hosts stay up otherwise).
+pub fn scale_fleet(n: usize) -> Fleet {
+    scale_script(&["down"]);
+    scale_script(&["up", &n.to_string()]);
+    let dir = scale_fleet_dir();
+    let tsv = fs::read_to_string(dir.join("hosts.tsv")).expect("hosts.tsv");
+    let mut hosts = BTreeMap::new();
+    for line in tsv.lines().skip(1) {
+        let f: Vec<&str> = line.split('\t').collect();
+        hosts.insert(
+            f[0].to_string(),
+            FleetHost {
+                name: f[0].into(),
+                address: f[1].into(),
+                fingerprint: f[2].into(),
+                log: PathBuf::from(f[4]),
+            },
+        );
+    }
+    Fleet {
+        key: dir.join("id_ed25519"),
+        known_hosts: dir.join("known_hosts"),
+        ssh_config: dir.join("ssh_config"),
+        hosts,
+        dir,
+    }
+}
+
+impl Fleet {
+    /// `fleet.sh down` for this fleet's dir: every host of it stopped and
+    /// unmounted (another fleet dir's hosts are not touched).
+    pub fn down(&self) {
+        self.script(&["down"]);
+    }
+}
