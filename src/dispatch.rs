@@ -721,6 +721,28 @@ async fn barrier(
         .map(key)
         .collect();
     if want == got {
+        // The same steps: each must still act on the object as approved
+        // (SPEC 8.1): a file whose content changed, a file added deep in a
+        // directory to remove, a package upgraded.
+        let planned = steps.iter().filter(|s| s.destructive);
+        let now = fresh.steps.iter().filter(|s| s.destructive);
+        for (p, n) in planned.zip(now) {
+            let (a, b) = (
+                crate::core::plan::operation_item(h.name(), p),
+                crate::core::plan::operation_item(h.name(), n),
+            );
+            if a != b {
+                return Err(format!(
+                    "stale plan: at the barrier, `{}` on host `{}` is not the object the plan saw (planned {} of {}, now {} of {}); nothing destructive runs in this run",
+                    p.id,
+                    h.name(),
+                    a["change"],
+                    a["observed"],
+                    b["change"],
+                    b["observed"],
+                ));
+            }
+        }
         Ok(())
     } else {
         Err(format!(
@@ -1432,6 +1454,23 @@ mod tests {
             "nothing destructive runs on a stale plan"
         );
     }
+
+    /// SPEC 8.1: the same steps, but an object to delete is not the one the
+    /// plan saw (its content changed after the plan): stale, nothing runs.
+    #[tokio::test]
+    async fn an_object_changed_since_the_plan_is_stale_at_the_barrier() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path().join("b");
+        let r = run(dir.path(), || fs::write(&b, "changed\n").unwrap()).await;
+        for s in &r.steps {
+            assert_eq!(s.status, StepStatus::NotRun, "{r:?}");
+            let (class, msg) = s.failure.clone().unwrap();
+            assert_eq!(class, FailureClass::Policy);
+            assert!(msg.contains("stale"), "{msg}");
+        }
+        assert!(dir.path().join("a").exists());
+        assert_eq!(fs::read_to_string(&b).unwrap(), "changed\n");
+    }
 }
 
 #[cfg(test)]
@@ -1477,6 +1516,7 @@ mod command_tests {
             triggers: vec![],
             daemon_reload: false,
             owed: false,
+            approval: None,
         }
     }
 
@@ -1633,6 +1673,7 @@ mod service_tests {
             triggers,
             daemon_reload: false,
             owed: false,
+            approval: None,
         }
     }
 

@@ -107,16 +107,28 @@ pub fn connect(host: &Host, opts: &ProbeOpts) -> Result<Arc<dyn Transport>, Tran
 }
 
 /// What the probe must look at for a host: one item per resource of a kind
-/// this build probes (every kind).
+/// this build probes (every kind). A path item whose resource may destroy
+/// a directory asks for its tree digest too (SPEC 8.1): a directory to
+/// remove (absent, pruned, or in a teardown), and a file or symlink, in
+/// case a directory is in its way (the digest is computed only when one
+/// is).
 pub fn probe_items(host: &Host) -> Vec<ProbeItem> {
+    let teardown = host.lifecycle == crate::core::spec::Lifecycle::Absent;
     host.resources
         .iter()
         .map(|r| {
             let id = r.id.clone();
             match &r.spec {
-                ResourceSpec::File(s) => ProbeItem::path(id, &s.path),
-                ResourceSpec::Directory(s) => ProbeItem::path(id, &s.path),
-                ResourceSpec::Symlink(s) => ProbeItem::path(id, &s.path),
+                ResourceSpec::File(s) => ProbeItem::path(id, &s.path).with_tree(),
+                ResourceSpec::Directory(s) => {
+                    let item = ProbeItem::path(id, &s.path);
+                    if teardown || r.pruned || r.state().is_absent() {
+                        item.with_tree()
+                    } else {
+                        item
+                    }
+                }
+                ResourceSpec::Symlink(s) => ProbeItem::path(id, &s.path).with_tree(),
                 ResourceSpec::User(s) => ProbeItem::user(id, &s.name),
                 ResourceSpec::Group(s) => ProbeItem::group(id, &s.name),
                 ResourceSpec::Package(s) => ProbeItem::package(id, &s.name),

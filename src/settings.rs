@@ -33,6 +33,8 @@ pub enum ModeSource {
 pub struct Settings {
     pub dir: PathBuf,
     pub state_dir: PathBuf,
+    /// `--state-dir` was given: commands printed for the operator repeat it.
+    pub state_dir_given: bool,
     pub json: bool,
     pub config: TendConfig,
     pub dispatch: DispatchMode,
@@ -66,6 +68,7 @@ impl Settings {
         Ok(Settings {
             dir: global.dir.clone(),
             state_dir,
+            state_dir_given: global.state_dir.is_some(),
             json: global.json,
             config,
             dispatch,

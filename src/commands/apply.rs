@@ -50,6 +50,7 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
     } else {
         let dir = report.run_dir.expect("a recorded run has a directory");
         print!("{}", summary(&result, dir.display().to_string()));
+        print!("{}", awaiting(sd, &result));
     }
     Ok(report.code)
 }
@@ -86,6 +87,34 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>> {
         }
     });
     Ok(stop)
+}
+
+/// The operations that wait for a token after this run, as the hosts'
+/// status files say, each with the exact `tend confirm` command: what the
+/// operator does next.
+fn awaiting(sd: &crate::store::StateDir, result: &RunResult) -> String {
+    use std::fmt::Write as _;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = String::new();
+    for o in &result.host_outcomes {
+        let Ok(Some(status)) = sd.read_status(&o.host) else {
+            continue;
+        };
+        let Some(a) = status.awaiting_confirmation else {
+            continue;
+        };
+        if seen.insert(a.operation.clone()) {
+            let _ = writeln!(
+                out,
+                "awaiting confirmation: operation {} on {} ({} destructive step(s) held)\n  to approve: {}",
+                a.operation,
+                a.hosts.join(", "),
+                a.steps.len(),
+                a.command
+            );
+        }
+    }
+    out
 }
 
 fn summary(result: &RunResult, run_dir: String) -> String {

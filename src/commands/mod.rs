@@ -150,6 +150,12 @@ pub fn confirm_command(s: &Settings) -> String {
             crate::shell::quote(&s.dir.to_string_lossy())
         ));
     }
+    if s.state_dir_given {
+        cmd.push_str(&format!(
+            " --state-dir {}",
+            crate::shell::quote(&s.state_dir.to_string_lossy())
+        ));
+    }
     cmd.push_str(" confirm");
     cmd
 }

@@ -5,9 +5,11 @@
 use std::fmt::Write as _;
 
 use anyhow::Result;
+use serde_json::Value;
 
 use super::{Loaded, exit};
 use crate::core::diff::Action;
+use crate::core::fingerprint::Approval;
 use crate::core::plan::{HostPlan, Plan};
 use crate::core::policy::{PolicyOutcome, RunDecision};
 use crate::reconcile;
@@ -43,7 +45,19 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
         use std::io::Write;
         crate::output::stdout().write_all(&prep.plan.to_json())?;
     } else {
-        print!("{}", render(&prep.plan, &prep.decision));
+        let covered = prep
+            .token
+            .as_ref()
+            .is_some_and(|(v, _)| v.refusal.is_none());
+        let confirm = super::confirm_command(&loaded.settings);
+        print!(
+            "{}",
+            render(
+                &prep.plan,
+                &prep.decision,
+                (!covered).then_some(confirm.as_str())
+            )
+        );
         if let Some((v, _)) = &prep.token {
             match &v.refusal {
                 None => println!(
@@ -75,9 +89,48 @@ fn sign(a: Action, destructive: bool) -> &'static str {
     }
 }
 
+/// One line for people of what an approval covers: the change and the
+/// object as probed (`delete of file: size 2, mode 0644, ...`); digests are
+/// shortened to 12 characters, the whole is in `--json`.
+pub fn approval_line(a: &Approval) -> String {
+    let mut parts = Vec::new();
+    let mut kind = String::from("object");
+    if let Some(o) = a.observed.as_object() {
+        for (k, v) in o {
+            match (k.as_str(), v) {
+                ("type", Value::String(t)) => kind = t.clone(),
+                (_, Value::Object(inner)) => {
+                    for (ik, iv) in inner {
+                        parts.push(format!("{k} {ik} {}", short_value(iv)));
+                    }
+                }
+                (_, Value::Null) => parts.push(format!("{k} unknown")),
+                _ => parts.push(format!("{k} {}", short_value(v))),
+            }
+        }
+    }
+    if parts.is_empty() {
+        format!("{} of {kind}", a.change)
+    } else {
+        format!("{} of {kind}: {}", a.change, parts.join(", "))
+    }
+}
+
+fn short_value(v: &Value) -> String {
+    match v {
+        Value::String(s) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            format!("{}…", &s[..12])
+        }
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// The plan for people: one block per host, one line per step with what
-/// changes, the barrier, and what policy decided.
-pub fn render(plan: &Plan, decision: &RunDecision) -> String {
+/// changes, the barrier, and what policy decided. `confirm`: the `tend
+/// confirm` command prefix to print for an operation no valid token covers
+/// yet (None when one does).
+pub fn render(plan: &Plan, decision: &RunDecision, confirm: Option<&str>) -> String {
     let mut out = String::new();
     let mut totals = (0, 0, 0, 0);
     for hp in &plan.hosts {
@@ -118,6 +171,12 @@ pub fn render(plan: &Plan, decision: &RunDecision) -> String {
             if let Some(n) = &s.note {
                 let _ = writeln!(out, "        note: {n}");
             }
+            if let Some(a) = &s.approval {
+                let _ = writeln!(out, "        approves: {}", approval_line(a));
+                if let Some(why) = &a.blocked {
+                    let _ = writeln!(out, "        blocked: {why}");
+                }
+            }
         }
         if let Some(d) = d
             && d.outcome != PolicyOutcome::Approved
@@ -146,8 +205,20 @@ pub fn render(plan: &Plan, decision: &RunDecision) -> String {
             "Destructive operation {op} on {} needs a confirmation token.",
             plan.operation_hosts.join(", ")
         );
+        if let Some(cmd) = confirm {
+            let _ = writeln!(
+                out,
+                "To approve exactly these steps on these objects: {cmd} {op} --reason \"<why>\""
+            );
+        }
     }
-    let _ = writeln!(out, "Policy: {:?}: {}", decision.outcome, decision.reason);
+    // The run's reason names the outcome per host already.
+    let outcome = format!("{:?}", decision.outcome);
+    if decision.reason.starts_with(&format!("{outcome}:")) {
+        let _ = writeln!(out, "Policy: {}", decision.reason);
+    } else {
+        let _ = writeln!(out, "Policy: {outcome}: {}", decision.reason);
+    }
     let _ = writeln!(out, "Desired revision: {}", plan.desired_revision);
     out
 }

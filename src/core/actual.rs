@@ -16,7 +16,36 @@ pub struct HostActual {
     pub facts: Facts,
     /// Keyed by resource id.
     pub resources: BTreeMap<String, Observed>,
+    /// The tree digests of directories with a destructive step pending (SPEC
+    /// 8.1), keyed by resource id: computed on the host only for the items
+    /// the probe was asked to (a directory to remove, or a directory in the
+    /// way of a file or symlink), and only when a directory is there.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub trees: BTreeMap<String, Tree>,
 }
+
+/// A digest of a directory's whole tree, as the probe computed it on the
+/// host: every entry below the directory (its relative path, type, size and
+/// mode), sorted, hashed. A file added deep inside changes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "tree", rename_all = "snake_case")]
+pub enum Tree {
+    Digest {
+        /// Entries below the directory (the directory itself not counted).
+        entries: u64,
+        /// Lowercase hex sha256 of the sorted entry list.
+        sha256: String,
+    },
+    /// More than [`TREE_LIMIT`] entries: not digested; its removal is
+    /// `PolicyBlocked`.
+    TooLarge,
+    /// The host could not list the tree (the message says why); its removal
+    /// is `PolicyBlocked`.
+    Failed { message: String },
+}
+
+/// The most entries a tree digest covers (SPEC 8.1).
+pub const TREE_LIMIT: u64 = 10_000;
 
 /// Facts about the host that plans and capability checks need.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -21,6 +21,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::actual::{FileState, GuardState, HostActual, Meta, Observed, ServiceState, UserState};
+use super::fingerprint::{self, Approval};
 use super::model::{Host, Resource, unit_name, unit_of_file};
 use super::spec::{Lifecycle, Mode, ResourceSpec, ServiceSpec, State};
 
@@ -72,6 +73,10 @@ pub struct Change {
     /// loaded it (see [`diff_host`]).
     #[serde(skip)]
     pub daemon_reload: bool,
+    /// A destructive change: what it destroys and the object as probed,
+    /// which the operation hash covers (SPEC 8.1). Set by [`diff_host`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
 }
 
 impl Change {
@@ -85,6 +90,7 @@ impl Change {
             note: None,
             replace: false,
             daemon_reload: false,
+            approval: None,
         }
     }
 
@@ -138,6 +144,7 @@ pub fn diff_host(host: &Host, actual: &HostActual) -> Vec<Change> {
                 c.note =
                     Some("pruned: tend applied it and it is no longer in the desired state".into());
             }
+            c.approval = fingerprint::approval(r, &c, observed(r), actual.trees.get(&r.id));
             c
         })
         .collect();
@@ -1545,6 +1552,7 @@ pub(crate) mod tests {
                 .iter()
                 .map(|(k, o)| (k.to_string(), o.clone()))
                 .collect(),
+            trees: Default::default(),
         }
     }
 

@@ -2,6 +2,7 @@
 
 pub mod actual;
 pub mod diff;
+pub mod fingerprint;
 pub mod model;
 pub mod outcome;
 pub mod plan;

@@ -33,6 +33,7 @@ use serde::Serialize;
 
 use super::actual::Observed;
 use super::diff::{Action, Change, FieldChange};
+use super::fingerprint::Approval;
 use super::model::{EdgeReason, Host, dependency_edges, is_ancestor};
 use super::spec::{Lifecycle, ResourceSpec};
 
@@ -69,6 +70,10 @@ pub struct Step {
     /// triggers do in this pass.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub owed: bool,
+    /// A destructive step: its change and the object as probed, which the
+    /// operation hash covers (SPEC 8.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
 }
 
 impl Step {
@@ -229,7 +234,7 @@ impl Plan {
     /// Assemble the document and its hashes. Hosts are sorted by name.
     pub fn new(desired_revision: &str, mut hosts: Vec<HostPlan>) -> Self {
         hosts.sort_by(|a, b| a.host.cmp(&b.host));
-        let (operation, operation_hosts) = match operation_hash(desired_revision, &hosts) {
+        let (operation, operation_hosts) = match operation_hash(&hosts) {
             Some((h, hs)) => (Some(h), hs),
             None => (None, vec![]),
         };
@@ -258,31 +263,25 @@ impl Plan {
     }
 }
 
-/// sha256 over the canonical JSON of the destructive steps (host, resource id,
-/// action, desired revision), sorted by host and step (the step's resource
-/// id, unique within a host); with the host set.
+/// sha256 over the canonical JSON of the destructive steps, sorted by host
+/// and step (the step's resource id, unique within a host), with the host
+/// set. Each step is [`operation_item`]: host, resource id, action, change
+/// and the fingerprint of the object as probed (SPEC 8.1). The desired
+/// revision is left out on purpose: a commit that leaves the destructive
+/// steps and their objects as they are leaves the hash, and a pending
+/// token, valid.
 ///
-/// The step order is left out on purpose: a non-destructive step that
+/// The step order is left out on purpose too: a non-destructive step that
 /// appears or goes (drift between the plan an operator confirmed and the
 /// re-probe at the barrier) can move destructive steps relative to each
 /// other without changing what they destroy, and must not void the token.
-pub fn operation_hash(desired_revision: &str, hosts: &[HostPlan]) -> Option<(String, Vec<String>)> {
+pub fn operation_hash(hosts: &[HostPlan]) -> Option<(String, Vec<String>)> {
     let mut items = Vec::new();
     let mut scope = BTreeSet::new();
     for h in hosts {
         for s in h.destructive_steps() {
             scope.insert(h.host.clone());
-            // serde_json without `preserve_order` sorts object keys: canonical.
-            items.push((
-                h.host.clone(),
-                s.id.clone(),
-                serde_json::json!({
-                    "host": h.host,
-                    "resource_id": s.id,
-                    "action": s.action.as_str(),
-                    "desired_revision": desired_revision,
-                }),
-            ));
+            items.push((h.host.clone(), s.id.clone(), operation_item(&h.host, s)));
         }
     }
     if items.is_empty() {
@@ -292,6 +291,26 @@ pub fn operation_hash(desired_revision: &str, hosts: &[HostPlan]) -> Option<(Str
     let list: Vec<serde_json::Value> = items.into_iter().map(|(_, _, v)| v).collect();
     let bytes = serde_json::to_vec(&list).expect("json");
     Some((super::sha256_hex(&bytes), scope.into_iter().collect()))
+}
+
+/// What the operation hash covers of one destructive step: `host`,
+/// `resource_id`, `action`, `change` and `observed` (SPEC 8.1). serde_json
+/// without `preserve_order` sorts object keys, so the JSON is canonical.
+pub fn operation_item(host: &str, s: &Step) -> serde_json::Value {
+    let (change, observed) = match &s.approval {
+        Some(a) => (
+            serde_json::Value::from(a.change.as_str()),
+            a.observed.clone(),
+        ),
+        None => (serde_json::Value::Null, serde_json::Value::Null),
+    };
+    serde_json::json!({
+        "host": host,
+        "resource_id": s.id,
+        "action": s.action.as_str(),
+        "change": change,
+        "observed": observed,
+    })
 }
 
 /// Restarts to plan: (service resource index, trigger resource indices).
@@ -501,6 +520,7 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
                 triggers: trigger_steps,
                 daemon_reload: c.daemon_reload,
                 owed: *owed,
+                approval: None,
             });
             continue;
         }
@@ -524,6 +544,7 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
             triggers: vec![],
             daemon_reload: c.daemon_reload,
             owed: false,
+            approval: c.approval.clone(),
         });
     }
     let barrier = chosen.iter().filter(|&&i| !late[i]).count();

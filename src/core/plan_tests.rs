@@ -386,6 +386,7 @@ fn changes_of(h: &Host, spec: &[(&str, &str)]) -> Vec<Change> {
                 note: None,
                 replace,
                 daemon_reload: false,
+                approval: None,
             }
         })
         .collect()
@@ -1150,14 +1151,14 @@ fn operation_hash_only_with_destructive_steps() {
     let p = fleet("rev1", &[web2()]);
     assert!(p.hosts[0].has_changes());
     assert_eq!((p.operation.as_deref(), p.operation_hosts.len()), (None, 0));
-    assert_eq!(operation_hash("rev1", &p.hosts), None);
+    assert_eq!(operation_hash(&p.hosts), None);
 
     let p = fleet("rev1", &[web1(), web2()]);
     let op = p.operation.clone().expect("web-1 deletes a file");
     assert_eq!(op.len(), 64);
     assert_eq!(p.operation_hosts, ["web-1"]);
     assert_eq!(
-        operation_hash("rev1", &p.hosts),
+        operation_hash(&p.hosts),
         Some((op.clone(), vec!["web-1".to_string()]))
     );
 }
@@ -1165,8 +1166,17 @@ fn operation_hash_only_with_destructive_steps() {
 #[test]
 fn operation_hash_follows_the_destructive_steps() {
     let base = fleet("rev1", &[web1(), web2()]).operation.unwrap();
-    // Another desired revision: another operation.
-    assert_ne!(fleet("rev2", &[web1(), web2()]).operation.unwrap(), base);
+    // Another desired revision, same destructive steps on the same objects:
+    // the same operation (SPEC 8.1), so a pending token survives a commit.
+    assert_eq!(fleet("rev2", &[web1(), web2()]).operation.unwrap(), base);
+    // The object to destroy changed on the host (content, then mode):
+    // another operation each time.
+    for changed in [fstate(0o644, "y\n"), fstate(0o600, "x\n")] {
+        let (h1, mut a1) = web1();
+        a1.resources.insert("file:/etc/old.conf".into(), changed);
+        let other = fleet("rev1", &[(h1, a1), web2()]);
+        assert_ne!(other.operation.unwrap(), base);
+    }
     // Another destructive step: another operation, and a wider scope.
     let (mut h2, mut a2) = web2();
     h2.resources.push(file("/etc/gone").absent());
@@ -1308,4 +1318,218 @@ fn path_steps_carry_the_type_the_probe_saw() {
     a.resources.insert("user:app".into(), Observed::Absent);
     let p = plan_host(&h, &diff_host(&h, &a));
     assert_eq!(p.steps[0].path_seen(), None);
+}
+
+// ---- approvals (SPEC 8.1) ---------------------------------------------------
+
+fn service_state(unit_file_state: &str, active: &str) -> Observed {
+    Observed::Service(crate::core::actual::ServiceState {
+        unit: "app.service".into(),
+        load_state: "loaded".into(),
+        active_state: active.into(),
+        unit_file_state: unit_file_state.into(),
+    })
+}
+
+/// The (change, observed) of the one destructive step of `h` against `a`.
+fn approval_of(h: &Host, a: &HostActual) -> (String, serde_json::Value, Option<String>) {
+    let p = plan_of(h, a);
+    let steps: Vec<&Step> = p.destructive_steps().collect();
+    assert_eq!(steps.len(), 1, "{p:?}");
+    let ap = steps[0]
+        .approval
+        .clone()
+        .expect("a destructive step has an approval");
+    (ap.change, ap.observed, ap.blocked)
+}
+
+fn actual(entries: &[(&str, Observed)]) -> HostActual {
+    let mut a = HostActual::default();
+    for (k, o) in entries {
+        a.resources.insert(k.to_string(), o.clone());
+    }
+    a
+}
+
+#[test]
+fn service_approvals_name_stop_disable_or_both() {
+    let mut stop = service("app");
+    let mut stop_disable = service("app");
+    if let ResourceSpec::Service(s) = &mut stop.spec {
+        s.running = false;
+    }
+    if let ResourceSpec::Service(s) = &mut stop_disable.spec {
+        s.running = false;
+        s.enabled = false;
+    }
+    let a = actual(&[("service:app", service_state("enabled", "active"))]);
+    let (c1, o1, _) = approval_of(&host("h", vec![stop]), &a);
+    let (c2, o2, _) = approval_of(&host("h", vec![stop_disable.clone()]), &a);
+    assert_eq!((c1.as_str(), c2.as_str()), ("stop", "stop+disable"));
+    assert_eq!(o1, o2);
+    assert_eq!(
+        o1,
+        serde_json::json!({"type": "service", "unit_file_state": "enabled", "active": "active"})
+    );
+    let only_disable = actual(&[("service:app", service_state("enabled", "inactive"))]);
+    let (c3, o3, _) = approval_of(&host("h", vec![stop_disable]), &only_disable);
+    assert_eq!(c3, "disable");
+    assert_eq!(o3["active"], "inactive");
+    // A stop and a stop+disable are two operations: a token for one never
+    // covers the other.
+    let op = |r: Resource| {
+        Plan::new("rev", vec![plan_of(&host("h", vec![r]), &a)])
+            .operation
+            .unwrap()
+    };
+    let mut s1 = service("app");
+    let mut s2 = service("app");
+    if let ResourceSpec::Service(s) = &mut s1.spec {
+        s.running = false;
+    }
+    if let ResourceSpec::Service(s) = &mut s2.spec {
+        s.running = false;
+        s.enabled = false;
+    }
+    assert_ne!(op(s1), op(s2));
+}
+
+#[test]
+fn fingerprints_per_kind() {
+    use crate::core::actual::{GroupState, PackageState, UserState};
+    let (c, o, _) = approval_of(
+        &host("h", vec![file("/f").absent()]),
+        &actual(&[("file:/f", fstate(0o640, "x\n"))]),
+    );
+    assert_eq!(c, "delete");
+    assert_eq!(
+        o,
+        serde_json::json!({"type": "file", "size": 2, "sha256": crate::core::sha256_hex(b"x\n"),
+            "mode": "0640", "uid": 0, "gid": 0})
+    );
+    let (_, o, _) = approval_of(
+        &host("h", vec![package("hello").absent()]),
+        &actual(&[(
+            "package:hello",
+            Observed::Package(PackageState {
+                version: Some("2.10-3".into()),
+            }),
+        )]),
+    );
+    assert_eq!(
+        o,
+        serde_json::json!({"type": "package", "version": "2.10-3"})
+    );
+    let (_, o, _) = approval_of(
+        &host("h", vec![user("app").absent()]),
+        &actual(&[(
+            "user:app",
+            Observed::User(UserState {
+                uid: 1001,
+                gid: 1001,
+                home: "/home/app".into(),
+                shell: "/bin/sh".into(),
+                primary_group: "app".into(),
+                groups: vec![],
+            }),
+        )]),
+    );
+    assert_eq!(
+        o,
+        serde_json::json!({"type": "user", "uid": 1001, "home": "/home/app"})
+    );
+    let (_, o, _) = approval_of(
+        &host("h", vec![group("app").absent()]),
+        &actual(&[(
+            "group:app",
+            Observed::Group(GroupState {
+                gid: 1001,
+                members: vec![],
+            }),
+        )]),
+    );
+    assert_eq!(o, serde_json::json!({"type": "group", "gid": 1001}));
+    // A replacement names both types, and fingerprints what it replaces.
+    let (c, o, _) = approval_of(
+        &host("h", vec![link("/l", "/x")]),
+        &actual(&[("symlink:/l", fstate(0o644, "x\n"))]),
+    );
+    assert_eq!(c, "replace:file->symlink");
+    assert_eq!(o["type"], "file");
+    let (c, o, _) = approval_of(
+        &host("h", vec![file("/f").content("x")]),
+        &actual(&[(
+            "file:/f",
+            Observed::Symlink {
+                target: b"/t".to_vec(),
+            },
+        )]),
+    );
+    assert_eq!(c, "replace:symlink->file");
+    assert_eq!(o, serde_json::json!({"type": "symlink", "target": "2f74"}));
+}
+
+#[test]
+fn a_directory_approval_covers_its_tree_and_blocks_without_one() {
+    use crate::core::actual::Tree;
+    let h = host("h", vec![dir("/d").absent()]);
+    let with_tree = |tree: Option<Tree>| {
+        let mut a = actual(&[("directory:/d", Observed::Directory(meta(0o755)))]);
+        if let Some(t) = tree {
+            a.trees.insert("directory:/d".into(), t);
+        }
+        a
+    };
+    let digest = |entries, c: char| Tree::Digest {
+        entries,
+        sha256: c.to_string().repeat(64),
+    };
+    let (c, o, blocked) = approval_of(&h, &with_tree(Some(digest(3, 'a'))));
+    assert_eq!((c.as_str(), blocked), ("delete", None));
+    assert_eq!(
+        o["tree"],
+        serde_json::json!({"entries": 3, "sha256": "a".repeat(64)})
+    );
+    // Something changed deep inside: another operation.
+    let op = |a: &HostActual| Plan::new("rev", vec![plan_of(&h, a)]).operation.unwrap();
+    assert_ne!(
+        op(&with_tree(Some(digest(3, 'a')))),
+        op(&with_tree(Some(digest(3, 'b'))))
+    );
+    // Too large, a failed listing, or no digest at all: blocked, token or not.
+    for tree in [
+        Some(Tree::TooLarge),
+        Some(Tree::Failed {
+            message: "listing the tree failed".into(),
+        }),
+        None,
+    ] {
+        let a = with_tree(tree.clone());
+        let (_, _, blocked) = approval_of(&h, &a);
+        let why = blocked.unwrap_or_else(|| panic!("{tree:?} must block"));
+        let p = plan_of(&h, &a);
+        let d = crate::core::policy::decide(
+            &[crate::core::policy::HostFacts {
+                plan: &p,
+                protected: false,
+                preflight_error: None,
+            }],
+            crate::core::spec::DispatchMode::Enforced,
+            None,
+            false,
+            true,
+        );
+        assert_eq!(
+            d.hosts[0].outcome,
+            crate::core::policy::PolicyOutcome::PolicyBlocked
+        );
+        assert!(!d.hosts[0].allow_destructive);
+        assert!(d.hosts[0].reason.contains(&why), "{}", d.hosts[0].reason);
+    }
+    assert!(
+        approval_of(&h, &with_tree(Some(Tree::TooLarge)))
+            .2
+            .unwrap()
+            .contains("more than 10000 entries")
+    );
 }

@@ -191,6 +191,15 @@ fn decide_host(f: &HostFacts, authorized: bool) -> HostDecision {
         d.not_dispatched_reason = Some("nothing to do".into());
     } else if destructive == 0 {
         d.reason = format!("{} non-destructive step(s) approved", plan.steps.len());
+    } else if let Some(why) = plan
+        .destructive_steps()
+        .find_map(|s| s.approval.as_ref().and_then(|a| a.blocked.as_ref()))
+    {
+        // An object that cannot be fingerprinted cannot be approved: no
+        // token could say what it destroys (SPEC 8.1).
+        d.outcome = PolicyOutcome::PolicyBlocked;
+        d.failure = Some(FailureClass::Policy);
+        d.reason = format!("{why} ({})", list_ids(plan));
     } else if f.protected {
         d.outcome = PolicyOutcome::PolicyBlocked;
         d.failure = Some(FailureClass::Policy);
@@ -275,6 +284,7 @@ mod tests {
                 triggers: vec![],
                 daemon_reload: false,
                 owed: false,
+                approval: None,
             });
         }
         HostPlan {

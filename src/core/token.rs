@@ -130,7 +130,7 @@ pub fn check(
         Some("token has an empty `reason`".into())
     } else if doc.operation != operation {
         Some(format!(
-            "token is for operation {}, not {operation}",
+            "token is for operation {}, not {operation}: the destructive steps, or the objects they act on as probed now, are not those it approved (stale)",
             short(&doc.operation)
         ))
     } else if token_hosts != *hosts {

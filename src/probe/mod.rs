@@ -29,6 +29,9 @@
 //! I <index> link <target bytes as lowercase hex>
 //! I <index> other <file type as `stat -c %F` says, e.g. fifo>
 //! I <index> error <what failed>
+//! T <index> digest <entries> <sha256>   a path item asked for its tree
+//! T <index> large                       (`ProbeItem::tree`) and seen to be a
+//! T <index> error <what failed>         directory: after every `I` line
 //!
 //! PASSWD <status>                       when there are user items: ONE
 //! PW <name>:<pw>:<uid>:<gid>:<gecos>:<home>:<shell>   `getent passwd u1 u2 ...`
@@ -110,7 +113,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use crate::core::actual::{
-    Facts, FileState, GroupState, GuardState, HostActual, Meta, Observed, PackageState, UserState,
+    Facts, FileState, GroupState, GuardState, HostActual, Meta, Observed, PackageState, TREE_LIMIT,
+    Tree, UserState,
 };
 use crate::core::retry::FailureClass;
 use crate::shell::quote;
@@ -196,6 +200,9 @@ pub struct ProbeItem {
     /// Resource id; the key of the result in [`HostActual::resources`].
     pub key: String,
     pub target: ProbeTarget,
+    /// A path item: when a directory is at the path, digest its whole tree
+    /// too (SPEC 8.1: a directory with a destructive step pending).
+    pub tree: bool,
 }
 
 impl ProbeItem {
@@ -203,13 +210,21 @@ impl ProbeItem {
         ProbeItem {
             key: key.into(),
             target: ProbeTarget::Path(path.into()),
+            tree: false,
         }
+    }
+
+    /// This path item, asking also for the tree digest of a directory there.
+    pub fn with_tree(mut self) -> Self {
+        self.tree = matches!(self.target, ProbeTarget::Path(_));
+        self
     }
 
     pub fn user(key: impl Into<String>, name: impl Into<String>) -> Self {
         ProbeItem {
             key: key.into(),
             target: ProbeTarget::User(name.into()),
+            tree: false,
         }
     }
 
@@ -217,6 +232,7 @@ impl ProbeItem {
         ProbeItem {
             key: key.into(),
             target: ProbeTarget::Group(name.into()),
+            tree: false,
         }
     }
 
@@ -224,6 +240,7 @@ impl ProbeItem {
         ProbeItem {
             key: key.into(),
             target: ProbeTarget::Package(name.into()),
+            tree: false,
         }
     }
 
@@ -235,6 +252,7 @@ impl ProbeItem {
         ProbeItem {
             key: key.into(),
             target: ProbeTarget::Command { creates, unless },
+            tree: false,
         }
     }
 
@@ -242,6 +260,7 @@ impl ProbeItem {
         ProbeItem {
             key: key.into(),
             target: ProbeTarget::Service(unit.into()),
+            tree: false,
         }
     }
 }
@@ -337,6 +356,32 @@ if [ -n "$D" ]; then
 fi
 if [ -z "$okF" ]; then for i in $F; do eval "p \"\$i\" \"\$P$i\""; done; fi
 if [ -z "$okD" ]; then for i in $D; do eval "p \"\$i\" \"\$P$i\""; done; fi
+# Tree digests (SPEC 8.1) of the directories at the paths in TI: only
+# directories with a destructive step pending are asked for, so this costs
+# nothing on a host where nothing is to be removed. A count first, capped
+# (head ends find early on a huge tree), then one sorted listing of every
+# entry (relative path, type, size, mode; NUL-separated, since a name may
+# hold a newline) hashed. F on fd 3 says find failed (an option it lacks,
+# an unreadable tree): the digest would not be the tree's.
+TR=
+if [ -n "$TI" ]; then
+  t() {
+    for c in find sort head wc; do
+      command -v "$c" >/dev/null 2>&1 || { echo "T $1 error $c not found"; return; }
+    done
+    n=$(find "$2" -mindepth 1 -printf 'x\n' 2>/dev/null | head -n 10001 | wc -l)
+    if [ "$n" -gt 10000 ]; then echo "T $1 large"; return; fi
+    o=$( { { find "$2" -mindepth 1 -printf '%P\0%y %s %m\0' 2>/dev/null || echo F >&3; } | sort -z | sha256sum; } 3>&1 )
+    case $o in
+      F*) echo "T $1 error listing the tree failed" ;;
+      *) echo "T $1 digest $n ${o%% *}" ;;
+    esac
+  }
+  TR=$(for i in $TI; do
+    eval "x=\$P$i"
+    if [ -d "$x" ] && [ ! -L "$x" ]; then t "$i" "$x"; fi
+  done)
+fi
 # The path variables are not needed any more. Dropping them keeps dash's
 # variable table (a few dozen hash chains) short for the loops below,
 # which look variables up a few times per path.
@@ -369,6 +414,7 @@ if [ -n "$okD" ]; then
   done
 fi
 unset IFS; set +f
+if [ -n "$TR" ]; then printf '%s\n' "$TR"; fi
 "#;
 
 /// Users: ONE `getent passwd` for every name (set as the positional
@@ -445,6 +491,13 @@ pub fn script(items: &[ProbeItem]) -> String {
         }
     }
     writeln!(s, "PI='{}'", paths.join(" ")).expect(w);
+    let trees: Vec<String> = items
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.tree)
+        .map(|(i, _)| i.to_string())
+        .collect();
+    writeln!(s, "TI='{}'", trees.join(" ")).expect(w);
     s.push_str(BATCH);
     for (names, section) in [(users, USERS), (groups, GROUPS), (packages, PACKAGES)] {
         if !names.is_empty() {
@@ -597,8 +650,78 @@ pub fn parse(stdout: &[u8], items: &[ProbeItem]) -> Result<HostActual, ProbePars
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let trees = parse_trees(&lines, items, &observed)?;
     let resources = items.iter().map(|i| i.key.clone()).zip(observed).collect();
-    Ok(HostActual { facts, resources })
+    Ok(HostActual {
+        facts,
+        resources,
+        trees,
+    })
+}
+
+/// Reads the `T` lines: the tree digests of the items that asked for one
+/// ([`ProbeItem::tree`]) and were seen to be directories. Each such item has
+/// exactly one; any other item none.
+///
+/// ```text
+/// T <index> digest <entries> <sha256>
+/// T <index> large                   more than 10,000 entries
+/// T <index> error <what failed>
+/// ```
+fn parse_trees(
+    lines: &[(usize, &str)],
+    items: &[ProbeItem],
+    observed: &[Observed],
+) -> Result<BTreeMap<String, Tree>, ProbeParseError> {
+    let mut trees = BTreeMap::new();
+    for &(n, text) in lines {
+        let Some(rest) = text.strip_prefix("T ") else {
+            continue;
+        };
+        let mut fields = rest.splitn(3, ' ');
+        let index: usize = decimal(n, "item index", fields.next().unwrap_or(""))?;
+        let (Some(item), Some(seen)) = (items.get(index), observed.get(index)) else {
+            return Err(bad(
+                n,
+                format!("item index {index} out of range ({} items)", items.len()),
+            ));
+        };
+        if !item.tree || !matches!(seen, Observed::Directory(_)) {
+            return Err(bad(
+                n,
+                format!("`{}`: a tree digest the probe did not ask for", item.key),
+            ));
+        }
+        let tree = match (fields.next().unwrap_or(""), fields.next()) {
+            ("digest", Some(d)) => {
+                let (count, sha) = d.split_once(' ').unwrap_or((d, ""));
+                let entries: u64 = decimal(n, "tree entry count", count)?;
+                if entries > TREE_LIMIT {
+                    return Err(bad(n, format!("`{}`: bad tree digest `{d}`", item.key)));
+                }
+                Tree::Digest {
+                    entries,
+                    sha256: sha256(n, sha)?,
+                }
+            }
+            ("large", None) => Tree::TooLarge,
+            ("error", Some(m)) => Tree::Failed {
+                message: m.to_string(),
+            },
+            _ => return Err(unknown(n, text)),
+        };
+        if trees.insert(item.key.clone(), tree).is_some() {
+            return Err(dup(n, format!("tree of `{}`", item.key)));
+        }
+    }
+    for (item, seen) in items.iter().zip(observed) {
+        if item.tree && matches!(seen, Observed::Directory(_)) && !trees.contains_key(&item.key) {
+            return Err(ProbeParseError::NotReported {
+                what: format!("the tree of `{}`", item.key),
+            });
+        }
+    }
+    Ok(trees)
 }
 
 /// Reads the `FACT` and `TOOL` lines (and rejects unknown ones); returns the
@@ -645,7 +768,8 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
                     return Err(dup(n, format!("tool `{name}`")));
                 }
             }
-            "I" | "U" | "G" | "PASSWD" | "PW" | "ID" | "GROUP" | "GR" | "PKG" | "PK" | "S" => {}
+            "I" | "U" | "G" | "T" | "PASSWD" | "PW" | "ID" | "GROUP" | "GR" | "PKG" | "PK"
+            | "S" => {}
             _ => return Err(unknown(n, text)),
         }
     }

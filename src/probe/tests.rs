@@ -29,7 +29,12 @@ fn script_is_framed_and_defines_the_function_once() {
         s.starts_with("export LC_ALL=C\necho 'TEND-PROBE 1'\n"),
         "{s}"
     );
-    assert!(s.ends_with("unset IFS; set +f\necho 'END 0'\n"), "{s}");
+    assert!(
+        s.ends_with(
+            "unset IFS; set +f\nif [ -n \"$TR\" ]; then printf '%s\\n' \"$TR\"; fi\necho 'END 0'\n"
+        ),
+        "{s}"
+    );
     assert!(
         s.contains(
             "for t in 'stat' 'sha256sum' 'od' 'readlink' 'tr' 'apt-get' 'dnf' 'apk' 'dpkg-query' \
@@ -1004,4 +1009,170 @@ fn live_probe_of_accounts_packages_and_guards() {
     // The check ran, and its output did not disturb the probe's.
     assert!(marker.exists());
     assert!(matches!(got.resources["file"], Observed::File(_)));
+}
+
+// ---- tree digests (SPEC 8.1) ------------------------------------------------
+
+/// The tree digest the probe computed for `key`.
+fn tree_of(its: &[ProbeItem], key: &str) -> Option<Tree> {
+    run_probe(its).unwrap().trees.get(key).cloned()
+}
+
+#[test]
+fn live_tree_digest_changes_with_anything_deep_inside() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("d");
+    fs::create_dir_all(root.join("a/b/c")).unwrap();
+    fs::write(root.join("a/b/c/one"), "1\n").unwrap();
+    fs::write(root.join("two\nlines"), "2\n").unwrap();
+    let its = vec![ProbeItem::path("directory:/d", root.to_str().unwrap()).with_tree()];
+    let first = tree_of(&its, "directory:/d").expect("a digest");
+    let Tree::Digest { entries, .. } = &first else {
+        panic!("{first:?}")
+    };
+    // a, a/b, a/b/c, a/b/c/one, `two\nlines`.
+    assert_eq!(*entries, 5);
+    assert_eq!(
+        tree_of(&its, "directory:/d").as_ref(),
+        Some(&first),
+        "stable"
+    );
+
+    // A file added four levels down.
+    fs::write(root.join("a/b/c/new"), "").unwrap();
+    let added = tree_of(&its, "directory:/d").unwrap();
+    assert_ne!(added, first);
+    fs::remove_file(root.join("a/b/c/new")).unwrap();
+    assert_eq!(tree_of(&its, "directory:/d").as_ref(), Some(&first));
+    // A mode change deep inside, then a size change.
+    fs::set_permissions(root.join("a/b/c/one"), fs::Permissions::from_mode(0o600)).unwrap();
+    let moded = tree_of(&its, "directory:/d").unwrap();
+    assert_ne!(moded, first);
+    fs::write(root.join("a/b/c/one"), "11\n").unwrap();
+    assert_ne!(tree_of(&its, "directory:/d").unwrap(), moded);
+}
+
+#[test]
+fn live_tree_digest_only_where_asked_and_only_for_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d");
+    fs::create_dir(&d).unwrap();
+    let f = dir.path().join("f");
+    fs::write(&f, "x").unwrap();
+    let l = dir.path().join("l");
+    std::os::unix::fs::symlink(&d, &l).unwrap();
+    let its = vec![
+        // A directory without the flag: no digest.
+        ProbeItem::path("plain", d.to_str().unwrap()),
+        // A file item with a directory in its way: a digest.
+        ProbeItem::path("in-the-way", d.to_str().unwrap()).with_tree(),
+        // A regular file, a symlink to a directory, nothing: none.
+        ProbeItem::path("file", f.to_str().unwrap()).with_tree(),
+        ProbeItem::path("link", l.to_str().unwrap()).with_tree(),
+        ProbeItem::path("none", dir.path().join("none").to_str().unwrap()).with_tree(),
+    ];
+    let got = run_probe(&its).unwrap();
+    let keys: Vec<&str> = got.trees.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["in-the-way"]);
+    assert!(matches!(
+        got.trees["in-the-way"],
+        Tree::Digest { entries: 0, .. }
+    ));
+}
+
+#[test]
+fn live_tree_over_the_limit_is_too_large() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("big");
+    fs::create_dir(&root).unwrap();
+    for i in 0..=TREE_LIMIT {
+        fs::File::create(root.join(i.to_string())).unwrap();
+    }
+    let its = vec![ProbeItem::path("big", root.to_str().unwrap()).with_tree()];
+    assert_eq!(tree_of(&its, "big"), Some(Tree::TooLarge));
+    fs::remove_file(root.join("0")).unwrap();
+    assert!(matches!(
+        tree_of(&its, "big"),
+        Some(Tree::Digest {
+            entries: TREE_LIMIT,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn live_tree_with_a_find_that_fails_is_an_error_not_a_digest() {
+    // A `find` without -printf (busybox's, say) must not pass for an
+    // empty tree: the digest would not change when the tree does.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let fake = bin.join("find");
+    fs::write(
+        &fake,
+        "#!/bin/sh\necho 'find: unrecognized: -printf' >&2\nexit 1\n",
+    )
+    .unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let root = dir.path().join("d");
+    fs::create_dir(&root).unwrap();
+    let its = vec![ProbeItem::path("d", root.to_str().unwrap()).with_tree()];
+    let script = format!("PATH={}:$PATH\n{}", bin.display(), script(&its));
+    let out = LocalTransport::new()
+        .exec(&script, b"", Duration::from_secs(60))
+        .unwrap();
+    let got = parse(&out.stdout, &its).unwrap();
+    assert!(
+        matches!(&got.trees["d"], Tree::Failed { message } if message.contains("listing")),
+        "{:?}",
+        got.trees
+    );
+}
+
+#[test]
+fn tree_lines_must_be_asked_for_and_present() {
+    let dir_line = "I 0 dir 755 0 0\nU 0 root\nG 0 root\n";
+    let frame = |body: &str| {
+        let mut s =
+            String::from("TEND-PROBE 1\nFACT kernel Linux\nFACT os_id debian\nFACT init \n");
+        for t in TOOLS {
+            s.push_str(&format!("TOOL {t} yes\n"));
+        }
+        s.push_str(body);
+        s.push_str("END 1\n");
+        s
+    };
+    let sha = "a".repeat(64);
+    let asked = vec![ProbeItem::path("d", "/d").with_tree()];
+    let not_asked = vec![ProbeItem::path("d", "/d")];
+    let ok = frame(&format!("{dir_line}T 0 digest 3 {sha}\n"));
+    let got = parse(ok.as_bytes(), &asked).unwrap();
+    assert_eq!(
+        got.trees["d"],
+        Tree::Digest {
+            entries: 3,
+            sha256: sha.clone()
+        }
+    );
+    assert!(matches!(
+        parse(ok.as_bytes(), &not_asked),
+        Err(ProbeParseError::BadValue { .. })
+    ));
+    assert!(matches!(
+        parse(frame(dir_line).as_bytes(), &asked),
+        Err(ProbeParseError::NotReported { .. })
+    ));
+    let twice = frame(&format!("{dir_line}T 0 large\nT 0 large\n"));
+    assert!(matches!(
+        parse(twice.as_bytes(), &asked),
+        Err(ProbeParseError::Duplicate { .. })
+    ));
+    for bad in [
+        format!("T 0 digest 10001 {sha}"),
+        "T 0 digest 3 xyz".into(),
+        "T 0 what".into(),
+    ] {
+        let text = frame(&format!("{dir_line}{bad}\n"));
+        assert!(parse(text.as_bytes(), &asked).is_err(), "{bad}");
+    }
 }

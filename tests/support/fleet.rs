@@ -23,13 +23,14 @@ use std::time::{Duration, Instant};
 /// for the five-host no-op converge, h40..h47 for the safety campaign,
 /// h48..h53 for the state dir's trust rules, h54..h61 for the controller's
 /// hardening, h62..h69 for step builders and large probes, h70..h79 for
-/// dispatch records, retries and large applies.
-pub const HOSTS: usize = 79;
+/// dispatch records, retries and large applies, h80..h83 for approvals.
+pub const HOSTS: usize = 83;
 
 /// Systemd hosts the fleet provides to the tests: s1..s4 for the service
 /// tests, s5..s9 for every kind on five hosts, s10..s11 for the campaign,
-/// s12..s13 for idempotent service steps and owed restarts.
-pub const SYSTEMD_HOSTS: usize = 13;
+/// s12..s13 for idempotent service steps and owed restarts, s14 for
+/// approvals.
+pub const SYSTEMD_HOSTS: usize = 14;
 
 #[derive(Clone, Debug)]
 pub struct FleetHost {
