@@ -101,8 +101,21 @@ pub enum Command {
     },
     /// Write a confirmation token for an operation.
     Confirm {
-        /// The operation hash (full hex).
-        operation: String,
+        /// The operation hash (full hex); or `--pending`.
+        #[arg(required_unless_present = "pending", conflicts_with = "pending")]
+        operation: Option<String>,
+        /// One token for every pending operation that matches `--host` and
+        /// `--tag` (all of them without either): each is listed, then
+        /// authorized once.
+        #[arg(long)]
+        pending: bool,
+        /// With --pending: only operations all of whose hosts are these
+        /// (repeatable) or carry a `--tag`.
+        #[arg(long = "host", requires = "pending")]
+        hosts: Vec<String>,
+        /// With --pending: hosts with any of these tags (repeatable).
+        #[arg(long = "tag", requires = "pending")]
+        tags: Vec<String>,
         /// Why this destructive change is wanted (recorded).
         #[arg(long)]
         reason: String,

@@ -48,12 +48,13 @@ pub fn load(sd: &StateDir, db: Option<&Db>, now: i64) -> Result<Vec<TokenFile>> 
         let file = match read {
             Ok(r) => {
                 let sha = crate::core::sha256_hex(&r.bytes);
-                let (used_before, first_seen) = match db {
+                let (used_before, used_operations, first_seen) = match db {
                     Some(db) => (
                         db.token(&sha)?.is_some_and(|t| t.used_by_run.is_some()),
+                        db.token_operations_used(&sha)?,
                         db.token_first_seen(&rel_path, &sha, now)?,
                     ),
-                    None => (false, now),
+                    None => (false, BTreeSet::new(), now),
                 };
                 TokenFile {
                     rel_path,
@@ -62,6 +63,7 @@ pub fn load(sd: &StateDir, db: Option<&Db>, now: i64) -> Result<Vec<TokenFile>> 
                     mtime: r.mtime,
                     first_seen,
                     used_before,
+                    used_operations,
                     refused: None,
                 }
             }
@@ -72,6 +74,7 @@ pub fn load(sd: &StateDir, db: Option<&Db>, now: i64) -> Result<Vec<TokenFile>> 
                 mtime: 0,
                 first_seen: now,
                 used_before: false,
+                used_operations: BTreeSet::new(),
                 refused: Some(why),
             },
         };
@@ -98,9 +101,11 @@ pub fn choose(
         .iter()
         .position(Verdict::is_valid)
         .or_else(|| {
-            verdicts
-                .iter()
-                .position(|v| v.doc.as_ref().is_some_and(|d| d.operation == operation))
+            verdicts.iter().position(|v| {
+                v.doc
+                    .as_ref()
+                    .is_some_and(|d| d.scope_of(operation).is_some())
+            })
         })
         .or(if verdicts.is_empty() { None } else { Some(0) });
     (
@@ -111,7 +116,8 @@ pub fn choose(
 
 /// Use a token for `run_id`: claim it in the database (refused if its
 /// content was used before, even by a concurrent run), then move the file to
-/// `confirm/used/`.
+/// `confirm/used/`. A token that lists several operations is claimed for
+/// `operation` alone, and moves once all of its operations were used.
 pub fn consume(
     sd: &StateDir,
     db: &mut Db,
@@ -121,7 +127,23 @@ pub fn consume(
     run_id: &str,
     at: &str,
 ) -> Result<()> {
-    if !db.claim_token(&file.sha256(), &file.rel_path, operation, hosts, run_id, at)? {
+    let doc = token::parse(&file.bytes).ok();
+    let multi = doc.as_ref().is_some_and(|d| d.is_multi());
+    if let Some(doc) = doc.as_ref().filter(|d| d.is_multi()) {
+        // A token listing several operations is used once per operation,
+        // and leaves `confirm/` when every one of them was used.
+        let sha = file.sha256();
+        if !db.claim_token_operation(&sha, &file.rel_path, operation, hosts, run_id, at)? {
+            bail!(
+                "operation {operation} of token {} was used by another run meanwhile",
+                file.rel_path
+            );
+        }
+        let used = db.token_operations_used(&sha)?;
+        if !doc.scopes().iter().all(|s| used.contains(&s.operation)) {
+            return Ok(());
+        }
+    } else if !db.claim_token(&file.sha256(), &file.rel_path, operation, hosts, run_id, at)? {
         bail!("token {} was used by another run meanwhile", file.rel_path);
     }
     let from = sd.root().join(&file.rel_path);
@@ -132,7 +154,10 @@ pub fn consume(
     let to = sd.confirm_used_dir().join(format!("{run_id}-{name}"));
     sd.ensure()
         .with_context(|| format!("creating {}", sd.confirm_used_dir().display()))?;
-    fs::rename(&from, &to)
-        .with_context(|| format!("moving used token {} to {}", from.display(), to.display()))?;
-    Ok(())
+    match fs::rename(&from, &to) {
+        // Two passes that used the last operations of one token at once
+        // both move it; the second finds it moved (claims are in SQLite).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && multi => Ok(()),
+        r => r.with_context(|| format!("moving used token {} to {}", from.display(), to.display())),
+    }
 }

@@ -1,7 +1,9 @@
 //! Approvals bind the objects, not the commit (SPEC 8.1), on real SSH
 //! hosts: a token survives an unrelated commit; a change on the host to an
 //! object to destroy makes it stale; a token for one host set or one change
-//! never covers another. Hosts h80..h83 and s14.
+//! never covers another; one `tend confirm --pending` token releases a prune
+//! on eight hosts under the controller, once per operation. Hosts h80..h90
+//! and s14.
 
 #[path = "support/fleet.rs"]
 mod support;
@@ -12,7 +14,9 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
-use support::{Desired, Fleet, code, fleet, outcome, systemd_fleet, text};
+use std::time::Duration;
+
+use support::{Daemon, Desired, Fleet, code, fleet, outcome, systemd_fleet, text, wait_for};
 
 const FAST: &str = "probe_timeout: 30s\nretries: 2\nretry_backoff: 50ms\n";
 
@@ -104,7 +108,7 @@ fn exists(f: &Fleet, host: &str, path: &str) -> bool {
 fn a_token_survives_an_unrelated_commit_and_the_delete_runs() {
     let f = fleet();
     f.sh(
-        "h80",
+        "h88",
         "rm -rf /srv/appr && mkdir -p /srv/appr && echo old > /srv/appr/old.conf",
     );
     let body = |keep: &str| {
@@ -112,25 +116,25 @@ fn a_token_survives_an_unrelated_commit_and_the_delete_runs() {
             "resources:\n  - kind: directory\n    path: /srv/appr\n  - kind: file\n    path: /srv/appr/keep\n    content: \"{keep}\\n\"\n  - kind: file\n    path: /srv/appr/old.conf\n    state: absent\n"
         )
     };
-    let d = git_desired(&f.inventory(&["h80"]), &[("h80", &body("one"))]);
-    let op = awaiting(&d, &["h80"]);
+    let d = git_desired(&f.inventory(&["h88"]), &[("h88", &body("one"))]);
+    let op = awaiting(&d, &["h88"]);
     let before = d.last_result();
     confirm(&d, &op);
 
     // Unrelated commits: another file's content, and a comment in tend.yaml.
-    fs::write(d.dir().join("hosts/h80.yaml"), body("two")).unwrap();
+    fs::write(d.dir().join("hosts/h88.yaml"), body("two")).unwrap();
     fs::write(d.dir().join("tend.yaml"), format!("{FAST}# a comment\n")).unwrap();
     let head = commit(&d, "unrelated");
 
-    let (c, r) = apply(&d, &["h80"]);
+    let (c, r) = apply(&d, &["h88"]);
     assert_eq!(c, 0, "{r}");
     assert_eq!(r["desired_revision"], head.as_str());
     assert_ne!(r["desired_revision"], before["desired_revision"]);
     assert_eq!(r["confirmation"]["operation"], op.as_str());
     assert_eq!(r["confirmation"]["scope_match"], true, "{r}");
-    assert_eq!(outcome(&r, "h80")["outcome"], "Completed", "{r}");
-    assert!(!exists(f, "h80", "/srv/appr/old.conf"));
-    assert_eq!(f.sh("h80", "cat /srv/appr/keep"), "two\n");
+    assert_eq!(outcome(&r, "h88")["outcome"], "Completed", "{r}");
+    assert!(!exists(f, "h88", "/srv/appr/old.conf"));
+    assert_eq!(f.sh("h88", "cat /srv/appr/keep"), "two\n");
     assert_eq!(used_tokens(&d), 1);
 }
 
@@ -174,20 +178,20 @@ fn a_change_on_the_host_to_the_object_makes_the_token_stale() {
         ),
     ];
     for (what, resource, setup, meddle) in cases {
-        f.sh("h81", &setup);
+        f.sh("h89", &setup);
         let d = Desired::new(
             FAST,
-            &f.inventory(&["h81"]),
-            &[("h81", &format!("resources:\n{resource}"))],
+            &f.inventory(&["h89"]),
+            &[("h89", &format!("resources:\n{resource}"))],
         );
-        let op = awaiting(&d, &["h81"]);
+        let op = awaiting(&d, &["h89"]);
         confirm(&d, &op);
-        f.sh("h81", &meddle);
+        f.sh("h89", &meddle);
 
-        let (c, r) = apply(&d, &["h81"]);
+        let (c, r) = apply(&d, &["h89"]);
         assert_eq!(c, 3, "{what}: {r}");
         assert_eq!(
-            outcome(&r, "h81")["outcome"],
+            outcome(&r, "h89")["outcome"],
             "EscalationRequired",
             "{what}"
         );
@@ -196,31 +200,31 @@ fn a_change_on_the_host_to_the_object_makes_the_token_stale() {
         assert!(refusal.contains("stale"), "{what}: {refusal}");
         assert_eq!(used_tokens(&d), 0, "{what}");
         let still = f.sh(
-            "h81",
+            "h89",
             "test -e /srv/st/f -o -e /srv/st/d/a/b/c/x -o -n \"$(dpkg-query -W -f '${Status}' tend-appr 2>/dev/null | grep ' installed')\" && echo there",
         );
         assert_eq!(still, "there\n", "{what}: the object was destroyed");
 
         // Approved anew, as the object is now: it goes.
-        let fresh = awaiting(&d, &["h81"]);
+        let fresh = awaiting(&d, &["h89"]);
         assert_ne!(fresh, op, "{what}");
         confirm(&d, &fresh);
-        let (c, r) = apply(&d, &["h81"]);
+        let (c, r) = apply(&d, &["h89"]);
         assert_eq!(c, 0, "{what}: {r}");
         assert_eq!(used_tokens(&d), 1, "{what}");
     }
-    f.sh("h81", "rm -rf /srv/st /tmp/tend-appr.deb");
+    f.sh("h89", "rm -rf /srv/st /tmp/tend-appr.deb");
 }
 
 #[test]
 fn a_token_for_one_host_set_never_covers_another() {
     let f = fleet();
-    let hosts = ["h82", "h83"];
+    let hosts = ["h89", "h90"];
     for h in hosts {
         f.sh(h, "mkdir -p /srv/hs && echo x > /srv/hs/gone");
     }
     let body = "resources:\n  - kind: file\n    path: /srv/hs/gone\n    state: absent\n";
-    let d = Desired::new(FAST, &f.inventory(&hosts), &[("h82", body), ("h83", body)]);
+    let d = Desired::new(FAST, &f.inventory(&hosts), &[("h89", body), ("h90", body)]);
     let both = awaiting(&d, &hosts);
 
     // A hand-written token naming the two-host operation with one host.
@@ -236,7 +240,7 @@ fn a_token_for_one_host_set_never_covers_another() {
     fs::write(
         &token,
         format!(
-            "operation: {both}\nhosts: [h82]\nexpires: {}\nreason: too narrow\n",
+            "operation: {both}\nhosts: [h89]\nexpires: {}\nreason: too narrow\n",
             expires.trim()
         ),
     )
@@ -254,7 +258,7 @@ fn a_token_for_one_host_set_never_covers_another() {
     fs::remove_file(&token).unwrap();
 
     // The one-host operation's token does not cover the two-host apply...
-    let one = awaiting(&d, &["h82"]);
+    let one = awaiting(&d, &["h89"]);
     assert_ne!(both, one, "the operation covers its host set");
     confirm(&d, &one);
     let (c, r) = apply(&d, &hosts);
@@ -264,10 +268,10 @@ fn a_token_for_one_host_set_never_covers_another() {
         assert!(exists(f, h, "/srv/hs/gone"), "{h}");
     }
     // ...and covers exactly its own.
-    let (c, r) = apply(&d, &["h82"]);
+    let (c, r) = apply(&d, &["h89"]);
     assert_eq!(c, 0, "{r}");
-    assert!(!exists(f, "h82", "/srv/hs/gone"));
-    assert!(exists(f, "h83", "/srv/hs/gone"));
+    assert!(!exists(f, "h89", "/srv/hs/gone"));
+    assert!(exists(f, "h90", "/srv/hs/gone"));
 }
 
 #[test]
@@ -310,5 +314,126 @@ fn a_token_for_stop_does_not_cover_stop_and_disable() {
     f.sh(
         "s14",
         "systemctl disable --now tend-demo.service >/dev/null 2>&1; true",
+    );
+}
+
+/// Every run's result.json.
+fn results(d: &Desired) -> Vec<Value> {
+    d.run_ids().iter().map(|id| d.result(id)).collect()
+}
+
+#[test]
+fn one_pending_token_releases_a_prune_on_eight_hosts_once_per_operation() {
+    let f = fleet();
+    let hosts: Vec<String> = (80..=87).map(|i| format!("h{i}")).collect();
+    let names: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    for h in &names {
+        f.sh(h, "rm -rf /srv/fleetprune");
+    }
+    let mut inventory = String::from("hosts:\n");
+    for h in &names {
+        inventory.push_str(&f.inventory_entry(h));
+        inventory.push_str("    tags: [web]\n");
+    }
+    let host_body = "resources:\n  - kind: directory\n    path: /srv/fleetprune\n";
+    let bodies: Vec<(&str, &str)> = names.iter().map(|h| (*h, host_body)).collect();
+    let tend_yaml = "dispatch: enforced\nprobe_timeout: 30s\nretries: 1\nretry_backoff: 50ms\nquiet_window: 200ms\nmax_defer: 1s\nresync: 5m\n";
+    let d = Desired::new(tend_yaml, &inventory, &bodies);
+    fs::create_dir_all(d.dir().join("groups")).unwrap();
+    fs::write(
+        d.dir().join("groups/web.yaml"),
+        "resources:\n  - kind: file\n    path: /srv/fleetprune/old.conf\n    content: \"old\\n\"\n",
+    )
+    .unwrap();
+    let out = d.tend(&["apply", "--dispatch", "enforced"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+
+    // The group resource goes: a prune on every host, one operation each.
+    fs::remove_file(d.dir().join("groups/web.yaml")).unwrap();
+    // Nothing is pending yet: --pending refuses to write an empty token.
+    let none = d.tend(&["confirm", "--pending", "--reason", "r"]);
+    assert_eq!(code(&none), 1, "{}", text(&none));
+    let daemon = Daemon::start(&d);
+    let ops = || -> Vec<String> {
+        names
+            .iter()
+            .filter_map(|h| {
+                let p = d.state().join("status").join(format!("{h}.json"));
+                let s: Value = serde_json::from_slice(&fs::read(p).ok()?).ok()?;
+                s["awaiting_confirmation"]["operation"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect()
+    };
+    wait_for(
+        "every host awaits its prune",
+        Duration::from_secs(120),
+        || ops().len() == names.len(),
+    );
+    let waiting = ops();
+    let distinct: std::collections::BTreeSet<&String> = waiting.iter().collect();
+    assert_eq!(distinct.len(), 8, "one operation per host: {waiting:?}");
+    for h in &names {
+        assert!(exists(f, h, "/srv/fleetprune/old.conf"), "{h}");
+    }
+
+    let out = d.tend(&[
+        "confirm",
+        "--pending",
+        "--tag",
+        "web",
+        "--reason",
+        "retire old.conf on the web fleet",
+        "--ttl",
+        "10m",
+    ]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    for op in &waiting {
+        assert!(printed.contains(op.as_str()), "{op} listed:\n{printed}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !(ops().is_empty()
+        && names
+            .iter()
+            .all(|h| !exists(f, h, "/srv/fleetprune/old.conf")))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prune did not run on every host; still waiting: {:?}\nlog:\n{}",
+            ops(),
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The token was used once per operation, by one run each, then moved.
+    let token_runs: Vec<Value> = results(&d)
+        .into_iter()
+        .filter(|r| r["effective_mode"] == "full")
+        .collect();
+    assert_eq!(token_runs.len(), 8, "{}", daemon.log());
+    let mut used_ops: Vec<String> = token_runs
+        .iter()
+        .map(|r| {
+            assert_eq!(r["confirmation"]["scope_match"], true, "{r:#}");
+            r["confirmation"]["operation"].as_str().unwrap().to_string()
+        })
+        .collect();
+    used_ops.sort();
+    let mut want = waiting.clone();
+    want.sort();
+    assert_eq!(used_ops, want);
+    wait_for(
+        "the token moved to confirm/used",
+        Duration::from_secs(30),
+        || {
+            used_tokens(&d) == 1
+                && fs::read_dir(d.state().join("confirm"))
+                    .unwrap()
+                    .filter(|e| e.as_ref().unwrap().path().is_file())
+                    .count()
+                    == 0
+        },
     );
 }

@@ -53,9 +53,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Retry { host } => retry::run(g, host)?,
         Command::Confirm {
             operation,
+            pending,
+            hosts,
+            tags,
             reason,
             ttl,
-        } => confirm::run(g, operation, reason, ttl.as_deref())?,
+        } => match operation {
+            Some(op) if !*pending => confirm::run(g, op, reason, ttl.as_deref())?,
+            _ => confirm::pending(g, hosts, tags, reason, ttl.as_deref())?,
+        },
     };
     Ok(ExitCode::from(code))
 }

@@ -239,7 +239,7 @@ impl Host {
 }
 
 /// The validated desired state.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct DesiredState {
     pub config: TendConfig,
     /// By host name.

@@ -16,19 +16,76 @@ use serde::Deserialize;
 
 use super::yaml;
 
-/// The token document.
+/// The token document: one operation (`operation` and `hosts`), or
+/// several (`operations`, SPEC 8.1 fleet-scale confirmation), never both.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenDoc {
     /// The operation hash, full lowercase hex.
-    pub operation: String,
+    #[serde(default)]
+    pub operation: Option<String>,
     /// Must equal the operation's host set exactly.
-    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub hosts: Option<Vec<String>>,
+    /// Several operations, each authorized as a single token would, each
+    /// used once.
+    #[serde(default)]
+    pub operations: Option<Vec<Scope>>,
     /// RFC 3339.
     pub expires: String,
     pub reason: String,
     #[serde(default)]
     pub by: Option<String>,
+}
+
+/// One operation a token authorizes: its hash and exact host set.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scope {
+    pub operation: String,
+    pub hosts: Vec<String>,
+}
+
+impl TokenDoc {
+    /// A token for one operation.
+    pub fn single(
+        operation: String,
+        hosts: Vec<String>,
+        expires: String,
+        reason: String,
+        by: Option<String>,
+    ) -> Self {
+        TokenDoc {
+            operation: Some(operation),
+            hosts: Some(hosts),
+            operations: None,
+            expires,
+            reason,
+            by,
+        }
+    }
+
+    /// Lists several operations (`operations:`).
+    pub fn is_multi(&self) -> bool {
+        self.operations.is_some()
+    }
+
+    /// Every operation the token names, with its host set.
+    pub fn scopes(&self) -> Vec<Scope> {
+        match (&self.operations, &self.operation, &self.hosts) {
+            (Some(list), _, _) => list.clone(),
+            (None, Some(op), Some(hosts)) => vec![Scope {
+                operation: op.clone(),
+                hosts: hosts.clone(),
+            }],
+            _ => vec![],
+        }
+    }
+
+    /// The scope the token gives `operation`, if it names it.
+    pub fn scope_of(&self, operation: &str) -> Option<Scope> {
+        self.scopes().into_iter().find(|s| s.operation == operation)
+    }
 }
 
 /// What the shell knows about one token file.
@@ -46,8 +103,11 @@ pub struct TokenFile {
     /// this and `mtime`, so a file given a future mtime cannot stretch
     /// `token_max_ttl`.
     pub first_seen: i64,
-    /// The sha256 of these bytes was used by an earlier run.
+    /// The sha256 of these bytes was used by an earlier run (a token for one
+    /// operation).
     pub used_before: bool,
+    /// The operations of a token that lists several that earlier runs used.
+    pub used_operations: BTreeSet<String>,
     /// Why the shell refused the file before reading it as a token (not a
     /// regular file, an owner outside `confirmers`, an unsafe `confirm/`);
     /// `None` when its bytes were read.
@@ -87,10 +147,32 @@ pub fn parse(bytes: &[u8]) -> Result<TokenDoc, String> {
             None => e.msg,
         })?
         .ok_or("empty")?;
-    yaml::from_node::<TokenDoc>(&node).map_err(|e| match e.pos {
+    let doc = yaml::from_node::<TokenDoc>(&node).map_err(|e| match e.pos {
         Some(p) => format!("{p}: {}", e.msg),
         None => e.msg,
-    })
+    })?;
+    let at = node.pos;
+    match (&doc.operations, &doc.operation, &doc.hosts) {
+        (None, Some(_), Some(_)) => Ok(doc),
+        (Some(list), None, None) if !list.is_empty() => {
+            let mut seen = BTreeSet::new();
+            for s in list {
+                if !seen.insert(s.operation.as_str()) {
+                    return Err(format!(
+                        "{at}: operation {} is listed twice in `operations`",
+                        short(&s.operation)
+                    ));
+                }
+            }
+            Ok(doc)
+        }
+        (Some(_), None, None) => Err(format!("{at}: `operations` is empty")),
+        (Some(_), _, _) => Err(format!(
+            "{at}: a token has either `operation` and `hosts`, or `operations`, not both"
+        )),
+        (None, None, _) => Err(format!("{at}: missing field `operation`")),
+        (None, Some(_), None) => Err(format!("{at}: missing field `hosts`")),
+    }
 }
 
 /// Check one token file against an operation (`operation`, `hosts`) at `now`
@@ -119,8 +201,17 @@ pub fn check(
             return v;
         }
     };
-    let token_hosts: BTreeSet<String> = doc.hosts.iter().cloned().collect();
-    v.scope_match = doc.operation == operation && token_hosts == *hosts;
+    let scope = doc.scope_of(operation);
+    let token_hosts: BTreeSet<String> = scope
+        .as_ref()
+        .map(|s| s.hosts.iter().cloned().collect())
+        .unwrap_or_default();
+    v.scope_match = scope.is_some() && token_hosts == *hosts;
+    let used = if doc.is_multi() {
+        file.used_operations.contains(operation)
+    } else {
+        file.used_before
+    };
     let refusal = if file.mode & 0o022 != 0 {
         Some(format!(
             "token file is writable by group or others (mode {:04o}); chmod 600 it",
@@ -128,19 +219,24 @@ pub fn check(
         ))
     } else if doc.reason.trim().is_empty() {
         Some("token has an empty `reason`".into())
-    } else if doc.operation != operation {
+    } else if scope.is_none() {
+        let named: Vec<String> = doc.scopes().iter().map(|s| short(&s.operation)).collect();
         Some(format!(
             "token is for operation {}, not {operation}: the destructive steps, or the objects they act on as probed now, are not those it approved (stale)",
-            short(&doc.operation)
+            named.join(", ")
         ))
     } else if token_hosts != *hosts {
         Some(format!(
             "token names hosts [{}], the operation covers exactly [{}]",
-            doc.hosts.join(", "),
+            token_hosts.iter().cloned().collect::<Vec<_>>().join(", "),
             hosts.iter().cloned().collect::<Vec<_>>().join(", ")
         ))
-    } else if file.used_before {
-        Some("token was already used (a token is good for one run)".into())
+    } else if used {
+        Some(if doc.is_multi() {
+            "token was already used for this operation (a token is good once per operation)".into()
+        } else {
+            "token was already used (a token is good for one run)".into()
+        })
     } else {
         match parse_rfc3339(&doc.expires) {
             None => Some(format!(
@@ -202,17 +298,35 @@ pub fn format_rfc3339(t: i64) -> String {
 /// The token document `tend confirm` writes.
 pub fn render(doc: &TokenDoc) -> String {
     let q = |s: &str| serde_json::to_string(s).expect("string");
-    let mut out = format!(
-        "# Confirmation token written by `tend confirm`. Good for one run.\noperation: {}\nhosts: [{}]\nexpires: {}\nreason: {}\n",
-        doc.operation,
-        doc.hosts
-            .iter()
-            .map(|h| q(h))
-            .collect::<Vec<_>>()
-            .join(", "),
+    let list = |hosts: &[String]| hosts.iter().map(|h| q(h)).collect::<Vec<_>>().join(", ");
+    let mut out = if doc.is_multi() {
+        let mut out = String::from(
+            "# Confirmation token written by `tend confirm --pending`. Good once per operation.\noperations:\n",
+        );
+        for s in doc.scopes() {
+            out.push_str(&format!(
+                "  - operation: {}\n    hosts: [{}]\n",
+                s.operation,
+                list(&s.hosts)
+            ));
+        }
+        out
+    } else {
+        let s = doc.scopes().into_iter().next().unwrap_or(Scope {
+            operation: String::new(),
+            hosts: vec![],
+        });
+        format!(
+            "# Confirmation token written by `tend confirm`. Good for one run.\noperation: {}\nhosts: [{}]\n",
+            s.operation,
+            list(&s.hosts)
+        )
+    };
+    out.push_str(&format!(
+        "expires: {}\nreason: {}\n",
         doc.expires,
         q(&doc.reason)
-    );
+    ));
     if let Some(by) = &doc.by {
         out.push_str(&format!("by: {}\n", q(by)));
     }
@@ -234,6 +348,7 @@ mod tests {
             mtime: NOW - 60,
             first_seen: NOW - 60,
             used_before: used,
+            used_operations: BTreeSet::new(),
             refused: None,
         }
     }
@@ -323,6 +438,16 @@ mod tests {
                 "operation: x\n".into(),
                 0o600,
                 false,
+                Some("malformed token: 1:1: missing field `expires`"),
+                false,
+            ),
+            (
+                format!(
+                    "operation: x\nexpires: {}\nreason: r\n",
+                    format_rfc3339(NOW + 60)
+                ),
+                0o600,
+                false,
                 Some("malformed token: 1:1: missing field `hosts`"),
                 false,
             ),
@@ -396,14 +521,106 @@ mod tests {
 
     #[test]
     fn rendered_tokens_parse_back() {
-        let doc = TokenDoc {
-            operation: OP.into(),
-            hosts: vec!["web-1".into(), "web-2".into()],
-            expires: format_rfc3339(NOW + 60),
-            reason: "it's: \"quoted\" # not a comment".into(),
-            by: Some("alice".into()),
-        };
+        let doc = TokenDoc::single(
+            OP.into(),
+            vec!["web-1".into(), "web-2".into()],
+            format_rfc3339(NOW + 60),
+            "it's: \"quoted\" # not a comment".into(),
+            Some("alice".into()),
+        );
         assert_eq!(parse(render(&doc).as_bytes()).unwrap(), doc);
+        let multi = TokenDoc {
+            operation: None,
+            hosts: None,
+            operations: Some(vec![
+                Scope {
+                    operation: OP.into(),
+                    hosts: vec!["web-1".into()],
+                },
+                Scope {
+                    operation: OP2.into(),
+                    hosts: vec!["web-2".into()],
+                },
+            ]),
+            ..doc
+        };
+        assert_eq!(parse(render(&multi).as_bytes()).unwrap(), multi);
+    }
+
+    const OP2: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+
+    fn multi_token(expires: i64) -> String {
+        format!(
+            "operations:\n  - operation: {OP}\n    hosts: [web-1]\n  - operation: {OP2}\n    hosts: [web-2, web-3]\nexpires: {}\nreason: prune on the fleet\n",
+            format_rfc3339(expires)
+        )
+    }
+
+    #[test]
+    fn a_multi_operation_token_authorizes_each_listed_operation_once() {
+        let set = |hs: &[&str]| -> BTreeSet<String> { hs.iter().map(|h| h.to_string()).collect() };
+        let ttl = Duration::from_secs(3600);
+        let mut f = file(&multi_token(NOW + 600), 0o600, false);
+        for (op, hosts) in [(OP, set(&["web-1"])), (OP2, set(&["web-2", "web-3"]))] {
+            let v = check(&f, op, &hosts, NOW, ttl);
+            assert!(v.is_valid() && v.scope_match, "{op}: {v:?}");
+        }
+        // Each operation exactly with its own host set.
+        let v = check(&f, OP2, &set(&["web-2"]), NOW, ttl);
+        assert!(v.refusal.unwrap().contains("exactly [web-2]"));
+        let v = check(&f, OP, &set(&["web-1", "web-2"]), NOW, ttl);
+        assert!(!v.scope_match);
+        // An operation it does not list: stale.
+        let other = "2".repeat(64);
+        let v = check(&f, &other, &set(&["web-1"]), NOW, ttl);
+        assert!(v.refusal.unwrap().contains("stale"));
+        // Used for one operation: refused for it, still good for the other.
+        f.used_operations.insert(OP.into());
+        let v = check(&f, OP, &set(&["web-1"]), NOW, ttl);
+        assert!(
+            v.refusal
+                .unwrap()
+                .contains("already used for this operation")
+        );
+        assert!(check(&f, OP2, &set(&["web-2", "web-3"]), NOW, ttl).is_valid());
+        // `used_before` (the single-operation record) does not apply to it.
+        f.used_operations.clear();
+        f.used_before = true;
+        assert!(check(&f, OP, &set(&["web-1"]), NOW, ttl).is_valid());
+    }
+
+    #[test]
+    fn a_token_has_one_form_or_the_other() {
+        let e = format_rfc3339(NOW + 60);
+        for (text, want) in [
+            (
+                format!(
+                    "operation: {OP}\nhosts: [a]\noperations:\n  - operation: {OP}\n    hosts: [a]\nexpires: {e}\nreason: r\n"
+                ),
+                "not both",
+            ),
+            (
+                format!("operations: []\nexpires: {e}\nreason: r\n"),
+                "is empty",
+            ),
+            (
+                format!(
+                    "operations:\n  - operation: {OP}\n    hosts: [a]\n  - operation: {OP}\n    hosts: [b]\nexpires: {e}\nreason: r\n"
+                ),
+                "listed twice",
+            ),
+            (
+                format!("hosts: [a]\nexpires: {e}\nreason: r\n"),
+                "missing field `operation`",
+            ),
+            (
+                format!("operations:\n  - operation: {OP}\nexpires: {e}\nreason: r\n"),
+                "missing field `hosts`",
+            ),
+        ] {
+            let err = parse(text.as_bytes()).unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+        }
     }
 
     /// Inputs that made the former hand-written parser slice inside a
@@ -480,6 +697,7 @@ mod tests {
                 mtime,
                 first_seen,
                 used_before: false,
+                used_operations: BTreeSet::new(),
                 refused: None,
             };
             let hosts: BTreeSet<String> = ["web-1".to_string()].into();

@@ -8,6 +8,7 @@
 //! Enumerated values are stored as their JSON spelling from `core::report`,
 //! so the database and the documents say the same words.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -178,6 +179,21 @@ CREATE TABLE owed_restarts (
     run_id      TEXT NOT NULL,
     since       TEXT NOT NULL,
     PRIMARY KEY (host, resource_id)
+) STRICT;
+"#,
+    // 6: a token that lists several operations (SPEC 8.1, fleet-scale
+    // confirmation) is used once per operation: each use is a row here, by
+    // the sha256 of the token's bytes and the operation. Kept for ever,
+    // like `tokens`.
+    r#"
+CREATE TABLE token_operations (
+    sha256      TEXT NOT NULL,
+    operation   TEXT NOT NULL,
+    file        TEXT NOT NULL,
+    hosts_json  TEXT NOT NULL,
+    used_by_run TEXT NOT NULL,
+    used_at     TEXT NOT NULL,
+    PRIMARY KEY (sha256, operation)
 ) STRICT;
 "#,
 ];
@@ -819,6 +835,48 @@ impl Db {
         })
     }
 
+    /// Mark one operation of a token that lists several as used by
+    /// `run_id`. Returns `false`, changing nothing, when that operation of
+    /// these bytes was used before (one statement: two runs can never both
+    /// use one operation of one token).
+    pub fn claim_token_operation(
+        &mut self,
+        sha256: &str,
+        file: &str,
+        operation: &str,
+        hosts: &[String],
+        run_id: &str,
+        at: &str,
+    ) -> Result<bool, StoreError> {
+        let hosts_json = serde_json::to_string(hosts).expect("a list of strings encodes");
+        self.write(
+            format!("mark operation {operation} of token {file} as used"),
+            |tx| {
+                let n = tx.execute(
+                    "INSERT INTO token_operations (sha256, operation, file, hosts_json, used_by_run, used_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (sha256, operation) DO NOTHING",
+                    rusqlite::params![sha256, operation, file, hosts_json, run_id, at],
+                )?;
+                Ok(n > 0)
+            },
+        )
+    }
+
+    /// The operations of the token whose bytes hash to `sha256` that were
+    /// used already (a token that lists several operations).
+    pub fn token_operations_used(&self, sha256: &str) -> Result<BTreeSet<String>, StoreError> {
+        self.read(
+            format!("read the used operations of token {sha256}"),
+            |conn| {
+                let mut q =
+                    conn.prepare("SELECT operation FROM token_operations WHERE sha256 = ?1")?;
+                let rows = q.query_map([sha256], |r| r.get::<_, String>(0))?;
+                rows.collect()
+            },
+        )
+    }
+
     /// What is recorded of the token whose bytes hash to `sha256`.
     pub fn token(&self, sha256: &str) -> Result<Option<TokenRow>, StoreError> {
         self.read(format!("read token {sha256}"), |conn| {
@@ -913,6 +971,7 @@ impl Db {
                           OR EXISTS (SELECT 1 FROM step_attempts s
                                      WHERE s.run_id = r.run_id AND s.destructive = 1)
                           OR EXISTS (SELECT 1 FROM tokens t WHERE t.used_by_run = r.run_id)
+                          OR EXISTS (SELECT 1 FROM token_operations t WHERE t.used_by_run = r.run_id)
                           OR json_type(r.result_json, '$.confirmation') IN ('object', 'text')
                           OR EXISTS (SELECT 1 FROM json_each(r.result_json, '$.host_outcomes') h,
                                                   json_each(h.value, '$.steps') st

@@ -23,8 +23,10 @@ use std::time::{Duration, Instant};
 /// for the five-host no-op converge, h40..h47 for the safety campaign,
 /// h48..h53 for the state dir's trust rules, h54..h61 for the controller's
 /// hardening, h62..h69 for step builders and large probes, h70..h79 for
-/// dispatch records, retries and large applies, h80..h83 for approvals.
-pub const HOSTS: usize = 83;
+/// dispatch records, retries and large applies, h80..h90 for approvals
+/// (h80..h87: fleet-scale confirmation under the controller). No more:
+/// h91 would listen on 127.0.0.101, the first systemd host's address.
+pub const HOSTS: usize = 90;
 
 /// Systemd hosts the fleet provides to the tests: s1..s4 for the service
 /// tests, s5..s9 for every kind on five hosts, s10..s11 for the campaign,
