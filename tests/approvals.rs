@@ -10,7 +10,6 @@ mod support;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
@@ -20,37 +19,9 @@ use support::{Daemon, Desired, Fleet, code, fleet, outcome, systemd_fleet, text,
 
 const FAST: &str = "probe_timeout: 30s\nretries: 2\nretry_backoff: 50ms\n";
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "-c",
-            "commit.gpgsign=false",
-        ])
-        .args(args)
-        .output()
-        .expect("run git");
-    assert!(out.status.success(), "git {args:?}: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Commit everything in the desired-state dir (the state dir is ignored).
-fn commit(d: &Desired, message: &str) -> String {
-    git(d.dir(), &["add", "-A"]);
-    git(d.dir(), &["commit", "-q", "-m", message]);
-    git(d.dir(), &["rev-parse", "HEAD"])
-}
-
 fn git_desired(inventory: &str, hosts: &[(&str, &str)]) -> Desired {
     let d = Desired::new(FAST, inventory, hosts);
-    fs::write(d.dir().join(".gitignore"), ".tend/\n").unwrap();
-    git(d.dir(), &["init", "-q"]);
-    commit(&d, "first");
+    d.init_git();
     d
 }
 
@@ -124,7 +95,7 @@ fn a_token_survives_an_unrelated_commit_and_the_delete_runs() {
     // Unrelated commits: another file's content, and a comment in tend.yaml.
     fs::write(d.dir().join("hosts/h88.yaml"), body("two")).unwrap();
     fs::write(d.dir().join("tend.yaml"), format!("{FAST}# a comment\n")).unwrap();
-    let head = commit(&d, "unrelated");
+    let head = d.commit("unrelated");
 
     let (c, r) = apply(&d, &["h88"]);
     assert_eq!(c, 0, "{r}");

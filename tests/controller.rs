@@ -9,12 +9,10 @@
 mod support;
 
 use std::fs;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Daemon, Desired, code, fleet, text, wait_for};
+use support::{Daemon, Desired, code, fleet, git, text, wait_for};
 
 /// Fast timings so that each scenario takes seconds.
 const TEND_YAML: &str = "dispatch: enforced
@@ -43,35 +41,13 @@ fn inventory(hosts: &[&str]) -> String {
 fn repo(tend_yaml: &str, hosts: &[(&str, &str)]) -> Desired {
     let names: Vec<&str> = hosts.iter().map(|(h, _)| *h).collect();
     let d = Desired::new(tend_yaml, &inventory(&names), hosts);
-    fs::write(d.dir().join(".gitignore"), ".tend/\n").unwrap();
-    git(d.dir(), &["init", "-q", "-b", "main"]);
-    commit(&d, "initial desired state");
+    d.init_git();
     d
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "user.name=operator",
-            "-c",
-            "user.email=operator@example.invalid",
-        ])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("git");
-    assert!(out.status.success(), "git {args:?}: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Commit everything; returns the new HEAD.
 fn commit(d: &Desired, msg: &str) -> String {
-    git(d.dir(), &["add", "-A"]);
-    git(d.dir(), &["commit", "-q", "-m", msg]);
-    git(d.dir(), &["rev-parse", "HEAD"])
+    d.commit(msg)
 }
 
 fn write_host(d: &Desired, host: &str, body: &str) {

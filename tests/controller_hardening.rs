@@ -11,11 +11,11 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Daemon, Desired, code, fleet, text, wait_for};
+use support::{Daemon, Desired, code, fleet, git, text, wait_for};
 
 /// Fast timings, but a resync of an hour: whatever the tests wait for must
 /// come from the watch, a retry or the backoff, never from a resync.
@@ -39,24 +39,6 @@ fn inventory(hosts: &[&str]) -> String {
         s.push_str(&f.inventory_entry(h));
     }
     s
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "user.name=operator",
-            "-c",
-            "user.email=operator@example.invalid",
-        ])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("git");
-    assert!(out.status.success(), "git {args:?}: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A desired-state dir that is a git work tree (state dir ignored).

@@ -516,20 +516,26 @@ fn live_probe_without_a_tool_is_a_capability_failure() {
     assert_eq!(err.class(), FailureClass::Capability);
 }
 
+/// A temp dir with `bin/NAME`, an executable script: a tool that stands in
+/// for the real one when `bin` comes first in PATH.
+fn fake_tool(name: &str, script: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let fake = bin.join(name);
+    fs::write(&fake, script).unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    (dir, bin)
+}
+
 #[test]
 fn live_probe_falls_back_per_path_when_a_batch_fails() {
     // A sha256sum that refuses to hash more than one file at a time forces
     // the per-path fallback; the result must be the same as the batch's.
-    let dir = tempfile::tempdir().unwrap();
-    let bin = dir.path().join("bin");
-    fs::create_dir(&bin).unwrap();
-    let fake = bin.join("sha256sum");
-    fs::write(
-        &fake,
+    let (dir, bin) = fake_tool(
+        "sha256sum",
         "#!/bin/sh\n[ $# -gt 1 ] && exit 1\nexec /usr/bin/sha256sum \"$@\"\n",
-    )
-    .unwrap();
-    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let a = dir.path().join("a b");
     let b = dir.path().join("it's\nhere");
     fs::write(&a, "hello\n").unwrap();
@@ -1104,16 +1110,10 @@ fn live_tree_over_the_limit_is_too_large() {
 fn live_tree_with_a_find_that_fails_is_an_error_not_a_digest() {
     // A `find` without -printf (busybox's, say) must not pass for an
     // empty tree: the digest would not change when the tree does.
-    let dir = tempfile::tempdir().unwrap();
-    let bin = dir.path().join("bin");
-    fs::create_dir(&bin).unwrap();
-    let fake = bin.join("find");
-    fs::write(
-        &fake,
+    let (dir, bin) = fake_tool(
+        "find",
         "#!/bin/sh\necho 'find: unrecognized: -printf' >&2\nexit 1\n",
-    )
-    .unwrap();
-    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let root = dir.path().join("d");
     fs::create_dir(&root).unwrap();
     let its = vec![ProbeItem::path("d", root.to_str().unwrap()).with_tree()];

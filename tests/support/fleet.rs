@@ -90,9 +90,21 @@ fn bring_up(cmd: &str, n: impl FnOnce(&Path) -> usize, files: &Path) -> Fleet {
     );
     drop(lock);
     let files = dir.join(files);
-    let tsv = fs::read_to_string(files.join("hosts.tsv")).expect("hosts.tsv");
+    let hosts = read_hosts(&files.join("hosts.tsv"));
+    Fleet {
+        key: dir.join("id_ed25519"),
+        known_hosts: files.join("known_hosts"),
+        ssh_config: files.join("ssh_config"),
+        hosts,
+        dir,
+    }
+}
+
+/// The hosts of a fleet's `hosts.tsv` (name, address, fingerprint, _, log).
+fn read_hosts(tsv: &Path) -> BTreeMap<String, FleetHost> {
+    let text = fs::read_to_string(tsv).expect("hosts.tsv");
     let mut hosts = BTreeMap::new();
-    for line in tsv.lines().skip(1) {
+    for line in text.lines().skip(1) {
         let f: Vec<&str> = line.split('\t').collect();
         hosts.insert(
             f[0].to_string(),
@@ -104,13 +116,7 @@ fn bring_up(cmd: &str, n: impl FnOnce(&Path) -> usize, files: &Path) -> Fleet {
             },
         );
     }
-    Fleet {
-        key: dir.join("id_ed25519"),
-        known_hosts: files.join("known_hosts"),
-        ssh_config: files.join("ssh_config"),
-        hosts,
-        dir,
-    }
+    hosts
 }
 
 /// The fleet, started on first use (idempotent across test processes: the
@@ -303,6 +309,28 @@ pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// `git -C DIR ARGS` with a fixed identity; its trimmed stdout. Panics
+/// with git's output when it fails.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=operator",
+            "-c",
+            "user.email=operator@example.invalid",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("git");
+    assert!(out.status.success(), "git {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A desired-state directory in a temp dir.
 pub struct Desired {
     pub tmp: tempfile::TempDir,
@@ -327,6 +355,20 @@ impl Desired {
 
     pub fn state(&self) -> PathBuf {
         self.dir().join(".tend")
+    }
+
+    /// Make the dir a git work tree (the state dir ignored) and commit it.
+    pub fn init_git(&self) {
+        fs::write(self.dir().join(".gitignore"), ".tend/\n").unwrap();
+        git(self.dir(), &["init", "-q", "-b", "main"]);
+        self.commit("initial desired state");
+    }
+
+    /// Commit everything; returns the new HEAD.
+    pub fn commit(&self, msg: &str) -> String {
+        git(self.dir(), &["add", "-A"]);
+        git(self.dir(), &["commit", "-q", "-m", msg]);
+        git(self.dir(), &["rev-parse", "HEAD"])
     }
 
     /// Run the real binary with `--dir` set to this desired state.
@@ -529,20 +571,7 @@ pub fn scale_fleet(n: usize) -> Fleet {
     scale_script(&["down"]);
     scale_script(&["up", &n.to_string()]);
     let dir = scale_fleet_dir();
-    let tsv = fs::read_to_string(dir.join("hosts.tsv")).expect("hosts.tsv");
-    let mut hosts = BTreeMap::new();
-    for line in tsv.lines().skip(1) {
-        let f: Vec<&str> = line.split('\t').collect();
-        hosts.insert(
-            f[0].to_string(),
-            FleetHost {
-                name: f[0].into(),
-                address: f[1].into(),
-                fingerprint: f[2].into(),
-                log: PathBuf::from(f[4]),
-            },
-        );
-    }
+    let hosts = read_hosts(&dir.join("hosts.tsv"));
     Fleet {
         key: dir.join("id_ed25519"),
         known_hosts: dir.join("known_hosts"),
