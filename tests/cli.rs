@@ -1734,3 +1734,40 @@ fn a_probe_larger_than_one_shell_argument_still_works() {
     );
     fx.run(&["plan"]).code(0);
 }
+
+/// SPEC 8.6: the fleet view works before any run (every host `Unknown`,
+/// exit 0) and leads with trouble.
+#[test]
+fn status_lists_every_host_trouble_first() {
+    let fx = Fixture::two_hosts();
+    let st = fx.run(&["status"]);
+    st.code(0);
+    let lines: Vec<&str> = st.stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("HOST") && lines[0].contains("READY"),
+        "{st}"
+    );
+    assert_eq!(lines.len(), 3, "{st}");
+    for (line, host) in lines[1..].iter().zip(["a", "b"]) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(&cols[..3], [host, "Unknown", "False"], "{st}");
+    }
+    fx.run(&["status", "--json"]).code(0);
+
+    // `a` converges; `b`'s file then breaks the desired state.
+    fx.run(&["apply", "a", "--dispatch", "enforced"]).code(0);
+    fx.run(&["apply", "b", "--dispatch", "off"]).code(2);
+    let st = fx.run(&["status"]);
+    st.code(0);
+    let order: Vec<(&str, &str)> = st
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let mut c = l.split_whitespace();
+            (c.next().unwrap(), c.nth(1).unwrap())
+        })
+        .collect();
+    // `b` has a change pending (Converged=False): it comes before the ready `a`.
+    assert_eq!(order, [("b", "False"), ("a", "True")], "{st}");
+}

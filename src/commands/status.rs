@@ -4,7 +4,8 @@ use anyhow::{Result, bail};
 
 use super::{exit, state_dir_of};
 use crate::cli::Global;
-use crate::core::report::ConditionStatus;
+use crate::core::report::{ConditionStatus, FleetHost, FleetStatus, HostStatus, fleet_row};
+use crate::core::token::parse_rfc3339;
 
 pub fn run(g: &Global, host: Option<&str>) -> Result<u8> {
     let sd = state_dir_of(g);
@@ -61,31 +62,78 @@ pub fn run(g: &Global, host: Option<&str>) -> Result<u8> {
                 println!("    run: {}", a.command);
             }
         }
-        None => {
-            let Some(f) = sd.read_fleet()? else {
-                bail!(
-                    "no fleet status in {} (has anything been applied?)",
-                    sd.root().display()
-                );
-            };
-            if g.json {
-                println!("{}", serde_json::to_string_pretty(&f)?);
-                return Ok(exit::OK);
-            }
-            println!("fleet status at {}", f.generated_at);
-            for h in &f.hosts {
-                println!(
-                    "  {:<24} {:<18} converged={:<5} pending: {} create, {} update, {} delete ({} destructive)",
-                    h.host,
-                    format!("{:?}", h.phase),
-                    h.converged,
-                    h.pending.create,
-                    h.pending.update,
-                    h.pending.delete,
-                    h.pending.destructive
-                );
-            }
-        }
+        None => fleet(g, &sd)?,
     }
     Ok(exit::OK)
+}
+
+/// The fleet view (SPEC 8.6): one line per host of the inventory (and any
+/// other host with a status file), trouble first, then by name. Works on a
+/// state dir with no run yet: every host is `Unknown`.
+fn fleet(g: &Global, sd: &crate::store::StateDir) -> Result<()> {
+    let mut hosts: std::collections::BTreeSet<String> = crate::source::read_tree(&g.dir)
+        .map(|t| {
+            crate::core::model::validate(&t)
+                .state
+                .hosts
+                .into_keys()
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir(sd.root().join("status")) {
+        hosts.extend(
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_suffix(".json")
+                        .map(str::to_string)
+                })
+                .filter(|n| n != "fleet"),
+        );
+    }
+    let now = crate::clock::now_rfc3339();
+    if g.json {
+        let doc = match sd.read_fleet()? {
+            Some(f) => f,
+            None => FleetStatus {
+                schema_version: crate::core::report::SCHEMA_VERSION,
+                generated_at: now,
+                hosts: hosts
+                    .iter()
+                    .map(|h| FleetHost::of(&HostStatus::new(h.clone(), "")))
+                    .collect(),
+            },
+        };
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    let now = parse_rfc3339(&now).unwrap_or(0);
+    let mut rows = Vec::new();
+    for h in &hosts {
+        let st = sd.read_status(h)?;
+        let probed = st
+            .as_ref()
+            .and_then(|s| s.last_probe_at.as_deref())
+            .and_then(parse_rfc3339);
+        rows.push(fleet_row(h, st.as_ref(), probed, now));
+    }
+    rows.sort_by(|a, b| (a.severity, &a.host).cmp(&(b.severity, &b.host)));
+    println!(
+        "{:<20} {:<17} {:<5} {:<12} {:<5} MESSAGE",
+        "HOST", "PHASE", "READY", "REVISION", "AGE"
+    );
+    for r in rows {
+        println!(
+            "{:<20} {:<17} {:<5} {:<12} {:<5} {}",
+            r.host,
+            format!("{:?}", r.phase),
+            if r.ready { "True" } else { "False" },
+            r.revision,
+            r.age,
+            r.message
+        );
+    }
+    Ok(())
 }

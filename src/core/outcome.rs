@@ -407,13 +407,26 @@ pub fn next_status(i: StatusInput) -> HostStatus {
     let owed = pending.restarts.len();
     let destructive_pending = pending.destructive;
     s.pending = pending;
-    let drift = hp.map(|h| h.steps.len()).unwrap_or(0);
-    if drift > 0 {
+    // `Drifted` describes the host after the pass (SPEC 8.8): the
+    // differences this pass did not correct, not the probe before it.
+    let seen = hp.map(|h| h.steps.len()).unwrap_or(0);
+    let left = pending_total as usize;
+    if left > 0 {
         s.set_condition(
             ConditionType::Drifted,
             t,
             "DriftDetected",
-            format!("{drift} resource(s) differed from the desired state at the last probe"),
+            format!("{left} resource(s) differ from the desired state after the last pass"),
+            i.now,
+        );
+    } else if seen > 0 {
+        s.set_condition(
+            ConditionType::Drifted,
+            f,
+            "NoDrift",
+            format!(
+                "the host matches the desired state: the last pass corrected {seen} difference(s)"
+            ),
             i.now,
         );
     } else {

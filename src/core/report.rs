@@ -439,6 +439,96 @@ impl FleetStatus {
 }
 
 /// Sample documents for the tests of this module and of the store.
+/// One line of `tend status` for the fleet (SPEC 8.6): HOST, PHASE, READY,
+/// REVISION (the converged revision, 12 characters), AGE (since the last
+/// probe) and MESSAGE (the most severe bad condition's message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetRow {
+    pub host: String,
+    pub phase: Phase,
+    pub ready: bool,
+    pub revision: String,
+    pub age: String,
+    pub message: String,
+    /// 0 for the worst trouble, up to [`BAD_CONDITIONS`]`.len()` when
+    /// nothing is bad: rows sort by it, trouble first.
+    pub severity: usize,
+}
+
+/// The bad state of each condition, worst first (SPEC 8.6).
+pub const BAD_CONDITIONS: [(ConditionType, ConditionStatus); 6] = [
+    (ConditionType::ValidDesiredState, ConditionStatus::False),
+    (ConditionType::Degraded, ConditionStatus::True),
+    (ConditionType::Reachable, ConditionStatus::False),
+    (ConditionType::AwaitingConfirmation, ConditionStatus::True),
+    (ConditionType::Drifted, ConditionStatus::True),
+    (ConditionType::Converged, ConditionStatus::False),
+];
+
+/// The fleet row of `host`, from its status (None: never probed). `now` and
+/// `last_probe_at` in seconds since the epoch (`probed_at` parsed by the
+/// caller; None when absent or unreadable).
+pub fn fleet_row(
+    host: &str,
+    status: Option<&HostStatus>,
+    probed_at: Option<i64>,
+    now: i64,
+) -> FleetRow {
+    let Some(st) = status else {
+        return FleetRow {
+            host: host.to_string(),
+            phase: Phase::Unknown,
+            ready: false,
+            revision: "-".into(),
+            age: "-".into(),
+            message: "never probed: no pass has run for this host yet".into(),
+            severity: BAD_CONDITIONS.len(),
+        };
+    };
+    let worst = BAD_CONDITIONS
+        .iter()
+        .enumerate()
+        .find_map(|(i, (kind, bad))| {
+            st.condition(*kind)
+                .filter(|c| c.status == *bad)
+                .map(|c| (i, c.message.clone()))
+        });
+    let (severity, message) = worst.unwrap_or((BAD_CONDITIONS.len(), String::new()));
+    FleetRow {
+        host: host.to_string(),
+        phase: st.phase,
+        ready: st.phase == Phase::Running && severity == BAD_CONDITIONS.len(),
+        revision: st
+            .converged_revision
+            .as_deref()
+            // A content hash is `sha256:<hex>`: its 12 characters are hex.
+            .map(|r| {
+                r.strip_prefix("sha256:")
+                    .unwrap_or(r)
+                    .chars()
+                    .take(12)
+                    .collect()
+            })
+            .unwrap_or_else(|| "-".into()),
+        age: probed_at
+            .map(|t| short_age(now.saturating_sub(t)))
+            .unwrap_or_else(|| "-".into()),
+        message,
+        severity,
+    }
+}
+
+/// `42s`, `7m`, `3h`, `2d`: the largest whole unit.
+pub fn short_age(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod fixtures {
     use super::*;
@@ -510,6 +600,53 @@ mod tests {
 
     const T0: &str = "2026-11-23T12:00:00Z";
     const T1: &str = "2026-11-23T12:05:00Z";
+
+    #[test]
+    fn the_fleet_row_leads_with_the_worst_condition() {
+        use ConditionStatus::{False, True};
+        use ConditionType::*;
+        let never = fleet_row("h", None, None, 0);
+        assert_eq!(
+            (never.phase, never.ready, never.revision.as_str()),
+            (Phase::Unknown, false, "-")
+        );
+        let mut st = HostStatus::new("h", T0);
+        st.phase = Phase::Running;
+        st.converged_revision = Some("0123456789abcdef".into());
+        for k in ConditionType::ALL {
+            let good = if matches!(k, Reachable | Converged | ValidDesiredState) {
+                True
+            } else {
+                False
+            };
+            st.set_condition(k, good, "Fine", "fine", T0);
+        }
+        let ok = fleet_row("h", Some(&st), Some(100), 100 + 150);
+        assert!(ok.ready, "{ok:?}");
+        assert_eq!(
+            (ok.revision.as_str(), ok.age.as_str(), ok.message.as_str()),
+            ("0123456789ab", "2m", "")
+        );
+        // Converged=False and Degraded=True: Degraded's message leads.
+        st.set_condition(Converged, False, "Pending", "1 create pending", T1);
+        st.set_condition(Degraded, True, "CrashLoop", "5 passes failed", T1);
+        let bad = fleet_row("h", Some(&st), Some(100), 100);
+        assert!(!bad.ready);
+        assert_eq!(bad.message, "5 passes failed");
+        assert!(bad.severity < fleet_row("h", None, None, 0).severity);
+        // Invalid desired state beats everything.
+        st.set_condition(
+            ValidDesiredState,
+            False,
+            "Invalid",
+            "hosts/h.yaml:3:5: bad",
+            T1,
+        );
+        assert_eq!(fleet_row("h", Some(&st), None, 0).severity, 0);
+        assert_eq!(short_age(59), "59s");
+        assert_eq!(short_age(3 * 3600), "3h");
+        assert_eq!(short_age(3 * 86_400), "3d");
+    }
 
     fn keys(v: &Value) -> BTreeSet<&str> {
         v.as_object()
