@@ -61,7 +61,7 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
         if let Some((v, _)) = &prep.token {
             match &v.refusal {
                 None => println!(
-                    "Confirmation: {} covers the operation; `tend apply` will run its destructive steps.",
+                    "Confirmation: {} covers the operation; the next pass that dispatches to these hosts (dispatch `canary` or `enforced`: `tend apply`, or the controller) runs its destructive steps, once.",
                     v.file
                 ),
                 Some(why) => println!("Confirmation: {} refused: {why}", v.file),
@@ -202,8 +202,13 @@ pub fn render(plan: &Plan, decision: &RunDecision, confirm: Option<&str>) -> Str
     if let Some(op) = &plan.operation {
         let _ = writeln!(
             out,
-            "Destructive operation {op} on {} needs a confirmation token.",
-            plan.operation_hosts.join(", ")
+            "Destructive operation {op} on {} {}.",
+            plan.operation_hosts.join(", "),
+            if confirm.is_some() {
+                "needs a confirmation token"
+            } else {
+                "is covered by a valid confirmation token"
+            }
         );
         if let Some(cmd) = confirm {
             let _ = writeln!(
