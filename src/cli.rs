@@ -62,6 +62,18 @@ pub enum DispatchArg {
     Enforced,
 }
 
+/// Host selection besides the positional names (SPEC 8.6): hosts with any
+/// of the tags join the named ones; excluded hosts leave.
+#[derive(Debug, Default, Args)]
+pub struct Select {
+    /// Hosts carrying this tag (repeatable: any of them).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Leave this host out (repeatable).
+    #[arg(long = "exclude")]
+    pub exclude: Vec<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load and check the desired state; print `file:line:col: message` per problem.
@@ -72,16 +84,22 @@ pub enum Command {
     Probe {
         /// Hosts to probe (default: all).
         hosts: Vec<String>,
+        #[command(flatten)]
+        select: Select,
     },
     /// Probe, diff, decide and plan; print the plan (changes nothing).
     Plan {
         /// Hosts to plan (default: all).
         hosts: Vec<String>,
+        #[command(flatten)]
+        select: Select,
     },
     /// One reconcile now, recorded as a run.
     Apply {
         /// Hosts to converge (default: all).
         hosts: Vec<String>,
+        #[command(flatten)]
+        select: Select,
         /// Override the dispatch mode (beats TEND_DISPATCH and tend.yaml).
         #[arg(long, value_enum)]
         dispatch: Option<DispatchArg>,
@@ -98,6 +116,8 @@ pub enum Command {
     Status {
         /// One host (default: the fleet).
         host: Option<String>,
+        #[command(flatten)]
+        select: Select,
     },
     /// Write a confirmation token for an operation.
     Confirm {

@@ -59,18 +59,49 @@ pub struct Prepared {
     pub preflight_errors: PreflightErrors,
 }
 
-/// Resolve the hosts named on the command line (all when none).
-pub fn resolve_targets(state: &DesiredState, named: &[String]) -> Result<Vec<String>> {
-    if named.is_empty() {
-        return Ok(state.hosts.keys().cloned().collect());
-    }
-    let mut out = Vec::new();
-    for n in named {
+/// Resolve the hosts selected on the command line: the named ones and those
+/// carrying any `--tag` (every host when neither is given), less every
+/// `--exclude`. A name, tag or exclusion that matches no host is an error
+/// (a typo must never widen or empty the selection silently), and so is a
+/// selection left empty.
+pub fn resolve_targets(
+    state: &DesiredState,
+    named: &[String],
+    select: &crate::cli::Select,
+) -> Result<Vec<String>> {
+    let known = || {
+        state
+            .hosts
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for n in named.iter().chain(&select.exclude) {
         if !state.hosts.contains_key(n) {
-            let known: Vec<&str> = state.hosts.keys().map(String::as_str).collect();
-            bail!("unknown host `{n}`: the inventory has {}", known.join(", "));
+            bail!("unknown host `{n}`: the inventory has {}", known());
         }
-        out.push(n.clone());
+    }
+    for t in &select.tags {
+        if !state.hosts.values().any(|h| h.inv.tags.contains(t)) {
+            bail!("no host in the inventory carries the tag `{t}`");
+        }
+    }
+    let mut out: Vec<String> = if named.is_empty() && select.tags.is_empty() {
+        state.hosts.keys().cloned().collect()
+    } else {
+        state
+            .hosts
+            .iter()
+            .filter(|(name, h)| {
+                named.contains(name) || h.inv.tags.iter().any(|t| select.tags.contains(t))
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    };
+    out.retain(|h| !select.exclude.contains(h));
+    if out.is_empty() {
+        bail!("no host is left to work on: every selected host is excluded");
     }
     out.sort();
     out.dedup();

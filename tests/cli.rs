@@ -1771,3 +1771,48 @@ fn status_lists_every_host_trouble_first() {
     // `b` has a change pending (Converged=False): it comes before the ready `a`.
     assert_eq!(order, [("b", "False"), ("a", "True")], "{st}");
 }
+
+/// SPEC 8.6: `--tag` (any of) and `--exclude` select hosts like names; a tag
+/// or host that matches nothing is an error, never "every host".
+#[test]
+fn tag_and_exclude_select_hosts() {
+    let fx = Fixture::two_hosts();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: a\n    transport: local\n    tags: [web]\n  - name: b\n    transport: local\n    tags: [db]\n",
+    );
+    let planned = |args: &[&str]| -> Vec<String> {
+        let mut a = vec!["plan", "--json"];
+        a.extend(args);
+        let r = fx.run(&a);
+        r.code(2);
+        r.json()["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["host"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(planned(&[]), ["a", "b"]);
+    assert_eq!(planned(&["--tag", "web"]), ["a"]);
+    assert_eq!(planned(&["--tag", "web", "--tag", "db"]), ["a", "b"]);
+    assert_eq!(planned(&["--exclude", "a"]), ["b"]);
+    assert_eq!(planned(&["a", "--tag", "db", "--exclude", "a"]), ["b"]);
+    for bad in [
+        &["plan", "--tag", "nope"][..],
+        &["plan", "--exclude", "zz"],
+        &["plan", "--exclude", "a", "--exclude", "b"],
+    ] {
+        let r = fx.run(bad);
+        r.code(1);
+    }
+    // apply runs only the selected host.
+    fx.run(&["apply", "--tag", "db", "--dispatch", "enforced"])
+        .code(0);
+    assert!(fx.root().join("b.txt").exists() && !fx.root().join("a.txt").exists());
+    let st = fx.run(&["status", "--exclude", "b"]);
+    st.code(0);
+    let rows: Vec<&str> = st.stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{st}");
+    assert!(rows[0].starts_with("a "), "{st}");
+}

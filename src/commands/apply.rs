@@ -12,10 +12,9 @@ use super::Loaded;
 use crate::clock::now_rfc3339;
 use crate::core::report::{self, RunResult, Trigger};
 use crate::pass::{self, Overlay, PassInput};
-use crate::reconcile;
 
 pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
-    let targets = reconcile::resolve_targets(&loaded.state, hosts)?;
+    let targets = hosts.to_vec();
     let sd = &loaded.state_dir;
     sd.ensure()?;
     let _lock = super::lock_state_dir(sd)?;

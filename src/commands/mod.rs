@@ -20,6 +20,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::cli::{Cli, Command, DispatchArg, Global};
 use crate::core::model::{self, DesiredState};
+use crate::reconcile;
 use crate::settings::Settings;
 use crate::store::StateDir;
 
@@ -37,16 +38,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let code = match &cli.command {
         Command::Validate => validate::run(g)?,
         Command::Schema => schema::run()?,
-        Command::Probe { hosts } => {
-            with_desired(g, None, |l| runtime()?.block_on(probe::run(l, hosts)))?
-        }
-        Command::Plan { hosts } => {
-            with_desired(g, None, |l| runtime()?.block_on(plan::run(l, hosts)))?
-        }
-        Command::Apply { hosts, dispatch } => {
-            with_desired(g, *dispatch, |l| runtime()?.block_on(apply::run(l, hosts)))?
-        }
-        Command::Status { host } => status::run(g, host.as_deref())?,
+        Command::Probe { hosts, select } => with_desired(g, None, |l| {
+            let hosts = reconcile::resolve_targets(&l.state, hosts, select)?;
+            runtime()?.block_on(probe::run(l, &hosts))
+        })?,
+        Command::Plan { hosts, select } => with_desired(g, None, |l| {
+            let hosts = reconcile::resolve_targets(&l.state, hosts, select)?;
+            runtime()?.block_on(plan::run(l, &hosts))
+        })?,
+        Command::Apply {
+            hosts,
+            select,
+            dispatch,
+        } => with_desired(g, *dispatch, |l| {
+            let hosts = reconcile::resolve_targets(&l.state, hosts, select)?;
+            runtime()?.block_on(apply::run(l, &hosts))
+        })?,
+        Command::Status { host, select } => status::run(g, host.as_deref(), select)?,
         Command::Runs { limit } => runs::list(g, *limit)?,
         Command::Show { run_id } => runs::show(g, run_id)?,
         Command::Run => run::run(g)?,

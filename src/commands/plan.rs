@@ -15,7 +15,7 @@ use crate::core::policy::{PolicyOutcome, RunDecision};
 use crate::reconcile;
 
 pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
-    let targets = reconcile::resolve_targets(&loaded.state, hosts)?;
+    let targets = hosts.to_vec();
     // Read-only: `plan` never creates or migrates the database.
     let db = crate::store::db::Db::open_read_only(&loaded.state_dir.db_path())?;
     let managed = reconcile::load_managed(db.as_ref(), &targets)?;

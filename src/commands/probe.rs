@@ -9,7 +9,7 @@ use crate::core::actual::Observed;
 use crate::reconcile::{self, ProbeOpts};
 
 pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
-    let targets = reconcile::resolve_targets(&loaded.state, hosts)?;
+    let targets = hosts.to_vec();
     let opts = ProbeOpts::new(&loaded.state.config, &loaded.settings.dir);
     let (_, probes) = reconcile::probe_fleet(&loaded.state, &targets, &opts).await;
     let failed = probes.values().any(|p| p.result.is_err());

@@ -3,12 +3,15 @@
 use anyhow::{Result, bail};
 
 use super::{exit, state_dir_of};
-use crate::cli::Global;
+use crate::cli::{Global, Select};
 use crate::core::report::{ConditionStatus, FleetHost, FleetStatus, HostStatus, fleet_row};
 use crate::core::token::parse_rfc3339;
 
-pub fn run(g: &Global, host: Option<&str>) -> Result<u8> {
+pub fn run(g: &Global, host: Option<&str>, select: &Select) -> Result<u8> {
     let sd = state_dir_of(g);
+    if host.is_some() && !(select.tags.is_empty() && select.exclude.is_empty()) {
+        bail!("--tag and --exclude select hosts for the fleet view; not with a HOST");
+    }
     match host {
         Some(h) => {
             let Some(s) = sd.read_status(h)? else {
@@ -62,7 +65,7 @@ pub fn run(g: &Global, host: Option<&str>) -> Result<u8> {
                 println!("    run: {}", a.command);
             }
         }
-        None => fleet(g, &sd)?,
+        None => fleet(g, &sd, select)?,
     }
     Ok(exit::OK)
 }
@@ -70,16 +73,11 @@ pub fn run(g: &Global, host: Option<&str>) -> Result<u8> {
 /// The fleet view (SPEC 8.6): one line per host of the inventory (and any
 /// other host with a status file), trouble first, then by name. Works on a
 /// state dir with no run yet: every host is `Unknown`.
-fn fleet(g: &Global, sd: &crate::store::StateDir) -> Result<()> {
-    let mut hosts: std::collections::BTreeSet<String> = crate::source::read_tree(&g.dir)
-        .map(|t| {
-            crate::core::model::validate(&t)
-                .state
-                .hosts
-                .into_keys()
-                .collect()
-        })
+fn fleet(g: &Global, sd: &crate::store::StateDir, select: &Select) -> Result<()> {
+    let state = crate::source::read_tree(&g.dir)
+        .map(|t| crate::core::model::validate(&t).state)
         .unwrap_or_default();
+    let mut hosts: std::collections::BTreeSet<String> = state.hosts.keys().cloned().collect();
     if let Ok(entries) = std::fs::read_dir(sd.root().join("status")) {
         hosts.extend(
             entries
@@ -92,6 +90,10 @@ fn fleet(g: &Global, sd: &crate::store::StateDir) -> Result<()> {
                 })
                 .filter(|n| n != "fleet"),
         );
+    }
+    if !(select.tags.is_empty() && select.exclude.is_empty()) {
+        let chosen = crate::reconcile::resolve_targets(&state, &[], select)?;
+        hosts.retain(|h| chosen.contains(h));
     }
     let now = crate::clock::now_rfc3339();
     if g.json {
