@@ -136,6 +136,9 @@ pub enum Command {
         /// With --pending: hosts with any of these tags (repeatable).
         #[arg(long = "tag", requires = "pending")]
         tags: Vec<String>,
+        /// With --pending: leave this host's operations out (repeatable).
+        #[arg(long = "exclude", requires = "pending")]
+        exclude: Vec<String>,
         /// Why this destructive change is wanted (recorded).
         #[arg(long)]
         reason: String,

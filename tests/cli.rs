@@ -1816,3 +1816,57 @@ fn tag_and_exclude_select_hosts() {
     assert_eq!(rows.len(), 1, "{st}");
     assert!(rows[0].starts_with("a "), "{st}");
 }
+
+/// `tend confirm --pending` selects like `plan`: an unknown tag is an
+/// error, `--exclude` leaves a host's operation out, and the one token it
+/// writes runs each listed operation once.
+#[test]
+fn confirm_pending_selects_like_plan_and_each_operation_runs_once() {
+    let fx = Fixture::two_hosts();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: a\n    transport: local\n    tags: [web]\n  - name: b\n    transport: local\n    tags: [web]\n",
+    );
+    for h in ["a", "b"] {
+        fs::write(fx.root().join(format!("{h}.old")), "x\n").unwrap();
+        fx.write(
+            &format!("hosts/{h}.yaml"),
+            &format!("resources:\n  - kind: file\n    path: {{root}}/{h}.old\n    state: absent\n"),
+        );
+    }
+    // One operation per host, as the controller makes them.
+    fx.run(&["apply", "a", "--dispatch", "enforced"]).code(3);
+    fx.run(&["apply", "b", "--dispatch", "enforced"]).code(3);
+    fx.run(&["confirm", "--pending", "--tag", "nope", "--reason", "r"])
+        .code(1);
+    let c = fx.run(&[
+        "confirm",
+        "--pending",
+        "--tag",
+        "web",
+        "--exclude",
+        "b",
+        "--reason",
+        "r",
+    ]);
+    c.code(0);
+    let op_a = fx.status("a")["awaiting_confirmation"]["operation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let op_b = fx.status("b")["awaiting_confirmation"]["operation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(c.stdout.contains(&op_a) && !c.stdout.contains(&op_b), "{c}");
+    // The token covers a only.
+    fx.run(&["apply", "b", "--dispatch", "enforced"]).code(3);
+    fx.run(&["apply", "a", "--dispatch", "enforced"]).code(0);
+    assert!(!fx.root().join("a.old").exists() && fx.root().join("b.old").exists());
+    assert_eq!(
+        fs::read_dir(fx.state().join("confirm/used"))
+            .unwrap()
+            .count(),
+        1
+    );
+}

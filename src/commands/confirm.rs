@@ -141,31 +141,20 @@ pub fn run(g: &Global, operation: &str, reason: &str, ttl: Option<&str>) -> Resu
 type Held = (String, Vec<String>);
 
 /// `tend confirm --pending`: one token for every pending operation whose
-/// hosts are all selected (`--host`, `--tag`; all hosts when neither is
-/// given), each listed with its hosts and held steps first (SPEC 8.1).
+/// hosts are all selected (`--host`, `--tag`, `--exclude`, as for `plan`;
+/// all hosts when none is given), each listed with its hosts and held steps first (SPEC 8.1).
 pub fn pending(
     g: &Global,
     hosts: &[String],
-    tags: &[String],
+    select: &crate::cli::Select,
     reason: &str,
     ttl: Option<&str>,
 ) -> Result<u8> {
     let (state, ttl) = settings(g, reason, ttl)?;
-    for h in hosts {
-        if !state.hosts.is_empty() && !state.hosts.contains_key(h) {
-            bail!("unknown host `{h}` in --host");
-        }
-    }
-    let selected = |host: &str| {
-        if hosts.is_empty() && tags.is_empty() {
-            return true;
-        }
-        hosts.iter().any(|h| h == host)
-            || state
-                .hosts
-                .get(host)
-                .is_some_and(|h| h.inv.tags.iter().any(|t| tags.contains(t)))
-    };
+    // The selection of `plan` and `apply` (an unknown host or tag is an
+    // error); every host when nothing selects or excludes.
+    let chosen = crate::reconcile::resolve_targets(&state, hosts, select)?;
+    let selected = |host: &str| chosen.iter().any(|c| c == host);
     let sd = StateDir::with_confirmers(state_dir_of(g).root(), &state.config.confirmers)?;
     // Operation -> (its host set, each host's held steps).
     let mut ops: BTreeMap<String, (Vec<String>, Vec<Held>)> = BTreeMap::new();
@@ -180,10 +169,13 @@ pub fn pending(
         bail!(
             "no pending operation in {} matches{}; `tend status` lists what awaits confirmation",
             sd.root().display(),
-            if hosts.is_empty() && tags.is_empty() {
+            if hosts.is_empty() && select.tags.is_empty() && select.exclude.is_empty() {
                 String::new()
             } else {
-                format!(" --host {hosts:?} --tag {tags:?}")
+                format!(
+                    " --host {hosts:?} --tag {:?} --exclude {:?}",
+                    select.tags, select.exclude
+                )
             }
         );
     }

@@ -64,11 +64,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             pending,
             hosts,
             tags,
+            exclude,
             reason,
             ttl,
         } => match operation {
             Some(op) if !*pending => confirm::run(g, op, reason, ttl.as_deref())?,
-            _ => confirm::pending(g, hosts, tags, reason, ttl.as_deref())?,
+            _ => {
+                let select = crate::cli::Select {
+                    tags: tags.clone(),
+                    exclude: exclude.clone(),
+                };
+                confirm::pending(g, hosts, &select, reason, ttl.as_deref())?
+            }
         },
     };
     Ok(ExitCode::from(code))

@@ -98,7 +98,10 @@ fn fleet(g: &Global, sd: &crate::store::StateDir, select: &Select) -> Result<()>
     let now = crate::clock::now_rfc3339();
     if g.json {
         let doc = match sd.read_fleet()? {
-            Some(f) => f,
+            Some(mut f) => {
+                f.hosts.retain(|h| hosts.contains(&h.host));
+                f
+            }
             None => FleetStatus {
                 schema_version: crate::core::report::SCHEMA_VERSION,
                 generated_at: now,
