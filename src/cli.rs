@@ -93,6 +93,9 @@ pub enum Command {
         hosts: Vec<String>,
         #[command(flatten)]
         select: Select,
+        /// Plan as `apply --allow-older` would.
+        #[arg(long)]
+        allow_older: bool,
     },
     /// One reconcile now, recorded as a run.
     Apply {
@@ -103,6 +106,10 @@ pub enum Command {
         /// Override the dispatch mode (beats TEND_DISPATCH and tend.yaml).
         #[arg(long, value_enum)]
         dispatch: Option<DispatchArg>,
+        /// Apply also to hosts that last applied a git revision this one does
+        /// not descend from (revision fencing, SPEC 8.1).
+        #[arg(long)]
+        allow_older: bool,
     },
     /// The controller: watch, reconcile, resync, until SIGINT/SIGTERM.
     Run,

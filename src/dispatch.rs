@@ -321,6 +321,11 @@ pub struct DispatchOpts {
     /// `retries` and `retry_backoff`, for transient failures of steps.
     pub retries: u32,
     pub backoff: Duration,
+    /// Who takes the host lock (written on the host for whoever finds it
+    /// busy): pid, command, state dir, controller host.
+    pub holder: String,
+    /// The desired revision recorded on each host this pass dispatches to.
+    pub revision: String,
 }
 
 impl DispatchOpts {
@@ -371,6 +376,12 @@ pub async fn execute(
                 .and_then(PackageManager::from_fact),
             step_timeout: opts.step_timeout,
         };
+        let seen = prep
+            .probes
+            .get(&d.host)
+            .and_then(|p| p.result.as_ref().ok())
+            .and_then(|a| a.facts.revision.clone())
+            .unwrap_or_default();
         let (allow_nd, allow_d) = (d.allow_nondestructive, d.allow_destructive);
         let (sem, rec, opts, fail_fast, stale) = (
             sem.clone(),
@@ -389,6 +400,7 @@ pub async fn execute(
                 run_host(
                     &host,
                     &steps,
+                    &seen,
                     (allow_nd, allow_d),
                     &ctx,
                     transport,
@@ -408,6 +420,7 @@ pub async fn execute(
                     dispatched: true,
                     steps: vec![failed; n],
                     killed: false,
+                    locked: None,
                 }
             });
             (name, run)
@@ -430,6 +443,7 @@ type StepExec = Result<crate::transport::ExecOutput, crate::transport::Transport
 async fn run_host(
     h: &Host,
     steps: &[Step],
+    seen_revision: &str,
     (allow_nd, allow_d): (bool, bool),
     ctx: &StepContext,
     transport: Arc<dyn Transport>,
@@ -445,6 +459,9 @@ async fn run_host(
     let mut dispatched = false;
     // Attempts recorded per step so far in this run.
     let mut prior = vec![0u32; n];
+    // The host lock (SPEC 8.7), taken before the first command that acts on
+    // the host and held to the end: `Some` once taken.
+    let mut lock = HostLock::default();
     rec.event(Some(host), "host_dispatch_started", json!({"steps": n}));
     // Gate the steps in plan order. Non-destructive steps that may run are
     // collected into one batch (one remote command); a destructive step runs
@@ -503,6 +520,10 @@ async fn run_host(
                     "the plan went stale at a barrier re-probe in this run; nothing destructive runs".into(),
                 ));
                 r
+            } else if let Err(r) =
+                hold_lock(host, &mut lock, seen_revision, &transport, opts, rec).await
+            {
+                r
             } else if !barrier_passed
                 && let Err(why) = barrier(h, steps, transport.clone(), opts).await
             {
@@ -553,6 +574,12 @@ async fn run_host(
                 for &k in &batch {
                     res[k] = Some(unrecorded(&e));
                 }
+            } else if let Err(r) =
+                hold_lock(host, &mut lock, seen_revision, &transport, opts, rec).await
+            {
+                for &k in &batch {
+                    res[k] = Some(r.clone());
+                }
             } else {
                 dispatched = true;
                 let (ran, halted) = run_batch(
@@ -575,6 +602,11 @@ async fn run_host(
         }
         next = res.iter().position(Option::is_none).unwrap_or(n);
     }
+    if let Some(held) = lock.held.take() {
+        // Closing the lock command may wait on a dead connection.
+        let _ = tokio::task::spawn_blocking(move || drop(held)).await;
+        rec.event(Some(host), "host_lock_released", json!({}));
+    }
     rec.event(
         Some(host),
         "host_dispatch_finished",
@@ -587,7 +619,127 @@ async fn run_host(
             .map(|r| r.expect("every step decided"))
             .collect(),
         killed,
+        locked: lock.out,
     }
+}
+
+/// The host lock of one host's dispatch.
+#[derive(Default)]
+struct HostLock {
+    held: Option<Box<dyn crate::transport::Held>>,
+    /// Someone else holds it: why the host is not dispatched.
+    out: Option<String>,
+    /// It could not be taken, or was lost: the result of every step left.
+    failed: Option<StepResult>,
+}
+
+/// Take the host lock before the first command that acts on the host, or
+/// check that it is still held (SPEC 8.7). `Err` is the result of every
+/// step that must not run: not run, and `locked_out` set, when someone else
+/// holds the lock or the revision on the host moved since the probe (the
+/// host is `Planned`, tried again at the next pass); failed when the lock
+/// could not be taken or was lost.
+async fn hold_lock(
+    host: &str,
+    lock: &mut HostLock,
+    seen_revision: &str,
+    transport: &Arc<dyn Transport>,
+    opts: &DispatchOpts,
+    rec: &Arc<Recorder>,
+) -> Result<(), StepResult> {
+    if lock.out.is_some() {
+        return Err(StepResult::not_run(false));
+    }
+    if let Some(r) = &lock.failed {
+        return Err(r.clone());
+    }
+    let mut failed = |class: FailureClass, msg: String| {
+        let mut r = StepResult::not_run(false);
+        r.failure = Some((class, msg));
+        lock.failed = Some(r.clone());
+        r
+    };
+    if let Some(held) = lock.held.as_mut() {
+        if held.alive() {
+            return Ok(());
+        }
+        lock.held = None;
+        rec.event(Some(host), "host_lock_lost", json!({}));
+        return Err(failed(
+            FailureClass::Transient,
+            "the host lock was lost (its connection ended); nothing more runs on this host in this run".into(),
+        ));
+    }
+    let script = crate::apply::lock::script(&opts.holder, seen_revision, &opts.revision);
+    let t = transport.clone();
+    let wait = opts.probe.timeout + Duration::from_secs(crate::apply::lock::LOCK_WAIT_SECS);
+    let taken = tokio::task::spawn_blocking(move || t.hold(&script, wait))
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::transport::TransportError::new(
+                FailureClass::Execution,
+                format!("taking the host lock failed: {e}"),
+            ))
+        });
+    use crate::apply::lock::Reply;
+    match taken {
+        Ok((line, held)) => match crate::apply::lock::parse(&line) {
+            Reply::Locked => {
+                rec.event(
+                    Some(host),
+                    "host_locked",
+                    json!({"revision": opts.revision}),
+                );
+                lock.held = Some(held);
+                Ok(())
+            }
+            other => {
+                let _ = tokio::task::spawn_blocking(move || drop(held)).await;
+                let (kind, msg) = match other {
+                    Reply::Busy(holder) => (
+                        "host_lock_busy",
+                        format!(
+                            "host lock held by someone else ({holder}); not dispatched in this pass, tried again at the next"
+                        ),
+                    ),
+                    Reply::Moved(now) => (
+                        "host_lock_busy",
+                        format!(
+                            "the revision recorded on the host changed since the probe (from {} to {}): another apply ran; planned again at the next pass",
+                            or_none(seen_revision),
+                            or_none(&now)
+                        ),
+                    ),
+                    Reply::Error(why) => {
+                        rec.event(Some(host), "host_lock_failed", json!({"reason": why}));
+                        return Err(failed(
+                            FailureClass::Execution,
+                            format!("cannot take the host lock: {why}"),
+                        ));
+                    }
+                    Reply::Locked => unreachable!("handled above"),
+                };
+                rec.event(Some(host), kind, json!({"reason": msg}));
+                lock.out = Some(msg);
+                Err(StepResult::not_run(false))
+            }
+        },
+        Err(e) => {
+            rec.event(
+                Some(host),
+                "host_lock_failed",
+                json!({"class": e.class.as_str(), "reason": e.message}),
+            );
+            Err(failed(
+                e.class,
+                format!("cannot take the host lock: {}", e.message),
+            ))
+        }
+    }
+}
+
+fn or_none(r: &str) -> &str {
+    if r.is_empty() { "none" } else { r }
 }
 
 /// A step not sent because a record of this run could not be written.
@@ -1386,7 +1538,7 @@ mod tests {
         prep.decision = reconcile::decide(
             &state,
             &prep.plan,
-            &prep.preflight_errors,
+            (&prep.preflight_errors, &prep.fences),
             DispatchMode::Enforced,
             false,
             true,
@@ -1420,6 +1572,8 @@ mod tests {
             output_limit: 1024 * 1024,
             retries: 2,
             backoff: Duration::from_millis(10),
+            holder: "test".into(),
+            revision: "r1".into(),
         };
         execute(&prep, &state, &dopts, rec)
             .await
@@ -1858,6 +2012,14 @@ mod retry_tests {
     }
 
     impl Transport for Flaky {
+        fn hold(
+            &self,
+            script: &str,
+            timeout: Duration,
+        ) -> Result<(String, Box<dyn crate::transport::Held>), TransportError> {
+            self.inner.hold(script, timeout)
+        }
+
         fn exec_streaming(
             &self,
             script: &str,
@@ -1948,6 +2110,8 @@ mod retry_tests {
             output_limit: 1024 * 1024,
             retries: 2,
             backoff: Duration::from_millis(10),
+            holder: "test".into(),
+            revision: "r1".into(),
         };
         let run = execute(&prep, &state, &dopts, rec.clone())
             .await

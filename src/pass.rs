@@ -154,7 +154,8 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
     } else {
         input.mode
     };
-    let probe_opts = reconcile::ProbeOpts::new(config, &input.settings.dir);
+    let mut probe_opts = reconcile::ProbeOpts::new(config, &input.settings.dir);
+    probe_opts.allow_older = input.settings.allow_older;
     let kill = sd.kill_switch_engaged();
     let cached = input
         .cache
@@ -184,7 +185,7 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
         decide_fn(
             &state,
             &prep.plan,
-            &prep.preflight_errors,
+            (&prep.preflight_errors, &prep.fences),
             mode,
             kill,
             authorized,
@@ -339,6 +340,19 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
         output_limit: config.step_output_limit,
         retries: config.retries,
         backoff: config.retry_backoff.0,
+        holder: format!(
+            "pid {} ({}, run {run_id}) with state dir {} on {}, since {}",
+            std::process::id(),
+            if input.fleet_scope {
+                "tend run"
+            } else {
+                "tend apply"
+            },
+            sd.root().display(),
+            controller_hostname(),
+            now_rfc3339(),
+        ),
+        revision: input.revision.to_string(),
     };
     let runs = dispatch::execute(&prep, &state, &opts, rec.clone()).await;
 
@@ -608,4 +622,16 @@ pub fn write_fleet<'a>(
     }
     sd.write_fleet(&FleetStatus::from_statuses(now, statuses.iter()))?;
     Ok(())
+}
+
+/// This machine's host name, for the holder of a host lock.
+fn controller_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: a buffer of the given length, written by the call.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return "an unknown host".into();
+    }
+    let end = buf.iter().position(|&c| c == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }

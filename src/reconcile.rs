@@ -57,7 +57,12 @@ pub struct Prepared {
     pub token_verdicts: Vec<Verdict>,
     /// Hosts refused before planning: (class, message).
     pub preflight_errors: PreflightErrors,
+    /// Hosts whose recorded revision fences off this one (SPEC 8.1): why.
+    pub fences: Fences,
 }
+
+/// Per host, why revision fencing refuses the desired revision there.
+pub type Fences = BTreeMap<String, String>;
 
 /// Resolve the hosts selected on the command line: the named ones and those
 /// carrying any `--tag` (every host when neither is given), less every
@@ -182,6 +187,9 @@ pub struct ProbeOpts {
     /// Relative identity paths are relative to it.
     pub desired_dir: PathBuf,
     pub known_hosts: PathBuf,
+    /// `--allow-older`: apply a git revision to hosts that last applied one
+    /// it does not descend from (SPEC 8.1).
+    pub allow_older: bool,
 }
 
 impl ProbeOpts {
@@ -193,6 +201,7 @@ impl ProbeOpts {
             concurrency: config.concurrency as usize,
             desired_dir: desired_dir.to_path_buf(),
             known_hosts: crate::settings::resolve_relative(desired_dir, &config.known_hosts),
+            allow_older: false,
         }
     }
 }
@@ -389,7 +398,7 @@ pub fn plan_fleet(
 pub fn decide_in_fleet(
     state: &DesiredState,
     plan: &Plan,
-    errors: &PreflightErrors,
+    (errors, fences): (&PreflightErrors, &Fences),
     mode: DispatchMode,
     kill_switch: bool,
     authorized: bool,
@@ -399,13 +408,13 @@ pub fn decide_in_fleet(
             if state.hosts.contains_key(c) && plan.host(c).is_none() =>
         {
             policy::decide_canary_elsewhere(
-                &host_facts(state, plan, errors),
+                &host_facts(state, plan, errors, fences),
                 c,
                 kill_switch,
                 authorized,
             )
         }
-        _ => decide(state, plan, errors, mode, kill_switch, authorized),
+        _ => decide(state, plan, (errors, fences), mode, kill_switch, authorized),
     }
 }
 
@@ -414,6 +423,7 @@ fn host_facts<'a>(
     state: &DesiredState,
     plan: &'a Plan,
     errors: &PreflightErrors,
+    fences: &Fences,
 ) -> Vec<HostFacts<'a>> {
     plan.hosts
         .iter()
@@ -421,6 +431,7 @@ fn host_facts<'a>(
             plan: hp,
             protected: state.hosts[&hp.host].inv.protected,
             preflight_error: errors.get(&hp.host).cloned(),
+            fence: fences.get(&hp.host).cloned(),
         })
         .collect()
 }
@@ -429,13 +440,13 @@ fn host_facts<'a>(
 pub fn decide(
     state: &DesiredState,
     plan: &Plan,
-    errors: &PreflightErrors,
+    (errors, fences): (&PreflightErrors, &Fences),
     mode: DispatchMode,
     kill_switch: bool,
     authorized: bool,
 ) -> RunDecision {
     policy::decide(
-        &host_facts(state, plan, errors),
+        &host_facts(state, plan, errors, fences),
         mode,
         state.config.canary.as_deref(),
         kill_switch,
@@ -490,6 +501,11 @@ pub async fn prepare(
     transports.extend(open);
     probes.extend(probe_all(state, &transports, opts).await);
     let (changes, plan, errors) = plan_fleet(state, revision, &targets, &probes);
+    let fences = if opts.allow_older {
+        Fences::new()
+    } else {
+        fences(&opts.desired_dir, revision, &probes)
+    };
     let (token, verdicts) = match &plan.operation {
         Some(op) => {
             let hosts = plan.operation_hosts.iter().cloned().collect();
@@ -498,9 +514,17 @@ pub async fn prepare(
         None => (None, vec![]),
     };
     let authorized = token.as_ref().is_some_and(|(v, _)| v.is_valid());
-    let decision = decide(state, &plan, &errors, mode, kill_switch, authorized);
+    let decision = decide(
+        state,
+        &plan,
+        (&errors, &fences),
+        mode,
+        kill_switch,
+        authorized,
+    );
     Prepared {
         preflight_errors: errors,
+        fences,
         revision: revision.to_string(),
         targets,
         transports,
@@ -566,4 +590,45 @@ pub fn with_prunes(state: &DesiredState, managed: &BTreeMap<String, Vec<Managed>
         }
     }
     state
+}
+
+/// Revision fencing (SPEC 8.1): the hosts whose recorded revision `revision`
+/// does not descend from, with why. Only git commits are compared (a
+/// revision of a directory outside git has no ancestry); the same commit,
+/// dirty or not, is no step back. One `git merge-base` per distinct
+/// recorded commit.
+fn fences(dir: &Path, revision: &str, probes: &BTreeMap<String, HostProbe>) -> Fences {
+    let mut out = Fences::new();
+    let Some(ours) = crate::source::commit_of(revision) else {
+        return out;
+    };
+    let mut known: BTreeMap<String, bool> = BTreeMap::new();
+    for (host, p) in probes {
+        let Some(recorded) = p
+            .result
+            .as_ref()
+            .ok()
+            .and_then(|a| a.facts.revision.as_deref())
+        else {
+            continue;
+        };
+        let Some(theirs) = crate::source::commit_of(recorded) else {
+            continue;
+        };
+        if theirs == ours {
+            continue;
+        }
+        let descends = *known
+            .entry(theirs.to_string())
+            .or_insert_with(|| crate::source::is_ancestor(dir, theirs, ours));
+        if !descends {
+            out.insert(
+                host.clone(),
+                format!(
+                    "revision fencing: the desired revision {revision} is not a descendant of {recorded}, the revision last applied to host `{host}` (a stale checkout?); pull, or pass --allow-older to apply it anyway"
+                ),
+            );
+        }
+    }
+    out
 }

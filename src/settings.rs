@@ -35,6 +35,8 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// `--state-dir` was given: commands printed for the operator repeat it.
     pub state_dir_given: bool,
+    /// `--allow-older`: no revision fencing (SPEC 8.1).
+    pub allow_older: bool,
     pub json: bool,
     pub config: TendConfig,
     pub dispatch: DispatchMode,
@@ -69,6 +71,7 @@ impl Settings {
             dir: global.dir.clone(),
             state_dir,
             state_dir_given: global.state_dir.is_some(),
+            allow_older: false,
             json: global.json,
             config,
             dispatch,

@@ -184,6 +184,30 @@ pub fn git(dir: &Path, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim_end().to_string())
 }
 
+/// The git commit of a desired revision (`<commit>` or
+/// `<commit>-dirty-<hash>`), or None for a revision from outside git.
+pub fn commit_of(revision: &str) -> Option<&str> {
+    let c = revision.get(..40)?;
+    let rest = &revision[40..];
+    (c.bytes().all(|b| b.is_ascii_hexdigit()) && (rest.is_empty() || rest.starts_with("-dirty-")))
+        .then_some(c)
+}
+
+/// Whether commit `ancestor` is `commit` or one of its ancestors in the git
+/// repository holding `dir`; false when git does not know either.
+pub fn is_ancestor(dir: &Path, ancestor: &str, commit: &str) -> bool {
+    Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["merge-base", "--is-ancestor", ancestor, commit])
+        .env("GIT_OPTIONAL_LOCKS", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn git_revision(dir: &Path, state_dir: &Path) -> Option<(String, bool)> {
     let git = |args: &[&str]| git(dir, args);
     if git(&["rev-parse", "--is-inside-work-tree"])? != "true" {

@@ -179,16 +179,20 @@ fn one_remote_command_per_host_per_probe() {
         "one probe = one connection"
     );
 
-    // Converging 30 files: the probe, then ONE batch for every
-    // non-destructive step, over one connection.
+    // Converging 30 files: the probe, the host lock (SPEC 8.7), then ONE
+    // batch for every non-destructive step, over one connection.
     f.sh("h3", "rm -rf /srv/count && mkdir /srv/count");
     let before = (f.commands_started("h3"), f.connections("h3"));
     let out = d.tend(&["apply", "--dispatch", "enforced"]);
     assert_eq!(code(&out), 0, "{}", text(&out));
     support::wait_for("sshd to log both commands", Duration::from_secs(5), || {
-        f.commands_started("h3") >= before.0 + 2
+        f.commands_started("h3") >= before.0 + 3
     });
-    assert_eq!(f.commands_started("h3") - before.0, 2, "probe + one batch");
+    assert_eq!(
+        f.commands_started("h3") - before.0,
+        3,
+        "probe + host lock + one batch"
+    );
     assert_eq!(f.connections("h3") - before.1, 1, "the session is reused");
     assert_eq!(f.sh("h3", "cat /srv/count/f7"), "7\n");
     let r = d.last_result();
@@ -691,7 +695,10 @@ resources:
     let (code, o, commands) = apply_counting(&d, h);
     assert_eq!(code, 0, "{o:#}");
     assert_eq!(o["outcome"], "Completed", "{o:#}");
-    assert_eq!(commands, 2, "the probe and one batch for both steps");
+    assert_eq!(
+        commands, 3,
+        "the probe, the host lock and one batch for both steps"
+    );
     assert_eq!(
         f.sh(
             h,
@@ -818,8 +825,8 @@ fn packages_install_in_one_call_from_the_hosts_apt() {
     assert_eq!(code, 0, "{o:#}");
     assert_eq!(o["outcome"], "Completed", "{o:#}");
     assert_eq!(
-        commands, 2,
-        "the probe and ONE apt-get call for both packages"
+        commands, 3,
+        "the probe, the host lock and ONE apt-get call for both packages"
     );
     assert_eq!(
         f.sh(h, "dpkg-query -W -f '${Package} ${Status}\\n' hello tree"),
@@ -845,7 +852,7 @@ fn packages_install_in_one_call_from_the_hosts_apt() {
         [step("package:hello", "create", false, &["installed"])]
     );
     let (code, o, commands) = apply_counting(&d, h);
-    assert_eq!((code, commands), (0, 2), "{o:#}");
+    assert_eq!((code, commands), (0, 3), "probe, host lock, batch: {o:#}");
     assert_eq!(
         f.sh(h, "dpkg-query -W -f '${Status}\\n' hello"),
         "install ok installed\n"

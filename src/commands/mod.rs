@@ -42,7 +42,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let hosts = reconcile::resolve_targets(&l.state, hosts, select)?;
             runtime()?.block_on(probe::run(l, &hosts))
         })?,
-        Command::Plan { hosts, select } => with_desired(g, None, |l| {
+        Command::Plan {
+            hosts,
+            select,
+            allow_older,
+        } => with_desired(g, None, |mut l| {
+            l.settings.allow_older = *allow_older;
             let hosts = reconcile::resolve_targets(&l.state, hosts, select)?;
             runtime()?.block_on(plan::run(l, &hosts))
         })?,
@@ -50,7 +55,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             hosts,
             select,
             dispatch,
-        } => with_desired(g, *dispatch, |l| {
+            allow_older,
+        } => with_desired(g, *dispatch, |mut l| {
+            l.settings.allow_older = *allow_older;
             let hosts = reconcile::resolve_targets(&l.state, hosts, select)?;
             runtime()?.block_on(apply::run(l, &hosts))
         })?,

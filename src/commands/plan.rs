@@ -32,7 +32,10 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
     )?;
     let prep = reconcile::prepare(
         &loaded.state,
-        &reconcile::ProbeOpts::new(&loaded.state.config, &loaded.settings.dir),
+        &reconcile::ProbeOpts {
+            allow_older: loaded.settings.allow_older,
+            ..reconcile::ProbeOpts::new(&loaded.state.config, &loaded.settings.dir)
+        },
         &loaded.revision,
         targets,
         loaded.settings.dispatch,

@@ -60,6 +60,9 @@ pub struct Facts {
     pub package_manager: Option<String>,
     /// Tools the probe looked for and found on PATH (e.g. `sha256sum`, `stat`).
     pub tools: Vec<String>,
+    /// The desired revision last applied to the host, as recorded beside
+    /// the host lock (SPEC 8.1); None when none is recorded.
+    pub revision: Option<String>,
 }
 
 /// The observed state of one resource.

@@ -10,6 +10,7 @@ pub mod policy;
 pub mod prune;
 pub mod report;
 pub mod retry;
+pub mod rollout;
 pub mod spec;
 pub mod token;
 pub mod yaml;

@@ -50,6 +50,9 @@ pub struct HostRun {
     pub steps: Vec<StepResult>,
     /// The kill switch stopped this host before a step.
     pub killed: bool,
+    /// Not dispatched: someone else held the host lock, or another apply
+    /// moved the host's revision since the probe (SPEC 8.7). Why.
+    pub locked: Option<String>,
 }
 
 pub fn step_action(a: Action) -> StepAction {
@@ -135,8 +138,31 @@ pub fn host_outcome(
     // A host stopped during dispatch (kill switch, signal) counts as
     // executed even when nothing ran yet: it is not `Planned`, it was cut
     // short.
-    let executed = run.is_some_and(|r| r.dispatched || r.killed);
+    // So does one stopped before its first step by the run itself: a stale
+    // plan at the barrier, a host lock that could not be taken.
+    let executed = run.is_some_and(|r| {
+        r.dispatched
+            || r.killed
+            || r.steps
+                .iter()
+                .any(|s| s.status == StepStatus::NotRun && !s.held && s.failure.is_some())
+    });
+    if let Some(why) = run.and_then(|r| r.locked.as_ref())
+        && !run.is_some_and(|r| r.dispatched)
+    {
+        // Held off by another holder of the host lock: planned, not failed.
+        o.outcome = HostOutcomeKind::Planned;
+        o.reason = Some(why.clone());
+        return o;
+    }
     if !executed {
+        if decision.outcome == PolicyOutcome::PolicyBlocked && !decision.allow_nondestructive {
+            // Nothing of this host may run (revision fencing).
+            o.outcome = HostOutcomeKind::PolicyBlocked;
+            o.last_failure_class = Some(FailureClass::Policy);
+            o.last_failure_message = Some(decision.reason.clone());
+            return o;
+        }
         if run_blocked {
             o.outcome = HostOutcomeKind::PolicyBlocked;
             o.last_failure_class = Some(FailureClass::Policy);
@@ -188,6 +214,10 @@ pub fn host_outcome(
         // the barrier (Policy) or a destructive failure elsewhere (fail fast).
         o.outcome = match (class, succeeded) {
             (FailureClass::Policy, _) => HostOutcomeKind::PolicyBlocked,
+            // The connection failed before anything ran (the host lock).
+            (FailureClass::Transient | FailureClass::Timeout, 0) if !r.dispatched => {
+                HostOutcomeKind::TransportUnreachable
+            }
             (_, 0) => HostOutcomeKind::ExecutionFailed,
             _ => HostOutcomeKind::PartialSuccess,
         };
@@ -462,7 +492,14 @@ pub fn next_status(i: StatusInput) -> HostStatus {
             ConditionType::Converged,
             f,
             "ChangesPending",
-            format!("{pending_total} change(s) pending"),
+            match (&i.outcome.outcome, &i.outcome.reason) {
+                // Why they were not dispatched: the mode, a host lock held
+                // by someone else (naming the holder), the kill switch.
+                (HostOutcomeKind::Planned, Some(why)) => {
+                    format!("{pending_total} change(s) pending, not dispatched: {why}")
+                }
+                _ => format!("{pending_total} change(s) pending"),
+            },
             i.now,
         );
     }

@@ -1513,6 +1513,7 @@ fn a_directory_approval_covers_its_tree_and_blocks_without_one() {
                 plan: &p,
                 protected: false,
                 preflight_error: None,
+                fence: None,
             }],
             crate::core::spec::DispatchMode::Enforced,
             None,

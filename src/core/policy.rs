@@ -33,6 +33,9 @@ pub struct HostFacts<'a> {
     pub protected: bool,
     /// Set when the host could not be probed or planned: (class, message).
     pub preflight_error: Option<(FailureClass, String)>,
+    /// Set when revision fencing refuses the desired revision on this host
+    /// (SPEC 8.1): why.
+    pub fence: Option<String>,
 }
 
 /// The decision for one host.
@@ -185,6 +188,16 @@ fn decide_host(f: &HostFacts, authorized: bool) -> HostDecision {
         return d;
     }
     let destructive = plan.destructive;
+    if let Some(why) = f.fence.as_ref().filter(|_| plan.has_changes()) {
+        // A stale checkout must not roll the host back: nothing runs.
+        d.outcome = PolicyOutcome::PolicyBlocked;
+        d.failure = Some(FailureClass::Policy);
+        d.reason = why.clone();
+        d.allow_nondestructive = false;
+        d.dispatch = false;
+        d.not_dispatched_reason = Some(why.clone());
+        return d;
+    }
     if !plan.has_changes() {
         d.reason = "no changes".into();
         d.dispatch = false;
@@ -303,7 +316,26 @@ mod tests {
             plan: p,
             protected: false,
             preflight_error: None,
+            fence: None,
         }
+    }
+
+    #[test]
+    fn a_fenced_host_runs_nothing_and_says_why() {
+        let p = plan("a", 1, 2);
+        let mut f = facts(&p);
+        f.fence = Some("revision fencing: r2 is not a descendant of r3".into());
+        let run = decide(&[f], DispatchMode::Enforced, None, false, true);
+        let d = &run.hosts[0];
+        assert_eq!(d.outcome, PolicyOutcome::PolicyBlocked);
+        assert!(!d.allow_nondestructive && !d.allow_destructive && !d.dispatch);
+        assert!(d.reason.contains("not a descendant"), "{}", d.reason);
+        // Nothing to do: nothing to fence.
+        let idle = plan("a", 0, 0);
+        let mut f = facts(&idle);
+        f.fence = Some("x".into());
+        let run = decide(&[f], DispatchMode::Enforced, None, false, false);
+        assert_eq!(run.hosts[0].outcome, PolicyOutcome::Approved);
     }
 
     #[test]
@@ -343,6 +375,7 @@ mod tests {
                 plan: &p,
                 protected,
                 preflight_error: err.map(|c| (c, "boom".into())),
+                fence: None,
             };
             let dec = decide_host(&f, false);
             assert_eq!(
@@ -427,6 +460,7 @@ mod tests {
             plan: &a,
             protected: false,
             preflight_error: Some((FailureClass::Auth, "denied".into())),
+            fence: None,
         };
         let r = decide(&[failed], DispatchMode::Canary, Some("a"), false, false);
         assert_eq!(r.outcome, PolicyOutcome::PolicyBlocked);
@@ -441,6 +475,7 @@ mod tests {
             plan: &p,
             protected: true,
             preflight_error: None,
+            fence: None,
         };
         let r = decide(
             &[facts(&a), protected],

@@ -281,6 +281,8 @@ fi
 o=${o#[\"\']}; o=${o%[\"\']}
 printf 'FACT os_id %s\n' "$o"
 if [ -d /run/systemd/system ]; then echo 'FACT init systemd'; else echo 'FACT init '; fi
+@LOCKDIR@
+printf 'FACT revision %s\n' "$(@READREV@)"
 for t in @TOOLS@; do
   if command -v "$t" >/dev/null 2>&1; then echo "TOOL $t yes"; else echo "TOOL $t no"; fi
 done
@@ -472,7 +474,10 @@ fi
 pub fn script(items: &[ProbeItem]) -> String {
     let w = "writing to a String cannot fail";
     let tools: Vec<String> = TOOLS.iter().map(|t| quote(t)).collect();
-    let mut s = PRELUDE.replace("@TOOLS@", &tools.join(" "));
+    let mut s = PRELUDE
+        .replace("@TOOLS@", &tools.join(" "))
+        .replace("@LOCKDIR@", crate::apply::lock::LOCK_DIR)
+        .replace("@READREV@", crate::apply::lock::READ_REVISION);
     let (mut paths, mut services) = (Vec::new(), Vec::new());
     let (mut users, mut groups, mut packages) = (Vec::new(), Vec::new(), Vec::new());
     for (i, item) in items.iter().enumerate() {
@@ -731,6 +736,7 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
     let mut kernel = None;
     let mut os_id = None;
     let mut init = None;
+    let mut revision = None;
     let mut tools: Vec<Option<bool>> = vec![None; TOOLS.len()];
     for &(n, text) in lines {
         let Some((tag, rest)) = text.split_once(' ') else {
@@ -743,6 +749,7 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
                     "kernel" => &mut kernel,
                     "os_id" => &mut os_id,
                     "init" => &mut init,
+                    "revision" => &mut revision,
                     _ => return Err(unknown(n, text)),
                 };
                 if slot.is_some() {
@@ -778,6 +785,8 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
     let kernel = kernel.ok_or_else(|| not_reported("fact `kernel`".into()))?;
     let os_id = os_id.ok_or_else(|| not_reported("fact `os_id`".into()))?;
     let init = init.ok_or_else(|| not_reported("fact `init`".into()))?;
+    // Optional: older outputs (and the unit tests' fixtures) have no line.
+    let revision = revision.flatten();
     let mut present = Vec::new();
     let mut missing = Vec::new();
     for (name, found) in TOOLS.iter().zip(&tools) {
@@ -797,6 +806,7 @@ fn parse_facts(lines: &[(usize, &str)]) -> Result<(Facts, Vec<String>), ProbePar
                 .find(|m| present.iter().any(|p| p == *m))
                 .map(|m| m.trim_end_matches("-get").to_string()),
             tools: present,
+            revision,
         },
         missing,
     ))

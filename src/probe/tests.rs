@@ -175,7 +175,18 @@ fn empty_facts_are_none_and_no_items_is_fine() {
     let got = parse(out.as_bytes(), &[]).unwrap();
     assert_eq!(got.facts.kernel, None);
     assert_eq!(got.facts.os_id, None);
+    assert_eq!(got.facts.revision, None);
     assert!(got.resources.is_empty());
+    let out = format!(
+        "TEND-PROBE 1\nFACT kernel \nFACT os_id \nFACT init \nFACT revision 0123abc\n{TOOLS_OK}END 0\n"
+    );
+    let got = parse(out.as_bytes(), &[]).unwrap();
+    assert_eq!(got.facts.revision.as_deref(), Some("0123abc"));
+    let twice = out.replace(
+        "FACT revision 0123abc\n",
+        "FACT revision a\nFACT revision b\n",
+    );
+    assert!(parse(twice.as_bytes(), &[]).is_err());
 }
 
 #[test]

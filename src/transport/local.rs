@@ -67,6 +67,14 @@ enum Event {
 }
 
 impl Transport for LocalTransport {
+    fn hold(
+        &self,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<(String, Box<dyn super::Held>), TransportError> {
+        self.hold_impl(script, timeout)
+    }
+
     fn exec_streaming(
         &self,
         script: &str,
@@ -137,6 +145,126 @@ impl Transport for LocalTransport {
                 })
             }
         }
+    }
+}
+
+impl LocalTransport {
+    fn hold_impl(
+        &self,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<(String, Box<dyn super::Held>), TransportError> {
+        if script.as_bytes().contains(&0) {
+            return Err(TransportError::new(
+                FailureClass::Execution,
+                "script contains a NUL byte",
+            ));
+        }
+        let mut child = Command::new(&self.shell)
+            .arg("-c")
+            .arg(script)
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| spawn_error(&self.shell, e))?;
+        let stdin = child.stdin.take();
+        let mut out = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        // The first line goes back; the rest is read and dropped, so the
+        // command never blocks on a full pipe.
+        thread::spawn(move || {
+            let mut line = Vec::new();
+            let mut sent = false;
+            let mut buf = [0u8; 4096];
+            loop {
+                match out.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) if !sent => {
+                        line.extend_from_slice(&buf[..n]);
+                        if let Some(i) = line.iter().position(|&c| c == b'\n') {
+                            line.truncate(i);
+                            sent = true;
+                            let _ = tx.send(std::mem::take(&mut line));
+                        } else if line.len() > 4096 {
+                            sent = true;
+                            let _ = tx.send(std::mem::take(&mut line));
+                        }
+                    }
+                    Ok(_) => {}
+                }
+            }
+            if !sent {
+                let _ = tx.send(line);
+            }
+        });
+        let mut held = LocalHeld {
+            child: Some(child),
+            stdin,
+        };
+        match rx.recv_timeout(timeout) {
+            Ok(line) => Ok((String::from_utf8_lossy(&line).into_owned(), Box::new(held))),
+            Err(_) => {
+                held.kill();
+                Err(TransportError::new(
+                    FailureClass::Timeout,
+                    format!(
+                        "local command gave no answer within {}",
+                        humantime::format_duration(timeout)
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// A local command kept running: its stdin is the thread that holds it.
+struct LocalHeld {
+    child: Option<Child>,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl LocalHeld {
+    fn kill(&mut self) {
+        self.stdin = None;
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe {
+                libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+            }
+            thread::spawn(move || child.wait());
+        }
+    }
+}
+
+impl super::Held for LocalHeld {
+    fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for LocalHeld {
+    fn drop(&mut self) {
+        // End of file on its stdin ends it; one that lingers is killed.
+        self.stdin = None;
+        let until = Instant::now() + super::RELEASE_WAIT;
+        while let Some(c) = self.child.as_mut() {
+            match c.try_wait() {
+                Ok(None) if Instant::now() < until => {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Ok(None) => break,
+                _ => {
+                    self.child = None;
+                    return;
+                }
+            }
+        }
+        self.kill();
     }
 }
 
@@ -311,6 +439,40 @@ mod tests {
 
     fn run(script: &str, stdin: &[u8]) -> ExecOutput {
         LocalTransport::new().exec(script, stdin, T).expect("exec")
+    }
+
+    #[test]
+    fn a_held_command_runs_until_its_holder_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let flag = dir.path().join("ended");
+        let script = format!(
+            "trap 'touch {}' EXIT; echo READY; echo more; cat >/dev/null",
+            flag.display()
+        );
+        let (line, mut held) = LocalTransport::new().hold(&script, T).expect("hold");
+        assert_eq!(line, "READY");
+        assert!(held.alive());
+        assert!(!flag.exists(), "still running");
+        drop(held);
+        assert!(flag.exists(), "ended when its stdin closed");
+
+        // One that answers and exits is not alive for long.
+        let (line, mut held) = LocalTransport::new().hold("echo BUSY", T).unwrap();
+        assert_eq!(line, "BUSY");
+        let until = Instant::now() + T;
+        while held.alive() {
+            assert!(Instant::now() < until, "exited");
+            thread::sleep(Duration::from_millis(5));
+        }
+        // No answer at all: an empty line.
+        let (line, _held) = LocalTransport::new().hold("exit 0", T).unwrap();
+        assert_eq!(line, "");
+        // No answer in time: a timeout, and the command is gone.
+        let err = LocalTransport::new()
+            .hold("sleep 30", Duration::from_millis(200))
+            .err()
+            .expect("timeout");
+        assert_eq!(err.class, FailureClass::Timeout);
     }
 
     #[test]

@@ -45,8 +45,33 @@ pub type StdoutSink<'a> = &'a mut dyn FnMut(&[u8]);
 /// of bytes left out between them (a runaway command cannot grow tend).
 pub const STDERR_LIMIT: usize = 1024 * 1024;
 
+/// A command left running on the host for as long as its holder keeps it
+/// (the host lock, SPEC 8.7). Dropping it closes the command's stdin, which
+/// ends it; drop it on a blocking thread (it may wait a few seconds for a
+/// dead connection).
+pub trait Held: Send {
+    /// Whether the command still runs, as far as can be told without
+    /// waiting: false once it exited or its connection failed.
+    fn alive(&mut self) -> bool;
+}
+
+/// How long dropping a [`Held`] waits for its command to end.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
 /// One connection to one host. Implementations keep their session for reuse.
 pub trait Transport: Send + Sync {
+    /// Start `script` on the host with stdin left open and wait, up to
+    /// `timeout`, for its first line of stdout (returned without the
+    /// newline; empty when the command ended without one). The command keeps
+    /// running until the returned [`Held`] is dropped, used one call at a
+    /// time with the transport's other commands by the one caller that owns
+    /// the host's work.
+    fn hold(
+        &self,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<(String, Box<dyn Held>), TransportError>;
+
     /// Run `script` with POSIX `sh` on the host, feeding `stdin`; give up after
     /// `timeout` (class `Timeout`). Stdout goes to `sink` as it arrives (the
     /// returned `stdout` is empty); stderr is kept, bounded by

@@ -380,15 +380,15 @@ impl SshTransport {
     }
 }
 
-impl Transport for SshTransport {
-    fn exec_streaming(
+impl SshTransport {
+    /// Run `f` on the open session (connecting first when there is none, or
+    /// when an idle one fails its keepalive); a session that fails in `f`
+    /// is dropped, so the next command reconnects.
+    fn with_session<T>(
         &self,
-        script: &str,
-        stdin: &[u8],
-        timeout: Duration,
-        sink: super::StdoutSink<'_>,
-    ) -> Result<ExecOutput, TransportError> {
-        let deadline = Instant::now() + timeout;
+        deadline: Instant,
+        f: impl FnOnce(&Session) -> Result<T, TransportError>,
+    ) -> Result<T, TransportError> {
         let mut guard = self.session.lock().unwrap_or_else(|p| p.into_inner());
         // A session that sat idle may have died under us (sshd restarted,
         // NAT state dropped): probe it with a keepalive, reconnect if it fails.
@@ -405,7 +405,7 @@ impl Transport for SshTransport {
             *guard = Some((self.connect(deadline)?, Instant::now()));
         }
         let (sess, last) = guard.as_mut().expect("connected");
-        match self.run(sess, script, stdin, deadline, sink) {
+        match f(sess) {
             Ok(out) => {
                 *last = Instant::now();
                 Ok(out)
@@ -416,6 +416,111 @@ impl Transport for SshTransport {
                 Err(e)
             }
         }
+    }
+
+    /// Start a held command and read its first line (blocking, by the
+    /// session's timeout).
+    fn open_held(
+        &self,
+        sess: &Session,
+        script: &str,
+        deadline: Instant,
+    ) -> Result<(String, SshHeld), TransportError> {
+        set_timeout(sess, deadline);
+        let mut ch = sess
+            .channel_open("session", WINDOW, PACKET, None)
+            .map_err(|e| self.classify(e, "cannot open a channel"))?;
+        let command = format!("sh -c {}", crate::shell::quote(script));
+        ch.exec(&command)
+            .map_err(|e| self.classify(e, "cannot start the remote command"))?;
+        let mut line = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            match ch.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    line.extend_from_slice(&buf[..n]);
+                    if let Some(i) = line.iter().position(|&c| c == b'\n') {
+                        line.truncate(i);
+                        break;
+                    }
+                    if line.len() > 4096 {
+                        break;
+                    }
+                }
+                Err(e) => return Err(self.io_err(e, "waiting for the remote command's answer")),
+            }
+        }
+        Ok((
+            String::from_utf8_lossy(&line).into_owned(),
+            SshHeld {
+                sess: sess.clone(),
+                ch,
+            },
+        ))
+    }
+}
+
+/// A remote command kept running on its channel. The channel keeps its
+/// session's connection open even after the transport reconnected for
+/// later commands.
+struct SshHeld {
+    sess: Session,
+    ch: ssh2::Channel,
+}
+
+impl super::Held for SshHeld {
+    fn alive(&mut self) -> bool {
+        if self.ch.eof() {
+            return false;
+        }
+        let mut b = [0u8; 256];
+        self.sess.set_blocking(false);
+        let r = self.ch.read(&mut b);
+        self.sess.set_blocking(true);
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => !self.ch.eof(),
+            Ok(0) | Err(_) => false,
+            Ok(_) => !self.ch.eof(),
+        }
+    }
+}
+
+impl Drop for SshHeld {
+    fn drop(&mut self) {
+        self.sess.set_blocking(true);
+        self.sess
+            .set_timeout(super::RELEASE_WAIT.as_millis() as u32);
+        let _ = self.ch.send_eof();
+        let _ = self.ch.wait_eof();
+        let _ = self.ch.close();
+        let _ = self.ch.wait_close();
+    }
+}
+
+impl Transport for SshTransport {
+    fn exec_streaming(
+        &self,
+        script: &str,
+        stdin: &[u8],
+        timeout: Duration,
+        sink: super::StdoutSink<'_>,
+    ) -> Result<ExecOutput, TransportError> {
+        let deadline = Instant::now() + timeout;
+        self.with_session(deadline, |sess| {
+            self.run(sess, script, stdin, deadline, sink)
+        })
+    }
+
+    fn hold(
+        &self,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<(String, Box<dyn super::Held>), TransportError> {
+        let deadline = Instant::now() + timeout;
+        let (line, held) =
+            self.with_session(deadline, |sess| self.open_held(sess, script, deadline))?;
+        Ok((line, Box::new(held)))
     }
 }
 

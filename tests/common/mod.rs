@@ -191,6 +191,9 @@ impl Fixture {
     /// are accepted after the subcommand), run in the temp dir.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut cmd = tend_command();
+        // The `transport: local` host's lock and revision record (SPEC 8.7)
+        // in this test's own dir: tests run in parallel on one machine.
+        cmd.env("TEND_LOCK_DIR", self.tmp().join("host-lock"));
         cmd.current_dir(self.tmp())
             .args(args)
             .arg("--dir")

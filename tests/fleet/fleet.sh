@@ -17,6 +17,9 @@
 #   fleet.sh start I    start hI again with the disk it had (no wipe)
 #   fleet.sh freeze I   SIGSTOP hI's listener: TCP connects, no banner
 #   fleet.sh thaw I     SIGCONT it
+#   fleet.sh forget-revisions  remove the desired revision recorded on every chroot host
+#                       (/run/tend/revision, SPEC 8.1), so that tests in fresh git repos
+#                       are not fenced off by another test's commits
 #   fleet.sh up-systemd [N]    start s1..sN (default 4): systemd-nspawn hosts, real systemd;
 #                              hosts already up stay up (also beyond N)
 #   fleet.sh down-systemd      stop every systemd host, unmount; keeps keys and caches
@@ -1343,6 +1346,11 @@ cmd_thaw() {
   say "h$1 thawed"
 }
 
+cmd_forget_revisions() {
+  # -P (the default): a symlink planted at run/tend is never followed.
+  find "$STATE" -mindepth 5 -maxdepth 5 -path "$STATE/h*/root/run/tend/revision" -type f -delete 2>/dev/null || true
+}
+
 main() {
   local cmd=${1:-}
   [ $# -gt 0 ] && shift
@@ -1360,6 +1368,10 @@ main() {
   down | status)
     [ $# -eq 0 ] || usage
     "cmd_$cmd"
+    ;;
+  forget-revisions)
+    [ $# -eq 0 ] || usage
+    cmd_forget_revisions
     ;;
   up-systemd)
     [ $# -le 1 ] || usage

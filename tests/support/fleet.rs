@@ -88,6 +88,18 @@ fn bring_up(cmd: &str, n: impl FnOnce(&Path) -> usize, files: &Path) -> Fleet {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+    if cmd == "up" {
+        // Each test binary starts with no revision recorded on the hosts
+        // (tests make fresh git repos; SPEC 8.1 would fence them off).
+        let out = Command::new("bash")
+            .arg(repo().join("tests/fleet/fleet.sh"))
+            .arg("forget-revisions")
+            .env("TEND_FLEET_DIR", &dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tests/fleet/fleet.sh forget-revisions");
+        assert!(out.status.success(), "fleet.sh forget-revisions failed");
+    }
     drop(lock);
     let files = dir.join(files);
     let hosts = read_hosts(&files.join("hosts.tsv"));
@@ -135,7 +147,14 @@ pub fn fleet() -> &'static Fleet {
 /// real systemd as PID 1, each with a disabled, stopped `tend-demo.service`.
 pub fn systemd_fleet() -> &'static Fleet {
     static FLEET: OnceLock<Fleet> = OnceLock::new();
-    FLEET.get_or_init(|| bring_up("up-systemd", |_| SYSTEMD_HOSTS, Path::new("systemd")))
+    FLEET.get_or_init(|| {
+        let f = bring_up("up-systemd", |_| SYSTEMD_HOSTS, Path::new("systemd"));
+        // As for the chroot hosts: no revision recorded (SPEC 8.1).
+        for h in f.hosts.keys() {
+            f.ssh(h, "rm -f /run/tend/revision");
+        }
+        f
+    })
 }
 
 /// The highest host index that `fleet.sh status` does not report `down`.

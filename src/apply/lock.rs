@@ -1,0 +1,149 @@
+//! The host lock and the revision fence (SPEC 8.7, 8.1): one command that
+//! stays running on the host for as long as tend works on it.
+//!
+//! The command makes sure the lock directory (`/run/tend`; for a login that
+//! is not root, `$TMPDIR/tend-<uid>`) is a real directory owned by the login
+//! with mode 0700, and moves anything else found at that path aside (a
+//! symlink, a file, a directory of another owner or mode: it could redirect
+//! or block tend), then creates it afresh. Nobody else can create anything
+//! inside such a directory, so `lock` cannot be a symlink planted by another
+//! user; one found there anyway is removed, never followed. It then takes
+//! `flock` on `lock` (waiting at most [`LOCK_WAIT_SECS`]), checks that the
+//! revision recorded on the host is still the one the probe saw, records the
+//! revision being applied and who holds the lock, and answers one line:
+//!
+//! ```text
+//! TEND-LOCKED
+//! TEND-LOCK-BUSY <what the holder wrote about itself>
+//! TEND-LOCK-MOVED <the revision now recorded on the host>
+//! TEND-LOCK-ERROR <why>
+//! ```
+//!
+//! After `TEND-LOCKED` it waits for end of file on its stdin: the lock is
+//! held until tend closes the command or its connection ends (a controller
+//! killed mid-apply cannot leave a host locked).
+//!
+//! Invariant: pure; every value in the script goes through `shell::quote`.
+
+use crate::shell::quote;
+
+/// How long the lock command waits for another holder to let go before it
+/// answers `TEND-LOCK-BUSY`.
+pub const LOCK_WAIT_SECS: u64 = 10;
+
+/// Reads the revision recorded on the host, as the probe does, so that the
+/// two compare equal: at most 200 bytes, only the characters a revision has.
+pub const READ_REVISION: &str =
+    "head -c 200 -- \"$l/revision\" 2>/dev/null | tr -cd 'A-Za-z0-9:._-'";
+
+/// The lock directory, in `$l`. `TEND_LOCK_DIR` in the environment of the
+/// host's shell moves it: only a `transport: local` host can get it (sshd
+/// passes no such variable), so that tests on one machine can each have
+/// their own.
+pub const LOCK_DIR: &str = "if [ -n \"${TEND_LOCK_DIR:-}\" ]; then l=$TEND_LOCK_DIR; elif [ \"$(id -u)\" = 0 ]; then l=/run/tend; else l=\"${TMPDIR:-/tmp}/tend-$(id -u)\"; fi";
+
+/// The lock command. `holder` says who holds the lock (written to
+/// `<dir>/holder` for whoever finds it busy); `seen` is the revision the
+/// probe read on the host (empty for none); `revision` the one being
+/// applied.
+pub fn script(holder: &str, seen: &str, revision: &str) -> String {
+    format!(
+        r#"export LC_ALL=C
+{LOCK_DIR}
+command -v flock >/dev/null 2>&1 || {{ echo 'TEND-LOCK-ERROR flock is not installed on this host (util-linux); tend applies only under the host lock'; exit 0; }}
+tend_private() {{ [ ! -L "$l" ] && [ -d "$l" ] && [ "$(stat -c '%u %a' -- "$l")" = "$(id -u) 700" ]; }}
+if {{ [ -e "$l" ] || [ -L "$l" ]; }} && ! tend_private; then
+  m="$l.untrusted.$(date +%s).$$"
+  mv -f -- "$l" "$m" || {{ echo "TEND-LOCK-ERROR $l is not a directory of uid $(id -u) with mode 0700, and cannot be moved aside"; exit 0; }}
+fi
+if [ ! -e "$l" ] && [ ! -L "$l" ]; then mkdir -m 0700 -- "$l" 2>/dev/null || tend_private || {{ echo "TEND-LOCK-ERROR cannot create $l"; exit 0; }}; fi
+tend_private || {{ echo "TEND-LOCK-ERROR $l is not a directory of uid $(id -u) with mode 0700"; exit 0; }}
+if [ -L "$l/lock" ]; then rm -f -- "$l/lock"; fi
+exec 9>>"$l/lock" || {{ echo "TEND-LOCK-ERROR cannot open $l/lock"; exit 0; }}
+if ! flock -w {wait} 9; then
+  h=$(head -c 512 -- "$l/holder" 2>/dev/null | tr -d '\n\r')
+  echo "TEND-LOCK-BUSY ${{h:-a process that did not say who it is}}"
+  exit 0
+fi
+r=$({READ_REVISION})
+if [ "$r" != {seen} ] && [ "$r" != {revision} ]; then echo "TEND-LOCK-MOVED $r"; exit 0; fi
+{{ printf '%s\n' {revision} > "$l/revision.new" && mv -f -- "$l/revision.new" "$l/revision"; }} || {{ echo "TEND-LOCK-ERROR cannot record the revision in $l/revision"; exit 0; }}
+printf '%s\n' {holder} > "$l/holder.new" && mv -f -- "$l/holder.new" "$l/holder"
+trap 'rm -f -- "$l/holder"' EXIT
+trap 'exit 0' HUP INT TERM
+echo TEND-LOCKED
+cat >/dev/null
+"#,
+        wait = LOCK_WAIT_SECS,
+        seen = quote(seen),
+        revision = quote(revision),
+        holder = quote(&one_line(holder)),
+    )
+}
+
+/// What the lock command answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Locked,
+    /// Someone else holds the lock: what it wrote about itself.
+    Busy(String),
+    /// The revision on the host changed since the probe: what it is now.
+    Moved(String),
+    /// The lock could not be taken: why.
+    Error(String),
+}
+
+pub fn parse(line: &str) -> Reply {
+    let line = line.trim_end();
+    if line == "TEND-LOCKED" {
+        Reply::Locked
+    } else if let Some(h) = line.strip_prefix("TEND-LOCK-BUSY ") {
+        Reply::Busy(h.to_string())
+    } else if let Some(r) = line.strip_prefix("TEND-LOCK-MOVED") {
+        Reply::Moved(r.trim().to_string())
+    } else if let Some(e) = line.strip_prefix("TEND-LOCK-ERROR ") {
+        Reply::Error(e.to_string())
+    } else if line.is_empty() {
+        Reply::Error("the lock command ended without an answer".into())
+    } else {
+        let mut l: String = line.chars().take(200).collect();
+        if l.len() < line.len() {
+            l.push('…');
+        }
+        Reply::Error(format!("unexpected answer from the lock command: {l:?}"))
+    }
+}
+
+/// `s` on one line, at most 400 characters.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(400)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_parse() {
+        assert_eq!(parse("TEND-LOCKED\n"), Reply::Locked);
+        assert_eq!(
+            parse("TEND-LOCK-BUSY pid 7 tend apply"),
+            Reply::Busy("pid 7 tend apply".into())
+        );
+        assert_eq!(parse("TEND-LOCK-MOVED "), Reply::Moved(String::new()));
+        assert_eq!(parse("TEND-LOCK-MOVED abc"), Reply::Moved("abc".into()));
+        assert!(matches!(parse(""), Reply::Error(_)));
+        assert!(matches!(parse("sh: 1: bad"), Reply::Error(_)));
+    }
+
+    #[test]
+    fn values_are_quoted_and_on_one_line() {
+        let s = script("pid 1\nx'; rm -rf /", "", "abc'def");
+        assert!(s.contains(r#"'pid 1 x'\''; rm -rf /'"#), "{s}");
+        assert!(s.contains(r#"'abc'\''def'"#));
+        assert!(!s.contains("pid 1\nx"));
+    }
+}
