@@ -1347,8 +1347,16 @@ cmd_thaw() {
 }
 
 cmd_forget_revisions() {
-  # -P (the default): a symlink planted at run/tend is never followed.
-  find "$STATE" -mindepth 5 -maxdepth 5 -path "$STATE/h*/root/run/tend/revision" -type f -delete 2>/dev/null || true
+  # Each host's /run is a tmpfs of its own mount namespace (see ns_main):
+  # enter it through the host's listener. A symlink planted at run/tend is
+  # never followed.
+  local i pid
+  [ -d "$FLEET" ] || return 0
+  for i in $(configured_hosts); do
+    pid=$(listener_pid "$i") || continue
+    host_vars "$i"
+    nsenter -t "$pid" -m -- sh -c '[ -L "$1" ] || rm -f -- "$1/revision"' sh "$ROOT/run/tend" || true
+  done
 }
 
 main() {
