@@ -83,28 +83,7 @@ impl Transport for LocalTransport {
         sink: super::StdoutSink<'_>,
     ) -> Result<ExecOutput, TransportError> {
         let deadline = Instant::now() + timeout;
-        if script.as_bytes().contains(&0) {
-            // No argv element can hold NUL; this is a bug in whoever built
-            // the script, and running it again would fail the same way.
-            return Err(TransportError::new(
-                FailureClass::Execution,
-                "script contains a NUL byte",
-            ));
-        }
-        let mut child = Command::new(&self.shell)
-            .arg("-c")
-            .arg(script)
-            // Paths in scripts are absolute; a fixed working directory keeps
-            // local runs from depending on where tend was started.
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // A group of its own, so that a timeout can kill the script's
-            // children too, and a Ctrl-C at tend's terminal is tend's to handle.
-            .process_group(0)
-            .spawn()
-            .map_err(|e| spawn_error(&self.shell, e))?;
+        let mut child = self.spawn(script, Stdio::piped())?;
 
         let (tx, rx) = mpsc::channel();
         spawn_io(&mut child, stdin.to_vec(), &tx);
@@ -149,27 +128,39 @@ impl Transport for LocalTransport {
 }
 
 impl LocalTransport {
-    fn hold_impl(
-        &self,
-        script: &str,
-        timeout: Duration,
-    ) -> Result<(String, Box<dyn super::Held>), TransportError> {
+    /// `sh -c SCRIPT` in a process group of its own, with stdin and stdout
+    /// piped.
+    fn spawn(&self, script: &str, stderr: Stdio) -> Result<Child, TransportError> {
         if script.as_bytes().contains(&0) {
+            // No argv element can hold NUL; this is a bug in whoever built
+            // the script, and running it again would fail the same way.
             return Err(TransportError::new(
                 FailureClass::Execution,
                 "script contains a NUL byte",
             ));
         }
-        let mut child = Command::new(&self.shell)
+        Command::new(&self.shell)
             .arg("-c")
             .arg(script)
+            // Paths in scripts are absolute; a fixed working directory keeps
+            // local runs from depending on where tend was started.
             .current_dir("/")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
+            // A group of its own, so that a timeout can kill the script's
+            // children too, and a Ctrl-C at tend's terminal is tend's to handle.
             .process_group(0)
             .spawn()
-            .map_err(|e| spawn_error(&self.shell, e))?;
+            .map_err(|e| spawn_error(&self.shell, e))
+    }
+
+    fn hold_impl(
+        &self,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<(String, Box<dyn super::Held>), TransportError> {
+        let mut child = self.spawn(script, Stdio::null())?;
         let stdin = child.stdin.take();
         let mut out = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();

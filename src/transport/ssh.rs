@@ -252,13 +252,7 @@ impl SshTransport {
         deadline: Instant,
         sink: super::StdoutSink<'_>,
     ) -> Result<ExecOutput, TransportError> {
-        set_timeout(sess, deadline);
-        let mut ch = sess
-            .channel_open("session", WINDOW, PACKET, None)
-            .map_err(|e| self.classify(e, "cannot open a channel"))?;
-        let command = format!("sh -c {}", crate::shell::quote(script));
-        ch.exec(&command)
-            .map_err(|e| self.classify(e, "cannot start the remote command"))?;
+        let mut ch = self.start(sess, script, deadline)?;
         sess.set_blocking(false);
         let pumped = self.pump(sess, &mut ch, stdin, deadline, sink);
         sess.set_blocking(true);
@@ -418,6 +412,23 @@ impl SshTransport {
         }
     }
 
+    /// Open a channel and start `sh -c SCRIPT` on it.
+    fn start(
+        &self,
+        sess: &Session,
+        script: &str,
+        deadline: Instant,
+    ) -> Result<ssh2::Channel, TransportError> {
+        set_timeout(sess, deadline);
+        let mut ch = sess
+            .channel_open("session", WINDOW, PACKET, None)
+            .map_err(|e| self.classify(e, "cannot open a channel"))?;
+        let command = format!("sh -c {}", crate::shell::quote(script));
+        ch.exec(&command)
+            .map_err(|e| self.classify(e, "cannot start the remote command"))?;
+        Ok(ch)
+    }
+
     /// Start a held command and read its first line (blocking, by the
     /// session's timeout).
     fn open_held(
@@ -426,13 +437,7 @@ impl SshTransport {
         script: &str,
         deadline: Instant,
     ) -> Result<(String, SshHeld), TransportError> {
-        set_timeout(sess, deadline);
-        let mut ch = sess
-            .channel_open("session", WINDOW, PACKET, None)
-            .map_err(|e| self.classify(e, "cannot open a channel"))?;
-        let command = format!("sh -c {}", crate::shell::quote(script));
-        ch.exec(&command)
-            .map_err(|e| self.classify(e, "cannot start the remote command"))?;
+        let mut ch = self.start(sess, script, deadline)?;
         let mut line = Vec::new();
         let mut buf = [0u8; 1024];
         loop {
