@@ -119,6 +119,13 @@ pub enum Command {
         /// The host.
         host: String,
     },
+    /// Ask that a halted rollout continue from its halted wave with a
+    /// fresh failure budget (taken by the next `tend apply` or `tend run` pass).
+    Resume {
+        /// Why: recorded with the resume.
+        #[arg(long)]
+        reason: String,
+    },
     /// Show host status from the status files.
     Status {
         /// One host (default: the fleet).

@@ -343,6 +343,38 @@ impl DispatchOpts {
     }
 }
 
+/// What a rollout (SPEC 8.2) does around dispatch: which hosts go now,
+/// whether a host may still start once its turn comes, the health command
+/// after a host converged, and what to do when a host is done.
+pub struct Hooks {
+    /// Only these hosts are dispatched in this call, in this order (each
+    /// takes its concurrency permit before the next one is considered).
+    pub only: Vec<String>,
+    /// Asked once a host has its concurrency permit: `Some(why)` holds it
+    /// back (the failure budget is spent).
+    pub before: Before,
+    /// Run on the hosts in `health_for` whose every step succeeded.
+    pub health: Option<(String, Duration)>,
+    pub health_for: std::collections::BTreeSet<String>,
+    /// Told when a host's pass (health included) is over.
+    pub after: After,
+    /// Shared by every call of one run: a destructive failure, or a stale
+    /// plan at a barrier, stops every further destructive step of the run.
+    pub flags: RunFlags,
+}
+
+/// [`Hooks::before`]: a host about to start; `Some(why)` holds it back.
+pub type Before = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+/// [`Hooks::after`]: a host's pass is over.
+pub type After = Box<dyn Fn(&str, &HostRun) + Send + Sync>;
+
+/// Flags that hold for a whole run, across dispatch calls.
+#[derive(Clone, Default)]
+pub struct RunFlags {
+    pub destructive_failed: Arc<AtomicBool>,
+    pub stale: Arc<AtomicBool>,
+}
+
 /// Execute every dispatched host of a prepared pass.
 pub async fn execute(
     prep: &Prepared,
@@ -350,12 +382,32 @@ pub async fn execute(
     opts: &DispatchOpts,
     rec: Arc<Recorder>,
 ) -> BTreeMap<String, HostRun> {
+    execute_with(prep, desired, opts, rec, None).await
+}
+
+/// [`execute`], for the hosts and with the hooks of a rollout's wave.
+pub async fn execute_with(
+    prep: &Prepared,
+    desired: &DesiredState,
+    opts: &DispatchOpts,
+    rec: Arc<Recorder>,
+    hooks: Option<Arc<Hooks>>,
+) -> BTreeMap<String, HostRun> {
     let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
-    let destructive_failed = Arc::new(AtomicBool::new(false));
-    let stale = Arc::new(AtomicBool::new(false));
+    let flags = hooks.as_ref().map(|h| h.flags.clone()).unwrap_or_default();
+    let destructive_failed = flags.destructive_failed;
+    let stale = flags.stale;
     let mut set = JoinSet::new();
     let mut runs = BTreeMap::new();
-    for d in &prep.decision.hosts {
+    let decisions: Vec<&crate::core::policy::HostDecision> = match &hooks {
+        None => prep.decision.hosts.iter().collect(),
+        Some(h) => h
+            .only
+            .iter()
+            .filter_map(|name| prep.decision.hosts.iter().find(|d| &d.host == name))
+            .collect(),
+    };
+    for d in decisions {
         let Some(hp) = prep.plan.host(&d.host) else {
             continue;
         };
@@ -392,8 +444,31 @@ pub async fn execute(
         );
         let name = host.inv.name.clone();
         let n = steps.len();
+        let hooks = hooks.clone();
+        let health_transport = transport.clone();
+        let health_rec = rec.clone();
+        // Under a rollout, hosts start in its order: the permit is taken
+        // here, so that the budget is checked before each next host starts.
+        let early = match &hooks {
+            Some(_) => sem.clone().acquire_owned().await.ok(),
+            None => None,
+        };
         set.spawn(async move {
-            let _permit = sem.acquire_owned().await;
+            let _permit = match early {
+                Some(p) => Ok(p),
+                None => sem.acquire_owned().await,
+            };
+            if let Some(why) = hooks.as_ref().and_then(|h| (h.before)(&name)) {
+                let run = HostRun {
+                    steps: vec![StepResult::not_run(false); n],
+                    held_back: Some(why),
+                    ..HostRun::default()
+                };
+                if let Some(h) = &hooks {
+                    (h.after)(&name, &run);
+                }
+                return (name, run);
+            }
             // The host's work in a task of its own: a panic in it becomes
             // this host's failed steps, never the whole run's.
             let worker = tokio::spawn(async move {
@@ -419,10 +494,22 @@ pub async fn execute(
                 HostRun {
                     dispatched: true,
                     steps: vec![failed; n],
-                    killed: false,
-                    locked: None,
+                    ..HostRun::default()
                 }
             });
+            let mut run = run;
+            if let Some(h) = &hooks {
+                let converged = run.held_back.is_none()
+                    && !run.steps.is_empty()
+                    && run.steps.iter().all(|s| s.status == StepStatus::Succeeded);
+                if let (Some((cmd, timeout)), true) =
+                    (&h.health, converged && h.health_for.contains(&name))
+                {
+                    run.health =
+                        Some(run_health(&name, cmd, *timeout, health_transport, &health_rec).await);
+                }
+                (h.after)(&name, &run);
+            }
             (name, run)
         });
     }
@@ -619,8 +706,75 @@ async fn run_host(
             .map(|r| r.expect("every step decided"))
             .collect(),
         killed,
-        locked: lock.out,
+        held_back: lock.out,
+        health: None,
     }
+}
+
+/// The rollout's health command on a host that converged (SPEC 8.2):
+/// `Err` with what it said when it exits non-zero or times out.
+pub async fn run_health(
+    host: &str,
+    cmd: &str,
+    timeout: Duration,
+    transport: Arc<dyn Transport>,
+    rec: &Arc<Recorder>,
+) -> Result<(), String> {
+    rec.event(Some(host), "health_started", json!({"command": cmd}));
+    let script = format!(
+        "timeout {} sh -c {} 2>&1",
+        timeout.as_secs().max(1),
+        crate::shell::quote(cmd)
+    );
+    let t = transport.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        t.exec(&script, b"", timeout + Duration::from_secs(10))
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(crate::transport::TransportError::new(
+            FailureClass::Execution,
+            format!("the health check task failed: {e}"),
+        ))
+    });
+    let verdict = match out {
+        Ok(o) if o.status == 0 => Ok(()),
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let tail: String = text
+                .trim()
+                .chars()
+                .rev()
+                .take(300)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            Err(if o.status == 124 {
+                format!(
+                    "`{cmd}` timed out after {}",
+                    humantime::format_duration(timeout)
+                )
+            } else {
+                format!(
+                    "`{cmd}` exited {}{}",
+                    o.status,
+                    if tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {tail}")
+                    }
+                )
+            })
+        }
+        Err(e) => Err(format!("`{cmd}` could not run: {}", e.message)),
+    };
+    rec.event(
+        Some(host),
+        "health_finished",
+        json!({"ok": verdict.is_ok(), "message": verdict.as_ref().err()}),
+    );
+    verdict
 }
 
 /// The host lock of one host's dispatch.

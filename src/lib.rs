@@ -18,6 +18,7 @@ pub mod dispatch;
 pub mod pass;
 pub mod probe;
 pub mod reconcile;
+pub mod rollout;
 pub mod settings;
 pub mod shell;
 pub mod source;

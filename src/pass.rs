@@ -108,6 +108,10 @@ pub struct PassInput<'a> {
     /// hosts back rather than being `PolicyBlocked`.
     pub fleet_scope: bool,
     pub overlay: &'a Overlay,
+    /// A controller pass that starts a rollout: the fleet-wide front half
+    /// that decides its hosts (SPEC 8.2: the targets with changes or not
+    /// probed); None: this pass's own.
+    pub rollout_prep: Option<&'a reconcile::Prepared>,
 }
 
 /// What a pass did.
@@ -217,7 +221,7 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
         return Ok(report);
     }
 
-    let (run_id, rec) = crate::store::blocking(|| -> Result<_> {
+    let (run_id, rec, gate) = crate::store::blocking(|| -> Result<_> {
         // Begin the run. A run id is random in its last four characters; two
         // passes in one second may draw the same one, so draw again on conflict.
         let mut run_id = new_run_id(started);
@@ -328,7 +332,29 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
             );
         }
 
-        Ok((run_id, rec))
+        // The rollout (SPEC 8.2): in mode enforced, on a valid desired
+        // state, when tend.yaml has one.
+        let gate = match (&config.rollout, mode) {
+            (Some(spec), DispatchMode::Enforced) if input.overlay.invalid.is_none() => {
+                let gate = crate::rollout::begin(
+                    &mut rec.db(),
+                    sd,
+                    spec,
+                    input.state,
+                    input.rollout_prep.unwrap_or(&prep),
+                    input.revision,
+                    &run_id,
+                    &now_rfc3339(),
+                )?;
+                for (kind, detail) in &gate.events {
+                    rec.event(None, kind, detail.clone());
+                }
+                Some(gate)
+            }
+            _ => None,
+        };
+
+        Ok((run_id, rec, gate))
     })?;
 
     let opts = DispatchOpts {
@@ -354,7 +380,53 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
         ),
         revision: input.revision.to_string(),
     };
-    let runs = dispatch::execute(&prep, &state, &opts, rec.clone()).await;
+    let halted_before = gate.as_ref().is_some_and(|g| g.snapshot().rollout.halted);
+    let (runs, holds) = match (&gate, &config.rollout) {
+        (Some(g), Some(spec)) => {
+            let pause = spec.pause.0;
+            let save = |done: &[crate::rollout::Finished]| {
+                let merged = rec.db().update_rollout(g.id, &now_rfc3339(), |r| {
+                    let wave = r.rollout.current_wave();
+                    for (h, kind, failed) in done {
+                        crate::rollout::apply(r, h, *kind, *failed);
+                    }
+                    // The wave moved on: the pause starts now.
+                    if r.rollout.current_wave() != wave && !pause.is_zero() && !r.rollout.halted {
+                        let at = SystemTime::now() + pause;
+                        r.next_wave_at = Some(humantime::format_rfc3339_millis(at).to_string());
+                    }
+                });
+                match merged {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record the rollout");
+                        rec.event(
+                            None,
+                            "rollout_record_failed",
+                            json!({"error": e.to_string()}),
+                        );
+                        None
+                    }
+                }
+            };
+            crate::rollout::dispatch_waves(
+                &prep,
+                &state,
+                &opts,
+                rec.clone(),
+                g,
+                spec,
+                input.fleet_scope,
+                &save,
+            )
+            .await
+        }
+        _ => (
+            dispatch::execute(&prep, &state, &opts, rec.clone()).await,
+            BTreeMap::new(),
+        ),
+    };
+    let halted_now = gate.as_ref().is_some_and(|g| g.snapshot().rollout.halted) && !halted_before;
 
     crate::store::blocking(|| -> Result<PassReport> {
         // One outcome per resolved host.
@@ -411,7 +483,11 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
             policy_outcome: prep.decision.outcome,
             policy_reason: prep.decision.reason.clone(),
             blast_radius: targets.clone(),
-            execution_outcome: outcome::execution_outcome(&outcomes),
+            execution_outcome: if halted_now {
+                report::ExecutionOutcome::Halted
+            } else {
+                outcome::execution_outcome(&outcomes)
+            },
             execution_started_at: started_at,
             execution_completed_at: completed_at.clone(),
             confirmation,
@@ -458,11 +534,16 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
                 degraded: input.overlay.degraded.get(&o.host).cloned(),
                 owed_restarts: owed.get(&o.host).cloned().unwrap_or_default(),
                 invalid: input.overlay.invalid.clone(),
+                rollout_hold: holds.get(&o.host).cloned(),
             });
             sd.write_status(&status)?;
         }
 
-        let code = outcome::apply_exit_code(&prep.decision, &result.host_outcomes);
+        let code = if halted_now {
+            crate::commands::exit::FAILED
+        } else {
+            outcome::apply_exit_code(&prep.decision, &result.host_outcomes)
+        };
         Ok(PassReport {
             run_dir: Some(sd.run_dir(&run_id)),
             result: Some(result),
@@ -481,6 +562,17 @@ fn quiet(
 ) -> Option<Vec<HostStatus>> {
     use report::{ConditionStatus as S, ConditionType as C};
     if input.overlay.invalid.is_some() || !prep.token_verdicts.is_empty() {
+        return None;
+    }
+    // A host the rollout still counts on gets its pass recorded: its end
+    // (and its health command) moves the rollout on.
+    if input.state.config.rollout.is_some()
+        && let Ok(Some(r)) = current_rollout(sd)
+        && input
+            .targets
+            .iter()
+            .any(|h| r.is_pending(h) || r.hold(h, "").is_some())
+    {
         return None;
     }
     let mut prevs = Vec::new();
@@ -620,8 +712,19 @@ pub fn write_fleet<'a>(
             .unwrap_or_else(|| HostStatus::new(name.clone(), now));
         statuses.push(s);
     }
-    sd.write_fleet(&FleetStatus::from_statuses(now, statuses.iter()))?;
+    let mut fleet = FleetStatus::from_statuses(now, statuses.iter());
+    fleet.rollout = current_rollout(sd)?.map(|r| crate::rollout::fleet_doc(&r));
+    sd.write_fleet(&fleet)?;
     Ok(())
+}
+
+/// The current rollout's record, if the state dir has one (an older
+/// database, without the table, has none).
+pub fn current_rollout(sd: &StateDir) -> Result<Option<crate::core::rollout::Record>> {
+    let Some(db) = Db::open_read_only(&sd.db_path())? else {
+        return Ok(None);
+    };
+    Ok(db.latest_rollout().ok().flatten().map(|(_, r)| r))
 }
 
 /// This machine's host name, for the holder of a host lock.
@@ -634,4 +737,43 @@ fn controller_hostname() -> String {
     }
     let end = buf.iter().position(|&c| c == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// The front half of a pass over `targets`, recording nothing: the
+/// controller's fleet-wide look that decides a new rollout's hosts (SPEC
+/// 8.2: the targets with changes or that could not be probed).
+pub async fn plan_only(
+    settings: &Settings,
+    state: &DesiredState,
+    revision: &str,
+    sd: &StateDir,
+    targets: Vec<String>,
+    cache: Option<&TransportCache>,
+) -> Result<reconcile::Prepared> {
+    let t = targets.clone();
+    let state = crate::store::blocking(|| -> Result<DesiredState> {
+        let db = Db::open(&sd.db_path())?;
+        let managed = reconcile::load_managed(Some(&db), &t)?;
+        let mut state = reconcile::with_prunes(state, &managed);
+        reconcile::add_owed_restarts(&mut state, Some(&db), &t)?;
+        Ok(state)
+    })?;
+    let mut probe_opts = reconcile::ProbeOpts::new(&state.config, &settings.dir);
+    probe_opts.allow_older = settings.allow_older;
+    let cached = cache.map(|c| c.take(&state, &targets)).unwrap_or_default();
+    let prep = reconcile::prepare(
+        &state,
+        &probe_opts,
+        revision,
+        targets,
+        DispatchMode::Off,
+        false,
+        &reconcile::TokenInput::default(),
+        cached,
+    )
+    .await;
+    if let Some(c) = cache {
+        c.put(&state, &prep.transports);
+    }
+    Ok(prep)
 }

@@ -63,10 +63,7 @@ impl Settings {
             None => resolve_relative(&global.dir, &config.state_dir),
         };
         check_state_dir_placement(&global.dir, &state_dir)?;
-        let requested_by = std::env::var("SUDO_USER")
-            .or_else(|_| std::env::var("USER"))
-            .or_else(|_| std::env::var("LOGNAME"))
-            .unwrap_or_else(|_| "unknown".into());
+        let requested_by = requested_by();
         Ok(Settings {
             dir: global.dir.clone(),
             state_dir,
@@ -187,6 +184,14 @@ pub fn resolve_relative(base: &Path, p: &str) -> PathBuf {
     } else {
         base.join(path)
     }
+}
+
+/// Who runs this command: `SUDO_USER`, `USER` or `LOGNAME`, else `unknown`.
+pub fn requested_by() -> String {
+    std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 #[cfg(test)]

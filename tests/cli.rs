@@ -699,7 +699,9 @@ fn fleet_shape() -> Value {
     json!({
         "schema_version": null,
         "generated_at": null,
-        "hosts": [{"host": null, "phase": null, "converged": null, "pending": pending_shape()}]
+        "hosts": [{"host": null, "phase": null, "converged": null, "pending": pending_shape()}],
+        "rollout": {"revision": null, "state": null, "wave": null, "waves": null,
+                    "failed_hosts": null, "budget": null, "halted_reason": null}
     })
 }
 

@@ -37,6 +37,7 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         quiet_noop: false,
         fleet_scope: false,
         overlay: &Overlay::default(),
+        rollout_prep: None,
     })
     .await?;
     pass::write_fleet(sd, loaded.state.hosts.keys(), &now_rfc3339())?;

@@ -5,6 +5,7 @@ pub mod apply;
 pub mod confirm;
 pub mod plan;
 pub mod probe;
+pub mod resume;
 pub mod retry;
 pub mod run;
 pub mod runs;
@@ -66,6 +67,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Show { run_id } => runs::show(g, run_id)?,
         Command::Run => run::run(g)?,
         Command::Retry { host } => retry::run(g, host)?,
+        Command::Resume { reason } => resume::run(g, reason)?,
         Command::Confirm {
             operation,
             pending,

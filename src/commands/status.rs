@@ -109,6 +109,7 @@ fn fleet(g: &Global, sd: &crate::store::StateDir, select: &Select) -> Result<()>
                     .iter()
                     .map(|h| FleetHost::of(&HostStatus::new(h.clone(), "")))
                     .collect(),
+                rollout: None,
             },
         };
         println!("{}", serde_json::to_string_pretty(&doc)?);

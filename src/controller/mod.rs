@@ -53,6 +53,9 @@ pub enum Verdict {
     /// The pass failed for the host; `signature` says which failure (the
     /// same signature repeated makes a crash loop).
     Failed { signature: String, message: String },
+    /// Held by the rollout (its wave has not come, or it halted): look
+    /// again after `retry_in`.
+    Waiting { retry_in: Duration },
 }
 
 /// The timing knobs of tend.yaml that the loop uses.
@@ -423,6 +426,10 @@ fn settle<R: Reconciler>(r: &R, book: &mut Book, host: &str, verdict: Verdict, s
             }
             let at = book.resync_at(now);
             book.queue.schedule(host, at, Trigger::Resync);
+        }
+        Verdict::Waiting { retry_in } => {
+            book.backoff.success(host);
+            book.queue.schedule(host, now + retry_in, Trigger::Resync);
         }
         Verdict::Failed { signature, message } => {
             let j = book.jitter();

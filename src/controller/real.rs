@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
 use serde_json::json;
@@ -27,6 +27,7 @@ use crate::core::report::{
     self, Action, Changes, ConditionStatus, ConditionType, DispatchStatus, EffectiveMode,
     HostOutcome, HostOutcomeKind, HostStatus, OperationIntent, RunResult, StepStatus, Trigger,
 };
+use crate::core::spec::DispatchMode;
 use crate::pass::{self, Overlay, PassInput, TransportCache};
 use crate::settings::Settings;
 use crate::store::StateDir;
@@ -61,6 +62,8 @@ struct Inner {
     snapshot: RwLock<Arc<Snapshot>>,
     cache: TransportCache,
     stop: Arc<AtomicBool>,
+    /// One pass at a time decides whether a new rollout starts (SPEC 8.2).
+    rollout: tokio::sync::Mutex<()>,
     /// `fleet.json` is rebuilt from every status file after each pass;
     /// one rebuild at a time keeps the last writer from using older reads.
     fleet: Mutex<()>,
@@ -106,6 +109,7 @@ impl Real {
                 state_dir,
                 snapshot: RwLock::new(Arc::new(snap)),
                 cache: TransportCache::default(),
+                rollout: tokio::sync::Mutex::new(()),
                 stop: Arc::new(AtomicBool::new(false)),
                 fleet: Mutex::new(()),
                 watches: Mutex::new(None),
@@ -497,6 +501,9 @@ impl Inner {
             // real pass that panics, to show the daemon survives one.
             panic!("test hook TEND_TEST_PANIC_HOST: the pass of host `{host}` panics");
         }
+        if let Some(v) = self.clone().rollout_gate(&snap, &host).await {
+            return v;
+        }
         let verdict = match &snap.valid {
             Some((state, revision)) if state.hosts.contains_key(&host) => {
                 let mut overlay = Overlay {
@@ -519,6 +526,7 @@ impl Inner {
                     quiet_noop: true,
                     fleet_scope: true,
                     overlay: &overlay,
+                    rollout_prep: None,
                 })
                 .await;
                 match report {
@@ -596,6 +604,109 @@ impl Reconciler for Real {
     }
 }
 
+impl Inner {
+    /// The rollout before a controller pass (SPEC 8.2): a revision that
+    /// starts a new rollout has its hosts decided over the whole fleet
+    /// first (one pass at a time does this); a host the rollout holds whose
+    /// status says so already gets no pass, only another look soon.
+    async fn rollout_gate(self: Arc<Self>, snap: &Snapshot, host: &str) -> Option<Verdict> {
+        let (state, revision) = snap.valid.as_ref()?;
+        let spec = state.config.rollout.clone()?;
+        if snap.settings.dispatch != DispatchMode::Enforced || snap.invalid.is_some() {
+            return None;
+        }
+        let sd = self.state_dir.clone();
+        {
+            let _one = self.rollout.lock().await;
+            let (sd2, st) = (sd.clone(), state.clone());
+            let needs = blocking(move || -> anyhow::Result<bool> {
+                sd2.ensure()?;
+                let db = Db::open(&sd2.db_path())?;
+                // A resume request is taken by `begin` too.
+                Ok(crate::rollout::needs_start(&db, &st)?
+                    || crate::rollout::resume_waiting(&db, &sd2)?)
+            })
+            .await;
+            match needs {
+                Ok(true) => {
+                    let all = state.inventory_order();
+                    match pass::plan_only(
+                        &snap.settings,
+                        state,
+                        revision,
+                        &sd,
+                        all,
+                        Some(&self.cache),
+                    )
+                    .await
+                    {
+                        Ok(prep) => {
+                            let (sd2, st, rev) = (sd.clone(), state.clone(), revision.clone());
+                            let begun = blocking(move || -> anyhow::Result<Vec<String>> {
+                                let mut db = Db::open(&sd2.db_path())?;
+                                let g = crate::rollout::begin(
+                                    &mut db,
+                                    &sd2,
+                                    &spec,
+                                    &st,
+                                    &prep,
+                                    &rev,
+                                    "controller",
+                                    &crate::clock::now_rfc3339(),
+                                )?;
+                                Ok(g.snapshot().rollout.hosts.clone())
+                            })
+                            .await;
+                            match begun {
+                                Ok(hosts) => {
+                                    tracing::info!(revision = %revision, hosts = hosts.len(), "rollout decided (started, continued or resumed)")
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %format!("{e:#}"), "cannot start the rollout")
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "cannot plan the fleet for a rollout")
+                        }
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot read the rollout"),
+            }
+        }
+        // Held, and its status says so: look again soon, without a probe.
+        let h = host.to_string();
+        blocking(move || {
+            let record = crate::pass::current_rollout(&sd).ok().flatten()?;
+            let now = crate::clock::now_rfc3339();
+            let (reason, _) = record.hold(&h, &now)?;
+            let told = sd
+                .read_status(&h)
+                .ok()
+                .flatten()
+                .and_then(|s| {
+                    s.condition(crate::core::report::ConditionType::Converged)
+                        .map(|c| c.reason == reason)
+                })
+                .unwrap_or(false);
+            let retry_in = record
+                .next_wave_at
+                .as_deref()
+                .and_then(|at| humantime::parse_rfc3339(at).ok())
+                .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
+                .unwrap_or(ROLLOUT_POLL)
+                .clamp(Duration::from_millis(200), ROLLOUT_POLL);
+            told.then_some(Verdict::Waiting { retry_in })
+        })
+        .await
+    }
+}
+
+/// How often a host that the rollout holds is looked at again (no probe:
+/// a read of the rollout's record).
+const ROLLOUT_POLL: Duration = Duration::from_secs(2);
+
 fn log_run(host: &str, res: &RunResult) {
     for o in &res.host_outcomes {
         tracing::info!(
@@ -618,11 +729,18 @@ fn verdict(host: &str, res: Option<&RunResult>, sd: &StateDir) -> Verdict {
     };
     match o.outcome {
         Completed | NoChange | Planned | EscalationRequired | PolicyBlocked => {
-            let awaiting = sd
-                .read_status(host)
-                .ok()
-                .flatten()
-                .is_some_and(|s| s.awaiting_confirmation.is_some());
+            let status = sd.read_status(host).ok().flatten();
+            let held = status.as_ref().is_some_and(|s| {
+                s.condition(crate::core::report::ConditionType::Converged)
+                    .is_some_and(|c| c.reason == "RolloutWaiting" || c.reason == "RolloutHalted")
+            });
+            if o.outcome == Planned && held {
+                // Its wave comes when other hosts finish: look again soon.
+                return Verdict::Waiting {
+                    retry_in: ROLLOUT_POLL,
+                };
+            }
+            let awaiting = status.is_some_and(|s| s.awaiting_confirmation.is_some());
             Verdict::Settled { awaiting }
         }
         PartialSuccess | ExecutionFailed | TransportUnreachable | PreflightFailed

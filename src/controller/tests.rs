@@ -536,3 +536,25 @@ async fn loads_asked_for_during_a_load_run_once_after_it() {
         "{p:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_host_the_rollout_holds_is_looked_at_again_soon_without_backoff() {
+    let fake = Fake::new(&["a"], 4, Duration::ZERO);
+    {
+        let mut s = fake.script.lock().unwrap();
+        let q = s.entry("a".into()).or_default();
+        for _ in 0..3 {
+            q.push_back(Verdict::Waiting {
+                retry_in: Duration::from_secs(2),
+            });
+        }
+    }
+    let (_tx, _h) = start(&fake);
+    at(&fake, 100.0).await;
+    let p = fake.passes_of("a");
+    // Three waits of 2 s each, then settled: the next look is the resync.
+    let times: Vec<f64> = p.iter().map(|(t, _)| *t).collect();
+    assert_eq!(&times[..4], &[0.0, 2.0, 4.0, 6.0], "{p:?}");
+    assert_eq!(p.len(), 4, "{p:?}");
+    assert!(fake.degraded.lock().unwrap().is_empty());
+}

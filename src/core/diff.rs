@@ -1507,6 +1507,7 @@ pub(crate) mod tests {
                 tags: vec![],
                 protected: false,
             },
+            inv_index: 0,
             file: Some("hosts/h.yaml".into()),
             lifecycle,
             resources,

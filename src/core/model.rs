@@ -214,6 +214,8 @@ pub fn kind_name(spec: &ResourceSpec) -> &'static str {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Host {
     pub inv: InventoryHost,
+    /// Its position in inventory.yaml.
+    pub inv_index: usize,
     /// `hosts/<name>.yaml`, or None when the host file is missing (an error).
     pub file: Option<String>,
     pub lifecycle: Lifecycle,
@@ -244,6 +246,15 @@ pub struct DesiredState {
     pub config: TendConfig,
     /// By host name.
     pub hosts: BTreeMap<String, Host>,
+}
+
+impl DesiredState {
+    /// Host names in inventory order (the order rollout waves take them).
+    pub fn inventory_order(&self) -> Vec<String> {
+        let mut hosts: Vec<&Host> = self.hosts.values().collect();
+        hosts.sort_by_key(|h| h.inv_index);
+        hosts.into_iter().map(|h| h.inv.name.clone()).collect()
+    }
 }
 
 /// What validation produced: a best-effort state and every problem found.
@@ -738,7 +749,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
 
     // Join inventory, host files and groups.
     let mut hosts = BTreeMap::new();
-    for (inv, pos) in inventory {
+    for (inv_index, (inv, pos)) in inventory.into_iter().enumerate() {
         let name = inv.name.clone();
         let has_file = tree.hosts.contains_key(&format!("{name}.yaml"));
         if !has_file {
@@ -768,6 +779,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
         let resources = merge_host(&name, &inv.tags, own, &groups, &mut problems);
         let host = Host {
             inv,
+            inv_index,
             file,
             lifecycle,
             resources,
@@ -963,6 +975,58 @@ fn check_config(config: &mut TendConfig, node: &Node, sink: &mut Sink) {
             sink.at(node.pos_of(key), why);
             *value = default;
         }
+    }
+    check_rollout(config, node, sink);
+}
+
+/// `rollout:` (SPEC 8.2): at least one wave; a usable pause and health
+/// check. A rollout with a problem is dropped (and reported): the desired
+/// state is invalid, so nothing dispatches on it anyway.
+fn check_rollout(config: &mut TendConfig, node: &Node, sink: &mut Sink) {
+    let Some(r) = &config.rollout else { return };
+    let Some(rn) = node.get("rollout") else {
+        return;
+    };
+    let mut bad = false;
+    if r.waves.is_empty() {
+        sink.at(
+            rn.pos_of("waves"),
+            "rollout.waves must list at least one wave, e.g. `[1, 25%, 100%]`",
+        );
+        bad = true;
+    }
+    let written = |key: &str, d: std::time::Duration| {
+        rn.get(key)
+            .and_then(Node::as_str)
+            .map_or_else(|| humantime::format_duration(d).to_string(), str::to_string)
+    };
+    if let Some(why) = duration_problem("rollout.pause", r.pause.0, false, &|_, d| {
+        written("pause", d)
+    }) {
+        sink.at(rn.pos_of("pause"), why);
+        bad = true;
+    }
+    if let Some(h) = &r.health {
+        let hn = rn.get("health");
+        let at = |key: &str| hn.map_or_else(|| rn.pos_of("health"), |n| n.pos_of(key));
+        if h.command.trim().is_empty() {
+            sink.at(at("command"), "rollout.health.command must not be empty");
+            bad = true;
+        }
+        let hw = |key: &str, d: std::time::Duration| {
+            hn.and_then(|n| n.get(key))
+                .and_then(Node::as_str)
+                .map_or_else(|| humantime::format_duration(d).to_string(), str::to_string)
+        };
+        if let Some(why) = duration_problem("rollout.health.timeout", h.timeout.0, true, &|_, d| {
+            hw("timeout", d)
+        }) {
+            sink.at(at("timeout"), why);
+            bad = true;
+        }
+    }
+    if bad {
+        config.rollout = None;
     }
 }
 

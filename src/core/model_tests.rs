@@ -666,7 +666,7 @@ fn unknown_top_level_keys() {
         groups/web.yaml:1:1: unknown field `resourcez`, expected `lifecycle` or `resources`
         hosts/web-1.yaml:2:1: unknown field `lifecycel`, expected `lifecycle` or `resources`
         inventory.yaml:2:1: unknown field `extra`, expected `hosts`
-        tend.yaml:2:1: unknown field `dispatchh`, expected one of `dispatch`, `canary`, `concurrency`, `probe_timeout`, `step_timeout`, `retries`, `retry_backoff`, `resync`, `quiet_window`, `max_defer`, `token_max_ttl`, `crash_loop_threshold`, `known_hosts`, `state_dir`, `step_output_limit`, `confirmers`, `history`
+        tend.yaml:2:1: unknown field `dispatchh`, expected one of `dispatch`, `canary`, `concurrency`, `probe_timeout`, `step_timeout`, `retries`, `retry_backoff`, `resync`, `quiet_window`, `max_defer`, `token_max_ttl`, `crash_loop_threshold`, `known_hosts`, `state_dir`, `step_output_limit`, `confirmers`, `history`, `rollout`
         ",
     );
 }
@@ -2071,5 +2071,47 @@ fn addresses_users_and_identities_that_no_connection_could_use() {
         inventory.yaml:9:15: identity "keys/id\0" contains a control character
         inventory.yaml:11:14: invalid address "10.0.0.1\n": write an IP address or a DNS name (the port goes in `port`)
         "#,
+    );
+}
+
+#[test]
+fn rollout_settings_are_checked_where_they_are_written() {
+    check(
+        r#"
+        //- tend.yaml
+        rollout:
+          waves: [1, 25%, 150%]
+          max_failures: lots
+          pause: soon
+          health:
+            command: ""
+            timeout: 0s
+        //- inventory.yaml
+        hosts: [{name: web-1, address: 10.0.0.1}]
+        //- hosts/web-1.yaml
+        resources: []
+        "#,
+        "
+        tend.yaml:2:19: `150%`: a percentage is at most 100%
+        ",
+    );
+    check(
+        r#"
+        //- tend.yaml
+        rollout:
+          waves: []
+          health:
+            command: ""
+            timeout: 0s
+        //- inventory.yaml
+        hosts: [{name: web-1, address: 10.0.0.1}]
+        //- hosts/web-1.yaml
+        resources: []
+        "#,
+        "
+        tend.yaml:2:10: rollout.waves must list at least one wave, e.g. `[1, 25%, 100%]`
+        tend.yaml:4:14: rollout.health.command must not be empty
+        tend.yaml:5:14: rollout.health.timeout must be above zero
+        ",
     );
 }

@@ -50,9 +50,13 @@ pub struct HostRun {
     pub steps: Vec<StepResult>,
     /// The kill switch stopped this host before a step.
     pub killed: bool,
-    /// Not dispatched: someone else held the host lock, or another apply
-    /// moved the host's revision since the probe (SPEC 8.7). Why.
-    pub locked: Option<String>,
+    /// Not dispatched: someone else held the host lock, another apply
+    /// moved the host's revision since the probe (SPEC 8.7), or the
+    /// rollout's failure budget was spent before its turn (SPEC 8.2). Why.
+    pub held_back: Option<String>,
+    /// The rollout's health command, run after the host converged: `Err`
+    /// with why it failed.
+    pub health: Option<Result<(), String>>,
 }
 
 pub fn step_action(a: Action) -> StepAction {
@@ -64,7 +68,27 @@ pub fn step_action(a: Action) -> StepAction {
 }
 
 /// The outcome of one host. `run` is None when the host was not dispatched.
+/// A host that failed the rollout's health command is `ExecutionFailed`
+/// whatever its steps did (SPEC 8.2).
 pub fn host_outcome(
+    plan: &HostPlan,
+    decision: &HostDecision,
+    run_blocked: bool,
+    probe_attempts: u32,
+    run: Option<&HostRun>,
+) -> HostOutcome {
+    let mut o = steps_outcome(plan, decision, run_blocked, probe_attempts, run);
+    if let Some(Err(why)) = run.and_then(|r| r.health.as_ref()) {
+        let msg = format!("health: {why}");
+        o.outcome = HostOutcomeKind::ExecutionFailed;
+        o.last_failure_class = Some(FailureClass::Execution);
+        o.last_failure_message = Some(msg.clone());
+        o.reason = Some(msg);
+    }
+    o
+}
+
+fn steps_outcome(
     plan: &HostPlan,
     decision: &HostDecision,
     run_blocked: bool,
@@ -147,7 +171,7 @@ pub fn host_outcome(
                 .iter()
                 .any(|s| s.status == StepStatus::NotRun && !s.held && s.failure.is_some())
     });
-    if let Some(why) = run.and_then(|r| r.locked.as_ref())
+    if let Some(why) = run.and_then(|r| r.held_back.as_ref())
         && !run.is_some_and(|r| r.dispatched)
     {
         // Held off by another holder of the host lock: planned, not failed.
@@ -319,6 +343,9 @@ pub struct StatusInput<'a> {
     /// valid state (`revision`) with dispatch off, so the host is at most
     /// `Probed`: it was not planned against what is committed.
     pub invalid: Option<(String, String)>,
+    /// The rollout held this host (SPEC 8.2): (`RolloutWaiting` or
+    /// `RolloutHalted`, message).
+    pub rollout_hold: Option<(&'static str, String)>,
 }
 
 /// The next status of a host after a run.
@@ -485,6 +512,14 @@ pub fn next_status(i: StatusInput) -> HostStatus {
             t,
             "Converged",
             format!("converged to {}", i.revision),
+            i.now,
+        );
+    } else if let Some((reason, msg)) = &i.rollout_hold {
+        s.set_condition(
+            ConditionType::Converged,
+            f,
+            *reason,
+            format!("{pending_total} change(s) pending: {msg}"),
             i.now,
         );
     } else {

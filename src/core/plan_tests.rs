@@ -248,6 +248,7 @@ pub(super) fn host_with(name: &str, lifecycle: Lifecycle, mut resources: Vec<Res
             tags: vec![],
             protected: false,
         },
+        inv_index: 0,
         file: Some(format!("hosts/{name}.yaml")),
         lifecycle,
         resources,

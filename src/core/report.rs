@@ -66,6 +66,9 @@ pub enum ExecutionOutcome {
     /// Additive: the run was cut short (the process died mid-run); the
     /// controller closes such runs at its next start-up.
     Interrupted,
+    /// The rollout halted in this run: its failure budget was spent
+    /// (SPEC 8.2).
+    Halted,
 }
 
 /// How one host fared in a run.
@@ -397,6 +400,23 @@ pub struct FleetStatus {
     pub generated_at: String,
     /// Sorted by host name.
     pub hosts: Vec<FleetHost>,
+    /// The current rollout (SPEC 8.2), or null.
+    #[serde(default)]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// `fleet.json`'s `rollout`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    pub revision: String,
+    /// `InProgress`, `Halted` or `Complete`.
+    pub state: String,
+    /// The current wave, 1-based (the last one once complete).
+    pub wave: u64,
+    pub waves: u64,
+    pub failed_hosts: Vec<String>,
+    pub budget: u64,
+    pub halted_reason: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -434,6 +454,7 @@ impl FleetStatus {
             schema_version: SCHEMA_VERSION,
             generated_at: generated_at.into(),
             hosts,
+            rollout: None,
         }
     }
 }
@@ -989,7 +1010,8 @@ mod tests {
         let a = HostStatus::new("web-1", T0);
         let fleet = FleetStatus::from_statuses(T1, [&b, &a]);
         let v = serde_json::to_value(&fleet).unwrap();
-        assert_keys(&v, &["schema_version", "generated_at", "hosts"]);
+        assert_keys(&v, &["schema_version", "generated_at", "hosts", "rollout"]);
+        assert_eq!(v["rollout"], json!(null), "null without a rollout");
         assert_eq!(v["schema_version"], json!(1));
         let hosts = v["hosts"].as_array().unwrap();
         for h in hosts {

@@ -3,12 +3,15 @@
 //! the order hosts enter waves in, what counts as failed, and the rollout's
 //! state as hosts finish.
 //!
-//! This build does not yet read `rollout` from tend.yaml (a `rollout` key is
-//! refused at validation rather than ignored); the controller and `tend
-//! apply` will drive [`Rollout`] once it does.
+//! The shell (`src/rollout.rs`) keeps a [`Record`] per rollout in SQLite and
+//! drives it from `tend apply` and the controller's passes.
 //!
 //! Invariant: no I/O, no clock; every function is total (no input panics)
 //! and property-tested.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 use super::report::HostOutcomeKind;
 
@@ -109,7 +112,7 @@ pub fn is_done(outcome: HostOutcomeKind) -> bool {
 }
 
 /// Where a rollout stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum State {
     InProgress,
     Halted,
@@ -117,7 +120,7 @@ pub enum State {
 }
 
 /// One rollout: N, its waves and budget, and the hosts done and failed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollout {
     /// Hosts in the order they enter waves; N is its length.
     pub hosts: Vec<String>,
@@ -156,6 +159,23 @@ impl Rollout {
     pub fn current_wave(&self) -> Option<usize> {
         let first = self.done.iter().position(|d| !d)? as u64;
         self.waves.iter().position(|&end| first < end)
+    }
+
+    /// The wave shown for the rollout: the current one, the one that halted
+    /// it (its last failed host's), or the last once complete. 0-based.
+    pub fn shown_wave(&self) -> usize {
+        if self.halted {
+            return self
+                .hosts
+                .iter()
+                .zip(&self.failed)
+                .filter(|(_, f)| **f)
+                .filter_map(|(h, _)| self.wave_of(h))
+                .max()
+                .unwrap_or(0);
+        }
+        self.current_wave()
+            .unwrap_or(self.waves.len().saturating_sub(1))
     }
 
     /// Failures that count against the budget.
@@ -231,6 +251,126 @@ impl Rollout {
         }
         self.counted_from = start;
     }
+}
+
+/// A rollout as it is kept: what started it and where it stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The desired revision it rolls out (the latest one with the same
+    /// definitions for its hosts).
+    pub revision: String,
+    pub started_at: String,
+    /// Each inventory host's definition hash when it started: a revision
+    /// that changes one of its pending hosts' starts a new rollout.
+    pub defs: BTreeMap<String, String>,
+    pub rollout: Rollout,
+    /// Why it halted, naming the failed hosts.
+    pub halted_reason: Option<String>,
+    /// When the next wave may start (RFC 3339), after `pause`.
+    pub next_wave_at: Option<String>,
+}
+
+impl Record {
+    /// Hosts of the rollout not done yet.
+    pub fn pending(&self) -> Vec<&str> {
+        let r = &self.rollout;
+        r.hosts
+            .iter()
+            .zip(&r.done)
+            .filter(|(_, d)| !**d)
+            .map(|(h, _)| h.as_str())
+            .collect()
+    }
+
+    pub fn is_pending(&self, host: &str) -> bool {
+        let r = &self.rollout;
+        r.hosts
+            .iter()
+            .position(|h| h == host)
+            .is_some_and(|i| !r.done[i])
+    }
+
+    /// The failed hosts, in wave order.
+    pub fn failed_hosts(&self) -> Vec<String> {
+        let r = &self.rollout;
+        r.hosts
+            .iter()
+            .zip(&r.failed)
+            .filter(|(_, f)| **f)
+            .map(|(h, _)| h.clone())
+            .collect()
+    }
+
+    /// Why a pending host does not start now: (condition reason, message);
+    /// None when it may. `now` is RFC 3339 (compared as text: same format).
+    pub fn hold(&self, host: &str, now: &str) -> Option<(&'static str, String)> {
+        let r = &self.rollout;
+        // A halt holds the hosts not done and the failed ones (they run
+        // again on resume); a host done and not failed only gets drift
+        // correction, which no halt holds.
+        let failed = r
+            .hosts
+            .iter()
+            .position(|h| h == host)
+            .is_some_and(|i| r.failed[i]);
+        if !(self.is_pending(host) || r.halted && failed) {
+            return None;
+        }
+        let wave = r.wave_of(host).unwrap_or(0);
+        if r.halted {
+            return Some((
+                "RolloutHalted",
+                format!(
+                    "rollout of {} halted: {}; `tend resume --reason TEXT` continues it, a new revision for this host starts a new one",
+                    short(&self.revision),
+                    self.halted_reason
+                        .as_deref()
+                        .unwrap_or("the failure budget is spent")
+                ),
+            ));
+        }
+        let cur = r.current_wave().unwrap_or(0);
+        if wave > cur {
+            let (end, start) = (r.waves[cur], if cur == 0 { 0 } else { r.waves[cur - 1] });
+            let done = r.done[start as usize..end as usize]
+                .iter()
+                .filter(|d| **d)
+                .count();
+            return Some((
+                "RolloutWaiting",
+                format!(
+                    "waits for wave {} of {} of the rollout of {}: wave {} has {done} of {} host(s) done",
+                    wave + 1,
+                    r.waves.len(),
+                    short(&self.revision),
+                    cur + 1,
+                    end - start
+                ),
+            ));
+        }
+        if let Some(at) = &self.next_wave_at
+            && now < at.as_str()
+            && cur > 0
+            && wave == cur
+        {
+            return Some((
+                "RolloutWaiting",
+                format!(
+                    "waits for wave {} of {} of the rollout of {}: the pause between waves ends at {at}",
+                    wave + 1,
+                    r.waves.len(),
+                    short(&self.revision)
+                ),
+            ));
+        }
+        None
+    }
+}
+
+/// A revision for messages: a git commit's first 12 characters.
+pub fn short(revision: &str) -> &str {
+    let r = revision.strip_prefix("sha256:").unwrap_or(revision);
+    r.get(..12).unwrap_or(r)
 }
 
 #[cfg(test)]

@@ -61,6 +61,91 @@ pub struct TendConfig {
     pub confirmers: Vec<String>,
     /// How long run history is kept.
     pub history: History,
+    /// Roll a new desired revision out in waves, with one failure budget
+    /// (dispatch mode `enforced` only).
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// `rollout:` in tend.yaml (SPEC 8.2).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// Cumulative host counts or percentages of the rollout's hosts, e.g.
+    /// `[1, 25%, 100%]`.
+    pub waves: Vec<HostAmount>,
+    /// Failed hosts the whole rollout may have (count or %); default 0.
+    #[serde(default)]
+    pub max_failures: HostAmount,
+    /// Wait between waves; default 0s.
+    #[serde(default = "zero_duration")]
+    pub pause: HumanDuration,
+    /// Run on each host of a wave after it converged; a non-zero exit or a
+    /// timeout fails the host.
+    #[serde(default)]
+    pub health: Option<HealthSpec>,
+}
+
+fn zero_duration() -> HumanDuration {
+    HumanDuration(Duration::ZERO)
+}
+
+/// `rollout.health`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    /// A sh script run on the host.
+    pub command: String,
+    /// How long it may run; default 30s.
+    #[serde(default = "health_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn health_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+/// A host count (`3`) or a percentage (`25%`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostAmount(pub super::rollout::Amount);
+
+impl Default for HostAmount {
+    fn default() -> Self {
+        HostAmount(super::rollout::Amount::Count(0))
+    }
+}
+
+impl<'de> Deserialize<'de> for HostAmount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        super::rollout::Amount::parse(&s)
+            .map(HostAmount)
+            .map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for HostAmount {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            super::rollout::Amount::Count(c) => s.serialize_u64(c),
+            super::rollout::Amount::Percent(p) => s.serialize_str(&format!("{p}%")),
+        }
+    }
+}
+
+impl JsonSchema for HostAmount {
+    fn schema_name() -> Cow<'static, str> {
+        "HostAmount".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A host count such as `3`, or a percentage such as `25%`.",
+            "oneOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": "^\\s*([0-9]+|([0-9]|[1-9][0-9]|100)%)\\s*$"}
+            ]
+        })
+    }
 }
 
 /// `history:` in tend.yaml (SPEC 8.5).
@@ -104,6 +189,7 @@ impl Default for TendConfig {
             step_output_limit: 1024 * 1024,
             confirmers: Vec::new(),
             history: History::default(),
+            rollout: None,
         }
     }
 }

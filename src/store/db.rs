@@ -196,6 +196,27 @@ CREATE TABLE token_operations (
     PRIMARY KEY (sha256, operation)
 ) STRICT;
 "#,
+    // 7: rollouts (SPEC 8.2), one row each, the newest the current one; the
+    // document is `core::rollout::Record` as JSON. A halt lives here, so it
+    // survives every restart. Resume requests taken are recorded too.
+    r#"
+CREATE TABLE rollouts (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    revision    TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    started_at  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL,
+    doc         TEXT NOT NULL
+) STRICT;
+CREATE TABLE rollout_resumes (
+    rollout_id   INTEGER NOT NULL,
+    reason       TEXT NOT NULL,
+    requested_by TEXT NOT NULL,
+    requested_at TEXT NOT NULL,
+    taken_by_run TEXT NOT NULL,
+    taken_at     TEXT NOT NULL
+) STRICT;
+"#,
 ];
 
 /// One record of a run, written with others in one transaction
@@ -596,6 +617,121 @@ impl Db {
             )?;
             let rows = stmt.query_map([host], |r| r.get(0))?;
             rows.collect()
+        })
+    }
+
+    /// The current rollout (the newest): its id and record.
+    pub fn latest_rollout(
+        &self,
+    ) -> Result<Option<(i64, crate::core::rollout::Record)>, StoreError> {
+        let row: Option<(i64, String)> = self.read("read the current rollout".into(), |conn| {
+            conn.query_row(
+                "SELECT id, doc FROM rollouts ORDER BY id DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })?;
+        match row {
+            None => Ok(None),
+            Some((id, doc)) => {
+                serde_json::from_str(&doc)
+                    .map(|r| Some((id, r)))
+                    .map_err(|source| StoreError::Parse {
+                        path: self.path().to_path_buf(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// Keep a rollout: a new one (`id` None) or the new state of one.
+    /// Returns its id.
+    pub fn save_rollout(
+        &mut self,
+        id: Option<i64>,
+        r: &crate::core::rollout::Record,
+        now: &str,
+    ) -> Result<i64, StoreError> {
+        let doc = serde_json::to_string(r).map_err(|source| StoreError::Encode {
+            path: self.path().to_path_buf(),
+            source,
+        })?;
+        let state = format!("{:?}", r.rollout.state());
+        self.write(format!("record the rollout of {}", r.revision), |tx| {
+            match id {
+                Some(id) => {
+                    tx.execute(
+                        "UPDATE rollouts SET revision = ?2, state = ?3, updated_at = ?4, doc = ?5 WHERE id = ?1",
+                        rusqlite::params![id, r.revision, state, now, doc],
+                    )?;
+                    Ok(id)
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO rollouts (revision, state, started_at, updated_at, doc) VALUES (?1, ?2, ?3, ?3, ?4)",
+                        rusqlite::params![r.revision, state, now, doc],
+                    )?;
+                    Ok(tx.last_insert_rowid())
+                }
+            }
+        })
+    }
+
+    /// Change a rollout in one transaction (read, change, write), so that
+    /// the passes of several hosts finishing at once each add their own.
+    pub fn update_rollout(
+        &mut self,
+        id: i64,
+        now: &str,
+        f: impl FnOnce(&mut crate::core::rollout::Record),
+    ) -> Result<Option<crate::core::rollout::Record>, StoreError> {
+        let path = self.path().to_path_buf();
+        let mut f = Some(f);
+        let mut failure: Option<StoreError> = None;
+        let out = self.write(format!("update rollout {id}"), |tx| {
+            let doc: Option<String> = tx
+                .query_row("SELECT doc FROM rollouts WHERE id = ?1", [id], |r| r.get(0))
+                .optional()?;
+            let Some(doc) = doc else { return Ok(None) };
+            let mut r: crate::core::rollout::Record = match serde_json::from_str(&doc) {
+                Ok(r) => r,
+                Err(source) => {
+                    failure = Some(StoreError::Parse { path: path.clone(), source });
+                    return Ok(None);
+                }
+            };
+            if let Some(f) = f.take() {
+                f(&mut r);
+            }
+            let doc = serde_json::to_string(&r).unwrap_or(doc);
+            let state = format!("{:?}", r.rollout.state());
+            tx.execute(
+                "UPDATE rollouts SET revision = ?2, state = ?3, updated_at = ?4, doc = ?5 WHERE id = ?1",
+                rusqlite::params![id, r.revision, state, now, doc],
+            )?;
+            Ok(Some(r))
+        })?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// A resume request taken by a run.
+    pub fn record_resume(
+        &mut self,
+        rollout_id: i64,
+        (reason, by, at): (&str, &str, &str),
+        run_id: &str,
+        now: &str,
+    ) -> Result<(), StoreError> {
+        self.write(format!("record a resume of rollout {rollout_id}"), |tx| {
+            tx.execute(
+                "INSERT INTO rollout_resumes (rollout_id, reason, requested_by, requested_at, taken_by_run, taken_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                rusqlite::params![rollout_id, reason, by, at, run_id, now],
+            )?;
+            Ok(())
         })
     }
 
