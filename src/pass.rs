@@ -336,20 +336,40 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
         // state, when tend.yaml has one.
         let gate = match (&config.rollout, mode) {
             (Some(spec), DispatchMode::Enforced) if input.overlay.invalid.is_none() => {
-                let gate = crate::rollout::begin(
+                let begun = crate::rollout::begin(
                     &mut rec.db(),
                     sd,
                     spec,
                     input.state,
-                    input.rollout_prep.unwrap_or(&prep),
+                    match input.rollout_prep {
+                        Some(p) => (p, true),
+                        None => (&prep, !input.fleet_scope),
+                    },
                     input.revision,
                     &run_id,
                     &now_rfc3339(),
-                )?;
-                for (kind, detail) in &gate.events {
-                    rec.event(None, kind, detail.clone());
+                );
+                match begun {
+                    Ok(gate) => {
+                        for (kind, detail) in &gate.events {
+                            rec.event(None, kind, detail.clone());
+                        }
+                        Some(gate)
+                    }
+                    Err(e) => {
+                        // Fail closed: without its rollout nothing of this
+                        // pass is dispatched (the run still ends).
+                        let why = format!("the rollout could not be decided: {e:#}");
+                        rec.event(None, "rollout_failed", json!({"reason": why}));
+                        for d in &mut prep.decision.hosts {
+                            if d.dispatch {
+                                d.dispatch = false;
+                                d.not_dispatched_reason = Some(why.clone());
+                            }
+                        }
+                        None
+                    }
                 }
-                Some(gate)
             }
             _ => None,
         };

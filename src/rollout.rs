@@ -149,13 +149,16 @@ pub fn resume_waiting(db: &Db, sd: &StateDir) -> Result<bool> {
 
 /// What begins a pass's rollout: the current record, a new one, or the
 /// current one resumed. `state` is the desired state without prunes.
+/// `may_start`: false for a controller pass of one host, whose front half
+/// cannot say which hosts a new rollout has (the controller decides that
+/// fleet-wide before the pass); a start needed then fails the pass.
 #[allow(clippy::too_many_arguments)] // the facts of one pass
 pub fn begin(
     db: &mut Db,
     sd: &StateDir,
     spec: &RolloutSpec,
     state: &DesiredState,
-    prep: &Prepared,
+    (prep, may_start): (&Prepared, bool),
     revision: &str,
     run_id: &str,
     now: &str,
@@ -183,6 +186,11 @@ pub fn begin(
                 true
             };
             if supersede {
+                if !may_start {
+                    anyhow::bail!(
+                        "revision {revision} starts a new rollout, and this pass cannot decide its hosts; the controller decides them fleet-wide first (retried)"
+                    );
+                }
                 (None, start(spec, state, prep, revision, &now_defs, now))
             } else {
                 let mut r = r;
@@ -193,6 +201,9 @@ pub fn begin(
                 (Some(id), r)
             }
         }
+        None if !may_start => anyhow::bail!(
+            "revision {revision} starts a rollout, and this pass cannot decide its hosts; the controller decides them fleet-wide first (retried)"
+        ),
         None => (None, start(spec, state, prep, revision, &now_defs, now)),
     };
     if id.is_none() {
@@ -543,6 +554,11 @@ impl JudgeInput {
 
     fn judge(&self, host: &str, run: Option<&HostRun>) -> Option<(HostOutcomeKind, bool)> {
         let (hp, d, attempts) = self.hosts.get(host)?;
+        // Stopped by the kill switch or a signal: not done, not failed; it
+        // stays in its wave.
+        if run.is_some_and(|r| r.killed) {
+            return Some((HostOutcomeKind::Planned, false));
+        }
         let o = outcome::host_outcome(hp, d, false, *attempts, run);
         let failed_step = o
             .steps

@@ -649,7 +649,7 @@ impl Inner {
                                     &sd2,
                                     &spec,
                                     &st,
-                                    &prep,
+                                    (&prep, true),
                                     &rev,
                                     "controller",
                                     &crate::clock::now_rfc3339(),

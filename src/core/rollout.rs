@@ -465,6 +465,44 @@ mod tests {
         assert!(r.may_start("h5"));
     }
 
+    #[test]
+    fn a_record_says_why_a_host_waits() {
+        use Amount::*;
+        let mut rec = Record {
+            revision: "0123456789abcdef0123".into(),
+            started_at: "2026-12-06T10:00:00.000Z".into(),
+            defs: Default::default(),
+            rollout: Rollout::new(names(4), &[Count(1), Count(2), Percent(100)], Count(0)),
+            halted_reason: None,
+            next_wave_at: None,
+        };
+        let now = "2026-12-06T10:00:01.000Z";
+        assert_eq!(rec.hold("h1", now), None);
+        let (reason, msg) = rec.hold("h3", now).unwrap();
+        assert_eq!(reason, "RolloutWaiting");
+        assert!(
+            msg.contains("waits for wave 3 of 3") && msg.contains("0123456789ab"),
+            "{msg}"
+        );
+        assert_eq!(rec.hold("zz", now), None, "not in the rollout");
+        // Wave 1 done; the pause holds wave 2 until it ends.
+        rec.rollout.finish("h1", Completed, false);
+        rec.next_wave_at = Some("2026-12-06T10:00:30.000Z".into());
+        let (_, msg) = rec.hold("h2", now).unwrap();
+        assert!(msg.contains("pause"), "{msg}");
+        assert_eq!(rec.hold("h2", "2026-12-06T10:00:31.000Z"), None);
+        // Halted: the pending and the failed hosts are held, the done ones not.
+        rec.rollout.finish("h2", ExecutionFailed, true);
+        rec.halted_reason = Some("1 host(s) failed (h2)".into());
+        assert!(rec.rollout.halted);
+        for h in ["h2", "h3", "h4"] {
+            assert_eq!(rec.hold(h, now).unwrap().0, "RolloutHalted", "{h}");
+        }
+        assert_eq!(rec.hold("h1", now), None, "done: drift correction only");
+        assert_eq!(rec.failed_hosts(), ["h2"]);
+        assert_eq!(rec.rollout.shown_wave(), 1, "the wave that halted");
+    }
+
     proptest! {
         #[test]
         fn waves_are_cumulative_and_end_at_n(
