@@ -5,10 +5,21 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// `--version` and `tend version`: the version, the git commit and the
+/// build date.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TEND_GIT_COMMIT"),
+    ", built ",
+    env!("TEND_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tend",
-    version,
+    version = LONG_VERSION,
     about = "GitOps reconciling controller for Linux hosts",
     long_about = "tend converges Linux hosts to the desired state committed in a directory: \
                   it probes each host, diffs, plans, holds destructive changes for a \
@@ -118,6 +129,24 @@ pub enum Command {
     Retry {
         /// The host.
         host: String,
+    },
+    /// Print the version, git commit and build date (`--json` for a document).
+    Version,
+    /// Hold hosts the way the kill switch holds all: probed and reported,
+    /// never dispatched, until `tend unsuspend`.
+    Suspend {
+        /// The hosts.
+        #[arg(required = true)]
+        hosts: Vec<String>,
+        /// Why: shown in every status and outcome of the held hosts.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Let suspended hosts be dispatched again.
+    Unsuspend {
+        /// The hosts.
+        #[arg(required = true)]
+        hosts: Vec<String>,
     },
     /// Ask that a halted rollout continue from its halted wave with a
     /// fresh failure budget (taken by the next `tend apply` or `tend run` pass).

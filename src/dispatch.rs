@@ -332,6 +332,13 @@ impl DispatchOpts {
     /// Why dispatch must stop before its next step, if it must: the kill
     /// switch (`kill_switch`) or a controller shutdown (`shutdown`). The
     /// word is the timeline event's kind.
+    /// [`Self::halt`], and a host suspended since the pass began
+    /// (`suspended`, SPEC 8.6).
+    pub fn halt_host(&self, host: &str) -> Option<&'static str> {
+        self.halt()
+            .or_else(|| self.state.suspended(host).map(|_| "suspended"))
+    }
+
     pub fn halt(&self) -> Option<&'static str> {
         if self.state.kill_switch_engaged() {
             Some("kill_switch")
@@ -587,7 +594,7 @@ async fn run_host(
             if !batch.is_empty() {
                 break;
             }
-            res[j] = Some(if let Some(why) = opts.halt() {
+            res[j] = Some(if let Some(why) = opts.halt_host(host) {
                 killed = true;
                 rec.event(Some(host), why, json!({"step": step.index, "id": step.id}));
                 StepResult::not_run(false)
@@ -647,7 +654,7 @@ async fn run_host(
             j += 1;
         }
         if !batch.is_empty() {
-            if let Some(why) = opts.halt() {
+            if let Some(why) = opts.halt_host(host) {
                 killed = true;
                 rec.event(
                     Some(host),

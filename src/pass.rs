@@ -179,6 +179,12 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
     if let Some(c) = input.cache {
         c.put(&state, &prep.transports);
     }
+    // Suspended hosts (`tend suspend`): probed, never dispatched.
+    let suspended: BTreeMap<String, String> = targets
+        .iter()
+        .filter_map(|h| sd.suspended(h).map(|why| (h.clone(), why)))
+        .collect();
+    crate::core::policy::hold_suspended(&mut prep.decision, &suspended);
     // The controller's scope is the whole inventory, one host per pass.
     let decide_fn = if input.fleet_scope {
         reconcile::decide_in_fleet
@@ -186,14 +192,16 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
         reconcile::decide
     };
     let decide = |prep: &reconcile::Prepared, authorized: bool| {
-        decide_fn(
+        let mut run = decide_fn(
             &state,
             &prep.plan,
             (&prep.preflight_errors, &prep.fences),
             mode,
             kill,
             authorized,
-        )
+        );
+        crate::core::policy::hold_suspended(&mut run, &suspended);
+        run
     };
     if input.fleet_scope {
         let authorized = prep.token.as_ref().is_some_and(|(v, _)| v.is_valid());
@@ -555,6 +563,8 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
                 owed_restarts: owed.get(&o.host).cloned().unwrap_or_default(),
                 invalid: input.overlay.invalid.clone(),
                 rollout_hold: holds.get(&o.host).cloned(),
+                suspended: suspended.get(&o.host).cloned(),
+                dispatch_off: mode == DispatchMode::Off,
             });
             sd.write_status(&status)?;
         }

@@ -1872,3 +1872,78 @@ fn confirm_pending_selects_like_plan_and_each_operation_runs_once() {
         1
     );
 }
+
+#[test]
+fn a_suspended_host_is_probed_and_never_dispatched_until_unsuspended() {
+    let fx = Fixture::two_hosts();
+    fx.run(&["suspend", "a", "--reason", "disk swap"]).code(0);
+    // A host the inventory lacks is an error, and suspends nothing.
+    fx.run(&["suspend", "zz", "--reason", "typo"]).code(1);
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 2);
+    let a = host_outcome(&result, "a");
+    assert_eq!(a["outcome"], "Planned", "{result}");
+    assert!(a["reason"].as_str().unwrap().contains("disk swap"), "{a}");
+    assert_eq!(host_outcome(&result, "b")["outcome"], "Completed");
+    assert!(!fx.root().join("a.txt").exists(), "nothing ran on a");
+    let status = read_json(&fx.state().join("status/a.json"));
+    let converged = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Converged")
+        .unwrap()
+        .clone();
+    assert_eq!(converged["status"], "False");
+    assert_eq!(converged["reason"], "Suspended", "{converged}");
+    fx.run(&["unsuspend", "a"]).code(0);
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 0);
+    assert_eq!(host_outcome(&result, "a")["outcome"], "Completed");
+    assert!(fx.root().join("a.txt").exists());
+}
+
+#[test]
+fn dispatch_off_says_so_in_the_status() {
+    let fx = Fixture::two_hosts();
+    apply_json(&fx, &[], 2);
+    let status = read_json(&fx.state().join("status/a.json"));
+    let converged = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Converged")
+        .unwrap()
+        .clone();
+    assert_eq!(converged["reason"], "DispatchOff", "{converged}");
+    assert!(
+        converged["message"]
+            .as_str()
+            .unwrap()
+            .contains("dispatch: enforced"),
+        "says how to enable it: {converged}"
+    );
+}
+
+#[test]
+fn version_names_the_commit() {
+    let r = run_command({
+        let mut c = tend_command();
+        c.args(["version", "--json"]);
+        c
+    });
+    r.code(0);
+    let v = r.json();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    let commit = v["commit"].as_str().unwrap();
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 40 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{v}"
+    );
+    let r = run_command({
+        let mut c = tend_command();
+        c.arg("--version");
+        c
+    });
+    r.code(0);
+    assert!(r.stdout.contains(commit), "{}", r.stdout);
+}

@@ -11,6 +11,7 @@ pub mod run;
 pub mod runs;
 pub mod schema;
 pub mod status;
+pub mod suspend;
 pub mod validate;
 
 use std::fs::File;
@@ -68,6 +69,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run => run::run(g)?,
         Command::Retry { host } => retry::run(g, host)?,
         Command::Resume { reason } => resume::run(g, reason)?,
+        Command::Suspend { hosts, reason } => suspend::suspend(g, hosts, reason)?,
+        Command::Unsuspend { hosts } => suspend::unsuspend(g, hosts)?,
+        Command::Version => {
+            if g.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "version": env!("CARGO_PKG_VERSION"),
+                        "commit": env!("TEND_GIT_COMMIT"),
+                        "build_date": env!("TEND_BUILD_DATE"),
+                    })
+                );
+            } else {
+                println!("tend {}", crate::cli::LONG_VERSION);
+            }
+            exit::OK
+        }
         Command::Confirm {
             operation,
             pending,

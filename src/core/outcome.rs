@@ -346,6 +346,10 @@ pub struct StatusInput<'a> {
     /// The rollout held this host (SPEC 8.2): (`RolloutWaiting` or
     /// `RolloutHalted`, message).
     pub rollout_hold: Option<(&'static str, String)>,
+    /// `tend suspend` holds the host: the reason given.
+    pub suspended: Option<String>,
+    /// The pass ran in dispatch mode `off`.
+    pub dispatch_off: bool,
 }
 
 /// The next status of a host after a run.
@@ -520,6 +524,27 @@ pub fn next_status(i: StatusInput) -> HostStatus {
             f,
             *reason,
             format!("{pending_total} change(s) pending: {msg}"),
+            i.now,
+        );
+    } else if let Some(why) = &i.suspended {
+        s.set_condition(
+            ConditionType::Converged,
+            f,
+            "Suspended",
+            format!(
+                "{pending_total} change(s) pending, not dispatched: the host is suspended ({why}); `tend unsuspend {}` lets it be dispatched again",
+                i.host
+            ),
+            i.now,
+        );
+    } else if i.dispatch_off && i.outcome.outcome == HostOutcomeKind::Planned {
+        s.set_condition(
+            ConditionType::Converged,
+            f,
+            "DispatchOff",
+            format!(
+                "{pending_total} change(s) pending, not dispatched: dispatch mode is off (plan only); set `dispatch: enforced` in tend.yaml, TEND_DISPATCH or `--dispatch` to apply them"
+            ),
             i.now,
         );
     } else {

@@ -166,6 +166,24 @@ pub fn decide_canary_elsewhere(
     run
 }
 
+/// Hold suspended hosts (SPEC 8.6: `tend suspend`), as the kill switch
+/// holds all: probed and planned, never dispatched. `suspended`: host ->
+/// the reason given.
+pub fn hold_suspended(
+    run: &mut RunDecision,
+    suspended: &std::collections::BTreeMap<String, String>,
+) {
+    for d in &mut run.hosts {
+        if let Some(why) = suspended.get(&d.host) {
+            d.dispatch = false;
+            d.not_dispatched_reason = Some(format!(
+                "host `{}` is suspended ({why}); `tend unsuspend {}` lets it be dispatched again",
+                d.host, d.host
+            ));
+        }
+    }
+}
+
 fn decide_host(f: &HostFacts, authorized: bool) -> HostDecision {
     let plan = f.plan;
     let mut d = HostDecision {

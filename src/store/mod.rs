@@ -349,6 +349,35 @@ impl StateDir {
         }
     }
 
+    /// Where `tend suspend HOST` leaves a host's hold (SPEC 8.6).
+    pub fn suspend_dir(&self) -> PathBuf {
+        self.root.join("suspend")
+    }
+
+    /// Whether a host is suspended, and why (the file's first line). Fails
+    /// closed like the kill switch: anything at the path, readable or not,
+    /// suspends the host.
+    pub fn suspended(&self, host: &str) -> Option<String> {
+        if host.is_empty() || host.contains('/') || host.starts_with('.') {
+            return None;
+        }
+        let path = self.suspend_dir().join(host);
+        match fs::symlink_metadata(&path) {
+            Ok(_) => Some(
+                fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| {
+                        serde_json::from_str::<serde_json::Value>(&t)
+                            .ok()
+                            .and_then(|v| v["reason"].as_str().map(str::to_string))
+                    })
+                    .unwrap_or_else(|| "no reason could be read".into()),
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(_) => Some("its suspend file cannot be checked".into()),
+        }
+    }
+
     /// Host names and run ids become path components; one holding a `/` or
     /// being `..` would write outside its place. Validation upstream should
     /// make this unreachable; this is the last line.
