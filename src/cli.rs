@@ -132,6 +132,11 @@ pub enum Command {
     },
     /// Print the version, git commit and build date (`--json` for a document).
     Version,
+    /// Print a shell completion script: `tend completions bash > /etc/bash_completion.d/tend`.
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
     /// Hold hosts the way the kill switch holds all: probed and reported,
     /// never dispatched, until `tend unsuspend`.
     Suspend {
@@ -197,4 +202,12 @@ pub enum Command {
     },
     /// One run's artifacts.
     Show { run_id: String },
+}
+
+/// The shells `tend completions` writes for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }

@@ -1947,3 +1947,37 @@ fn version_names_the_commit() {
     r.code(0);
     assert!(r.stdout.contains(commit), "{}", r.stdout);
 }
+
+#[test]
+fn completions_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let r = run_command({
+            let mut c = tend_command();
+            c.args(["completions", shell]);
+            c
+        });
+        r.code(0);
+        for sub in ["apply", "confirm", "resume", "suspend"] {
+            assert!(r.stdout.contains(sub), "{shell}: no `{sub}`");
+        }
+        if shell == "bash" {
+            // The script is valid bash.
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tend.bash");
+            fs::write(&path, &r.stdout).unwrap();
+            let ok = std::process::Command::new("bash")
+                .arg("-n")
+                .arg(&path)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "bash -n refused the completion script");
+        }
+    }
+    let r = run_command({
+        let mut c = tend_command();
+        c.args(["completions", "tcsh"]);
+        c
+    });
+    r.code(1);
+}

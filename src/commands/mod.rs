@@ -71,6 +71,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Resume { reason } => resume::run(g, reason)?,
         Command::Suspend { hosts, reason } => suspend::suspend(g, hosts, reason)?,
         Command::Unsuspend { hosts } => suspend::unsuspend(g, hosts)?,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let shell = match shell {
+                crate::cli::CompletionShell::Bash => clap_complete::Shell::Bash,
+                crate::cli::CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                crate::cli::CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tend", &mut buf);
+            let mut out = crate::output::stdout();
+            std::io::Write::write_all(&mut out, &buf)?;
+            exit::OK
+        }
         Command::Version => {
             if g.json {
                 println!(
