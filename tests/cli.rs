@@ -1873,6 +1873,18 @@ fn confirm_pending_selects_like_plan_and_each_operation_runs_once() {
     );
 }
 
+/// A host's `Converged` condition, from its status file.
+fn converged_of(fx: &Fixture, host: &str) -> Value {
+    let status = read_json(&fx.state().join(format!("status/{host}.json")));
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Converged")
+        .unwrap()
+        .clone()
+}
+
 #[test]
 fn a_suspended_host_is_probed_and_never_dispatched_until_unsuspended() {
     let fx = Fixture::two_hosts();
@@ -1885,14 +1897,7 @@ fn a_suspended_host_is_probed_and_never_dispatched_until_unsuspended() {
     assert!(a["reason"].as_str().unwrap().contains("disk swap"), "{a}");
     assert_eq!(host_outcome(&result, "b")["outcome"], "Completed");
     assert!(!fx.root().join("a.txt").exists(), "nothing ran on a");
-    let status = read_json(&fx.state().join("status/a.json"));
-    let converged = status["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Converged")
-        .unwrap()
-        .clone();
+    let converged = converged_of(&fx, "a");
     assert_eq!(converged["status"], "False");
     assert_eq!(converged["reason"], "Suspended", "{converged}");
     fx.run(&["unsuspend", "a"]).code(0);
@@ -1905,14 +1910,7 @@ fn a_suspended_host_is_probed_and_never_dispatched_until_unsuspended() {
 fn dispatch_off_says_so_in_the_status() {
     let fx = Fixture::two_hosts();
     apply_json(&fx, &[], 2);
-    let status = read_json(&fx.state().join("status/a.json"));
-    let converged = status["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Converged")
-        .unwrap()
-        .clone();
+    let converged = converged_of(&fx, "a");
     assert_eq!(converged["reason"], "DispatchOff", "{converged}");
     assert!(
         converged["message"]

@@ -11,8 +11,8 @@ use crate::cli::Global;
 use crate::core::model;
 
 /// The hosts named, checked against the inventory when the desired state
-/// can be read (a typo must not suspend nothing).
-fn checked<'a>(g: &Global, hosts: &'a [String]) -> Result<&'a [String]> {
+/// can be read (a typo must not suspend or retry nothing).
+pub fn known_hosts<'a>(g: &Global, hosts: &'a [String]) -> Result<&'a [String]> {
     for h in hosts {
         let valid = !h.is_empty()
             && h.bytes()
@@ -37,7 +37,7 @@ pub fn suspend(g: &Global, hosts: &[String], reason: &str) -> Result<u8> {
     if reason.trim().is_empty() {
         bail!("--reason must say why the hosts are held");
     }
-    let hosts = checked(g, hosts)?;
+    let hosts = known_hosts(g, hosts)?;
     let sd = super::state_dir_of(g);
     sd.ensure()?;
     let dir = sd.suspend_dir();
@@ -57,7 +57,7 @@ pub fn suspend(g: &Global, hosts: &[String], reason: &str) -> Result<u8> {
 }
 
 pub fn unsuspend(g: &Global, hosts: &[String]) -> Result<u8> {
-    let hosts = checked(g, hosts)?;
+    let hosts = known_hosts(g, hosts)?;
     let sd = super::state_dir_of(g);
     for h in hosts {
         let path = sd.suspend_dir().join(h);
