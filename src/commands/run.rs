@@ -34,6 +34,11 @@ pub fn run(g: &Global) -> Result<u8> {
         pid = std::process::id(),
         "tend run: controller starting"
     );
+    if settings.dispatch == crate::core::spec::DispatchMode::Off {
+        tracing::warn!(
+            "dispatch mode is off: tend probes, plans and reports, and changes nothing on any host; set `dispatch: enforced` (or `canary`) in tend.yaml, or TEND_DISPATCH, to apply"
+        );
+    }
     let interrupted = recover::interrupted_runs(&sd).context("closing interrupted runs")?;
     if !interrupted.is_empty() {
         tracing::warn!(hosts = ?interrupted, "runs left unfinished were marked Interrupted; their hosts get a fresh pass");
