@@ -1979,3 +1979,26 @@ fn completions_for_each_shell() {
     });
     r.code(1);
 }
+
+#[test]
+fn show_speaks_the_documents_words() {
+    let fx = Fixture::two_hosts();
+    let result = apply_json(&fx, &["--dispatch", "enforced"], 0);
+    let id = result["run_id"].as_str().unwrap();
+    let r = fx.run(&["show", id]);
+    r.code(0);
+    assert!(r.stdout.contains("(converge, trigger cli)"), "{r}");
+    assert!(r.stdout.contains("(effective quick)"), "{r}");
+    assert!(r.stdout.contains("host a: Completed, dispatched"), "{r}");
+    assert!(r.stdout.contains("create file:"), "{r}");
+    // A step's log path opens from where the command ran.
+    let log = r
+        .stdout
+        .lines()
+        .find_map(|l| l.split(" log: ").nth(1))
+        .expect("a log path");
+    assert!(
+        fx.tmp().join(log).is_file() || std::path::Path::new(log).is_file(),
+        "{log}"
+    );
+}

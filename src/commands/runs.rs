@@ -44,10 +44,10 @@ pub fn list(g: &Global, limit: usize) -> Result<u8> {
             "{}  {:<9} {:<8} {:<18} {:<16} {}",
             r.run.run_id,
             r.run.dispatch_mode.as_str(),
-            format!("{:?}", r.run.trigger).to_lowercase(),
-            format!("{:?}", r.run.policy_outcome),
+            word(&r.run.trigger),
+            word(&r.run.policy_outcome),
             r.execution_outcome
-                .map(|e| format!("{e:?}"))
+                .map(|e| word(&e))
                 .unwrap_or_else(|| "unfinished".into()),
             r.run.started_at
         );
@@ -68,27 +68,35 @@ pub fn show(g: &Global, run_id: &str) -> Result<u8> {
         return Ok(exit::OK);
     }
     println!(
-        "run {} ({:?}, trigger {:?})",
-        result.run_id, result.operation_intent.action, result.operation_intent.trigger
+        "run {} ({}, trigger {})",
+        result.run_id,
+        word(&result.operation_intent.action),
+        word(&result.operation_intent.trigger)
     );
     println!("  desired revision: {}", result.desired_revision);
     println!(
-        "  dispatch mode:    {} (effective {:?})",
+        "  dispatch mode:    {} (effective {})",
         result.dispatch_mode.as_str(),
-        result.effective_mode
+        word(&result.effective_mode)
     );
     println!(
-        "  policy:           {:?}: {}",
-        result.policy_outcome, result.policy_reason
+        "  policy:           {}: {}",
+        word(&result.policy_outcome),
+        result.policy_reason
     );
     println!(
-        "  execution:        {:?} ({} -> {})",
-        result.execution_outcome, result.execution_started_at, result.execution_completed_at
+        "  execution:        {} ({} -> {})",
+        word(&result.execution_outcome),
+        result.execution_started_at,
+        result.execution_completed_at
     );
     for o in &result.host_outcomes {
         println!(
-            "  host {}: {:?}, {:?}, {} attempt(s)",
-            o.host, o.outcome, o.dispatch_status, o.attempt_count
+            "  host {}: {}, {}, {} attempt(s)",
+            o.host,
+            word(&o.outcome),
+            word(&o.dispatch_status),
+            o.attempt_count
         );
         if let Some(r) = &o.reason {
             println!("    reason: {r}");
@@ -98,18 +106,28 @@ pub fn show(g: &Global, run_id: &str) -> Result<u8> {
         }
         for s in &o.steps {
             println!(
-                "    {:?} {} {:?}{}{}",
-                s.action,
+                "    {} {} {}{}{}",
+                word(&s.action),
                 s.id,
-                s.status,
+                word(&s.status),
                 if s.destructive { " (destructive)" } else { "" },
                 s.log
                     .as_deref()
-                    .map(|l| format!(" log: {l}"))
+                    .map(|l| format!(" log: {}", sd.root().join(l).display()))
                     .unwrap_or_default()
             );
         }
     }
     println!("  artifacts: {}", sd.run_dir(run_id).display());
     Ok(exit::OK)
+}
+
+/// An enumerated value as the documents spell it (`converge`, `cli`,
+/// `not_dispatched`), never a Rust name.
+fn word<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
 }

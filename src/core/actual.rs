@@ -75,8 +75,9 @@ pub enum Observed {
     File(FileState),
     Directory(Meta),
     Symlink {
-        /// The link target, as bytes (hex in JSON).
-        #[serde(serialize_with = "hex_bytes")]
+        /// The link target, as bytes (in JSON a string, or `{"hex": …}`
+        /// when it is not UTF-8).
+        #[serde(serialize_with = "text_or_hex")]
         target: Vec<u8>,
     },
     /// Something else exists at the path (socket, fifo, device).
@@ -163,7 +164,8 @@ pub struct FileState {
 /// Ownership and permission bits of a file or directory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Meta {
-    /// Permission bits (07777 mask).
+    /// Permission bits (07777 mask); octal text in JSON.
+    #[serde(serialize_with = "octal")]
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
@@ -217,6 +219,19 @@ impl ServiceState {
     }
 }
 
-fn hex_bytes<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&crate::core::hex(b))
+fn text_or_hex<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    match std::str::from_utf8(b) {
+        Ok(t) => s.serialize_str(t),
+        Err(_) => {
+            let mut m = s.serialize_map(Some(1))?;
+            m.serialize_entry("hex", &crate::core::hex(b))?;
+            m.end()
+        }
+    }
+}
+
+/// A mode as octal text, `0755`, as it is written in the desired state.
+fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{mode:04o}"))
 }
