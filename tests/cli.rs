@@ -2002,3 +2002,17 @@ fn show_speaks_the_documents_words() {
         "{log}"
     );
 }
+
+#[test]
+fn retry_without_a_controller_says_who_will_take_it() {
+    let fx = Fixture::two_hosts();
+    let r = fx.run(&["retry", "a"]);
+    r.code(0);
+    assert!(r.stdout.contains("no controller runs"), "{r}");
+    let r = fx.run(&["retry", "a", "--json"]);
+    r.code(0);
+    let v = r.json();
+    assert_eq!(v["host"], "a");
+    assert_eq!(v["controller_pid"], Value::Null);
+    assert!(fx.state().join("retry/a").exists());
+}

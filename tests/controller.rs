@@ -478,6 +478,11 @@ fn a_crash_loop_degrades_the_host_and_tend_retry_releases_it() {
 
     let retry = d.tend(&["retry", "h24"]);
     assert_eq!(code(&retry), 0, "{}", text(&retry));
+    assert!(
+        text(&retry).contains(&format!("(pid {})", daemon.pid())),
+        "names the controller that takes it: {}",
+        text(&retry)
+    );
     wait_status(&d, &daemon, "h24", "released by tend retry", |s| {
         condition(s, "Degraded")["status"] == "False"
     });

@@ -201,6 +201,25 @@ pub fn lock_state_dir(sd: &StateDir) -> Result<File> {
     Ok(f)
 }
 
+/// The pid of the tend process that holds the state dir (a running
+/// controller, or an apply), if one does: a shared lock cannot be had while
+/// it holds its exclusive one. Takes nothing when the lock file is missing.
+pub fn state_dir_holder(sd: &StateDir) -> Option<String> {
+    if !sd.lock_path().exists() {
+        return None;
+    }
+    let mut f = sd.open_lock().ok()?;
+    match f.try_lock_shared() {
+        Ok(()) => None,
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            Some(pid.trim().to_string())
+        }
+        Err(std::fs::TryLockError::Error(_)) => None,
+    }
+}
+
 /// The `tend confirm` command line an operator runs, with the flags needed to
 /// reach the same state dir.
 pub fn confirm_command(s: &Settings) -> String {
