@@ -33,8 +33,8 @@ pub enum Event {
     DesiredChanged,
     /// A token file appeared or changed in `confirm/`.
     TokenAppeared,
-    /// The KILL file appeared or went away.
-    KillChanged,
+    /// The KILL file appeared (true) or went away (false).
+    KillChanged(bool),
     /// `tend retry HOST`.
     RetryRequested(String),
     /// SIGHUP: re-read the desired state now.
@@ -337,10 +337,14 @@ pub async fn run<R: Reconciler>(r: Arc<R>, mut events: mpsc::UnboundedReceiver<E
                             book.queue.schedule(&h, Instant::now(), Trigger::Token);
                         }
                     }
-                    Some(Event::KillChanged) => {
+                    Some(Event::KillChanged(engaged)) => {
                         // Engaging it needs nothing here (dispatch checks the file
                         // before every step); lifting it resumes work at once.
-                        tracing::info!("kill switch changed: reconciling every host");
+                        if engaged {
+                            tracing::warn!("kill switch engaged (KILL file in the state dir): nothing is dispatched until it is removed");
+                        } else {
+                            tracing::info!("kill switch lifted: reconciling every host");
+                        }
                         book.schedule_all(Instant::now(), Trigger::Resync);
                     }
                     Some(Event::RetryRequested(h)) => {
@@ -468,8 +472,10 @@ fn apply_load<R: Reconciler>(
         tracing::debug!(revision = %fresh.revision, "desired state unchanged");
         return;
     }
-    if fresh.valid {
+    if fresh.valid && changed {
         tracing::info!(revision = %fresh.revision, "desired state changed");
+    } else if fresh.valid {
+        tracing::info!(revision = %fresh.revision, "desired state reloaded (SIGHUP): unchanged; every host is reconciled now");
     } else {
         tracing::warn!(revision = %fresh.revision, "desired state is invalid: nothing is dispatched until it is fixed");
     }

@@ -326,7 +326,7 @@ async fn never_two_passes_of_a_host_and_at_most_concurrency() {
         at(&fake, i as f64 * 5.0).await;
         tx.send(Event::RetryRequested(format!("h{}", i % 10)))
             .unwrap();
-        tx.send(Event::KillChanged).unwrap();
+        tx.send(Event::KillChanged(false)).unwrap();
     }
     at(&fake, 400.0).await;
     let all = fake.passes.lock().unwrap().clone();

@@ -47,7 +47,9 @@ impl Paths {
         if let Ok(rel) = path.strip_prefix(&self.state) {
             let parts: Vec<_> = rel.iter().collect();
             return match parts.as_slice() {
-                [k] if *k == "KILL" => Some(Event::KillChanged),
+                [k] if *k == "KILL" => {
+                    Some(Event::KillChanged(std::fs::symlink_metadata(path).is_ok()))
+                }
                 [c, f] if *c == "confirm" && Path::new(f).extension() == Some("yaml".as_ref()) => {
                     Some(Event::TokenAppeared)
                 }
@@ -302,7 +304,7 @@ mod tests {
         assert_eq!(c("/d/.tend/status/web.json"), None);
         assert_eq!(c("/d/.tend/runs/r-1/result.json"), None);
         assert_eq!(c("/d/.tend/tend.db-wal"), None);
-        assert_eq!(c("/d/.tend/KILL"), Some(Event::KillChanged));
+        assert_eq!(c("/d/.tend/KILL"), Some(Event::KillChanged(false)));
         assert_eq!(c("/d/.tend/confirm/op.yaml"), Some(Event::TokenAppeared));
         assert_eq!(c("/d/.tend/confirm/op.yaml.tmp"), None);
         assert_eq!(c("/d/.tend/confirm/used/x.yaml"), None);
