@@ -129,6 +129,10 @@ pub enum Command {
     Retry {
         /// The host.
         host: String,
+        /// Why: an override of the backoff and crash loop, recorded like a
+        /// confirmation (the request is kept in `retry/used/`).
+        #[arg(long)]
+        reason: String,
     },
     /// Print the version, git commit and build date (`--json` for a document).
     Version,

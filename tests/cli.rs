@@ -2006,10 +2006,11 @@ fn show_speaks_the_documents_words() {
 #[test]
 fn retry_without_a_controller_says_who_will_take_it() {
     let fx = Fixture::two_hosts();
-    let r = fx.run(&["retry", "a"]);
+    fx.run(&["retry", "a"]).code(1);
+    let r = fx.run(&["retry", "a", "--reason", "test"]);
     r.code(0);
     assert!(r.stdout.contains("no controller runs"), "{r}");
-    let r = fx.run(&["retry", "a", "--json"]);
+    let r = fx.run(&["retry", "a", "--reason", "test", "--json"]);
     r.code(0);
     let v = r.json();
     assert_eq!(v["host"], "a");

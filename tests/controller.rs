@@ -476,7 +476,8 @@ fn a_crash_loop_degrades_the_host_and_tend_retry_releases_it() {
         "{s:#}"
     );
 
-    let retry = d.tend(&["retry", "h24"]);
+    assert_eq!(code(&d.tend(&["retry", "h24"])), 1, "--reason is required");
+    let retry = d.tend(&["retry", "h24", "--reason", "disk replaced"]);
     assert_eq!(code(&retry), 0, "{}", text(&retry));
     assert!(
         text(&retry).contains(&format!("(pid {})", daemon.pid())),
@@ -493,7 +494,13 @@ fn a_crash_loop_degrades_the_host_and_tend_retry_releases_it() {
         !d.state().join("retry/h24").exists(),
         "the request file is consumed"
     );
-    let unknown = d.tend(&["retry", "nosuchhost"]);
+    let used: Vec<_> = fs::read_dir(d.state().join("retry/used"))
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(used.len(), 1, "kept as the record of the override");
+    assert!(used[0].contains("disk replaced"), "{used:?}");
+    let unknown = d.tend(&["retry", "nosuchhost", "--reason", "x"]);
     assert_eq!(code(&unknown), 1, "{}", text(&unknown));
 
     // Fixing the desired state converges it.

@@ -263,7 +263,7 @@ fn a_hanging_git_stalls_neither_a_retry_nor_shutdown() {
 
     // A retry is served while the load hangs: h57 is probed again.
     let probed = status(&d, "h57")["last_probe_at"].clone();
-    let retry = d.tend(&["retry", "h57"]);
+    let retry = d.tend(&["retry", "h57", "--reason", "the load hangs"]);
     assert_eq!(code(&retry), 0, "{}", text(&retry));
     wait_status(&d, &daemon, "h57", "a pass after the retry", |s| {
         s["last_probe_at"] != probed

@@ -67,7 +67,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Runs { limit } => runs::list(g, *limit)?,
         Command::Show { run_id } => runs::show(g, run_id)?,
         Command::Run => run::run(g)?,
-        Command::Retry { host } => retry::run(g, host)?,
+        Command::Retry { host, reason } => retry::run(g, host, reason)?,
         Command::Resume { reason } => resume::run(g, reason)?,
         Command::Suspend { hosts, reason } => suspend::suspend(g, hosts, reason)?,
         Command::Unsuspend { hosts } => suspend::unsuspend(g, hosts)?,

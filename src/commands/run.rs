@@ -72,7 +72,8 @@ pub fn run(g: &Global) -> Result<u8> {
         if let Ok(entries) = std::fs::read_dir(sd.retry_dir()) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !name.starts_with('.') && std::fs::remove_file(e.path()).is_ok() {
+                let is_file = e.file_type().is_ok_and(|t| t.is_file());
+                if !name.starts_with('.') && is_file && super::retry::take(&e.path()) {
                     let _ = tx.send(Event::RetryRequested(name));
                 }
             }

@@ -443,7 +443,7 @@ fn settle<R: Reconciler>(r: &R, book: &mut Book, host: &str, verdict: Verdict, s
                 let d = (
                     "CrashLoop".to_string(),
                     format!(
-                        "{} consecutive passes failed the same way ({message}); retried every {} until the desired state changes, a token arrives or `tend retry {host}`",
+                        "{} consecutive passes failed the same way ({message}); retried every {} until the desired state changes, a token arrives or `tend retry {host} --reason TEXT`",
                         f.consecutive,
                         humantime::format_duration(BACKOFF_CAP)
                     ),

@@ -53,7 +53,7 @@ impl Paths {
                 [c, f] if *c == "confirm" && Path::new(f).extension() == Some("yaml".as_ref()) => {
                     Some(Event::TokenAppeared)
                 }
-                [r, h] if *r == "retry" => {
+                [r, h] if *r == "retry" && *h != "used" => {
                     let h = h.to_string_lossy();
                     (!h.starts_with('.')).then(|| Event::RetryRequested(h.into_owned()))
                 }
@@ -132,9 +132,10 @@ impl Watches {
             for p in &ev.paths {
                 if let Some(e) = classify.classify(p) {
                     if let Event::RetryRequested(_) = &e {
-                        // The request is consumed by being seen; a missing
-                        // file means another event already took it.
-                        if std::fs::remove_file(p).is_err() {
+                        // The request is consumed by being seen (kept in
+                        // retry/used/); a missing file means another event
+                        // already took it.
+                        if !crate::commands::retry::take(p) {
                             continue;
                         }
                     }
