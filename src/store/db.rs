@@ -29,6 +29,26 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Schema migrations, applied in order; after migration `i` (0-based) the
 /// database has `user_version` `i + 1`. Append only: never edit one that has
 /// shipped.
+/// A rollout's state as the `rollouts` table keeps it.
+fn rollout_state(r: &crate::core::rollout::Record) -> String {
+    format!("{:?}", r.rollout.state())
+}
+
+/// Write a rollout's row: its revision, state and document.
+fn update_rollout_row(
+    tx: &Transaction<'_>,
+    id: i64,
+    r: &crate::core::rollout::Record,
+    doc: &str,
+    now: &str,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE rollouts SET revision = ?2, state = ?3, updated_at = ?4, doc = ?5 WHERE id = ?1",
+        rusqlite::params![id, r.revision, rollout_state(r), now, doc],
+    )?;
+    Ok(())
+}
+
 const MIGRATIONS: &[&str] = &[
     // 1: the initial schema. STRICT tables so that a value of the wrong type
     // is an error instead of being stored as whatever it happens to be.
@@ -657,20 +677,16 @@ impl Db {
             path: self.path().to_path_buf(),
             source,
         })?;
-        let state = format!("{:?}", r.rollout.state());
         self.write(format!("record the rollout of {}", r.revision), |tx| {
             match id {
                 Some(id) => {
-                    tx.execute(
-                        "UPDATE rollouts SET revision = ?2, state = ?3, updated_at = ?4, doc = ?5 WHERE id = ?1",
-                        rusqlite::params![id, r.revision, state, now, doc],
-                    )?;
+                    update_rollout_row(tx, id, r, &doc, now)?;
                     Ok(id)
                 }
                 None => {
                     tx.execute(
                         "INSERT INTO rollouts (revision, state, started_at, updated_at, doc) VALUES (?1, ?2, ?3, ?3, ?4)",
-                        rusqlite::params![r.revision, state, now, doc],
+                        rusqlite::params![r.revision, rollout_state(r), now, doc],
                     )?;
                     Ok(tx.last_insert_rowid())
                 }
@@ -697,7 +713,10 @@ impl Db {
             let mut r: crate::core::rollout::Record = match serde_json::from_str(&doc) {
                 Ok(r) => r,
                 Err(source) => {
-                    failure = Some(StoreError::Parse { path: path.clone(), source });
+                    failure = Some(StoreError::Parse {
+                        path: path.clone(),
+                        source,
+                    });
                     return Ok(None);
                 }
             };
@@ -705,11 +724,7 @@ impl Db {
                 f(&mut r);
             }
             let doc = serde_json::to_string(&r).unwrap_or(doc);
-            let state = format!("{:?}", r.rollout.state());
-            tx.execute(
-                "UPDATE rollouts SET revision = ?2, state = ?3, updated_at = ?4, doc = ?5 WHERE id = ?1",
-                rusqlite::params![id, r.revision, state, now, doc],
-            )?;
+            update_rollout_row(tx, id, &r, &doc, now)?;
             Ok(Some(r))
         })?;
         match failure {
@@ -955,20 +970,19 @@ impl Db {
         run_id: &str,
         at: &str,
     ) -> Result<bool, StoreError> {
-        let hosts_json = serde_json::to_string(hosts).expect("a list of strings encodes");
-        self.write(format!("mark token {file} as used"), |tx| {
-            let n = tx.execute(
-                "INSERT INTO tokens (sha256, file, operation, hosts_json, used_by_run, used_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (sha256) DO UPDATE SET
-                     file = excluded.file, operation = excluded.operation,
-                     hosts_json = excluded.hosts_json, used_by_run = excluded.used_by_run,
-                     used_at = excluded.used_at, refused_reason = NULL
-                 WHERE tokens.used_by_run IS NULL",
-                rusqlite::params![sha256, file, operation, hosts_json, run_id, at],
-            )?;
-            Ok(n > 0)
-        })
+        self.claim(
+            format!("mark token {file} as used"),
+            "INSERT INTO tokens (sha256, file, operation, hosts_json, used_by_run, used_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (sha256) DO UPDATE SET
+                 file = excluded.file, operation = excluded.operation,
+                 hosts_json = excluded.hosts_json, used_by_run = excluded.used_by_run,
+                 used_at = excluded.used_at, refused_reason = NULL
+             WHERE tokens.used_by_run IS NULL",
+            [sha256, file, operation],
+            hosts,
+            (run_id, at),
+        )
     }
 
     /// Mark one operation of a token that lists several as used by
@@ -984,19 +998,36 @@ impl Db {
         run_id: &str,
         at: &str,
     ) -> Result<bool, StoreError> {
-        let hosts_json = serde_json::to_string(hosts).expect("a list of strings encodes");
-        self.write(
+        self.claim(
             format!("mark operation {operation} of token {file} as used"),
-            |tx| {
-                let n = tx.execute(
-                    "INSERT INTO token_operations (sha256, operation, file, hosts_json, used_by_run, used_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (sha256, operation) DO NOTHING",
-                    rusqlite::params![sha256, operation, file, hosts_json, run_id, at],
-                )?;
-                Ok(n > 0)
-            },
+            "INSERT INTO token_operations (sha256, file, operation, hosts_json, used_by_run, used_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (sha256, operation) DO NOTHING",
+            [sha256, file, operation],
+            hosts,
+            (run_id, at),
         )
+    }
+
+    /// One claiming insert of a token (or of one of its operations): true
+    /// when it took, false when the claim existed already. The check and the
+    /// mark are one statement.
+    fn claim(
+        &mut self,
+        doing: String,
+        sql: &str,
+        [sha256, file, operation]: [&str; 3],
+        hosts: &[String],
+        (run_id, at): (&str, &str),
+    ) -> Result<bool, StoreError> {
+        let hosts_json = serde_json::to_string(hosts).expect("a list of strings encodes");
+        self.write(doing, |tx| {
+            let n = tx.execute(
+                sql,
+                rusqlite::params![sha256, file, operation, hosts_json, run_id, at],
+            )?;
+            Ok(n > 0)
+        })
     }
 
     /// The operations of the token whose bytes hash to `sha256` that were
