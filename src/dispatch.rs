@@ -1334,12 +1334,18 @@ async fn run_batch(
                 } else {
                     FailureClass::Execution
                 };
+                // The batch's own stderr may hold a sensitive step's.
+                let stderr = if steps.iter().any(|s| s.sensitive) {
+                    "(withheld: the batch has a sensitive step)".into()
+                } else {
+                    String::from_utf8_lossy(&o.stderr)
+                };
                 crate::transport::TransportError::new(
                     class,
                     format!(
                         "{why} (exit status {}; stderr: {})",
                         o.status,
-                        String::from_utf8_lossy(&o.stderr).trim()
+                        stderr.trim()
                     ),
                 )
             }
@@ -1551,20 +1557,35 @@ fn finish_step_in(
 ) -> StepResult {
     let (status, exit_code, log_bytes, failure) = match out {
         Ok(o) => {
-            let mut log = o.stdout.clone();
-            if !o.stderr.is_empty() {
+            // A sensitive step's output reaches no log or message (SPEC 8.6).
+            let mut log = if step.sensitive {
+                format!(
+                    "(sensitive: {} bytes of stdout and {} bytes of stderr withheld)\n",
+                    o.stdout.len(),
+                    o.stderr.len()
+                )
+                .into_bytes()
+            } else {
+                o.stdout.clone()
+            };
+            if !o.stderr.is_empty() && !step.sensitive {
                 log.extend_from_slice(b"--- stderr ---\n");
                 log.extend_from_slice(&o.stderr);
             }
             if o.status == 0 {
                 (StepStatus::Succeeded, Some(0), log, None)
             } else {
+                let stderr = if step.sensitive {
+                    "(output withheld: sensitive)".into()
+                } else {
+                    String::from_utf8_lossy(&o.stderr)
+                };
                 let msg = format!(
                     "host `{host}`, step {} `{}`: exited with status {}: {}",
                     step.index,
                     step.id,
                     o.status,
-                    String::from_utf8_lossy(&o.stderr).trim()
+                    stderr.trim()
                 );
                 (
                     StepStatus::Failed,
@@ -1832,6 +1853,7 @@ mod command_tests {
             daemon_reload: false,
             owed: false,
             approval: None,
+            sensitive: false,
         }
     }
 
@@ -1989,6 +2011,7 @@ mod service_tests {
             daemon_reload: false,
             owed: false,
             approval: None,
+            sensitive: false,
         }
     }
 

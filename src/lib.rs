@@ -12,6 +12,7 @@ pub mod apply;
 pub mod cli;
 pub mod clock;
 pub mod commands;
+pub mod content_diff;
 pub mod controller;
 pub mod core;
 pub mod dispatch;

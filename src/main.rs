@@ -12,6 +12,11 @@ fn main() -> ExitCode {
         Err(e) => return usage(e),
     };
     init_tracing(&cli);
+    // Until the state dir's key is known, sensitive values are sealed with
+    // a key of this process alone (never a guessable one).
+    if let Some(key) = tend::store::random_key() {
+        tend::core::set_seal_key(key);
+    }
     let code = match tend::commands::run(cli) {
         Ok(code) => code,
         Err(e) => {

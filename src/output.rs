@@ -155,3 +155,54 @@ macro_rules! eprintln {
         $crate::output::eprint_fmt(format_args!("{}\n", format_args!($($arg)*)))
     };
 }
+
+/// ANSI colour for output for people, or none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Paint {
+    pub on: bool,
+}
+
+impl Paint {
+    /// Colour when asked, or (`auto`) when stdout is a terminal and
+    /// `NO_COLOR` is unset or empty.
+    pub fn for_stdout(arg: crate::cli::ColorArg) -> Paint {
+        use crate::cli::ColorArg;
+        use std::io::IsTerminal;
+        let on = match arg {
+            ColorArg::Always => true,
+            ColorArg::Never => false,
+            ColorArg::Auto => {
+                std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                    && io::stdout().is_terminal()
+            }
+        };
+        Paint { on }
+    }
+
+    fn wrap(self, code: &str, s: &str) -> String {
+        if self.on {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+
+    pub fn green(self, s: &str) -> String {
+        self.wrap("32", s)
+    }
+    pub fn red(self, s: &str) -> String {
+        self.wrap("31", s)
+    }
+    pub fn yellow(self, s: &str) -> String {
+        self.wrap("33", s)
+    }
+    pub fn cyan(self, s: &str) -> String {
+        self.wrap("36", s)
+    }
+    pub fn bold(self, s: &str) -> String {
+        self.wrap("1", s)
+    }
+    pub fn dim(self, s: &str) -> String {
+        self.wrap("2", s)
+    }
+}

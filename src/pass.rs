@@ -712,7 +712,7 @@ fn record_managed(
             if converged && gone {
                 db.remove_managed(&o.host, &r.id)?;
             } else if converged {
-                let spec = serde_json::to_string(&r.spec)?;
+                let spec = serde_json::to_string(&r.stored_spec())?;
                 db.upsert_managed(
                     &o.host,
                     &r.id,

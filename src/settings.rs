@@ -38,6 +38,8 @@ pub struct Settings {
     /// `--allow-older`: no revision fencing (SPEC 8.1).
     pub allow_older: bool,
     pub json: bool,
+    /// Colour on stdout for people (`--color`, `NO_COLOR`, a terminal).
+    pub paint: crate::output::Paint,
     pub config: TendConfig,
     pub dispatch: DispatchMode,
     pub dispatch_source: ModeSource,
@@ -70,6 +72,7 @@ impl Settings {
             state_dir_given: global.state_dir.is_some(),
             allow_older: false,
             json: global.json,
+            paint: crate::output::Paint::for_stdout(global.color),
             config,
             dispatch,
             dispatch_source,
@@ -82,10 +85,11 @@ impl Settings {
 
     /// The state dir, with `confirmers` resolved on this machine.
     pub fn state_dir(&self) -> Result<StateDir> {
-        Ok(StateDir::with_confirmers(
-            self.state_dir.clone(),
-            &self.config.confirmers,
-        )?)
+        let sd = StateDir::with_confirmers(self.state_dir.clone(), &self.config.confirmers)?;
+        if let Some(key) = sd.seal_key() {
+            crate::core::set_seal_key(key);
+        }
+        Ok(sd)
     }
 
     /// A path from tend.yaml or the inventory, relative to the desired-state dir.

@@ -2017,3 +2017,183 @@ fn retry_without_a_controller_says_who_will_take_it() {
     assert_eq!(v["controller_pid"], Value::Null);
     assert!(fx.state().join("retry/a").exists());
 }
+
+/// A host with a text file update, a binary file update, a new file and a
+/// delete: what `plan` shows as content diffs.
+fn diff_fixture() -> Fixture {
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: web\n    transport: local\n",
+    );
+    fx.write(
+        "hosts/web.yaml",
+        "resources:\n  - kind: file\n    path: {root}/app.conf\n    content: \"port = 8080\\nworkers = 8\\nlog = info\\n\"\n  - kind: file\n    path: {root}/blob\n    content: \"now text\\n\"\n  - kind: file\n    path: {root}/new.conf\n    content: \"fresh\\n\"\n  - kind: file\n    path: {root}/legacy.conf\n    state: absent\n",
+    );
+    for (name, bytes) in [
+        ("app.conf", &b"port = 8080\nworkers = 4\nlog = info\n"[..]),
+        ("blob", &b"\x00\x01binary"[..]),
+        ("legacy.conf", &b"legacy\n"[..]),
+    ] {
+        let path = fx.root().join(name);
+        fs::write(&path, bytes).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    fx
+}
+
+#[test]
+fn plan_shows_unified_content_diffs() {
+    let fx = diff_fixture();
+    let r = fx.run(&["plan"]);
+    r.code(2);
+    // Piped: no colour.
+    assert!(!r.stdout.contains('\x1b'), "{}", r.stdout);
+    assert!(r.stdout.contains("-workers = 4\n") && r.stdout.contains("+workers = 8\n"));
+    assert!(r.stdout.contains("(binary content differs: 8 -> 9 bytes)"));
+    snapshot!(fx, "plan_content_diffs", transcript(&r));
+}
+
+#[test]
+fn plan_colours_only_when_asked_or_on_a_terminal() {
+    let fx = diff_fixture();
+    let r = fx.run(&["plan", "--color", "always"]);
+    r.code(2);
+    assert!(
+        r.stdout.contains("\x1b[31m-workers = 4\x1b[0m"),
+        "{}",
+        r.stdout
+    );
+    snapshot!(
+        fx,
+        "plan_content_diffs_colour",
+        transcript(&r).replace('\x1b', "<ESC>")
+    );
+    let never = fx.run(&["plan", "--color", "never"]);
+    assert!(!never.stdout.contains('\x1b'));
+    let mut cmd = fx.cmd(&["plan", "--color", "auto"]);
+    cmd.env("NO_COLOR", "1");
+    assert!(!common::run_command(cmd).stdout.contains('\x1b'));
+    let bad = fx.run(&["plan", "--color", "sometimes"]);
+    bad.code(1);
+    assert!(bad.stderr.contains("sometimes"), "{}", bad.stderr);
+}
+
+/// Every byte under `dir` (files only), for a search.
+fn all_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if let Ok(b) = fs::read(&p) {
+                out.push((p, b));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn sensitive_content_reaches_no_output_artifact_or_database() {
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: web\n    transport: local\n",
+    );
+    let resources = "resources:\n  - kind: file\n    path: {root}/token\n    content: \"NEW-SECRET-1234\\n\"\n    sensitive: true\n  - kind: file\n    path: {root}/db.pass\n    content: \"fresh-PASSWORD\\n\"\n    mode: \"0600\"\n    sensitive: true\n  - kind: command\n    name: seed\n    run: \"echo RUNTEXT-zeta; echo OUTPUT-omega; echo ERR-sigma >&2\"\n    creates: {root}/GUARD-path-kappa\n    sensitive: true\n";
+    fx.write("hosts/web.yaml", resources);
+    fs::write(fx.root().join("db.pass"), "OLD-PASSWORD\n").unwrap();
+    let secrets = [
+        "NEW-SECRET",
+        "PASSWORD",
+        "RUNTEXT",
+        "OUTPUT-omega",
+        "ERR-sigma",
+        "GUARD-path",
+    ];
+    let plan = fx.run(&["plan"]);
+    plan.code(2);
+    let json = fx.run(&["plan", "--json"]);
+    let apply = fx.run(&["apply", "--dispatch", "enforced"]);
+    apply.code(0);
+    let status = fx.run(&["status", "web"]);
+    let run_id = fs::read_dir(fx.state().join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| n.starts_with("r-"))
+        .unwrap();
+    let show = fx.run(&["show", &run_id]);
+    for out in [&plan, &json, &apply, &status, &show] {
+        for s in secrets {
+            assert!(
+                !out.stdout.contains(s) && !out.stderr.contains(s),
+                "`{s}` in output:\n{}\n{}",
+                out.stdout,
+                out.stderr
+            );
+        }
+    }
+    assert!(
+        plan.stdout.contains("content: - -> (sensitive) 16 bytes"),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        plan.stdout
+            .contains("content: (sensitive) 13 bytes -> (sensitive) 15 bytes"),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        plan.stdout.contains("run: - -> (sensitive)"),
+        "{}",
+        plan.stdout
+    );
+    for (path, bytes) in all_bytes(&fx.state()) {
+        let text = String::from_utf8_lossy(&bytes);
+        for s in secrets {
+            assert!(!text.contains(s), "`{s}` in {}", path.display());
+        }
+    }
+    // The command ran and its content arrived: withheld, not lost.
+    assert_eq!(
+        fs::read_to_string(fx.root().join("db.pass")).unwrap(),
+        "fresh-PASSWORD\n"
+    );
+    // A sensitive file to delete is approved by a sealed digest, never a
+    // plain sha256 of its content.
+    fx.write(
+        "hosts/web.yaml",
+        &resources.replace(
+            "    content: \"NEW-SECRET-1234\\n\"\n    sensitive: true\n",
+            "    state: absent\n    sensitive: true\n",
+        ),
+    );
+    let del = fx.run(&["plan", "--json"]);
+    del.code(2);
+    let doc: Value = serde_json::from_str(&del.stdout).unwrap();
+    let step = doc["hosts"][0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"].as_str().unwrap().ends_with("/token"))
+        .unwrap()
+        .clone();
+    let observed = &step["approval"]["observed"];
+    assert!(observed["sha256"].is_null(), "{observed}");
+    assert!(
+        observed["sealed"].as_str().unwrap().starts_with("sealed:"),
+        "{observed}"
+    );
+    let sha_of_secret = {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(b"NEW-SECRET-1234\n"))
+    };
+    assert!(!del.stdout.contains(&sha_of_secret));
+    // The same state dir seals the same way: a second plan names the same operation.
+    let again: Value = serde_json::from_str(&fx.run(&["plan", "--json"]).stdout).unwrap();
+    assert_eq!(again["operation"], doc["operation"]);
+}

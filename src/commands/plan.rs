@@ -12,6 +12,7 @@ use crate::core::diff::Action;
 use crate::core::fingerprint::Approval;
 use crate::core::plan::{HostPlan, Plan};
 use crate::core::policy::{PolicyOutcome, RunDecision};
+use crate::output::Paint;
 use crate::reconcile;
 
 pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
@@ -53,12 +54,17 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
             .as_ref()
             .is_some_and(|(v, _)| v.refusal.is_none());
         let confirm = super::confirm_command(&loaded.settings);
+        let diffs = crate::content_diff::for_plan(&prep, &loaded.state).await;
         print!(
             "{}",
             render(
                 &prep.plan,
                 &prep.decision,
-                (!covered).then_some(confirm.as_str())
+                (!covered).then_some(confirm.as_str()),
+                &View {
+                    diffs: &diffs,
+                    paint: loaded.settings.paint,
+                }
             )
         );
         if let Some((v, _)) = &prep.token {
@@ -80,6 +86,14 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
     } else {
         exit::OK
     })
+}
+
+/// The SPEC's word for an enum value (its serde name).
+fn word<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s,
+        _ => String::new(),
+    }
 }
 
 fn sign(a: Action, destructive: bool) -> &'static str {
@@ -129,47 +143,95 @@ fn short_value(v: &Value) -> String {
     }
 }
 
+/// How a plan is shown: content diffs per (host, step id), and colour.
+pub struct View<'a> {
+    pub diffs: &'a crate::content_diff::Diffs,
+    pub paint: Paint,
+}
+
 /// The plan for people: one block per host, one line per step with what
 /// changes, the barrier, and what policy decided. `confirm`: the `tend
 /// confirm` command prefix to print for an operation no valid token covers
 /// yet (None when one does).
-pub fn render(plan: &Plan, decision: &RunDecision, confirm: Option<&str>) -> String {
+pub fn render(plan: &Plan, decision: &RunDecision, confirm: Option<&str>, view: &View) -> String {
+    let p = view.paint;
     let mut out = String::new();
     let mut totals = (0, 0, 0, 0);
     for hp in &plan.hosts {
         let d = decision.hosts.iter().find(|d| d.host == hp.host);
         if let Some(err) = &hp.error {
-            let _ = writeln!(out, "host {}: cannot plan\n  ! {err}\n", hp.host);
+            let _ = writeln!(
+                out,
+                "{}: cannot plan\n  {} {err}\n",
+                p.bold(&format!("host {}", hp.host)),
+                p.red("!")
+            );
             continue;
         }
         if !hp.has_changes() {
-            let _ = writeln!(out, "host {}: no changes\n", hp.host);
+            let _ = writeln!(
+                out,
+                "{}: no changes\n",
+                p.bold(&format!("host {}", hp.host))
+            );
             continue;
         }
         let _ = writeln!(
             out,
-            "host {}: {} to create, {} to update, {} to delete",
-            hp.host, hp.changes.create, hp.changes.update, hp.changes.delete
+            "{}: {} to create, {} to update, {} to delete",
+            p.bold(&format!("host {}", hp.host)),
+            hp.changes.create,
+            hp.changes.update,
+            hp.changes.delete
         );
         for s in &hp.steps {
             if s.index == hp.barrier && hp.barrier < hp.steps.len() {
                 let _ = writeln!(
                     out,
-                    "  ---- barrier: destructive steps below need a confirmation token ----"
+                    "  {}",
+                    p.yellow(
+                        "---- barrier: destructive steps below need a confirmation token ----"
+                    )
                 );
             }
+            let mark = format!("{:>3}", sign(s.action, s.destructive));
+            let mark = match s.action {
+                Action::Create => p.green(&mark),
+                Action::Delete => p.red(&mark),
+                _ if s.destructive => p.red(&mark),
+                _ => p.yellow(&mark),
+            };
             let _ = writeln!(
                 out,
-                "  {:>3} {} {}{}",
-                sign(s.action, s.destructive),
+                "  {mark} {} {}{}",
                 s.id,
                 s.action.as_str(),
-                if s.destructive { " (destructive)" } else { "" }
+                if s.destructive {
+                    p.red(" (destructive)")
+                } else {
+                    String::new()
+                }
             );
             for f in &s.fields {
                 let from = f.from.as_deref().unwrap_or("-");
                 let to = f.to.as_deref().unwrap_or("-");
                 let _ = writeln!(out, "        {}: {} -> {}", f.field, from, to);
+            }
+            if let Some(lines) = view.diffs.get(&(hp.host.clone(), s.id.clone())) {
+                for l in lines {
+                    let l = if l.starts_with("+++") || l.starts_with("---") {
+                        p.bold(l)
+                    } else if l.starts_with('+') {
+                        p.green(l)
+                    } else if l.starts_with('-') {
+                        p.red(l)
+                    } else if l.starts_with("@@") {
+                        p.cyan(l)
+                    } else {
+                        l.clone()
+                    };
+                    let _ = writeln!(out, "        {l}");
+                }
             }
             if let Some(n) = &s.note {
                 let _ = writeln!(out, "        note: {n}");
@@ -184,12 +246,17 @@ pub fn render(plan: &Plan, decision: &RunDecision, confirm: Option<&str>) -> Str
         if let Some(d) = d
             && d.outcome != PolicyOutcome::Approved
         {
-            let _ = writeln!(out, "  policy: {:?}: {}", d.outcome, d.reason);
+            let _ = writeln!(out, "  policy: {}: {}", word(&d.outcome), d.reason);
         }
         if let Some(d) = d
             && let Some(why) = &d.not_dispatched_reason
         {
-            let _ = writeln!(out, "  dispatch: not dispatched: {why}");
+            let hint = if why.starts_with("dispatch mode is off") {
+                "; `tend apply --dispatch enforced` applies it, or set `dispatch: enforced` in tend.yaml for the controller"
+            } else {
+                ""
+            };
+            let _ = writeln!(out, "  dispatch: not dispatched: {why}{hint}");
         }
         out.push('\n');
         totals.0 += hp.changes.create;
@@ -221,7 +288,7 @@ pub fn render(plan: &Plan, decision: &RunDecision, confirm: Option<&str>) -> Str
         }
     }
     // The run's reason names the outcome per host already.
-    let outcome = format!("{:?}", decision.outcome);
+    let outcome = word(&decision.outcome);
     if decision.reason.starts_with(&format!("{outcome}:")) {
         let _ = writeln!(out, "Policy: {}", decision.reason);
     } else {

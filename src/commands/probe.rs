@@ -13,6 +13,18 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
     let opts = ProbeOpts::new(&loaded.state.config, &loaded.settings.dir);
     let (_, probes) = reconcile::probe_fleet(&loaded.state, &targets, &opts).await;
     let failed = probes.values().any(|p| p.result.is_err());
+    // A sensitive file's digest is shown sealed (SPEC 8.6).
+    let mut probes = probes;
+    for (name, p) in probes.iter_mut() {
+        let (Ok(a), Some(host)) = (&mut p.result, loaded.state.hosts.get(name)) else {
+            continue;
+        };
+        for r in host.resources.iter().filter(|r| r.sensitive()) {
+            if let Some(Observed::File(f)) = a.resources.get_mut(&r.id) {
+                f.sha256 = crate::core::seal(f.sha256.as_bytes());
+            }
+        }
+    }
     if loaded.settings.json {
         let hosts: Vec<_> = probes
             .iter()
@@ -54,7 +66,7 @@ fn describe(o: &Observed) -> String {
     match o {
         Observed::Absent => "absent".into(),
         Observed::File(f) => format!(
-            "file {:04o} {}:{} {} bytes sha256:{}",
+            "file {:04o} {}:{} {} bytes {}",
             f.meta.mode,
             f.meta
                 .owner
@@ -65,7 +77,10 @@ fn describe(o: &Observed) -> String {
                 .clone()
                 .unwrap_or_else(|| f.meta.gid.to_string()),
             f.size,
-            &f.sha256[..12.min(f.sha256.len())]
+            match f.sha256.strip_prefix("sealed:") {
+                Some(_) => format!("(sensitive) {}", f.sha256),
+                None => format!("sha256:{}", &f.sha256[..12.min(f.sha256.len())]),
+            }
         ),
         Observed::Directory(m) => format!(
             "directory {:04o} {}:{}",

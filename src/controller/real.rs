@@ -786,6 +786,7 @@ mod tests {
             verbose: 0,
             quiet: false,
             log_format: LogFormat::Human,
+            color: crate::cli::ColorArg::Never,
         };
         let settings = Settings::resolve(&g, TendConfig::default(), None).unwrap();
         let sd = settings.state_dir().unwrap();

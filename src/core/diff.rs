@@ -77,6 +77,9 @@ pub struct Change {
     /// which the operation hash covers (SPEC 8.1). Set by [`diff_host`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<Approval>,
+    /// `sensitive: true` on the resource (SPEC 8.6).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
 }
 
 impl Change {
@@ -91,6 +94,7 @@ impl Change {
             replace: false,
             daemon_reload: false,
             approval: None,
+            sensitive: r.sensitive(),
         }
     }
 
@@ -280,8 +284,14 @@ fn describe(o: &Observed) -> &'static str {
     }
 }
 
-fn content_label(sha: &str, size: usize) -> String {
-    format!("sha256:{} ({size} bytes)", &sha[..sha.len().min(12)])
+/// A file's content for a plan line: its digest and size, or for a
+/// sensitive resource its size alone, marked (SPEC 8.6).
+fn content_label(r: &Resource, sha: &str, size: usize) -> String {
+    if r.sensitive() {
+        format!("(sensitive) {size} bytes")
+    } else {
+        format!("sha256:{} ({size} bytes)", &sha[..sha.len().min(12)])
+    }
 }
 
 fn owner_matches(want: &str, name: &Option<String>, id: u32) -> bool {
@@ -350,7 +360,7 @@ pub fn diff_resource(r: &Resource, observed: &Observed, lifecycle: Lifecycle) ->
                 Some(ct) => c.field(
                     "content",
                     None,
-                    Some(content_label(&ct.sha256, ct.bytes.len())),
+                    Some(content_label(r, &ct.sha256, ct.bytes.len())),
                 ),
                 None => c.field("content", None, Some("empty".into())),
             };
@@ -374,8 +384,8 @@ pub fn diff_resource(r: &Resource, observed: &Observed, lifecycle: Lifecycle) ->
             {
                 c = c.field(
                     "content",
-                    Some(content_label(sha256, *size as usize)),
-                    Some(content_label(&ct.sha256, ct.bytes.len())),
+                    Some(content_label(r, sha256, *size as usize)),
+                    Some(content_label(r, &ct.sha256, ct.bytes.len())),
                 );
             }
             finish_update(meta_fields(c, meta, s.mode, &s.owner, &s.group))
@@ -606,14 +616,25 @@ fn diff_command(
         c.note = Some("commands are not undone by a teardown".into());
         return c;
     }
+    // A sensitive command's run text and guards appear nowhere (SPEC 8.6).
+    let why = if s.sensitive {
+        "its guards are sensitive".to_string()
+    } else {
+        guard_reason(s, g)
+    };
     if !g.will_run {
         let mut c = Change::new(r, Action::Noop);
-        c.note = Some(guard_reason(s, g));
+        c.note = Some(why);
         return c;
     }
-    let mut c = Change::new(r, Action::Create).field("run", None, Some(first_line(&s.run)));
+    let run = if s.sensitive {
+        "(sensitive)".to_string()
+    } else {
+        first_line(&s.run)
+    };
+    let mut c = Change::new(r, Action::Create).field("run", None, Some(run));
     c.destructive = s.destructive;
-    c.note = Some(format!("will run: {}", guard_reason(s, g)));
+    c.note = Some(format!("will run: {why}"));
     c
 }
 
@@ -760,6 +781,7 @@ pub(crate) mod tests {
             state,
             id: None,
             requires: vec![],
+            sensitive: false,
         })
     }
 
@@ -846,6 +868,7 @@ pub(crate) mod tests {
                 state,
                 id: None,
                 requires: vec![],
+                sensitive: false,
             })
         };
         check(
@@ -875,6 +898,7 @@ pub(crate) mod tests {
                 state,
                 id: None,
                 requires: vec![],
+                sensitive: false,
             })
         };
         let at = |t: &str| Observed::Symlink {
@@ -933,6 +957,7 @@ pub(crate) mod tests {
             state: State::Present,
             id: None,
             requires: vec![],
+            sensitive: false,
         }
     }
 
@@ -988,6 +1013,7 @@ pub(crate) mod tests {
             state: State::Present,
             id: None,
             requires: vec![],
+            sensitive: false,
         });
         let mut m = meta_of(0, Some("root"));
         m.gid = 1000;
@@ -1005,6 +1031,7 @@ pub(crate) mod tests {
                 state: State::Present,
                 id: None,
                 requires: vec![],
+                sensitive: false,
             })
         };
         let at = |t: &[u8]| Observed::Symlink { target: t.to_vec() };
@@ -1075,6 +1102,7 @@ pub(crate) mod tests {
                 state: State::Present,
                 id: None,
                 requires: vec![],
+                sensitive: false,
             }),
             None,
         );
@@ -1085,6 +1113,7 @@ pub(crate) mod tests {
                 state: State::Present,
                 id: None,
                 requires: vec![],
+                sensitive: false,
             }),
             None,
         );
@@ -1136,6 +1165,7 @@ pub(crate) mod tests {
             state,
             id: None,
             requires: vec![],
+            sensitive: false,
         })
     }
 
@@ -1208,6 +1238,7 @@ pub(crate) mod tests {
             state: State::Present,
             id: None,
             requires: vec![],
+            sensitive: false,
         });
         check(
             spec.clone(),
@@ -1229,6 +1260,7 @@ pub(crate) mod tests {
             state,
             id: None,
             requires: vec![],
+            sensitive: false,
         })
     }
 
@@ -1262,6 +1294,7 @@ pub(crate) mod tests {
             state,
             id: None,
             requires: vec![],
+            sensitive: false,
         })
     }
 
@@ -1300,6 +1333,7 @@ pub(crate) mod tests {
             timeout: None,
             id: None,
             requires: vec![],
+            sensitive: false,
         })
     }
 
@@ -1378,6 +1412,7 @@ pub(crate) mod tests {
             restart_on: vec![],
             id: None,
             requires: vec![],
+            sensitive: false,
         })
     }
 
@@ -1539,6 +1574,7 @@ pub(crate) mod tests {
                 state,
                 id: None,
                 requires: vec![],
+                sensitive: false,
             }),
             None,
         );

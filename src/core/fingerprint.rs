@@ -11,6 +11,7 @@
 //! | kind | fields |
 //! |---|---|
 //! | file | `type`, `size`, `sha256`, `mode`, `uid`, `gid` |
+//! | file, `sensitive: true` | `type`, `size`, `sealed` (keyed digest, SPEC 8.6), `mode`, `uid`, `gid` |
 //! | directory | `type`, `mode`, `uid`, `gid`, `tree` {`entries`, `sha256`} |
 //! | symlink | `type`, `target` (hex of its bytes) |
 //! | special file | `type`, `file_type` |
@@ -19,6 +20,7 @@
 //! | group | `type`, `gid` |
 //! | service | `type`, `unit_file_state`, `active` (`active` or `inactive`) |
 //! | command | `type`, `definition_sha256` |
+//! | command, `sensitive: true` | `type`, `definition_sealed` |
 //!
 //! Invariant: pure; nothing here reads the host. A directory whose tree the
 //! probe could not digest (more than [`TREE_LIMIT`] entries, or a listing that
@@ -111,6 +113,16 @@ fn mode(m: u32) -> String {
 /// The fingerprint of the object a destructive step acts on.
 fn object(r: &Resource, o: &Observed, tree: Option<&Tree>, blocked: &mut Option<String>) -> Value {
     match o {
+        // A sensitive file's digest is sealed (SPEC 8.6): it still binds
+        // the content, and a short secret cannot be guessed from it.
+        Observed::File(f) if r.sensitive() => json!({
+            "type": "file",
+            "size": f.size,
+            "sealed": super::seal(f.sha256.as_bytes()),
+            "mode": mode(f.meta.mode),
+            "uid": f.meta.uid,
+            "gid": f.meta.gid,
+        }),
         Observed::File(f) => json!({
             "type": "file",
             "size": f.size,
@@ -172,10 +184,14 @@ fn object(r: &Resource, o: &Observed, tree: Option<&Tree>, blocked: &mut Option<
         }),
         Observed::Guard(_) => {
             let definition = serde_json::to_vec(&r.spec).unwrap_or_default();
-            json!({
-                "type": "command",
-                "definition_sha256": super::sha256_hex(&definition),
-            })
+            if r.sensitive() {
+                json!({"type": "command", "definition_sealed": super::seal(&definition)})
+            } else {
+                json!({
+                    "type": "command",
+                    "definition_sha256": super::sha256_hex(&definition),
+                })
+            }
         }
         Observed::Absent => json!({"type": "nothing"}),
         Observed::NotProbed => {

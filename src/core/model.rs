@@ -183,6 +183,44 @@ impl Resource {
         }
     }
 
+    /// `sensitive: true` (SPEC 8.6): its content never reaches an output.
+    pub fn sensitive(&self) -> bool {
+        match &self.spec {
+            ResourceSpec::File(s) => s.sensitive,
+            ResourceSpec::Directory(s) => s.sensitive,
+            ResourceSpec::Symlink(s) => s.sensitive,
+            ResourceSpec::Package(s) => s.sensitive,
+            ResourceSpec::Service(s) => s.sensitive,
+            ResourceSpec::User(s) => s.sensitive,
+            ResourceSpec::Group(s) => s.sensitive,
+            ResourceSpec::Command(s) => s.sensitive,
+        }
+    }
+
+    /// The definition as the database keeps it: for a sensitive resource,
+    /// a file's inline content and a command's `run` and guards are
+    /// replaced by their sealed digests (SPEC 8.6: tend.db keeps a hash,
+    /// not the content).
+    pub fn stored_spec(&self) -> ResourceSpec {
+        let mut spec = self.spec.clone();
+        if !self.sensitive() {
+            return spec;
+        }
+        let seal = |t: &str| format!("(sensitive) {}", super::seal(t.as_bytes()));
+        match &mut spec {
+            ResourceSpec::File(s) => {
+                s.content = s.content.as_deref().map(seal);
+            }
+            ResourceSpec::Command(s) => {
+                s.run = seal(&s.run);
+                s.unless = s.unless.as_deref().map(seal);
+                s.creates = s.creates.as_deref().map(seal);
+            }
+            _ => {}
+        }
+        spec
+    }
+
     fn explicit_id(&self) -> Option<&str> {
         match &self.spec {
             ResourceSpec::File(s) => s.id.as_deref(),

@@ -74,6 +74,10 @@ pub struct Step {
     /// operation hash covers (SPEC 8.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<Approval>,
+    /// The resource is `sensitive: true` (SPEC 8.6): its output and content
+    /// are withheld from logs, messages and diffs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
 }
 
 impl Step {
@@ -521,6 +525,7 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
                 daemon_reload: c.daemon_reload,
                 owed: *owed,
                 approval: None,
+                sensitive: false,
             });
             continue;
         }
@@ -545,6 +550,7 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
             daemon_reload: c.daemon_reload,
             owed: false,
             approval: c.approval.clone(),
+            sensitive: c.sensitive,
         });
     }
     let barrier = chosen.iter().filter(|&&i| !late[i]).count();

@@ -65,6 +65,7 @@ pub(super) fn dir(path: &str) -> Resource {
         state: State::Present,
         id: None,
         requires: vec![],
+        sensitive: false,
     }))
 }
 
@@ -75,6 +76,7 @@ pub(super) fn link(path: &str, target: &str) -> Resource {
         state: State::Present,
         id: None,
         requires: vec![],
+        sensitive: false,
     }))
 }
 
@@ -89,6 +91,7 @@ fn user(name: &str) -> Resource {
         state: State::Present,
         id: None,
         requires: vec![],
+        sensitive: false,
     }))
 }
 
@@ -99,6 +102,7 @@ fn group(name: &str) -> Resource {
         state: State::Present,
         id: None,
         requires: vec![],
+        sensitive: false,
     }))
 }
 
@@ -108,6 +112,7 @@ fn package(name: &str) -> Resource {
         state: State::Present,
         id: None,
         requires: vec![],
+        sensitive: false,
     }))
 }
 
@@ -119,6 +124,7 @@ fn service(name: &str) -> Resource {
         restart_on: vec![],
         id: None,
         requires: vec![],
+        sensitive: false,
     }))
 }
 
@@ -388,6 +394,7 @@ fn changes_of(h: &Host, spec: &[(&str, &str)]) -> Vec<Change> {
                 replace,
                 daemon_reload: false,
                 approval: None,
+                sensitive: false,
             }
         })
         .collect()

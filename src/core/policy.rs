@@ -316,6 +316,7 @@ mod tests {
                 daemon_reload: false,
                 owed: false,
                 approval: None,
+                sensitive: false,
             });
         }
         HostPlan {

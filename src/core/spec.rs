@@ -503,6 +503,11 @@ pub struct FileSpec {
     pub id: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requires: Vec<String>,
+    /// Keep this resource's content (a file's, old and new; a command's
+    /// `run`, guards and output) out of every output, log, artifact, status
+    /// document, HTTP response and the database (SPEC 8.6).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -522,6 +527,11 @@ pub struct DirectorySpec {
     pub id: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requires: Vec<String>,
+    /// Keep this resource's content (a file's, old and new; a command's
+    /// `run`, guards and output) out of every output, log, artifact, status
+    /// document, HTTP response and the database (SPEC 8.6).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -537,6 +547,11 @@ pub struct SymlinkSpec {
     pub id: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requires: Vec<String>,
+    /// Keep this resource's content (a file's, old and new; a command's
+    /// `run`, guards and output) out of every output, log, artifact, status
+    /// document, HTTP response and the database (SPEC 8.6).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -549,6 +564,11 @@ pub struct PackageSpec {
     pub id: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requires: Vec<String>,
+    /// Keep this resource's content (a file's, old and new; a command's
+    /// `run`, guards and output) out of every output, log, artifact, status
+    /// document, HTTP response and the database (SPEC 8.6).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -567,6 +587,11 @@ pub struct ServiceSpec {
     pub id: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requires: Vec<String>,
+    /// Keep this resource's content (a file's, old and new; a command's
+    /// `run`, guards and output) out of every output, log, artifact, status
+    /// document, HTTP response and the database (SPEC 8.6).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
 }
 
 fn yes() -> bool {
@@ -594,6 +619,11 @@ pub struct UserSpec {
     pub id: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requires: Vec<String>,
+    /// Keep this resource's content (a file's, old and new; a command's
+    /// `run`, guards and output) out of every output, log, artifact, status
+    /// document, HTTP response and the database (SPEC 8.6).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -608,6 +638,11 @@ pub struct GroupSpec {
     pub id: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requires: Vec<String>,
+    /// Keep this resource's content (a file's, old and new; a command's
+    /// `run`, guards and output) out of every output, log, artifact, status
+    /// document, HTTP response and the database (SPEC 8.6).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -631,6 +666,11 @@ pub struct CommandSpec {
     pub id: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requires: Vec<String>,
+    /// Keep this resource's content (a file's, old and new; a command's
+    /// `run`, guards and output) out of every output, log, artifact, status
+    /// document, HTTP response and the database (SPEC 8.6).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
 }
 
 /// The JSON Schema of every desired-state file, one document with named

@@ -115,6 +115,16 @@ pub struct StateDir {
     confirmers: Confirmers,
 }
 
+/// 32 bytes from the kernel's random source.
+pub fn random_key() -> Option<[u8; 32]> {
+    use std::io::Read;
+    let mut k = [0u8; 32];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut k))
+        .ok()?;
+    Some(k)
+}
+
 impl StateDir {
     /// A state dir that only tend's own user may confirm in.
     pub fn new(root: impl Into<PathBuf>) -> StateDir {
@@ -165,6 +175,9 @@ impl StateDir {
         ] {
             fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
         }
+        if let Some(key) = self.seal_key() {
+            crate::core::set_seal_key(key);
+        }
         Ok(())
     }
 
@@ -172,6 +185,51 @@ impl StateDir {
     /// at another file must never be truncated through. Created 0600.
     pub fn open_lock(&self) -> Result<fs::File, StoreError> {
         trust::open_lock(&self.lock_path())
+    }
+
+    /// The key that seals sensitive values (SPEC 8.6) in this state dir:
+    /// `seal.key`, 32 random bytes, mode 0600, made on first use when the
+    /// state dir exists. None when it does not exist yet or the key cannot be
+    /// read or made (sealing then uses a key of this process alone).
+    pub fn seal_key(&self) -> Option<[u8; 32]> {
+        use std::io::{Read, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.root.join("seal.key");
+        let read = |path: &Path| -> Option<[u8; 32]> {
+            let mut f = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .ok()?;
+            let mut k = [0u8; 32];
+            f.read_exact(&mut k).ok()?;
+            Some(k)
+        };
+        if let Some(k) = read(&path) {
+            return Some(k);
+        }
+        if !self.root.is_dir() {
+            return None;
+        }
+        let k = random_key()?;
+        // Written whole under a temporary name, then linked into place:
+        // two processes racing both end up reading the one that won.
+        let tmp = self.root.join(format!(".seal.key.{}", std::process::id()));
+        let made = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&k).and_then(|_| f.sync_all()));
+        let linked = made.and_then(|_| fs::hard_link(&tmp, &path));
+        let _ = fs::remove_file(&tmp);
+        if let Err(e) = linked
+            && e.kind() != std::io::ErrorKind::AlreadyExists
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the seal key");
+            return None;
+        }
+        read(&path)
     }
 
     pub fn db_path(&self) -> PathBuf {

@@ -239,6 +239,7 @@ pub fn common_filters() -> Vec<(String, String)> {
             "[TIMESTAMP]",
         ),
         (r"\b[0-9a-f]{64}\b", "[SHA256]"),
+        (r"sealed:[0-9a-f]{24}\b", "sealed:[SEALED]"),
         (r"\b[0-9a-f]{40}(-dirty-[0-9a-f]{12})?\b", "[GIT_REVISION]"),
     ]
     .into_iter()
