@@ -132,6 +132,10 @@ pub enum Command {
         /// not descend from (revision fencing, SPEC 8.1).
         #[arg(long)]
         allow_older: bool,
+        /// Stream one line per finished step even when stdout is not a
+        /// terminal (on a terminal it is the default; `-q` and `--json` never).
+        #[arg(long)]
+        progress: bool,
     },
     /// The controller: watch, reconcile, resync, until SIGINT/SIGTERM.
     Run,

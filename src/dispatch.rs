@@ -42,7 +42,13 @@ pub struct Recorder {
     db: Mutex<Db>,
     timeline: Mutex<Vec<Value>>,
     broken: Mutex<Option<String>>,
+    /// Sees every timeline line once it is recorded (`tend apply`'s live
+    /// output).
+    progress: Mutex<Option<Progress>>,
 }
+
+/// A watcher of the timeline as it is recorded: one call per event line.
+pub type Progress = Box<dyn FnMut(&Value) + Send>;
 
 impl Recorder {
     pub fn new(run_id: String, db: Db) -> Self {
@@ -51,7 +57,13 @@ impl Recorder {
             db: Mutex::new(db),
             timeline: Mutex::new(Vec::new()),
             broken: Mutex::new(None),
+            progress: Mutex::new(None),
         }
+    }
+
+    /// Call `p` with every timeline line recorded from now on.
+    pub fn set_progress(&self, p: Progress) {
+        *lock(&self.progress) = Some(p);
     }
 
     /// One event: to the database now, and to the timeline.
@@ -82,6 +94,9 @@ impl Recorder {
                     let mut line = json!({"at": at, "kind": kind, "host": host});
                     if let (Value::Object(l), Value::Object(d)) = (&mut line, detail) {
                         l.extend(d);
+                    }
+                    if let Some(p) = lock(&self.progress).as_mut() {
+                        p(&line);
                     }
                     t.push(line);
                 }
@@ -1629,7 +1644,13 @@ fn finish_step_in(
             at: now_rfc3339(),
             host: Some(host.to_string()),
             kind: "step_finished".into(),
-            detail: json!({"step": step.index, "id": step.id, "status": status_word(status), "exit_code": exit_code, "attempt": attempt}),
+            detail: {
+                let mut d = json!({"step": step.index, "id": step.id, "status": status_word(status), "exit_code": exit_code, "attempt": attempt});
+                if let Some((_, msg)) = &failure {
+                    d["error"] = json!(msg.lines().next().unwrap_or_default());
+                }
+                d
+            },
         },
     ]);
     if let Some((_, msg)) = &failure {

@@ -112,6 +112,8 @@ pub struct PassInput<'a> {
     /// that decides its hosts (SPEC 8.2: the targets with changes or not
     /// probed); None: this pass's own.
     pub rollout_prep: Option<&'a reconcile::Prepared>,
+    /// Sees the run's timeline as it is recorded (`tend apply` on a terminal).
+    pub progress: Option<crate::dispatch::Progress>,
 }
 
 /// What a pass did.
@@ -123,7 +125,8 @@ pub struct PassReport {
     pub code: u8,
 }
 
-pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
+pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
+    let mut progress = input.progress.take();
     let sd = input.state_dir;
     // Blocking work (files, SQLite) runs where it cannot stall the
     // runtime's other tasks: timers, signals, other hosts' passes.
@@ -257,6 +260,9 @@ pub async fn run(input: PassInput<'_>) -> Result<PassReport> {
             }
         }
         let rec = Arc::new(Recorder::new(run_id.clone(), db));
+        if let Some(p) = progress.take() {
+            rec.set_progress(p);
+        }
         rec.event(
             None,
             "run_started",

@@ -2197,3 +2197,61 @@ fn sensitive_content_reaches_no_output_artifact_or_database() {
     let again: Value = serde_json::from_str(&fx.run(&["plan", "--json"]).stdout).unwrap();
     assert_eq!(again["operation"], doc["operation"]);
 }
+
+#[test]
+fn apply_streams_one_line_per_finished_step() {
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: web\n    transport: local\n",
+    );
+    fx.write(
+        "hosts/web.yaml",
+        "resources:\n  - kind: file\n    path: {root}/a.conf\n    content: \"a\\n\"\n  - kind: command\n    name: broken\n    run: \"echo first line of trouble >&2; exit 3\"\n    requires: [\"file:{root}/a.conf\"]\n",
+    );
+    let r = fx.run(&["apply", "--dispatch", "enforced", "--progress"]);
+    r.code(4);
+    let mut filters = fx.filters();
+    filters.push((r"\(\d+\.\ds\)".into(), "([SECS])".into()));
+    let filters: Vec<(&str, &str)> = filters
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    insta::with_settings!({filters => filters, prepend_module_to_snapshot => false}, {
+        insta::assert_snapshot!("apply_streamed_lines", transcript(&r));
+    });
+    // Piped without --progress: only the summary.
+    fx.write(
+        "hosts/web.yaml",
+        "resources:\n  - kind: file\n    path: {root}/a.conf\n    content: \"a\\n\"\n  - kind: file\n    path: {root}/b.conf\n    content: \"b\\n\"\n",
+    );
+    let quiet = fx.run(&["apply", "--dispatch", "enforced"]);
+    quiet.code(0);
+    assert!(
+        !quiet.stdout.contains("succeeded  file:"),
+        "{}",
+        quiet.stdout
+    );
+    assert!(quiet.stdout.contains("changed: file:"), "{}", quiet.stdout);
+}
+
+#[test]
+fn apply_shows_a_slow_step_is_alive() {
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: web\n    transport: local\n",
+    );
+    fx.write(
+        "hosts/web.yaml",
+        "resources:\n  - kind: command\n    name: slow\n    run: \"sleep 11\"\n",
+    );
+    let r = fx.run(&["apply", "--dispatch", "enforced", "--progress"]);
+    r.code(0);
+    // The ticker looks every 5 s: an 11 s step is seen running at least once.
+    assert!(
+        r.stdout.contains("running    command:slow (") && r.stdout.contains("s so far)"),
+        "{}",
+        r.stdout
+    );
+}

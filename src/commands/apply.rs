@@ -13,7 +13,7 @@ use crate::clock::now_rfc3339;
 use crate::core::report::{self, RunResult, Trigger};
 use crate::pass::{self, Overlay, PassInput};
 
-pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
+pub async fn run(loaded: Loaded, hosts: &[String], stream: bool) -> Result<u8> {
     let targets = hosts.to_vec();
     let sd = &loaded.state_dir;
     sd.ensure()?;
@@ -24,7 +24,10 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         tracing::warn!(hosts = ?interrupted, "runs left unfinished were closed as Interrupted");
     }
     let stop = stop_on_signals()?;
+    let live = stream.then(Live::default);
+    let ticker = live.as_ref().map(Live::tick_every_5s);
     let report = pass::run(PassInput {
+        progress: live.as_ref().map(Live::watcher),
         settings: &loaded.settings,
         state: &loaded.state,
         revision: &loaded.revision,
@@ -40,6 +43,9 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         rollout_prep: None,
     })
     .await?;
+    if let Some(t) = ticker {
+        t.abort();
+    }
     pass::write_fleet(sd, loaded.state.hosts.keys(), &now_rfc3339())?;
     crate::store::retention::sweep_now(sd, &loaded.state.config.history);
     let result = report.result.expect("apply always records a run");
@@ -53,6 +59,76 @@ pub async fn run(loaded: Loaded, hosts: &[String]) -> Result<u8> {
         print!("{}", awaiting(sd, &result));
     }
     Ok(report.code)
+}
+
+/// Steps running now: (host, step index) -> (resource id, since).
+type Running = std::collections::HashMap<(String, u64), (String, std::time::Instant)>;
+
+/// `tend apply`'s live output: one line per finished step, and every 5 s a
+/// line for each step running for longer than that (a slow `command` shows
+/// it is alive).
+#[derive(Clone, Default)]
+struct Live {
+    running: Arc<std::sync::Mutex<Running>>,
+}
+
+/// How long a step runs before a "still running" line says so.
+const SLOW_STEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Live {
+    fn watcher(&self) -> crate::dispatch::Progress {
+        let running = self.running.clone();
+        Box::new(move |line: &serde_json::Value| {
+            let host = line["host"].as_str().unwrap_or_default().to_string();
+            let Some(step) = line["step"].as_u64() else {
+                return;
+            };
+            let id = line["id"].as_str().unwrap_or_default().to_string();
+            let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
+            match line["kind"].as_str() {
+                Some("step_started") => {
+                    running.insert((host, step), (id, std::time::Instant::now()));
+                }
+                Some("step_finished") => {
+                    let took = running
+                        .remove(&(host.clone(), step))
+                        .map(|(_, t)| format!(" ({:.1}s)", t.elapsed().as_secs_f64()))
+                        .unwrap_or_default();
+                    let status = line["status"].as_str().unwrap_or("ended");
+                    let error = line["error"]
+                        .as_str()
+                        .map(|e| format!("\n  {:<20} ! {e}", ""))
+                        .unwrap_or_default();
+                    println!("  {host:<20} {status:<10} {id}{took}{error}");
+                }
+                _ => {}
+            }
+        })
+    }
+
+    fn tick_every_5s(&self) -> tokio::task::JoinHandle<()> {
+        let running = self.running.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SLOW_STEP);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let running = running.lock().unwrap_or_else(|p| p.into_inner());
+                let mut slow: Vec<_> = running
+                    .iter()
+                    .filter(|(_, (_, t))| t.elapsed() >= SLOW_STEP)
+                    .collect();
+                slow.sort_by(|a, b| a.0.cmp(b.0));
+                for ((host, _), (id, t)) in slow {
+                    println!(
+                        "  {host:<20} {:<10} {id} ({}s so far)",
+                        "running",
+                        t.elapsed().as_secs()
+                    );
+                }
+            }
+        })
+    }
 }
 
 /// SIGINT or SIGTERM: dispatch sends nothing more, the running batch
@@ -117,16 +193,24 @@ fn awaiting(sd: &crate::store::StateDir, result: &RunResult) -> String {
     out
 }
 
+/// The SPEC's word for an enum value (its serde name).
+fn word<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
 fn summary(result: &RunResult, run_dir: String) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "run {} ({} mode): policy {:?}, execution {:?}",
+        "run {} ({} mode): policy {}, execution {}",
         result.run_id,
         result.dispatch_mode.as_str(),
-        result.policy_outcome,
-        result.execution_outcome
+        word(&result.policy_outcome),
+        word(&result.execution_outcome)
     );
     for o in &result.host_outcomes {
         let ran = o
@@ -138,7 +222,7 @@ fn summary(result: &RunResult, run_dir: String) -> String {
             out,
             "  {:<20} {:<22} {} step(s) run of {}{}",
             o.host,
-            format!("{:?}", o.outcome),
+            word(&o.outcome),
             ran,
             o.steps.len(),
             o.reason
@@ -148,6 +232,27 @@ fn summary(result: &RunResult, run_dir: String) -> String {
         );
         if let Some(m) = &o.last_failure_message {
             let _ = writeln!(out, "  {:<20} ! {m}", "");
+        }
+        let changed: Vec<&str> = o
+            .steps
+            .iter()
+            .filter(|s| s.status == report::StepStatus::Succeeded)
+            .map(|s| s.id.as_str())
+            .collect();
+        if !changed.is_empty() {
+            const SHOWN: usize = 10;
+            let more = changed.len().saturating_sub(SHOWN);
+            let _ = writeln!(
+                out,
+                "  {:<20} changed: {}{}",
+                "",
+                changed[..changed.len().min(SHOWN)].join(", "),
+                if more > 0 {
+                    format!(" and {more} more (tend show {})", result.run_id)
+                } else {
+                    String::new()
+                }
+            );
         }
     }
     let _ = writeln!(out, "artifacts: {run_dir}");

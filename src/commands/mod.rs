@@ -58,10 +58,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             select,
             dispatch,
             allow_older,
+            progress,
         } => with_desired(g, *dispatch, |mut l| {
             l.settings.allow_older = *allow_older;
             let hosts = reconcile::resolve_targets(&l.state, hosts, select)?;
-            runtime()?.block_on(apply::run(l, &hosts))
+            let stream = !g.json
+                && !g.quiet
+                && (*progress || std::io::IsTerminal::is_terminal(&std::io::stdout()));
+            runtime()?.block_on(apply::run(l, &hosts, stream))
         })?,
         Command::Status { host, select } => status::run(g, host.as_deref(), select)?,
         Command::Runs { limit } => runs::list(g, *limit)?,

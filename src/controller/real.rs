@@ -514,6 +514,7 @@ impl Inner {
                     overlay.degraded.insert(host.clone(), d);
                 }
                 let report = pass::run(PassInput {
+                    progress: None,
                     settings: &snap.settings,
                     state,
                     revision,
