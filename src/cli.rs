@@ -119,6 +119,14 @@ pub enum Command {
         #[arg(long)]
         allow_older: bool,
     },
+    /// Probe and list every corrective difference (drift) with its diff;
+    /// changes nothing (exit 0 none, 2 drift found, 1 error).
+    Drift {
+        /// Hosts to check (default: all).
+        hosts: Vec<String>,
+        #[command(flatten)]
+        select: Select,
+    },
     /// One reconcile now, recorded as a run.
     Apply {
         /// Hosts to converge (default: all).

@@ -725,6 +725,7 @@ fn record_managed(
                     r.kind(),
                     r.key().1,
                     &spec,
+                    Some(&r.definition_digest()),
                     &result.run_id,
                     at,
                 )?;

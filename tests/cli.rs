@@ -2255,3 +2255,64 @@ fn apply_shows_a_slow_step_is_alive() {
         r.stdout
     );
 }
+
+#[test]
+fn drift_lists_corrective_differences_only() {
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: web\n    transport: local\n",
+    );
+    let conf = "resources:\n  - kind: file\n    path: {root}/app.conf\n    content: \"port = 80\\n\"\n  - kind: file\n    path: {root}/other.conf\n    content: \"x\\n\"\n";
+    fx.write("hosts/web.yaml", conf);
+    // Nothing applied yet: pending changes are not drift.
+    let r = fx.run(&["drift"]);
+    r.code(0);
+    assert!(r.stdout.contains("host web: no drift"), "{}", r.stdout);
+    fx.run(&["apply", "--dispatch", "enforced"]).code(0);
+    fx.run(&["drift"]).code(0);
+    // A hand edit is drift, with its diff.
+    fs::write(fx.root().join("app.conf"), "port = 8080\n").unwrap();
+    let r = fx.run(&["drift"]);
+    r.code(2);
+    snapshot!(fx, "drift_hand_edit", transcript(&r));
+    let doc = fx.run(&["drift", "--json"]);
+    doc.code(2);
+    let doc: Value = serde_json::from_str(&doc.stdout).unwrap();
+    assert_eq!(
+        doc["hosts"][0]["drift"][0]["id"],
+        format!("file:{}", fx.root().join("app.conf").display())
+    );
+    assert_eq!(doc["hosts"][0]["drift"].as_array().unwrap().len(), 1);
+    // A commit that redefines the drifted resource makes it a pending
+    // change, no longer drift; the other file's hand edit still is.
+    fs::write(fx.root().join("other.conf"), "y\n").unwrap();
+    fx.write("hosts/web.yaml", &conf.replace("port = 80", "port = 81"));
+    let doc = fx.run(&["drift", "--json"]);
+    doc.code(2);
+    let doc: Value = serde_json::from_str(&doc.stdout).unwrap();
+    let ids: Vec<&str> = doc["hosts"][0]["drift"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![format!("file:{}", fx.root().join("other.conf").display())]
+    );
+    // Drift never changes the host.
+    assert_eq!(
+        fs::read_to_string(fx.root().join("other.conf")).unwrap(),
+        "y\n"
+    );
+    // A host that cannot be probed: exit 1.
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: web\n    transport: local\n  - name: gone\n    address: 127.0.0.1\n    port: 1\n",
+    );
+    fx.write("hosts/gone.yaml", "resources: []\n");
+    let r = fx.run(&["drift"]);
+    r.code(1);
+    assert!(r.stdout.contains("host gone: not probed"), "{}", r.stdout);
+}

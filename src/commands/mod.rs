@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod confirm;
+pub mod drift;
 pub mod plan;
 pub mod probe;
 pub mod resume;
@@ -52,6 +53,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             l.settings.allow_older = *allow_older;
             let hosts = reconcile::resolve_targets(&l.state, hosts, select)?;
             runtime()?.block_on(plan::run(l, &hosts))
+        })?,
+        Command::Drift { hosts, select } => with_desired(g, None, |mut l| {
+            l.settings.allow_older = true;
+            let hosts = reconcile::resolve_targets(&l.state, hosts, select)?;
+            runtime()?.block_on(drift::run(l, &hosts))
         })?,
         Command::Apply {
             hosts,

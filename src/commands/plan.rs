@@ -16,35 +16,7 @@ use crate::output::Paint;
 use crate::reconcile;
 
 pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
-    let targets = hosts.to_vec();
-    // Read-only: `plan` never creates or migrates the database.
-    let db = crate::store::db::Db::open_read_only(&loaded.state_dir.db_path())?;
-    let managed = reconcile::load_managed(db.as_ref(), &targets)?;
-    loaded.state = reconcile::with_prunes(&loaded.state, &managed);
-    // A database from before owed restarts has none to show.
-    if let Err(e) = reconcile::add_owed_restarts(&mut loaded.state, db.as_ref(), &targets) {
-        tracing::warn!(error = %e, "owed restarts unreadable; planning without them");
-    }
-    let kill = loaded.state_dir.kill_switch_engaged();
-    let tokens = reconcile::TokenInput::load(
-        &loaded.state_dir,
-        db.as_ref(),
-        loaded.state.config.token_max_ttl.0,
-    )?;
-    let prep = reconcile::prepare(
-        &loaded.state,
-        &reconcile::ProbeOpts {
-            allow_older: loaded.settings.allow_older,
-            ..reconcile::ProbeOpts::new(&loaded.state.config, &loaded.settings.dir)
-        },
-        &loaded.revision,
-        targets,
-        loaded.settings.dispatch,
-        kill,
-        &tokens,
-        Default::default(),
-    )
-    .await;
+    let (prep, _) = front(&mut loaded, hosts).await?;
     if loaded.settings.json {
         use std::io::Write;
         crate::output::stdout().write_all(&prep.plan.to_json())?;
@@ -86,6 +58,45 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
     } else {
         exit::OK
     })
+}
+
+/// The read-only front half shared by `plan` and `drift`: managed
+/// resources and owed restarts from the database (never created or
+/// migrated), tokens, probe, diff, plan, decision.
+pub async fn front(
+    loaded: &mut Loaded,
+    hosts: &[String],
+) -> Result<(reconcile::Prepared, Option<crate::store::db::Db>)> {
+    let targets = hosts.to_vec();
+    // Read-only: `plan` never creates or migrates the database.
+    let db = crate::store::db::Db::open_read_only(&loaded.state_dir.db_path())?;
+    let managed = reconcile::load_managed(db.as_ref(), &targets)?;
+    loaded.state = reconcile::with_prunes(&loaded.state, &managed);
+    // A database from before owed restarts has none to show.
+    if let Err(e) = reconcile::add_owed_restarts(&mut loaded.state, db.as_ref(), &targets) {
+        tracing::warn!(error = %e, "owed restarts unreadable; planning without them");
+    }
+    let kill = loaded.state_dir.kill_switch_engaged();
+    let tokens = reconcile::TokenInput::load(
+        &loaded.state_dir,
+        db.as_ref(),
+        loaded.state.config.token_max_ttl.0,
+    )?;
+    let prep = reconcile::prepare(
+        &loaded.state,
+        &reconcile::ProbeOpts {
+            allow_older: loaded.settings.allow_older,
+            ..reconcile::ProbeOpts::new(&loaded.state.config, &loaded.settings.dir)
+        },
+        &loaded.revision,
+        targets,
+        loaded.settings.dispatch,
+        kill,
+        &tokens,
+        Default::default(),
+    )
+    .await;
+    Ok((prep, db))
 }
 
 /// The SPEC's word for an enum value (its serde name).

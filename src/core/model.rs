@@ -197,6 +197,22 @@ impl Resource {
         }
     }
 
+    /// A digest of the whole desired definition (the spec and the file's
+    /// content): what changes when the desired state changes this
+    /// resource. Sealed for a sensitive resource (SPEC 8.6).
+    pub fn definition_digest(&self) -> String {
+        let mut bytes = serde_json::to_vec(&self.spec).unwrap_or_default();
+        if let Some(c) = &self.content {
+            bytes.push(0);
+            bytes.extend_from_slice(c.sha256.as_bytes());
+        }
+        if self.sensitive() {
+            super::seal(&bytes)
+        } else {
+            super::sha256_hex(&bytes)
+        }
+    }
+
     /// The definition as the database keeps it: for a sensitive resource,
     /// a file's inline content and a command's `run` and guards are
     /// replaced by their sealed digests (SPEC 8.6: tend.db keeps a hash,

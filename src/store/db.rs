@@ -237,6 +237,13 @@ CREATE TABLE rollout_resumes (
     taken_at     TEXT NOT NULL
 ) STRICT;
 "#,
+    // 8: the digest of the definition each managed resource was applied
+    // with (`Resource::definition_digest`): a difference on the host under
+    // an unchanged definition is drift (`tend drift`, SPEC 8.6/8.7). NULL
+    // for resources applied before it.
+    r#"
+ALTER TABLE managed_resources ADD COLUMN definition_sha256 TEXT;
+"#,
 ];
 
 /// One record of a run, written with others in one transaction
@@ -335,6 +342,9 @@ pub struct ManagedRow {
     pub spec_json: String,
     pub applied_run_id: String,
     pub applied_at: String,
+    /// The digest of the definition it was applied with (None: applied
+    /// before tend recorded it).
+    pub definition_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -836,20 +846,32 @@ impl Db {
         kind: &str,
         key: &str,
         spec_json: &str,
+        definition: Option<&str>,
         run_id: &str,
         at: &str,
     ) -> Result<(), StoreError> {
         self.write(format!("record {resource_id} as managed on {host}"), |tx| {
             tx.execute(
                 r#"INSERT INTO managed_resources
-                       (host, resource_id, kind, "key", spec_json, applied_run_id, applied_at)
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                       (host, resource_id, kind, "key", spec_json, applied_run_id, applied_at,
+                        definition_sha256)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                    ON CONFLICT (host, resource_id) DO UPDATE SET
                        kind = excluded.kind, "key" = excluded."key",
                        spec_json = excluded.spec_json,
                        applied_run_id = excluded.applied_run_id,
-                       applied_at = excluded.applied_at"#,
-                rusqlite::params![host, resource_id, kind, key, spec_json, run_id, at],
+                       applied_at = excluded.applied_at,
+                       definition_sha256 = excluded.definition_sha256"#,
+                rusqlite::params![
+                    host,
+                    resource_id,
+                    kind,
+                    key,
+                    spec_json,
+                    run_id,
+                    at,
+                    definition
+                ],
             )?;
             Ok(())
         })
@@ -870,7 +892,8 @@ impl Db {
     pub fn managed(&self, host: &str) -> Result<Vec<ManagedRow>, StoreError> {
         self.read(format!("read the managed resources of {host}"), |conn| {
             let mut stmt = conn.prepare(
-                r#"SELECT host, resource_id, kind, "key", spec_json, applied_run_id, applied_at
+                r#"SELECT host, resource_id, kind, "key", spec_json, applied_run_id, applied_at,
+                          definition_sha256
                    FROM managed_resources WHERE host = ?1 ORDER BY resource_id"#,
             )?;
             let rows = stmt.query_map([host], |r| {
@@ -882,6 +905,7 @@ impl Db {
                     spec_json: r.get(4)?,
                     applied_run_id: r.get(5)?,
                     applied_at: r.get(6)?,
+                    definition_sha256: r.get(7)?,
                 })
             })?;
             rows.collect()
@@ -1615,13 +1639,22 @@ mod tests {
     fn managed_resources_are_upserted_listed_and_removed() {
         let (_d, mut db) = open();
         db.begin_run(&run_row(RUN, T0)).unwrap();
-        db.upsert_managed("web-1", "package:curl", "package", "curl", "{}", RUN, T0)
+        db.upsert_managed(
+            "web-1",
+            "package:curl",
+            "package",
+            "curl",
+            "{}",
+            None,
+            RUN,
+            T0,
+        )
+        .unwrap();
+        db.upsert_managed("web-1", "file:/a", "file", "/a", "{\"v\":1}", None, RUN, T0)
             .unwrap();
-        db.upsert_managed("web-1", "file:/a", "file", "/a", "{\"v\":1}", RUN, T0)
+        db.upsert_managed("web-2", "file:/a", "file", "/a", "{}", None, RUN, T0)
             .unwrap();
-        db.upsert_managed("web-2", "file:/a", "file", "/a", "{}", RUN, T0)
-            .unwrap();
-        db.upsert_managed("web-1", "file:/a", "file", "/a", "{\"v\":2}", RUN, T1)
+        db.upsert_managed("web-1", "file:/a", "file", "/a", "{\"v\":2}", None, RUN, T1)
             .unwrap();
         let m = db.managed("web-1").unwrap();
         let ids: Vec<&str> = m.iter().map(|r| r.resource_id.as_str()).collect();
