@@ -164,6 +164,9 @@ pub enum Command {
         #[arg(value_enum)]
         shell: CompletionShell,
     },
+    /// Print the manual page (roff), generated from these definitions:
+    /// `tend man > /usr/local/share/man/man1/tend.1`.
+    Man,
     /// Hold hosts the way the kill switch holds all: probed and reported,
     /// never dispatched, until `tend unsuspend`.
     Suspend {

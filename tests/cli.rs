@@ -2316,3 +2316,44 @@ fn drift_lists_corrective_differences_only() {
     r.code(1);
     assert!(r.stdout.contains("host gone: not probed"), "{}", r.stdout);
 }
+
+#[test]
+fn man_page_covers_every_subcommand() {
+    let r = run_command({
+        let mut c = tend_command();
+        c.arg("man");
+        c
+    });
+    r.code(0);
+    assert!(
+        r.stdout.starts_with(".ie") || r.stdout.contains(".TH tend 1"),
+        "{}",
+        &r.stdout[..200.min(r.stdout.len())]
+    );
+    for sub in [
+        "VALIDATE",
+        "SCHEMA",
+        "PROBE",
+        "PLAN",
+        "DRIFT",
+        "APPLY",
+        "RUN",
+        "STATUS",
+        "CONFIRM",
+        "RETRY",
+        "RESUME",
+        "SUSPEND",
+        "UNSUSPEND",
+        "RUNS",
+        "SHOW",
+        "VERSION",
+        "COMPLETIONS",
+        "MAN",
+    ] {
+        assert!(
+            r.stdout.contains(&format!(".SH \"TEND {sub}\"")),
+            "no section for {sub}"
+        );
+    }
+    assert!(r.stdout.contains("\\-\\-reason"), "options are rendered");
+}

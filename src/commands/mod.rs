@@ -81,6 +81,37 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Resume { reason } => resume::run(g, reason)?,
         Command::Suspend { hosts, reason } => suspend::suspend(g, hosts, reason)?,
         Command::Unsuspend { hosts } => suspend::unsuspend(g, hosts)?,
+        Command::Man => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut buf)?;
+            // One page: each subcommand's options follow the main page.
+            for sub in Cli::command().get_subcommands() {
+                writeln!(buf, ".SH \"TEND {}\"", sub.get_name().to_uppercase())?;
+                if let Some(about) = sub.get_long_about().or(sub.get_about()) {
+                    writeln!(buf, "{}", about.to_string().replace('\\', "\\\\"))?;
+                }
+                let page =
+                    clap_mangen::Man::new(sub.clone().bin_name(format!("tend {}", sub.get_name())));
+                let mut synopsis = Vec::new();
+                page.render_synopsis_section(&mut synopsis)?;
+                buf.extend(
+                    String::from_utf8_lossy(&synopsis)
+                        .replace(".SH SYNOPSIS", ".PP")
+                        .bytes(),
+                );
+                let mut options = Vec::new();
+                page.render_options_section(&mut options)?;
+                buf.extend(
+                    String::from_utf8_lossy(&options)
+                        .replace(".SH OPTIONS", ".PP")
+                        .bytes(),
+                );
+            }
+            crate::output::stdout().write_all(&buf)?;
+            exit::OK
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let shell = match shell {
