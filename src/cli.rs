@@ -196,6 +196,9 @@ pub enum Command {
         host: Option<String>,
         #[command(flatten)]
         select: Select,
+        /// Draw the view again whenever a status file changes, until Ctrl-C.
+        #[arg(long, short = 'w', conflicts_with = "json")]
+        watch: bool,
     },
     /// Write a confirmation token for an operation.
     Confirm {

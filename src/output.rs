@@ -96,6 +96,16 @@ pub fn finish() -> Option<String> {
         .clone()
 }
 
+/// Flush stdout (a closed pipe stays quiet).
+pub fn flush() {
+    let _ = Stdout.flush();
+}
+
+/// Whether stdout was found closed (a reader that went away).
+pub fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(Ordering::Relaxed)
+}
+
 /// What `print!` and `println!` expand to.
 pub fn print_fmt(args: fmt::Arguments<'_>) {
     // Unit tests keep the standard macro, whose output the test harness

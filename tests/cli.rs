@@ -2357,3 +2357,38 @@ fn man_page_covers_every_subcommand() {
     }
     assert!(r.stdout.contains("\\-\\-reason"), "options are rendered");
 }
+
+#[test]
+fn status_describes_a_host_and_leads_the_fleet_with_trouble() {
+    let fx = Fixture::two_hosts();
+    fx.write("tend.yaml", "crash_loop_threshold: 2\nretries: 0\n");
+    // Before any run: every host Unknown, exit 0, also for one host.
+    let fresh = fx.run(&["status", "a"]);
+    fresh.code(0);
+    assert!(fresh.stdout.contains("Phase:   Unknown"), "{fresh}");
+    // `b` fails its step: trouble, listed first.
+    fx.write(
+        "hosts/b.yaml",
+        "resources:\n  - kind: command\n    name: broken\n    run: \"echo no >&2; exit 1\"\n",
+    );
+    fx.run(&["apply", "a", "--dispatch", "enforced"]).code(0);
+    fx.run(&["apply", "b", "--dispatch", "enforced"]).code(4);
+    fx.run(&["apply", "b", "--dispatch", "enforced"]).code(4);
+    let mut filters = fx.filters();
+    filters.push((r"\b\d+[smhd]\b".into(), "[AGE]".into()));
+    let filters: Vec<(&str, &str)> = filters
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let fleet = fx.run(&["status"]);
+    fleet.code(0);
+    let first = fleet.stdout.lines().nth(1).unwrap();
+    assert!(first.starts_with("b "), "trouble first: {fleet}");
+    let host = fx.run(&["status", "b"]);
+    host.code(0);
+    insta::with_settings!({filters => filters, prepend_module_to_snapshot => false}, {
+        insta::assert_snapshot!("status_fleet_trouble_first", transcript(&fleet));
+        insta::assert_snapshot!("status_describe_host", transcript(&host));
+        insta::assert_snapshot!("status_fresh_host", transcript(&fresh));
+    });
+}

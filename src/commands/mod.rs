@@ -73,7 +73,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 && (*progress || std::io::IsTerminal::is_terminal(&std::io::stdout()));
             runtime()?.block_on(apply::run(l, &hosts, stream))
         })?,
-        Command::Status { host, select } => status::run(g, host.as_deref(), select)?,
+        Command::Status {
+            host,
+            select,
+            watch,
+        } => status::run(g, host.as_deref(), select, *watch)?,
         Command::Runs { limit } => runs::list(g, *limit)?,
         Command::Show { run_id } => runs::show(g, run_id)?,
         Command::Run => run::run(g)?,

@@ -4,70 +4,217 @@ use anyhow::{Result, bail};
 
 use super::{exit, state_dir_of};
 use crate::cli::{Global, Select};
-use crate::core::report::{ConditionStatus, FleetHost, FleetStatus, HostStatus, fleet_row};
+use crate::core::report::{FleetHost, FleetStatus, HostStatus, fleet_row};
 use crate::core::token::parse_rfc3339;
 
-pub fn run(g: &Global, host: Option<&str>, select: &Select) -> Result<u8> {
+pub fn run(g: &Global, host: Option<&str>, select: &Select, watch: bool) -> Result<u8> {
     let sd = state_dir_of(g);
     if host.is_some() && !(select.tags.is_empty() && select.exclude.is_empty()) {
         bail!("--tag and --exclude select hosts for the fleet view; not with a HOST");
     }
+    if watch {
+        return watch_loop(g, &sd, host, select);
+    }
     match host {
         Some(h) => {
+            let known = crate::source::read_tree(&g.dir)
+                .map(|t| crate::core::model::validate(&t).state)
+                .is_ok_and(|st| st.hosts.contains_key(h));
             let Some(s) = sd.read_status(h)? else {
-                bail!(
-                    "no status for host `{h}` in {} (has it been applied?)",
-                    sd.root().display()
-                );
+                if !known {
+                    bail!(
+                        "no host `{h}` in the inventory of {} and no status for it in {}",
+                        g.dir.display(),
+                        sd.root().display()
+                    );
+                }
+                if g.json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&HostStatus::new(h.to_string(), ""))?
+                    );
+                } else {
+                    println!(
+                        "Host:    {h}\nPhase:   Unknown\nMessage: never probed: no pass has run for this host yet (`tend apply {h}`, or start `tend run`)"
+                    );
+                }
+                return Ok(exit::OK);
             };
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(exit::OK);
             }
-            println!("host {}: {:?}", s.host, s.phase);
-            println!(
-                "  desired revision:   {}",
-                s.desired_revision.as_deref().unwrap_or("-")
-            );
-            println!(
-                "  converged revision: {}",
-                s.converged_revision.as_deref().unwrap_or("-")
-            );
-            println!(
-                "  last probe:         {}",
-                s.last_probe_at.as_deref().unwrap_or("-")
-            );
-            println!(
-                "  last run:           {}",
-                s.last_run_id.as_deref().unwrap_or("-")
-            );
-            println!(
-                "  pending:            {} create, {} update, {} delete ({} destructive)",
-                s.pending.create, s.pending.update, s.pending.delete, s.pending.destructive
-            );
-            for c in &s.conditions {
-                let mark = match c.status {
-                    ConditionStatus::True => "True ",
-                    ConditionStatus::False => "False",
-                    ConditionStatus::Unknown => "?    ",
-                };
-                println!(
-                    "  {:<22} {mark} {:<18} {}",
-                    format!("{:?}", c.kind),
-                    c.reason,
-                    c.message
-                );
-            }
-            if let Some(a) = &s.awaiting_confirmation {
-                println!("  awaiting confirmation of operation {}", a.operation);
-                println!("    steps: {}", a.steps.join(", "));
-                println!("    token file: {}/{}", sd.root().display(), a.token_file);
-                println!("    run: {}", a.command);
-            }
+            print!("{}", describe(&sd, &s));
         }
         None => fleet(g, &sd, select)?,
     }
     Ok(exit::OK)
+}
+
+/// The SPEC's word for an enum value (its serde name).
+fn word<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+/// "12s", "5m", "3h", "2d": how long ago `at` was.
+fn age(at: &str, now: i64) -> String {
+    parse_rfc3339(at).map_or_else(
+        || "-".into(),
+        |t| crate::core::report::short_age(now.saturating_sub(t)),
+    )
+}
+
+/// One host in the manner of `kubectl describe`: revisions, conditions with
+/// reason, age and message, pending changes, owed restarts, what awaits
+/// confirmation with its command, the last runs.
+fn describe(sd: &crate::store::StateDir, s: &HostStatus) -> String {
+    use std::fmt::Write as _;
+    let now = parse_rfc3339(&crate::clock::now_rfc3339()).unwrap_or(0);
+    let mut out = String::new();
+    let ready = crate::core::report::fleet_row(&s.host, Some(s), None, now).ready;
+    let _ = writeln!(out, "Host:                {}", s.host);
+    let _ = writeln!(
+        out,
+        "Phase:               {}{}",
+        word(&s.phase),
+        if ready { " (ready)" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        "Desired revision:    {}",
+        s.desired_revision.as_deref().unwrap_or("-")
+    );
+    let _ = writeln!(
+        out,
+        "Converged revision:  {}",
+        s.converged_revision.as_deref().unwrap_or("-")
+    );
+    let _ = writeln!(
+        out,
+        "Last probe:          {}",
+        s.last_probe_at
+            .as_deref()
+            .map_or_else(|| "-".into(), |t| format!("{t} ({} ago)", age(t, now)))
+    );
+    let _ = writeln!(
+        out,
+        "Last run:            {}",
+        s.last_run_id.as_deref().unwrap_or("-")
+    );
+    let _ = writeln!(out, "Conditions:");
+    let _ = writeln!(
+        out,
+        "  {:<21} {:<7} {:<20} {:<5} MESSAGE",
+        "TYPE", "STATUS", "REASON", "AGE"
+    );
+    for c in &s.conditions {
+        let _ = writeln!(
+            out,
+            "  {:<21} {:<7} {:<20} {:<5} {}",
+            word(&c.kind),
+            word(&c.status),
+            c.reason,
+            age(&c.last_transition_time, now),
+            c.message
+        );
+    }
+    let p = &s.pending;
+    let _ = writeln!(
+        out,
+        "Pending:             {} create, {} update, {} delete ({} destructive)",
+        p.create, p.update, p.delete, p.destructive
+    );
+    let _ = writeln!(
+        out,
+        "Owed restarts:       {}",
+        if p.restarts.is_empty() {
+            "none".to_string()
+        } else {
+            p.restarts.join(", ")
+        }
+    );
+    match &s.awaiting_confirmation {
+        None => {
+            let _ = writeln!(out, "Awaiting confirmation: nothing");
+        }
+        Some(a) => {
+            let _ = writeln!(out, "Awaiting confirmation: operation {}", a.operation);
+            let _ = writeln!(out, "  steps:      {}", a.steps.join(", "));
+            let _ = writeln!(out, "  hosts:      {}", a.hosts.join(", "));
+            let _ = writeln!(
+                out,
+                "  token file: {}",
+                sd.root().join(&a.token_file).display()
+            );
+            let _ = writeln!(out, "  to approve: {}", a.command);
+        }
+    }
+    let runs = crate::store::db::Db::open_read_only(&sd.db_path())
+        .ok()
+        .flatten()
+        .and_then(|db| db.host_runs(&s.host, 5).ok())
+        .unwrap_or_default();
+    let _ = writeln!(out, "Recent runs:");
+    if runs.is_empty() {
+        let _ = writeln!(out, "  none recorded");
+    }
+    for (id, started, outcome, reason) in runs {
+        let _ = writeln!(
+            out,
+            "  {id}  {:<5} {:<20} {}",
+            age(&started, now),
+            outcome,
+            reason.unwrap_or_default()
+        );
+    }
+    out
+}
+
+/// `--watch`: draw the view again whenever a status file changes (checked
+/// every second), until interrupted.
+fn watch_loop(
+    g: &Global,
+    sd: &crate::store::StateDir,
+    host: Option<&str>,
+    select: &Select,
+) -> Result<u8> {
+    let stamp = || -> Vec<(String, std::time::SystemTime)> {
+        let mut v: Vec<_> = std::fs::read_dir(sd.root().join("status"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let m = e.metadata().ok()?.modified().ok()?;
+                        Some((e.file_name().to_string_lossy().into_owned(), m))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let mut last = None;
+    loop {
+        let now = stamp();
+        if last.as_ref() != Some(&now) {
+            // Clear the screen and home the cursor, then draw.
+            print!("\x1b[2J\x1b[H");
+            println!(
+                "Every 1s: tend status{}  ({})\n",
+                host.map(|h| format!(" {h}")).unwrap_or_default(),
+                crate::clock::now_rfc3339()
+            );
+            run(g, host, select, false)?;
+            crate::output::flush();
+            last = Some(now);
+        }
+        if crate::output::stdout_closed() {
+            return Ok(exit::OK);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }
 
 /// The fleet view (SPEC 8.6): one line per host of the inventory (and any
@@ -134,7 +281,7 @@ fn fleet(g: &Global, sd: &crate::store::StateDir, select: &Select) -> Result<()>
         println!(
             "{:<20} {:<17} {:<5} {:<12} {:<5} {}",
             r.host,
-            format!("{:?}", r.phase),
+            word(&r.phase),
             if r.ready { "True" } else { "False" },
             r.revision,
             r.age,

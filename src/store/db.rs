@@ -912,6 +912,27 @@ impl Db {
         })
     }
 
+    /// The latest `limit` outcomes of `host`, newest first: (run id,
+    /// started at, outcome, reason).
+    pub fn host_runs(
+        &self,
+        host: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String, String, Option<String>)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(format!("list the runs of {host}"), |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT o.run_id, r.started_at, o.outcome, o.reason
+                 FROM host_outcomes o JOIN runs r ON r.run_id = o.run_id
+                 WHERE o.host = ?1 ORDER BY r.started_at DESC, o.run_id DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(rusqlite::params![host, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?;
+            rows.collect()
+        })
+    }
+
     /// The latest `limit` runs, newest first.
     pub fn runs(&self, limit: usize) -> Result<Vec<RunSummary>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
