@@ -445,6 +445,71 @@ fn every_route_answers_and_a_change_moves_the_reconcile_counter() {
 }
 
 #[test]
+fn a_held_delete_shows_in_the_gauges_and_tokens_count_once_per_result() {
+    let fx = local_fixture();
+    let mut srv = Server::start(fx.cmd(&["run", "-v", "--listen", "127.0.0.1:0"]));
+    let addr = srv.addr;
+    wait_for("/readyz", || get(addr, "/readyz").code == 200, || srv.log());
+    let value = |m: &str, series: &str| sample(m, series).unwrap_or(-1.0);
+
+    // a.txt leaves the desired state: its prune is destructive, held for a
+    // token, and stays a difference after the pass.
+    fx.write("hosts/a.yaml", "resources: []\n");
+    wait_for(
+        "host a to await confirmation",
+        || {
+            let m = srv.metrics();
+            value(&m, "tend_hosts_awaiting_confirmation") == 1.0
+                && value(&m, "tend_drifted_resources{host=\"a\"}") == 1.0
+                && value(&m, "tend_drifted_resources{host=\"b\"}") == 0.0
+                && value(
+                    &m,
+                    "tend_reconciles_total{host=\"a\",outcome=\"EscalationRequired\"}",
+                ) >= 1.0
+        },
+        || format!("{}\n{}", srv.metrics(), srv.log()),
+    );
+    let op = fx.status("a")["awaiting_confirmation"]["operation"]
+        .as_str()
+        .expect("an operation awaits a token")
+        .to_string();
+
+    // A token that does not parse is refused, once however often judged.
+    std::fs::write(
+        fx.state().join("confirm/bad.yaml"),
+        "operation: [unclosed\n",
+    )
+    .unwrap();
+    wait_for(
+        "the bad token to be refused",
+        || value(&srv.metrics(), "tend_tokens_total{result=\"refused\"}") == 1.0,
+        || format!("{}\n{}", srv.metrics(), srv.log()),
+    );
+
+    // A real one is accepted: claimed, and the prune runs.
+    fx.run(&["confirm", &op, "--reason", "remove a.txt"])
+        .code(0);
+    wait_for(
+        "the token to be accepted and a.txt removed",
+        || {
+            let m = srv.metrics();
+            value(&m, "tend_tokens_total{result=\"accepted\"}") == 1.0
+                && value(&m, "tend_hosts_awaiting_confirmation") == 0.0
+                && !fx.root().join("a.txt").exists()
+        },
+        || format!("{}\n{}", srv.metrics(), srv.log()),
+    );
+    let m = srv.metrics();
+    assert_eq!(
+        value(&m, "tend_tokens_total{result=\"refused\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(value(&m, "tend_drifted_resources{host=\"a\"}"), 0.0, "{m}");
+    assert_eq!(srv.stop(), 0, "{}", srv.log());
+}
+
+#[test]
 fn a_non_loopback_address_needs_listen_public_and_is_warned_about() {
     let fx = local_fixture();
     let r = fx.run(&["run", "--listen", "0.0.0.0:0"]);
