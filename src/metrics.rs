@@ -189,7 +189,8 @@ fn register(
     registry.register(name, help, metric);
 }
 
-fn word<T: serde::Serialize>(v: &T) -> String {
+/// The word an enum is written as in tend's documents (`Running`).
+pub(crate) fn word<T: serde::Serialize>(v: &T) -> String {
     match serde_json::to_value(v) {
         Ok(serde_json::Value::String(s)) => s,
         _ => "Unknown".into(),

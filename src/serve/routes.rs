@@ -386,7 +386,7 @@ fn index_page(f: &FleetStatus) -> String {
         let p = &h.pending;
         rows.push_str(&format!(
             "<tr><td><a href=\"/api/hosts/{name}\">{name}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-            html_escape(&metrics_word(&h.phase)),
+            html_escape(&metrics::word(&h.phase)),
             if h.converged { "yes" } else { "no" },
             p.create + p.update + p.delete,
         ));
@@ -423,13 +423,6 @@ fn index_page(f: &FleetStatus) -> String {
         f.hosts.len(),
         html_escape(&f.generated_at),
     )
-}
-
-fn metrics_word<T: serde::Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => String::new(),
-    }
 }
 
 async fn index(State(app): State<App>) -> Response {
