@@ -146,7 +146,17 @@ pub enum Command {
         progress: bool,
     },
     /// The controller: watch, reconcile, resync, until SIGINT/SIGTERM.
-    Run,
+    Run {
+        /// Serve the read-only HTTP endpoints (/metrics, /healthz, /readyz,
+        /// /api/..., /) on this address, e.g. 127.0.0.1:9100. They are
+        /// unauthenticated: loopback only, unless --listen-public.
+        #[arg(long, value_name = "ADDR:PORT", value_parser = crate::serve::parse_listen)]
+        listen: Option<std::net::SocketAddr>,
+        /// Allow --listen on a non-loopback address (put a reverse proxy with
+        /// authentication in front: the endpoints have none).
+        #[arg(long, requires = "listen")]
+        listen_public: bool,
+    },
     /// Ask the controller to reconcile a host now, clearing its backoff and
     /// crash loop (`Degraded`).
     Retry {

@@ -32,9 +32,51 @@ pub fn new_run_id(now: SystemTime) -> String {
     format!("r-{compact}-{suffix}")
 }
 
+/// Exactly the shape of `new_run_id`: `r-YYYYMMDDTHHMMSSZ-` and 4
+/// lowercase alphanumerics. What a run id from outside (a URL) must be
+/// before it names a directory.
+pub fn is_run_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    b.len() == 23
+        && b.starts_with(b"r-")
+        && digits(2..10)
+        && b[10] == b'T'
+        && digits(11..17)
+        && b[17] == b'Z'
+        && b[18] == b'-'
+        && b[19..]
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_ids_are_recognised_exactly() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
+        assert!(is_run_id(&new_run_id(t)));
+        assert!(is_run_id("r-20261203T100000Z-a1b2"));
+        for bad in [
+            "",
+            "r-20261203T100000Z-a1b",
+            "r-20261203T100000Z-a1b2c",
+            "r-20261203T100000Z-A1B2",
+            "r-2026120xT100000Z-a1b2",
+            "x-20261203T100000Z-a1b2",
+            "r-20261203t100000Z-a1b2",
+            "r-20261203T100000Z_a1b2",
+            "../../../etc/passwd",
+            "r-20261203T100000Z-../",
+            "r-20261203T100000Z-a/b2",
+            "r-20261203T100000Z-a\u{0}b",
+            "r-20261203T100000Z-\u{e9}b",
+        ] {
+            assert!(!is_run_id(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn run_id_shape() {

@@ -62,7 +62,7 @@ fn init_tracing(cli: &Cli) {
     } else {
         match cli.global.verbose {
             // The controller is a daemon: its passes are its log.
-            0 if matches!(cli.command, tend::cli::Command::Run) => "info",
+            0 if matches!(cli.command, tend::cli::Command::Run { .. }) => "info",
             0 => "warn",
             1 => "info",
             2 => "debug",

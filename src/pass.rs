@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -123,6 +123,53 @@ pub struct PassReport {
     pub run_dir: Option<PathBuf>,
     /// The `tend apply` exit code for this pass.
     pub code: u8,
+    /// How long each probe of the pass took (hosts whose probe ran).
+    pub probed: BTreeMap<String, Duration>,
+    /// The hosts the pass dispatched steps to, each with the time dispatch
+    /// took (all of the pass's dispatch: one host per controller pass).
+    pub applied: BTreeMap<String, Duration>,
+    /// Token files judged by the pass (see `TokenResult`).
+    pub tokens: Vec<(String, TokenResult)>,
+}
+
+/// What a pass made of a token file (`tend_tokens_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokenResult {
+    /// Claimed for the run: its destructive steps were dispatched.
+    Accepted,
+    /// Meant for the run's operation (or unreadable) and not valid:
+    /// expired, used before, its scope or lifetime wrong, or its claim
+    /// failed. A token for another operation is not judged by this pass.
+    Refused,
+}
+
+impl TokenResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenResult::Accepted => "accepted",
+            TokenResult::Refused => "refused",
+        }
+    }
+}
+
+/// The token files a pass refused: those meant for its operation (or
+/// unreadable) that are not valid.
+fn refused_tokens(prep: &reconcile::Prepared) -> Vec<(String, TokenResult)> {
+    let Some(op) = &prep.plan.operation else {
+        return Vec::new();
+    };
+    prep.token_verdicts
+        .iter()
+        .filter(|v| v.refusal.is_some() && v.doc.as_ref().is_none_or(|d| d.scope_of(op).is_some()))
+        .map(|v| (v.file.clone(), TokenResult::Refused))
+        .collect()
+}
+
+fn probe_times(prep: &reconcile::Prepared) -> BTreeMap<String, Duration> {
+    prep.probes
+        .iter()
+        .filter_map(|(h, p)| Some((h.clone(), p.elapsed?)))
+        .collect()
 }
 
 pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
@@ -226,12 +273,16 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
                 result: None,
                 run_dir: None,
                 code: crate::commands::exit::OK,
+                probed: probe_times(&prep),
+                applied: BTreeMap::new(),
+                tokens: Vec::new(),
             }))
         })?
     {
         return Ok(report);
     }
 
+    let mut tokens = refused_tokens(&prep);
     let (run_id, rec, gate) = crate::store::blocking(|| -> Result<_> {
         // Begin the run. A run id is random in its last four characters; two
         // passes in one second may draw the same one, so draw again on conflict.
@@ -315,11 +366,13 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
                     "token_refused",
                     json!({"file": v.file, "refusal": format!("{e:#}")}),
                 );
+                tokens.push((v.file.clone(), TokenResult::Refused));
                 let mut refused = v.clone();
                 refused.refusal = Some(format!("{e:#}"));
                 prep.token = Some((refused, file.clone()));
                 prep.decision = decide(&prep, false);
             } else {
+                tokens.push((v.file.clone(), TokenResult::Accepted));
                 rec.event(None, "token_used", json!({"file": v.file, "operation": op}));
             }
         }
@@ -415,6 +468,7 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
         revision: input.revision.to_string(),
     };
     let halted_before = gate.as_ref().is_some_and(|g| g.snapshot().rollout.halted);
+    let dispatch_began = Instant::now();
     let (runs, holds) = match (&gate, &config.rollout) {
         (Some(g), Some(spec)) => {
             let pause = spec.pause.0;
@@ -461,6 +515,12 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
         ),
     };
     let halted_now = gate.as_ref().is_some_and(|g| g.snapshot().rollout.halted) && !halted_before;
+    let dispatch_took = dispatch_began.elapsed();
+    let applied: BTreeMap<String, Duration> = runs
+        .iter()
+        .filter(|(_, r)| r.dispatched)
+        .map(|(h, _)| (h.clone(), dispatch_took))
+        .collect();
 
     crate::store::blocking(|| -> Result<PassReport> {
         // One outcome per resolved host.
@@ -584,6 +644,9 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
             run_dir: Some(sd.run_dir(&run_id)),
             result: Some(result),
             code,
+            probed: probe_times(&prep),
+            applied,
+            tokens,
         })
     })
 }

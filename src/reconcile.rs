@@ -37,6 +37,9 @@ pub struct HostProbe {
     pub attempts: u32,
     /// When the probe finished (RFC 3339).
     pub at: String,
+    /// How long the probe took, connecting and retries included; `None`
+    /// when no probe ran (the host's transport could not be built).
+    pub elapsed: Option<Duration>,
 }
 
 /// Everything decided before dispatch.
@@ -214,6 +217,7 @@ const PROBE_COMMAND: &str = "exec sh -s";
 /// Probe one host: one remote command per attempt; transient failures are
 /// retried with doubling backoff.
 pub async fn probe_host(host: &Host, transport: Arc<dyn Transport>, opts: &ProbeOpts) -> HostProbe {
+    let begun = std::time::Instant::now();
     let items = Arc::new(probe_items(host));
     let script = Arc::new(probe::script(&items));
     let mut attempts = 0;
@@ -262,6 +266,7 @@ pub async fn probe_host(host: &Host, transport: Arc<dyn Transport>, opts: &Probe
         result,
         attempts,
         at: crate::clock::now_rfc3339(),
+        elapsed: Some(begun.elapsed()),
     }
 }
 
@@ -289,6 +294,7 @@ pub fn connect_all(
                         result: Err((e.class, e.message)),
                         attempts: 1,
                         at: crate::clock::now_rfc3339(),
+                        elapsed: None,
                     },
                 );
             }

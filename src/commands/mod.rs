@@ -80,7 +80,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => status::run(g, host.as_deref(), select, *watch)?,
         Command::Runs { limit } => runs::list(g, *limit)?,
         Command::Show { run_id } => runs::show(g, run_id)?,
-        Command::Run => run::run(g)?,
+        Command::Run {
+            listen,
+            listen_public,
+        } => run::run(g, *listen, *listen_public)?,
         Command::Retry { host, reason } => retry::run(g, host, reason)?,
         Command::Resume { reason } => resume::run(g, reason)?,
         Command::Suspend { hosts, reason } => suspend::suspend(g, hosts, reason)?,

@@ -9,6 +9,7 @@
 //! itself does no I/O: it talks to the world through `Reconciler`, so that it
 //! runs on paused time against a fake in tests.
 
+pub mod pulse;
 pub mod real;
 pub mod recover;
 pub mod schedule;
@@ -24,6 +25,7 @@ use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::core::report::Trigger;
+use pulse::Pulse;
 use schedule::{Backoff, Debouncer, WorkQueue};
 
 /// Everything that can wake the controller.
@@ -127,6 +129,8 @@ struct Book {
     degraded: BTreeMap<String, (String, String)>,
     loaded: Loaded,
     seed: u64,
+    /// What the loop tells `tend run --listen`.
+    pulse: Arc<Pulse>,
 }
 
 impl Book {
@@ -245,14 +249,26 @@ async fn pass<R: Reconciler>(
 }
 
 /// Run the controller until shutdown. `events` carries every trigger;
-/// `seed` seeds the jitter (tests pass a fixed one).
-pub async fn run<R: Reconciler>(r: Arc<R>, mut events: mpsc::UnboundedReceiver<Event>, seed: u64) {
+/// `seed` seeds the jitter (tests pass a fixed one); `pulse` gets the
+/// loop's heartbeat, queue depth and which hosts have had a pass.
+pub async fn run<R: Reconciler>(
+    r: Arc<R>,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    seed: u64,
+    pulse: Arc<Pulse>,
+) {
+    // The loop beats at least every HEARTBEAT, woken by this timer when
+    // nothing else wakes it; a beat that stops means the loop is stuck.
+    let mut heartbeat = tokio::time::interval(pulse::HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first load decides the hosts and the timing. Events that arrive
     // meanwhile wait for it, except a shutdown, which is served at once.
     let mut early = Vec::new();
     let mut first = spawn_load(&r);
     let loaded = loop {
+        pulse.beat();
         tokio::select! {
+            _ = heartbeat.tick() => {}
             res = &mut first => match res {
                 Ok(l) => break l,
                 Err(e) => {
@@ -272,6 +288,7 @@ pub async fn run<R: Reconciler>(r: Arc<R>, mut events: mpsc::UnboundedReceiver<E
         }
     };
     let timing = loaded.timing;
+    pulse.set_hosts(&loaded.hosts);
     let mut book = Book {
         queue: WorkQueue::new(),
         backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_CAP, timing.crash_loop_threshold),
@@ -279,6 +296,7 @@ pub async fn run<R: Reconciler>(r: Arc<R>, mut events: mpsc::UnboundedReceiver<E
         degraded: BTreeMap::new(),
         loaded,
         seed: seed | 1,
+        pulse,
     };
     let mut debounce = Debouncer::new(timing.quiet_window, timing.max_defer);
     tracing::info!(
@@ -309,7 +327,10 @@ pub async fn run<R: Reconciler>(r: Arc<R>, mut events: mpsc::UnboundedReceiver<E
         }
         let room = running.len() < book.loaded.timing.concurrency.max(1);
         let deadline = debounce.deadline();
+        book.pulse.beat();
+        book.pulse.set_queue_depth(book.queue.due(Instant::now()));
         tokio::select! {
+            _ = heartbeat.tick() => {}
             ev = async { match early.next() { Some(ev) => Some(ev), None => events.recv().await } }, if !stopping => {
                 match ev {
                     None | Some(Event::Shutdown) => {
@@ -413,6 +434,7 @@ pub async fn run<R: Reconciler>(r: Arc<R>, mut events: mpsc::UnboundedReceiver<E
 /// The error policy: a verdict becomes the host's next deadline.
 fn settle<R: Reconciler>(r: &R, book: &mut Book, host: &str, verdict: Verdict, stopping: bool) {
     book.queue.done(host);
+    book.pulse.passed(host);
     if stopping || !book.loaded.hosts.iter().any(|h| h == host) {
         return;
     }
@@ -503,6 +525,7 @@ fn apply_load<R: Reconciler>(
             fresh.timing.crash_loop_threshold,
         );
     }
+    book.pulse.set_hosts(&fresh.hosts);
     book.loaded = fresh;
     for h in book.degraded.keys().cloned().collect::<Vec<_>>() {
         book.release(&h, r);

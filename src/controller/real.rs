@@ -28,7 +28,8 @@ use crate::core::report::{
     HostOutcome, HostOutcomeKind, HostStatus, OperationIntent, RunResult, StepStatus, Trigger,
 };
 use crate::core::spec::DispatchMode;
-use crate::pass::{self, Overlay, PassInput, TransportCache};
+use crate::metrics::Metrics;
+use crate::pass::{self, Overlay, PassInput, PassReport, TransportCache};
 use crate::settings::Settings;
 use crate::store::StateDir;
 use crate::store::db::{Db, RunRow};
@@ -73,6 +74,8 @@ struct Inner {
     /// Read-modify-writes of a status file made here (not by a pass) take
     /// turns, so that one does not overwrite another's change.
     status: Mutex<()>,
+    /// Fed where each pass ends, from what it recorded.
+    metrics: Arc<Metrics>,
 }
 
 /// A lock whose holder panicked is still usable: what it guards is replaced
@@ -95,8 +98,14 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 impl Real {
     /// The controller for `--dir` and friends. The state dir is fixed for
     /// the life of the process (moving `state_dir` in tend.yaml needs a
-    /// restart); `settings` is the first resolution.
-    pub fn new(global: Global, settings: Settings, state_dir: StateDir) -> Real {
+    /// restart); `settings` is the first resolution. `metrics` counts each
+    /// pass's end, probe, apply and tokens.
+    pub fn new(
+        global: Global,
+        settings: Settings,
+        state_dir: StateDir,
+        metrics: Arc<Metrics>,
+    ) -> Real {
         let snap = Snapshot {
             settings,
             valid: None,
@@ -114,6 +123,7 @@ impl Real {
                 fleet: Mutex::new(()),
                 watches: Mutex::new(None),
                 status: Mutex::new(()),
+                metrics,
             }),
         }
     }
@@ -479,7 +489,11 @@ impl Inner {
         let me = self.clone();
         blocking(move || {
             match me.record_failed_pass(&host, trigger, &message) {
-                Ok(run_id) => tracing::warn!(%host, %run_id, %message, "failed pass recorded"),
+                Ok(run_id) => {
+                    me.metrics
+                        .pass_ended(&host, HostOutcomeKind::ExecutionFailed);
+                    tracing::warn!(%host, %run_id, %message, "failed pass recorded")
+                }
                 Err(e) => {
                     tracing::error!(%host, error = %format!("{e:#}"), %message, "could not record a failed pass")
                 }
@@ -535,6 +549,7 @@ impl Inner {
                         if let Some(res) = &r.result {
                             log_run(&host, res);
                         }
+                        count_pass(&self.metrics, &host, &r);
                         let (sd, h) = (self.state_dir.clone(), host.clone());
                         blocking(move || verdict(&h, r.result.as_ref(), &sd)).await
                     }
@@ -708,6 +723,28 @@ impl Inner {
 /// a read of the rollout's record).
 const ROLLOUT_POLL: Duration = Duration::from_secs(2);
 
+/// A pass's end in the metrics, from the report whose result (if any) was
+/// just written: the host's outcome as in `result.json`, and a quiet pass
+/// (nothing to do, no run recorded) as `NoChange`.
+fn count_pass(m: &Metrics, host: &str, r: &PassReport) {
+    let outcome = r
+        .result
+        .as_ref()
+        .and_then(|res| res.host_outcomes.iter().find(|o| o.host == host))
+        .map(|o| o.outcome)
+        .unwrap_or(HostOutcomeKind::NoChange);
+    m.pass_ended(host, outcome);
+    for (h, took) in &r.probed {
+        m.probed(h, *took);
+    }
+    for (h, took) in &r.applied {
+        m.applied(h, *took);
+    }
+    for (file, result) in &r.tokens {
+        m.token(file, *result);
+    }
+}
+
 fn log_run(host: &str, res: &RunResult) {
     for o in &res.host_outcomes {
         tracing::info!(
@@ -791,7 +828,7 @@ mod tests {
         };
         let settings = Settings::resolve(&g, TendConfig::default(), None).unwrap();
         let sd = settings.state_dir().unwrap();
-        let r = Real::new(g, settings, sd);
+        let r = Real::new(g, settings, sd, Arc::new(Metrics::new("0", "test")));
         r.state_dir().ensure().unwrap();
         r
     }

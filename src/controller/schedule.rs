@@ -197,6 +197,12 @@ impl<T: Clone> WorkQueue<T> {
         self.queued.len()
     }
 
+    /// Queued hosts whose deadline is `now` or past: due, waiting for a
+    /// free slot (running and parked hosts do not count).
+    pub fn due(&self, now: Instant) -> usize {
+        self.queued.values().filter(|e| e.at <= now).count()
+    }
+
     pub fn is_running(&self, host: &str) -> bool {
         self.running.contains(host)
     }

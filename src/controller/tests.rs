@@ -161,13 +161,42 @@ impl Reconciler for Fake {
 }
 
 fn start(fake: &Arc<Fake>) -> (mpsc::UnboundedSender<Event>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let h = tokio::spawn(run(fake.clone(), rx, 42));
+    let (tx, h, _) = start_with_pulse(fake);
     (tx, h)
+}
+
+fn start_with_pulse(
+    fake: &Arc<Fake>,
+) -> (
+    mpsc::UnboundedSender<Event>,
+    tokio::task::JoinHandle<()>,
+    Arc<Pulse>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let pulse = Arc::new(Pulse::new());
+    let h = tokio::spawn(run(fake.clone(), rx, 42, pulse.clone()));
+    (tx, h, pulse)
 }
 
 async fn at(fake: &Fake, secs: f64) {
     tokio::time::sleep_until(fake.t0 + Duration::from_secs_f64(secs)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pulse_says_ready_once_every_host_had_a_pass_and_counts_due_hosts() {
+    // One slot for three hosts: two wait while the first pass runs.
+    let fake = Fake::new(&["a", "b", "c"], 1, Duration::from_secs(10));
+    let (_tx, _h, pulse) = start_with_pulse(&fake);
+    at(&fake, 1.0).await;
+    assert!(pulse.healthy());
+    assert_eq!(pulse.queue_depth(), 2);
+    assert!(matches!(
+        pulse.readiness(),
+        pulse::Readiness::Waiting { of: 3, .. }
+    ));
+    at(&fake, 31.0).await;
+    assert_eq!(pulse.readiness(), pulse::Readiness::Ready { hosts: 3 });
+    assert_eq!(pulse.queue_depth(), 0);
 }
 
 #[tokio::test(start_paused = true)]

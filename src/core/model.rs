@@ -501,7 +501,9 @@ fn is_address(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'%'))
 }
 
-fn is_host_name(s: &str) -> bool {
+/// `[a-z0-9][a-z0-9-]*`, at most 63 characters: an inventory host name
+/// (and a tag).
+pub fn is_host_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63

@@ -379,6 +379,24 @@ impl StateDir {
         read_json(&self.run_dir(run_id).join("result.json"))
     }
 
+    /// `result.json` of a run as written (for `/api/runs`), or `None`.
+    pub fn run_result_bytes(&self, run_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.check_name("run id", run_id)?;
+        read_bytes(&self.run_dir(run_id).join("result.json"))
+    }
+
+    /// A host's status document as written (for `/api/hosts/<host>`), or
+    /// `None`.
+    pub fn status_bytes(&self, host: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.check_status_name(host)?;
+        read_bytes(&self.status_path(host))
+    }
+
+    /// `fleet.json` as written (for `/api/fleet`), or `None`.
+    pub fn fleet_bytes(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        read_bytes(&self.fleet_path())
+    }
+
     /// Write the stdout and stderr of one step; returns the log's path
     /// relative to the state dir, for `StepOutcome.log`.
     pub fn write_step_log(
@@ -462,6 +480,14 @@ impl StateDir {
             });
         }
         Ok(())
+    }
+}
+
+fn read_bytes(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io("read", path, e)),
     }
 }
 

@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 /// the controller (and h35, h36), h25..h29 for the controller bench, h30..h34
 /// for the five-host no-op converge, h40..h47 for the safety campaign,
 /// h48..h53 for the state dir's trust rules, h54..h61 for the controller's
-/// hardening, h62..h69 for step builders and large probes, h70..h79 for
-/// dispatch records, retries and large applies, h80..h90 for approvals
+/// hardening, h62..h69 for step builders and large probes, h70..h75, h78
+/// and h79 for dispatch records, retries and large applies, h76 and h77 for
+/// the HTTP endpoints (tests/listen.rs), h80..h90 for approvals
 /// (h80..h87: fleet-scale confirmation under the controller). No more:
 /// h91 would listen on 127.0.0.101, the first systemd host's address.
 pub const HOSTS: usize = 90;
