@@ -309,6 +309,9 @@ pub struct RunSummary {
     pub execution_outcome: Option<ExecutionOutcome>,
 }
 
+/// One host's outcome in a run: (run id, started at, outcome, reason).
+pub type HostRun = (String, String, String, Option<String>);
+
 /// One attempt of one step. Read back, an attempt cut short by a crash
 /// shows `failed` if the host had reported its start (it may have done
 /// anything) and `not_run` if it had not, with no finish time.
@@ -914,11 +917,7 @@ impl Db {
 
     /// The latest `limit` outcomes of `host`, newest first: (run id,
     /// started at, outcome, reason).
-    pub fn host_runs(
-        &self,
-        host: &str,
-        limit: usize,
-    ) -> Result<Vec<(String, String, String, Option<String>)>, StoreError> {
+    pub fn host_runs(&self, host: &str, limit: usize) -> Result<Vec<HostRun>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(format!("list the runs of {host}"), |conn| {
             let mut stmt = conn.prepare(
