@@ -207,7 +207,7 @@ pub enum Command {
         #[command(flatten)]
         select: Select,
         /// Draw the view again whenever a status file changes, until Ctrl-C.
-        #[arg(long, short = 'w', conflicts_with = "json")]
+        #[arg(long, short = 'w')]
         watch: bool,
     },
     /// Write a confirmation token for an operation.
@@ -253,4 +253,18 @@ pub enum CompletionShell {
     Bash,
     Zsh,
     Fish,
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks, for the whole tree and for each
+    /// subcommand on its own (as `tend man` builds them).
+    #[test]
+    fn the_command_definitions_are_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+        for sub in super::Cli::command().get_subcommands() {
+            sub.clone().debug_assert();
+        }
+    }
 }

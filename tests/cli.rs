@@ -2376,6 +2376,7 @@ fn status_describes_a_host_and_leads_the_fleet_with_trouble() {
     fx.run(&["apply", "b", "--dispatch", "enforced"]).code(4);
     let mut filters = fx.filters();
     filters.push((r"\b\d+[smhd]\b".into(), "[AGE]".into()));
+    filters.push((r"\b[0-9a-f]{12}\b".into(), "[REVISION]".into()));
     let filters: Vec<(&str, &str)> = filters
         .iter()
         .map(|(a, b)| (a.as_str(), b.as_str()))

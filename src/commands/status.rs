@@ -13,6 +13,9 @@ pub fn run(g: &Global, host: Option<&str>, select: &Select, watch: bool) -> Resu
         bail!("--tag and --exclude select hosts for the fleet view; not with a HOST");
     }
     if watch {
+        if g.json {
+            bail!("--watch draws the view for people; it does not go with --json");
+        }
         return watch_loop(g, &sd, host, select);
     }
     match host {
