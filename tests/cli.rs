@@ -1646,7 +1646,14 @@ fn refused_tokens_say_why_and_nothing_is_deleted() {
 #[test]
 fn a_token_goes_stale_when_the_desired_state_changes() {
     let (fx, op) = awaiting();
-    fx.run(&["confirm", &op, "--reason", "r"]).code(0);
+    let c = fx.run(&["confirm", &op, "--reason", "r"]);
+    c.code(0);
+    // Dispatch is off (no tend.yaml) and no controller runs: it says who will run it.
+    assert!(
+        c.stdout.contains("note: dispatch is off")
+            && c.stdout.contains("apply --dispatch enforced a"),
+        "{c}"
+    );
     // Another destructive step joins the operation: its hash changes.
     fs::write(fx.root().join("older.conf"), "x\n").unwrap();
     fx.write(

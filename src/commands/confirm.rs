@@ -133,6 +133,7 @@ pub fn run(g: &Global, operation: &str, reason: &str, ttl: Option<&str>) -> Resu
         println!(
             "the next pass over exactly these hosts that finds the same steps on the same objects runs them, once (`tend apply` with dispatch `canary` or `enforced`, or the controller)"
         );
+        print!("{}", who_runs_it(g, &state, &sd, &hosts));
     }
     Ok(exit::OK)
 }
@@ -262,4 +263,27 @@ fn write_token(sd: &StateDir, name: &str, doc: &TokenDoc) -> Result<std::path::P
         return Err(e).with_context(|| format!("writing token {}", path.display()));
     }
     Ok(path)
+}
+
+/// What will actually take the token now: a running controller (unless
+/// dispatch is off), or nobody until `tend apply` is run.
+fn who_runs_it(
+    g: &Global,
+    state: &crate::core::model::DesiredState,
+    sd: &StateDir,
+    hosts: &[String],
+) -> String {
+    let mode = crate::settings::Settings::resolve(g, state.config.clone(), None)
+        .map(|s| s.dispatch)
+        .ok();
+    let apply = format!("{} apply --dispatch enforced {}", "tend", hosts.join(" "));
+    match (super::state_dir_holder(sd), mode) {
+        (_, Some(crate::core::spec::DispatchMode::Off)) => format!(
+            "note: dispatch is off (tend.yaml or TEND_DISPATCH): no controller runs it; `{apply}` does\n"
+        ),
+        (Some(holder), _) => {
+            format!("a running controller ({holder}) takes it at the hosts' next pass\n")
+        }
+        (None, _) => format!("no controller is running on this state dir: `{apply}` runs it now\n"),
+    }
 }
