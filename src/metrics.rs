@@ -139,8 +139,12 @@ impl FleetView {
                 .condition(ConditionType::Drifted)
                 .is_some_and(|c| c.status == ConditionStatus::True);
             let p = &s.pending;
+            // Left uncorrected by the pass, plus reported by drift policy.
             let n = if drifted {
-                u64::from(p.create) + u64::from(p.update) + u64::from(p.delete)
+                u64::from(p.create)
+                    + u64::from(p.update)
+                    + u64::from(p.delete)
+                    + s.drift.reported.len() as u64
             } else {
                 0
             };
@@ -277,7 +281,7 @@ impl Metrics {
             &mut families,
             "tend_drifted_resources",
             "gauge",
-            "Resources that differ from the desired state after the host's last pass, while its Drifted condition is True",
+            "Resources that differ from the desired state after the host's last pass (left uncorrected, or reported by drift policy), while its Drifted condition is True",
             drifted.clone(),
         );
         let rollout = Family::<StateLabel, Gauge>::default();

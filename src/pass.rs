@@ -539,6 +539,21 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
                 runs.get(&d.host),
             ));
         }
+        // Corrective or intentional (SPEC 8.7), per change made.
+        for o in &mut outcomes {
+            let (Some(host), Some(hp)) = (state.hosts.get(&o.host), prep.plan.host(&o.host)) else {
+                continue;
+            };
+            for (step, so) in hp.steps.iter().zip(&o.steps) {
+                if so.status != report::StepStatus::Succeeded || step.is_restart() {
+                    continue;
+                }
+                match host.resources.iter().find(|r| r.id == step.id) {
+                    Some(r) if r.applied_as_now() => o.corrective += 1,
+                    _ => o.intentional += 1,
+                }
+            }
+        }
         let completed_at = now_rfc3339();
         let destroyed = outcomes.iter().flat_map(|o| &o.steps).any(|s| {
             s.destructive
@@ -631,6 +646,7 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
                 rollout_hold: holds.get(&o.host).cloned(),
                 suspended: suspended.get(&o.host).cloned(),
                 dispatch_off: mode == DispatchMode::Off,
+                drift: drift_status(&state, &prep, o, &rec),
             });
             sd.write_status(&status)?;
         }
@@ -753,6 +769,44 @@ fn settle_owed_restarts(
     Ok(owed)
 }
 
+/// A host's drift triage after the pass (SPEC 8.7): what was reported and
+/// left, the corrective applies in all, and the contested resources (3 or
+/// more corrective applies in the trailing hour, this pass's included).
+fn drift_status(
+    state: &DesiredState,
+    prep: &reconcile::Prepared,
+    o: &HostOutcome,
+    rec: &Recorder,
+) -> report::DriftStatus {
+    let reported = prep
+        .changes
+        .get(&o.host)
+        .map(|cs| {
+            cs.iter()
+                .filter(|c| c.reported)
+                .map(|c| c.id.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut contested = Vec::new();
+    if let (Some(host), Some(hp)) = (state.hosts.get(&o.host), prep.plan.host(&o.host)) {
+        for r in &host.resources {
+            let Some(a) = &r.applied else { continue };
+            let now = hp.steps.iter().zip(&o.steps).any(|(s, so)| {
+                s.id == r.id && so.status == report::StepStatus::Succeeded && r.applied_as_now()
+            });
+            if a.corrections_last_hour + u32::from(now) >= crate::core::model::CONTESTED_AT {
+                contested.push(r.id.clone());
+            }
+        }
+    }
+    report::DriftStatus {
+        reported,
+        corrected_total: rec.db().corrected_total(&o.host).unwrap_or(0),
+        contested,
+    }
+}
+
 fn record_managed(
     state: &DesiredState,
     prep: &reconcile::Prepared,
@@ -793,6 +847,21 @@ fn record_managed(
                     at,
                 )?;
             }
+        }
+        // Corrective applies, for contested resources (SPEC 8.7).
+        let corrected: Vec<String> = hp
+            .steps
+            .iter()
+            .zip(&o.steps)
+            .filter(|(s, so)| so.status == report::StepStatus::Succeeded && !s.is_restart())
+            .filter(|(s, _)| host.resource(&s.id).is_some_and(|r| r.applied_as_now()))
+            .map(|(s, _)| s.id.clone())
+            .collect();
+        if !corrected.is_empty() {
+            let hour_ago = crate::core::token::format_rfc3339(
+                crate::core::token::parse_rfc3339(at).unwrap_or(0) - 3600,
+            );
+            db.record_corrections(&o.host, &corrected, at, &hour_ago)?;
         }
     }
     Ok(())

@@ -549,8 +549,13 @@ pub async fn prepare(
 pub fn load_managed(db: Option<&Db>, targets: &[String]) -> Result<BTreeMap<String, Vec<Managed>>> {
     let mut out = BTreeMap::new();
     let Some(db) = db else { return Ok(out) };
+    let now = std::time::SystemTime::now();
+    let hour_ago =
+        humantime::format_rfc3339_millis(now - std::time::Duration::from_secs(3600)).to_string();
     for host in targets {
         let mut list = Vec::new();
+        // A database from before corrections were recorded has none.
+        let corrections = db.corrections_since(host, &hour_ago).unwrap_or_default();
         for row in db.managed(host)? {
             let spec = prune::spec_from_json(&row.spec_json).map_err(|e| {
                 anyhow::anyhow!(
@@ -559,7 +564,19 @@ pub fn load_managed(db: Option<&Db>, targets: &[String]) -> Result<BTreeMap<Stri
                     db.path().display()
                 )
             })?;
+            let (n, last) = corrections
+                .get(&row.resource_id)
+                .map(|(n, at)| (*n, crate::core::token::parse_rfc3339(at)))
+                .unwrap_or((0, None));
+            let now_secs =
+                crate::core::token::parse_rfc3339(&crate::clock::now_rfc3339()).unwrap_or(0);
             list.push(Managed {
+                applied: crate::core::model::Applied {
+                    definition: row.definition_sha256.clone(),
+                    corrections_last_hour: n,
+                    last_correction_secs: last.map(|t| now_secs.saturating_sub(t).max(0) as u64),
+                    hold: false,
+                },
                 id: row.resource_id,
                 spec,
             });
@@ -588,11 +605,17 @@ pub fn add_owed_restarts(
 
 pub fn with_prunes(state: &DesiredState, managed: &BTreeMap<String, Vec<Managed>>) -> DesiredState {
     let mut state = state.clone();
+    let resync = state.config.resync.0.as_secs();
     for (host, list) in managed {
         if let Some(h) = state.hosts.remove(host) {
-            state
-                .hosts
-                .insert(host.clone(), prune::with_pruned(h, list));
+            let mut h = prune::with_pruned(h, list);
+            // A contested resource is corrected at most once per resync.
+            for r in &mut h.resources {
+                if let Some(a) = r.applied.as_mut() {
+                    a.hold = a.contested() && a.last_correction_secs.is_some_and(|s| s < resync);
+                }
+            }
+            state.hosts.insert(host.clone(), h);
         }
     }
     state

@@ -2400,3 +2400,89 @@ fn status_describes_a_host_and_leads_the_fleet_with_trouble() {
         insta::assert_snapshot!("status_fresh_host", transcript(&fresh));
     });
 }
+
+/// SPEC 8.7 on a local host: `drift: report` is reported and left until its
+/// definition changes; changes are counted corrective or intentional; a
+/// resource corrected 3 times in the hour is contested and then corrected at
+/// most once per resync.
+#[test]
+fn drift_policy_reports_counts_and_contests() {
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: web\n    transport: local\n",
+    );
+    let desired = |motd: &str| {
+        format!(
+            "resources:\n  - kind: file\n    path: {{root}}/motd\n    content: \"{motd}\\n\"\n    drift: report\n  - kind: file\n    path: {{root}}/app.conf\n    content: \"port = 80\\n\"\n"
+        )
+    };
+    fx.write("hosts/web.yaml", &desired("welcome"));
+    let outcome = |r: &Value| host_outcome(r, "web").clone();
+    let first = apply_json(&fx, &["--dispatch", "enforced"], 0);
+    assert_eq!(
+        (
+            outcome(&first)["intentional"].clone(),
+            outcome(&first)["corrective"].clone()
+        ),
+        (json!(2), json!(0))
+    );
+    let motd = fx.root().join("motd");
+    let app = fx.root().join("app.conf");
+
+    // A hand edit of the `report` resource: reported, left, not pending.
+    fs::write(&motd, "edited by hand\n").unwrap();
+    fx.run(&["plan"]).code(0);
+    let r = apply_json(&fx, &["--dispatch", "enforced"], 0);
+    assert_eq!(outcome(&r)["steps"], json!([]));
+    assert_eq!(fs::read_to_string(&motd).unwrap(), "edited by hand\n");
+    let st = fx.status("web");
+    let motd_id = format!("file:{}", motd.display());
+    assert_eq!(st["drift"]["reported"], json!([motd_id]));
+    assert_eq!(condition(&st, "Drifted")["status"], "True");
+    assert_eq!(condition(&st, "Drifted")["reason"], "DriftReported");
+    assert_eq!(condition(&st, "Converged")["status"], "True");
+    assert_eq!(st["pending"]["update"], 0);
+    let d = fx.run(&["drift", "--json"]);
+    d.code(2);
+    assert_eq!(d.json()["hosts"][0]["drift"][0]["reported"], true);
+
+    // A commit redefining it converges it: intentional.
+    fx.write("hosts/web.yaml", &desired("welcome back"));
+    let r = apply_json(&fx, &["--dispatch", "enforced"], 0);
+    assert_eq!(
+        (
+            outcome(&r)["intentional"].clone(),
+            outcome(&r)["corrective"].clone()
+        ),
+        (json!(1), json!(0))
+    );
+    assert_eq!(fs::read_to_string(&motd).unwrap(), "welcome back\n");
+    assert_eq!(fx.status("web")["drift"]["reported"], json!([]));
+
+    // Hand edits of a `correct` resource: corrective, three times contested.
+    for n in 1..=3 {
+        fs::write(&app, format!("port = {n}\n")).unwrap();
+        let r = apply_json(&fx, &["--dispatch", "enforced"], 0);
+        assert_eq!(
+            (
+                outcome(&r)["intentional"].clone(),
+                outcome(&r)["corrective"].clone()
+            ),
+            (json!(0), json!(1)),
+            "edit {n}"
+        );
+        assert_eq!(fs::read_to_string(&app).unwrap(), "port = 80\n");
+    }
+    let st = fx.status("web");
+    let app_id = format!("file:{}", app.display());
+    assert_eq!(st["drift"]["corrected_total"], 3);
+    assert_eq!(st["drift"]["contested"], json!([app_id]));
+    assert_eq!(condition(&st, "Drifted")["reason"], "Contested");
+    // Contested and corrected less than a resync ago: left this time.
+    fs::write(&app, "port = 4\n").unwrap();
+    let r = apply_json(&fx, &["--dispatch", "enforced"], 0);
+    assert_eq!(outcome(&r)["corrective"], 0);
+    assert_eq!(fs::read_to_string(&app).unwrap(), "port = 4\n");
+    assert_eq!(fx.status("web")["drift"]["reported"], json!([app_id]));
+}

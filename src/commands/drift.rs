@@ -14,11 +14,36 @@ use serde_json::json;
 use super::{Loaded, exit};
 use crate::core::plan::Step;
 
-/// One host's drift: the steps that would correct it.
-struct HostDrift<'a> {
+/// One drifted resource: what would correct it (or, for a reported one,
+/// what differs).
+struct Entry {
+    id: String,
+    kind: &'static str,
+    action: &'static str,
+    destructive: bool,
+    fields: Vec<crate::core::diff::FieldChange>,
+    /// Left on the host by drift policy (`drift: report`, contested).
+    reported: bool,
+}
+
+impl Entry {
+    fn of(s: &Step) -> Entry {
+        Entry {
+            id: s.id.clone(),
+            kind: s.kind,
+            action: s.action.as_str(),
+            destructive: s.destructive,
+            fields: s.fields.clone(),
+            reported: false,
+        }
+    }
+}
+
+/// One host's drift.
+struct HostDrift {
     host: String,
     error: Option<String>,
-    steps: Vec<&'a Step>,
+    steps: Vec<Entry>,
 }
 
 pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
@@ -64,9 +89,26 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
                     }
                 };
                 if same {
-                    d.steps.push(s);
+                    d.steps.push(Entry::of(s));
                 }
             }
+        }
+        // Differences drift policy left on the host are drift too.
+        for c in prep
+            .changes
+            .get(&hp.host)
+            .into_iter()
+            .flatten()
+            .filter(|c| c.reported)
+        {
+            d.steps.push(Entry {
+                id: c.id.clone(),
+                kind: c.kind,
+                action: "report",
+                destructive: false,
+                fields: c.fields.clone(),
+                reported: true,
+            });
         }
         report.push(d);
     }
@@ -85,9 +127,10 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
                     "drift": d.steps.iter().map(|s| json!({
                         "id": s.id,
                         "kind": s.kind,
-                        "action": s.action.as_str(),
+                        "action": s.action,
                         "destructive": s.destructive,
                         "fields": s.fields,
+                        "reported": s.reported,
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -118,13 +161,22 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
                 d.steps.len()
             );
             for s in &d.steps {
-                let _ = writeln!(
-                    out,
-                    "  {} {} ({} to correct)",
-                    p.yellow("~"),
-                    s.id,
-                    s.action.as_str()
-                );
+                if s.reported {
+                    let _ = writeln!(
+                        out,
+                        "  {} {} (reported, left as it is by drift policy)",
+                        p.yellow("~"),
+                        s.id
+                    );
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "  {} {} ({} to correct)",
+                        p.yellow("~"),
+                        s.id,
+                        s.action
+                    );
+                }
                 for f in &s.fields {
                     let _ = writeln!(
                         out,

@@ -455,6 +455,8 @@ impl Inner {
             last_failure_message: Some(message.to_string()),
             changes: Changes::default(),
             steps: Vec::new(),
+            corrective: 0,
+            intentional: 0,
         }];
         let result = RunResult {
             schema_version: report::SCHEMA_VERSION,

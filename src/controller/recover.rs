@@ -128,6 +128,8 @@ pub fn interrupted_result(
                 last_failure_message: Some("the run was interrupted".into()),
                 changes,
                 steps,
+                corrective: 0,
+                intentional: 0,
             }
         })
         .collect();

@@ -80,6 +80,11 @@ pub struct Change {
     /// `sensitive: true` on the resource (SPEC 8.6).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub sensitive: bool,
+    /// A difference left on the host and reported (SPEC 8.7: `drift:
+    /// report`, or a contested resource already corrected within this
+    /// resync): the action is `noop`, `fields` say what differs.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reported: bool,
 }
 
 impl Change {
@@ -95,6 +100,7 @@ impl Change {
             daemon_reload: false,
             approval: None,
             sensitive: r.sensitive(),
+            reported: false,
         }
     }
 
@@ -144,6 +150,27 @@ pub fn diff_host(host: &Host, actual: &HostActual) -> Vec<Change> {
                 host.lifecycle
             };
             let mut c = diff_resource(r, observed(r), lifecycle);
+            // Drift policy (SPEC 8.7): a difference under the definition
+            // last applied is left and reported for `drift: report` (unless
+            // the object is gone), and for a contested resource corrected
+            // within this resync.
+            if c.action != Action::Noop && !r.pruned && r.applied_as_now() {
+                let absent = matches!(observed(r), Observed::Absent);
+                let why = if r.drift_report() && !absent {
+                    Some("drift reported, not corrected (`drift: report`): change the definition to apply it")
+                } else if r.applied.as_ref().is_some_and(|a| a.hold) {
+                    Some("contested: another manager changes it; corrected at most once per resync")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    c.action = Action::Noop;
+                    c.destructive = false;
+                    c.replace = false;
+                    c.reported = true;
+                    c.note = Some(why.into());
+                }
+            }
             if r.pruned && c.action == Action::Delete {
                 c.note =
                     Some("pruned: tend applied it and it is no longer in the desired state".into());
@@ -767,6 +794,7 @@ pub(crate) mod tests {
             from_group: None,
             replaces_group: None,
             pruned: false,
+            applied: None,
         }
     }
 
@@ -782,6 +810,7 @@ pub(crate) mod tests {
             id: None,
             requires: vec![],
             sensitive: false,
+            drift: Default::default(),
         })
     }
 
@@ -869,6 +898,7 @@ pub(crate) mod tests {
                 id: None,
                 requires: vec![],
                 sensitive: false,
+                drift: Default::default(),
             })
         };
         check(
@@ -899,6 +929,7 @@ pub(crate) mod tests {
                 id: None,
                 requires: vec![],
                 sensitive: false,
+                drift: Default::default(),
             })
         };
         let at = |t: &str| Observed::Symlink {
@@ -958,6 +989,7 @@ pub(crate) mod tests {
             id: None,
             requires: vec![],
             sensitive: false,
+            drift: Default::default(),
         }
     }
 
@@ -1014,6 +1046,7 @@ pub(crate) mod tests {
             id: None,
             requires: vec![],
             sensitive: false,
+            drift: Default::default(),
         });
         let mut m = meta_of(0, Some("root"));
         m.gid = 1000;
@@ -1032,6 +1065,7 @@ pub(crate) mod tests {
                 id: None,
                 requires: vec![],
                 sensitive: false,
+                drift: Default::default(),
             })
         };
         let at = |t: &[u8]| Observed::Symlink { target: t.to_vec() };
@@ -1103,6 +1137,7 @@ pub(crate) mod tests {
                 id: None,
                 requires: vec![],
                 sensitive: false,
+                drift: Default::default(),
             }),
             None,
         );
@@ -1114,6 +1149,7 @@ pub(crate) mod tests {
                 id: None,
                 requires: vec![],
                 sensitive: false,
+                drift: Default::default(),
             }),
             None,
         );
@@ -1166,6 +1202,7 @@ pub(crate) mod tests {
             id: None,
             requires: vec![],
             sensitive: false,
+            drift: Default::default(),
         })
     }
 
@@ -1239,6 +1276,7 @@ pub(crate) mod tests {
             id: None,
             requires: vec![],
             sensitive: false,
+            drift: Default::default(),
         });
         check(
             spec.clone(),
@@ -1261,6 +1299,7 @@ pub(crate) mod tests {
             id: None,
             requires: vec![],
             sensitive: false,
+            drift: Default::default(),
         })
     }
 
@@ -1295,6 +1334,7 @@ pub(crate) mod tests {
             id: None,
             requires: vec![],
             sensitive: false,
+            drift: Default::default(),
         })
     }
 
@@ -1334,6 +1374,7 @@ pub(crate) mod tests {
             id: None,
             requires: vec![],
             sensitive: false,
+            drift: Default::default(),
         })
     }
 
@@ -1413,6 +1454,7 @@ pub(crate) mod tests {
             id: None,
             requires: vec![],
             sensitive: false,
+            drift: Default::default(),
         })
     }
 
@@ -1575,6 +1617,7 @@ pub(crate) mod tests {
                 id: None,
                 requires: vec![],
                 sensitive: false,
+                drift: Default::default(),
             }),
             None,
         );

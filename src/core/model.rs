@@ -117,6 +117,33 @@ pub struct Resource {
     /// Applied by tend earlier and no longer declared: planned as a removal
     /// (see `prune`).
     pub pruned: bool,
+    /// What the database recorded when tend last applied it (None: never,
+    /// or not looked up).
+    pub applied: Option<Applied>,
+}
+
+/// The record of a resource's last apply that drift policy needs (SPEC 8.7).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// `definition_digest` at that apply (None: before it was recorded).
+    pub definition: Option<String>,
+    /// Corrective applies in the trailing 60 minutes.
+    pub corrections_last_hour: u32,
+    /// Seconds since the last corrective apply, if any.
+    pub last_correction_secs: Option<u64>,
+    /// Contested and corrected less than one `resync` ago: not corrected
+    /// again in this pass (SPEC 8.7).
+    pub hold: bool,
+}
+
+/// Corrective applies in the trailing hour that make a resource contested.
+pub const CONTESTED_AT: u32 = 3;
+
+impl Applied {
+    /// Another manager changes it (SPEC 8.7).
+    pub fn contested(&self) -> bool {
+        self.corrections_last_hour >= CONTESTED_AT
+    }
 }
 
 /// Which namespace a resource's key lives in: two resources may not share one.
@@ -181,6 +208,31 @@ impl Resource {
             ResourceSpec::Group(s) => &s.requires,
             ResourceSpec::Command(s) => &s.requires,
         }
+    }
+
+    /// `drift: report` (SPEC 8.7).
+    pub fn drift_report(&self) -> bool {
+        let d = match &self.spec {
+            ResourceSpec::File(s) => s.drift,
+            ResourceSpec::Directory(s) => s.drift,
+            ResourceSpec::Symlink(s) => s.drift,
+            ResourceSpec::Package(s) => s.drift,
+            ResourceSpec::Service(s) => s.drift,
+            ResourceSpec::User(s) => s.drift,
+            ResourceSpec::Group(s) => s.drift,
+            ResourceSpec::Command(s) => s.drift,
+        };
+        d == super::spec::DriftPolicy::Report
+    }
+
+    /// Applied before under this very definition: a change now corrects
+    /// drift (corrective), rather than applying a new definition
+    /// (intentional).
+    pub fn applied_as_now(&self) -> bool {
+        self.applied
+            .as_ref()
+            .and_then(|a| a.definition.as_deref())
+            .is_some_and(|d| d == self.definition_digest())
     }
 
     /// `sensitive: true` (SPEC 8.6): its content never reaches an output.
@@ -1588,6 +1640,7 @@ fn load_resource(
         from_group: group.map(str::to_string),
         replaces_group: None,
         pruned: false,
+        applied: None,
     };
     r.id = match r.explicit_id() {
         Some(id) if id.trim().is_empty() || id.chars().any(char::is_control) => {

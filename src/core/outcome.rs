@@ -125,6 +125,8 @@ fn steps_outcome(
             delete: plan.changes.delete as u32,
         },
         steps,
+        corrective: 0,
+        intentional: 0,
     };
 
     if decision.outcome == PolicyOutcome::PreflightFailed {
@@ -350,6 +352,8 @@ pub struct StatusInput<'a> {
     pub suspended: Option<String>,
     /// The pass ran in dispatch mode `off`.
     pub dispatch_off: bool,
+    /// Drift triage after the pass (SPEC 8.7).
+    pub drift: crate::core::report::DriftStatus,
 }
 
 /// The next status of a host after a run.
@@ -472,12 +476,35 @@ pub fn next_status(i: StatusInput) -> HostStatus {
     // differences this pass did not correct, not the probe before it.
     let seen = hp.map(|h| h.steps.len()).unwrap_or(0);
     let left = pending_total as usize;
-    if left > 0 {
+    s.drift = i.drift.clone();
+    if !s.drift.contested.is_empty() {
+        s.set_condition(
+            ConditionType::Drifted,
+            t,
+            "Contested",
+            format!(
+                "contested: {} corrected 3 or more times in the last hour (another manager changes it); tend corrects it at most once per resync",
+                s.drift.contested.join(", ")
+            ),
+            i.now,
+        );
+    } else if left > 0 {
         s.set_condition(
             ConditionType::Drifted,
             t,
             "DriftDetected",
             format!("{left} resource(s) differ from the desired state after the last pass"),
+            i.now,
+        );
+    } else if !s.drift.reported.is_empty() {
+        s.set_condition(
+            ConditionType::Drifted,
+            t,
+            "DriftReported",
+            format!(
+                "drift reported, not corrected (`drift: report`): {}",
+                s.drift.reported.join(", ")
+            ),
             i.now,
         );
     } else if seen > 0 {

@@ -37,6 +37,7 @@ pub(super) fn res(spec: ResourceSpec) -> Resource {
         from_group: None,
         replaces_group: None,
         pruned: false,
+        applied: None,
     };
     r.id = format!("{}:{}", r.kind(), r.key().1);
     r.content = match &r.spec {
@@ -66,6 +67,7 @@ pub(super) fn dir(path: &str) -> Resource {
         id: None,
         requires: vec![],
         sensitive: false,
+        drift: Default::default(),
     }))
 }
 
@@ -77,6 +79,7 @@ pub(super) fn link(path: &str, target: &str) -> Resource {
         id: None,
         requires: vec![],
         sensitive: false,
+        drift: Default::default(),
     }))
 }
 
@@ -92,6 +95,7 @@ fn user(name: &str) -> Resource {
         id: None,
         requires: vec![],
         sensitive: false,
+        drift: Default::default(),
     }))
 }
 
@@ -103,6 +107,7 @@ fn group(name: &str) -> Resource {
         id: None,
         requires: vec![],
         sensitive: false,
+        drift: Default::default(),
     }))
 }
 
@@ -113,6 +118,7 @@ fn package(name: &str) -> Resource {
         id: None,
         requires: vec![],
         sensitive: false,
+        drift: Default::default(),
     }))
 }
 
@@ -125,6 +131,7 @@ fn service(name: &str) -> Resource {
         id: None,
         requires: vec![],
         sensitive: false,
+        drift: Default::default(),
     }))
 }
 
@@ -395,6 +402,7 @@ fn changes_of(h: &Host, spec: &[(&str, &str)]) -> Vec<Change> {
                 daemon_reload: false,
                 approval: None,
                 sensitive: false,
+                reported: false,
             }
         })
         .collect()

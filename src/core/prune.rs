@@ -20,6 +20,8 @@ use super::yaml::Pos;
 pub struct Managed {
     pub id: String,
     pub spec: ResourceSpec,
+    /// What drift policy needs of its last apply (SPEC 8.7).
+    pub applied: super::model::Applied,
 }
 
 /// Read back a recorded spec (`{"kind": "file", ...}`).
@@ -56,7 +58,8 @@ pub const PRUNED_ORIGIN: &str = "(managed by tend, no longer in the desired stat
 pub fn with_pruned(mut host: Host, managed: &[Managed]) -> Host {
     let mut added = Vec::new();
     for m in managed {
-        if host.resource(&m.id).is_some() {
+        if let Some(r) = host.resources.iter_mut().find(|r| r.id == m.id) {
+            r.applied = Some(m.applied.clone());
             continue;
         }
         let r = Resource {
@@ -73,6 +76,7 @@ pub fn with_pruned(mut host: Host, managed: &[Managed]) -> Host {
             from_group: None,
             replaces_group: None,
             pruned: true,
+            applied: None,
         };
         if host.resources.iter().any(|d| d.key() == r.key()) {
             continue;
@@ -115,7 +119,11 @@ mod tests {
                 _ => unreachable!(),
             }
         );
-        Managed { id, spec }
+        Managed {
+            id,
+            spec,
+            applied: Default::default(),
+        }
     }
 
     #[test]

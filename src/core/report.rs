@@ -233,6 +233,13 @@ pub struct HostOutcome {
     /// What the plan held for the host, executed or not.
     pub changes: Changes,
     pub steps: Vec<StepOutcome>,
+    /// Changes made because the host drifted from a definition already
+    /// applied (SPEC 8.7).
+    #[serde(default)]
+    pub corrective: u32,
+    /// Changes made because the desired definition changed (or was new).
+    #[serde(default)]
+    pub intentional: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,6 +282,19 @@ pub struct HostStatus {
     pub conditions: Vec<Condition>,
     pub pending: Pending,
     pub awaiting_confirmation: Option<AwaitingConfirmation>,
+    /// Drift triage (SPEC 8.7).
+    #[serde(default)]
+    pub drift: DriftStatus,
+}
+
+/// What the host's drift looks like (SPEC 8.7): differences reported and
+/// left (`drift: report`, or contested and already corrected this
+/// resync), corrective applies in all, and contested resources.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftStatus {
+    pub reported: Vec<String>,
+    pub corrected_total: u64,
+    pub contested: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,6 +353,7 @@ impl HostStatus {
             converged_revision: None,
             last_probe_at: None,
             last_run_id: None,
+            drift: DriftStatus::default(),
             conditions: ConditionType::ALL
                 .iter()
                 .map(|&kind| Condition {
@@ -580,6 +601,8 @@ pub(crate) mod fixtures {
                 attempts: 0,
                 log: None,
             }],
+            corrective: 0,
+            intentional: 0,
         }
     }
 

@@ -451,6 +451,24 @@ impl State {
     }
 }
 
+/// What tend does about a difference on the host (SPEC 8.7).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftPolicy {
+    /// Correct it (the default).
+    #[default]
+    Correct,
+    /// Apply only when absent, never applied, or redefined; otherwise
+    /// report the difference and leave it.
+    Report,
+}
+
+impl DriftPolicy {
+    pub fn is_correct(&self) -> bool {
+        *self == DriftPolicy::Correct
+    }
+}
+
 /// One resource. Parsed by `model` per kind (so that errors keep their
 /// positions); this enum carries the `kind` tag for the schema and for output.
 #[derive(Clone, Debug, Serialize, JsonSchema, PartialEq)]
@@ -508,6 +526,10 @@ pub struct FileSpec {
     /// document, HTTP response and the database (SPEC 8.6).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sensitive: bool,
+    /// `report`: a difference on the host under an unchanged definition is
+    /// reported, not corrected (SPEC 8.7).
+    #[serde(default, skip_serializing_if = "DriftPolicy::is_correct")]
+    pub drift: DriftPolicy,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -532,6 +554,10 @@ pub struct DirectorySpec {
     /// document, HTTP response and the database (SPEC 8.6).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sensitive: bool,
+    /// `report`: a difference on the host under an unchanged definition is
+    /// reported, not corrected (SPEC 8.7).
+    #[serde(default, skip_serializing_if = "DriftPolicy::is_correct")]
+    pub drift: DriftPolicy,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -552,6 +578,10 @@ pub struct SymlinkSpec {
     /// document, HTTP response and the database (SPEC 8.6).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sensitive: bool,
+    /// `report`: a difference on the host under an unchanged definition is
+    /// reported, not corrected (SPEC 8.7).
+    #[serde(default, skip_serializing_if = "DriftPolicy::is_correct")]
+    pub drift: DriftPolicy,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -569,6 +599,10 @@ pub struct PackageSpec {
     /// document, HTTP response and the database (SPEC 8.6).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sensitive: bool,
+    /// `report`: a difference on the host under an unchanged definition is
+    /// reported, not corrected (SPEC 8.7).
+    #[serde(default, skip_serializing_if = "DriftPolicy::is_correct")]
+    pub drift: DriftPolicy,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -592,6 +626,10 @@ pub struct ServiceSpec {
     /// document, HTTP response and the database (SPEC 8.6).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sensitive: bool,
+    /// `report`: a difference on the host under an unchanged definition is
+    /// reported, not corrected (SPEC 8.7).
+    #[serde(default, skip_serializing_if = "DriftPolicy::is_correct")]
+    pub drift: DriftPolicy,
 }
 
 fn yes() -> bool {
@@ -624,6 +662,10 @@ pub struct UserSpec {
     /// document, HTTP response and the database (SPEC 8.6).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sensitive: bool,
+    /// `report`: a difference on the host under an unchanged definition is
+    /// reported, not corrected (SPEC 8.7).
+    #[serde(default, skip_serializing_if = "DriftPolicy::is_correct")]
+    pub drift: DriftPolicy,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -643,6 +685,10 @@ pub struct GroupSpec {
     /// document, HTTP response and the database (SPEC 8.6).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sensitive: bool,
+    /// `report`: a difference on the host under an unchanged definition is
+    /// reported, not corrected (SPEC 8.7).
+    #[serde(default, skip_serializing_if = "DriftPolicy::is_correct")]
+    pub drift: DriftPolicy,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -671,6 +717,10 @@ pub struct CommandSpec {
     /// document, HTTP response and the database (SPEC 8.6).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sensitive: bool,
+    /// `report`: a difference on the host under an unchanged definition is
+    /// reported, not corrected (SPEC 8.7).
+    #[serde(default, skip_serializing_if = "DriftPolicy::is_correct")]
+    pub drift: DriftPolicy,
 }
 
 /// The JSON Schema of every desired-state file, one document with named

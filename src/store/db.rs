@@ -8,7 +8,7 @@
 //! Enumerated values are stored as their JSON spelling from `core::report`,
 //! so the database and the documents say the same words.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -243,6 +243,21 @@ CREATE TABLE rollout_resumes (
     // for resources applied before it.
     r#"
 ALTER TABLE managed_resources ADD COLUMN definition_sha256 TEXT;
+"#,
+    // 9: corrective applies (SPEC 8.7): one row per resource corrected,
+    // for the trailing hour that makes it contested (older rows are swept),
+    // and each host's running total.
+    r#"
+CREATE TABLE corrections (
+    host        TEXT NOT NULL,
+    resource_id TEXT NOT NULL,
+    at          TEXT NOT NULL
+) STRICT;
+CREATE INDEX corrections_by_resource ON corrections (host, resource_id, at);
+CREATE TABLE correction_totals (
+    host  TEXT PRIMARY KEY,
+    total INTEGER NOT NULL
+) STRICT;
 "#,
 ];
 
@@ -912,6 +927,72 @@ impl Db {
                 })
             })?;
             rows.collect()
+        })
+    }
+
+    /// Record corrective applies of `ids` on `host` at `at` (RFC 3339),
+    /// add them to the host's total, and forget corrections older than
+    /// `keep_after`, in one transaction.
+    pub fn record_corrections(
+        &mut self,
+        host: &str,
+        ids: &[String],
+        at: &str,
+        keep_after: &str,
+    ) -> Result<(), StoreError> {
+        self.write(format!("record corrections on {host}"), |tx| {
+            for id in ids {
+                tx.execute(
+                    "INSERT INTO corrections (host, resource_id, at) VALUES (?1, ?2, ?3)",
+                    [host, id.as_str(), at],
+                )?;
+            }
+            tx.execute(
+                "INSERT INTO correction_totals (host, total) VALUES (?1, ?2)
+                 ON CONFLICT (host) DO UPDATE SET total = total + excluded.total",
+                rusqlite::params![host, ids.len() as i64],
+            )?;
+            tx.execute(
+                "DELETE FROM corrections WHERE host = ?1 AND at < ?2",
+                [host, keep_after],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Per resource of `host`: corrective applies at or after `since`
+    /// (RFC 3339) and the latest one's time.
+    pub fn corrections_since(
+        &self,
+        host: &str,
+        since: &str,
+    ) -> Result<BTreeMap<String, (u32, String)>, StoreError> {
+        self.read(format!("read the corrections of {host}"), |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT resource_id, COUNT(*), MAX(at) FROM corrections
+                 WHERE host = ?1 AND at >= ?2 GROUP BY resource_id",
+            )?;
+            let rows = stmt.query_map([host, since], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    (r.get::<_, u32>(1)?, r.get::<_, String>(2)?),
+                ))
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Every corrective apply recorded on `host`.
+    pub fn corrected_total(&self, host: &str) -> Result<u64, StoreError> {
+        self.read(format!("read the correction total of {host}"), |conn| {
+            let n: Option<i64> = conn
+                .query_row(
+                    "SELECT total FROM correction_totals WHERE host = ?1",
+                    [host],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(n.unwrap_or(0).max(0) as u64)
         })
     }
 
