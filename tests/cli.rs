@@ -661,6 +661,7 @@ fn result_shape() -> Value {
             "last_failure_class": null,
             "last_failure_message": null,
             "changes": {"create": null, "update": null, "delete": null},
+            "corrective": null, "intentional": null, // SPEC 8.7
             "steps": [{
                 "id": null, "action": null, "destructive": null, "status": null,
                 "attempts": null,
@@ -691,7 +692,8 @@ fn status_shape() -> Value {
         "awaiting_confirmation": {
             "operation": null, "hosts": null, "steps": null, "token_file": null,
             "command": null
-        }
+        },
+        "drift": {"reported": null, "corrected_total": null, "contested": null} // SPEC 8.7
     })
 }
 

@@ -725,14 +725,14 @@ fn unknown_keys_in_every_resource_kind() {
             "#,
         ),
         "
-        hosts/web-1.yaml:4:5: unknown field `mod`, expected one of `path`, `content`, `source`, `mode`, `owner`, `group`, `state`, `id`, `requires`, `sensitive`
-        hosts/web-1.yaml:7:5: unknown field `recurse`, expected one of `path`, `mode`, `owner`, `group`, `state`, `id`, `requires`, `sensitive`
-        hosts/web-1.yaml:11:5: unknown field `force`, expected one of `path`, `target`, `state`, `id`, `requires`, `sensitive`
-        hosts/web-1.yaml:14:5: unknown field `version`, expected one of `name`, `state`, `id`, `requires`, `sensitive`
-        hosts/web-1.yaml:17:5: unknown field `restart`, expected one of `name`, `enabled`, `running`, `restart_on`, `id`, `requires`, `sensitive`
-        hosts/web-1.yaml:20:5: unknown field `password`, expected one of `name`, `uid`, `home`, `shell`, `groups`, `system`, `state`, `id`, `requires`, `sensitive`
-        hosts/web-1.yaml:23:5: unknown field `members`, expected one of `name`, `gid`, `state`, `id`, `requires`, `sensitive`
-        hosts/web-1.yaml:27:5: unknown field `cwd`, expected one of `name`, `run`, `creates`, `unless`, `destructive`, `timeout`, `id`, `requires`, `sensitive`
+        hosts/web-1.yaml:4:5: unknown field `mod`, expected one of `path`, `content`, `source`, `mode`, `owner`, `group`, `state`, `id`, `requires`, `sensitive`, `drift`
+        hosts/web-1.yaml:7:5: unknown field `recurse`, expected one of `path`, `mode`, `owner`, `group`, `state`, `id`, `requires`, `sensitive`, `drift`
+        hosts/web-1.yaml:11:5: unknown field `force`, expected one of `path`, `target`, `state`, `id`, `requires`, `sensitive`, `drift`
+        hosts/web-1.yaml:14:5: unknown field `version`, expected one of `name`, `state`, `id`, `requires`, `sensitive`, `drift`
+        hosts/web-1.yaml:17:5: unknown field `restart`, expected one of `name`, `enabled`, `running`, `restart_on`, `id`, `requires`, `sensitive`, `drift`
+        hosts/web-1.yaml:20:5: unknown field `password`, expected one of `name`, `uid`, `home`, `shell`, `groups`, `system`, `state`, `id`, `requires`, `sensitive`, `drift`
+        hosts/web-1.yaml:23:5: unknown field `members`, expected one of `name`, `gid`, `state`, `id`, `requires`, `sensitive`, `drift`
+        hosts/web-1.yaml:27:5: unknown field `cwd`, expected one of `name`, `run`, `creates`, `unless`, `destructive`, `timeout`, `id`, `requires`, `sensitive`, `drift`
         ",
     );
 }
@@ -780,8 +780,8 @@ fn state_is_not_a_field_of_services_and_commands() {
             "#,
         ),
         "
-        hosts/web-1.yaml:4:5: unknown field `state`, expected one of `name`, `enabled`, `running`, `restart_on`, `id`, `requires`, `sensitive`
-        hosts/web-1.yaml:8:5: unknown field `state`, expected one of `name`, `run`, `creates`, `unless`, `destructive`, `timeout`, `id`, `requires`, `sensitive`
+        hosts/web-1.yaml:4:5: unknown field `state`, expected one of `name`, `enabled`, `running`, `restart_on`, `id`, `requires`, `sensitive`, `drift`
+        hosts/web-1.yaml:8:5: unknown field `state`, expected one of `name`, `run`, `creates`, `unless`, `destructive`, `timeout`, `id`, `requires`, `sensitive`, `drift`
         ",
     );
 }
@@ -1335,7 +1335,7 @@ fn a_rejected_resource_is_not_reported_again_as_unknown() {
         resources: [
         "#,
         "
-        groups/web.yaml:4:5: unknown field `verison`, expected one of `name`, `state`, `id`, `requires`, `sensitive`
+        groups/web.yaml:4:5: unknown field `verison`, expected one of `name`, `state`, `id`, `requires`, `sensitive`, `drift`
         hosts/web-1.yaml:4:11: path `etc/nginx/nginx.conf` must be absolute
         hosts/web-1.yaml:9:37: `service:app` requires unknown id `nope` on host `web-1`
         hosts/web-2.yaml:1:12: invalid YAML: unclosed bracket '['
@@ -1690,13 +1690,13 @@ fn every_problem_in_every_file_is_reported() {
         resources: []
         "#,
         "
-        groups/web.yaml:4:5: unknown field `verison`, expected one of `name`, `state`, `id`, `requires`, `sensitive`
+        groups/web.yaml:4:5: unknown field `verison`, expected one of `name`, `state`, `id`, `requires`, `sensitive`, `drift`
         groups/web.yaml:5:5: duplicate key `name` (first at line 3): remove one
         hosts/cache-1.yaml:1:1: host file for `cache-1` has no entry in inventory.yaml: add it there or remove this file
         hosts/web-1.yaml:3:11: path `etc/app.conf` must be absolute
         hosts/web-1.yaml:4:11: invalid mode `rwx`: write 3 or 4 octal digits, such as `0644` or `0755`
-        hosts/web-1.yaml:7:5: unknown field `ownr`, expected one of `path`, `mode`, `owner`, `group`, `state`, `id`, `requires`, `sensitive`
-        hosts/web-1.yaml:8:5: unknown field `grp`, expected one of `path`, `mode`, `owner`, `group`, `state`, `id`, `requires`, `sensitive`
+        hosts/web-1.yaml:7:5: unknown field `ownr`, expected one of `path`, `mode`, `owner`, `group`, `state`, `id`, `requires`, `sensitive`, `drift`
+        hosts/web-1.yaml:8:5: unknown field `grp`, expected one of `path`, `mode`, `owner`, `group`, `state`, `id`, `requires`, `sensitive`, `drift`
         hosts/web-1.yaml:11:31: `service:nginx` requires unknown id `package:missing` on host `web-1`
         inventory.yaml:6:14: host `web-2` has the same address and port (10.0.0.1:22) as host `web-1`
         inventory.yaml:7:5: host `db-1` has no host file: create hosts/db-1.yaml

@@ -781,6 +781,8 @@ mod tests {
                 "last_failure_message",
                 "changes",
                 "steps",
+                "corrective",
+                "intentional",
             ],
         );
         assert_keys(&ho["changes"], &["create", "update", "delete"]);
@@ -883,8 +885,10 @@ mod tests {
                 "conditions",
                 "pending",
                 "awaiting_confirmation",
+                "drift",
             ],
         );
+        assert_keys(&v["drift"], &["reported", "corrected_total", "contested"]);
         assert_eq!(v["schema_version"], json!(1));
         assert_eq!(v["phase"], "Unknown");
         for c in v["conditions"].as_array().unwrap() {
