@@ -51,14 +51,27 @@ pub async fn for_plan(prep: &Prepared, state: &DesiredState) -> Diffs {
             continue;
         };
         let mut wanted = Vec::new();
-        for s in &hp.steps {
-            if s.kind != "file"
-                || !matches!(s.action, Action::Create | Action::Update)
-                || !s.fields.iter().any(|f| f.field == "content")
+        // The plan's steps, and the differences drift policy reported.
+        let reported = prep
+            .changes
+            .get(&hp.host)
+            .into_iter()
+            .flatten()
+            .filter(|c| c.reported)
+            .map(|c| (c.id.as_str(), c.kind, Action::Update, &c.fields));
+        let candidates = hp
+            .steps
+            .iter()
+            .map(|s| (s.id.as_str(), s.kind, s.action, &s.fields))
+            .chain(reported);
+        for (id, kind, action, fields) in candidates {
+            if kind != "file"
+                || !matches!(action, Action::Create | Action::Update)
+                || !fields.iter().any(|f| f.field == "content")
             {
                 continue;
             }
-            let Some(r) = host.resources.iter().find(|r| r.id == s.id) else {
+            let Some(r) = host.resources.iter().find(|r| r.id == id) else {
                 continue;
             };
             if r.sensitive() {
@@ -67,12 +80,12 @@ pub async fn for_plan(prep: &Prepared, state: &DesiredState) -> Diffs {
             let (Some(content), Some(path)) = (&r.content, r.path()) else {
                 continue;
             };
-            let old_size = match actual.resources.get(&s.id) {
+            let old_size = match actual.resources.get(id) {
                 Some(Observed::File(f)) => Some(f.size),
                 _ => None,
             };
             wanted.push(Wanted {
-                id: s.id.clone(),
+                id: id.to_string(),
                 path: path.to_string(),
                 old_size,
                 new: content.bytes.clone(),

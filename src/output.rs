@@ -101,9 +101,20 @@ pub fn flush() {
     let _ = Stdout.flush();
 }
 
-/// Whether stdout was found closed (a reader that went away).
+/// Whether stdout is closed: a write found it so, or (for a pipe whose
+/// reader went away) `poll` says so without writing.
 pub fn stdout_closed() -> bool {
-    STDOUT_CLOSED.load(Ordering::Relaxed)
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return true;
+    }
+    let mut fd = libc::pollfd {
+        fd: 1,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n == 1 && fd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
 }
 
 /// What `print!` and `println!` expand to.

@@ -667,6 +667,31 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
     })
 }
 
+/// The host's drift is only what drift policy reports, and the same
+/// differences as the status already says (SPEC 8.7): nothing new to tell.
+fn same_reported_drift(prev: &HostStatus, prep: &reconcile::Prepared) -> bool {
+    let reported: Vec<&str> = prep
+        .changes
+        .get(&prev.host)
+        .map(|cs| {
+            cs.iter()
+                .filter(|c| c.reported)
+                .map(|c| c.id.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    prev.condition(report::ConditionType::Drifted)
+        .is_some_and(|c| c.reason == "DriftReported")
+        && prev.drift.contested.is_empty()
+        && !reported.is_empty()
+        && prev
+            .drift
+            .reported
+            .iter()
+            .map(String::as_str)
+            .eq(reported.iter().copied())
+}
+
 /// A pass with nothing to tell: every target probed fine, nothing to do, no
 /// token in play, and its status already says `Running` at this revision
 /// with no condition that this pass would change. Returns those statuses.
@@ -709,7 +734,7 @@ fn quiet(
             && prev.converged_revision.as_deref() == Some(input.revision)
             && cond(C::Reachable, S::True)
             && cond(C::Converged, S::True)
-            && cond(C::Drifted, S::False)
+            && (cond(C::Drifted, S::False) || same_reported_drift(&prev, prep))
             && cond(C::Degraded, S::False)
             && cond(C::ValidDesiredState, S::True)
             && cond(C::AwaitingConfirmation, S::False);

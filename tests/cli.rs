@@ -2448,6 +2448,12 @@ fn drift_policy_reports_counts_and_contests() {
     let d = fx.run(&["drift", "--json"]);
     d.code(2);
     assert_eq!(d.json()["hosts"][0]["drift"][0]["reported"], true);
+    let d = fx.run(&["drift"]);
+    d.code(2);
+    assert!(
+        d.stdout.contains("-edited by hand") && d.stdout.contains("+welcome"),
+        "{d}"
+    );
 
     // A commit redefining it converges it: intentional.
     fx.write("hosts/web.yaml", &desired("welcome back"));
@@ -2487,4 +2493,43 @@ fn drift_policy_reports_counts_and_contests() {
     assert_eq!(outcome(&r)["corrective"], 0);
     assert_eq!(fs::read_to_string(&app).unwrap(), "port = 4\n");
     assert_eq!(fx.status("web")["drift"]["reported"], json!([app_id]));
+}
+
+#[test]
+fn status_watch_redraws_on_change_and_ends_with_its_reader() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let fx = Fixture::two_hosts();
+    let mut child = fx
+        .cmd(&["status", "--watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next_header = || loop {
+        let l = lines.next().expect("watch output").unwrap();
+        if l.contains("HOST ") {
+            return l;
+        }
+    };
+    next_header();
+    // A run writes status files: the view is drawn again.
+    fx.run(&["apply", "a", "--dispatch", "enforced"]).code(0);
+    next_header();
+    drop(lines);
+    // The reader went away: watch ends (within its 1 s poll), exit 0.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "watch did not end after its reader left"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    fx.run(&["status", "--watch", "--json"]).code(1);
 }
