@@ -1753,12 +1753,14 @@ fn status_lists_every_host_trouble_first() {
     let fx = Fixture::two_hosts();
     let st = fx.run(&["status"]);
     st.code(0);
-    let lines: Vec<&str> = st.stdout.lines().collect();
+    let lines: Vec<&str> = st.stdout.lines().take_while(|l| !l.is_empty()).collect();
     assert!(
         lines[0].starts_with("HOST") && lines[0].contains("READY"),
         "{st}"
     );
     assert_eq!(lines.len(), 3, "{st}");
+    // No tend.yaml: dispatch is off, and the fleet view says so once.
+    assert!(st.stdout.contains("\nDispatch is off"), "{st}");
     for (line, host) in lines[1..].iter().zip(["a", "b"]) {
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(&cols[..3], [host, "Unknown", "False"], "{st}");
@@ -1773,6 +1775,7 @@ fn status_lists_every_host_trouble_first() {
     let order: Vec<(&str, &str)> = st
         .stdout
         .lines()
+        .take_while(|l| !l.is_empty())
         .skip(1)
         .map(|l| {
             let mut c = l.split_whitespace();

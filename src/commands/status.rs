@@ -291,5 +291,18 @@ fn fleet(g: &Global, sd: &crate::store::StateDir, select: &Select) -> Result<()>
             r.message
         );
     }
+    // What holds every host, said once under the table.
+    if sd.kill_switch_engaged() {
+        println!(
+            "\nKill switch engaged ({}): nothing is dispatched to any host until it is removed.",
+            sd.kill_path().display()
+        );
+    } else if crate::settings::Settings::resolve(g, state.config.clone(), None)
+        .is_ok_and(|s| s.dispatch == crate::core::spec::DispatchMode::Off)
+    {
+        println!(
+            "\nDispatch is off (tend.yaml or TEND_DISPATCH): tend plans and reports, and changes nothing; set `dispatch: enforced` (or `canary`) in tend.yaml, or run `tend apply --dispatch enforced`."
+        );
+    }
     Ok(())
 }
