@@ -65,6 +65,13 @@ struct HostOutcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChangeLabel {
+    host: String,
+    /// `corrective` or `intentional` (SPEC 8.7).
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HostLabel {
     host: String,
 }
@@ -158,6 +165,7 @@ impl FleetView {
 pub struct Metrics {
     registry: Registry,
     reconciles: Family<HostOutcome, Counter>,
+    changes: Family<ChangeLabel, Counter>,
     probe: Histograms,
     apply: Histograms,
     tokens: Family<ResultLabel, Counter>,
@@ -214,6 +222,15 @@ impl Metrics {
             "counter",
             "Host passes ended, by host and outcome (the host's outcome in result.json; a resync that found nothing to do and recorded no run counts as NoChange)",
             reconciles.clone(),
+        );
+        let changes = Family::<ChangeLabel, Counter>::default();
+        register(
+            &mut registry,
+            &mut families,
+            "tend_changes",
+            "counter",
+            "Changes made, by host and kind: corrective (the host drifted from a definition already applied) or intentional (the desired definition changed)",
+            changes.clone(),
         );
         let probe: Histograms = Family::new_with_constructor(probe_histogram);
         register(
@@ -311,6 +328,7 @@ impl Metrics {
         Metrics {
             registry,
             reconciles,
+            changes,
             probe,
             apply,
             tokens,
@@ -338,6 +356,17 @@ impl Metrics {
                 outcome: word(&outcome),
             })
             .inc();
+    }
+
+    /// Changes a pass made on `host` (SPEC 8.7).
+    pub fn changed(&self, host: &str, corrective: u32, intentional: u32) {
+        for (kind, n) in [("corrective", corrective), ("intentional", intentional)] {
+            let c = self.changes.get_or_create(&ChangeLabel {
+                host: host.into(),
+                kind: kind.into(),
+            });
+            c.inc_by(u64::from(n));
+        }
     }
 
     pub fn probed(&self, host: &str, took: Duration) {
@@ -428,11 +457,34 @@ mod tests {
     }
 
     #[test]
+    fn changes_count_by_kind() {
+        let m = Metrics::new("0.1.0", "abc123");
+        m.changed("web-1", 2, 3);
+        m.changed("web-1", 1, 0);
+        let text = m.render(&FleetView::from_statuses([], None, 0));
+        assert_eq!(
+            sample(
+                &text,
+                "tend_changes_total{host=\"web-1\",kind=\"corrective\"}"
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "tend_changes_total{host=\"web-1\",kind=\"intentional\"}"
+            ),
+            Some(3.0)
+        );
+    }
+
+    #[test]
     fn every_family_is_rendered_even_before_anything_happened() {
         let m = Metrics::new("0.1.0", "abc123");
         let text = m.render(&FleetView::from_statuses([], None, 0));
         for family in [
             "tend_reconciles_total",
+            "tend_changes_total",
             "tend_probe_duration_seconds",
             "tend_apply_duration_seconds",
             "tend_queue_depth",

@@ -102,10 +102,21 @@ fn describe(sd: &crate::store::StateDir, s: &HostStatus) -> String {
             .as_deref()
             .map_or_else(|| "-".into(), |t| format!("{t} ({} ago)", age(t, now)))
     );
+    // The last run's changes, intentional and corrective (SPEC 8.7).
+    let counts = s.last_run_id.as_deref().and_then(|id| {
+        let bytes = std::fs::read(sd.run_dir(id).join("result.json")).ok()?;
+        let r: crate::core::report::RunResult = serde_json::from_slice(&bytes).ok()?;
+        let o = r.host_outcomes.into_iter().find(|o| o.host == s.host)?;
+        Some(format!(
+            " ({} intentional, {} corrective change(s))",
+            o.intentional, o.corrective
+        ))
+    });
     let _ = writeln!(
         out,
-        "Last run:            {}",
-        s.last_run_id.as_deref().unwrap_or("-")
+        "Last run:            {}{}",
+        s.last_run_id.as_deref().unwrap_or("-"),
+        counts.unwrap_or_default()
     );
     let _ = writeln!(out, "Conditions:");
     let _ = writeln!(
@@ -129,6 +140,24 @@ fn describe(sd: &crate::store::StateDir, s: &HostStatus) -> String {
         out,
         "Pending:             {} create, {} update, {} delete ({} destructive)",
         p.create, p.update, p.delete, p.destructive
+    );
+    let d = &s.drift;
+    let _ = writeln!(
+        out,
+        "Drift:               {} reported{}, {} contested{}, {} corrected in all",
+        d.reported.len(),
+        if d.reported.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", d.reported.join(", "))
+        },
+        d.contested.len(),
+        if d.contested.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", d.contested.join(", "))
+        },
+        d.corrected_total
     );
     let _ = writeln!(
         out,

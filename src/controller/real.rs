@@ -729,13 +729,17 @@ const ROLLOUT_POLL: Duration = Duration::from_secs(2);
 /// just written: the host's outcome as in `result.json`, and a quiet pass
 /// (nothing to do, no run recorded) as `NoChange`.
 fn count_pass(m: &Metrics, host: &str, r: &PassReport) {
-    let outcome = r
+    let o = r
         .result
         .as_ref()
-        .and_then(|res| res.host_outcomes.iter().find(|o| o.host == host))
-        .map(|o| o.outcome)
-        .unwrap_or(HostOutcomeKind::NoChange);
-    m.pass_ended(host, outcome);
+        .and_then(|res| res.host_outcomes.iter().find(|o| o.host == host));
+    m.pass_ended(
+        host,
+        o.map(|o| o.outcome).unwrap_or(HostOutcomeKind::NoChange),
+    );
+    if let Some(o) = o {
+        m.changed(host, o.corrective, o.intentional);
+    }
     for (h, took) in &r.probed {
         m.probed(h, *took);
     }
