@@ -107,6 +107,15 @@ pub async fn for_plan(prep: &Prepared, state: &DesiredState) -> Diffs {
         };
         for (w, old) in wanted.iter().zip(olds) {
             let lines = match old {
+                Ok(old) if w.old_size.is_none() => {
+                    let mut l = render(&old, &w.new, &w.path);
+                    if let Some(first) = l.first_mut()
+                        && first.starts_with("--- ")
+                    {
+                        *first = format!("--- {} (not on the host)", w.path);
+                    }
+                    l
+                }
                 Ok(old) => render(&old, &w.new, &w.path),
                 Err(why) => vec![format!("(no diff: {why})")],
             };
