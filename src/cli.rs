@@ -118,6 +118,9 @@ pub enum Command {
         /// Plan as `apply --allow-older` would.
         #[arg(long)]
         allow_older: bool,
+        /// No content diffs: no remote command beyond the probe.
+        #[arg(long)]
+        no_diff: bool,
     },
     /// Probe and list every corrective difference (drift) with its diff;
     /// changes nothing (exit 0 none, 2 drift found, 1 error).

@@ -2064,6 +2064,12 @@ fn plan_shows_unified_content_diffs() {
     assert!(r.stdout.contains("-workers = 4\n") && r.stdout.contains("+workers = 8\n"));
     assert!(r.stdout.contains("(binary content differs: 8 -> 9 bytes)"));
     snapshot!(fx, "plan_content_diffs", transcript(&r));
+    let plain = fx.run(&["plan", "--no-diff"]);
+    plain.code(2);
+    assert!(
+        !plain.stdout.contains("workers = 4") && plain.stdout.contains("content: sha256:"),
+        "{plain}"
+    );
 }
 
 #[test]

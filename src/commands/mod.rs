@@ -49,10 +49,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             hosts,
             select,
             allow_older,
+            no_diff,
         } => with_desired(g, None, |mut l| {
             l.settings.allow_older = *allow_older;
             let hosts = reconcile::resolve_targets(&l.state, hosts, select)?;
-            runtime()?.block_on(plan::run(l, &hosts))
+            runtime()?.block_on(plan::run(l, &hosts, !*no_diff))
         })?,
         Command::Drift { hosts, select } => with_desired(g, None, |mut l| {
             l.settings.allow_older = true;

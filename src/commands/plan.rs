@@ -15,7 +15,7 @@ use crate::core::policy::{PolicyOutcome, RunDecision};
 use crate::output::Paint;
 use crate::reconcile;
 
-pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
+pub async fn run(mut loaded: Loaded, hosts: &[String], diffs: bool) -> Result<u8> {
     let (prep, _) = front(&mut loaded, hosts).await?;
     if loaded.settings.json {
         use std::io::Write;
@@ -26,7 +26,11 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
             .as_ref()
             .is_some_and(|(v, _)| v.refusal.is_none());
         let confirm = super::confirm_command(&loaded.settings);
-        let diffs = crate::content_diff::for_plan(&prep, &loaded.state).await;
+        let diffs = if diffs {
+            crate::content_diff::for_plan(&prep, &loaded.state).await
+        } else {
+            Default::default()
+        };
         print!(
             "{}",
             render(
