@@ -211,6 +211,22 @@ pub fn parse(stdout: &[u8], n: usize) -> Result<Vec<Option<Vec<u8>>>, String> {
     Ok(out)
 }
 
+/// One line of a diff in colour: headers bold, additions green, removals
+/// red, hunk headers cyan.
+pub fn paint_line(p: crate::output::Paint, l: &str) -> String {
+    if l.starts_with("+++") || l.starts_with("---") {
+        p.bold(l)
+    } else if l.starts_with('+') {
+        p.green(l)
+    } else if l.starts_with('-') {
+        p.red(l)
+    } else if l.starts_with("@@") {
+        p.cyan(l)
+    } else {
+        l.to_string()
+    }
+}
+
 /// Whether bytes are shown as text: UTF-8 without NUL.
 fn is_text(b: &[u8]) -> bool {
     !b.contains(&0) && std::str::from_utf8(b).is_ok()

@@ -227,3 +227,12 @@ impl Paint {
         self.wrap("2", s)
     }
 }
+
+/// The word an enum value is written as in tend's documents (its serde
+/// name, e.g. `Running`); empty for a value that is not a word.
+pub fn word<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}

@@ -11,6 +11,7 @@ use anyhow::Result;
 use super::Loaded;
 use crate::clock::now_rfc3339;
 use crate::core::report::{self, RunResult, Trigger};
+use crate::output::word;
 use crate::pass::{self, Overlay, PassInput};
 
 pub async fn run(loaded: Loaded, hosts: &[String], stream: bool) -> Result<u8> {
@@ -191,14 +192,6 @@ fn awaiting(sd: &crate::store::StateDir, result: &RunResult) -> String {
         }
     }
     out
-}
-
-/// The SPEC's word for an enum value (its serde name).
-fn word<T: serde::Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => String::new(),
-    }
 }
 
 fn summary(result: &RunResult, run_dir: String) -> String {

@@ -188,16 +188,7 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
                 }
                 if let Some(lines) = diffs.get(&(d.host.clone(), s.id.clone())) {
                     for l in lines {
-                        let l = if l.starts_with("+++") || l.starts_with("---") {
-                            p.bold(l)
-                        } else if l.starts_with('+') {
-                            p.green(l)
-                        } else if l.starts_with('-') {
-                            p.red(l)
-                        } else {
-                            l.clone()
-                        };
-                        let _ = writeln!(out, "        {l}");
+                        let _ = writeln!(out, "        {}", crate::content_diff::paint_line(p, l));
                     }
                 }
             }

@@ -12,7 +12,7 @@ use crate::core::diff::Action;
 use crate::core::fingerprint::Approval;
 use crate::core::plan::{HostPlan, Plan};
 use crate::core::policy::{PolicyOutcome, RunDecision};
-use crate::output::Paint;
+use crate::output::{Paint, word};
 use crate::reconcile;
 
 pub async fn run(mut loaded: Loaded, hosts: &[String], diffs: bool) -> Result<u8> {
@@ -101,14 +101,6 @@ pub async fn front(
     )
     .await;
     Ok((prep, db))
-}
-
-/// The SPEC's word for an enum value (its serde name).
-fn word<T: serde::Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(Value::String(s)) => s,
-        _ => String::new(),
-    }
 }
 
 fn sign(a: Action, destructive: bool) -> &'static str {
@@ -234,18 +226,7 @@ pub fn render(plan: &Plan, decision: &RunDecision, confirm: Option<&str>, view: 
             }
             if let Some(lines) = view.diffs.get(&(hp.host.clone(), s.id.clone())) {
                 for l in lines {
-                    let l = if l.starts_with("+++") || l.starts_with("---") {
-                        p.bold(l)
-                    } else if l.starts_with('+') {
-                        p.green(l)
-                    } else if l.starts_with('-') {
-                        p.red(l)
-                    } else if l.starts_with("@@") {
-                        p.cyan(l)
-                    } else {
-                        l.clone()
-                    };
-                    let _ = writeln!(out, "        {l}");
+                    let _ = writeln!(out, "        {}", crate::content_diff::paint_line(p, l));
                 }
             }
             if let Some(n) = &s.note {

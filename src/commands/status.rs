@@ -6,6 +6,7 @@ use super::{exit, state_dir_of};
 use crate::cli::{Global, Select};
 use crate::core::report::{FleetHost, FleetStatus, HostStatus, fleet_row};
 use crate::core::token::parse_rfc3339;
+use crate::output::word;
 
 pub fn run(g: &Global, host: Option<&str>, select: &Select, watch: bool) -> Result<u8> {
     let sd = state_dir_of(g);
@@ -52,14 +53,6 @@ pub fn run(g: &Global, host: Option<&str>, select: &Select, watch: bool) -> Resu
         None => fleet(g, &sd, select)?,
     }
     Ok(exit::OK)
-}
-
-/// The SPEC's word for an enum value (its serde name).
-fn word<T: serde::Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => String::new(),
-    }
 }
 
 /// "12s", "5m", "3h", "2d": how long ago `at` was.
