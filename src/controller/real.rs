@@ -553,7 +553,9 @@ impl Inner {
                         }
                         count_pass(&self.metrics, &host, &r);
                         let (sd, h) = (self.state_dir.clone(), host.clone());
-                        blocking(move || verdict(&h, r.result.as_ref(), &sd)).await
+                        let rollouts = snap.settings.dispatch == DispatchMode::Enforced
+                            && state.config.rollout.is_some();
+                        blocking(move || verdict(&h, r.result.as_ref(), &sd, rollouts)).await
                     }
                     Err(e) => {
                         // A pass that failed without a result is still a
@@ -765,7 +767,9 @@ fn log_run(host: &str, res: &RunResult) {
 }
 
 /// What a recorded pass means for the error policy.
-fn verdict(host: &str, res: Option<&RunResult>, sd: &StateDir) -> Verdict {
+/// `rollouts`: dispatch is `enforced` and tend.yaml has a rollout (a host
+/// it still counts on is looked at again soon).
+fn verdict(host: &str, res: Option<&RunResult>, sd: &StateDir, rollouts: bool) -> Verdict {
     use HostOutcomeKind::*;
     let Some(o) = res.and_then(|r| r.host_outcomes.iter().find(|o| o.host == host)) else {
         // A quiet pass: converged, nothing to tell.
@@ -778,7 +782,16 @@ fn verdict(host: &str, res: Option<&RunResult>, sd: &StateDir) -> Verdict {
                 s.condition(crate::core::report::ConditionType::Converged)
                     .is_some_and(|c| c.reason == "RolloutWaiting" || c.reason == "RolloutHalted")
             });
-            if o.outcome == Planned && held {
+            // Still pending in the rollout, whatever its status says (the
+            // rollout may have moved on while the pass ran): not settled.
+            let pending = || {
+                rollouts
+                    && crate::pass::current_rollout(sd)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|r| r.is_pending(host))
+            };
+            if o.outcome == Planned && (held || pending()) {
                 // Its wave comes when other hosts finish: look again soon.
                 return Verdict::Waiting {
                     retry_in: ROLLOUT_POLL,
