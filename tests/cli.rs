@@ -1826,7 +1826,12 @@ fn tag_and_exclude_select_hosts() {
     assert!(fx.root().join("b.txt").exists() && !fx.root().join("a.txt").exists());
     let st = fx.run(&["status", "--exclude", "b"]);
     st.code(0);
-    let rows: Vec<&str> = st.stdout.lines().skip(1).collect();
+    let rows: Vec<&str> = st
+        .stdout
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
     assert_eq!(rows.len(), 1, "{st}");
     assert!(rows[0].starts_with("a "), "{st}");
 }
