@@ -1,4 +1,4 @@
-//! Drift triage (SPEC 8.7) on real fleet hosts (h25, h26): a `drift:
+//! Drift triage (SPEC 8.7) on real fleet hosts (h37, h38): a `drift:
 //! report` resource edited by hand is reported and left, a commit redefining
 //! it converges it, intentional and corrective counts follow a commit and a
 //! hand edit, and a file another manager keeps rewriting (a loop on the
@@ -41,13 +41,13 @@ fn drifted(st: &Value) -> (String, String) {
 #[test]
 fn a_report_resource_is_reported_and_left_until_redefined() {
     let f = fleet();
-    f.sh("h25", "rm -rf /srv/drift && mkdir -p /srv/drift");
+    f.sh("h37", "rm -rf /srv/drift && mkdir -p /srv/drift");
     let host = |motd: &str| {
         format!(
             "resources:\n  - kind: file\n    path: /srv/drift/motd\n    content: \"{motd}\\n\"\n    drift: report\n  - kind: file\n    path: /srv/drift/app.conf\n    content: \"port = 80\\n\"\n"
         )
     };
-    let d = Desired::new(FAST, &f.inventory(&["h25"]), &[("h25", &host("hello"))]);
+    let d = Desired::new(FAST, &f.inventory(&["h37"]), &[("h37", &host("hello"))]);
     let apply = |want: i32| {
         let out = d.tend(&["apply", "--dispatch", "enforced"]);
         assert_eq!(code(&out), want, "{}", text(&out));
@@ -61,7 +61,7 @@ fn a_report_resource_is_reported_and_left_until_redefined() {
 
     // Hand edits: the report resource is left and reported, the other corrected.
     f.sh(
-        "h25",
+        "h37",
         "echo by-hand > /srv/drift/motd; echo port=1 > /srv/drift/app.conf",
     );
     let out = d.tend(&["drift"]);
@@ -77,9 +77,9 @@ fn a_report_resource_is_reported_and_left_until_redefined() {
         (0, 1),
         "the hand edit of app.conf: corrective"
     );
-    assert_eq!(f.sh("h25", "cat /srv/drift/motd"), "by-hand\n");
-    assert_eq!(f.sh("h25", "cat /srv/drift/app.conf"), "port = 80\n");
-    let st = status(&d, "h25");
+    assert_eq!(f.sh("h37", "cat /srv/drift/motd"), "by-hand\n");
+    assert_eq!(f.sh("h37", "cat /srv/drift/app.conf"), "port = 80\n");
+    let st = status(&d, "h37");
     assert_eq!(st["drift"]["reported"], json!(["file:/srv/drift/motd"]));
     assert_eq!(st["drift"]["corrected_total"], 1);
     assert_eq!(drifted(&st), ("True".into(), "DriftReported".into()));
@@ -92,10 +92,10 @@ fn a_report_resource_is_reported_and_left_until_redefined() {
     );
 
     // A commit redefining it converges it: intentional.
-    std::fs::write(d.dir().join("hosts/h25.yaml"), host("hello again")).unwrap();
+    std::fs::write(d.dir().join("hosts/h37.yaml"), host("hello again")).unwrap();
     assert_eq!(outcome(&apply(0)), (1, 0));
-    assert_eq!(f.sh("h25", "cat /srv/drift/motd"), "hello again\n");
-    let st = status(&d, "h25");
+    assert_eq!(f.sh("h37", "cat /srv/drift/motd"), "hello again\n");
+    let st = status(&d, "h37");
     assert_eq!(st["drift"]["reported"], json!([]));
     assert_eq!(drifted(&st).0, "False");
 }
@@ -104,14 +104,14 @@ fn a_report_resource_is_reported_and_left_until_redefined() {
 fn a_file_another_manager_rewrites_becomes_contested() {
     let f = fleet();
     f.sh(
-        "h26",
+        "h38",
         "[ -f /run/flip.pid ] && kill $(cat /run/flip.pid) 2>/dev/null; rm -rf /srv/contest && mkdir -p /srv/contest",
     );
     let d = Desired::new(
         FAST,
-        &f.inventory(&["h26"]),
+        &f.inventory(&["h38"]),
         &[(
-            "h26",
+            "h38",
             "resources:\n  - kind: file\n    path: /srv/contest/app.conf\n    content: \"ours\\n\"\n",
         )],
     );
@@ -123,18 +123,18 @@ fn a_file_another_manager_rewrites_becomes_contested() {
     assert_eq!(outcome(&apply()), (1, 0));
     // Another manager: rewrites the file every 100 ms, for as long as the test runs.
     f.sh(
-        "h26",
+        "h38",
         "setsid sh -c 'echo $$ > /run/flip.pid; while :; do echo theirs > /srv/contest/app.conf.tmp && mv /srv/contest/app.conf.tmp /srv/contest/app.conf; sleep 0.1; done' </dev/null >/dev/null 2>&1 &",
     );
     support::wait_for(
         "the other manager to write",
         std::time::Duration::from_secs(5),
-        || f.sh("h26", "cat /srv/contest/app.conf") == "theirs\n",
+        || f.sh("h38", "cat /srv/contest/app.conf") == "theirs\n",
     );
     for n in 1..=3 {
         assert_eq!(outcome(&apply()), (0, 1), "correction {n}");
     }
-    let st = status(&d, "h26");
+    let st = status(&d, "h38");
     assert_eq!(
         st["drift"]["contested"],
         json!(["file:/srv/contest/app.conf"])
@@ -142,11 +142,11 @@ fn a_file_another_manager_rewrites_becomes_contested() {
     assert_eq!(drifted(&st), ("True".into(), "Contested".into()));
     // Contested, corrected less than a resync (5 min) ago: left and reported.
     assert_eq!(outcome(&apply()), (0, 0));
-    let st = status(&d, "h26");
+    let st = status(&d, "h38");
     assert_eq!(
         st["drift"]["reported"],
         json!(["file:/srv/contest/app.conf"])
     );
     assert_eq!(st["drift"]["corrected_total"], 3);
-    f.sh("h26", "kill $(cat /run/flip.pid); rm -f /run/flip.pid");
+    f.sh("h38", "kill $(cat /run/flip.pid); rm -f /run/flip.pid");
 }
