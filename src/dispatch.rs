@@ -578,137 +578,218 @@ async fn run_host(
     // restart step whose triggers are in it (the restart needs their real
     // results). When a batch stops at a failed step, the steps after it are
     // gated again: dependents are skipped, the rest go into the next batch.
+    // Guarded writes (SPEC 8.7) and every step after one wait until the
+    // rest of the host has run: then the writes go out in a batch of their
+    // own under their guards, and their restarts after them.
+    let mut deferred = deferred_steps(steps);
+    let mut guards_done = !deferred.contains(&true);
     let mut next = 0;
-    while next < n {
-        let mut batch: Vec<usize> = Vec::new();
-        let mut j = next;
-        while j < n {
-            if res[j].is_some() {
-                j += 1;
-                continue;
-            }
-            let step = &steps[j];
-            let allowed = if step.destructive { allow_d } else { allow_nd };
-            match gate(step, allowed, &res, &batch) {
-                Gate::Decided(r) => {
-                    res[j] = Some(r);
+    loop {
+        while next < n {
+            let mut batch: Vec<usize> = Vec::new();
+            let mut j = next;
+            while j < n {
+                if res[j].is_some() || deferred[j] {
                     j += 1;
                     continue;
                 }
-                // A restart whose triggers are in the batch: run the batch
-                // first, then gate it again on their real results.
-                Gate::Flush => break,
-                Gate::Run => {}
-            }
-            if !step.destructive {
-                batch.push(j);
-                j += 1;
-                continue;
-            }
-            // A destructive step: run what is batched first.
-            if !batch.is_empty() {
-                break;
-            }
-            res[j] = Some(if let Some(why) = opts.halt_host(host) {
-                killed = true;
-                rec.event(Some(host), why, json!({"step": step.index, "id": step.id}));
-                StepResult::not_run(false)
-            } else if let Some(e) = rec.broken() {
-                unrecorded(&e)
-            } else if fail_fast.load(Ordering::SeqCst) {
-                let mut r = StepResult::not_run(false);
-                r.failure = Some((
-                    FailureClass::Execution,
-                    "a destructive step failed earlier in this run (fail fast)".into(),
-                ));
-                r
-            } else if stale.load(Ordering::SeqCst) {
-                let mut r = StepResult::not_run(false);
-                r.failure = Some((
+                let step = &steps[j];
+                let allowed = if step.destructive { allow_d } else { allow_nd };
+                match gate(step, allowed, &res, &batch) {
+                    Gate::Decided(r) => {
+                        res[j] = Some(r);
+                        j += 1;
+                        continue;
+                    }
+                    // A restart whose triggers are in the batch: run the batch
+                    // first, then gate it again on their real results.
+                    Gate::Flush => break,
+                    Gate::Run => {}
+                }
+                if !step.destructive {
+                    batch.push(j);
+                    j += 1;
+                    continue;
+                }
+                // A destructive step: run what is batched first.
+                if !batch.is_empty() {
+                    break;
+                }
+                res[j] = Some(if let Some(why) = opts.halt_host(host) {
+                    killed = true;
+                    rec.event(Some(host), why, json!({"step": step.index, "id": step.id}));
+                    StepResult::not_run(false)
+                } else if let Some(e) = rec.broken() {
+                    unrecorded(&e)
+                } else if fail_fast.load(Ordering::SeqCst) {
+                    let mut r = StepResult::not_run(false);
+                    r.failure = Some((
+                        FailureClass::Execution,
+                        "a destructive step failed earlier in this run (fail fast)".into(),
+                    ));
+                    r
+                } else if stale.load(Ordering::SeqCst) {
+                    let mut r = StepResult::not_run(false);
+                    r.failure = Some((
                     FailureClass::Policy,
                     "the plan went stale at a barrier re-probe in this run; nothing destructive runs".into(),
                 ));
-                r
-            } else if let Err(r) =
-                hold_lock(host, &mut lock, seen_revision, &transport, opts, rec).await
-            {
-                r
-            } else if !barrier_passed
-                && let Err(why) = barrier(h, steps, transport.clone(), opts).await
-            {
-                stale.store(true, Ordering::SeqCst);
-                rec.event(Some(host), "barrier_stale", json!({"reason": why}));
-                let mut r = StepResult::not_run(false);
-                r.failure = Some((FailureClass::Policy, why));
-                r
-            } else {
-                barrier_passed = true;
-                dispatched = true;
-                let (mut ran, halted) = run_batch(
-                    host,
-                    resources,
-                    steps,
-                    &[j],
-                    ctx,
-                    transport.clone(),
-                    opts,
-                    rec,
-                    &mut prior,
-                )
-                .await;
-                killed |= halted.is_some();
-                let r = ran
-                    .pop()
-                    .map(|(_, r)| r)
-                    .unwrap_or_else(|| StepResult::not_run(false));
-                if r.status == StepStatus::Failed {
-                    fail_fast.store(true, Ordering::SeqCst);
+                    r
+                } else if let Err(r) =
+                    hold_lock(host, &mut lock, seen_revision, &transport, opts, rec).await
+                {
+                    r
+                } else if !barrier_passed
+                    && let Err(why) = barrier(h, steps, transport.clone(), opts).await
+                {
+                    stale.store(true, Ordering::SeqCst);
+                    rec.event(Some(host), "barrier_stale", json!({"reason": why}));
+                    let mut r = StepResult::not_run(false);
+                    r.failure = Some((FailureClass::Policy, why));
+                    r
+                } else {
+                    barrier_passed = true;
+                    dispatched = true;
+                    let (mut ran, halted) = run_batch(
+                        host,
+                        resources,
+                        steps,
+                        &[j],
+                        ctx,
+                        transport.clone(),
+                        opts,
+                        rec,
+                        &mut prior,
+                    )
+                    .await;
+                    killed |= halted.is_some();
+                    let r = ran
+                        .pop()
+                        .map(|(_, r)| r)
+                        .unwrap_or_else(|| StepResult::not_run(false));
+                    if r.status == StepStatus::Failed {
+                        fail_fast.store(true, Ordering::SeqCst);
+                    }
+                    r
+                });
+                j += 1;
+            }
+            if !batch.is_empty() {
+                if let Some(why) = opts.halt_host(host) {
+                    killed = true;
+                    rec.event(
+                        Some(host),
+                        why,
+                        json!({"step": steps[batch[0]].index, "id": steps[batch[0]].id}),
+                    );
+                    for &k in &batch {
+                        res[k] = Some(StepResult::not_run(false));
+                    }
+                } else if let Some(e) = rec.broken() {
+                    for &k in &batch {
+                        res[k] = Some(unrecorded(&e));
+                    }
+                } else if let Err(r) =
+                    hold_lock(host, &mut lock, seen_revision, &transport, opts, rec).await
+                {
+                    for &k in &batch {
+                        res[k] = Some(r.clone());
+                    }
+                } else {
+                    dispatched = true;
+                    let (ran, halted) = run_batch(
+                        host,
+                        resources,
+                        steps,
+                        &batch,
+                        ctx,
+                        transport.clone(),
+                        opts,
+                        rec,
+                        &mut prior,
+                    )
+                    .await;
+                    killed |= halted.is_some();
+                    for (k, r) in ran {
+                        res[k] = Some(r);
+                    }
                 }
-                r
-            });
-            j += 1;
+            }
+            next = (0..n)
+                .find(|&k| res[k].is_none() && !deferred[k])
+                .unwrap_or(n);
         }
-        if !batch.is_empty() {
-            if let Some(why) = opts.halt_host(host) {
+        if guards_done {
+            break;
+        }
+        guards_done = true;
+        let mut go = Vec::new();
+        let guarded: Vec<usize> = (0..n)
+            .filter(|&k| steps[k].guard.is_some() && res[k].is_none())
+            .collect();
+        for k in guarded {
+            let step = &steps[k];
+            let allowed = if step.destructive { allow_d } else { allow_nd };
+            match gate(step, allowed, &res, &[]) {
+                Gate::Decided(r) => res[k] = Some(r),
+                Gate::Flush => res[k] = Some(StepResult::not_run(false)),
+                Gate::Run if step.guard.is_some_and(|g| g.reverted) => {
+                    let mut r = StepResult::not_run(false);
+                    r.failure = Some((FailureClass::Policy, GUARD_HELD.into()));
+                    res[k] = Some(r);
+                }
+                Gate::Run if step.destructive => {
+                    res[k] = Some(guard_failed(
+                    host,
+                    step,
+                    "a guarded write that replaces another kind of object is refused: remove that object first".into(),
+                    rec,
+                ));
+                }
+                Gate::Run => go.push(k),
+            }
+        }
+        if !go.is_empty() {
+            let blocked = if let Some(why) = opts.halt_host(host) {
                 killed = true;
                 rec.event(
                     Some(host),
                     why,
-                    json!({"step": steps[batch[0]].index, "id": steps[batch[0]].id}),
+                    json!({"step": steps[go[0]].index, "id": steps[go[0]].id}),
                 );
-                for &k in &batch {
-                    res[k] = Some(StepResult::not_run(false));
-                }
+                Some(StepResult::not_run(false))
             } else if let Some(e) = rec.broken() {
-                for &k in &batch {
-                    res[k] = Some(unrecorded(&e));
-                }
-            } else if let Err(r) =
-                hold_lock(host, &mut lock, seen_revision, &transport, opts, rec).await
-            {
-                for &k in &batch {
-                    res[k] = Some(r.clone());
-                }
+                Some(unrecorded(&e))
             } else {
-                dispatched = true;
-                let (ran, halted) = run_batch(
-                    host,
-                    resources,
-                    steps,
-                    &batch,
-                    ctx,
-                    transport.clone(),
-                    opts,
-                    rec,
-                    &mut prior,
-                )
-                .await;
-                killed |= halted.is_some();
-                for (k, r) in ran {
-                    res[k] = Some(r);
+                hold_lock(host, &mut lock, seen_revision, &transport, opts, rec)
+                    .await
+                    .err()
+            };
+            match blocked {
+                Some(r) => {
+                    for &k in &go {
+                        res[k] = Some(r.clone());
+                    }
+                }
+                None => {
+                    dispatched = true;
+                    killed |= guarded_batch(
+                        h,
+                        steps,
+                        &go,
+                        (allow_nd, ctx),
+                        &transport,
+                        opts,
+                        rec,
+                        &mut prior,
+                        &mut lock,
+                        &mut res,
+                    )
+                    .await;
                 }
             }
         }
+        deferred = vec![false; n];
         next = res.iter().position(Option::is_none).unwrap_or(n);
     }
     if let Some(held) = lock.held.take() {
@@ -731,6 +812,194 @@ async fn run_host(
         held_back: lock.out,
         health: None,
     }
+}
+
+/// Why a guarded write is not applied again (SPEC 8.7, `GuardReverted`).
+pub const GUARD_HELD: &str = "held: its connection guard reverted this definition on the host (GuardReverted); change the definition to apply it again";
+
+/// The guarded writes (SPEC 8.7) and every step that depends on one: they
+/// run after the rest of the host. Plan order keeps a step's predecessors
+/// before it, so one pass in order finds them all.
+fn deferred_steps(steps: &[Step]) -> Vec<bool> {
+    let mut out = vec![false; steps.len()];
+    for (k, s) in steps.iter().enumerate() {
+        out[k] = s.guard.is_some() || s.after.iter().any(|&a| out.get(a) == Some(&true));
+    }
+    out
+}
+
+fn guard_failed(host: &str, step: &Step, msg: String, rec: &Recorder) -> StepResult {
+    let mut r = failed_before_start(host, step, msg, rec);
+    if let Some((class, _)) = r.failure.as_mut() {
+        *class = FailureClass::Execution;
+    }
+    r
+}
+
+/// Run the guarded writes `go` of a host under their connection guards
+/// (SPEC 8.7): arm each guard (recorded first), send the writes in one
+/// batch and then the restarts they trigger, over the host's session;
+/// then reach the host over a NEW connection, probe it and disarm. When
+/// the host cannot be reached in time, the host lock is let go (the
+/// revert takes it), and the guards' fates are learnt once their time is
+/// up. Returns whether the kill switch or a stop halted a batch.
+#[allow(clippy::too_many_arguments)] // one call site
+async fn guarded_batch(
+    h: &Host,
+    steps: &[Step],
+    go: &[usize],
+    (allow_nd, ctx): (bool, &StepContext),
+    transport: &Arc<dyn Transport>,
+    opts: &DispatchOpts,
+    rec: &Arc<Recorder>,
+    prior: &mut [u32],
+    lock: &mut HostLock,
+    res: &mut [Option<StepResult>],
+) -> bool {
+    let (host, resources) = (h.name(), &h.resources[..]);
+    let n = steps.len();
+    let restarts: Vec<usize> = (0..n)
+        .filter(|&k| {
+            res[k].is_none()
+                && steps[k].is_restart()
+                && steps[k].triggers.iter().any(|t| go.contains(t))
+        })
+        .collect();
+    let unit_of = |k: usize| {
+        resources.iter().find_map(|r| match &r.spec {
+            ResourceSpec::Service(s) if r.id == steps[k].id => {
+                Some(crate::core::model::unit_name(&s.name))
+            }
+            _ => None,
+        })
+    };
+    let mut armed = Vec::new();
+    for &k in go {
+        let step = &steps[k];
+        let Some(r) = resources.iter().find(|r| r.id == step.id) else {
+            res[k] = Some(guard_failed(
+                host,
+                step,
+                "the resource vanished from the desired state".into(),
+                rec,
+            ));
+            continue;
+        };
+        let units: Vec<String> = restarts
+            .iter()
+            .filter(|&&x| steps[x].triggers.contains(&k))
+            .filter_map(|&x| unit_of(x))
+            .collect();
+        let secs = step.guard.map(|g| g.revert_after_secs).unwrap_or(60);
+        match crate::guard::arm(
+            host,
+            k,
+            &step.id,
+            &r.definition_digest(),
+            r.path().unwrap_or_default(),
+            secs,
+            &units,
+            transport,
+            opts.probe.timeout,
+            (&rec.run_id, rec.as_ref()),
+        )
+        .await
+        {
+            Ok(row) => armed.push((k, row)),
+            Err(why) => res[k] = Some(guard_failed(host, step, why, rec)),
+        }
+    }
+    if armed.is_empty() {
+        return false;
+    }
+    let writes: Vec<usize> = armed.iter().map(|(k, _)| *k).collect();
+    let (ran, mut halted) = run_batch(
+        host,
+        resources,
+        steps,
+        &writes,
+        ctx,
+        transport.clone(),
+        opts,
+        rec,
+        prior,
+    )
+    .await;
+    for (k, r) in ran {
+        res[k] = Some(r);
+    }
+    let mut again = Vec::new();
+    for &x in &restarts {
+        match gate(&steps[x], allow_nd, res, &[]) {
+            Gate::Decided(r) => res[x] = Some(r),
+            Gate::Flush => res[x] = Some(StepResult::not_run(false)),
+            Gate::Run if halted.is_some() => res[x] = Some(StepResult::not_run(false)),
+            Gate::Run => again.push(x),
+        }
+    }
+    if !again.is_empty() {
+        let (ran, h2) = run_batch(
+            host,
+            resources,
+            steps,
+            &again,
+            ctx,
+            transport.clone(),
+            opts,
+            rec,
+            prior,
+        )
+        .await;
+        halted = halted.or(h2);
+        for (k, r) in ran {
+            res[k] = Some(r);
+        }
+    }
+    let rows: Vec<crate::store::db::GuardRow> = armed.iter().map(|(_, g)| g.clone()).collect();
+    let fates = match crate::guard::confirm(h, &rows, &opts.probe, rec.as_ref()).await {
+        Some(f) => f,
+        None => {
+            // The revert takes the host lock: let it go, and run nothing
+            // more on this host in this run.
+            if let Some(held) = lock.held.take() {
+                let _ = tokio::task::spawn_blocking(move || drop(held)).await;
+                rec.event(
+                    Some(host),
+                    "host_lock_released",
+                    json!({"for": "guard_revert"}),
+                );
+            }
+            let mut r = StepResult::not_run(false);
+            r.failure = Some((
+                FailureClass::Transient,
+                "the host could not be reached after a guarded change; nothing more runs on it in this run".into(),
+            ));
+            lock.failed = Some(r);
+            crate::guard::await_revert(h, &rows, &opts.probe, rec.as_ref()).await
+        }
+    };
+    for ((k, _), fate) in armed.iter().zip(fates) {
+        use crate::guard::Fate;
+        let msg = match fate {
+            Fate::Disarmed => continue,
+            Fate::Reverted => crate::guard::REVERTED.to_string(),
+            Fate::Unknown(why) => format!(
+                "connection guard: tend could not learn whether the host kept or reverted the change ({why}); the next pass waits for it and settles it"
+            ),
+        };
+        let prev = res[*k].take().unwrap_or_else(|| StepResult::not_run(false));
+        rec.event(
+            Some(host),
+            "step_finished",
+            json!({"step": steps[*k].index, "id": steps[*k].id, "status": "failed", "error": msg}),
+        );
+        res[*k] = Some(StepResult {
+            status: StepStatus::Failed,
+            failure: Some((FailureClass::Execution, msg)),
+            ..prev
+        });
+    }
+    halted.is_some()
 }
 
 /// The rollout's health command on a host that converged (SPEC 8.2):
@@ -1875,6 +2144,7 @@ mod command_tests {
             owed: false,
             approval: None,
             sensitive: false,
+            guard: None,
         }
     }
 
@@ -2033,6 +2303,7 @@ mod service_tests {
             owed: false,
             approval: None,
             sensitive: false,
+            guard: None,
         }
     }
 

@@ -16,6 +16,7 @@ pub mod content_diff;
 pub mod controller;
 pub mod core;
 pub mod dispatch;
+pub mod guard;
 pub mod metrics;
 pub mod pass;
 pub mod probe;

@@ -165,6 +165,48 @@ fn refused_tokens(prep: &reconcile::Prepared) -> Vec<(String, TokenResult)> {
         .collect()
 }
 
+/// Wait for, and settle, the guards left armed on the target hosts (all
+/// hosts at once); the events, for the run's timeline.
+async fn settle_left_guards(
+    sd: &StateDir,
+    state: &DesiredState,
+    desired_dir: &std::path::Path,
+    stop: Option<Arc<AtomicBool>>,
+    targets: &[String],
+) -> Result<Vec<(String, String, serde_json::Value)>> {
+    if !sd.db_path().exists() {
+        return Ok(vec![]);
+    }
+    let left = crate::store::blocking(|| -> Result<Vec<_>> {
+        let db = Db::open(&sd.db_path())?;
+        Ok(targets
+            .iter()
+            .map(|h| (h.clone(), crate::guard::left_armed(&db, h)))
+            .filter(|(_, g)| !g.is_empty())
+            .collect())
+    })?;
+    if left.is_empty() {
+        return Ok(vec![]);
+    }
+    let log = Arc::new(crate::guard::PreRun::new(crate::store::blocking(|| {
+        Db::open(&sd.db_path())
+    })?));
+    let opts = reconcile::ProbeOpts::new(&state.config, desired_dir);
+    let mut set = tokio::task::JoinSet::new();
+    for (host, guards) in left {
+        let Some(h) = state.hosts.get(&host).cloned() else {
+            continue;
+        };
+        let (log, opts, stop) = (log.clone(), opts.clone(), stop.clone());
+        set.spawn(async move {
+            crate::guard::settle_left(&h, guards, &opts, log.as_ref(), stop.as_deref()).await
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let events = std::mem::take(&mut *log.events.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(events)
+}
+
 fn probe_times(prep: &reconcile::Prepared) -> BTreeMap<String, Duration> {
     prep.probes
         .iter()
@@ -180,6 +222,17 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
     let started = SystemTime::now();
     let started_at = humantime::format_rfc3339_millis(started).to_string();
     let targets = input.targets.clone();
+    // Connection guards a crash or an unreachable host left armed (SPEC
+    // 8.7): their hosts are not probed before the guards' time is up, and
+    // what the hosts did is recorded before the pass reads its records.
+    let guard_events = settle_left_guards(
+        sd,
+        input.state,
+        &input.settings.dir,
+        input.stop.clone(),
+        &targets,
+    )
+    .await?;
     let (db, state, tokens) = crate::store::blocking(|| -> Result<_> {
         sd.ensure()?;
         let db = Db::open(&sd.db_path())?;
@@ -324,6 +377,9 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
                 "desired_revision": input.revision,
             }),
         );
+        for (host, kind, detail) in &guard_events {
+            rec.event(Some(host), kind, detail.clone());
+        }
         if let Some((rev, problems)) = &input.overlay.invalid {
             rec.event(
                 None,

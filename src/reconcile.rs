@@ -546,9 +546,18 @@ pub async fn prepare(
 /// The managed-resource records of the target hosts, read from SQLite (none
 /// when there is no database yet). A record that cannot be read back is an
 /// error: forgetting it would silently stop pruning it.
-pub fn load_managed(db: Option<&Db>, targets: &[String]) -> Result<BTreeMap<String, Vec<Managed>>> {
-    let mut out = BTreeMap::new();
+pub fn load_managed(db: Option<&Db>, targets: &[String]) -> Result<Records> {
+    let mut out = Records::default();
     let Some(db) = db else { return Ok(out) };
+    // Connection guards arrived with schema 10; an older read-only
+    // database (`tend plan`) has none.
+    let guards = db.schema_version().unwrap_or(0) >= 10;
+    for host in targets {
+        if guards {
+            out.reverted
+                .insert(host.clone(), db.reverted_definitions(host)?);
+        }
+    }
     let now = std::time::SystemTime::now();
     let hour_ago =
         humantime::format_rfc3339_millis(now - std::time::Duration::from_secs(3600)).to_string();
@@ -576,14 +585,25 @@ pub fn load_managed(db: Option<&Db>, targets: &[String]) -> Result<BTreeMap<Stri
                     corrections_last_hour: n,
                     last_correction_secs: last.map(|t| now_secs.saturating_sub(t).max(0) as u64),
                     hold: false,
+                    reverted: false,
                 },
                 id: row.resource_id,
                 spec,
             });
         }
-        out.insert(host.clone(), list);
+        out.managed.insert(host.clone(), list);
     }
     Ok(out)
+}
+
+/// What the database says about the target hosts' resources: the managed
+/// records (prune, drift policy) and the definitions a connection guard
+/// reverted (held, SPEC 8.7).
+#[derive(Clone, Debug, Default)]
+pub struct Records {
+    pub managed: BTreeMap<String, Vec<Managed>>,
+    /// Per host, per resource id: definition digests reverted on the host.
+    pub reverted: BTreeMap<String, BTreeMap<String, std::collections::BTreeSet<String>>>,
 }
 
 /// The desired state with every target host's pruned resources added.
@@ -603,10 +623,10 @@ pub fn add_owed_restarts(
     Ok(())
 }
 
-pub fn with_prunes(state: &DesiredState, managed: &BTreeMap<String, Vec<Managed>>) -> DesiredState {
+pub fn with_prunes(state: &DesiredState, records: &Records) -> DesiredState {
     let mut state = state.clone();
     let resync = state.config.resync.0.as_secs();
-    for (host, list) in managed {
+    for (host, list) in &records.managed {
         if let Some(h) = state.hosts.remove(host) {
             let mut h = prune::with_pruned(h, list);
             // A contested resource is corrected at most once per resync.
@@ -616,6 +636,21 @@ pub fn with_prunes(state: &DesiredState, managed: &BTreeMap<String, Vec<Managed>
                 }
             }
             state.hosts.insert(host.clone(), h);
+        }
+    }
+    // After the managed records, which set `applied`.
+    for (host, reverted) in &records.reverted {
+        let Some(h) = state.hosts.get_mut(host) else {
+            continue;
+        };
+        for r in &mut h.resources {
+            if r.guard().is_some()
+                && reverted
+                    .get(&r.id)
+                    .is_some_and(|d| d.contains(&r.definition_digest()))
+            {
+                r.applied.get_or_insert_with(Default::default).reverted = true;
+            }
         }
     }
     state

@@ -665,7 +665,8 @@ fn result_shape() -> Value {
             "steps": [{
                 "id": null, "action": null, "destructive": null, "status": null,
                 "attempts": null,
-                "log": null // extension (README)
+                "log": null, // extension (README)
+                "message": null // extension (README)
             }]
         }]
     })

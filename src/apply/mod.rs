@@ -21,6 +21,7 @@
 //! `ln`, `mkdir`, `rmdir`, `rm`: GNU coreutils or a recent BusyBox.
 
 pub mod batch;
+pub mod guard;
 pub mod lock;
 
 use std::fmt::Write as _;

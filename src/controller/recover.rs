@@ -98,6 +98,7 @@ pub fn interrupted_result(
                                 status: last.status,
                                 attempts: tries.len() as u32,
                                 log: last.log_path.clone(),
+                                message: None,
                             })
                         })
                         .collect()

@@ -85,6 +85,9 @@ pub struct Change {
     /// resync): the action is `noop`, `fields` say what differs.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub reported: bool,
+    /// A guarded write (SPEC 8.7), set by [`diff_host`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<super::plan::StepGuard>,
 }
 
 impl Change {
@@ -101,6 +104,7 @@ impl Change {
             approval: None,
             sensitive: r.sensitive(),
             reported: false,
+            guard: None,
         }
     }
 
@@ -169,6 +173,27 @@ pub fn diff_host(host: &Host, actual: &HostActual) -> Vec<Change> {
                     c.replace = false;
                     c.reported = true;
                     c.note = Some(why.into());
+                }
+            }
+            if let Some(after) = r.guard()
+                && matches!(c.action, Action::Create | Action::Update)
+            {
+                let reverted = r.applied.as_ref().is_some_and(|a| a.reverted);
+                c.guard = Some(super::plan::StepGuard {
+                    revert_after_secs: after.as_secs(),
+                    reverted,
+                });
+                if !reverted && c.note.is_none() {
+                    c.note = Some(format!(
+                        "connection guard: the host restores the old file unless tend reaches it again within {}",
+                        humantime::format_duration(after)
+                    ));
+                }
+                if reverted {
+                    c.note = Some(
+                        "held: its connection guard reverted this definition on the host (GuardReverted); change the definition to apply it again"
+                            .into(),
+                    );
                 }
             }
             if r.pruned && c.action == Action::Delete {
@@ -790,6 +815,7 @@ pub(crate) mod tests {
                 key_pos: Pos::START,
                 requires_pos: vec![],
                 restart_on_pos: vec![],
+                guard_pos: Pos::START,
             },
             from_group: None,
             replaces_group: None,
@@ -811,6 +837,8 @@ pub(crate) mod tests {
             requires: vec![],
             sensitive: false,
             drift: Default::default(),
+            guard: None,
+            revert_after: None,
         })
     }
 
@@ -990,6 +1018,8 @@ pub(crate) mod tests {
             requires: vec![],
             sensitive: false,
             drift: Default::default(),
+            guard: None,
+            revert_after: None,
         }
     }
 

@@ -100,6 +100,8 @@ pub struct Origin {
     pub requires_pos: Vec<Pos>,
     /// Each `restart_on` entry (services).
     pub restart_on_pos: Vec<Pos>,
+    /// A file's `revert_after`, else its `guard`, else the mapping.
+    pub guard_pos: Pos,
 }
 
 /// One validated resource of one host.
@@ -134,6 +136,9 @@ pub struct Applied {
     /// Contested and corrected less than one `resync` ago: not corrected
     /// again in this pass (SPEC 8.7).
     pub hold: bool,
+    /// A connection guard reverted this very definition on the host (SPEC
+    /// 8.7): held, not applied, until the definition changes.
+    pub reverted: bool,
 }
 
 /// Corrective applies in the trailing hour that make a resource contested.
@@ -233,6 +238,19 @@ impl Resource {
             .as_ref()
             .and_then(|a| a.definition.as_deref())
             .is_some_and(|d| d == self.definition_digest())
+    }
+
+    /// `guard: connection` (SPEC 8.7): how long the host waits for tend to
+    /// confirm a change before it restores the old file.
+    pub fn guard(&self) -> Option<std::time::Duration> {
+        match &self.spec {
+            ResourceSpec::File(s) if s.guard.is_some() && !self.pruned => Some(
+                s.revert_after
+                    .map(|d| d.0)
+                    .unwrap_or(super::spec::DEFAULT_REVERT_AFTER),
+            ),
+            _ => None,
+        }
     }
 
     /// `sensitive: true` (SPEC 8.6): its content never reaches an output.
@@ -894,6 +912,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
             owed_restarts: Vec::new(),
         };
         check_host(&host, &gone, &mut problems);
+        check_guards(&host, config.probe_timeout.0, &mut problems);
         hosts.insert(name, host);
     }
 
@@ -1495,6 +1514,39 @@ fn load_resource(
                 },
                 (None, None) => {}
             }
+            if s.guard.is_some() && s.state.is_absent() {
+                bad(
+                    item.pos_of("guard"),
+                    "`guard: connection` protects a write: a file with `state: absent` cannot be guarded"
+                        .into(),
+                    sink,
+                );
+            }
+            if let Some(t) = s.revert_after {
+                let written = |_: &str, d| {
+                    item.get("revert_after")
+                        .and_then(Node::as_str)
+                        .map_or_else(|| humantime::format_duration(d).to_string(), str::to_string)
+                };
+                if s.guard.is_none() {
+                    bad(
+                        item.pos_of("revert_after"),
+                        "`revert_after` needs `guard: connection` on the same file".into(),
+                        sink,
+                    );
+                } else if t.0 < super::spec::MIN_REVERT_AFTER {
+                    bad(
+                        item.pos_of("revert_after"),
+                        format!(
+                            "revert_after `{}` is below the minimum of 30s: the host must have time to come back before it reverts",
+                            written("revert_after", t.0)
+                        ),
+                        sink,
+                    );
+                } else if let Some(why) = duration_problem("revert_after", t.0, true, &written) {
+                    bad(item.pos_of("revert_after"), why, sink);
+                }
+            }
         }
         ResourceSpec::Directory(s) => {
             check_path("path", &s.path, sink);
@@ -1636,6 +1688,11 @@ fn load_resource(
                 .get("restart_on")
                 .map(|n| n.items().iter().map(|i| i.pos).collect())
                 .unwrap_or_default(),
+            guard_pos: if item.get("revert_after").is_some() {
+                item.pos_of("revert_after")
+            } else {
+                item.pos_of("guard")
+            },
         },
         from_group: group.map(str::to_string),
         replaces_group: None,
@@ -1719,6 +1776,26 @@ fn merge_host(
         by_id.insert(r.id.clone(), r);
     }
     by_id.into_values().collect()
+}
+
+/// A guarded file's `revert_after` must leave tend time to probe the host
+/// after the change (SPEC 8.7: more than `probe_timeout`).
+fn check_guards(host: &Host, probe_timeout: std::time::Duration, problems: &mut Vec<Diagnostic>) {
+    for r in &host.resources {
+        if let Some(after) = r.guard()
+            && after <= probe_timeout
+        {
+            problems.push(Diagnostic {
+                file: r.origin.file.clone(),
+                pos: r.origin.guard_pos,
+                message: format!(
+                    "revert_after `{}` must be more than probe_timeout `{}`: tend probes the host before it disarms the guard",
+                    humantime::format_duration(after),
+                    humantime::format_duration(probe_timeout)
+                ),
+            });
+        }
+    }
 }
 
 /// Cross-resource checks on one merged host. `rejected` ids are known to

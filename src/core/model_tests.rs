@@ -725,7 +725,7 @@ fn unknown_keys_in_every_resource_kind() {
             "#,
         ),
         "
-        hosts/web-1.yaml:4:5: unknown field `mod`, expected one of `path`, `content`, `source`, `mode`, `owner`, `group`, `state`, `id`, `requires`, `sensitive`, `drift`
+        hosts/web-1.yaml:4:5: unknown field `mod`, expected one of `path`, `content`, `source`, `mode`, `owner`, `group`, `state`, `id`, `requires`, `sensitive`, `drift`, `guard`, `revert_after`
         hosts/web-1.yaml:7:5: unknown field `recurse`, expected one of `path`, `mode`, `owner`, `group`, `state`, `id`, `requires`, `sensitive`, `drift`
         hosts/web-1.yaml:11:5: unknown field `force`, expected one of `path`, `target`, `state`, `id`, `requires`, `sensitive`, `drift`
         hosts/web-1.yaml:14:5: unknown field `version`, expected one of `name`, `state`, `id`, `requires`, `sensitive`, `drift`

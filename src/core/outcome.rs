@@ -41,6 +41,9 @@ impl StepResult {
     }
 }
 
+/// The failure message of a guarded write the host reverted (SPEC 8.7).
+pub const GUARD_REVERTED_MESSAGE: &str = "reverted: the host was unreachable after the change";
+
 /// What dispatch did on one host.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HostRun {
@@ -108,6 +111,7 @@ fn steps_outcome(
                 status: r.map(|r| r.status).unwrap_or(StepStatus::NotRun),
                 attempts: r.map(|r| r.attempts).unwrap_or(0),
                 log: r.and_then(|r| r.log.clone()),
+                message: r.and_then(|r| r.failure.as_ref().map(|(_, m)| m.clone())),
             }
         })
         .collect();
@@ -450,10 +454,21 @@ pub fn next_status(i: StatusInput) -> HostStatus {
     // Whether every step left pending is a restart (then the reason is
     // `RestartOwed`, when one is owed).
     let mut only_restarts = true;
+    // Guarded writes the host reverted, or held because it did (SPEC 8.7).
+    let mut reverted: Vec<String> = Vec::new();
     if let Some(hp) = hp {
         for (step, out) in hp.steps.iter().zip(&i.outcome.steps) {
             if out.status == StepStatus::Succeeded {
                 continue;
+            }
+            if let Some(g) = step.guard
+                && (g.reverted
+                    || out
+                        .message
+                        .as_deref()
+                        .is_some_and(|m| m.starts_with(GUARD_REVERTED_MESSAGE)))
+            {
+                reverted.push(step.id.clone());
             }
             only_restarts &= step.is_restart();
             match step.action {
@@ -526,7 +541,18 @@ pub fn next_status(i: StatusInput) -> HostStatus {
             i.now,
         );
     }
-    if owed > 0 && only_restarts {
+    if !reverted.is_empty() {
+        s.set_condition(
+            ConditionType::Converged,
+            f,
+            "GuardReverted",
+            format!(
+                "{} reverted on the host by its connection guard (tend could not reach the host after the change); held until its definition changes",
+                reverted.join(", ")
+            ),
+            i.now,
+        );
+    } else if owed > 0 && only_restarts {
         s.set_condition(
             ConditionType::Converged,
             f,

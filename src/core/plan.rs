@@ -78,6 +78,21 @@ pub struct Step {
     /// are withheld from logs, messages and diffs.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sensitive: bool,
+    /// `guard: connection` (SPEC 8.7): the write runs last, in a batch of
+    /// its own, under a dead-man timer on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<StepGuard>,
+}
+
+/// A guarded write's terms (SPEC 8.7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct StepGuard {
+    /// Seconds the host waits for tend to confirm the change.
+    pub revert_after_secs: u64,
+    /// The host reverted this very definition before: the step is held
+    /// until the desired definition changes (`GuardReverted`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reverted: bool,
 }
 
 impl Step {
@@ -526,6 +541,7 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
                 owed: *owed,
                 approval: None,
                 sensitive: false,
+                guard: None,
             });
             continue;
         }
@@ -551,6 +567,7 @@ pub fn plan_host(host: &Host, changes: &[Change]) -> HostPlan {
             owed: false,
             approval: c.approval.clone(),
             sensitive: c.sensitive,
+            guard: c.guard,
         });
     }
     let barrier = chosen.iter().filter(|&&i| !late[i]).count();

@@ -24,6 +24,7 @@ fn origin() -> Origin {
         key_pos: Pos::START,
         requires_pos: vec![],
         restart_on_pos: vec![],
+        guard_pos: Pos::START,
     }
 }
 
@@ -403,6 +404,7 @@ fn changes_of(h: &Host, spec: &[(&str, &str)]) -> Vec<Change> {
                 approval: None,
                 sensitive: false,
                 reported: false,
+                guard: None,
             }
         })
         .collect()

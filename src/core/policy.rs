@@ -317,6 +317,7 @@ mod tests {
                 owed: false,
                 approval: None,
                 sensitive: false,
+                guard: None,
             });
         }
         HostPlan {

@@ -72,6 +72,7 @@ pub fn with_pruned(mut host: Host, managed: &[Managed]) -> Host {
                 key_pos: Pos::START,
                 requires_pos: vec![],
                 restart_on_pos: vec![],
+                guard_pos: Pos::START,
             },
             from_group: None,
             replaces_group: None,

@@ -260,6 +260,10 @@ pub struct StepOutcome {
     /// Extension: the step log, relative to the state dir; null when the step
     /// never ran.
     pub log: Option<String>,
+    /// Extension: why the step failed, was skipped or held; null when it
+    /// succeeded or simply did not run.
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -600,6 +604,7 @@ pub(crate) mod fixtures {
                 status: StepStatus::NotRun,
                 attempts: 0,
                 log: None,
+                message: None,
             }],
             corrective: 0,
             intentional: 0,
@@ -788,7 +793,7 @@ mod tests {
         assert_keys(&ho["changes"], &["create", "update", "delete"]);
         assert_keys(
             &ho["steps"][0],
-            &["id", "action", "destructive", "status", "attempts", "log"],
+            &["id", "action", "destructive", "status", "attempts", "log", "message"],
         );
     }
 

@@ -530,7 +530,30 @@ pub struct FileSpec {
     /// reported, not corrected (SPEC 8.7).
     #[serde(default, skip_serializing_if = "DriftPolicy::is_correct")]
     pub drift: DriftPolicy,
+    /// `connection`: a change to this file (sshd, network or firewall
+    /// configuration) is reverted on the host unless tend can still connect
+    /// and probe it afterwards (SPEC 8.7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<Guard>,
+    /// How long a guarded change waits for tend to confirm it before the
+    /// host restores the old file (default 60s; at least 30s and more than
+    /// `probe_timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert_after: Option<HumanDuration>,
 }
+
+/// What a guarded change must keep working (SPEC 8.7).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Guard {
+    /// tend's own SSH connection to the host.
+    Connection,
+}
+
+/// `revert_after` when not given.
+pub const DEFAULT_REVERT_AFTER: Duration = Duration::from_secs(60);
+/// The least `revert_after` accepted.
+pub const MIN_REVERT_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -259,7 +259,45 @@ CREATE TABLE correction_totals (
     total INTEGER NOT NULL
 ) STRICT;
 "#,
+    // 10: connection guards (SPEC 8.7): one row per guarded write, written
+    // (state `armed`) before the guard is armed on the host, and settled to
+    // `disarmed`, `reverted` or `not_armed` once tend knows which happened.
+    r#"
+CREATE TABLE guards (
+    guard_id          TEXT PRIMARY KEY,
+    host              TEXT NOT NULL,
+    resource_id       TEXT NOT NULL,
+    run_id            TEXT NOT NULL,
+    step_index        INTEGER NOT NULL,
+    definition_sha256 TEXT NOT NULL,
+    revert_after_secs INTEGER NOT NULL,
+    armed_at          TEXT NOT NULL,
+    state             TEXT NOT NULL,
+    settled_at        TEXT,
+    detail            TEXT
+) STRICT;
+CREATE INDEX guards_by_host ON guards (host, state);
+"#,
 ];
+
+/// One connection guard as recorded (SPEC 8.7).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuardRow {
+    /// The guard's name on the host (its directory and timer unit).
+    pub guard_id: String,
+    pub host: String,
+    pub resource_id: String,
+    pub run_id: String,
+    pub step_index: u32,
+    pub definition_sha256: String,
+    pub revert_after_secs: u64,
+    /// RFC 3339.
+    pub armed_at: String,
+    /// `armed` (not settled yet), `disarmed`, `reverted` or `not_armed`.
+    pub state: String,
+    pub settled_at: Option<String>,
+    pub detail: Option<String>,
+}
 
 /// One record of a run, written with others in one transaction
 /// ([`Db::write_records`]).
@@ -958,6 +996,109 @@ impl Db {
             )?;
             Ok(())
         })
+    }
+
+    /// Record a connection guard about to be armed (state `armed`): before
+    /// the command that arms it is sent.
+    pub fn guard_armed(&mut self, g: &GuardRow) -> Result<(), StoreError> {
+        self.write(
+            format!("record the guard of {} on {}", g.resource_id, g.host),
+            |tx| {
+                tx.execute(
+                    "INSERT INTO guards (guard_id, host, resource_id, run_id, step_index,
+                   definition_sha256, revert_after_secs, armed_at, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'armed')",
+                    rusqlite::params![
+                        g.guard_id,
+                        g.host,
+                        g.resource_id,
+                        g.run_id,
+                        g.step_index,
+                        g.definition_sha256,
+                        g.revert_after_secs as i64,
+                        g.armed_at
+                    ],
+                )?;
+                Ok(())
+            },
+        )
+    }
+
+    /// Settle a guard: what happened on the host (`disarmed`, `reverted`,
+    /// `not_armed`).
+    pub fn guard_settled(
+        &mut self,
+        guard_id: &str,
+        state: &str,
+        at: &str,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        self.write(format!("settle guard {guard_id}"), |tx| {
+            tx.execute(
+                "UPDATE guards SET state = ?2, settled_at = ?3, detail = ?4 WHERE guard_id = ?1",
+                [guard_id, state, at, detail],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// [`Db::guard_settled`] through a shared reference (a lock around
+    /// the connection serializes it).
+    pub fn guard_settled_ref(
+        &self,
+        guard_id: &str,
+        state: &str,
+        at: &str,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        self.read(format!("settle guard {guard_id}"), |conn| {
+            conn.execute(
+                "UPDATE guards SET state = ?2, settled_at = ?3, detail = ?4 WHERE guard_id = ?1",
+                [guard_id, state, at, detail],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The guards of `host` in `state`, oldest first.
+    pub fn guards(&self, host: &str, state: &str) -> Result<Vec<GuardRow>, StoreError> {
+        self.read(format!("read the guards of {host}"), |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT guard_id, host, resource_id, run_id, step_index, definition_sha256,
+                        revert_after_secs, armed_at, state, settled_at, detail
+                 FROM guards WHERE host = ?1 AND state = ?2 ORDER BY armed_at, guard_id",
+            )?;
+            let rows = stmt.query_map([host, state], |r| {
+                Ok(GuardRow {
+                    guard_id: r.get(0)?,
+                    host: r.get(1)?,
+                    resource_id: r.get(2)?,
+                    run_id: r.get(3)?,
+                    step_index: r.get(4)?,
+                    definition_sha256: r.get(5)?,
+                    revert_after_secs: r.get::<_, i64>(6)?.max(0) as u64,
+                    armed_at: r.get(7)?,
+                    state: r.get(8)?,
+                    settled_at: r.get(9)?,
+                    detail: r.get(10)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Per resource of `host`: the definition digests a guard reverted.
+    pub fn reverted_definitions(
+        &self,
+        host: &str,
+    ) -> Result<BTreeMap<String, BTreeSet<String>>, StoreError> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for g in self.guards(host, "reverted")? {
+            out.entry(g.resource_id)
+                .or_default()
+                .insert(g.definition_sha256);
+        }
+        Ok(out)
     }
 
     /// Per resource of `host`: corrective applies at or after `since`
