@@ -75,10 +75,11 @@ impl PreRun {
 impl GuardLog for PreRun {
     fn event(&self, host: &str, kind: &str, detail: serde_json::Value) {
         tracing::info!(host, kind, %detail, "connection guard");
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((host.to_string(), kind.to_string(), detail));
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).push((
+            host.to_string(),
+            kind.to_string(),
+            detail,
+        ));
     }
     fn armed(&self, _: &GuardRow) -> Result<(), String> {
         Err("no guard is armed before a run begins".into())
@@ -191,7 +192,8 @@ pub async fn arm(
     if !armed {
         settle_row(rec, &row.guard_id, "not_armed", &why);
     }
-    rec.event(host,
+    rec.event(
+        host,
         "guard_arm_failed",
         json!({"step": step, "id": resource_id, "guard": row.guard_id, "reason": why}),
     );
@@ -228,7 +230,8 @@ pub async fn confirm(
                 let probe = reconcile::probe_host(h, fresh.clone(), &once).await;
                 match probe.result {
                     Ok(_) => {
-                        rec.event(host,
+                        rec.event(
+                            host,
                             "guard_host_reached",
                             json!({"attempt": attempt, "connection": "new"}),
                         );
@@ -289,7 +292,8 @@ fn record_fate(host: &str, g: &GuardRow, fate: &Fate, rec: &dyn GuardLog) {
         }
     };
     settle_row(rec, &g.guard_id, state, detail);
-    rec.event(host,
+    rec.event(
+        host,
         if state == "disarmed" {
             "guard_disarmed"
         } else {

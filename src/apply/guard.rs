@@ -14,7 +14,9 @@
 //! `<id>.disarmed`) or the revert (`armed` -> `reverting`; it takes the
 //! host lock, restores the old file, re-runs the restarts the change
 //! triggered, then renames `reverting` -> `reverted`). Exactly one of them
-//! happens, and each says which one did.
+//! happens, and each says which one did. `TEND_GUARD_TIMER=process` in
+//! the host shell's environment forces the detached process (only a
+//! `transport: local` host can get it: tests on a machine with systemd).
 //!
 //! Every command answers one line:
 //!
@@ -121,7 +123,7 @@ else : > "$d/absent"; fi
 head -c {len} > "$d/revert.sh"
 [ "$(wc -c < "$d/revert.sh")" -eq {len} ] || fail "the revert script arrived short"
 : > "$d/armed"
-if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1 \
+if [ "${{TEND_GUARD_TIMER:-}}" != process ] && [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1 \
   && systemd-run --quiet --collect --unit={id} --on-active={secs} --timer-property=AccuracySec=1s \
        --description={desc} /bin/sh "$d/revert.sh" "$d" >"$d/arm.log" 2>&1; then
   echo "TEND-GUARD-ARMED systemd"
@@ -261,6 +263,7 @@ mod tests {
             .arg("-c")
             .arg(script)
             .env("TEND_LOCK_DIR", lock)
+            .env("TEND_GUARD_TIMER", "process")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -310,8 +313,7 @@ mod tests {
         // Disarmed before its time: nothing is restored.
         let id = guard_id("r1", "h", 0);
         let arm1 = arm(&id, path, 3600, &[]);
-        // No systemd timer in a test: force the fallback process.
-        let script = arm1.script.replace("[ -d /run/systemd/system ]", "false");
+        let script = arm1.script.clone();
         assert_eq!(
             parse(&sh(&script, &arm1.stdin, &lock)),
             Reply::Armed("process".into())
@@ -325,7 +327,7 @@ mod tests {
         // Its time is up before anyone disarms it: the settle reverts it.
         let id = guard_id("r2", "h", 0);
         let arm2 = arm(&id, path, 3600, &[]);
-        let script = arm2.script.replace("[ -d /run/systemd/system ]", "false");
+        let script = arm2.script.clone();
         assert_eq!(
             parse(&sh(&script, &arm2.stdin, &lock)),
             Reply::Armed("process".into())
@@ -343,7 +345,7 @@ mod tests {
         let new = dir.path().join("new");
         let id = guard_id("r3", "h", 0);
         let arm3 = arm(&id, new.to_str().unwrap(), 3600, &[]);
-        let script = arm3.script.replace("[ -d /run/systemd/system ]", "false");
+        let script = arm3.script.clone();
         assert!(matches!(
             parse(&sh(&script, &arm3.stdin, &lock)),
             Reply::Armed(_)
@@ -368,7 +370,7 @@ mod tests {
         std::fs::write(&file, "old\n").unwrap();
         let id = guard_id("r4", "h", 0);
         let a = arm(&id, file.to_str().unwrap(), 1, &[]);
-        let script = a.script.replace("[ -d /run/systemd/system ]", "false");
+        let script = a.script.clone();
         assert!(matches!(
             parse(&sh(&script, &a.stdin, &lock)),
             Reply::Armed(_)

@@ -793,7 +793,15 @@ mod tests {
         assert_keys(&ho["changes"], &["create", "update", "delete"]);
         assert_keys(
             &ho["steps"][0],
-            &["id", "action", "destructive", "status", "attempts", "log", "message"],
+            &[
+                "id",
+                "action",
+                "destructive",
+                "status",
+                "attempts",
+                "log",
+                "message",
+            ],
         );
     }
 

@@ -194,6 +194,8 @@ impl Fixture {
         // The `transport: local` host's lock and revision record (SPEC 8.7)
         // in this test's own dir: tests run in parallel on one machine.
         cmd.env("TEND_LOCK_DIR", self.tmp().join("host-lock"));
+        // Connection guards: never a timer of this machine's systemd.
+        cmd.env("TEND_GUARD_TIMER", "process");
         cmd.current_dir(self.tmp())
             .args(args)
             .arg("--dir")

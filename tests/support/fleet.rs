@@ -33,8 +33,8 @@ pub const HOSTS: usize = 90;
 /// Systemd hosts the fleet provides to the tests: s1..s4 for the service
 /// tests, s5..s9 for every kind on five hosts, s10..s11 for the campaign,
 /// s12..s13 for idempotent service steps and owed restarts, s14 for
-/// approvals.
-pub const SYSTEMD_HOSTS: usize = 14;
+/// approvals, s15..s16 for connection guards (tests/guard.rs, with h39).
+pub const SYSTEMD_HOSTS: usize = 16;
 
 #[derive(Clone, Debug)]
 pub struct FleetHost {
