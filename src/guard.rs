@@ -221,6 +221,7 @@ pub async fn confirm(
     let last_start = due - opts.timeout.as_secs() as i64 - 2;
     let mut once = opts.clone();
     once.retries = 0;
+    let mut fates: Vec<Option<Fate>> = vec![None; guards.len()];
     let mut attempt = 0u32;
     loop {
         attempt += 1;
@@ -228,20 +229,36 @@ pub async fn confirm(
             Err(e) => e.message,
             Ok(fresh) => {
                 let probe = reconcile::probe_host(h, fresh.clone(), &once).await;
-                match probe.result {
+                let why = match probe.result {
                     Ok(_) => {
                         rec.event(
                             host,
                             "guard_host_reached",
                             json!({"attempt": attempt, "connection": "new"}),
                         );
-                        let mut fates = Vec::new();
-                        for g in guards {
-                            fates.push(disarm(h, g, &fresh, opts.timeout, rec).await);
+                        // A disarm whose answer is lost is sent again (it
+                        // is idempotent: a tombstone says it happened).
+                        let mut lost = None;
+                        for (g, fate) in guards.iter().zip(fates.iter_mut()) {
+                            if fate.is_none() {
+                                match disarm(g, &fresh, opts.timeout).await {
+                                    Ok(f) => {
+                                        record_fate(host, g, &f, rec);
+                                        *fate = Some(f);
+                                    }
+                                    Err(why) => lost = Some(why),
+                                }
+                            }
                         }
-                        return Some(fates);
+                        lost
                     }
-                    Err((_, why)) => why,
+                    Err((_, why)) => Some(why),
+                };
+                // Closing a session may wait on a dead connection.
+                let _ = tokio::task::spawn_blocking(move || drop(fresh)).await;
+                match why {
+                    None => return Some(fates.into_iter().flatten().collect()),
+                    Some(why) => why,
                 }
             }
         };
@@ -252,6 +269,8 @@ pub async fn confirm(
         );
         let now = secs_since_epoch(SystemTime::now());
         if now + 1 > last_start {
+            // Disarms already known are learnt again after the guards'
+            // time (a tombstone keeps them), with the rest.
             return None;
         }
         let pause = crate::core::retry::backoff(Duration::from_secs(1), attempt)
@@ -260,22 +279,14 @@ pub async fn confirm(
     }
 }
 
-async fn disarm(
-    h: &Host,
-    g: &GuardRow,
-    t: &Arc<dyn Transport>,
-    timeout: Duration,
-    rec: &dyn GuardLog,
-) -> Fate {
-    let host = h.name();
-    let fate = match exec(t, cmd::disarm(&g.guard_id), vec![], timeout).await {
-        Ok(Reply::Disarmed) => Fate::Disarmed,
-        Ok(Reply::Reverted) | Ok(Reply::Reverting) => Fate::Reverted,
-        Ok(other) => Fate::Unknown(format!("the disarm answered {other:?}")),
-        Err(why) => Fate::Unknown(why),
-    };
-    record_fate(host, g, &fate, rec);
-    fate
+/// Send the disarm: `Err` when its answer was lost.
+async fn disarm(g: &GuardRow, t: &Arc<dyn Transport>, timeout: Duration) -> Result<Fate, String> {
+    match exec(t, cmd::disarm(&g.guard_id), vec![], timeout).await {
+        Ok(Reply::Disarmed) => Ok(Fate::Disarmed),
+        Ok(Reply::Reverted) | Ok(Reply::Reverting) => Ok(Fate::Reverted),
+        Ok(other) => Ok(Fate::Unknown(format!("the disarm answered {other:?}"))),
+        Err(why) => Err(why),
+    }
 }
 
 fn record_fate(host: &str, g: &GuardRow, fate: &Fate, rec: &dyn GuardLog) {
@@ -409,16 +420,17 @@ pub fn left_armed(db: &Db, host: &str) -> Vec<GuardRow> {
 
 /// Before a pass probes `h`: if a guard was left armed on it, wait until
 /// its time is up (SPEC 8.7: tend does not probe such a host before), then
-/// learn what the host did and record it. Returns the seconds waited.
+/// learn what the host did and record it. `false` when a stop (shutdown,
+/// SIGINT) came first: the host must not be probed in this pass.
 pub async fn settle_left(
     h: &Host,
     guards: Vec<GuardRow>,
     opts: &ProbeOpts,
     rec: &dyn GuardLog,
     stop: Option<&std::sync::atomic::AtomicBool>,
-) -> u64 {
+) -> bool {
     if guards.is_empty() {
-        return 0;
+        return true;
     }
     let due = guards.iter().map(due_at).max().unwrap_or(0) + GRACE.as_secs() as i64;
     let now = secs_since_epoch(SystemTime::now());
@@ -433,12 +445,12 @@ pub async fn settle_left(
         let until = tokio::time::Instant::now() + Duration::from_secs(wait);
         while tokio::time::Instant::now() < until {
             if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
-                return wait;
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(200).min(until - tokio::time::Instant::now()))
                 .await;
         }
     }
     settle_with(h, &guards, opts, rec).await;
-    wait
+    true
 }

@@ -199,10 +199,25 @@ async fn settle_left_guards(
         };
         let (log, opts, stop) = (log.clone(), opts.clone(), stop.clone());
         set.spawn(async move {
-            crate::guard::settle_left(&h, guards, &opts, log.as_ref(), stop.as_deref()).await
+            let done =
+                crate::guard::settle_left(&h, guards, &opts, log.as_ref(), stop.as_deref()).await;
+            (host, done)
         });
     }
-    while set.join_next().await.is_some() {}
+    let mut stopped = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((_, true)) => {}
+            Ok((host, false)) => stopped.push(host),
+            Err(e) => anyhow::bail!("settling a connection guard failed: {e}"),
+        }
+    }
+    if !stopped.is_empty() {
+        anyhow::bail!(
+            "stopped while waiting for the connection guard of {} to come due; the host is not probed before",
+            stopped.join(", ")
+        );
+    }
     let events = std::mem::take(&mut *log.events.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(events)
 }

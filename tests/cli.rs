@@ -2548,3 +2548,137 @@ fn status_watch_redraws_on_change_and_ends_with_its_reader() {
     assert!(status.success(), "{status:?}");
     fx.run(&["status", "--watch", "--json"]).code(1);
 }
+
+/// `guard: connection` (SPEC 8.7) on a `transport: local` host: bad terms
+/// are refused with file:line:col; a guarded write is armed (recorded
+/// first), confirmed over a new connection and disarmed; a definition the
+/// host reverted is held (`GuardReverted`) until the definition changes.
+/// The revert itself is proven on real hosts (tests/guard.rs).
+#[test]
+fn connection_guard_terms_disarm_and_hold() {
+    let fx = Fixture::new();
+    fx.write(
+        "inventory.yaml",
+        "hosts:\n  - name: web\n    transport: local\n",
+    );
+    fx.write("tend.yaml", "probe_timeout: 40s\n");
+    fx.write(
+        "hosts/web.yaml",
+        "resources:\n  - kind: file\n    path: {root}/a\n    content: \"a\\n\"\n    guard: connection\n    revert_after: 10s\n  - kind: file\n    path: {root}/b\n    content: \"b\\n\"\n    revert_after: 60s\n  - kind: file\n    path: {root}/c\n    state: absent\n    guard: connection\n  - kind: file\n    path: {root}/d\n    content: \"d\\n\"\n    guard: connection\n    revert_after: 35s\n",
+    );
+    let v = fx.run(&["validate"]);
+    v.code(1);
+    for want in [
+        "hosts/web.yaml:6:19: revert_after `10s` is below the minimum of 30s",
+        "hosts/web.yaml:10:19: `revert_after` needs `guard: connection` on the same file",
+        "hosts/web.yaml:14:12: `guard: connection` protects a write: a file with `state: absent` cannot be guarded",
+        "hosts/web.yaml:19:19: revert_after `35s` must be more than probe_timeout `40s`",
+    ] {
+        assert!(
+            v.stderr.contains(want) || v.stdout.contains(want),
+            "{want}:\n{v}"
+        );
+    }
+
+    fx.write("tend.yaml", "probe_timeout: 5s\n");
+    let desired = |content: &str| {
+        format!(
+            "resources:\n  - kind: file\n    path: {{root}}/sshd.conf\n    content: \"{content}\\n\"\n    guard: connection\n    revert_after: 40s\n"
+        )
+    };
+    fx.write("hosts/web.yaml", &desired("Port 22"));
+    let plan = fx.run(&["plan"]);
+    plan.code(2);
+    assert!(
+        plan.stdout.contains("connection guard: the host restores the old file unless tend reaches it again within 40s"),
+        "{plan}"
+    );
+    let r = apply_json(&fx, &["--dispatch", "enforced"], 0);
+    let id = format!("file:{}", fx.root().join("sshd.conf").display());
+    assert_eq!(host_outcome(&r, "web")["steps"][0]["status"], "succeeded");
+    let run = r["run_id"].as_str().unwrap();
+    let timeline =
+        fs::read_to_string(fx.state().join("runs").join(run).join("timeline.jsonl")).unwrap();
+    let kinds: Vec<String> = timeline
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let at = |k: &str| {
+        kinds
+            .iter()
+            .position(|x| x == k)
+            .unwrap_or_else(|| panic!("{k} in {kinds:?}"))
+    };
+    // Armed before the write, reached and disarmed after it.
+    assert!(at("guard_arming") < at("guard_armed"));
+    let write = kinds.iter().rposition(|k| k == "batch_sent").unwrap();
+    assert!(at("guard_armed") < write && write < at("guard_host_reached"));
+    assert!(at("guard_armed") < at("guard_host_reached"));
+    assert!(at("guard_host_reached") < at("guard_disarmed"));
+    let guard_dir = fx.tmp().join("host-lock").join("guard");
+    let left: Vec<String> = fs::read_dir(&guard_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        left.len() == 1 && left[0].ends_with(".disarmed"),
+        "only a tombstone is left: {left:?}"
+    );
+    let db = rusqlite::Connection::open(fx.state().join("tend.db")).unwrap();
+    let state: String = db
+        .query_row("SELECT state FROM guards", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(state, "disarmed");
+
+    // A new definition, and (as if the host had reverted it) its guard
+    // recorded as reverted: held, not applied, GuardReverted.
+    fx.write("hosts/web.yaml", &desired("Port 2222"));
+    apply_json(&fx, &["--dispatch", "enforced"], 0);
+    assert_eq!(
+        fs::read_to_string(fx.root().join("sshd.conf")).unwrap(),
+        "Port 2222\n"
+    );
+    db.execute(
+        "UPDATE guards SET state = 'reverted' WHERE armed_at = (SELECT MAX(armed_at) FROM guards)",
+        [],
+    )
+    .unwrap();
+    fs::write(fx.root().join("sshd.conf"), "Port 22\n").unwrap();
+    let r = apply_json(&fx, &["--dispatch", "enforced"], 3);
+    let step = &host_outcome(&r, "web")["steps"][0];
+    assert_eq!(step["status"], "not_run", "{r:#}");
+    assert!(
+        step["message"].as_str().unwrap().contains("GuardReverted"),
+        "{r:#}"
+    );
+    assert_eq!(
+        fs::read_to_string(fx.root().join("sshd.conf")).unwrap(),
+        "Port 22\n"
+    );
+    let st = fx.status("web");
+    assert_eq!(condition(&st, "Converged")["status"], "False");
+    assert_eq!(condition(&st, "Converged")["reason"], "GuardReverted");
+    assert!(
+        condition(&st, "Converged")["message"]
+            .as_str()
+            .unwrap()
+            .contains(&id),
+        "{st:#}"
+    );
+    // Redefined: applied again.
+    fx.write("hosts/web.yaml", &desired("Port 2200"));
+    apply_json(&fx, &["--dispatch", "enforced"], 0);
+    assert_eq!(
+        fs::read_to_string(fx.root().join("sshd.conf")).unwrap(),
+        "Port 2200\n"
+    );
+    assert_eq!(
+        condition(&fx.status("web"), "Converged")["reason"],
+        "Converged"
+    );
+}

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 /// failures, h12..h16 for users, groups, packages and commands, h17..h24 for
 /// the controller (and h35, h36), h25..h29 for the controller bench, h30..h34
 /// for the five-host no-op converge, h37 and h38 for drift triage
-/// (tests/drift.rs), h40..h47 for the safety campaign,
+/// (tests/drift.rs), h39 for connection guards (tests/guard.rs), h40..h47 for the safety campaign,
 /// h48..h53 for the state dir's trust rules, h54..h61 for the controller's
 /// hardening, h62..h69 for step builders and large probes, h70..h75, h78
 /// and h79 for dispatch records, retries and large applies, h76 and h77 for
