@@ -197,7 +197,7 @@ fn a_good_change_is_disarmed_and_a_crash_after_the_write_reverts() {
     let h = "s16";
     f.sh(
         h,
-        &format!("rm -f {DROPIN} /srv/guard/flag.conf; systemctl restart ssh; systemctl stop tend-slow 2>/dev/null; rm -f /etc/systemd/system/tend-slow.service; systemctl daemon-reload; true"),
+        &format!("rm -rf {DROPIN} /srv/guard/flag.conf /var/lib/tend/guard; systemctl restart ssh; systemctl stop tend-slow 2>/dev/null; rm -f /etc/systemd/system/tend-slow.service; systemctl daemon-reload; true"),
     );
 
     // A good change: kept, its timer gone, nothing reverts after its time.
@@ -214,8 +214,11 @@ fn a_good_change_is_disarmed_and_a_crash_after_the_write_reverts() {
         "the timer unit is gone"
     );
     assert_eq!(
-        f.sh(h, "ls /var/lib/tend/guard | grep -v '\\.disarmed$' | wc -l"),
-        "0\n",
+        f.sh(
+            h,
+            "find /var/lib/tend/guard -mindepth 1 -maxdepth 1 -type d | wc -l; ls /var/lib/tend/guard | grep -c '\\.disarmed$'"
+        ),
+        "0\n1\n",
         "only a tombstone is left"
     );
     // The assertion is about time passing: revert_after (30 s) must go
