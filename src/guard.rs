@@ -86,8 +86,8 @@ impl GuardLog for PreRun {
     }
     fn settled(&self, id: &str, state: &str, detail: &str) {
         let at = crate::clock::now_rfc3339();
-        let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = crate::store::blocking(|| db.guard_settled_ref(id, state, &at, detail)) {
+        let mut db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = crate::store::blocking(|| db.guard_settled(id, state, &at, detail)) {
             tracing::error!(guard = id, error = %e, "could not record what became of a connection guard");
         }
     }

@@ -1042,24 +1042,6 @@ impl Db {
         })
     }
 
-    /// [`Db::guard_settled`] through a shared reference (a lock around
-    /// the connection serializes it).
-    pub fn guard_settled_ref(
-        &self,
-        guard_id: &str,
-        state: &str,
-        at: &str,
-        detail: &str,
-    ) -> Result<(), StoreError> {
-        self.read(format!("settle guard {guard_id}"), |conn| {
-            conn.execute(
-                "UPDATE guards SET state = ?2, settled_at = ?3, detail = ?4 WHERE guard_id = ?1",
-                [guard_id, state, at, detail],
-            )?;
-            Ok(())
-        })
-    }
-
     /// The guards of `host` in `state`, oldest first.
     pub fn guards(&self, host: &str, state: &str) -> Result<Vec<GuardRow>, StoreError> {
         self.read(format!("read the guards of {host}"), |conn| {
