@@ -41,6 +41,15 @@ struct Wanted {
 
 /// The content diffs of every file step of the plan that changes content.
 pub async fn for_plan(prep: &Prepared, state: &DesiredState) -> Diffs {
+    for_steps(prep, state, |_, _| true).await
+}
+
+/// The content diffs of the file steps for which `keep(host, step id)`.
+pub async fn for_steps(
+    prep: &Prepared,
+    state: &DesiredState,
+    keep: impl Fn(&str, &str) -> bool,
+) -> Diffs {
     let mut diffs = Diffs::new();
     let mut jobs = Vec::new();
     for hp in &prep.plan.hosts {
@@ -65,7 +74,8 @@ pub async fn for_plan(prep: &Prepared, state: &DesiredState) -> Diffs {
             .map(|s| (s.id.as_str(), s.kind, s.action, &s.fields))
             .chain(reported);
         for (id, kind, action, fields) in candidates {
-            if kind != "file"
+            if !keep(&hp.host, id)
+                || kind != "file"
                 || !matches!(action, Action::Create | Action::Update)
                 || !fields.iter().any(|f| f.field == "content")
             {

@@ -19,6 +19,7 @@ pub mod dispatch;
 pub mod guard;
 pub mod metrics;
 pub mod pass;
+pub mod pending;
 pub mod probe;
 pub mod reconcile;
 pub mod rollout;

@@ -593,7 +593,7 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
         .map(|(h, _)| (h.clone(), dispatch_took))
         .collect();
 
-    crate::store::blocking(|| -> Result<PassReport> {
+    let report = crate::store::blocking(|| -> Result<PassReport> {
         // One outcome per resolved host.
         let run_blocked = prep.decision.outcome == PolicyOutcome::PolicyBlocked
             && prep.decision.hosts.iter().all(|d| !d.dispatch)
@@ -609,6 +609,12 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
                 attempts,
                 runs.get(&d.host),
             ));
+        }
+        // How long the probe and the dispatch of each host took.
+        let probed = probe_times(&prep);
+        for o in &mut outcomes {
+            o.probe_ms = probed.get(&o.host).map(|d| d.as_millis() as u64);
+            o.apply_ms = applied.get(&o.host).map(|d| d.as_millis() as u64);
         }
         // Corrective or intentional (SPEC 8.7), per change made.
         for o in &mut outcomes {
@@ -735,7 +741,14 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
             applied,
             tokens,
         })
-    })
+    })?;
+    // What is left pending on each host, for the dashboard (a view, written
+    // after the records it is drawn from).
+    if let Some(result) = &report.result {
+        let confirm_cmd = crate::commands::confirm_command(input.settings);
+        crate::pending::write(sd, &prep, &state, result, &confirm_cmd).await;
+    }
+    Ok(report)
 }
 
 /// The host's drift is only what drift policy reports, and the same
@@ -967,6 +980,7 @@ fn record_managed(
 pub fn write_fleet<'a>(
     sd: &StateDir,
     hosts: impl IntoIterator<Item = &'a String>,
+    state: Option<&DesiredState>,
     now: &str,
 ) -> Result<()> {
     let mut statuses = Vec::new();
@@ -978,6 +992,15 @@ pub fn write_fleet<'a>(
         statuses.push(s);
     }
     let mut fleet = FleetStatus::from_statuses(now, statuses.iter());
+    if let Some(state) = state {
+        for h in &mut fleet.hosts {
+            if let Some(host) = state.hosts.get(&h.host) {
+                h.tags = host.inv.tags.clone();
+                h.tags.sort();
+                h.tags.dedup();
+            }
+        }
+    }
     fleet.rollout = current_rollout(sd)?.map(|r| crate::rollout::fleet_doc(&r));
     sd.write_fleet(&fleet)?;
     Ok(())

@@ -662,6 +662,7 @@ fn result_shape() -> Value {
             "last_failure_message": null,
             "changes": {"create": null, "update": null, "delete": null},
             "corrective": null, "intentional": null, // SPEC 8.7
+            "probe_ms": null, "apply_ms": null, // extension (README)
             "steps": [{
                 "id": null, "action": null, "destructive": null, "status": null,
                 "attempts": null,
@@ -702,7 +703,8 @@ fn fleet_shape() -> Value {
     json!({
         "schema_version": null,
         "generated_at": null,
-        "hosts": [{"host": null, "phase": null, "converged": null, "pending": pending_shape()}],
+        "hosts": [{"host": null, "phase": null, "converged": null, "pending": pending_shape(),
+            "tags": null}], // tags: extension (README)
         "rollout": {"revision": null, "state": null, "wave": null, "waves": null,
                     "failed_hosts": null, "budget": null, "halted_reason": null}
     })

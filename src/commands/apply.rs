@@ -47,7 +47,12 @@ pub async fn run(loaded: Loaded, hosts: &[String], stream: bool) -> Result<u8> {
     if let Some(t) = ticker {
         t.abort();
     }
-    pass::write_fleet(sd, loaded.state.hosts.keys(), &now_rfc3339())?;
+    pass::write_fleet(
+        sd,
+        loaded.state.hosts.keys(),
+        Some(&loaded.state),
+        &now_rfc3339(),
+    )?;
     crate::store::retention::sweep_now(sd, &loaded.state.config.history);
     let result = report.result.expect("apply always records a run");
     if loaded.settings.json {

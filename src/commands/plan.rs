@@ -191,8 +191,10 @@ pub fn render(plan: &Plan, decision: &RunDecision, confirm: Option<&str>, view: 
             hp.changes.update,
             hp.changes.delete
         );
-        for s in &hp.steps {
-            if s.index == hp.barrier && hp.barrier < hp.steps.len() {
+        // By position: a pending plan (`crate::pending`) keeps only some
+        // steps, with the barrier counted among those kept.
+        for (pos, s) in hp.steps.iter().enumerate() {
+            if pos == hp.barrier && hp.barrier < hp.steps.len() {
                 let _ = writeln!(
                     out,
                     "  {}",

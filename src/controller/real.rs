@@ -159,7 +159,8 @@ impl Inner {
     fn write_fleet(&self, snap: &Snapshot) {
         let _one = lock(&self.fleet);
         let hosts = Self::hosts(snap);
-        if let Err(e) = pass::write_fleet(&self.state_dir, hosts.iter(), &now_rfc3339()) {
+        let state = snap.valid.as_ref().map(|(s, _)| s.as_ref());
+        if let Err(e) = pass::write_fleet(&self.state_dir, hosts.iter(), state, &now_rfc3339()) {
             tracing::error!(error = %format!("{e:#}"), "could not write fleet.json");
         }
     }
@@ -457,6 +458,8 @@ impl Inner {
             steps: Vec::new(),
             corrective: 0,
             intentional: 0,
+            probe_ms: None,
+            apply_ms: None,
         }];
         let result = RunResult {
             schema_version: report::SCHEMA_VERSION,

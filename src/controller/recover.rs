@@ -131,6 +131,8 @@ pub fn interrupted_result(
                 steps,
                 corrective: 0,
                 intentional: 0,
+                probe_ms: None,
+                apply_ms: None,
             }
         })
         .collect();

@@ -131,6 +131,8 @@ fn steps_outcome(
         steps,
         corrective: 0,
         intentional: 0,
+        probe_ms: None,
+        apply_ms: None,
     };
 
     if decision.outcome == PolicyOutcome::PreflightFailed {

@@ -240,6 +240,14 @@ pub struct HostOutcome {
     /// Changes made because the desired definition changed (or was new).
     #[serde(default)]
     pub intentional: u32,
+    /// Additive: how long this run's probe of the host took, in
+    /// milliseconds (null when it was not probed).
+    #[serde(default)]
+    pub probe_ms: Option<u64>,
+    /// Additive: how long this run's dispatch to the host took, in
+    /// milliseconds (null when nothing was dispatched).
+    #[serde(default)]
+    pub apply_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -451,11 +459,15 @@ pub struct FleetHost {
     /// The host's `Converged` condition is `True`.
     pub converged: bool,
     pub pending: Pending,
+    /// Additive: the host's inventory tags, sorted (empty when unknown).
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 impl FleetHost {
     pub fn of(status: &HostStatus) -> FleetHost {
         FleetHost {
+            tags: Vec::new(),
             host: status.host.clone(),
             phase: status.phase,
             converged: status
@@ -608,6 +620,8 @@ pub(crate) mod fixtures {
             }],
             corrective: 0,
             intentional: 0,
+            probe_ms: None,
+            apply_ms: None,
         }
     }
 
@@ -788,6 +802,8 @@ mod tests {
                 "steps",
                 "corrective",
                 "intentional",
+                "probe_ms",
+                "apply_ms",
             ],
         );
         assert_keys(&ho["changes"], &["create", "update", "delete"]);
@@ -1055,7 +1071,7 @@ mod tests {
         assert_eq!(v["schema_version"], json!(1));
         let hosts = v["hosts"].as_array().unwrap();
         for h in hosts {
-            assert_keys(h, &["host", "phase", "converged", "pending"]);
+            assert_keys(h, &["host", "phase", "converged", "pending", "tags"]);
             assert_keys(
                 &h["pending"],
                 &["create", "update", "delete", "destructive", "restarts"],

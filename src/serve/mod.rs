@@ -9,6 +9,7 @@
 //! life within `CONNECTION_TIMEOUT`, each request's reads within
 //! `routes::WORK_TIMEOUT`; request bodies are never read.
 
+mod pages;
 mod routes;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

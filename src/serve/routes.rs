@@ -6,6 +6,7 @@
 //! id of exactly the run-id shape), never from raw input; every file read
 //! runs on a blocking thread under `WORK_TIMEOUT`; every list is capped.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::Router;
@@ -13,9 +14,9 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use super::App;
+use super::{App, pages};
 use crate::controller::pulse::{self, Readiness};
 use crate::core::model::is_host_name;
 use crate::core::report::{FleetStatus, HostStatus};
@@ -45,6 +46,16 @@ pub fn router(app: App) -> Router {
         .route("/api/hosts/{host}", get(host))
         .route("/api/runs", get(runs))
         .route("/api/runs/{run_id}", get(run))
+        .route("/api/hosts/{host}/runs", get(host_runs_api))
+        .route("/api/hosts/{host}/plan", get(host_plan_api))
+        .route("/api/runs/{run_id}/timeline", get(timeline_api))
+        .route("/parts/fleet", get(fleet_part))
+        .route("/hosts/{host}", get(host_page))
+        .route("/parts/hosts/{host}", get(host_part))
+        .route("/runs/{run_id}", get(run_page))
+        .route("/runs/{run_id}/logs/{host}/{file}", get(step_log))
+        .route("/assets/dash.css", get(css))
+        .route("/assets/dash.js", get(js))
         .fallback(not_found)
         .layer(axum::middleware::map_response(common_headers))
         .with_state(app)
@@ -334,10 +345,7 @@ fn list_runs(app: &App, limit: usize) -> Result<Vec<u8>, String> {
 
 async fn run(State(app): State<App>, Path(id): Path<String>) -> Response {
     if !crate::clock::is_run_id(&id) {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not a run id (r-YYYYMMDDTHHMMSSZ-xxxx)",
-        );
+        return error(StatusCode::NOT_FOUND, NOT_RUN_ID);
     }
     let body = read(move || app.state_dir.run_result_bytes(&id)).await;
     match body {
@@ -361,82 +369,283 @@ async fn not_found(uri: Uri) -> Response {
     )
 }
 
-/// Text for HTML: `&`, `<`, `>`, `"` and `'` escaped.
-fn html_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+/// A stylesheet, a script and HTML pages: only from here, nothing inline,
+/// nothing from elsewhere.
+const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+/// Runs a host page lists (and charts).
+const HOST_RUNS: usize = 20;
+/// Bytes of a step log a page shows.
+pub const LOG_MAX: usize = 256 * 1024;
+/// Bytes of a timeline read for a page or `/api/runs/<id>/timeline`.
+const TIMELINE_MAX: usize = 16 * 1024 * 1024;
+
+fn html(status: StatusCode, page: String) -> Response {
+    let mut r = respond(status, HTML, page);
+    r.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(PAGE_CSP),
+    );
+    r
 }
 
-/// The placeholder page: each host's phase from `fleet.json`, and links to
-/// the other routes. No script, nothing fetched from elsewhere.
-fn index_page(f: &FleetStatus) -> String {
-    let mut rows = String::new();
-    for h in &f.hosts {
-        let name = html_escape(&h.host);
-        let p = &h.pending;
-        rows.push_str(&format!(
-            "<tr><td><a href=\"/api/hosts/{name}\">{name}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-            html_escape(&metrics::word(&h.phase)),
-            if h.converged { "yes" } else { "no" },
-            p.create + p.update + p.delete,
-        ));
-    }
-    let rollout = match &f.rollout {
-        Some(r) => format!(
-            "<p>Rollout of {}: {}, wave {} of {}.</p>\n",
-            html_escape(&r.revision),
-            html_escape(&r.state),
-            r.wave,
-            r.waves
-        ),
-        None => String::new(),
-    };
-    format!(
-        "<!doctype html>
-<html lang=\"en\">
-<head><meta charset=\"utf-8\"><title>tend</title></head>
-<body>
-<h1>tend</h1>
-<p>{} host(s), as of {}. A read-only page; the dashboard is to come.</p>
-{rollout}<table>
-<tr><th>host</th><th>phase</th><th>converged</th><th>pending</th></tr>
-{rows}</table>
-<ul>
-<li><a href=\"/api/fleet\">/api/fleet</a> (fleet.json)</li>
-<li><a href=\"/api/runs\">/api/runs</a> (recent runs; ?limit=N, at most {MAX_LIMIT})</li>
-<li><a href=\"/metrics\">/metrics</a> (Prometheus)</li>
-<li><a href=\"/healthz\">/healthz</a>, <a href=\"/readyz\">/readyz</a></li>
-</ul>
-</body>
-</html>
-",
-        f.hosts.len(),
-        html_escape(&f.generated_at),
-    )
+/// An error as a page (for the HTML routes).
+fn html_error(status: StatusCode, message: &str) -> Response {
+    let main = format!(
+        "<section class=\"summary st-bad\"><h1>{}</h1><p class=\"msg\">{}</p><p><a href=\"/\">the fleet</a></p></section>\n",
+        status.as_u16(),
+        pages::esc(message)
+    );
+    html(status, pages::layout("error", "", None, &main))
+}
+
+fn now_epoch() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The fleet page's `<main>`, from `fleet.json` (tags, rollout) and each
+/// kept host's status file.
+fn fleet_main(app: &App) -> String {
+    let fleet = fleet_doc(app);
+    let now = crate::clock::now_rfc3339();
+    let mut hosts = kept_hosts(app);
+    hosts.extend(fleet.hosts.iter().map(|h| h.host.clone()));
+    hosts.sort();
+    hosts.dedup();
+    let statuses: BTreeMap<String, HostStatus> = hosts
+        .into_iter()
+        .filter(|h| is_host_name(h))
+        .map(|h| {
+            let s = match app.state_dir.read_status(&h) {
+                Ok(Some(s)) => s,
+                _ => HostStatus::new(h.clone(), &now),
+            };
+            (h, s)
+        })
+        .collect();
+    pages::fleet_main(&fleet, &statuses, now_epoch())
 }
 
 async fn index(State(app): State<App>) -> Response {
-    match read(move || index_page(&fleet_doc(&app))).await {
-        Ok(page) => {
-            let mut r = respond(StatusCode::OK, HTML, page);
-            r.headers_mut().insert(
-                header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static("default-src 'none'"),
-            );
-            r
-        }
+    match read(move || pages::fleet_page(&fleet_main(&app))).await {
+        Ok(page) => html(StatusCode::OK, page),
         Err(r) => r,
     }
+}
+
+async fn fleet_part(State(app): State<App>) -> Response {
+    match read(move || fleet_main(&app)).await {
+        Ok(part) => html(StatusCode::OK, part),
+        Err(r) => r,
+    }
+}
+
+/// The runs of `host` a page lists, newest first, with the durations from
+/// each run's `result.json`.
+fn host_runs(app: &App, host: &str) -> Vec<pages::HostRunView> {
+    let Ok(Some(db)) = Db::open_read_only(&app.state_dir.db_path()) else {
+        return Vec::new();
+    };
+    let rows = db.host_runs(host, HOST_RUNS).unwrap_or_default();
+    rows.into_iter()
+        .map(|(run_id, started_at, outcome, reason)| {
+            let o = crate::clock::is_run_id(&run_id)
+                .then(|| app.state_dir.read_run_result(&run_id).ok().flatten())
+                .flatten()
+                .and_then(|r| r.host_outcomes.into_iter().find(|o| o.host == host));
+            pages::HostRunView {
+                run_id,
+                started_at,
+                outcome,
+                reason,
+                probe_ms: o.as_ref().and_then(|o| o.probe_ms),
+                apply_ms: o.as_ref().and_then(|o| o.apply_ms),
+            }
+        })
+        .collect()
+}
+
+/// The host page's `<main>`, or None for a host that is neither kept nor
+/// has a status file.
+fn host_main(app: &App, name: &str) -> Option<String> {
+    if !is_known_host(name, &known_hosts(app)) {
+        return None;
+    }
+    let st = match app.state_dir.read_status(name) {
+        Ok(Some(s)) => s,
+        _ => HostStatus::new(name, &crate::clock::now_rfc3339()),
+    };
+    let pending = app.state_dir.read_pending(name).ok().flatten();
+    let runs = host_runs(app, name);
+    Some(pages::host_main(
+        &st,
+        pending.as_deref(),
+        &runs,
+        now_epoch(),
+    ))
+}
+
+const NO_HOST: &str = "no such host in the inventory or the state dir";
+
+async fn host_page(State(app): State<App>, Path(name): Path<String>) -> Response {
+    let n = name.clone();
+    match read(move || host_main(&app, &n)).await {
+        Ok(Some(main)) => {
+            let crumbs = format!(" / <a href=\"/hosts/{0}\">{0}</a>", pages::esc(&name));
+            let live = format!("/parts/hosts/{name}");
+            html(
+                StatusCode::OK,
+                pages::layout(&name, &crumbs, Some(&live), &main),
+            )
+        }
+        Ok(None) => html_error(StatusCode::NOT_FOUND, NO_HOST),
+        Err(r) => r,
+    }
+}
+
+async fn host_part(State(app): State<App>, Path(name): Path<String>) -> Response {
+    match read(move || host_main(&app, &name)).await {
+        Ok(Some(main)) => html(StatusCode::OK, main),
+        Ok(None) => error(StatusCode::NOT_FOUND, NO_HOST),
+        Err(r) => r,
+    }
+}
+
+async fn host_runs_api(State(app): State<App>, Path(name): Path<String>) -> Response {
+    let body = read(move || {
+        if !is_known_host(&name, &known_hosts(&app)) {
+            return None;
+        }
+        let runs: Vec<Value> = host_runs(&app, &name)
+            .into_iter()
+            .map(|r| {
+                json!({
+                    "run_id": r.run_id,
+                    "started_at": r.started_at,
+                    "outcome": r.outcome,
+                    "reason": r.reason,
+                    "probe_ms": r.probe_ms,
+                    "apply_ms": r.apply_ms,
+                })
+            })
+            .collect();
+        Some(json!({ "host": name, "runs": runs }).to_string())
+    })
+    .await;
+    match body {
+        Ok(Some(b)) => respond(StatusCode::OK, JSON, b),
+        Ok(None) => error(StatusCode::NOT_FOUND, NO_HOST),
+        Err(r) => r,
+    }
+}
+
+async fn host_plan_api(State(app): State<App>, Path(name): Path<String>) -> Response {
+    let body = read(move || {
+        if !is_known_host(&name, &known_hosts(&app)) {
+            return None;
+        }
+        let text = app.state_dir.read_pending(&name).ok().flatten();
+        Some(json!({ "host": name, "pending_plan": text }).to_string())
+    })
+    .await;
+    match body {
+        Ok(Some(b)) => respond(StatusCode::OK, JSON, b),
+        Ok(None) => error(StatusCode::NOT_FOUND, NO_HOST),
+        Err(r) => r,
+    }
+}
+
+/// A run's timeline events as JSON values, at most `TIMELINE_MAX` bytes of
+/// them; None when the run has no timeline.
+fn read_timeline(app: &App, id: &str) -> Option<Vec<Value>> {
+    use std::io::Read;
+    let path = app.state_dir.run_dir(id).join("timeline.jsonl");
+    let f = std::fs::File::open(path).ok()?;
+    let mut buf = Vec::new();
+    f.take(TIMELINE_MAX as u64).read_to_end(&mut buf).ok()?;
+    Some(
+        buf.split(|b| *b == b'\n')
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect(),
+    )
+}
+
+async fn timeline_api(State(app): State<App>, Path(id): Path<String>) -> Response {
+    if !crate::clock::is_run_id(&id) {
+        return error(StatusCode::NOT_FOUND, NOT_RUN_ID);
+    }
+    match read(move || read_timeline(&app, &id).map(|t| Value::Array(t).to_string())).await {
+        Ok(Some(b)) => respond(StatusCode::OK, JSON, b),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such run, or it has no timeline"),
+        Err(r) => r,
+    }
+}
+
+const NOT_RUN_ID: &str = "not a run id (r-YYYYMMDDTHHMMSSZ-xxxx)";
+
+async fn run_page(State(app): State<App>, Path(id): Path<String>) -> Response {
+    if !crate::clock::is_run_id(&id) {
+        return html_error(StatusCode::NOT_FOUND, NOT_RUN_ID);
+    }
+    let i = id.clone();
+    let page = read(move || {
+        let r = app.state_dir.read_run_result(&i).ok().flatten()?;
+        let tl = read_timeline(&app, &i).unwrap_or_default();
+        Some(pages::run_main(&r, &tl))
+    })
+    .await;
+    match page {
+        Ok(Some(main)) => {
+            let crumbs = format!(" / run <a href=\"/runs/{0}\">{0}</a>", pages::esc(&id));
+            html(StatusCode::OK, pages::layout(&id, &crumbs, None, &main))
+        }
+        Ok(None) => html_error(
+            StatusCode::NOT_FOUND,
+            "no such run, or it has no result.json yet",
+        ),
+        Err(r) => r,
+    }
+}
+
+async fn step_log(
+    State(app): State<App>,
+    Path((id, host, file)): Path<(String, String, String)>,
+) -> Response {
+    if !crate::clock::is_run_id(&id) || !is_host_name(&host) || !pages::is_log_name(&file) {
+        return error(StatusCode::NOT_FOUND, "no such step log");
+    }
+    match read(move || app.state_dir.read_step_log(&id, &host, &file, LOG_MAX)).await {
+        Ok(Ok(Some((mut bytes, more)))) => {
+            if more {
+                bytes.extend_from_slice(
+                    format!("\n… (cut at {LOG_MAX} bytes: the whole log is in the state dir)\n")
+                        .as_bytes(),
+                );
+            }
+            respond(StatusCode::OK, TEXT, bytes)
+        }
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "no such step log"),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(r) => r,
+    }
+}
+
+async fn css() -> Response {
+    respond(
+        StatusCode::OK,
+        "text/css; charset=utf-8",
+        include_str!("assets/dash.css"),
+    )
+}
+
+async fn js() -> Response {
+    respond(
+        StatusCode::OK,
+        "text/javascript; charset=utf-8",
+        include_str!("assets/dash.js"),
+    )
 }
 
 #[cfg(test)]
@@ -483,21 +692,6 @@ mod tests {
         // A name that is not a host name is refused even when a file has it.
         assert!(!is_known_host("..", &["..".to_string()]));
         assert!(!is_known_host("fleet", &["fleet".to_string()]));
-    }
-
-    #[test]
-    fn the_page_escapes_and_links_each_host() {
-        let mut s = HostStatus::new("web-1", "now");
-        s.phase = crate::core::report::Phase::Running;
-        let mut f = FleetStatus::from_statuses("2026-12-03T10:00:00.000Z", [&s]);
-        f.generated_at = "<b>".into();
-        let page = index_page(&f);
-        assert!(page.contains("<a href=\"/api/hosts/web-1\">web-1</a></td><td>Running</td>"));
-        assert!(page.contains("&lt;b&gt;") && !page.contains("<b>"));
-        assert!(!page.contains("<script"));
-        for route in ["/api/fleet", "/api/runs", "/metrics", "/healthz", "/readyz"] {
-            assert!(page.contains(&format!("href=\"{route}\"")), "{route}");
-        }
     }
 
     /// A request through the router, without a socket.
@@ -592,7 +786,54 @@ mod tests {
         );
         let (code, ctype, body) = get(&app, "/").await;
         assert_eq!((code, ctype.as_str()), (StatusCode::OK, HTML));
-        assert!(body.contains("/api/hosts/a"), "{body}");
+        assert!(body.contains("href=\"/hosts/a\""), "{body}");
+        assert!(body.contains("data-live=\"/parts/fleet\""), "{body}");
+        for route in ["/api/fleet", "/api/runs", "/metrics", "/healthz", "/readyz"] {
+            assert!(body.contains(&format!("href=\"{route}\"")), "{route}");
+        }
+        assert!(!body.contains("<script>"), "no inline script");
+        for (uri, ctype) in [
+            ("/parts/fleet", HTML),
+            ("/hosts/a", HTML),
+            ("/parts/hosts/a", HTML),
+            ("/assets/dash.css", "text/css; charset=utf-8"),
+            ("/assets/dash.js", "text/javascript; charset=utf-8"),
+            ("/api/hosts/a/runs", JSON),
+            ("/api/hosts/a/plan", JSON),
+        ] {
+            let (code, got, _) = get(&app, uri).await;
+            assert_eq!((code, got.as_str()), (StatusCode::OK, ctype), "{uri}");
+        }
+        // Pages that name nothing known are 404 pages; logs and timelines
+        // are only of the shape the state dir writes.
+        for (uri, ctype) in [
+            ("/hosts/b", HTML),
+            ("/hosts/..", HTML),
+            ("/runs/r-20261203T100000Z-aaaa", HTML),
+            ("/runs/..%2F..%2Fetc", HTML),
+            ("/parts/hosts/b", JSON),
+            ("/api/hosts/b/runs", JSON),
+            ("/api/hosts/..%2Fa/plan", JSON),
+            ("/api/runs/r-20261203T100000Z-aaaa/timeline", JSON),
+            ("/api/runs/..%2F..%2Fetc/timeline", JSON),
+            ("/runs/r-20261203T100000Z-aaaa/logs/a/0-x.log", JSON),
+            (
+                "/runs/r-20261203T100000Z-aaaa/logs/a/..%2F..%2Fresult.json",
+                JSON,
+            ),
+            (
+                "/runs/r-20261203T100000Z-aaaa/logs/..%2F..%2F..%2Fstatus/a.json",
+                JSON,
+            ),
+            ("/runs/r-20261203T100000Z-aaaa/logs/a/0-x.log%2F..", JSON),
+        ] {
+            let (code, got, _) = get(&app, uri).await;
+            assert_eq!(
+                (code, got.as_str()),
+                (StatusCode::NOT_FOUND, ctype),
+                "{uri}"
+            );
+        }
     }
 
     #[tokio::test]

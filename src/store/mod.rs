@@ -327,6 +327,74 @@ impl StateDir {
         Ok(hosts)
     }
 
+    /// `pending/<host>.txt`: the host's pending plan as `tend plan` prints
+    /// it (no colour, content diffs included), written by the pass that
+    /// left changes pending and removed by the one that left none.
+    pub fn pending_path(&self, host: &str) -> PathBuf {
+        self.root.join("pending").join(format!("{host}.txt"))
+    }
+
+    /// Write or (None) remove the host's pending plan.
+    pub fn write_pending(&self, host: &str, text: Option<&str>) -> Result<(), StoreError> {
+        self.check_name("host", host)?;
+        let path = self.pending_path(host);
+        match text {
+            Some(t) => write_atomic(&path, t.as_bytes()),
+            None => match fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(StoreError::io("remove", &path, e)),
+            },
+        }
+    }
+
+    /// The host's pending plan, or None when nothing is pending.
+    pub fn read_pending(&self, host: &str) -> Result<Option<String>, StoreError> {
+        self.check_name("host", host)?;
+        Ok(read_bytes(&self.pending_path(host))?.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// A step log named as `StepOutcome.log` names it, relative to the
+    /// state dir: `runs/<run-id>/hosts/<host>/<file>.log`, at most `max`
+    /// bytes of it (and whether there was more). The caller checks the
+    /// parts; this refuses any that could leave the run's folder.
+    pub fn read_step_log(
+        &self,
+        run_id: &str,
+        host: &str,
+        file: &str,
+        max: usize,
+    ) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
+        self.check_name("run id", run_id)?;
+        self.check_name("host", host)?;
+        self.check_name("log", file)?;
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.run_dir(run_id).join("hosts").join(host).join(file);
+        // The last part is not followed if it is a symlink, nor read if it
+        // is not a regular file (a FIFO would block the reader).
+        let f = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io("open", &path, e)),
+        };
+        let meta = f.metadata().map_err(|e| StoreError::io("stat", &path, e))?;
+        if !meta.is_file() {
+            return Ok(None);
+        }
+        let mut buf = Vec::new();
+        f.take(max as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| StoreError::io("read", &path, e))?;
+        let more = buf.len() > max;
+        buf.truncate(max);
+        Ok(Some((buf, more)))
+    }
+
     /// Where `tend retry HOST` leaves its requests for the controller.
     pub fn retry_dir(&self) -> PathBuf {
         self.root.join("retry")
