@@ -209,11 +209,18 @@ fn every_route_answers_and_a_change_moves_the_reconcile_counter() {
     let page = get(addr, "/");
     assert_eq!(page.code, 200);
     assert!(page.content_type.starts_with("text/html"), "{page:?}");
-    assert!(page.body.contains("<title>fleet · tend</title>"), "{}", page.body);
+    assert!(
+        page.body.contains("<title>fleet · tend</title>"),
+        "{}",
+        page.body
+    );
     assert!(page.body.contains("href=\"/hosts/a\"") && page.body.contains("Running"));
     // The one script is the dashboard's own file: nothing inline.
     assert!(!page.body.contains("<script>"), "{}", page.body);
-    assert!(page.body.contains("<script src=\"/assets/dash.js\" defer></script>"));
+    assert!(
+        page.body
+            .contains("<script src=\"/assets/dash.js\" defer></script>")
+    );
 
     // Unknown names and anything that tries to leave its directory.
     for path in [

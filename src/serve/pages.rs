@@ -41,10 +41,10 @@ pub fn epoch(t: &str) -> Option<i64> {
         .or_else(|_| humantime::parse_rfc3339(t))
         .ok()?;
     t.duration_since(std::time::UNIX_EPOCH)
-            .ok()?
-            .as_secs()
-            .try_into()
-            .ok()
+        .ok()?
+        .as_secs()
+        .try_into()
+        .ok()
 }
 
 /// Milliseconds since the epoch of an RFC 3339 time, if it parses.
@@ -262,7 +262,7 @@ pub fn fleet_main(
         let cls = state_class(r.severity, r.ready, r.phase);
         let _ = writeln!(
             m,
-            "<tr class=\"host st-{cls}\" data-host=\"{h}\" data-state=\"{cls}\" data-tags=\"{t}\"><td><a href=\"/hosts/{h}\">{h}</a></td><td class=\"phase\">{p}</td><td class=\"ready\">{rd}</td><td><code>{rev}</code></td><td>{age}</td><td>{t}</td><td class=\"msg\">{msg}</td></tr>",
+            "<tr class=\"host st-{cls}\" data-host=\"{h}\" data-state=\"{cls}\" data-tags=\"{t}\"><td><a href=\"/hosts/{h}\">{h}</a></td><td class=\"phase\">{p}</td><td class=\"ready\">{rd}</td><td><code>{rev}</code></td><td>{age}</td><td class=\"tags\">{t}</td><td class=\"msg\">{msg}</td></tr>",
             h = esc(&r.host),
             p = esc(&word(&r.phase)),
             rd = if r.ready { "True" } else { "False" },
@@ -344,7 +344,7 @@ pub fn durations_chart(runs: &[HostRunView]) -> String {
         .unwrap_or(1)
         .max(1);
     let (w, h, pad) = (600u64, 120u64, 4u64);
-    let slot = (w / pts.len() as u64).max(6);
+    let slot = (w / pts.len() as u64).clamp(6, 40);
     let bw = (slot.saturating_sub(pad) / 2).max(2);
     let mut s = format!(
         "<figure class=\"chart\"><svg id=\"durations\" viewBox=\"0 0 {w} {}\" role=\"img\" aria-label=\"probe and apply durations of the last runs\">",
@@ -850,6 +850,31 @@ mod tests {
     }
 
     #[test]
+    fn a_halted_rollout_shows_its_wave_budget_and_why() {
+        let mut f = FleetStatus::from_statuses("now", []);
+        f.rollout = Some(crate::core::report::RolloutStatus {
+            revision: "sha256:0123456789abcdef".into(),
+            state: "Halted".into(),
+            wave: 2,
+            waves: 3,
+            failed_hosts: vec!["web-2".into(), "web-3".into()],
+            budget: 1,
+            halted_reason: Some("2 hosts failed in wave 2, more than the budget of 1".into()),
+        });
+        let m = fleet_main(&f, &BTreeMap::new(), NOW);
+        assert!(m.contains("id=\"rollout\" class=\"panel st-bad\""), "{m}");
+        assert!(m.contains("<code>0123456789ab</code>"), "{m}");
+        assert!(m.contains("<b class=\"rollout-state\">Halted</b>, wave 2 of 3; failure budget 1, failed so far 2 (web-2, web-3)"), "{m}");
+        assert!(
+            m.contains("Halted: 2 hosts failed in wave 2, more than the budget of 1."),
+            "{m}"
+        );
+        assert!(m.contains("tend resume --reason TEXT"));
+        f.rollout = None;
+        assert!(!fleet_main(&f, &BTreeMap::new(), NOW).contains("id=\"rollout\""));
+    }
+
+    #[test]
     fn plans_are_classed_by_line() {
         let h = plan_html(
             "host a: 1 to create\n    + file:/x create\n        +new\n        -old\n        @@ -1 +1 @@\n  ---- barrier: x ----\n",
@@ -869,7 +894,7 @@ mod tests {
         for bad in [
             format!("runs/{id}/hosts/h1/../x.log"),
             format!("runs/{id}/hosts/../0-x.log"),
-            format!("runs/other/hosts/h1/0-x.log"),
+            "runs/other/hosts/h1/0-x.log".to_string(),
             format!("runs/{id}/hosts/h1/0-x.txt"),
             format!("runs/{id}/hosts/h1/a/0-x.log"),
             "/etc/passwd".to_string(),
