@@ -7,17 +7,18 @@ chroot sshd hosts, the same workload per host, phases run alternately.
 
 Workload per host (the same three ways): 20 files under /srv/app/conf/ whose
 content names the host, 3 directories, 1 user with a home, 1 command guarded
-by `creates`. Phases: plan / dry run, first converge (fresh hosts each time),
-no-op apply. Per tool, phase and size: the median of the repeats of wall
-time, the tool's own CPU and peak RSS (wait4 of its process tree), host-side
-CPU (a cgroup around the whole bench fleet) and, from the hosts' sshd
-VERBOSE logs, SSH connections and remote sessions per host.
+by `creates`. Phases: plan / dry run on fresh hosts, first converge (fresh
+hosts each time), no-op apply, plan / dry run on the converged hosts. Per
+tool, phase and size: the median of the repeats of wall time, the tool's
+own CPU and peak RSS (wait4 of its process tree), host-side CPU (a cgroup
+around the whole bench fleet) and, from the hosts' sshd VERBOSE logs, SSH
+connections and remote sessions per host.
 
 The bench fleet is its own (fleet dir /var/tmp/tend-fleet-peers on
 127.0.2.x): it never touches the test fleet. The peers are installed into a
 throw-away virtualenv (/var/tmp/tend-bench-venv). Writes
-bench/peers/out/results.csv and bench/RESULTS.md (not with --smoke, which
-writes under --out only).
+bench/peers/results.csv (every run) and bench/RESULTS.md (the medians); with
+--smoke, both under --out only.
 """
 
 import argparse
@@ -42,7 +43,7 @@ VENV = Path(os.environ.get("TEND_BENCH_VENV", "/var/tmp/tend-bench-venv"))
 PEERS = ["ansible-core==2.19.*", "mitogen==0.3.*", "pyinfra==3.*"]
 CGROUP_NAME = "tend-bench-peers"
 TOOLS = ["tend", "pyinfra", "ansible"]
-PHASES = ["plan", "converge", "noop"]
+PHASES = ["plan", "converge", "noop", "replan"]
 FILES = 20
 
 
@@ -245,6 +246,10 @@ def write_ansible(d, hosts, key):
 
 
 def commands(tool, d, tend_bin, phase):
+    """plan: a dry run on fresh hosts (everything to do); converge, noop: a
+    real run; replan: a dry run on the converged hosts."""
+    if phase == "replan":
+        phase = "plan"
     if tool == "tend":
         base = [str(tend_bin), "--dir", str(d)]
         return base + (["plan"] if phase == "plan" else ["apply", "--dispatch", "enforced"])
@@ -340,7 +345,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--tend", default=str(REPO / "target/release/tend"), help="the tend binary")
-    ap.add_argument("--out", default=str(REPO / "bench/peers/out"))
+    ap.add_argument("--out", default=str(REPO / "bench/peers"), help="where results.csv goes")
     ap.add_argument("--smoke", action="store_true", help="2 hosts, 1 repeat; no RESULTS.md")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -389,8 +394,9 @@ def main():
         w.writeheader()
         w.writerows(rows)
     md = report(rows, sizes, tools, versions(tend_bin, tools), repeat)
-    (out / "RESULTS.md").write_text(md)
-    if not a.smoke:
+    if a.smoke:
+        (out / "RESULTS.md").write_text(md)
+    else:
         (REPO / "bench/RESULTS.md").write_text(md)
     print(md)
 
@@ -400,7 +406,8 @@ def report(rows, sizes, tools, vers, repeat):
         v = [r[key] for r in rows if r["tool"] == tool and r["hosts"] == n and r["phase"] == phase]
         return statistics.median(v) if v else None
 
-    names = {"plan": "plan / dry run", "converge": "first converge", "noop": "no-op apply"}
+    names = {"plan": "plan / dry run, fresh hosts", "converge": "first converge",
+             "noop": "no-op apply", "replan": "plan / dry run, converged"}
     peers = [t for t in tools if t != "tend"]
     lines = [
         "# Peer benchmark",
