@@ -2,7 +2,7 @@
 //! systemd-nspawn hosts of the test fleet (`tests/fleet/fleet.sh
 //! up-systemd`), each with systemd as PID 1 and its own sshd.
 //!
-//! Each test owns the host it changes (s1..s4), so tests run in parallel;
+//! Each test owns the host it changes (s1..s4, s17), so tests run in parallel;
 //! every test first puts its units back the way the fleet made them.
 
 #[path = "support/fleet.rs"]
@@ -218,13 +218,13 @@ fn enables_a_disabled_unit_and_refuses_a_missing_one() {
 fn a_unit_file_in_the_same_run_provides_its_service() {
     let f = systemd_fleet();
     f.sh(
-        "s3",
+        "s17",
         "systemctl disable --now tend-new.service 2>/dev/null; rm -f /etc/systemd/system/tend-new.service; systemctl daemon-reload",
     );
     let unit = "[Unit]\\nDescription=made by tend\\n[Service]\\nExecStart=/bin/sleep infinity\\n[Install]\\nWantedBy=multi-user.target\\n";
     let d = desired(
         f,
-        "s3",
+        "s17",
         &format!(
             "resources:\n  - kind: service\n    name: tend-new\n  - kind: file\n    path: /etc/systemd/system/tend-new.service\n    content: \"{unit}\"\n"
         ),
@@ -247,16 +247,16 @@ fn a_unit_file_in_the_same_run_provides_its_service() {
     assert_eq!(
         show(
             f,
-            "s3",
+            "s17",
             "ActiveState,UnitFileState,Description",
             "tend-new.service"
         ),
         "made by tend\nactive\nenabled\n"
     );
     let (c, r) = apply(&d);
-    assert_eq!((c, &outcome(&r, "s3")["outcome"]), (0, &"NoChange".into()));
+    assert_eq!((c, &outcome(&r, "s17")["outcome"]), (0, &"NoChange".into()));
     f.sh(
-        "s3",
+        "s17",
         "systemctl disable --now tend-new.service; rm -f /etc/systemd/system/tend-new.service; systemctl daemon-reload",
     );
 }

@@ -30,11 +30,11 @@ use std::time::{Duration, Instant};
 /// h91 would listen on 127.0.0.101, the first systemd host's address.
 pub const HOSTS: usize = 90;
 
-/// Systemd hosts the fleet provides to the tests: s1..s4 for the service
-/// tests, s5..s9 for every kind on five hosts, s10..s11 for the campaign,
+/// Systemd hosts the fleet provides to the tests: s1..s4 and s17 for the
+/// service tests (one host per test), s5..s9 for every kind on five hosts, s10..s11 for the campaign,
 /// s12..s13 for idempotent service steps and owed restarts, s14 for
 /// approvals, s15..s16 for connection guards (tests/guard.rs, with h39).
-pub const SYSTEMD_HOSTS: usize = 16;
+pub const SYSTEMD_HOSTS: usize = 17;
 
 #[derive(Clone, Debug)]
 pub struct FleetHost {
