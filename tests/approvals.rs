@@ -19,6 +19,14 @@ use support::{Daemon, Desired, Fleet, code, fleet, outcome, systemd_fleet, text,
 
 const FAST: &str = "probe_timeout: 30s\nretries: 2\nretry_backoff: 50ms\n";
 
+/// Two tests apply to h89; each holds this for its whole length, so they
+/// never race each other's run on the host (the fleet has no free host).
+static H89: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn h89() -> std::sync::MutexGuard<'static, ()> {
+    H89.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn git_desired(inventory: &str, hosts: &[(&str, &str)]) -> Desired {
     let d = Desired::new(FAST, inventory, hosts);
     d.init_git();
@@ -114,6 +122,7 @@ fn a_token_survives_an_unrelated_commit_and_the_delete_runs() {
 /// approval of the object as it is now then runs.
 #[test]
 fn a_change_on_the_host_to_the_object_makes_the_token_stale() {
+    let _h89 = h89();
     let f = fleet();
     // A package of our own, built on the host: version 1.0, then 1.1.
     let build_pkg = |version: &str| {
@@ -189,6 +198,7 @@ fn a_change_on_the_host_to_the_object_makes_the_token_stale() {
 
 #[test]
 fn a_token_for_one_host_set_never_covers_another() {
+    let _h89 = h89();
     let f = fleet();
     let hosts = ["h89", "h90"];
     for h in hosts {
