@@ -32,6 +32,22 @@ pub fn new_run_id(now: SystemTime) -> String {
     format!("r-{compact}-{suffix}")
 }
 
+/// A fresh 64-bit value, different on every call (seeded from the OS,
+/// mixed with the time and a counter): names, not secrets.
+pub fn nonce() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u64(COUNT.fetch_add(1, Ordering::Relaxed));
+    h.finish()
+}
+
 /// Exactly the shape of `new_run_id`: `r-YYYYMMDDTHHMMSSZ-` and 4
 /// lowercase alphanumerics. What a run id from outside (a URL) must be
 /// before it names a directory.

@@ -1521,6 +1521,7 @@ async fn run_batch(
             output_limit: opts.output_limit,
             lock_wait_secs: timeout.as_secs().max(1),
             require_lock: attempt > 1,
+            nonce: crate::clock::nonce(),
         };
         let cmds: Vec<RemoteCommand> = todo.iter().map(|u| u.cmd.clone()).collect();
         let cmd = crate::apply::batch::script(&cmds, bopts);

@@ -52,6 +52,10 @@ pub struct BatchOpts {
     /// A retry: refuse to run on a host without `flock`, where it cannot be
     /// told whether the earlier attempt still runs.
     pub require_lock: bool,
+    /// Names the batch's temporary files on the host (`.tend.<nonce>.<pid>`
+    /// beside the path written): any value; a fresh one per batch keeps a
+    /// leftover of a killed batch from being in the way.
+    pub nonce: u64,
 }
 
 /// The last line of every batch script; the bootstrap runs a script only
@@ -63,19 +67,22 @@ pub fn script(steps: &[RemoteCommand], opts: BatchOpts) -> RemoteCommand {
     let limit = opts.output_limit.max(2);
     let (h, t) = (limit / 2, limit - limit / 2);
     let mut s = format!(
-        "o=$(mktemp) && e=$(mktemp) || {{ echo 'tend: mktemp failed' >&2; exit 97; }}\n\
-         trap 'rm -f \"$o\" \"$e\"' EXIT\n\
-         tend_size() {{ if [ -s \"$1\" ]; then wc -c < \"$1\"; else echo 0; fi; }}\n\
+        "t=$(mktemp -d) || {{ echo 'tend: mktemp failed' >&2; exit 97; }}\n\
+         o=\"$t/o\" e=\"$t/e\" tend_dirs=\"$t/dirs\" tend_nonce={nonce}\n\
+         trap 'rm -rf -- \"$t\"' EXIT\n\
          tend_part() {{ if [ \"$2\" -eq 0 ]; then :; elif [ \"$2\" -le {limit} ]; then cat -- \"$1\"; else head -c {h} -- \"$1\"; tail -c {t} -- \"$1\"; fi; }}\n\
-         tend_emit() {{ no=$(tend_size \"$o\"); ne=$(tend_size \"$e\"); printf 'TEND-STEP %s %s %s %s\\n' \"$1\" \"$2\" $no $ne; tend_part \"$o\" $no; tend_part \"$e\" $ne; }}\n\
-         if [ \"$(id -u)\" = 0 ]; then l=/run/tend; else l=\"${{TMPDIR:-/tmp}}/tend-$(id -u)\"; fi\n\
+         tend_emit() {{ no=0 ne=0; if [ -s \"$o\" ]; then no=$(wc -c < \"$o\"); fi; if [ -s \"$e\" ]; then ne=$(wc -c < \"$e\"); fi; printf 'TEND-STEP %s %s %s %s\\n' \"$1\" \"$2\" $no $ne; tend_part \"$o\" $no; tend_part \"$e\" $ne; }}\n\
+         tend_flush() {{ if [ -s \"$tend_dirs\" ]; then xargs -0 sync -- < \"$tend_dirs\" || echo 'tend: cannot fsync the directories this batch changed' >&2; : > \"$tend_dirs\"; fi; }}\n\
+         u=$(id -u)\n\
+         if [ \"$u\" = 0 ]; then l=/run/tend; else l=\"${{TMPDIR:-/tmp}}/tend-$u\"; fi\n\
          if command -v flock >/dev/null 2>&1; then\n\
-         \x20 {{ mkdir -p \"$l\" && chmod 0700 \"$l\" && exec 9>>\"$l/steps.lock\" && flock -w {wait} 9; }} || {{ echo \"tend: an earlier attempt still holds $l/steps.lock on this host\" >&2; exit 96; }}\n\
+         \x20 {{ {{ [ -d \"$l\" ] || {{ mkdir -p \"$l\" && chmod 0700 \"$l\"; }}; }} && exec 9>>\"$l/steps.lock\" && flock -w {wait} 9; }} || {{ echo \"tend: an earlier attempt still holds $l/steps.lock on this host\" >&2; exit 96; }}\n\
          elif [ {require} = 1 ]; then\n\
          \x20 echo 'tend: no flock on this host, so it cannot be told whether an earlier attempt still runs; not retried' >&2; exit 96\n\
          fi\n",
         wait = opts.lock_wait_secs.max(1),
         require = u8::from(opts.require_lock),
+        nonce = format_args!("{:016x}", opts.nonce),
     );
     let mut stdin = Vec::new();
     for (k, step) in steps.iter().enumerate() {
@@ -85,19 +92,21 @@ pub fn script(steps: &[RemoteCommand], opts: BatchOpts) -> RemoteCommand {
         } else {
             ""
         };
-        // fd 9 (the lock) is closed for the step: a process it leaves
-        // running must not hold the lock for ever.
+        // Each step runs in a subshell of the batch's shell (a fork, no
+        // new shell to start), so its `set -eu`, traps, umask and exit stay
+        // its own. fd 9 (the lock) is closed for the step: a process it
+        // leaves running must not hold the lock for ever.
         s.push_str(&format!(
             "printf 'TEND-START {k}\\n'\n\
-             sh -c {}{input} >\"$o\" 2>\"$e\" 9>&-; rc=$?\n\
+             ( eval {} ){input} >\"$o\" 2>\"$e\" 9>&-; rc=$?\n\
              tend_emit {k} \"$rc\"\n\
-             [ \"$rc\" -eq 0 ] || exit 0\n",
+             [ \"$rc\" -eq 0 ] || {{ tend_flush; exit 0; }}\n",
             quote(&step.script)
         ));
         stdin.extend_from_slice(&step.stdin);
     }
     s.push_str(&format!(
-        "echo 'TEND-BATCH-END {}'\n{SENTINEL}",
+        "tend_flush\necho 'TEND-BATCH-END {}'\n{SENTINEL}",
         steps.len()
     ));
     let mut all = s.into_bytes();
@@ -362,6 +371,7 @@ mod tests {
         output_limit: 1024 * 1024,
         lock_wait_secs: 5,
         require_lock: false,
+        nonce: 7,
     };
 
     fn cmd(script: &str, stdin: &[u8]) -> RemoteCommand {
@@ -398,6 +408,54 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(&got[2].stdout).trim(),
             "x \\n y \\0"
+        );
+    }
+
+    #[test]
+    fn a_step_keeps_its_shell_state_to_itself() {
+        let got = run(&[
+            cmd(
+                "set -eu\numask 077\nx=1\ncd /usr\ntrap 'echo bye' EXIT\nexit 0",
+                b"",
+            ),
+            cmd("set -eu\numask; echo \"${x:-unset}\"; pwd", b""),
+            cmd("false; echo not reached", b""),
+        ]);
+        assert_eq!(
+            got[0].stdout, b"bye\n",
+            "a step's EXIT trap runs when it ends"
+        );
+        let second = String::from_utf8_lossy(&got[1].stdout).into_owned();
+        let mut lines = second.lines();
+        assert_ne!(lines.next(), Some("0077"), "{second}");
+        assert_eq!(lines.next(), Some("unset"), "{second}");
+        assert_ne!(lines.next(), Some("/usr"), "{second}");
+        assert_eq!(got[2].status, 0, "no set -e unless the step says so");
+    }
+
+    #[test]
+    fn path_writes_in_a_batch_land_and_leave_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("d");
+        let d = d.to_str().unwrap();
+        let steps = [
+            crate::apply::make_directory(d, None, None, None, crate::apply::PathType::Nothing),
+            crate::apply::write_file(&format!("{d}/a"), b"one", None, None, None),
+            crate::apply::write_file(&format!("{d}/b"), b"", None, None, None),
+            crate::apply::make_symlink(&format!("{d}/l"), "a", crate::apply::PathType::Nothing),
+        ];
+        let got = run(&steps);
+        assert!(got.iter().all(|o| o.status == 0), "{got:?}");
+        let mut names: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "b", "l"]);
+        assert_eq!(std::fs::read(format!("{d}/a")).unwrap(), b"one");
+        assert_eq!(
+            std::fs::read_link(format!("{d}/l")).unwrap().to_str(),
+            Some("a")
         );
     }
 

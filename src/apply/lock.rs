@@ -31,10 +31,11 @@ use crate::shell::quote;
 /// answers `TEND-LOCK-BUSY`.
 pub const LOCK_WAIT_SECS: u64 = 10;
 
-/// Reads the revision recorded on the host, as the probe does, so that the
-/// two compare equal: at most 200 bytes, only the characters a revision has.
-pub const READ_REVISION: &str =
-    "head -c 200 -- \"$l/revision\" 2>/dev/null | tr -cd 'A-Za-z0-9:._-'";
+/// Reads the revision recorded on the host into `tend_r`, as the probe
+/// does, so that the two compare equal: its first line, with shell builtins
+/// only (no process); one longer than 200 bytes or with a character a
+/// revision never has reads as `invalid`.
+pub const READ_REVISION: &str = "tend_r=; if [ -f \"$l/revision\" ] && [ -r \"$l/revision\" ]; then IFS= read -r tend_r < \"$l/revision\" || :; fi; case $tend_r in *[!A-Za-z0-9:._-]*) tend_r=invalid ;; esac; [ ${#tend_r} -le 200 ] || tend_r=invalid";
 
 /// The lock directory, in `$l`. `TEND_LOCK_DIR` in the environment of the
 /// host's shell moves it: only a `transport: local` host can get it (sshd
@@ -51,13 +52,17 @@ pub fn script(holder: &str, seen: &str, revision: &str) -> String {
         r#"export LC_ALL=C
 {LOCK_DIR}
 command -v flock >/dev/null 2>&1 || {{ echo 'TEND-LOCK-ERROR flock is not installed on this host (util-linux); tend applies only under the host lock'; exit 0; }}
-tend_private() {{ [ ! -L "$l" ] && [ -d "$l" ] && [ "$(stat -c '%u %a' -- "$l")" = "$(id -u) 700" ]; }}
-if {{ [ -e "$l" ] || [ -L "$l" ]; }} && ! tend_private; then
-  m="$l.untrusted.$(date +%s).$$"
-  mv -f -- "$l" "$m" || {{ echo "TEND-LOCK-ERROR $l is not a directory of uid $(id -u) with mode 0700, and cannot be moved aside"; exit 0; }}
+u=$(id -u)
+tend_private() {{ [ ! -L "$l" ] && [ -d "$l" ] && [ "$(stat -c '%u %a' -- "$l")" = "$u 700" ]; }}
+ok=
+if [ -e "$l" ] || [ -L "$l" ]; then
+  if tend_private; then ok=1; else
+    m="$l.untrusted.$(date +%s).$$"
+    mv -f -- "$l" "$m" || {{ echo "TEND-LOCK-ERROR $l is not a directory of uid $u with mode 0700, and cannot be moved aside"; exit 0; }}
+  fi
 fi
-if [ ! -e "$l" ] && [ ! -L "$l" ]; then mkdir -m 0700 -- "$l" 2>/dev/null || tend_private || {{ echo "TEND-LOCK-ERROR cannot create $l"; exit 0; }}; fi
-tend_private || {{ echo "TEND-LOCK-ERROR $l is not a directory of uid $(id -u) with mode 0700"; exit 0; }}
+if [ -z "$ok" ] && [ ! -e "$l" ] && [ ! -L "$l" ]; then mkdir -m 0700 -- "$l" 2>/dev/null && ok=1 || tend_private || {{ echo "TEND-LOCK-ERROR cannot create $l"; exit 0; }}; fi
+[ -n "$ok" ] || tend_private || {{ echo "TEND-LOCK-ERROR $l is not a directory of uid $u with mode 0700"; exit 0; }}
 if [ -L "$l/lock" ]; then rm -f -- "$l/lock"; fi
 exec 9>>"$l/lock" || {{ echo "TEND-LOCK-ERROR cannot open $l/lock"; exit 0; }}
 if ! flock -w {wait} 9; then
@@ -65,14 +70,19 @@ if ! flock -w {wait} 9; then
   echo "TEND-LOCK-BUSY ${{h:-a process that did not say who it is}}"
   exit 0
 fi
-r=$({READ_REVISION})
+{READ_REVISION}
+r=$tend_r
 if [ "$r" != {seen} ] && [ "$r" != {revision} ]; then echo "TEND-LOCK-MOVED $r"; exit 0; fi
-{{ printf '%s\n' {revision} > "$l/revision.new" && mv -f -- "$l/revision.new" "$l/revision"; }} || {{ echo "TEND-LOCK-ERROR cannot record the revision in $l/revision"; exit 0; }}
-printf '%s\n' {holder} > "$l/holder.new" && mv -f -- "$l/holder.new" "$l/holder"
+if [ "$r" != {revision} ]; then
+  {{ printf '%s\n' {revision} > "$l/revision.new" && mv -f -- "$l/revision.new" "$l/revision"; }} || {{ echo "TEND-LOCK-ERROR cannot record the revision in $l/revision"; exit 0; }}
+fi
+# Only whoever finds the lock busy reads this, and only for a message:
+# written in place (one write), no rename.
+printf '%s\n' {holder} > "$l/holder"
 trap 'rm -f -- "$l/holder"' EXIT
 trap 'exit 0' HUP INT TERM
 echo TEND-LOCKED
-cat >/dev/null
+while IFS= read -r tend_x; do :; done
 "#,
         wait = LOCK_WAIT_SECS,
         seen = quote(seen),

@@ -16,9 +16,14 @@
 //! the planner orders a directory before what is inside it, so a missing
 //! parent is an error worth seeing, not something to paper over with `-p`.
 //!
-//! Tools used on the host: `mktemp`, `cat`, `stat`, `chmod`, `chown`, `chgrp`,
-//! `sync` (with file operands, to fsync one file or directory), `mv -T`,
-//! `ln`, `mkdir`, `rmdir`, `rm`: GNU coreutils or a recent BusyBox.
+//! Tools used on the host: `dd` (`iflag=count_bytes,fullblock`,
+//! `conv=excl,fsync`), `head`, `stat`, `chmod`, `chown`, `chgrp`, `sync`
+//! (with file operands, to fsync a directory), `mv -T`, `ln`, `mkdir`,
+//! `rmdir`, `rm`, `sha256sum`: GNU coreutils.
+//!
+//! Few processes per step (each one costs the host CPU): a new file is one
+//! `dd` (exact length, exclusive create, fsync) and one `mv`, its mode set
+//! by the umask where it can be; a new directory is one `mkdir -m`.
 
 pub mod batch;
 pub mod guard;
@@ -115,17 +120,39 @@ pub fn write_file_at(
     ];
     same.extend(meta_matches(mode, owner, group));
     s.line(&format!("if {}; then", same.join(" && ")));
-    s.line(&format!("  head -c {len} > /dev/null"));
+    s.line(&format!(
+        "  head -c {} > /dev/null",
+        len + CONTENT_END.len()
+    ));
     s.line(r#"  printf 'tend: %s already has this content, mode and ownership\n' "$p""#);
     s.line("  exit 0");
     s.line("fi");
     s.temp_cleanup("rm -f");
-    s.line(r#"tmp=$(mktemp "$d/.tend.XXXXXX")"#);
+    // The temporary name: the batch's nonce (from the controller) and the
+    // shell's pid. `conv=excl` creates it with O_EXCL, so nothing planted
+    // under that name (a symlink, a FIFO) is ever followed or written.
+    s.line(r#"tmp="$d/.tend.${tend_nonce:-0}.$$""#);
+    // A new file gets its mode from the umask where the mode has no bits
+    // beyond rw (no chmod process); a kept mode or any other is set below.
+    let created_mode = match mode {
+        Some(m) if m.0 & !0o666 == 0 => Some(m),
+        Some(_) => None,
+        None => Some(NEW_FILE_MODE),
+    };
+    if let Some(m) = created_mode {
+        s.line(&format!("umask {:03o}", !m.0 & 0o777));
+    }
     // Exactly the content's length, not "until EOF": in a batch, the next
-    // step's content follows on the same stdin. A short read is an error.
-    s.line(&format!(r#"head -c {len} > "$tmp""#));
+    // step's content follows on the same stdin. `dd` reads exactly that
+    // many bytes, creates the file exclusively and fsyncs it, in one
+    // process. The marker that follows the content proves it arrived whole:
+    // a stream cut short ends before it.
     s.line(&format!(
-        r#"[ "$(wc -c < "$tmp")" -eq {len} ] || {{ echo "tend: content of $p arrived short" >&2; exit 1; }}"#
+        r#"dd bs=64K count={len} iflag=count_bytes,fullblock conv=excl,fsync status=none of="$tmp""#
+    ));
+    s.line(&format!(
+        r#"IFS= read -r tend_m && [ "$tend_m" = {} ] || {{ echo "tend: content of $p arrived short" >&2; exit 1; }}"#,
+        std::str::from_utf8(&CONTENT_END[..CONTENT_END.len() - 1]).expect("ASCII")
     ));
     // Ownership before mode: chown clears the set-user-ID and set-group-ID bits.
     let keep_ids = match (owner, group) {
@@ -134,6 +161,9 @@ pub fn write_file_at(
         (Some(_), None) => Some(":%g"),
         (Some(_), Some(_)) => None,
     };
+    if mode.is_none() {
+        s.line("m=");
+    }
     if keep_ids.is_some() || mode.is_none() {
         s.line(r#"if [ "$f" = file ]; then"#);
         if let Some(format) = keep_ids {
@@ -145,17 +175,22 @@ pub fn write_file_at(
         }
         if mode.is_none() {
             s.line(r#"  m=$(stat -c %a -- "$p")"#);
-            s.line("else");
-            s.line(&format!("  m={}", chmod_mode(NEW_FILE_MODE)));
         }
         s.line("fi");
     }
     s.chown(r#""$tmp""#, owner, group, false);
+    // After every chown (which clears set-user-ID and set-group-ID bits):
+    // the mode kept from the file replaced, or one the umask cannot give.
     match mode {
-        Some(m) => s.line(&format!(r#"chmod -- {} "$tmp""#, chmod_mode(m))),
-        None => s.line(r#"chmod -- "$m" "$tmp""#),
+        None => s.line(&format!(
+            r#"[ -z "$m" ] || [ "$m" = {:o} ] || chmod -- "$m" "$tmp""#,
+            NEW_FILE_MODE.0
+        )),
+        Some(m) if created_mode.is_none() => {
+            s.line(&format!(r#"chmod -- {} "$tmp""#, chmod_mode(m)))
+        }
+        Some(_) => {}
     }
-    s.line(r#"sync -- "$tmp""#);
     if seen == PathType::Directory {
         // A planned replacement of a directory: `mv` cannot rename a file
         // over one.
@@ -163,12 +198,19 @@ pub fn write_file_at(
     }
     s.line(r#"mv -Tf -- "$tmp" "$p""#);
     s.line("tmp=");
-    s.line(r#"sync -- "$d""#);
+    s.sync_dir();
+    let mut stdin = Vec::with_capacity(len + CONTENT_END.len());
+    stdin.extend_from_slice(content);
+    stdin.extend_from_slice(CONTENT_END);
     RemoteCommand {
         script: s.finish(),
-        stdin: content.to_vec(),
+        stdin,
     }
 }
+
+/// What follows a file's content on the step's stdin: the write reads it
+/// after the content, so a stream cut short is never renamed into place.
+pub const CONTENT_END: &[u8] = b"tend-content-end\n";
 
 /// Changes the mode and/or ownership of the existing file or directory at
 /// `path` (`seen`, what the plan saw there), leaving its content alone, as
@@ -227,18 +269,27 @@ pub fn make_directory(
     if !matches!(seen, PathType::Nothing | PathType::Directory) {
         s.line(r#"if [ "$f" != nothing ]; then rm -f -- "$p"; fi"#);
     }
-    s.line("c=");
-    s.line(r#"trap '[ -z "$c" ] || rmdir -- "$p"' EXIT"#);
-    s.signal_traps();
-    s.line(r#"mkdir -m 0700 -- "$p""#);
-    s.line("c=1");
-    s.chown(r#""$p""#, owner, group, false);
-    s.line(&format!(
-        r#"chmod -- {} "$p""#,
-        chmod_mode(mode.unwrap_or(NEW_DIRECTORY_MODE))
-    ));
-    s.line("c=");
-    s.line(r#"sync -- "$d""#);
+    let mode = mode.unwrap_or(NEW_DIRECTORY_MODE);
+    if owner.is_none() && group.is_none() {
+        // One process: `mkdir -m` sets the mode regardless of the umask.
+        // Under a set-group-ID parent the new directory inherits that bit,
+        // which the mode given may not have: chmod then clears it.
+        s.line(&format!(r#"mkdir -m {} -- "$p""#, chmod_mode(mode)));
+        s.line(&format!(
+            r#"[ ! -g "$d" ] || chmod -- {} "$p""#,
+            chmod_mode(mode)
+        ));
+    } else {
+        s.line("c=");
+        s.line(r#"trap '[ -z "$c" ] || rmdir -- "$p"' EXIT"#);
+        s.signal_traps();
+        s.line(r#"mkdir -m 0700 -- "$p""#);
+        s.line("c=1");
+        s.chown(r#""$p""#, owner, group, false);
+        s.line(&format!(r#"chmod -- {} "$p""#, chmod_mode(mode)));
+        s.line("c=");
+    }
+    s.sync_dir();
     s.command()
 }
 
@@ -265,14 +316,14 @@ pub fn make_symlink(path: &str, target: &str, seen: PathType) -> RemoteCommand {
     if seen == PathType::Directory {
         s.line(r#"if [ "$f" = directory ]; then rm -rf -- "$p"; fi"#);
     }
-    // A fresh directory gives a link name nobody else can race for.
-    s.temp_cleanup("rm -rf");
-    s.line(r#"tmp=$(mktemp -d "$d/.tend.XXXXXX")"#);
-    s.line(r#"ln -s -- "$t" "$tmp/l""#);
-    s.line(r#"mv -Tf -- "$tmp/l" "$p""#);
-    s.line(r#"rmdir -- "$tmp""#);
+    // symlink(2) never follows or reuses a name that exists, so the
+    // temporary link cannot be redirected by anything planted there.
+    s.temp_cleanup("rm -f");
+    s.line(r#"tmp="$d/.tend.${tend_nonce:-0}.$$""#);
+    s.line(r#"ln -s -- "$t" "$tmp""#);
+    s.line(r#"mv -Tf -- "$tmp" "$p""#);
     s.line("tmp=");
-    s.line(r#"sync -- "$d""#);
+    s.sync_dir();
     s.command()
 }
 
@@ -481,6 +532,13 @@ impl Script {
                 chmod_mode(m)
             ));
         }
+    }
+
+    /// Makes the entries changed in `$d` durable: in a batch, one `sync`
+    /// of every directory touched when the batch ends (the batch's
+    /// `tend_dirs` list); alone, right away.
+    fn sync_dir(&mut self) {
+        self.line(r#"if [ -n "${tend_dirs:-}" ]; then printf '%s\0' "$d" >> "$tend_dirs"; else sync -- "$d"; fi"#);
     }
 
     /// Removes `$tmp` with `rm` when the script ends before clearing it,

@@ -92,7 +92,7 @@ fn scripts_start_with_set_eu_and_carry_no_content() {
         assert!(cmd.script.starts_with("set -eu\n"), "{}", cmd.script);
         assert!(!cmd.script.contains("SECRET"), "{}", cmd.script);
     }
-    assert_eq!(cmds[0].stdin, content);
+    assert_eq!(cmds[0].stdin, [&content[..], CONTENT_END].concat());
     assert!(cmds[1..].iter().all(|c| c.stdin.is_empty()));
 }
 
@@ -249,6 +249,78 @@ fn write_file_failing_late_removes_its_temp_file() {
     ));
     assert!(err.contains("no-such-user-tend"), "{err}");
     assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
+}
+
+#[test]
+fn write_file_cut_short_in_transit_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("f");
+    fs::write(&p, b"old").unwrap();
+    let full = write_file(s(&p), b"0123456789", None, None, None);
+    // The content short, or whole but without the marker after it.
+    for cut in [4, 10, 10 + CONTENT_END.len() - 1] {
+        let short = RemoteCommand {
+            script: full.script.clone(),
+            stdin: full.stdin[..cut].to_vec(),
+        };
+        let err = fails(&short);
+        assert!(err.contains("arrived short"), "{cut}: {err}");
+        assert_eq!(fs::read(&p).unwrap(), b"old", "{cut}");
+        assert_eq!(entries(dir.path()), ["f"], "{cut}: no temporary file left");
+    }
+}
+
+#[test]
+fn write_file_never_follows_what_is_planted_at_its_temporary_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target");
+    fs::write(&target, b"precious").unwrap();
+    let p = dir.path().join("f");
+    for planted in [&target, &dir.path().join("nowhere")] {
+        let cmd = write_file(s(&p), b"payload", None, None, None);
+        // Someone who guessed the batch's nonce and the shell's pid.
+        let script = cmd.script.replacen(
+            "set -eu\n",
+            &format!(
+                "set -eu\ntend_nonce=x\nln -s {} {}/.tend.x.$$\n",
+                crate::shell::quote(s(planted)),
+                crate::shell::quote(s(dir.path()))
+            ),
+            1,
+        );
+        let out = run(&RemoteCommand {
+            script,
+            stdin: cmd.stdin,
+        });
+        assert_ne!(out.status, 0);
+        assert_eq!(fs::read(&target).unwrap(), b"precious");
+        assert!(!dir.path().join("nowhere").exists());
+        assert!(!p.exists());
+    }
+}
+
+#[test]
+fn write_file_modes_beyond_read_and_write_are_set_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, mode) in [0o755, 0o700, 0o600, 0o444, 0o000, 0o1644]
+        .into_iter()
+        .enumerate()
+    {
+        let p = dir.path().join(format!("f{i}"));
+        ok(&write_file(s(&p), b"x", Some(Mode(mode)), None, None));
+        assert_eq!(mode_of(&p), mode, "{mode:o}");
+    }
+    if is_root() {
+        let p = dir.path().join("suid");
+        ok(&write_file(
+            s(&p),
+            b"x",
+            Some(Mode(0o4755)),
+            Some("root"),
+            Some("root"),
+        ));
+        assert_eq!(mode_of(&p), 0o4755);
+    }
 }
 
 #[test]

@@ -282,7 +282,8 @@ o=${o#[\"\']}; o=${o%[\"\']}
 printf 'FACT os_id %s\n' "$o"
 if [ -d /run/systemd/system ]; then echo 'FACT init systemd'; else echo 'FACT init '; fi
 @LOCKDIR@
-printf 'FACT revision %s\n' "$(@READREV@)"
+@READREV@
+printf 'FACT revision %s\n' "$tend_r"
 for t in @TOOLS@; do
   if command -v "$t" >/dev/null 2>&1; then echo "TOOL $t yes"; else echo "TOOL $t no"; fi
 done

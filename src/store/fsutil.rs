@@ -24,6 +24,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     write_atomic_with(path, |f| f.write_all(bytes))
 }
 
+/// [`write_atomic`] without the directory fsync: the caller syncs the
+/// directory once after many files ([`sync_dir`]). The file itself is
+/// still fsynced before the rename, so it is never seen torn or empty.
+pub fn write_atomic_deferred(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    write_atomic_inner(path, |f| f.write_all(bytes), false)
+}
+
+/// fsync the directory `dir`, making the renames into it durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io("sync directory", dir, e))
+}
+
 /// [`write_atomic`] of `value` as pretty JSON with a trailing newline.
 /// The value is encoded before anything touches the disk, so an encoding
 /// failure leaves the old file as it was.
@@ -48,6 +62,14 @@ fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> Result<(), StoreError> {
+    write_atomic_inner(path, fill, true)
+}
+
+fn write_atomic_inner(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+    sync_parent: bool,
+) -> Result<(), StoreError> {
     let Some(name) = path.file_name() else {
         return Err(StoreError::io(
             "write",
@@ -64,9 +86,10 @@ fn write_atomic_with(
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::io("sync directory", dir, e))
+    if sync_parent {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 fn fill_and_rename(

@@ -422,10 +422,29 @@ impl StateDir {
         self.check_name("run id", run_id)?;
         debug_assert_eq!(run_id, result.run_id, "artifacts filed under another run");
         let dir = self.run_dir(run_id);
+        self.sync_step_logs(&dir)?;
         write_atomic(&dir.join("plan.json"), plan_json)?;
 
         write_timeline(&dir, timeline)?;
         write_json_atomic(&dir.join("result.json"), result)
+    }
+
+    /// Make the step logs of a run durable: one fsync of each
+    /// `hosts/<host>/` directory and of `hosts/`, before `result.json`.
+    fn sync_step_logs(&self, run_dir: &Path) -> Result<(), StoreError> {
+        let hosts = run_dir.join("hosts");
+        let entries = match fs::read_dir(&hosts) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::io("read directory", &hosts, e)),
+        };
+        for e in entries {
+            let e = e.map_err(|e| StoreError::io("read directory", &hosts, e))?;
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                fsutil::sync_dir(&e.path())?;
+            }
+        }
+        fsutil::sync_dir(&hosts)
     }
 
     /// Close the artifacts of a run cut short by a crash: its timeline (from
@@ -438,6 +457,7 @@ impl StateDir {
     ) -> Result<(), StoreError> {
         self.check_name("run id", &result.run_id)?;
         let dir = self.run_dir(&result.run_id);
+        self.sync_step_logs(&dir)?;
         write_timeline(&dir, timeline)?;
         write_json_atomic(&dir.join("result.json"), result)
     }
@@ -478,7 +498,9 @@ impl StateDir {
         self.check_name("run id", run_id)?;
         self.check_name("host", host)?;
         let rel = self.step_log_rel(run_id, host, step_index, resource_id);
-        write_atomic(&self.root.join(&rel), bytes)?;
+        // One fsync per log; the directory's once, when the run's artifacts
+        // are written ([`StateDir::write_run_artifacts`]).
+        fsutil::write_atomic_deferred(&self.root.join(&rel), bytes)?;
         Ok(rel)
     }
 
