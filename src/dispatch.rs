@@ -1304,7 +1304,13 @@ async fn barrier(
     transport: Arc<dyn Transport>,
     opts: &DispatchOpts,
 ) -> Result<(), String> {
-    let probe = crate::reconcile::probe_host(h, transport, &opts.probe).await;
+    // Never from the hash cache (SPEC 8.1): what is destroyed next must be
+    // what the token's fingerprint describes, as the host has it now.
+    let fresh = crate::reconcile::ProbeOpts {
+        hash_cache: crate::probe::HashCache::Off,
+        ..opts.probe.clone()
+    };
+    let probe = crate::reconcile::probe_host(h, transport, &fresh).await;
     let actual = probe
         .result
         .map_err(|(_, m)| format!("stale plan: the barrier re-probe failed: {m}"))?;

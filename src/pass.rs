@@ -191,7 +191,9 @@ async fn settle_left_guards(
     let log = Arc::new(crate::guard::PreRun::new(crate::store::blocking(|| {
         Db::open(&sd.db_path())
     })?));
-    let opts = reconcile::ProbeOpts::new(&state.config, desired_dir);
+    let mut opts = reconcile::ProbeOpts::new(&state.config, desired_dir);
+    // A guard's verdict rests on what is on the host now.
+    opts.hash_cache = crate::probe::HashCache::Off;
     let mut set = tokio::task::JoinSet::new();
     for (host, guards) in left {
         let Some(h) = state.hosts.get(&host).cloned() else {
@@ -278,6 +280,9 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
     };
     let mut probe_opts = reconcile::ProbeOpts::new(config, &input.settings.dir);
     probe_opts.allow_older = input.settings.allow_older;
+    if mode != DispatchMode::Off {
+        probe_opts.hash_cache = crate::probe::HashCache::ReadWrite;
+    }
     let kill = sd.kill_switch_engaged();
     let cached = input
         .cache

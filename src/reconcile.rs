@@ -158,7 +158,14 @@ pub fn probe_items(host: &Host) -> Vec<ProbeItem> {
         .map(|r| {
             let id = r.id.clone();
             match &r.spec {
-                ResourceSpec::File(s) => ProbeItem::path(id, &s.path).with_tree(),
+                ResourceSpec::File(s) => {
+                    let item = ProbeItem::path(id, &s.path).with_tree();
+                    if teardown || r.pruned || r.state().is_absent() {
+                        item
+                    } else {
+                        item.cacheable()
+                    }
+                }
                 ResourceSpec::Directory(s) => {
                     let item = ProbeItem::path(id, &s.path);
                     if teardown || r.pruned || r.state().is_absent() {
@@ -193,6 +200,11 @@ pub struct ProbeOpts {
     /// `--allow-older`: apply a git revision to hosts that last applied one
     /// it does not descend from (SPEC 8.1).
     pub allow_older: bool,
+    /// Whether the probe may skip hashing files unchanged since the host's
+    /// hash cache saw them: `Read` by default (plan, probe), `ReadWrite`
+    /// for a pass that dispatches, `Off` for the barrier re-probe and a
+    /// guard's re-probe.
+    pub hash_cache: probe::HashCache,
 }
 
 impl ProbeOpts {
@@ -205,6 +217,7 @@ impl ProbeOpts {
             desired_dir: desired_dir.to_path_buf(),
             known_hosts: crate::settings::resolve_relative(desired_dir, &config.known_hosts),
             allow_older: false,
+            hash_cache: probe::HashCache::Read,
         }
     }
 }
@@ -219,7 +232,7 @@ const PROBE_COMMAND: &str = "exec sh -s";
 pub async fn probe_host(host: &Host, transport: Arc<dyn Transport>, opts: &ProbeOpts) -> HostProbe {
     let begun = std::time::Instant::now();
     let items = Arc::new(probe_items(host));
-    let script = Arc::new(probe::script(&items));
+    let script = Arc::new(probe::script_with(&items, opts.hash_cache));
     let mut attempts = 0;
     let result = loop {
         attempts += 1;

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -265,8 +266,22 @@ def measure(cmd, cwd, env, cg, hosts, ok_codes):
     before_logs = log_counts(hosts)
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peak_fds = [0]
+
+    def sample():
+        # The tool's own open file descriptors, every 20 ms while it runs.
+        while p.poll() is None:
+            try:
+                peak_fds[0] = max(peak_fds[0], len(os.listdir(f"/proc/{p.pid}/fd")))
+            except OSError:
+                pass
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     out = p.stdout.read()
     _, status, ru = os.wait4(p.pid, 0)
+    sampler.join(timeout=1)
     wall = time.monotonic() - t0
     code = os.waitstatus_to_exitcode(status)
     if code not in ok_codes:
@@ -287,7 +302,78 @@ def measure(cmd, cwd, env, cg, hosts, ok_codes):
         "peak_rss_mb": ru.ru_maxrss / 1024,
         "ssh_conns_per_host": conns,
         "sessions_per_host": sess,
+        "peak_fds": peak_fds[0],
     }
+
+
+def metric_sum(port, name):
+    """The sum of every sample of counter `name` at tend's /metrics."""
+    import urllib.request
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in body.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def proc_stat(pid):
+    """(CPU seconds, VmRSS MB, VmHWM MB, threads, open fds) of a process."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    cpu = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    st = {}
+    for line in open(f"/proc/{pid}/status"):
+        k, _, v = line.partition(":")
+        st[k] = v.split()
+    return (cpu, int(st["VmRSS"][0]) / 1024, int(st["VmHWM"][0]) / 1024,
+            int(st["Threads"][0]), len(os.listdir(f"/proc/{pid}/fd")))
+
+
+def measure_resync(d, tend_bin, cg, hosts, rounds=5):
+    """`tend run` over the converged hosts: the resyncs after the first pass
+    run on warm connections. Per round of one resync per host: the span
+    from the first to the last host's reconcile, host CPU per host,
+    sessions per host, tend's CPU; tend's RSS, threads and fds after."""
+    n = len(hosts)
+    port = 19000 + n
+    (d / "tend.yaml").write_text((d / "tend.yaml").read_text() + "resync: 2s\n")
+    p = subprocess.Popen([str(tend_bin), "--dir", str(d), "run", "--listen", f"127.0.0.1:{port}"],
+                         cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def reconciles():
+            try:
+                return metric_sum(port, "tend_reconciles_total")
+            except OSError:
+                return -1.0
+        deadline = time.monotonic() + 120
+        while reconciles() < n:
+            if time.monotonic() > deadline or p.poll() is not None:
+                raise SystemExit("bench: tend run did not finish its first pass")
+            time.sleep(0.05)
+        spans = []
+        r0 = reconciles()
+        c0, logs0, t0 = cg.usage_s(), log_counts(hosts), proc_stat(p.pid)[0]
+        for k in range(rounds):
+            base = r0 + k * n
+            while reconciles() <= base:
+                time.sleep(0.005)
+            first = time.monotonic()
+            while reconciles() < base + n:
+                time.sleep(0.005)
+            spans.append(time.monotonic() - first)
+        time.sleep(0.3)
+        cpu, rss, hwm, threads, fds = proc_stat(p.pid)
+        host_cpu = cg.usage_s() - c0
+        after = log_counts(hosts)
+        sess = sum(after[h][1] - logs0[h][1] for h in after) / n / rounds
+        conns = sum(after[h][0] - logs0[h][0] for h in after) / n / rounds
+        return {"wall_s": statistics.median(spans), "tool_cpu_s": (cpu - t0) / rounds,
+                "host_cpu_s": host_cpu / rounds, "host_cpu_per_host_s": host_cpu / rounds / n,
+                "peak_rss_mb": hwm, "ssh_conns_per_host": conns, "sessions_per_host": sess,
+                "rss_mb": rss, "threads": threads, "fds": fds}
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
 
 
 def ensure_venv(tools):
@@ -347,12 +433,19 @@ def main():
     ap.add_argument("--tend", default=str(REPO / "target/release/tend"), help="the tend binary")
     ap.add_argument("--out", default=str(REPO / "bench/peers"), help="where results.csv goes")
     ap.add_argument("--smoke", action="store_true", help="2 hosts, 1 repeat; no RESULTS.md")
+    ap.add_argument("--scale", type=int, metavar="N",
+                    help="tend alone on N hosts (up to 500, on 127.1.x), 1 repeat; writes bench/SCALE.md")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root: it starts the bench fleet (tests/fleet/fleet.sh)")
     sizes = [2] if a.smoke else [int(s) for s in a.sizes.split(",")]
     repeat = 1 if a.smoke else a.repeat
     tools = a.tools.split(",")
+    if a.scale:
+        global FLEET_DIR, FLEET_NET
+        FLEET_DIR = Path(os.environ.get("TEND_BENCH_SCALE_DIR", "/var/tmp/tend-fleet-500"))
+        FLEET_NET = os.environ.get("TEND_BENCH_SCALE_NET", "127.1.0")
+        sizes, repeat, tools = [a.scale], 1, ["tend"]
     tend_bin = Path(a.tend).resolve()
     if not tend_bin.exists():
         raise SystemExit(f"bench: no tend binary at {tend_bin}: cargo build --release (or --tend PATH)")
@@ -387,14 +480,25 @@ def main():
                                 f"tool cpu {m['tool_cpu_s']:.2f}s, host cpu/host {m['host_cpu_per_host_s'] * 1000:.0f}ms, "
                                 f"rss {m['peak_rss_mb']:.0f}MB, conns/host {m['ssh_conns_per_host']:.1f}, "
                                 f"sessions/host {m['sessions_per_host']:.1f}")
+                        if tool == "tend":
+                            m = measure_resync(d, tend_bin, cg, hosts)
+                            rows.append({"tool": tool, "hosts": n, "phase": "resync", "repeat": r + 1, **m})
+                            say(f"tend     n={n:<3} resync    r{r + 1}: span {m['wall_s']:.3f}s, "
+                                f"host cpu/host {m['host_cpu_per_host_s'] * 1000:.1f}ms, "
+                                f"sessions/host {m['sessions_per_host']:.2f}, rss {m['rss_mb']:.0f}MB "
+                                f"(peak {m['peak_rss_mb']:.0f}MB), threads {m['threads']}, fds {m['fds']}")
     finally:
         fleet(["down"])
     with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
     md = report(rows, sizes, tools, versions(tend_bin, tools), repeat)
-    if a.smoke:
+    if a.scale:
+        md = md.replace("# Peer benchmark", f"# Scale: tend alone on {a.scale} hosts", 1)
+        (REPO / "bench/SCALE.md").write_text(md)
+    elif a.smoke:
         (out / "RESULTS.md").write_text(md)
     else:
         (REPO / "bench/RESULTS.md").write_text(md)
@@ -438,8 +542,8 @@ def report(rows, sizes, tools, vers, repeat):
             lines.append(f"| {names[ph]} | {n} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     lines += ["", "Per run, medians: the tool's own CPU and peak RSS, host-side CPU per host, "
               "SSH connections and remote sessions (commands, sftp) per host.", "",
-              "| tool | phase | hosts | tool CPU | peak RSS | host CPU / host | connections / host | sessions / host |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| tool | phase | hosts | tool CPU | peak RSS | peak fds | host CPU / host | connections / host | sessions / host |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for n in sizes:
         for ph in PHASES:
             for t in tools:
@@ -447,8 +551,23 @@ def report(rows, sizes, tools, vers, repeat):
                     continue
                 lines.append(
                     f"| {t} | {names[ph]} | {n} | {med(t, n, ph, 'tool_cpu_s'):.2f} s | "
-                    f"{med(t, n, ph, 'peak_rss_mb'):.0f} MB | {med(t, n, ph, 'host_cpu_per_host_s') * 1000:.0f} ms | "
+                    f"{med(t, n, ph, 'peak_rss_mb'):.0f} MB | {med(t, n, ph, 'peak_fds'):.0f} | "
+                    f"{med(t, n, ph, 'host_cpu_per_host_s') * 1000:.0f} ms | "
                     f"{med(t, n, ph, 'ssh_conns_per_host'):.1f} | {med(t, n, ph, 'sessions_per_host'):.1f} |")
+    if any(r["phase"] == "resync" for r in rows):
+        lines += ["", "tend only: `tend run` over the converged hosts, `resync: 2s`, five rounds after "
+                  "the first pass (warm connections). Span: from the first to the last host's reconcile "
+                  "of one round; host CPU and sessions per host per round; tend's CPU per round; tend's "
+                  "RSS, peak RSS, threads and open fds after the rounds.", "",
+                  "| hosts | span | host CPU / host | sessions / host | connections / host | tend CPU | RSS | peak RSS | threads | fds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for n in sizes:
+            if med("tend", n, "resync", "wall_s") is None:
+                continue
+            g = lambda k: med("tend", n, "resync", k)  # noqa: E731
+            lines.append(f"| {n} | {g('wall_s'):.3f} s | {g('host_cpu_per_host_s') * 1000:.1f} ms | "
+                         f"{g('sessions_per_host'):.2f} | {g('ssh_conns_per_host'):.2f} | {g('tool_cpu_s'):.3f} s | "
+                         f"{g('rss_mb'):.0f} MB | {g('peak_rss_mb'):.0f} MB | {g('threads'):.0f} | {g('fds'):.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -73,7 +73,7 @@ pub fn script(steps: &[RemoteCommand], opts: BatchOpts) -> RemoteCommand {
          tend_part() {{ if [ \"$2\" -eq 0 ]; then :; elif [ \"$2\" -le {limit} ]; then cat -- \"$1\"; else head -c {h} -- \"$1\"; tail -c {t} -- \"$1\"; fi; }}\n\
          tend_emit() {{ no=0 ne=0; if [ -s \"$o\" ]; then no=$(wc -c < \"$o\"); fi; if [ -s \"$e\" ]; then ne=$(wc -c < \"$e\"); fi; printf 'TEND-STEP %s %s %s %s\\n' \"$1\" \"$2\" $no $ne; tend_part \"$o\" $no; tend_part \"$e\" $ne; }}\n\
          tend_flush() {{ if [ -s \"$tend_dirs\" ]; then xargs -0 sync -- < \"$tend_dirs\" || echo 'tend: cannot fsync the directories this batch changed' >&2; : > \"$tend_dirs\"; fi; }}\n\
-         u=$(id -u)\n\
+         u=; {{ while read -r k a e b; do if [ \"$k\" = Uid: ]; then u=$e; break; fi; done < /proc/self/status; }} 2>/dev/null; [ -n \"$u\" ] || u=$(id -u)\n\
          if [ \"$u\" = 0 ]; then l=/run/tend; else l=\"${{TMPDIR:-/tmp}}/tend-$u\"; fi\n\
          if command -v flock >/dev/null 2>&1; then\n\
          \x20 {{ {{ [ -d \"$l\" ] || {{ mkdir -p \"$l\" && chmod 0700 \"$l\"; }}; }} && exec 9>>\"$l/steps.lock\" && flock -w {wait} 9; }} || {{ echo \"tend: an earlier attempt still holds $l/steps.lock on this host\" >&2; exit 96; }}\n\

@@ -36,8 +36,8 @@ use super::RemoteCommand;
 use super::lock::LOCK_DIR;
 use crate::shell::quote;
 
-/// The guards' directory, in `$g` (after [`LOCK_DIR`]).
-const GUARD_DIR: &str = "if [ -n \"${TEND_LOCK_DIR:-}\" ]; then g=$TEND_LOCK_DIR/guard; elif [ \"$(id -u)\" = 0 ]; then g=/var/lib/tend/guard; else g=\"${HOME:-/tmp}/.tend-guard\"; fi";
+/// The guards' directory, in `$g` (after [`LOCK_DIR`], which sets `$tend_u`).
+const GUARD_DIR: &str = "if [ -n \"${TEND_LOCK_DIR:-}\" ]; then g=$TEND_LOCK_DIR/guard; elif [ \"$tend_u\" = 0 ]; then g=/var/lib/tend/guard; else g=\"${HOME:-/tmp}/.tend-guard\"; fi";
 
 /// Tombstones of settled guards are kept this many days (a lost answer
 /// can be read again).

@@ -37,11 +37,16 @@ pub const LOCK_WAIT_SECS: u64 = 10;
 /// revision never has reads as `invalid`.
 pub const READ_REVISION: &str = "tend_r=; if [ -f \"$l/revision\" ] && [ -r \"$l/revision\" ]; then IFS= read -r tend_r < \"$l/revision\" || :; fi; case $tend_r in *[!A-Za-z0-9:._-]*) tend_r=invalid ;; esac; [ ${#tend_r} -le 200 ] || tend_r=invalid";
 
-/// The lock directory, in `$l`. `TEND_LOCK_DIR` in the environment of the
+/// The lock directory, in `$l`, and the effective uid, in `$tend_u` (read
+/// from `/proc/self/status` by the shell itself; `id -u` only where there
+/// is no /proc). `TEND_LOCK_DIR` in the environment of the
 /// host's shell moves it: only a `transport: local` host can get it (sshd
 /// passes no such variable), so that tests on one machine can each have
 /// their own.
-pub const LOCK_DIR: &str = "if [ -n \"${TEND_LOCK_DIR:-}\" ]; then l=$TEND_LOCK_DIR; elif [ \"$(id -u)\" = 0 ]; then l=/run/tend; else l=\"${TMPDIR:-/tmp}/tend-$(id -u)\"; fi";
+pub const LOCK_DIR: &str = concat!(
+    "tend_u=; { while read -r tend_k tend_a tend_e tend_b; do if [ \"$tend_k\" = Uid: ]; then tend_u=$tend_e; break; fi; done < /proc/self/status; } 2>/dev/null; [ -n \"$tend_u\" ] || tend_u=$(id -u)\n",
+    "if [ -n \"${TEND_LOCK_DIR:-}\" ]; then l=$TEND_LOCK_DIR; elif [ \"$tend_u\" = 0 ]; then l=/run/tend; else l=\"${TMPDIR:-/tmp}/tend-$tend_u\"; fi"
+);
 
 /// The lock command. `holder` says who holds the lock (written to
 /// `<dir>/holder` for whoever finds it busy); `seen` is the revision the
@@ -52,7 +57,7 @@ pub fn script(holder: &str, seen: &str, revision: &str) -> String {
         r#"export LC_ALL=C
 {LOCK_DIR}
 command -v flock >/dev/null 2>&1 || {{ echo 'TEND-LOCK-ERROR flock is not installed on this host (util-linux); tend applies only under the host lock'; exit 0; }}
-u=$(id -u)
+u=$tend_u
 tend_private() {{ [ ! -L "$l" ] && [ -d "$l" ] && [ "$(stat -c '%u %a' -- "$l")" = "$u 700" ]; }}
 ok=
 if [ -e "$l" ] || [ -L "$l" ]; then

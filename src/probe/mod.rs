@@ -203,6 +203,10 @@ pub struct ProbeItem {
     /// A path item: when a directory is at the path, digest its whole tree
     /// too (SPEC 8.1: a directory with a destructive step pending).
     pub tree: bool,
+    /// A path item whose regular file may be hashed from the host's hash
+    /// cache ([`HashCache`]): only a file that is desired present, so the
+    /// fingerprint of an object to be destroyed never comes from the cache.
+    pub cacheable: bool,
 }
 
 impl ProbeItem {
@@ -211,7 +215,15 @@ impl ProbeItem {
             key: key.into(),
             target: ProbeTarget::Path(path.into()),
             tree: false,
+            cacheable: false,
         }
+    }
+
+    /// This path item, letting a regular file there be hashed from the
+    /// host's hash cache.
+    pub fn cacheable(mut self) -> Self {
+        self.cacheable = matches!(self.target, ProbeTarget::Path(_));
+        self
     }
 
     /// This path item, asking also for the tree digest of a directory there.
@@ -225,6 +237,7 @@ impl ProbeItem {
             key: key.into(),
             target: ProbeTarget::User(name.into()),
             tree: false,
+            cacheable: false,
         }
     }
 
@@ -233,6 +246,7 @@ impl ProbeItem {
             key: key.into(),
             target: ProbeTarget::Group(name.into()),
             tree: false,
+            cacheable: false,
         }
     }
 
@@ -241,6 +255,7 @@ impl ProbeItem {
             key: key.into(),
             target: ProbeTarget::Package(name.into()),
             tree: false,
+            cacheable: false,
         }
     }
 
@@ -253,6 +268,7 @@ impl ProbeItem {
             key: key.into(),
             target: ProbeTarget::Command { creates, unless },
             tree: false,
+            cacheable: false,
         }
     }
 
@@ -261,6 +277,7 @@ impl ProbeItem {
             key: key.into(),
             target: ProbeTarget::Service(unit.into()),
             tree: false,
+            cacheable: false,
         }
     }
 }
@@ -271,7 +288,9 @@ impl ProbeItem {
 /// same reason. No `set -e`: one unreadable path must not hide the others.
 const PRELUDE: &str = r#"export LC_ALL=C
 echo 'TEND-PROBE 1'
-printf 'FACT kernel %s\n' "$(uname -s 2>/dev/null)"
+k=
+{ read -r k < /proc/sys/kernel/ostype; } 2>/dev/null || k=$(uname -s 2>/dev/null)
+printf 'FACT kernel %s\n' "$k"
 o=
 if [ -r /etc/os-release ]; then
   while IFS= read -r l || [ -n "$l" ]; do
@@ -306,6 +325,87 @@ G $1 %G" -- "$2" || echo "I $1 error stat failed"
     stat -c "I $1 other %F" -- "$2" || echo "I $1 error stat failed"
   else
     echo "I $1 absent"
+  fi
+}
+"#;
+
+/// `tend_hash FILE...` sets `H` to the files' hashes, one line each, in
+/// order (`sha256sum` lines: only the first word is read). Without the
+/// cache: one `sha256sum` for all.
+const HASH_PLAIN: &str = r#"tend_hash() { H=$(sha256sum -- "$@"); }
+"#;
+
+/// Whether a probe may use the hash cache on the host, `$l/hashes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum HashCache {
+    /// Hash every file: the barrier re-probe, the fingerprints of what is
+    /// to be destroyed, a guard's re-probe (SPEC 8.1).
+    #[default]
+    Off,
+    /// Trust fresh entries, never write (`plan`, `probe`).
+    Read,
+    /// Trust fresh entries and write the cache back (`apply`, `run`).
+    ReadWrite,
+}
+
+/// The first line of a hash cache this build writes and trusts.
+pub const CACHE_HEADER: &str = concat!("tend-hash-cache 1 ", env!("CARGO_PKG_VERSION"));
+
+/// Below this many bytes of regular files in all, hashing them costs less
+/// than the cache's own processes (two `stat`s and `awk`).
+pub const CACHE_MIN_BYTES: u64 = 8 * 1024 * 1024;
+
+/// `tend_hash` with the cache (after the prelude: `$l`, the lock directory,
+/// and `$tend_u`, the uid, are set; `$S` holds the files' `stat` lines).
+/// A cacheable file (`CI`: the indices of [`ProbeItem::cacheable`] items)
+/// whose (device, inode, size, mtime, ctime, to the nanosecond) is
+/// in the cache with an mtime more than a second older than the cache
+/// itself (the "racy git" rule: a change in the same second as the cache's
+/// write could keep all of these) is not hashed again; the others are,
+/// with one `sha256sum`. The cache is trusted only in a directory `$l` of
+/// the login's uid with mode 0700, as a regular file of that uid with mode
+/// 0600 whose first line is [`CACHE_HEADER`]; anything else is ignored.
+/// With `@WRITE@` = 1 the cache is rewritten (temp file and rename) when a
+/// file was hashed. Below [`CACHE_MIN_BYTES`], or without `awk` or a
+/// `stat` that prints nanoseconds, every file is hashed as without it.
+const HASH_CACHED: &str = r#"tend_hash() {
+  z=0 j=0
+  set -f; IFS=$NL
+  for x in $S; do
+    if [ "$j" = 0 ]; then z=$((z + ${x##* })); fi
+    j=$(((j + 1) % 3))
+  done
+  unset IFS; set +f
+  if [ "$z" -lt @MIN@ ] || ! command -v awk >/dev/null 2>&1; then H=$(sha256sum -- "$@"); return; fi
+  K=$(stat -c '%d %i %s %.9Y %.9Z' -- "$@") || { H=$(sha256sum -- "$@"); return; }
+  CF="$l/hashes" CR=/dev/null CT=0 CW=
+  if [ -d "$l" ] && [ ! -L "$l" ]; then
+    case $(stat -c '%u %a' -- "$l" 2>/dev/null) in "$tend_u 700") CW=1 ;; esac
+  fi
+  if [ -n "$CW" ] && [ -f "$CF" ] && [ ! -L "$CF" ]; then
+    c=$(stat -c '%u %a %Y' -- "$CF" 2>/dev/null) || c=
+    case $c in "$tend_u 600 "*) CR=$CF CT=${c##* } ;; esac
+  fi
+  # Line 1: references to the files to hash ("${k}"); then per file
+  # `h HASH` (from the cache) or `m` (hash it).
+  fl=$(printf '%s ' $F)
+  M=$(printf '%s\n' "$K" | awk -v cf="$CR" -v ct="$CT" -v ver='@VER@' -v fl="$fl" -v ci=" $CI " '
+    BEGIN { split(fl, idx, " "); if ((getline l < cf) > 0 && l == ver) while ((getline l < cf) > 0) { if (split(l, a, " ") == 6) c[a[1] " " a[2] " " a[3] " " a[4] " " a[5]] = a[6] } }
+    { k = $1 " " $2 " " $3 " " $4 " " $5; m = $4; sub(/\..*/, "", m)
+      if ((k in c) && m + 1 < ct + 0 && index(ci, " " idx[NR] " ") > 0) o[NR] = "h " c[k]; else { o[NR] = "m"; q = q " \"${" NR "}\"" } }
+    END { print "Q" q; for (i = 1; i <= NR; i++) print o[i] }') || return 1
+  Q=${M%%"$NL"*}; Q=${Q#Q}; M=${M#*"$NL"}
+  HM=
+  if [ -n "$Q" ]; then eval "HM=\$(sha256sum -- $Q)" || return 1; fi
+  H=$( { printf '%s\n' "$HM"; echo TEND-SEP; printf '%s\n' "$M"; } | awk '
+    s == 0 { if ($0 == "TEND-SEP") { s = 1; next } h = $1; sub(/^\\/, "", h); f[++n] = h; next }
+    $1 == "h" { print $2; next }
+    { if (++j > n) exit 1; print f[j] }') || return 1
+  if [ @WRITE@ = 1 ] && [ -n "$CW" ] && { [ -n "$Q" ] || [ "$CR" = /dev/null ]; }; then
+    ( umask 077
+      { printf '%s\n' "$K"; echo TEND-SEP; printf '%s\n' "$H"; } | awk -v ver='@VER@' '
+        s == 0 { if ($0 == "TEND-SEP") { s = 1; print ver; next } k[++n] = $0; next }
+        { print k[++j] " " $1 }' > "$CF.$$" && mv -f -- "$CF.$$" "$CF" ) 2>/dev/null || rm -f -- "$CF.$$"
   fi
 }
 "#;
@@ -347,9 +447,9 @@ okF= okD=
 if [ -n "$F" ]; then
   # Not in a function: `set --` in a function would set its own arguments.
   R=$(refs $F); eval "set -- $R"
-  if H=$(sha256sum -- "$@") && S=$(stat -c '%a %u %g %s
+  if S=$(stat -c '%a %u %g %s
 %U
-%G' -- "$@"); then okF=1; fi
+%G' -- "$@") && tend_hash "$@"; then okF=1; fi
 fi
 if [ -n "$D" ]; then
   R=$(refs $D); eval "set -- $R"
@@ -473,6 +573,11 @@ fi
 /// `systemctl show` for the services (`Qn='unit'` assignments and `SI`, the
 /// list of their indices) when there are any; then each command's guards.
 pub fn script(items: &[ProbeItem]) -> String {
+    script_with(items, HashCache::Off)
+}
+
+/// [`script`], with the hash cache as `cache` allows.
+pub fn script_with(items: &[ProbeItem], cache: HashCache) -> String {
     let w = "writing to a String cannot fail";
     let tools: Vec<String> = TOOLS.iter().map(|t| quote(t)).collect();
     let mut s = PRELUDE
@@ -505,6 +610,31 @@ pub fn script(items: &[ProbeItem]) -> String {
         .map(|(i, _)| i.to_string())
         .collect();
     writeln!(s, "TI='{}'", trees.join(" ")).expect(w);
+    if cache != HashCache::Off {
+        let ok: Vec<String> = items
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.cacheable)
+            .map(|(i, _)| i.to_string())
+            .collect();
+        writeln!(s, "CI='{}'", ok.join(" ")).expect(w);
+    }
+    match cache {
+        HashCache::Off => s.push_str(HASH_PLAIN),
+        HashCache::Read | HashCache::ReadWrite => s.push_str(
+            &HASH_CACHED
+                .replace("@MIN@", &CACHE_MIN_BYTES.to_string())
+                .replace("@VER@", CACHE_HEADER)
+                .replace(
+                    "@WRITE@",
+                    if cache == HashCache::ReadWrite {
+                        "1"
+                    } else {
+                        "0"
+                    },
+                ),
+        ),
+    }
     s.push_str(BATCH);
     for (names, section) in [(users, USERS), (groups, GROUPS), (packages, PACKAGES)] {
         if !names.is_empty() {

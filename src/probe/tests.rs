@@ -603,9 +603,9 @@ fn live_probe_hashes_and_stats_every_file_in_one_process_each() {
     let got = parse(&out.stdout, &its).unwrap();
     assert!(matches!(got.resources["d"], Observed::Directory(_)));
     let calls = fs::read_to_string(&log).unwrap();
-    // sha256sum: `--` and the five files; stat: `-c FORMAT --` and the five
-    // files, then the same for the one directory.
-    assert_eq!(calls, "sha256sum 6\nstat 8\nstat 4\n", "{calls}");
+    // stat: `-c FORMAT --` and the five files; sha256sum: `--` and the
+    // five files; then stat for the one directory.
+    assert_eq!(calls, "stat 8\nsha256sum 6\nstat 4\n", "{calls}");
 }
 
 // ---- users, groups, packages and command guards -----------------------------
@@ -1186,4 +1186,225 @@ fn tree_lines_must_be_asked_for_and_present() {
         let text = frame(&format!("{dir_line}{bad}\n"));
         assert!(parse(text.as_bytes(), &asked).is_err(), "{bad}");
     }
+}
+
+// ---- the hash cache ------------------------------------------------------------
+
+/// The probe with the cache as `mode` allows, the threshold lowered to 0
+/// bytes, and the lock directory at `lock`.
+fn probe_cached(its: &[ProbeItem], mode: HashCache, lock: &Path) -> HostActual {
+    let s = script_with(its, mode).replace(&format!("-lt {CACHE_MIN_BYTES} ]"), "-lt 0 ]");
+    let s = format!(
+        "TEND_LOCK_DIR={}\n{s}",
+        crate::shell::quote(lock.to_str().unwrap())
+    );
+    let out = LocalTransport::new()
+        .exec(PROBE_SH, s.as_bytes(), Duration::from_secs(60))
+        .expect("run probe");
+    assert_eq!(out.status, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    parse(&out.stdout, its).expect("parse")
+}
+
+const PROBE_SH: &str = "exec sh -s";
+
+fn sha_of(a: &HostActual, key: &str) -> String {
+    match &a.resources[key] {
+        Observed::File(f) => f.sha256.clone(),
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+/// Plants `hash` for `file` in the cache at `lock/hashes`, under the file's
+/// current stat key, and dates the cache `age` seconds after the file.
+fn plant(lock: &Path, file: &Path, hash: &str, age: i64) {
+    let key = Command::new("stat")
+        .args(["-c", "%d %i %s %.9Y %.9Z", "--"])
+        .arg(file)
+        .output()
+        .unwrap();
+    let key = String::from_utf8(key.stdout).unwrap();
+    let c = lock.join("hashes");
+    std::fs::write(&c, format!("{CACHE_HEADER}\n{} {hash}\n", key.trim())).unwrap();
+    std::fs::set_permissions(&c, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mtime = std::fs::metadata(file).unwrap().modified().unwrap();
+    let when = if age >= 0 {
+        mtime + Duration::from_secs(age as u64)
+    } else {
+        mtime - Duration::from_secs((-age) as u64)
+    };
+    std::fs::File::options()
+        .write(true)
+        .open(&c)
+        .unwrap()
+        .set_modified(when)
+        .unwrap();
+}
+
+#[test]
+fn the_hash_cache_is_written_by_apply_probes_and_trusted_only_when_old_enough() {
+    use crate::core::sha256_hex;
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("lock");
+    std::fs::create_dir(&lock).unwrap();
+    std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let f = dir.path().join("big");
+    std::fs::write(&f, b"hello\n").unwrap();
+    let g = dir.path().join("other");
+    std::fs::write(&g, b"other\n").unwrap();
+    let mut its = items(&[f.to_str().unwrap(), g.to_str().unwrap()]);
+    its[0] = its[0].clone().cacheable();
+    let (kf, kg) = (&its[0].key.clone(), &its[1].key.clone());
+
+    // Read-only probes (plan) never write it; an apply probe does.
+    let a = probe_cached(&its, HashCache::Read, &lock);
+    assert_eq!(sha_of(&a, kf), HELLO_SHA);
+    assert!(
+        !lock.join("hashes").exists(),
+        "a read-only probe wrote the cache"
+    );
+    probe_cached(&its, HashCache::ReadWrite, &lock);
+    let written = std::fs::read_to_string(lock.join("hashes")).unwrap();
+    assert!(
+        written.starts_with(&format!("{CACHE_HEADER}\n")),
+        "{written}"
+    );
+    assert!(written.contains(HELLO_SHA), "{written}");
+    let mode = std::fs::metadata(lock.join("hashes"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // An entry older than the cache by more than a second is trusted (the
+    // planted wrong hash shows it was not recomputed) ...
+    let fake = "f".repeat(64);
+    plant(&lock, &f, &fake, 5);
+    for mode in [HashCache::Read, HashCache::ReadWrite] {
+        let a = probe_cached(&its, mode, &lock);
+        assert_eq!(sha_of(&a, kf), fake, "{mode:?}");
+        assert_eq!(
+            sha_of(&a, kg),
+            sha256_hex(b"other\n"),
+            "{mode:?}: a file not in the cache is hashed"
+        );
+    }
+    // ... and never by the barrier re-probe (Off), nor for an item that
+    // is not cacheable (a file to be deleted: its fingerprint).
+    let a = probe_cached(&its, HashCache::Off, &lock);
+    assert_eq!(sha_of(&a, kf), HELLO_SHA);
+    let fresh = items(&[f.to_str().unwrap()]);
+    let a = probe_cached(&fresh, HashCache::ReadWrite, &lock);
+    assert_eq!(sha_of(&a, &fresh[0].key), HELLO_SHA);
+
+    // Racy: the cache written within a second of the file's mtime.
+    plant(&lock, &f, &fake, 0);
+    let a = probe_cached(&its, HashCache::Read, &lock);
+    assert_eq!(sha_of(&a, kf), HELLO_SHA, "a racy entry was trusted");
+
+    // The file changed (same size, mtime put back): its ctime moved.
+    plant(&lock, &f, &fake, 5);
+    let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+    std::fs::write(&f, b"HELLO\n").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let a = probe_cached(&its, HashCache::Read, &lock);
+    assert_eq!(sha_of(&a, kf), sha256_hex(b"HELLO\n"));
+    std::fs::write(&f, b"hello\n").unwrap();
+
+    // Not trusted: another header, a cache others can read, a lock
+    // directory others can enter.
+    for spoil in ["header", "mode", "dir"] {
+        plant(&lock, &f, &fake, 5);
+        let c = lock.join("hashes");
+        match spoil {
+            "header" => {
+                let t = std::fs::read_to_string(&c).unwrap().replacen(
+                    "tend-hash-cache 1",
+                    "tend-hash-cache 0",
+                    1,
+                );
+                let m = std::fs::metadata(&c).unwrap().modified().unwrap();
+                std::fs::write(&c, t).unwrap();
+                std::fs::File::options()
+                    .write(true)
+                    .open(&c)
+                    .unwrap()
+                    .set_modified(m)
+                    .unwrap();
+            }
+            "mode" => std::fs::set_permissions(&c, std::fs::Permissions::from_mode(0o644)).unwrap(),
+            _ => std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o755)).unwrap(),
+        }
+        let a = probe_cached(&its, HashCache::Read, &lock);
+        assert_eq!(
+            sha_of(&a, kf),
+            HELLO_SHA,
+            "{spoil}: an untrusted cache was read"
+        );
+        std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+}
+
+#[test]
+fn the_hash_cache_keeps_names_that_sha256sum_escapes_in_their_place() {
+    use crate::core::sha256_hex;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("lock");
+    std::fs::create_dir(&lock).unwrap();
+    std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let names = ["plain", "back\\slash", "new\nline", "sp ace", "-dash"];
+    let paths: Vec<String> = names
+        .iter()
+        .map(|n| dir.path().join(n).to_str().unwrap().to_string())
+        .collect();
+    for (i, p) in paths.iter().enumerate() {
+        std::fs::write(p, format!("content {i}\n")).unwrap();
+    }
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let its: Vec<ProbeItem> = items(&refs).into_iter().map(ProbeItem::cacheable).collect();
+    for round in 0..3 {
+        if round == 2 {
+            // Some from the cache (trusted once it is older), some hashed.
+            let c = lock.join("hashes");
+            let m = std::fs::metadata(&c).unwrap().modified().unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&c)
+                .unwrap()
+                .set_modified(m + Duration::from_secs(5))
+                .unwrap();
+            std::fs::write(&paths[2], b"changed\n").unwrap();
+        }
+        let a = probe_cached(&its, HashCache::ReadWrite, &lock);
+        for (i, it) in its.iter().enumerate() {
+            let want = if round == 2 && i == 2 {
+                b"changed\n".to_vec()
+            } else {
+                format!("content {i}\n").into_bytes()
+            };
+            assert_eq!(
+                sha_of(&a, &it.key),
+                sha256_hex(&want),
+                "round {round}, {:?}",
+                names[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn below_the_threshold_the_cached_probe_hashes_everything_without_extra_processes() {
+    let its = items(&["/etc/hostname"]);
+    let s = script_with(&its, HashCache::ReadWrite);
+    assert!(s.contains(&format!("-lt {CACHE_MIN_BYTES} ]")));
+    assert!(
+        !script(&its).contains("awk"),
+        "the plain probe never uses awk"
+    );
 }

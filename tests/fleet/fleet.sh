@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test fleet: N real OpenSSH hosts on this machine, one per loopback address.
 #
-# Host hI listens on NET.(10+I):22, NET being 127.0.0 unless TEND_FLEET_NET says
+# Host hI listens on NET.(10+I):22 (I <= 240; see addr), NET being 127.0.0 unless TEND_FLEET_NET says
 # otherwise (a second fleet, in a fleet dir of its own, on another loopback range: see
 # "Second fleet" in tests/fleet/README.md). Each host is an sshd of its own (own config,
 # host key, pidfile and log) whose sessions are chrooted into an overlayfs root: one
@@ -44,7 +44,7 @@ INCLUDE=passwd,procps,python3,sudo,ca-certificates
 # Bump when the preparation of the base root below changes: it is part of the cache key.
 BASE_PREP=1
 WAIT_SECS=${TEND_FLEET_WAIT:-20}
-MAX_HOSTS=200
+MAX_HOSTS=500
 SSHD=/usr/sbin/sshd
 
 # Host roots cannot live under FLEET: sshd refuses a ChrootDirectory (and, with
@@ -112,12 +112,23 @@ elapsed() {
 
 # ---------------------------------------------------------------- host naming
 
-addr() { printf '%s.%d\n' "$NET" $((10 + $1)); }
+# 240 hosts per last octet (.11 to .250); h241 and later continue on the next
+# third octet (NET 127.1.0: h241 is 127.1.1.11), so 500 hosts fit in a range.
+addr() {
+  local i0=$(($1 - 1))
+  printf '%s.%d.%d\n' "${NET%.*}" $((${NET##*.} + i0 / 240)) $((11 + i0 % 240))
+}
 
 # check_index I: I names a host slot.
 check_index() {
   if ! [[ ${1:-} =~ ^[1-9][0-9]*$ ]] || (($1 > MAX_HOSTS)); then
     die "host index must be an integer from 1 to $MAX_HOSTS, got '${1:-}'"
+  fi
+  if ((${NET##*.} + ($1 - 1) / 240 > 255)); then
+    die "host h$1 would need an address past $NET.x's range: use a TEND_FLEET_NET with a lower third part"
+  fi
+  if [ "$NET" = "$DEFAULT_NET" ] && (($1 > 240)); then
+    die "host h$1 of the default fleet would listen on 127.0.1.x, the scale fleet's range: use TEND_FLEET_NET"
   fi
 }
 
