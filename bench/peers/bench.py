@@ -376,6 +376,54 @@ def measure_resync(d, tend_bin, cg, hosts, rounds=5):
         p.wait(timeout=30)
 
 
+def bench_hash_cache(tend_bin, files, out_md):
+    """One host with FILES files of 1 MiB each: host CPU and wall of a no-op
+    `tend apply` that hashes every file (no cache yet) and of one that finds
+    them all in the host's hash cache."""
+    cg = Cgroup()
+    hosts = fresh_fleet(1, cg)
+    key = FLEET_DIR / "id_ed25519"
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-hashcache-") as tmp:
+            d = Path(tmp) / "w"
+            write_tend(d, hosts, key)
+            (d / "files").mkdir()
+            (d / "files/blob").write_bytes(os.urandom(1 << 20))
+            r = ["resources:", "  - kind: directory", "    path: /srv/big"]
+            for i in range(files):
+                r += ["  - kind: file", f"    path: /srv/big/f{i:05d}", "    source: blob"]
+            (d / "hosts" / f"{hosts[0]['name']}.yaml").write_text("\n".join(r) + "\n")
+            env = dict(os.environ)
+            env.pop("SSH_AUTH_SOCK", None)
+            cmd = [str(tend_bin), "--dir", str(d), "apply", "--dispatch", "enforced"]
+            say(f"hash cache: writing {files} files of 1 MiB to {hosts[0]['name']}")
+            measure(cmd, d, env, cg, hosts, {0})
+            # The cache trusts no entry within a second of its own write.
+            time.sleep(1.5)
+            for label in ["no-op apply, every file hashed (the cache is written)",
+                          "no-op apply, from the cache", "no-op apply, from the cache"]:
+                m = measure(cmd, d, env, cg, hosts, {0})
+                rows.append((label, m))
+                say(f"{label}: wall {m['wall_s']:.2f}s, host cpu {m['host_cpu_s'] * 1000:.0f}ms")
+                time.sleep(1.5)
+            plan = [str(tend_bin), "--dir", str(d), "plan"]
+            m = measure(plan, d, env, cg, hosts, {0})
+            rows.append(("plan, from the cache", m))
+    finally:
+        fleet(["down"])
+    lines = ["# The host's hash cache", "",
+             f"Run on {datetime.date.today().isoformat()}: {machine()}. One chroot sshd host with "
+             f"{files} files of 1 MiB under /srv/big (one `file` resource each). Reproduce: "
+             f"`sudo python3 bench/peers/bench.py --hash-cache {files}` after `cargo build --release`.", "",
+             "| run | wall | host CPU | tend CPU |", "|---|---|---|---|"]
+    for label, m in rows:
+        lines.append(f"| {label} | {m['wall_s']:.2f} s | {m['host_cpu_s'] * 1000:.0f} ms | {m['tool_cpu_s']:.2f} s |")
+    md = "\n".join(lines) + "\n"
+    Path(out_md).write_text(md)
+    print(md)
+
+
 def ensure_venv(tools):
     peers = [t for t in tools if t != "tend"]
     if not peers:
@@ -433,6 +481,8 @@ def main():
     ap.add_argument("--tend", default=str(REPO / "target/release/tend"), help="the tend binary")
     ap.add_argument("--out", default=str(REPO / "bench/peers"), help="where results.csv goes")
     ap.add_argument("--smoke", action="store_true", help="2 hosts, 1 repeat; no RESULTS.md")
+    ap.add_argument("--hash-cache", type=int, metavar="FILES",
+                    help="tend alone: no-op applies of FILES files of 1 MiB with and without the host's hash cache; writes bench/HASH-CACHE.md")
     ap.add_argument("--scale", type=int, metavar="N",
                     help="tend alone on N hosts (up to 500, on 127.1.x), 1 repeat; writes bench/SCALE.md")
     a = ap.parse_args()
@@ -451,6 +501,9 @@ def main():
         raise SystemExit(f"bench: no tend binary at {tend_bin}: cargo build --release (or --tend PATH)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.hash_cache:
+        bench_hash_cache(tend_bin, a.hash_cache, REPO / "bench/HASH-CACHE.md")
+        return
     ensure_venv(tools)
     cg = Cgroup()
     key = FLEET_DIR / "id_ed25519"

@@ -593,78 +593,80 @@ impl Db {
         if records.is_empty() {
             return Ok(());
         }
-        self.write(
-            format!("record {} event(s) of run {run_id}", records.len()),
-            |tx| {
-                for r in records {
-                    match r {
-                        Record::Event {
-                            at,
-                            host,
-                            kind,
-                            detail,
-                        } => {
-                            tx.execute(
-                                "INSERT INTO events (run_id, at, host, kind, detail_json)
+        let destructive = records
+            .iter()
+            .any(|r| matches!(r, Record::AttemptSent(a) if a.destructive));
+        let doing = format!("record {} event(s) of run {run_id}", records.len());
+        let write = |tx: &Transaction<'_>| -> rusqlite::Result<()> {
+            for r in records {
+                match r {
+                    Record::Event {
+                        at,
+                        host,
+                        kind,
+                        detail,
+                    } => {
+                        tx.execute(
+                            "INSERT INTO events (run_id, at, host, kind, detail_json)
                              VALUES (?1, ?2, ?3, ?4, ?5)",
-                                rusqlite::params![run_id, at, host, kind, detail.to_string()],
-                            )?;
-                        }
-                        Record::AttemptSent(a) => {
-                            tx.execute(
-                                "INSERT INTO step_attempts (run_id, host, step_index, resource_id,
+                            rusqlite::params![run_id, at, host, kind, detail.to_string()],
+                        )?;
+                    }
+                    Record::AttemptSent(a) => {
+                        tx.execute(
+                            "INSERT INTO step_attempts (run_id, host, step_index, resource_id,
                                  action, destructive, attempt, status, started_at, finished_at,
                                  exit_code, log_path, phase)
                              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, '', NULL, NULL, 'sent')",
-                                rusqlite::params![
-                                    run_id,
-                                    a.host,
-                                    a.step_index,
-                                    a.resource_id,
-                                    text(&a.action),
-                                    a.destructive,
-                                    a.attempt,
-                                    text(&StepStatus::NotRun),
-                                    a.started_at,
-                                ],
-                            )?;
-                        }
-                        Record::AttemptStarted {
-                            host,
-                            step_index,
-                            attempt,
-                        } => {
-                            tx.execute(
-                                "UPDATE step_attempts SET phase = 'started'
+                            rusqlite::params![
+                                run_id,
+                                a.host,
+                                a.step_index,
+                                a.resource_id,
+                                text(&a.action),
+                                a.destructive,
+                                a.attempt,
+                                text(&StepStatus::NotRun),
+                                a.started_at,
+                            ],
+                        )?;
+                    }
+                    Record::AttemptStarted {
+                        host,
+                        step_index,
+                        attempt,
+                    } => {
+                        tx.execute(
+                            "UPDATE step_attempts SET phase = 'started'
                              WHERE run_id = ?1 AND host = ?2 AND step_index = ?3 AND attempt = ?4",
-                                rusqlite::params![run_id, host, step_index, attempt],
-                            )?;
-                        }
-                        Record::AttemptWithdrawn {
-                            host,
-                            step_index,
-                            attempt,
-                        } => {
-                            tx.execute(
-                                "DELETE FROM step_attempts WHERE run_id = ?1 AND host = ?2
+                            rusqlite::params![run_id, host, step_index, attempt],
+                        )?;
+                    }
+                    Record::AttemptWithdrawn {
+                        host,
+                        step_index,
+                        attempt,
+                    } => {
+                        tx.execute(
+                            "DELETE FROM step_attempts WHERE run_id = ?1 AND host = ?2
                                  AND step_index = ?3 AND attempt = ?4 AND phase = 'sent'",
-                                rusqlite::params![run_id, host, step_index, attempt],
-                            )?;
-                        }
-                        Record::OwedRestart {
-                            host,
-                            resource_id,
-                            at,
-                        } => {
-                            tx.execute(
-                                "INSERT INTO owed_restarts (host, resource_id, run_id, since)
+                            rusqlite::params![run_id, host, step_index, attempt],
+                        )?;
+                    }
+                    Record::OwedRestart {
+                        host,
+                        resource_id,
+                        at,
+                    } => {
+                        tx.execute(
+                            "INSERT INTO owed_restarts (host, resource_id, run_id, since)
                              VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-                                rusqlite::params![host, resource_id, run_id, at],
-                            )?;
-                        }
-                        Record::AttemptFinished(a) => {
-                            tx.execute(
-                                "INSERT INTO step_attempts (run_id, host, step_index, resource_id,
+                            rusqlite::params![host, resource_id, run_id, at],
+                        )?;
+                    }
+                    Record::AttemptFinished(a) => {
+                        tx.execute(
+                            "INSERT INTO step_attempts (run_id, host, step_index, resource_id,
                                  action, destructive, attempt, status, started_at, finished_at,
                                  exit_code, log_path, phase)
                              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'finished')
@@ -672,27 +674,31 @@ impl Db {
                                  status = excluded.status, finished_at = excluded.finished_at,
                                  exit_code = excluded.exit_code, log_path = excluded.log_path,
                                  phase = 'finished'",
-                                rusqlite::params![
-                                    run_id,
-                                    a.host,
-                                    a.step_index,
-                                    a.resource_id,
-                                    text(&a.action),
-                                    a.destructive,
-                                    a.attempt,
-                                    text(&a.status),
-                                    a.started_at,
-                                    a.finished_at,
-                                    a.exit_code,
-                                    a.log_path,
-                                ],
-                            )?;
-                        }
+                            rusqlite::params![
+                                run_id,
+                                a.host,
+                                a.step_index,
+                                a.resource_id,
+                                text(&a.action),
+                                a.destructive,
+                                a.attempt,
+                                text(&a.status),
+                                a.started_at,
+                                a.finished_at,
+                                a.exit_code,
+                                a.log_path,
+                            ],
+                        )?;
                     }
                 }
-                Ok(())
-            },
-        )
+            }
+            Ok(())
+        };
+        if destructive {
+            self.write_synced(doing, write)
+        } else {
+            self.write(doing, write)
+        }
     }
 
     /// The services of `host` whose restart is owed, sorted.
@@ -1269,7 +1275,7 @@ impl Db {
         (run_id, at): (&str, &str),
     ) -> Result<bool, StoreError> {
         let hosts_json = serde_json::to_string(hosts).expect("a list of strings encodes");
-        self.write(doing, |tx| {
+        self.write_synced(doing, |tx| {
             let n = tx.execute(
                 sql,
                 rusqlite::params![sha256, file, operation, hosts_json, run_id, at],
@@ -1523,6 +1529,28 @@ impl Db {
         run(&mut self.conn).map_err(|e| err(&self.path, doing, e))
     }
 
+    /// [`Self::write`], committed with `synchronous=FULL`: the commit
+    /// fsyncs the WAL, so it survives a power cut, not only a crash of tend.
+    /// For the records a second run must never miss: a token marked used,
+    /// and the attempt of a destructive step before it is sent.
+    fn write_synced<T>(
+        &mut self,
+        doing: String,
+        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        self.conn
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| err(&self.path, "set synchronous=FULL", e))?;
+        let r = self.write(doing, f);
+        let back = self
+            .conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| err(&self.path, "set synchronous=NORMAL", e));
+        let v = r?;
+        back?;
+        Ok(v)
+    }
+
     fn read<T>(
         &self,
         doing: String,
@@ -1669,6 +1697,23 @@ mod tests {
         assert_eq!(pragma("synchronous"), 1, "NORMAL");
         assert_eq!(pragma("foreign_keys"), 1);
         assert_eq!(pragma("busy_timeout"), 5000);
+    }
+
+    #[test]
+    fn a_synced_write_commits_with_full_and_goes_back_to_normal() {
+        let (_d, mut db) = open();
+        let full = db
+            .write_synced("probe".into(), |tx| {
+                tx.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))
+            })
+            .unwrap();
+        assert_eq!(full, 2, "FULL inside");
+        assert!(db.claim_token("ab", "t.yaml", "op", &[], RUN, T0).is_ok());
+        let after: i64 = db
+            .conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(after, 1, "NORMAL again");
     }
 
     #[test]
