@@ -267,10 +267,12 @@ def measure(cmd, cwd, env, cg, hosts, ok_codes):
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak_fds = [0]
+    done = threading.Event()
 
     def sample():
-        # The tool's own open file descriptors, every 20 ms while it runs.
-        while p.poll() is None:
+        # The tool's own open file descriptors, every 20 ms while it runs
+        # (never p.poll(): that would reap the child before wait4 does).
+        while not done.is_set():
             try:
                 peak_fds[0] = max(peak_fds[0], len(os.listdir(f"/proc/{p.pid}/fd")))
             except OSError:
@@ -281,6 +283,7 @@ def measure(cmd, cwd, env, cg, hosts, ok_codes):
     sampler.start()
     out = p.stdout.read()
     _, status, ru = os.wait4(p.pid, 0)
+    done.set()
     sampler.join(timeout=1)
     wall = time.monotonic() - t0
     code = os.waitstatus_to_exitcode(status)
@@ -550,6 +553,9 @@ def main():
     md = report(rows, sizes, tools, versions(tend_bin, tools), repeat)
     if a.scale:
         md = md.replace("# Peer benchmark", f"# Scale: tend alone on {a.scale} hosts", 1)
+        md = md.replace("tools alternating, fresh hosts for each tool", "fresh hosts", 1)
+        md = md.replace("Reproduce: `sudo python3 bench/peers/bench.py`",
+                        f"Reproduce: `sudo python3 bench/peers/bench.py --scale {a.scale}`", 1)
         (REPO / "bench/SCALE.md").write_text(md)
     elif a.smoke:
         (out / "RESULTS.md").write_text(md)

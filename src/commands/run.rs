@@ -112,7 +112,11 @@ pub fn run(g: &Global, listen: Option<SocketAddr>, listen_public: bool) -> Resul
                 }
             }
         }
-        controller::run(real, rx, seed(), pulse).await;
+        controller::run(real.clone(), rx, seed(), pulse).await;
+        {
+            let r = real.clone();
+            let _ = tokio::task::spawn_blocking(move || r.flush_fleet()).await;
+        }
         let _ = stop.send(true);
         if let Some(s) = server {
             let _ = s.await;

@@ -65,9 +65,13 @@ struct Inner {
     stop: Arc<AtomicBool>,
     /// One pass at a time decides whether a new rollout starts (SPEC 8.2).
     rollout: tokio::sync::Mutex<()>,
-    /// `fleet.json` is rebuilt from every status file after each pass;
+    /// `fleet.json` is rebuilt from every status file after passes;
     /// one rebuild at a time keeps the last writer from using older reads.
     fleet: Mutex<()>,
+    /// A rebuild of `fleet.json` is due (it covers every pass that ended
+    /// before it begins), and when the last one began.
+    fleet_due: AtomicBool,
+    fleet_last: Mutex<Option<tokio::time::Instant>>,
     /// The file watches, refreshed before each load to cover new and
     /// recreated directories.
     watches: Mutex<Option<super::watch::Watches>>,
@@ -77,6 +81,9 @@ struct Inner {
     /// Fed where each pass ends, from what it recorded.
     metrics: Arc<Metrics>,
 }
+
+/// The least time between two rebuilds of `fleet.json` by passes.
+const FLEET_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A lock whose holder panicked is still usable: what it guards is replaced
 /// whole (snapshot, watches) or is a unit token, so a panic never leaves it
@@ -121,6 +128,8 @@ impl Real {
                 rollout: tokio::sync::Mutex::new(()),
                 stop: Arc::new(AtomicBool::new(false)),
                 fleet: Mutex::new(()),
+                fleet_due: AtomicBool::new(false),
+                fleet_last: Mutex::new(None),
                 watches: Mutex::new(None),
                 status: Mutex::new(()),
                 metrics,
@@ -163,6 +172,37 @@ impl Inner {
         if let Err(e) = pass::write_fleet(&self.state_dir, hosts.iter(), state, &now_rfc3339()) {
             tracing::error!(error = %format!("{e:#}"), "could not write fleet.json");
         }
+    }
+
+    /// `fleet.json` after a pass: rebuilt at most once per [`FLEET_EVERY`]
+    /// (a rebuild reads every host's status file, so one per pass would be
+    /// quadratic in hosts), and always once after the last pass: a pass
+    /// that ends while a rebuild is due joins it; one that ends while a
+    /// rebuild runs gets the next. While stopping, at once.
+    async fn fleet_soon(self: &Arc<Self>) {
+        let inner = self;
+        if inner.stop.load(Ordering::SeqCst) {
+            let me = self.clone();
+            blocking(move || me.write_fleet_now()).await;
+            return;
+        }
+        if inner.fleet_due.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let last = *lock(&me.fleet_last);
+            if let Some(at) = last {
+                tokio::time::sleep_until(at + FLEET_EVERY).await;
+            }
+            me.fleet_due.store(false, Ordering::SeqCst);
+            blocking(move || me.write_fleet_now()).await;
+        });
+    }
+
+    fn write_fleet_now(&self) {
+        *lock(&self.fleet_last) = Some(tokio::time::Instant::now());
+        self.write_fleet(&self.current());
     }
 
     /// Status of a host that cannot be planned at all: the desired state
@@ -582,8 +622,8 @@ impl Inner {
                 Verdict::Settled { awaiting: false }
             }
         };
-        let me = self.clone();
-        blocking(move || me.write_fleet(&snap)).await;
+        drop(snap);
+        self.fleet_soon().await;
         verdict
     }
 }
@@ -624,6 +664,14 @@ impl Reconciler for Real {
 
     fn stop(&self) {
         self.inner.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Real {
+    /// After the loop: `fleet.json` as the last passes left the hosts
+    /// (a coalesced rebuild may not have run yet).
+    pub fn flush_fleet(&self) {
+        self.inner.write_fleet_now();
     }
 }
 
