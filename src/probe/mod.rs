@@ -603,21 +603,17 @@ pub fn script_with(items: &[ProbeItem], cache: HashCache) -> String {
         }
     }
     writeln!(s, "PI='{}'", paths.join(" ")).expect(w);
-    let trees: Vec<String> = items
-        .iter()
-        .enumerate()
-        .filter(|(_, i)| i.tree)
-        .map(|(i, _)| i.to_string())
-        .collect();
-    writeln!(s, "TI='{}'", trees.join(" ")).expect(w);
-    if cache != HashCache::Off {
-        let ok: Vec<String> = items
-            .iter()
-            .enumerate()
-            .filter(|(_, i)| i.cacheable)
-            .map(|(i, _)| i.to_string())
+    // The indices of the items that `want`, space-separated.
+    let indices = |want: fn(&ProbeItem) -> bool| -> String {
+        let v: Vec<String> = (0..items.len())
+            .filter(|&i| want(&items[i]))
+            .map(|i| i.to_string())
             .collect();
-        writeln!(s, "CI='{}'", ok.join(" ")).expect(w);
+        v.join(" ")
+    };
+    writeln!(s, "TI='{}'", indices(|i| i.tree)).expect(w);
+    if cache != HashCache::Off {
+        writeln!(s, "CI='{}'", indices(|i| i.cacheable)).expect(w);
     }
     match cache {
         HashCache::Off => s.push_str(HASH_PLAIN),
