@@ -73,7 +73,20 @@ fn awaiting(sd: &StateDir) -> Result<Vec<(String, AwaitingConfirmation)>> {
     Ok(out)
 }
 
+/// Now, in whole seconds, by the clock the kernel stamps files with
+/// (`CLOCK_REALTIME_COARSE`, up to a tick behind the precise clock): the
+/// token's `expires` is checked against its file's mtime (token_max_ttl),
+/// and a precise `now` a tick past a second boundary would make a token
+/// with the full TTL look one second too long-lived.
 fn now() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: one valid timespec for the call's duration.
+    if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
+        return ts.tv_sec;
+    }
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
