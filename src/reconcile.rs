@@ -129,17 +129,41 @@ pub fn connect(host: &Host, opts: &ProbeOpts) -> Result<Arc<dyn Transport>, Tran
                     format!("host `{}` has no address", inv.name),
                 )
             })?;
+            let identity = |inv: &crate::core::spec::InventoryHost| {
+                inv.identity
+                    .as_deref()
+                    .map(|p| crate::settings::resolve_relative(&opts.desired_dir, p))
+            };
+            // The jump host's own address: validation made sure it has one.
+            let jump = host.jump.as_deref().and_then(|j| {
+                Some(crate::transport::jump::shared(SshTarget {
+                    host: j.name.clone(),
+                    address: j.address.clone()?,
+                    port: j.port,
+                    user: j.user.clone(),
+                    identity: identity(j),
+                    host_key: j.host_key.clone(),
+                    known_hosts: opts.known_hosts.clone(),
+                    become_sudo: false,
+                    jump: None,
+                }))
+            });
+            if inv.jump.is_some() && jump.is_none() {
+                return Err(TransportError::new(
+                    FailureClass::Capability,
+                    format!("host `{}`: its jump host has no address", inv.name),
+                ));
+            }
             Ok(Arc::new(SshTransport::new(SshTarget {
                 host: inv.name.clone(),
                 address,
                 port: inv.port,
                 user: inv.user.clone(),
-                identity: inv
-                    .identity
-                    .as_deref()
-                    .map(|p| crate::settings::resolve_relative(&opts.desired_dir, p)),
+                identity: identity(inv),
                 host_key: inv.host_key.clone(),
                 known_hosts: opts.known_hosts.clone(),
+                become_sudo: inv.become_ == Some(crate::core::spec::Become::Sudo),
+                jump,
             })))
         }
     }
@@ -225,7 +249,7 @@ impl ProbeOpts {
 /// The probe script goes to `sh` on stdin, not as an argument: an argument
 /// is capped at 128 KiB, which a host with thousands of resources would pass.
 /// Nothing in the script reads stdin itself.
-const PROBE_COMMAND: &str = "exec sh -s";
+const PROBE_COMMAND: &str = crate::transport::STDIN_SCRIPT;
 
 /// Probe one host: one remote command per attempt; transient failures are
 /// retried with doubling backoff.

@@ -33,6 +33,8 @@ fn transport(f: &Fleet, host: &str) -> SshTransport {
         identity: Some(f.key.clone()),
         host_key: Some(h.fingerprint.clone()),
         known_hosts: f.known_hosts.clone(),
+        become_sudo: false,
+        jump: None,
     })
 }
 

@@ -495,6 +495,8 @@ mod bytes_over_ssh {
                 identity: Some(f.key.clone()),
                 host_key: Some(h.fingerprint.clone()),
                 known_hosts: f.known_hosts.clone(),
+                become_sudo: false,
+                jump: None,
             })
         })
     }

@@ -1613,12 +1613,15 @@ pub(crate) mod tests {
                 host_key: None,
                 tags: vec![],
                 protected: false,
+                become_: None,
+                jump: None,
             },
             inv_index: 0,
             file: Some("hosts/h.yaml".into()),
             lifecycle,
             resources,
             owed_restarts: vec![],
+            jump: None,
         }
     }
 

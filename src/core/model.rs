@@ -349,6 +349,10 @@ pub struct Host {
     /// succeeded, the restart did not), sorted; from the history, like
     /// prunes. Empty from validation.
     pub owed_restarts: Vec<String>,
+    /// The host reached through `jump` (SPEC 8.9): the inventory entry of the
+    /// jump host, or one made of `[user@]address[:port]` (named so, with the
+    /// target's identity and no pinned key).
+    pub jump: Option<Box<InventoryHost>>,
 }
 
 impl Host {
@@ -874,9 +878,18 @@ pub fn validate(tree: &SourceTree) -> Validated {
     }
 
     // Join inventory, host files and groups.
+    let by_name: BTreeMap<String, InventoryHost> = inventory
+        .iter()
+        .map(|(h, _)| (h.name.clone(), h.clone()))
+        .collect();
     let mut hosts = BTreeMap::new();
     for (inv_index, (inv, pos)) in inventory.into_iter().enumerate() {
         let name = inv.name.clone();
+        let jump = inv
+            .jump
+            .as_deref()
+            .and_then(|j| resolve_jump(j, &inv, &by_name))
+            .map(Box::new);
         let has_file = tree.hosts.contains_key(&format!("{name}.yaml"));
         if !has_file {
             problems.push(Diagnostic {
@@ -910,6 +923,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
             lifecycle,
             resources,
             owed_restarts: Vec::new(),
+            jump,
         };
         check_host(&host, &gone, &mut problems);
         check_guards(&host, config.probe_timeout.0, &mut problems);
@@ -1204,6 +1218,7 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Po
     let mut out: Vec<(InventoryHost, Pos)> = Vec::new();
     let mut names: BTreeMap<String, Pos> = BTreeMap::new();
     let mut endpoints: BTreeMap<(String, u16), String> = BTreeMap::new();
+    let mut jumps: Vec<(String, String, Pos)> = Vec::new();
     for item in list.items() {
         // A host with a bad field is still a host: its name keeps its host
         // file from looking orphaned, and the rest of it is still checked.
@@ -1323,6 +1338,34 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Po
             );
             ok = false;
         }
+        if h.transport == TransportKind::Local {
+            for key in ["become", "jump"] {
+                if item.get(key).is_some() {
+                    sink.at(
+                        item.pos_of(key),
+                        format!("`{key}` applies to hosts reached over SSH; host `{}` uses transport local", h.name),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if let Some(j) = &h.jump {
+            if j == &h.name {
+                sink.at(
+                    item.pos_of("jump"),
+                    format!("host `{}` cannot be reached through itself", h.name),
+                );
+                ok = false;
+            } else if !is_host_name(j) && parse_jump(j).is_none() {
+                sink.at(
+                    item.pos_of("jump"),
+                    format!("invalid jump {j:?}: name a host of inventory.yaml, or write `[user@]address[:port]`"),
+                );
+                ok = false;
+            } else {
+                jumps.push((h.name.clone(), j.clone(), item.pos_of("jump")));
+            }
+        }
         if let Some(tags) = item.get("tags") {
             for (t, tnode) in h.tags.iter().zip(tags.items()) {
                 if !is_host_name(t) {
@@ -1339,7 +1382,95 @@ fn load_inventory(node: &Node, sink: &mut Sink) -> Option<Vec<(InventoryHost, Po
         let _ = ok;
         out.push((h, item.pos));
     }
+    check_jumps(&out, &jumps, sink);
     Some(out)
+}
+
+/// `jump` names (SPEC 8.9): an inventory host reached over SSH that is not
+/// itself behind a jump, or an address. Chains are refused: each link
+/// would be one more session to keep alive and one more host key to trust
+/// for every host behind it, and a cycle could never connect.
+fn check_jumps(hosts: &[(InventoryHost, Pos)], jumps: &[(String, String, Pos)], sink: &mut Sink) {
+    let by_name: BTreeMap<&str, &InventoryHost> =
+        hosts.iter().map(|(h, _)| (h.name.as_str(), h)).collect();
+    for (name, j, pos) in jumps {
+        match by_name.get(j.as_str()) {
+            Some(via) if via.transport == TransportKind::Local => sink.at(
+                *pos,
+                format!("jump host `{j}` uses transport local; a jump host is reached over SSH"),
+            ),
+            Some(via) => match via.jump.as_deref() {
+                Some(back) if back == name => sink.at(
+                    *pos,
+                    format!("jump cycle: `{name}` is reached through `{j}`, and `{j}` through `{name}`"),
+                ),
+                Some(next) => sink.at(
+                    *pos,
+                    format!("chains of jumps are not supported: jump host `{j}` is itself reached through `{next}`; reach `{name}` through `{next}` directly"),
+                ),
+                None => {}
+            },
+            None if is_host_name(j) && !j.contains('.') => sink.at(
+                *pos,
+                format!("jump `{j}` is not a host in inventory.yaml (write `[user@]address[:port]` for a host outside it)"),
+            ),
+            None => {}
+        }
+    }
+}
+
+/// `[user@]address[:port]`, address an IP, a DNS name or `[IPv6]`: (user,
+/// address, port).
+pub fn parse_jump(s: &str) -> Option<(Option<String>, String, u16)> {
+    let (user, rest) = match s.rsplit_once('@') {
+        Some((u, r)) => {
+            if u.is_empty() || u.contains(|c: char| c.is_control() || c.is_whitespace() || c == '@')
+            {
+                return None;
+            }
+            (Some(u.to_string()), r)
+        }
+        None => (None, s),
+    };
+    let (addr, port) = if let Some(r) = rest.strip_prefix('[') {
+        let (a, tail) = r.split_once(']')?;
+        match tail {
+            "" => (a, 22),
+            t => (a, t.strip_prefix(':')?.parse::<u16>().ok()?),
+        }
+    } else if rest.matches(':').count() == 1 {
+        let (a, p) = rest.split_once(':')?;
+        (a, p.parse::<u16>().ok()?)
+    } else {
+        (rest, 22)
+    };
+    (port != 0 && is_address(addr)).then(|| (user, addr.to_string(), port))
+}
+
+/// The jump host of `inv`: its inventory entry, or one made of the address
+/// form with the target's identity (host key from known_hosts).
+fn resolve_jump(
+    j: &str,
+    inv: &InventoryHost,
+    by_name: &BTreeMap<String, InventoryHost>,
+) -> Option<InventoryHost> {
+    if let Some(h) = by_name.get(j) {
+        return Some(h.clone());
+    }
+    let (user, address, port) = parse_jump(j)?;
+    Some(InventoryHost {
+        name: j.to_string(),
+        transport: TransportKind::Ssh,
+        address: Some(address),
+        port,
+        user: user.unwrap_or_else(|| inv.user.clone()),
+        identity: inv.identity.clone(),
+        host_key: None,
+        tags: vec![],
+        protected: false,
+        become_: None,
+        jump: None,
+    })
 }
 
 /// Parse a host or group file: `lifecycle` (with its position) and resources.

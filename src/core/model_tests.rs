@@ -685,7 +685,7 @@ fn unknown_key_in_an_inventory_host() {
         resources: []
         "#,
         "
-        inventory.yaml:4:5: unknown field `adress`, expected one of `name`, `transport`, `address`, `port`, `user`, `identity`, `host_key`, `tags`, `protected`
+        inventory.yaml:4:5: unknown field `adress`, expected one of `name`, `transport`, `address`, `port`, `user`, `identity`, `host_key`, `tags`, `protected`, `become`, `jump`
         ",
     );
 }
@@ -998,7 +998,7 @@ fn crlf_line_ends_and_tabs_keep_positions() {
          //- hosts/web-1.yaml\nresources:\n\t- kind: file\n",
         "
         hosts/web-1.yaml:2:2: invalid YAML: tabs disallowed within this context (block indentation)
-        inventory.yaml:4:5: unknown field `bogus`, expected one of `name`, `transport`, `address`, `port`, `user`, `identity`, `host_key`, `tags`, `protected`
+        inventory.yaml:4:5: unknown field `bogus`, expected one of `name`, `transport`, `address`, `port`, `user`, `identity`, `host_key`, `tags`, `protected`, `become`, `jump`
         ",
     );
 }
@@ -2114,4 +2114,160 @@ fn rollout_settings_are_checked_where_they_are_written() {
         tend.yaml:5:14: rollout.health.timeout must be above zero
         ",
     );
+}
+
+#[test]
+fn jump_and_become_are_checked_with_their_positions() {
+    check(
+        r#"
+        //- inventory.yaml
+        hosts:
+          - name: bastion
+            address: 10.0.0.1
+          - name: web-1
+            address: 10.0.1.1
+            user: deploy
+            become: sudo
+            jump: bastion
+          - name: web-2
+            address: 10.0.1.2
+            jump: nowhere
+          - name: web-3
+            address: 10.0.1.3
+            jump: web-3
+          - name: web-4
+            address: 10.0.1.4
+            jump: web-1
+          - name: a
+            address: 10.0.2.1
+            jump: b
+          - name: b
+            address: 10.0.2.2
+            jump: a
+          - name: web-5
+            address: 10.0.1.5
+            jump: "ops@jump.example.org:2222"
+          - name: web-6
+            address: 10.0.1.6
+            jump: "ops@:22"
+          - name: box
+            transport: local
+            become: sudo
+          - name: web-7
+            address: 10.0.1.7
+            become: doas
+        //- hosts/bastion.yaml
+        resources: []
+        //- hosts/web-1.yaml
+        resources: []
+        //- hosts/web-2.yaml
+        resources: []
+        //- hosts/web-3.yaml
+        resources: []
+        //- hosts/web-4.yaml
+        resources: []
+        //- hosts/a.yaml
+        resources: []
+        //- hosts/b.yaml
+        resources: []
+        //- hosts/web-5.yaml
+        resources: []
+        //- hosts/web-6.yaml
+        resources: []
+        //- hosts/box.yaml
+        resources: []
+        //- hosts/web-7.yaml
+        resources: []
+        "#,
+        "
+        inventory.yaml:11:11: jump `nowhere` is not a host in inventory.yaml (write `[user@]address[:port]` for a host outside it)
+        inventory.yaml:14:11: host `web-3` cannot be reached through itself
+        inventory.yaml:17:11: chains of jumps are not supported: jump host `web-1` is itself reached through `bastion`; reach `web-4` through `bastion` directly
+        inventory.yaml:20:11: jump cycle: `a` is reached through `b`, and `b` through `a`
+        inventory.yaml:23:11: jump cycle: `b` is reached through `a`, and `a` through `b`
+        inventory.yaml:29:11: invalid jump \"ops@:22\": name a host of inventory.yaml, or write `[user@]address[:port]`
+        inventory.yaml:32:13: `become` applies to hosts reached over SSH; host `box` uses transport local
+        inventory.yaml:35:13: unknown variant `doas`, expected `sudo`
+        ",
+    );
+}
+
+#[test]
+fn a_jump_resolves_to_its_host_or_its_address() {
+    let v = check(
+        r#"
+        //- inventory.yaml
+        hosts:
+          - name: bastion
+            address: 10.0.0.1
+            port: 2200
+            user: ops
+            host_key: "SHA256:abc"
+          - name: web-1
+            address: 10.0.1.1
+            user: deploy
+            identity: keys/deploy
+            jump: bastion
+          - name: web-2
+            address: 10.0.1.2
+            user: deploy
+            identity: keys/deploy
+            jump: "[fd00::1]:2222"
+        //- hosts/bastion.yaml
+        resources: []
+        //- hosts/web-1.yaml
+        resources: []
+        //- hosts/web-2.yaml
+        resources: []
+        "#,
+        "",
+    );
+    let j1 = v.state.hosts["web-1"].jump.as_deref().unwrap();
+    assert_eq!(
+        (
+            j1.name.as_str(),
+            j1.port,
+            j1.user.as_str(),
+            j1.host_key.as_deref()
+        ),
+        ("bastion", 2200, "ops", Some("SHA256:abc"))
+    );
+    let j2 = v.state.hosts["web-2"].jump.as_deref().unwrap();
+    assert_eq!(
+        (
+            j2.address.as_deref(),
+            j2.port,
+            j2.user.as_str(),
+            j2.identity.as_deref(),
+            j2.host_key.as_deref()
+        ),
+        (Some("fd00::1"), 2222, "deploy", Some("keys/deploy"), None)
+    );
+    assert!(v.state.hosts["bastion"].jump.is_none());
+}
+
+#[test]
+fn parse_jump_takes_user_address_and_port() {
+    assert_eq!(
+        parse_jump("ops@10.0.0.1:2222"),
+        Some((Some("ops".into()), "10.0.0.1".into(), 2222))
+    );
+    assert_eq!(
+        parse_jump("jump.example.org"),
+        Some((None, "jump.example.org".into(), 22))
+    );
+    assert_eq!(parse_jump("[fd00::1]"), Some((None, "fd00::1".into(), 22)));
+    assert_eq!(parse_jump("fd00::1"), Some((None, "fd00::1".into(), 22)));
+    for bad in [
+        "",
+        "@host",
+        "ops@",
+        "host:0",
+        "host:99999",
+        "[fd00::1",
+        "a b",
+        "ops@host:x",
+    ] {
+        assert_eq!(parse_jump(bad), None, "{bad:?}");
+    }
 }

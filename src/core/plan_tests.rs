@@ -261,12 +261,15 @@ pub(super) fn host_with(name: &str, lifecycle: Lifecycle, mut resources: Vec<Res
             host_key: None,
             tags: vec![],
             protected: false,
+            become_: None,
+            jump: None,
         },
         inv_index: 0,
         file: Some(format!("hosts/{name}.yaml")),
         lifecycle,
         resources,
         owed_restarts: vec![],
+        jump: None,
     }
 }
 

@@ -385,6 +385,22 @@ pub struct InventoryHost {
     /// Destructive steps on this host are PolicyBlocked, token or not.
     #[serde(default)]
     pub protected: bool,
+    /// `sudo`: run the probe and every batch as root through `sudo -n sh -s`
+    /// (SPEC 8.9), for a non-root `user`.
+    #[serde(default, rename = "become")]
+    pub become_: Option<Become>,
+    /// Reach the host through another host's SSH session: an inventory host
+    /// name, or `[user@]address[:port]` (SPEC 8.9).
+    #[serde(default)]
+    pub jump: Option<String>,
+}
+
+/// How a non-root login becomes root on its host.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Become {
+    /// `sudo -n sh -s`: no password prompt, no tty.
+    Sudo,
 }
 
 fn default_port() -> u16 {

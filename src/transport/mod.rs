@@ -9,8 +9,15 @@ use std::time::Duration;
 
 use crate::core::retry::FailureClass;
 
+pub mod jump;
 pub mod local;
 pub mod ssh;
+
+/// A command that runs its stdin as the script (for scripts too long for
+/// one command-line argument, that read nothing from stdin themselves).
+/// Transports may run such a stdin script directly (with `become: sudo`,
+/// as the sudo shell's own input).
+pub const STDIN_SCRIPT: &str = "exec sh -s";
 
 /// What a remote command returned.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -6,14 +6,17 @@
 //! `host_key` fingerprint, else the `known_hosts` file. Authentication is
 //! public-key only: the inventory's `identity`, else ssh-agent.
 //!
-//! Invariant: the remote command is `sh -c <quoted script>`; content travels on
-//! the channel's stdin; every failure carries a class that drives retries
-//! and a message naming the host, the address and what to do.
+//! Invariant: the remote command is `sh -c <quoted script>`, or with
+//! `become: sudo` (SPEC 8.9) `sudo -n sh -s` with the script on stdin
+//! ([`SUDO_BOOT`]); content travels on the channel's stdin; every failure
+//! carries a class that drives retries and a message naming the host, the
+//! address and what to do. A host with `jump` is reached through the jump
+//! host's shared session ([`super::jump`]).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ssh2::{CheckResult, ErrorCode, KnownHostFileKind, Session};
@@ -49,7 +52,26 @@ pub struct SshTarget {
     /// Pinned `SHA256:...` fingerprint; None: `known_hosts`.
     pub host_key: Option<String>,
     pub known_hosts: PathBuf,
+    /// `become: sudo`: every command runs as root through `sudo -n sh -s`.
+    pub become_sudo: bool,
+    /// `jump`: connect through this jump host's session.
+    pub jump: Option<Arc<super::jump::Jump>>,
 }
+
+/// The first line a `sudo -n sh -s` shell prints: proof that sudo let it
+/// start (anything else first, or nothing, is sudo refusing).
+pub const SUDO_READY: &str = "tend-sudo-ready";
+
+/// The line that makes a sudo shell print [`SUDO_READY`].
+const SUDO_READY_ECHO: &str = "echo tend-sudo-ready\n";
+
+/// What `sudo -n sh -s` reads first when the command has stdin of its own
+/// (content, or a held command's release): it says it started, then reads
+/// the script's length, the script (one `head`, which never reads past it)
+/// and runs it; the command's stdin follows the script. Sent alone, and the
+/// rest only after the ready line, so that the shell (dash reads its input
+/// in blocks) has nothing of the rest to read ahead.
+pub const SUDO_BOOT: &str = "echo tend-sudo-ready; IFS= read -r tend_n || exit 125; tend_s=$(head -c \"$tend_n\") || exit 125; eval \"$tend_s\"; exit\n";
 
 impl SshTarget {
     fn endpoint(&self) -> String {
@@ -67,6 +89,8 @@ const IDLE_CHECK: Duration = Duration::from_secs(15);
 
 pub struct SshTransport {
     target: SshTarget,
+    /// `host`, or `jump host` for a jump host's session: in messages.
+    role: &'static str,
     /// The open session and when it last completed a command.
     session: Mutex<Option<(Session, Instant)>>,
 }
@@ -75,24 +99,67 @@ impl SshTransport {
     pub fn new(target: SshTarget) -> Self {
         SshTransport {
             target,
+            role: "host",
             session: Mutex::new(None),
         }
     }
 
-    fn err(&self, class: FailureClass, what: impl std::fmt::Display) -> TransportError {
-        TransportError::new(
-            class,
-            format!(
-                "host `{}` ({}): {what}",
-                self.target.host,
-                self.target.endpoint()
-            ),
+    /// The connector of a jump host's session: its messages say `jump host`.
+    pub(super) fn jump_host(target: SshTarget) -> Self {
+        SshTransport {
+            target,
+            role: "jump host",
+            session: Mutex::new(None),
+        }
+    }
+
+    /// `host `name` (address:port)`, as messages name it.
+    pub(super) fn label(&self) -> String {
+        format!(
+            "{} `{}` ({})",
+            self.role,
+            self.target.host,
+            self.target.endpoint()
         )
+    }
+
+    fn err(&self, class: FailureClass, what: impl std::fmt::Display) -> TransportError {
+        TransportError::new(class, format!("{}: {what}", self.label()))
+    }
+
+    pub(super) fn error(
+        &self,
+        class: FailureClass,
+        what: impl std::fmt::Display,
+    ) -> TransportError {
+        self.err(class, what)
+    }
+
+    /// A new authenticated session (for a jump host's mux).
+    pub(super) fn connect_session(&self, deadline: Instant) -> Result<Session, TransportError> {
+        self.connect(deadline)
     }
 
     /// Connect, handshake, verify the host key and authenticate, all within
     /// `deadline`.
     fn connect(&self, deadline: Instant) -> Result<Session, TransportError> {
+        let t = &self.target;
+        let mut sess = Session::new().map_err(|e| self.err(FailureClass::Transient, e))?;
+        match &t.jump {
+            Some(jump) => {
+                let stream = jump
+                    .open(&t.address, t.port, deadline)
+                    .map_err(|e| self.err(e.class, format_args!("through {}", e.message)))?;
+                sess.set_tcp_stream(stream);
+            }
+            None => sess.set_tcp_stream(self.tcp(deadline)?),
+        }
+        self.establish(&mut sess, deadline)?;
+        Ok(sess)
+    }
+
+    /// A TCP connection to the host, within `deadline`.
+    fn tcp(&self, deadline: Instant) -> Result<TcpStream, TransportError> {
         let t = &self.target;
         let addrs: Vec<SocketAddr> = (t.address.as_str(), t.port)
             .to_socket_addrs()
@@ -132,13 +199,17 @@ impl SshTransport {
             }
         };
         let _ = stream.set_nodelay(true);
-        let mut sess = Session::new().map_err(|e| self.err(FailureClass::Transient, e))?;
-        sess.set_tcp_stream(stream);
-        set_timeout(&sess, deadline);
+        Ok(stream)
+    }
+
+    /// Handshake, host key, authentication, on a session whose stream is set.
+    fn establish(&self, sess: &mut Session, deadline: Instant) -> Result<(), TransportError> {
+        let t = &self.target;
+        set_timeout(sess, deadline);
         sess.handshake()
             .map_err(|e| self.classify(e, "SSH handshake failed"))?;
-        self.verify_host_key(&sess)?;
-        set_timeout(&sess, deadline);
+        self.verify_host_key(sess)?;
+        set_timeout(sess, deadline);
         match &t.identity {
             Some(key) => sess
                 .userauth_pubkey_file(&t.user, None, key, None)
@@ -176,7 +247,7 @@ impl SshTransport {
         // command silent for that long with "Timed out waiting on socket".
         // `pump` sends keepalives by hand instead.
         sess.set_keepalive(false, 0);
-        Ok(sess)
+        Ok(())
     }
 
     fn verify_host_key(&self, sess: &Session) -> Result<(), TransportError> {
@@ -253,10 +324,48 @@ impl SshTransport {
         sink: super::StdoutSink<'_>,
     ) -> Result<ExecOutput, TransportError> {
         let mut ch = self.start(sess, script, deadline)?;
+        // With sudo, the script goes on stdin: inline before an empty stdin
+        // (a brace group the shell parses whole before it runs any of it,
+        // with its own stdin from /dev/null), else after SUDO_BOOT.
+        let inline;
+        let header;
+        let feed = if !self.target.become_sudo {
+            Feed {
+                pre: b"",
+                main: [stdin, b"", b""],
+                wait_gate: false,
+                gate: false,
+            }
+        } else if script == super::STDIN_SCRIPT {
+            // The probe: stdin is the script, and the sudo shell reads it
+            // as its own input, after the ready line.
+            Feed {
+                pre: SUDO_READY_ECHO.as_bytes(),
+                main: [stdin, b"", b""],
+                wait_gate: false,
+                gate: true,
+            }
+        } else if stdin.is_empty() {
+            inline = format!("echo {SUDO_READY}\n{{\n{script}\n}} </dev/null\n");
+            Feed {
+                pre: inline.as_bytes(),
+                main: [b"", b"", b""],
+                wait_gate: false,
+                gate: true,
+            }
+        } else {
+            header = format!("{}\n", script.len());
+            Feed {
+                pre: SUDO_BOOT.as_bytes(),
+                main: [header.as_bytes(), script.as_bytes(), stdin],
+                wait_gate: true,
+                gate: true,
+            }
+        };
         sess.set_blocking(false);
-        let pumped = self.pump(sess, &mut ch, stdin, deadline, sink);
+        let pumped = self.pump(sess, &mut ch, feed, deadline, sink);
         sess.set_blocking(true);
-        let stderr = pumped?;
+        let (stderr, started) = pumped?;
         set_timeout(sess, deadline);
         ch.wait_close()
             .map_err(|e| self.classify(e, "waiting for the remote command"))?;
@@ -268,6 +377,9 @@ impl SshTransport {
         {
             status = 128 + signal_number(&name);
         }
+        if !started {
+            return Err(self.sudo_refused(status, &stderr));
+        }
         Ok(ExecOutput {
             status,
             stdout: Vec::new(),
@@ -275,26 +387,80 @@ impl SshTransport {
         })
     }
 
-    /// The non-blocking loop of [`Self::run`]; returns stderr (bounded).
+    /// The failure of a `sudo -n sh -s` whose shell never said it started.
+    fn sudo_refused(&self, status: i32, stderr: &[u8]) -> TransportError {
+        let text = String::from_utf8_lossy(stderr);
+        let said: String = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("")
+            .chars()
+            .take(300)
+            .collect();
+        let user = &self.target.user;
+        let fix = format!(
+            "tend needs `{user} ALL=(root) NOPASSWD: ALL` (or at least `/bin/sh -s`) in the host's sudoers, and never types a password"
+        );
+        if status == 127 || (said.contains("sudo") && said.contains("not found")) {
+            return self.err(
+                FailureClass::Capability,
+                format!("`sudo` is not installed for `{user}` (become: sudo): {said}"),
+            );
+        }
+        // sudo -n says "a password is required" both to a user it would
+        // ask for one and to a user with no rule for `sh` at all.
+        let what = if said.contains("password is required")
+            || said.contains("terminal is required")
+            || said.contains("askpass")
+        {
+            "it wants a password (or the user may not run `sh` as root)"
+        } else if said.contains("tty") {
+            "it wants a tty"
+        } else {
+            "the shell never started"
+        };
+        let said = if said.is_empty() {
+            format!("exit {status}, nothing said")
+        } else {
+            format!("exit {status}: `{said}`")
+        };
+        self.err(
+            FailureClass::Auth,
+            format!("become: sudo as `{user}`: sudo refused to run `sudo -n sh -s`: {what} ({said}); {fix}"),
+        )
+    }
+
+    /// The non-blocking loop of [`Self::run`]; returns stderr (bounded) and
+    /// whether the shell started (always, without a gate).
     fn pump(
         &self,
         sess: &Session,
         ch: &mut ssh2::Channel,
-        stdin: &[u8],
+        feed: Feed<'_>,
         deadline: Instant,
         sink: super::StdoutSink<'_>,
-    ) -> Result<Vec<u8>, TransportError> {
+    ) -> Result<(Vec<u8>, bool), TransportError> {
         let would_block = |e: &std::io::Error| e.kind() == std::io::ErrorKind::WouldBlock;
-        let mut written = 0;
+        // What goes to stdin, in order: `pre`, then (after the gate opened,
+        // when it must wait for it) the parts of `main`.
+        let parts: [&[u8]; 4] = [feed.pre, feed.main[0], feed.main[1], feed.main[2]];
+        let (mut part, mut written) = (0usize, 0usize);
         let mut eof_sent = false;
         let (mut out_done, mut err_done) = (false, false);
         let mut stderr = super::Bounded::new(super::STDERR_LIMIT);
+        let mut gate: Option<Vec<u8>> = feed.gate.then(Vec::new);
         let mut buf = vec![0u8; 64 * 1024];
         let mut idle_since = Instant::now();
         while !(out_done && err_done) {
             let mut progress = false;
-            if written < stdin.len() {
-                match ch.write(&stdin[written..]) {
+            while part < parts.len() && written == parts[part].len() {
+                part += 1;
+                written = 0;
+            }
+            let held_back = part >= 1 && feed.wait_gate && gate.is_some();
+            if part < parts.len() && !held_back {
+                match ch.write(&parts[part][written..]) {
                     Ok(n) => {
                         written += n;
                         progress |= n > 0;
@@ -303,7 +469,7 @@ impl SshTransport {
                     Err(e) => return Err(self.io_err(e, "writing stdin")),
                 }
             }
-            if written == stdin.len() && !eof_sent {
+            if part == parts.len() && !eof_sent {
                 match ch.send_eof() {
                     Ok(()) => {
                         eof_sent = true;
@@ -320,8 +486,25 @@ impl SshTransport {
                         progress |= out_done;
                     }
                     Ok(n) => {
-                        sink(&buf[..n]);
                         progress = true;
+                        match gate.as_mut() {
+                            None => sink(&buf[..n]),
+                            Some(g) => {
+                                g.extend_from_slice(&buf[..n]);
+                                if let Some(rest) = after_ready(g) {
+                                    let rest = rest.to_vec();
+                                    gate = None;
+                                    if !rest.is_empty() {
+                                        sink(&rest);
+                                    }
+                                } else if g.len() > 64 * 1024 {
+                                    return Err(self.err(
+                                        FailureClass::Auth,
+                                        "become: sudo: 64 KiB of output before the shell started; is `sudo -n sh -s` the command that ran?",
+                                    ));
+                                }
+                            }
+                        }
                     }
                     Err(e) if would_block(&e) => {}
                     Err(e) => return Err(self.io_err(e, "reading stdout")),
@@ -361,7 +544,7 @@ impl SshTransport {
             }
             wait_socket(sess, left.min(KEEPALIVE_EVERY));
         }
-        Ok(stderr.into_bytes())
+        Ok((stderr.into_bytes(), gate.is_none()))
     }
 
     fn io_err(&self, e: std::io::Error, doing: &str) -> TransportError {
@@ -423,7 +606,11 @@ impl SshTransport {
         let mut ch = sess
             .channel_open("session", WINDOW, PACKET, None)
             .map_err(|e| self.classify(e, "cannot open a channel"))?;
-        let command = format!("sh -c {}", crate::shell::quote(script));
+        let command = if self.target.become_sudo {
+            "sudo -n sh -s".to_string()
+        } else {
+            format!("sh -c {}", crate::shell::quote(script))
+        };
         ch.exec(&command)
             .map_err(|e| self.classify(e, "cannot start the remote command"))?;
         Ok(ch)
@@ -440,6 +627,19 @@ impl SshTransport {
         let mut ch = self.start(sess, script, deadline)?;
         let mut line = Vec::new();
         let mut buf = [0u8; 1024];
+        if self.target.become_sudo {
+            line = self.sudo_handshake(&mut ch, script)?;
+            if let Some(i) = line.iter().position(|&c| c == b'\n') {
+                line.truncate(i);
+                return Ok((
+                    String::from_utf8_lossy(&line).into_owned(),
+                    SshHeld {
+                        sess: sess.clone(),
+                        ch,
+                    },
+                ));
+            }
+        }
         loop {
             match ch.read(&mut buf) {
                 Ok(0) => break,
@@ -463,6 +663,48 @@ impl SshTransport {
                 ch,
             },
         ))
+    }
+}
+
+impl SshTransport {
+    /// On a blocking channel running `sudo -n sh -s`: send [`SUDO_BOOT`],
+    /// wait for the ready line, then send the script. Returns what stdout
+    /// held after the ready line.
+    fn sudo_handshake(
+        &self,
+        ch: &mut ssh2::Channel,
+        script: &str,
+    ) -> Result<Vec<u8>, TransportError> {
+        ch.write_all(SUDO_BOOT.as_bytes())
+            .map_err(|e| self.io_err(e, "writing stdin"))?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        let rest = loop {
+            if let Some(rest) = after_ready(&out) {
+                break rest.to_vec();
+            }
+            match ch.read(&mut buf) {
+                Ok(0) => {
+                    let mut err = Vec::new();
+                    let _ = ch.stderr().take(64 * 1024).read_to_end(&mut err);
+                    let _ = ch.wait_close();
+                    let status = ch.exit_status().unwrap_or(-1);
+                    return Err(self.sudo_refused(status, &err));
+                }
+                Ok(n) if out.len() + n > 64 * 1024 => {
+                    return Err(self.err(
+                        FailureClass::Auth,
+                        "become: sudo: 64 KiB of output before the shell started",
+                    ));
+                }
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(self.io_err(e, "waiting for sudo")),
+            }
+        };
+        ch.write_all(format!("{}\n", script.len()).as_bytes())
+            .and_then(|()| ch.write_all(script.as_bytes()))
+            .map_err(|e| self.io_err(e, "writing stdin"))?;
+        Ok(rest)
     }
 }
 
@@ -527,6 +769,31 @@ impl Transport for SshTransport {
             self.with_session(deadline, |sess| self.open_held(sess, script, deadline))?;
         Ok((line, Box::new(held)))
     }
+}
+
+/// What [`SshTransport::pump`] writes to the command's stdin, and whether
+/// stdout starts with [`SUDO_READY`] (`gate`), which must come before
+/// `main` goes out (`wait_gate`).
+struct Feed<'a> {
+    pre: &'a [u8],
+    main: [&'a [u8]; 3],
+    wait_gate: bool,
+    gate: bool,
+}
+
+/// What follows the ready line in `out`, once it holds it whole (a line of
+/// its own; lines before it, from a chatty login shell, are dropped).
+fn after_ready(out: &[u8]) -> Option<&[u8]> {
+    let line = SUDO_READY.as_bytes();
+    let mut at = 0;
+    while at < out.len() {
+        let end = out[at..].iter().position(|&c| c == b'\n')? + at;
+        if &out[at..end] == line {
+            return Some(&out[end + 1..]);
+        }
+        at = end + 1;
+    }
+    None
 }
 
 fn remaining(deadline: Instant) -> Option<Duration> {
@@ -612,6 +879,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_sudo_shell_says_ready_first() {
+        assert_eq!(SUDO_READY_ECHO, format!("echo {SUDO_READY}\n"));
+        assert!(SUDO_BOOT.starts_with(&format!("echo {SUDO_READY};")));
+        assert!(SUDO_BOOT.ends_with('\n') && SUDO_BOOT.matches('\n').count() == 1);
+    }
+
+    #[test]
+    fn after_ready_needs_the_whole_line_and_drops_what_came_before() {
+        assert_eq!(after_ready(b"tend-sudo-ready"), None);
+        assert_eq!(after_ready(b"tend-sudo-ready\n"), Some(&b""[..]));
+        assert_eq!(
+            after_ready(b"motd\ntend-sudo-ready\nout"),
+            Some(&b"out"[..])
+        );
+        assert_eq!(after_ready(b"xtend-sudo-ready\nout"), None);
+        assert_eq!(after_ready(b"tend-sudo-ready-not\n"), None);
+    }
+
+    #[test]
     fn base64_matches_rfc4648_without_padding() {
         for (input, want) in [
             ("", ""),
@@ -646,6 +932,8 @@ mod tests {
             identity: None,
             host_key: None,
             known_hosts: "/nonexistent".into(),
+            become_sudo: false,
+            jump: None,
         });
         let e = t.exec("true", &[], Duration::from_secs(5)).unwrap_err();
         assert_eq!(e.class, FailureClass::Transient, "{e}");

@@ -25,6 +25,12 @@
 #   fleet.sh down-systemd      stop every systemd host, unmount; keeps keys and caches
 #   fleet.sh status-systemd    one line per systemd host: name, address, state, pid
 #
+# A fleet in a network namespace of its own (TEND_FLEET_NETNS=NAME, with its own
+# TEND_FLEET_DIR and TEND_FLEET_NET=198.51.100, at most 20 hosts): every sshd runs in
+# netns NAME; h1 listens on 198.51.100.11 on a veth reachable from the machine (the
+# bastion), h2..hN on the namespace's loopback (198.51.100.12..), which the machine
+# has no route to (a blackhole route covers 198.51.100.0/24): only h1 reaches them.
+#
 # Systemd host sI runs real systemd as PID 1 (systemd-nspawn --boot) on the machine's
 # network; its own sshd (ssh.service) listens on 127.0.0.(100+I):22 only. Their files
 # are under FLEET/systemd/; the chroot hosts' commands never touch them.
@@ -88,6 +94,10 @@ choose_net() {
   local recorded
   recorded=$(net_of_dir)
   NET=${TEND_FLEET_NET:-$recorded}
+  if [ -n "${TEND_FLEET_NETNS:-}" ] || [ -s "$FLEET/netns" ]; then
+    [ "$NET" = 198.51.100 ] || die "a fleet in a netns lives on 198.51.100.x: set TEND_FLEET_NET=198.51.100"
+    return 0
+  fi
   [[ $NET =~ ^127\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])$ ]] ||
     die "TEND_FLEET_NET must be the first three parts of a loopback address (127.X.Y), got '$NET'"
   if [ "$NET" != "$recorded" ] && [ -n "$(configured_hosts)" ]; then
@@ -96,6 +106,57 @@ choose_net() {
   if [ "$NET" != "$DEFAULT_NET" ] && [ "$FLEET" = "$DEFAULT_FLEET" ]; then
     die "TEND_FLEET_NET=$NET needs a TEND_FLEET_DIR of its own: $DEFAULT_FLEET is the default fleet's, on $DEFAULT_NET.x"
   fi
+}
+
+# The network namespace of a fleet dir (recorded like its range), or none; NSX runs
+# a command inside it.
+NETNS=
+NSX=()
+PRIVATE_NET=198.51.100
+choose_netns() {
+  local recorded=
+  [ -s "$FLEET/netns" ] && recorded=$(<"$FLEET/netns")
+  NETNS=${TEND_FLEET_NETNS:-$recorded}
+  [ -n "$NETNS" ] || return 0
+  [[ $NETNS =~ ^[a-z][a-z0-9]{0,9}$ ]] || die "TEND_FLEET_NETNS must be [a-z][a-z0-9]{0,9}, got '$NETNS'"
+  [ "$FLEET" != "$DEFAULT_FLEET" ] || die "TEND_FLEET_NETNS needs a TEND_FLEET_DIR of its own"
+  if [ -n "$recorded" ] && [ "$recorded" != "$NETNS" ]; then
+    die "the fleet in $FLEET lives in netns $recorded, not $NETNS"
+  fi
+  NSX=(ip netns exec "$NETNS")
+}
+
+# ensure_netns N: the namespace, its loopback with h2..hN's addresses, the veth to h1,
+# the machine's routes (h1 only; a blackhole for the rest of the range).
+ensure_netns() {
+  local n=$1 i out=$NETNS-o in=$NETNS-i
+  ((n <= 20)) || die "a fleet in a netns has at most 20 hosts"
+  printf '%s\n' "$NETNS" >"$FLEET/netns"
+  [ -e "/run/netns/$NETNS" ] || ip netns add "$NETNS"
+  ip -n "$NETNS" link set lo up
+  if ! ip link show "$out" >/dev/null 2>&1; then
+    ip link add "$out" type veth peer name "$in" netns "$NETNS"
+  fi
+  ip addr replace "$PRIVATE_NET.1/32" dev "$out"
+  ip link set "$out" up
+  ip -n "$NETNS" addr replace "$(addr 1)/32" dev "$in"
+  ip -n "$NETNS" link set "$in" up
+  ip -n "$NETNS" route replace "$PRIVATE_NET.1/32" dev "$in"
+  ip route replace blackhole "$PRIVATE_NET.0/24"
+  ip route replace "$(addr 1)/32" dev "$out" src "$PRIVATE_NET.1"
+  for ((i = 2; i <= n; i++)); do
+    ip -n "$NETNS" addr replace "$(addr "$i")/32" dev lo
+  done
+}
+
+# remove_netns: the namespace, its veth and the machine's routes into it.
+remove_netns() {
+  [ -n "$NETNS" ] || return 0
+  ip route del "$(addr 1)/32" 2>/dev/null || true
+  ip route del blackhole "$PRIVATE_NET.0/24" 2>/dev/null || true
+  ip link del "$NETNS-o" 2>/dev/null || true
+  [ ! -e "/run/netns/$NETNS" ] || ip netns del "$NETNS"
+  rm -f "$FLEET/netns"
 }
 
 usage() {
@@ -524,6 +585,25 @@ ensure_base() {
 
 # ------------------------------------------------------------ keys and files
 
+# Logins other than root (SPEC 8.9 tests): sshd looks a user up on the machine
+# before it chroots, so `deploy` (to be given sudo on a host) and `nosudo` exist on
+# the machine with fixed uids above UID_MAX (useradd never hands those out), no
+# password (`*`: key-only, and accepted with UsePAM no) and `/` as home. Inside a host
+# they exist only once a test creates them there (same uid).
+LOGIN_USERS="deploy:60100 nosudo:60101"
+ensure_login_users() {
+  local u name uid
+  for u in $LOGIN_USERS; do
+    name=${u%%:*} uid=${u##*:}
+    if ! getent passwd "$name" >/dev/null; then
+      useradd -K UID_MAX=65000 -K GID_MAX=65000 --no-create-home --home-dir / --shell /bin/bash -u "$uid" -U "$name" ||
+        die "cannot create login user $name"
+    fi
+    [ "$(id -u "$name")" = "$uid" ] || die "user $name exists with uid $(id -u "$name"), not $uid"
+    usermod -p '*' "$name"
+  done
+}
+
 ensure_client_key() {
   mkdir -p "$FLEET" "$STATE"
   if [ ! -s "$KEY" ] || [ ! -s "$KEY.pub" ]; then
@@ -628,7 +708,7 @@ set_ssh_opts() {
 }
 
 # on_host I COMMAND: run COMMAND on hI (one ssh session), with a hard time limit.
-on_host() { timeout 10 ssh "${SSH_OPTS[@]}" "root@$(addr "$1")" "$2"; }
+on_host() { timeout 10 "${NSX[@]}" ssh "${SSH_OPTS[@]}" "root@$(addr "$1")" "$2"; }
 
 # Inside the host's fresh UTS + mount namespace (run by launch through unshare), then
 # exec the sshd. Everything mounted here is private to this namespace.
@@ -672,8 +752,8 @@ ns_main() {
 check_port_free() {
   local a
   a=$(addr "$1")
-  if ss -Hltn 'sport = :22' | awk '{print $4}' | grep -qxF "$a:22"; then
-    die "h$1: $a:22 is already taken: $(ss -Hltnp 'sport = :22' | grep -F "$a:22 ")"
+  if "${NSX[@]}" ss -Hltn 'sport = :22' | awk '{print $4}' | grep -qxF "$a:22"; then
+    die "h$1: $a:22 is already taken: $("${NSX[@]}" ss -Hltnp 'sport = :22' | grep -F "$a:22 ")"
   fi
 }
 
@@ -694,7 +774,7 @@ launch() {
   # hundred children, and pids wrapping around meanwhile, bash was seen waiting forever
   # for a command that had long ended. Its pid goes through a file instead of $!.
   (
-    TEND_FLEET_DIR=$FLEET TEND_FLEET_NET=$NET setsid unshare --uts --mount --propagation private -- \
+    TEND_FLEET_DIR=$FLEET TEND_FLEET_NET=$NET "${NSX[@]}" setsid unshare --uts --mount --propagation private -- \
       bash "$SELF" __ns "$i" </dev/null >"$HD/launch.log" 2>&1 8>&- 9>&- &
     printf '%s\n' "$!" >"$HD/launch.pid"
   )
@@ -1223,6 +1303,7 @@ cmd_up() {
   stop_distro_sshd
   ensure_base
   ensure_client_key
+  ensure_login_users
   set_ssh_opts
   # Hosts beyond N from an earlier, bigger 'up' stay up: the fleet is at
   # least h1..hN, so two test runs asking for different sizes never take
@@ -1232,6 +1313,7 @@ cmd_up() {
       n=$i
     fi
   done
+  [ -z "$NETNS" ] || ensure_netns "$n"
   for ((i = 1; i <= n; i++)); do
     write_host_config "$i"
   done
@@ -1291,6 +1373,7 @@ cmd_down() {
   [ -d "$STATE" ] && umount_tree "$STATE"
   m=$(awk -v s="$STATE/" 'index($5, s) == 1 { print $5 }' /proc/self/mountinfo)
   [ -z "$m" ] || die "down: still mounted: $m"
+  remove_netns
   say "down: every host stopped and unmounted in $(elapsed "$t0") (keys, base and cache kept)"
 }
 
@@ -1320,7 +1403,7 @@ cmd_stop() {
   take_lock
   kill_host "$1"
   a=$(addr "$1")
-  while ss -Hltn 'sport = :22' | awk '{print $4}' | grep -qxF "$a:22"; do sleep 0.02; done
+  while "${NSX[@]}" ss -Hltn 'sport = :22' | awk '{print $4}' | grep -qxF "$a:22"; do sleep 0.02; done
   say "h$1 stopped: connections to $a:22 are refused"
 }
 
@@ -1334,6 +1417,7 @@ cmd_start() {
   [ "$(host_state "$1")" = frozen ] && die "h$1 is frozen: thaw it"
   ensure_base
   set_ssh_opts
+  [ -z "$NETNS" ] || ensure_netns "$(configured_hosts | tail -n 1)"
   check_port_free "$1"
   kill_host "$1"
   mount_root "$1"
@@ -1384,6 +1468,7 @@ main() {
   fi
   [ "$(id -u)" = 0 ] || die "run as root: it mounts, chroots and starts sshd on port 22"
   choose_net
+  choose_netns
   case $cmd in
   up)
     [ $# -le 1 ] || usage

@@ -33,8 +33,9 @@ pub const HOSTS: usize = 90;
 /// Systemd hosts the fleet provides to the tests: s1..s4 and s17 for the
 /// service tests (one host per test), s5..s9 for every kind on five hosts, s10..s11 for the campaign,
 /// s12..s13 for idempotent service steps and owed restarts, s14 for
-/// approvals, s15..s16 for connection guards (tests/guard.rs, with h39).
-pub const SYSTEMD_HOSTS: usize = 17;
+/// approvals, s15..s16 for connection guards (tests/guard.rs, with h39),
+/// s18 for logins with sudo (tests/access.rs).
+pub const SYSTEMD_HOSTS: usize = 18;
 
 #[derive(Clone, Debug)]
 pub struct FleetHost {
@@ -51,6 +52,8 @@ pub struct Fleet {
     pub known_hosts: PathBuf,
     pub ssh_config: PathBuf,
     pub hosts: BTreeMap<String, FleetHost>,
+    /// The network namespace its hosts live in ([`private_fleet`]).
+    pub netns: Option<String>,
 }
 
 pub fn repo() -> PathBuf {
@@ -111,6 +114,7 @@ fn bring_up(cmd: &str, n: impl FnOnce(&Path) -> usize, files: &Path) -> Fleet {
         ssh_config: files.join("ssh_config"),
         hosts,
         dir,
+        netns: None,
     }
 }
 
@@ -200,8 +204,12 @@ impl Fleet {
 
     /// Run a shell script on a host with the system ssh client.
     pub fn ssh(&self, host: &str, script: &str) -> Output {
-        Command::new("timeout")
-            .args(["30", "ssh", "-F"])
+        let mut cmd = Command::new("timeout");
+        cmd.arg("30");
+        if let Some(ns) = &self.netns {
+            cmd.args(["ip", "netns", "exec", ns]);
+        }
+        cmd.args(["ssh", "-F"])
             .arg(&self.ssh_config)
             // One multiplexed connection per host for the tests' own checks:
             // a new SSH handshake per check costs more than the check. The
@@ -244,7 +252,13 @@ impl Fleet {
     }
 
     fn script(&self, args: &[&str]) {
-        let out = Command::new("bash")
+        let mut cmd = Command::new("bash");
+        if let Some(ns) = &self.netns {
+            cmd.env("TEND_FLEET_NETNS", ns)
+                .env("TEND_FLEET_NET", PRIVATE_NET)
+                .env("TEND_FLEET_WAIT", "180");
+        }
+        let out = cmd
             .arg(repo().join("tests/fleet/fleet.sh"))
             .args(args)
             .env("TEND_FLEET_DIR", &self.dir)
@@ -599,6 +613,7 @@ pub fn scale_fleet(n: usize) -> Fleet {
         ssh_config: dir.join("ssh_config"),
         hosts,
         dir,
+        netns: None,
     }
 }
 
@@ -608,4 +623,47 @@ impl Fleet {
     pub fn down(&self) {
         self.script(&["down"]);
     }
+}
+
+/// The private fleet's network namespace and range: its h1 (the bastion)
+/// listens on `198.51.100.11`, which the machine reaches over a veth; h2..hN
+/// listen on the namespace's loopback (`198.51.100.12..`), which the machine
+/// has no route to. See "A fleet in a network namespace" in
+/// tests/fleet/README.md.
+pub const PRIVATE_NETNS: &str = "tendpriv";
+pub const PRIVATE_NET: &str = "198.51.100";
+/// h1 (bastion) and h2..h4 behind it.
+pub const PRIVATE_HOSTS: usize = 4;
+
+/// The private fleet's dir (`TEND_PRIVATE_FLEET_DIR`, default
+/// `/var/tmp/tend-fleet-private`).
+pub fn private_fleet_dir() -> PathBuf {
+    PathBuf::from(
+        std::env::var("TEND_PRIVATE_FLEET_DIR")
+            .unwrap_or_else(|_| "/var/tmp/tend-fleet-private".into()),
+    )
+}
+
+/// The private fleet (hosts in a network namespace of their own, reached
+/// through h1), started on first use; hosts already up stay up.
+pub fn private_fleet() -> &'static Fleet {
+    static FLEET: OnceLock<Fleet> = OnceLock::new();
+    FLEET.get_or_init(|| {
+        let dir = private_fleet_dir();
+        fs::create_dir_all(&dir).expect("create the private fleet's dir");
+        let f = Fleet {
+            key: dir.join("id_ed25519"),
+            known_hosts: dir.join("known_hosts"),
+            ssh_config: dir.join("ssh_config"),
+            hosts: BTreeMap::new(),
+            dir: dir.clone(),
+            netns: Some(PRIVATE_NETNS.into()),
+        };
+        f.script(&["up", &PRIVATE_HOSTS.to_string()]);
+        f.script(&["forget-revisions"]);
+        Fleet {
+            hosts: read_hosts(&dir.join("hosts.tsv")),
+            ..f
+        }
+    })
 }
