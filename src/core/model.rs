@@ -725,6 +725,7 @@ pub fn unit_of_file(path: &str) -> Option<(&str, bool)> {
 /// Validate the desired-state tree.
 pub fn validate(tree: &SourceTree) -> Validated {
     let mut problems = Vec::new();
+    let sources = Sources::new(tree);
 
     // tend.yaml
     let mut config = TendConfig::default();
@@ -819,7 +820,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
             Some(Some(node)) => {
                 gone = Rejected::default();
                 let (lifecycle, resources) =
-                    load_resource_file(&node, tree, &mut sink, Some(tag), &mut gone);
+                    load_resource_file(&node, &sources, &mut sink, Some(tag), &mut gone);
                 if let Some((pos, _)) = lifecycle {
                     sink.at(
                         pos,
@@ -863,7 +864,7 @@ pub fn validate(tree: &SourceTree) -> Validated {
             Some(Some(node)) => {
                 gone = Rejected::default();
                 let (lifecycle, resources) =
-                    load_resource_file(&node, tree, &mut sink, None, &mut gone);
+                    load_resource_file(&node, &sources, &mut sink, None, &mut gone);
                 host_files.insert(
                     name.to_string(),
                     (
@@ -1476,7 +1477,7 @@ fn resolve_jump(
 /// Parse a host or group file: `lifecycle` (with its position) and resources.
 fn load_resource_file(
     node: &Node,
-    tree: &SourceTree,
+    tree: &Sources<'_>,
     sink: &mut Sink,
     group: Option<&str>,
     rejected: &mut Rejected,
@@ -1552,7 +1553,7 @@ fn load_resource_file(
 
 fn load_resource(
     item: &Node,
-    tree: &SourceTree,
+    tree: &Sources<'_>,
     sink: &mut Sink,
     group: Option<&str>,
 ) -> Option<Resource> {
@@ -1639,7 +1640,7 @@ fn load_resource(
                     sink,
                 ),
                 (Some(c), None) => content = Some(Content::new(c.as_bytes().to_vec())),
-                (None, Some(src)) => match resolve_source(src, tree) {
+                (None, Some(src)) => match tree.resolve(src) {
                     Ok(c) => content = Some(c),
                     Err(why) => bad(item.pos_of("source"), why, sink),
                 },
@@ -1839,6 +1840,32 @@ fn load_resource(
         None => format!("{}:{}", r.kind(), r.key().1),
     };
     (sink.out.len() == problems_before).then_some(r)
+}
+
+/// `files/` as the resources of one validation see it: each source read
+/// into a [`Content`] (and hashed) once, however many resources name it,
+/// all of them sharing its bytes.
+struct Sources<'a> {
+    tree: &'a SourceTree,
+    memo: std::cell::RefCell<BTreeMap<String, Result<Content, String>>>,
+}
+
+impl<'a> Sources<'a> {
+    fn new(tree: &'a SourceTree) -> Self {
+        Sources {
+            tree,
+            memo: Default::default(),
+        }
+    }
+
+    fn resolve(&self, src: &str) -> Result<Content, String> {
+        if let Some(r) = self.memo.borrow().get(src) {
+            return r.clone();
+        }
+        let r = resolve_source(src, self.tree);
+        self.memo.borrow_mut().insert(src.to_string(), r.clone());
+        r
+    }
 }
 
 fn resolve_source(src: &str, tree: &SourceTree) -> Result<Content, String> {
