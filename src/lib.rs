@@ -8,6 +8,7 @@
 #[macro_use]
 pub mod output;
 
+pub mod alloc;
 pub mod apply;
 pub mod cli;
 pub mod clock;

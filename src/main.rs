@@ -7,6 +7,7 @@ use clap::Parser;
 use tend::cli::{Cli, LogFormat};
 
 fn main() -> ExitCode {
+    tend::alloc::init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage(e),

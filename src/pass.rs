@@ -254,7 +254,7 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
         sd.ensure()?;
         let db = Db::open(&sd.db_path())?;
         let managed = reconcile::load_managed(Some(&db), &targets)?;
-        let mut state = reconcile::with_prunes(input.state, &managed);
+        let mut state = reconcile::with_prunes_for(input.state, &managed, &targets);
         // Restarts owed by earlier passes are planned again (SPEC 8.3).
         reconcile::add_owed_restarts(&mut state, Some(&db), &targets)?;
         let state = state;
@@ -1047,7 +1047,7 @@ pub async fn plan_only(
     let state = crate::store::blocking(|| -> Result<DesiredState> {
         let db = Db::open(&sd.db_path())?;
         let managed = reconcile::load_managed(Some(&db), &t)?;
-        let mut state = reconcile::with_prunes(state, &managed);
+        let mut state = reconcile::with_prunes_for(state, &managed, &t);
         reconcile::add_owed_restarts(&mut state, Some(&db), &t)?;
         Ok(state)
     })?;

@@ -11,6 +11,9 @@ use anyhow::{Context, Result};
 use tokio::sync::{mpsc, watch};
 
 use super::exit;
+
+/// How often the controller hands freed memory back ([`crate::alloc::trim`]).
+const TRIM_EVERY: Duration = Duration::from_secs(10);
 use crate::cli::Global;
 use crate::controller::pulse::Pulse;
 use crate::controller::{self, Event, real::Real, recover, watch as watches};
@@ -80,6 +83,16 @@ pub fn run(g: &Global, listen: Option<SocketAddr>, listen_public: bool) -> Resul
                     crate::store::retention::sweep_now(&sd, &h)
                 })
                 .await;
+            }
+        });
+        // Memory freed by passes goes back to the system (glibc keeps it
+        // in its arenas otherwise: a long-running controller's RSS would be
+        // its busiest moment's).
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(TRIM_EVERY);
+            loop {
+                every.tick().await;
+                let _ = tokio::task::spawn_blocking(crate::alloc::trim).await;
             }
         });
         let metrics = Arc::new(Metrics::for_this_build());

@@ -1476,6 +1476,12 @@ impl Db {
         self.conn
             .pragma_update(None, "foreign_keys", true)
             .map_err(|e| err(&self.path, "enable foreign keys", e))?;
+        // A page cache of 512 KiB rather than SQLite's 2 MiB: the controller
+        // holds a connection per pass, many at once, and tend.db's hot pages
+        // (the last runs, the managed records) are few.
+        self.conn
+            .pragma_update(None, "cache_size", -512)
+            .map_err(|e| err(&self.path, "set cache_size", e))?;
         Ok(())
     }
 
