@@ -664,10 +664,11 @@ pub fn with_prunes(state: &DesiredState, records: &Records) -> DesiredState {
     prunes_applied(state.clone(), records)
 }
 
-/// [`with_prunes`] for a pass over `targets`: only their hosts are copied.
-/// The controller runs a pass per host, many at once; each holding a copy
-/// of the whole fleet's desired state made memory quadratic in hosts
-/// (500 hosts: 500 copies of 500 hosts).
+/// [`with_prunes`] for a pass over `targets`: only their hosts are copied,
+/// and the canary's (canary mode asks whether the canary is a host of the
+/// inventory, [`decide_in_fleet`]). The controller runs a pass per host,
+/// many at once; each holding a copy of the whole fleet's desired state made
+/// memory quadratic in hosts (500 hosts: 500 copies of 500 hosts).
 pub fn with_prunes_for(
     state: &DesiredState,
     records: &Records,
@@ -675,6 +676,7 @@ pub fn with_prunes_for(
 ) -> DesiredState {
     let hosts = targets
         .iter()
+        .chain(state.config.canary.as_ref())
         .filter_map(|t| state.hosts.get(t).map(|h| (t.clone(), h.clone())))
         .collect();
     let state = DesiredState {
