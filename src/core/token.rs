@@ -297,7 +297,7 @@ pub fn format_rfc3339(t: i64) -> String {
 
 /// The token document `tend confirm` writes.
 pub fn render(doc: &TokenDoc) -> String {
-    let q = |s: &str| serde_json::to_string(s).expect("string");
+    let q = |s: &str| yaml::double_quoted(s);
     let list = |hosts: &[String]| hosts.iter().map(|h| q(h)).collect::<Vec<_>>().join(", ");
     let mut out = if doc.is_multi() {
         let mut out = String::from(
@@ -306,7 +306,7 @@ pub fn render(doc: &TokenDoc) -> String {
         for s in doc.scopes() {
             out.push_str(&format!(
                 "  - operation: {}\n    hosts: [{}]\n",
-                s.operation,
+                q(&s.operation),
                 list(&s.hosts)
             ));
         }
@@ -318,13 +318,13 @@ pub fn render(doc: &TokenDoc) -> String {
         });
         format!(
             "# Confirmation token written by `tend confirm`. Good for one run.\noperation: {}\nhosts: [{}]\n",
-            s.operation,
+            q(&s.operation),
             list(&s.hosts)
         )
     };
     out.push_str(&format!(
         "expires: {}\nreason: {}\n",
-        doc.expires,
+        q(&doc.expires),
         q(&doc.reason)
     ));
     if let Some(by) = &doc.by {

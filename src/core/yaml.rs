@@ -57,6 +57,11 @@ pub struct Node {
 
 /// Upper bound on nodes after alias expansion, against alias bombs.
 const MAX_NODES: usize = 1_000_000;
+/// Upper bound on the nodes that aliases add, in all: an anchor reused a
+/// few times costs little, a "billion laughs" stops here (100k nodes are
+/// about 13 MB; the fuzzing campaign found the 1M-node bound alone let one
+/// 324-byte file allocate 129 MiB).
+const MAX_ALIAS_NODES: usize = 100_000;
 
 impl Node {
     /// The value of a mapping key, if this is a mapping that has it.
@@ -186,6 +191,7 @@ fn parse_inner(text: &str, duplicates: &mut Vec<LocError>) -> Result<Option<Node
     let mut builder = Builder {
         anchors: HashMap::new(),
         count: 0,
+        aliased: 0,
     };
     let mut parser = Parser::new_from_str(text);
     let mut doc: Option<Node> = None;
@@ -227,7 +233,17 @@ fn parse_inner(text: &str, duplicates: &mut Vec<LocError>) -> Result<Option<Node
                     .get(&id)
                     .cloned()
                     .ok_or_else(|| LocError::new(pos, "alias to an unknown anchor"))?;
-                builder.count += count_nodes(&node);
+                let added = count_nodes(&node);
+                builder.count += added;
+                builder.aliased += added;
+                if builder.aliased > MAX_ALIAS_NODES {
+                    return Err(LocError::new(
+                        pos,
+                        format!(
+                            "aliases expand to more than {MAX_ALIAS_NODES} nodes; write the repeated part out, or repeat it less"
+                        ),
+                    ));
+                }
                 if builder.count > MAX_NODES {
                     return Err(LocError::new(
                         pos,
@@ -336,6 +352,8 @@ struct Builder {
     /// Anchored nodes by anchor id.
     anchors: HashMap<usize, Node>,
     count: usize,
+    /// Of `count`, the nodes aliases added.
+    aliased: usize,
 }
 
 /// A collection being built.
@@ -657,6 +675,31 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_> {
     }
 }
 
+/// `s` as a YAML double-quoted scalar that parses back to `s`: `"` and
+/// `\` escaped, and every character YAML does not allow raw in a stream
+/// (C0 and C1 controls, DEL, the BOM, U+FFFE and U+FFFF) as `\uXXXX`.
+pub fn double_quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20
+                || (0x7f..=0x9f).contains(&(c as u32))
+                || matches!(c, '\u{feff}' | '\u{fffe}' | '\u{ffff}') =>
+            {
+                out.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 pub fn quote_list(items: &[&str]) -> String {
     items
         .iter()
@@ -899,7 +942,48 @@ mod tests {
                 "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
             ));
         }
-        assert!(parse(&s).unwrap_err().msg.contains("too large"));
+        assert!(
+            parse(&s)
+                .unwrap_err()
+                .msg
+                .contains("aliases expand to more than")
+        );
+    }
+
+    #[test]
+    fn an_anchor_reused_a_little_is_fine_and_a_big_plain_document_too() {
+        // 9 x 9 x 9 x 10 = 7,290 nodes from aliases: well under the bound.
+        let mut s = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..4 {
+            let p = i - 1;
+            s.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        assert!(parse(&s).unwrap().is_some());
+        // 200,000 plain nodes count against the node bound only.
+        let big: String = (0..100_000).map(|i| format!("k{i}: v\n")).collect();
+        assert!(parse(&big).unwrap().is_some());
+    }
+
+    #[test]
+    fn double_quoted_reads_back_as_the_same_string() {
+        for s in [
+            "",
+            "plain",
+            "it's \"q\" \\ : # - [",
+            "tab\tnl\ncr\r",
+            "\u{7f}\u{85}\u{9f}\u{feff}\u{fffe}\u{ffff}",
+            "\0nul",
+            "é ✓ 𝄞",
+            "\u{2028}",
+        ] {
+            let doc = format!("v: {}\n", double_quoted(s));
+            let n = parse(&doc)
+                .unwrap_or_else(|e| panic!("{s:?}: {doc:?}: {}", e.msg))
+                .unwrap();
+            assert_eq!(n.get("v").unwrap().as_str(), Some(s), "{doc:?}");
+        }
     }
 
     #[test]
