@@ -57,11 +57,12 @@ pub struct Node {
 
 /// Upper bound on nodes after alias expansion, against alias bombs.
 const MAX_NODES: usize = 1_000_000;
-/// Upper bound on the nodes that aliases add, in all: an anchor reused a
-/// few times costs little, a "billion laughs" stops here (100k nodes are
-/// about 13 MB; the fuzzing campaign found the 1M-node bound alone let one
-/// 324-byte file allocate 129 MiB).
-const MAX_ALIAS_NODES: usize = 100_000;
+/// Upper bound on what aliases add, in all, counted as the bytes of the
+/// nodes and of their text: an anchor reused a few times costs little, a
+/// "billion laughs" stops here. The fuzzing campaign found the 1M-node
+/// bound alone let a 324-byte file allocate 129 MiB, and a bound on nodes
+/// alone let one with long scalars allocate 73 MiB.
+const MAX_ALIAS_BYTES: usize = 8 << 20;
 
 impl Node {
     /// The value of a mapping key, if this is a mapping that has it.
@@ -228,19 +229,20 @@ fn parse_inner(text: &str, duplicates: &mut Vec<LocError>) -> Result<Option<Node
                 None
             }
             Event::Alias(id) => {
-                let node = builder
+                let anchored = builder
                     .anchors
                     .get(&id)
-                    .cloned()
                     .ok_or_else(|| LocError::new(pos, "alias to an unknown anchor"))?;
-                let added = count_nodes(&node);
+                // Weighed before it is copied: the copy is what a bomb costs.
+                let (added, bytes) = weigh(anchored);
                 builder.count += added;
-                builder.aliased += added;
-                if builder.aliased > MAX_ALIAS_NODES {
+                builder.aliased += bytes;
+                if builder.aliased > MAX_ALIAS_BYTES {
                     return Err(LocError::new(
                         pos,
                         format!(
-                            "aliases expand to more than {MAX_ALIAS_NODES} nodes; write the repeated part out, or repeat it less"
+                            "aliases expand to more than {} MiB; write the repeated part out, or repeat it less",
+                            MAX_ALIAS_BYTES >> 20
                         ),
                     ));
                 }
@@ -250,6 +252,7 @@ fn parse_inner(text: &str, duplicates: &mut Vec<LocError>) -> Result<Option<Node
                         "document too large after alias expansion",
                     ));
                 }
+                let node = anchored.clone();
                 Some((Node { pos, ..node }, 0))
             }
             Event::Scalar(value, style, anchor, tag) => {
@@ -352,7 +355,7 @@ struct Builder {
     /// Anchored nodes by anchor id.
     anchors: HashMap<usize, Node>,
     count: usize,
-    /// Of `count`, the nodes aliases added.
+    /// The bytes aliases added ([`weigh`]).
     aliased: usize,
 }
 
@@ -380,14 +383,17 @@ impl Open {
     }
 }
 
-fn count_nodes(n: &Node) -> usize {
-    1 + match &n.kind {
-        NodeKind::Seq(items) => items.iter().map(count_nodes).sum(),
+/// Nodes in `n`, and the bytes they hold (the nodes and their text).
+fn weigh(n: &Node) -> (usize, usize) {
+    let own = std::mem::size_of::<Node>();
+    let add = |a: (usize, usize), w: (usize, usize)| (a.0 + w.0, a.1 + w.1);
+    match &n.kind {
+        NodeKind::Scalar { text, .. } => (1, own + text.len()),
+        NodeKind::Seq(items) => items.iter().map(weigh).fold((1, own), add),
         NodeKind::Map(entries) => entries
             .iter()
-            .map(|(k, v)| count_nodes(k) + count_nodes(v))
-            .sum(),
-        _ => 0,
+            .fold((1, own), |a, (k, v)| add(add(a, weigh(k)), weigh(v))),
+        NodeKind::Null => (1, own),
     }
 }
 
@@ -952,7 +958,8 @@ mod tests {
 
     #[test]
     fn an_anchor_reused_a_little_is_fine_and_a_big_plain_document_too() {
-        // 9 x 9 x 9 x 10 = 7,290 nodes from aliases: well under the bound.
+        // 9 x 9 x 9 x 10 = 7,290 nodes from aliases (under 1 MiB): well
+        // under the bound.
         let mut s = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..4 {
             let p = i - 1;
@@ -964,6 +971,21 @@ mod tests {
         // 200,000 plain nodes count against the node bound only.
         let big: String = (0..100_000).map(|i| format!("k{i}: v\n")).collect();
         assert!(parse(&big).unwrap().is_some());
+    }
+
+    #[test]
+    fn aliases_of_long_scalars_count_their_bytes() {
+        // Nine aliases of a 1 MiB scalar: few nodes, 9 MiB of text.
+        let big = "x".repeat(1 << 20);
+        let doc = format!("a: &a {big}\nb: [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n");
+        assert!(
+            parse(&doc)
+                .unwrap_err()
+                .msg
+                .contains("aliases expand to more than 8 MiB")
+        );
+        let doc = format!("a: &a {big}\nb: [*a, *a, *a]\n");
+        assert!(parse(&doc).unwrap().is_some());
     }
 
     #[test]
