@@ -116,7 +116,7 @@ fn soak_a_flapping_host_under_commits_keeps_the_controller_flat() {
         &refs,
     );
     d.init_git();
-    let mut head = support::git(d.dir(), &["rev-parse", "HEAD"]);
+    let head = support::git(d.dir(), &["rev-parse", "HEAD"]);
     let daemon = Daemon::start(&d);
     let pid = daemon.pid();
     let wait_all = |rev: &str, limit: Duration, what: &str| {
@@ -171,7 +171,7 @@ fn soak_a_flapping_host_under_commits_keeps_the_controller_flat() {
                 )
                 .unwrap();
             }
-            head = d.commit(&format!("round {round}"));
+            d.commit(&format!("round {round}"));
             commits += 1;
             next_commit += Duration::from_secs(60);
         }
@@ -193,7 +193,7 @@ fn soak_a_flapping_host_under_commits_keeps_the_controller_flat() {
         )
         .unwrap();
     }
-    head = d.commit("after the soak");
+    let head = d.commit("after the soak");
     wait_all(&head, Duration::from_secs(120), "after the soak");
     samples.push(sample(pid, &d, start.elapsed().as_secs()));
 
