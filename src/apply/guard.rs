@@ -157,6 +157,23 @@ fn retire(id: &str, word: &str) -> String {
     )
 }
 
+/// The last branches of disarm and settle: a disarm cut short between
+/// its rename and the retirement is finished; a directory with no marker
+/// is an arming cut short before `armed` was created (a crash, a dropped
+/// connection, a failed copy), so the guarded write was never sent: it is
+/// removed, and the guard is gone.
+fn cut_short(id: &str) -> String {
+    format!(
+        r#"elif [ -e "$d/disarmed" ]; then
+{retire}
+  echo TEND-GUARD-DISARMED
+elif [ -d "$d" ]; then rm -rf -- "$d"; echo TEND-GUARD-GONE
+else echo TEND-GUARD-GONE
+fi"#,
+        retire = retire(id, "disarmed"),
+    )
+}
+
 /// Disarm guard `id` (after tend reached the host over a new connection):
 /// `DISARMED` when it won the marker, `REVERTED` when the revert had.
 pub fn disarm(id: &str) -> String {
@@ -170,12 +187,11 @@ if mv -- "$d/armed" "$d/disarmed" 2>/dev/null; then
   echo TEND-GUARD-DISARMED
 elif [ -e "$d/reverting" ] || [ -e "$d/reverted" ] || [ -e "$d.reverted" ]; then echo TEND-GUARD-REVERTED
 elif [ -e "$d.disarmed" ]; then echo TEND-GUARD-DISARMED
-elif [ -d "$d" ]; then echo "TEND-GUARD-ERROR $d holds no marker"
-else echo TEND-GUARD-GONE
-fi
+{cut_short}
 "#,
         qid = quote(id),
         retire = retire(id, "disarmed"),
+        cut_short = cut_short(id),
     )
 }
 
@@ -198,12 +214,11 @@ if [ -e "$d/reverted" ]; then
 elif [ -e "$d/reverting" ]; then echo TEND-GUARD-REVERTING
 elif [ -e "$d.reverted" ]; then echo TEND-GUARD-REVERTED
 elif [ -e "$d.disarmed" ]; then echo TEND-GUARD-DISARMED
-elif [ -d "$d" ]; then echo "TEND-GUARD-ERROR $d holds no marker"
-else echo TEND-GUARD-GONE
-fi
+{cut_short}
 "#,
         qid = quote(id),
         retire = retire(id, "reverted"),
+        cut_short = cut_short(id),
     )
 }
 
@@ -359,6 +374,25 @@ mod tests {
             parse(&sh(&settle("tend-guard-0000000000000000", 1), b"", &lock)),
             Reply::Gone
         );
+
+        // An arming cut short before its marker (a crash: the crash
+        // campaign found a guard left "armed" for ever): gone, and cleaned.
+        for cmd in [settle as fn(&str, u64) -> String, |id, _| disarm(id)] {
+            let id = guard_id("r-cut", "h", 0);
+            let d = lock.join("guard").join(&id);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("old"), "old\n").unwrap();
+            assert_eq!(parse(&sh(&cmd(&id, 1), b"", &lock)), Reply::Gone);
+            assert!(!d.exists());
+        }
+        // A disarm cut short after its rename is finished.
+        let id = guard_id("r-half", "h", 0);
+        let d = lock.join("guard").join(&id);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("disarmed"), "").unwrap();
+        assert_eq!(parse(&sh(&settle(&id, 1), b"", &lock)), Reply::Disarmed);
+        assert!(!d.exists());
+        assert!(lock.join("guard").join(format!("{id}.disarmed")).exists());
     }
 
     /// The fallback timer fires on its own and restores the file.
