@@ -181,9 +181,12 @@ pub fn package_command(
             _ => return Err(anyhow!("`{}` is not a package resource", step.id)),
         }
     }
+    // Bounded by step_timeout: a package manager waits for its lock (up to
+    // two minutes) and for downloads.
+    let bound = |c| apply::command::bounded(c, ctx.step_timeout);
     match steps.first().map(|s| s.action) {
-        Some(Action::Create) => Ok(apply::install_packages(manager, &names)),
-        Some(Action::Delete) => Ok(apply::remove_packages(manager, &names)),
+        Some(Action::Create) => Ok(bound(apply::install_packages(manager, &names))),
+        Some(Action::Delete) => Ok(bound(apply::remove_packages(manager, &names))),
         other => Err(anyhow!("no package command for {other:?}")),
     }
 }
@@ -1078,6 +1081,12 @@ struct HostLock {
     failed: Option<StepResult>,
 }
 
+/// Whether `pid` is a running tend on this machine.
+fn tend_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.trim_end().starts_with("tend"))
+}
+
 /// Take the host lock before the first command that acts on the host, or
 /// check that it is still held (SPEC 8.7). `Err` is the result of every
 /// step that must not run: not run, and `locked_out` set, when someone else
@@ -1115,18 +1124,50 @@ async fn hold_lock(
             "the host lock was lost (its connection ended); nothing more runs on this host in this run".into(),
         ));
     }
-    let script = crate::apply::lock::script(&opts.holder, seen_revision, &opts.revision);
-    let t = transport.clone();
-    let wait = opts.probe.timeout + Duration::from_secs(crate::apply::lock::LOCK_WAIT_SECS);
-    let taken = tokio::task::spawn_blocking(move || t.hold(&script, wait))
-        .await
-        .unwrap_or_else(|e| {
-            Err(crate::transport::TransportError::new(
-                FailureClass::Execution,
-                format!("taking the host lock failed: {e}"),
-            ))
-        });
-    use crate::apply::lock::Reply;
+    use crate::apply::lock::{Holder, Reply};
+    let take = |stale: Option<String>| {
+        let script = crate::apply::lock::script(
+            &opts.holder,
+            seen_revision,
+            &opts.revision,
+            stale.as_deref(),
+        );
+        let t = transport.clone();
+        let wait = opts.probe.timeout + Duration::from_secs(crate::apply::lock::LOCK_WAIT_SECS);
+        async move {
+            tokio::task::spawn_blocking(move || t.hold(&script, wait))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(crate::transport::TransportError::new(
+                        FailureClass::Execution,
+                        format!("taking the host lock failed: {e}"),
+                    ))
+                })
+        }
+    };
+    let mut taken = take(None).await;
+    // A holder that is certainly gone (its tend died, or this controller's
+    // own earlier pass lost its connection to a network cut the host never
+    // noticed) would keep the host locked until the host's TCP stack gives
+    // up on the connection, hours later: its shell is stopped, and the lock
+    // taken. Steps still running from that pass hold the step lock, which
+    // every batch waits for.
+    if let Ok((line, _)) = &taken
+        && let Reply::Busy(text) = crate::apply::lock::parse(line)
+        && let (Some(h), Some(me)) = (Holder::parse(&text), Holder::parse(&opts.holder))
+        && h.stale(&me, tend_running)
+    {
+        if let Ok((_, held)) = taken {
+            let _ = tokio::task::spawn_blocking(move || drop(held)).await;
+        }
+        taken = take(Some(text.clone())).await;
+        if let Ok((line, _)) = &taken
+            && crate::apply::lock::parse(line) == Reply::Locked
+        {
+            rec.event(Some(host), "host_lock_broken", json!({"holder": text}));
+            tracing::warn!(%host, holder = %text, "took the host lock from a holder that is gone");
+        }
+    }
     match taken {
         Ok((line, held)) => match crate::apply::lock::parse(&line) {
             Reply::Locked => {
@@ -1878,12 +1919,15 @@ fn finish_step_in(
                     o.status,
                     stderr.trim()
                 );
-                (
-                    StepStatus::Failed,
-                    Some(o.status),
-                    log,
-                    Some((FailureClass::Execution, msg)),
-                )
+                // Stopped by tend's `timeout` (a command's own limit, or
+                // step_timeout): class Timeout. Not sent again either way:
+                // the step ran.
+                let class = if apply::command::timed_out(o.status, &o.stderr) {
+                    FailureClass::Timeout
+                } else {
+                    FailureClass::Execution
+                };
+                (StepStatus::Failed, Some(o.status), log, Some((class, msg)))
             }
         }
         Err(e) => {
@@ -2226,7 +2270,10 @@ resources:
         let group = script(step(0, "group:web", Action::Delete, 0, &[]));
         assert!(group.contains("groupdel -- \"$n\""), "{group}");
         let pkg = script(step(0, "package:hello", Action::Create, 0, &[]));
-        assert!(pkg.starts_with("set -eu\nset -- 'hello'\n"), "{pkg}");
+        // Bounded by step_timeout, the inner script in a variable.
+        assert!(pkg.contains("timeout -k 10 "), "{pkg}");
+        assert!(pkg.contains(" sh -c \"$b\""), "{pkg}");
+        assert!(pkg.contains("set -- '\\''hello'\\''"), "{pkg}");
         assert!(pkg.contains(" install -y "), "{pkg}");
         let pkg = script(step(0, "package:hello", Action::Delete, 0, &[]));
         assert!(pkg.contains(" remove -y -- \"$@\""), "{pkg}");
@@ -2263,13 +2310,13 @@ resources:
         let a = step(2, "package:hello", Action::Create, 0, &[]);
         let b = step(3, "package:tree", Action::Create, 0, &[]);
         let cmd = package_command(&[&a, &b], &rs, &ctx(Some(PackageManager::Dnf))).unwrap();
-        assert!(cmd.script.starts_with("set -eu\nset -- 'hello' 'tree'\n"));
-        assert!(cmd.script.ends_with("\ndnf install -y \"$@\"\n"));
+        assert!(cmd.script.contains("set -- '\\''hello'\\'' '\\''tree'\\''"));
+        assert!(cmd.script.contains("\ndnf install -y \"$@\"\n"));
         let a = step(2, "package:hello", Action::Delete, 0, &[]);
         let b = step(3, "package:tree", Action::Delete, 0, &[]);
         let cmd = package_command(&[&a, &b], &rs, &ctx(Some(PackageManager::Apk))).unwrap();
-        assert!(cmd.script.starts_with("set -eu\nset -- 'hello' 'tree'\n"));
-        assert!(cmd.script.ends_with("\napk del \"$@\"\n"));
+        assert!(cmd.script.contains("set -- '\\''hello'\\'' '\\''tree'\\''"));
+        assert!(cmd.script.contains("\napk del \"$@\"\n"));
     }
 
     #[test]

@@ -55,9 +55,45 @@ pub fn run_command(
     ));
     s.line("st=$?");
     s.line(r#"if [ "$st" -eq 124 ]; then"#);
+    s.line(&format!("  echo '{TIMED_OUT}{secs}s' >&2"));
+    s.line("fi");
+    s.line(r#"exit "$st""#);
+    s.command()
+}
+
+/// What a step wrapped by [`run_command`] or [`bounded`] says on stderr
+/// when `timeout` stopped it (exit status 124): the step failed with class
+/// `Timeout`, not `Execution`. `timeout` exits 124 too when the command
+/// itself does (GNU and BusyBox alike), so a command that exits 124 on its
+/// own is reported as timed out.
+pub const TIMED_OUT: &str = "tend: timed out after ";
+
+/// Whether a step's exit status and stderr say that tend's `timeout`
+/// stopped it.
+pub fn timed_out(status: i32, stderr: &[u8]) -> bool {
+    status == 124
+        && String::from_utf8_lossy(stderr)
+            .lines()
+            .any(|l| l.starts_with(TIMED_OUT))
+}
+
+/// `inner` (a script without stdin) run by `sh -c` under `timeout limit`:
+/// for steps whose tools may wait without bound (a package manager
+/// waiting for its lock, a download), so that `step_timeout` holds for
+/// them as for commands. Exits with the script's status, 124 (saying so
+/// on stderr) when it timed out.
+pub fn bounded(inner: RemoteCommand, limit: Duration) -> RemoteCommand {
+    debug_assert!(inner.stdin.is_empty(), "bounded scripts read no stdin");
+    let mut s = Script::new();
+    s.var("b", &inner.script);
+    let secs = timeout_secs(limit);
+    s.line("set +e");
     s.line(&format!(
-        "  echo 'tend: the command timed out after {secs}s' >&2"
+        r#"timeout -k {KILL_AFTER_SECS} {secs} sh -c "$b" </dev/null"#
     ));
+    s.line("st=$?");
+    s.line(r#"if [ "$st" -eq 124 ]; then"#);
+    s.line(&format!("  echo '{TIMED_OUT}{secs}s' >&2"));
     s.line("fi");
     s.line(r#"exit "$st""#);
     s.command()
@@ -112,7 +148,7 @@ mod tests {
              timeout -k 10 90 sh -c \"$r\" </dev/null\n\
              st=$?\n\
              if [ \"$st\" -eq 124 ]; then\n\
-             \x20 echo 'tend: the command timed out after 90s' >&2\n\
+             \x20 echo 'tend: timed out after 90s' >&2\n\
              fi\n\
              exit \"$st\"\n"
         );
@@ -179,7 +215,34 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "started\n");
         assert_eq!(
             String::from_utf8_lossy(&out.stderr),
-            "tend: the command timed out after 1s\n"
+            "tend: timed out after 1s\n"
         );
+        assert!(timed_out(out.status, &out.stderr));
+        // A failure that is not a timeout says nothing of one.
+        let own = run(&run_command("exit 3", None, None, Duration::from_secs(5)));
+        assert_eq!(own.status, 3);
+        assert!(!timed_out(own.status, &own.stderr));
+    }
+
+    /// `bounded` holds a script without its own limit (a package manager
+    /// waiting for its lock) to step_timeout, the whole process group.
+    #[test]
+    fn a_bounded_script_is_stopped_at_its_limit() {
+        let started = Instant::now();
+        let inner = RemoteCommand {
+            script: "set -eu\nset -- 'a b'\necho \"$1\"; sleep 30 & wait\n".into(),
+            stdin: vec![],
+        };
+        let out = run(&bounded(inner, Duration::from_millis(300)));
+        assert!(started.elapsed() < Duration::from_secs(10), "not stopped");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "a b\n");
+        assert!(timed_out(out.status, &out.stderr), "{out:?}");
+        let ok = RemoteCommand {
+            script: "exit 3\n".into(),
+            stdin: vec![],
+        };
+        let out = run(&bounded(ok, Duration::from_secs(5)));
+        assert_eq!(out.status, 3);
+        assert!(!timed_out(out.status, &out.stderr));
     }
 }

@@ -49,10 +49,18 @@ pub const LOCK_DIR: &str = concat!(
 );
 
 /// The lock command. `holder` says who holds the lock (written to
-/// `<dir>/holder` for whoever finds it busy); `seen` is the revision the
-/// probe read on the host (empty for none); `revision` the one being
-/// applied.
-pub fn script(holder: &str, seen: &str, revision: &str) -> String {
+/// `<dir>/holder` for whoever finds it busy, and the holding shell's pid
+/// to `<dir>/holder.pid`); `seen` is the revision the probe read on the
+/// host (empty for none); `revision` the one being applied. `stale`: a
+/// holder that tend found dead (see [`Holder::stale`]): when the lock is
+/// busy and `<dir>/holder` still says exactly that, its shell is stopped
+/// (TERM: it lets go of the lock) and the lock taken without waiting.
+pub fn script(holder: &str, seen: &str, revision: &str, stale: Option<&str>) -> String {
+    let take = match stale {
+        None => format!("flock -w {LOCK_WAIT_SECS} 9"),
+        Some(_) => "flock -n 9".to_string(),
+    };
+    let stale = stale.map(one_line).unwrap_or_default();
     format!(
         r#"export LC_ALL=C
 {LOCK_DIR}
@@ -70,10 +78,17 @@ if [ -z "$ok" ] && [ ! -e "$l" ] && [ ! -L "$l" ]; then mkdir -m 0700 -- "$l" 2>
 [ -n "$ok" ] || tend_private || {{ echo "TEND-LOCK-ERROR $l is not a directory of uid $u with mode 0700"; exit 0; }}
 if [ -L "$l/lock" ]; then rm -f -- "$l/lock"; fi
 exec 9>>"$l/lock" || {{ echo "TEND-LOCK-ERROR cannot open $l/lock"; exit 0; }}
-if ! flock -w {wait} 9; then
+if ! {take}; then
   h=$(head -c 512 -- "$l/holder" 2>/dev/null | tr -d '\n\r')
-  echo "TEND-LOCK-BUSY ${{h:-a process that did not say who it is}}"
-  exit 0
+  s={stale}
+  if [ -n "$s" ] && [ "$h" = "$s" ] && [ -f "$l/holder.pid" ]; then
+    IFS= read -r p < "$l/holder.pid" || p=
+    case $p in ''|*[!0-9]*) ;; *) kill -TERM "$p" 2>/dev/null ;; esac
+    flock -w {wait} 9 || {{ echo "TEND-LOCK-BUSY $h"; exit 0; }}
+  else
+    echo "TEND-LOCK-BUSY ${{h:-a process that did not say who it is}}"
+    exit 0
+  fi
 fi
 {READ_REVISION}
 r=$tend_r
@@ -84,7 +99,8 @@ fi
 # Only whoever finds the lock busy reads this, and only for a message:
 # written in place (one write), no rename.
 printf '%s\n' {holder} > "$l/holder"
-trap 'rm -f -- "$l/holder"' EXIT
+printf '%s\n' $$ > "$l/holder.pid"
+trap 'rm -f -- "$l/holder" "$l/holder.pid"' EXIT
 trap 'exit 0' HUP INT TERM
 echo TEND-LOCKED
 while IFS= read -r tend_x; do :; done
@@ -93,7 +109,51 @@ while IFS= read -r tend_x; do :; done
         seen = quote(seen),
         revision = quote(revision),
         holder = quote(&one_line(holder)),
+        take = take,
+        stale = quote(&stale),
     )
+}
+
+/// What a lock holder wrote about itself, as tend writes it: `pid P (WHAT,
+/// run R) with state dir D on MACHINE, since T`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    pub run_id: String,
+    pub machine: String,
+}
+
+impl Holder {
+    pub fn parse(text: &str) -> Option<Holder> {
+        let rest = text.strip_prefix("pid ")?;
+        let (pid, rest) = rest.split_once(' ')?;
+        let (_, rest) = rest.split_once(", run ")?;
+        let (run_id, rest) = rest.split_once(") with state dir ")?;
+        let (_, rest) = rest.rsplit_once(" on ")?;
+        let (machine, _) = rest.rsplit_once(", since ")?;
+        Some(Holder {
+            pid: pid.parse().ok()?,
+            run_id: run_id.to_string(),
+            machine: machine.to_string(),
+        })
+    }
+
+    /// Whether this holder is certainly gone, seen from process `me` (its
+    /// pid, run and machine) with `alive` telling whether a pid of this
+    /// machine is a running tend: a holder on this machine whose process
+    /// is no tend any more (it was killed, or crashed), or this very
+    /// process under another run (a pass of this controller whose
+    /// connection died without the host noticing: a network cut). A holder
+    /// on another machine, or a live tend, is never stale.
+    pub fn stale(&self, me: &Holder, alive: impl Fn(u32) -> bool) -> bool {
+        if self.machine != me.machine {
+            return false;
+        }
+        if self.pid == me.pid {
+            return self.run_id != me.run_id;
+        }
+        !alive(self.pid)
+    }
 }
 
 /// What the lock command answered.
@@ -155,8 +215,80 @@ mod tests {
     }
 
     #[test]
+    fn holders_parse_and_only_a_gone_one_is_stale() {
+        let text = "pid 42 (tend run, run r-1) with state dir /srv/on x/.tend on vm, since 2026-12-07T18:00:00Z";
+        let h = Holder::parse(text).unwrap();
+        assert_eq!(
+            h,
+            Holder {
+                pid: 42,
+                run_id: "r-1".into(),
+                machine: "vm".into()
+            }
+        );
+        assert_eq!(Holder::parse("a process that did not say who it is"), None);
+        let me = |pid, run: &str, machine: &str| Holder {
+            pid,
+            run_id: run.into(),
+            machine: machine.into(),
+        };
+        // Another machine: never.
+        assert!(!h.stale(&me(1, "r-2", "other"), |_| false));
+        // This machine, a dead process: stale; a live tend: not.
+        assert!(h.stale(&me(1, "r-2", "vm"), |_| false));
+        assert!(!h.stale(&me(1, "r-2", "vm"), |_| true));
+        // This very process: stale under another run only.
+        assert!(h.stale(&me(42, "r-2", "vm"), |_| true));
+        assert!(!h.stale(&me(42, "r-1", "vm"), |_| true));
+    }
+
+    /// A holder found gone is stopped and the lock taken; one that is not
+    /// the holder named stays.
+    #[test]
+    fn a_stale_holder_is_stopped_and_the_lock_taken() {
+        use crate::transport::Transport;
+        use crate::transport::local::LocalTransport;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let env = format!(
+            "export TEND_LOCK_DIR='{}'\n",
+            dir.path().join("lock").display()
+        );
+        let t = LocalTransport::new();
+        let wait = Duration::from_secs(30);
+        let a = "pid 999999 (tend apply, run r-a) with state dir /s on m, since t";
+        let b = "pid 1000000 (tend apply, run r-b) with state dir /s on m, since t";
+        let (line, mut held_a) = t
+            .hold(&format!("{env}{}", script(a, "", "rev", None)), wait)
+            .unwrap();
+        assert_eq!(parse(&line), Reply::Locked);
+        // Named stale, but not the holder there: busy, at once.
+        let (line, _) = t
+            .hold(&format!("{env}{}", script(b, "rev", "rev", Some(b))), wait)
+            .unwrap();
+        assert_eq!(parse(&line), Reply::Busy(a.into()));
+        assert!(held_a.alive());
+        // The holder there: stopped, the lock taken.
+        let (line, mut held_b) = t
+            .hold(&format!("{env}{}", script(b, "rev", "rev", Some(a))), wait)
+            .unwrap();
+        assert_eq!(parse(&line), Reply::Locked);
+        assert!(held_b.alive());
+        let until = std::time::Instant::now() + wait;
+        while held_a.alive() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the stale holder still runs"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let now = std::fs::read_to_string(dir.path().join("lock/holder")).unwrap();
+        assert_eq!(now.trim_end(), b);
+    }
+
+    #[test]
     fn values_are_quoted_and_on_one_line() {
-        let s = script("pid 1\nx'; rm -rf /", "", "abc'def");
+        let s = script("pid 1\nx'; rm -rf /", "", "abc'def", Some("it's"));
         assert!(s.contains(r#"'pid 1 x'\''; rm -rf /'"#), "{s}");
         assert!(s.contains(r#"'abc'\''def'"#));
         assert!(!s.contains("pid 1\nx"));
