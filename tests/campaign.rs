@@ -16,7 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use serde_json::Value;
-use support::{Desired, Fleet, code, fleet, systemd_fleet, text};
+use support::{Desired, Fleet, code, fleet, minutes_from_now, systemd_fleet, text};
 
 const SCENARIOS: usize = 200;
 const WORKERS: [[&str; 2]; 4] = [
@@ -231,14 +231,6 @@ fn token_body(op: &str, hosts: &[&str], expires: &str) -> String {
     )
 }
 
-fn minutes(m: i64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    tend::core::token::format_rfc3339(now + m * 60)
-}
-
 fn drop_token(state: &Path, name: &str, body: &str, mode: u32) {
     let dir = state.join("confirm");
     fs::create_dir_all(&dir).unwrap();
@@ -301,20 +293,20 @@ fn run_scenario(n: usize, sc: Scenario, pair: [&str; 2], t: &mut Tally) {
 
     // The token of the scenario.
     let state = d.state();
-    let good = token_body(&op, &op_hosts, &minutes(10));
+    let good = token_body(&op, &op_hosts, &minutes_from_now(10));
     match sc.token {
         Token::Missing => {}
         Token::Valid => drop_token(&state, "t.yaml", &good, 0o600),
         Token::Expired => drop_token(
             &state,
             "t.yaml",
-            &token_body(&op, &op_hosts, &minutes(-1)),
+            &token_body(&op, &op_hosts, &minutes_from_now(-1)),
             0o600,
         ),
         Token::OtherOperation => drop_token(
             &state,
             "t.yaml",
-            &token_body(&"ab".repeat(32), &op_hosts, &minutes(10)),
+            &token_body(&"ab".repeat(32), &op_hosts, &minutes_from_now(10)),
             0o600,
         ),
         Token::Superset => {
@@ -323,14 +315,14 @@ fn run_scenario(n: usize, sc: Scenario, pair: [&str; 2], t: &mut Tally) {
             drop_token(
                 &state,
                 "t.yaml",
-                &token_body(&op, &more, &minutes(10)),
+                &token_body(&op, &more, &minutes_from_now(10)),
                 0o600,
             )
         }
         Token::Subset => drop_token(
             &state,
             "t.yaml",
-            &token_body(&op, &op_hosts[..1], &minutes(10)),
+            &token_body(&op, &op_hosts[..1], &minutes_from_now(10)),
             0o600,
         ),
         Token::WorldWritable => drop_token(&state, "t.yaml", &good, 0o666),

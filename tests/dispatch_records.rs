@@ -123,16 +123,11 @@ fn kill_9_mid_apply_leaves_a_record_of_what_ran() {
         );
     }
     let d = Desired::new(FAST, &inventory(&["h73"]), &[("h73", &host)]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tend"))
-        .arg("--dir")
-        .arg(d.dir())
-        .args(["apply", "--dispatch", "enforced"])
-        .env_remove("TEND_DISPATCH")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = d.spawn(
+        &["apply", "--dispatch", "enforced"],
+        Stdio::null(),
+        Stdio::null(),
+    );
     wait_for(
         "five steps to run on the host",
         Duration::from_secs(60),

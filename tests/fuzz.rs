@@ -21,6 +21,10 @@
 //! is printed). A panicking
 //! input is written to `target/fuzz-crashes/` and fails the test.
 
+#[path = "support/rng.rs"]
+mod rng;
+
+use rng::Rng;
 use std::collections::HashSet;
 use std::fs;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -43,27 +47,6 @@ const SLOW: Duration = if cfg!(debug_assertions) {
 } else {
     Duration::from_secs(2)
 };
-
-/// xorshift64*: a few lines instead of a crate.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-}
 
 const DICT: &[&str] = &[
     ": ",

@@ -433,6 +433,7 @@ pub async fn run<R: Reconciler>(
 
 /// The error policy: a verdict becomes the host's next deadline.
 fn settle<R: Reconciler>(r: &R, book: &mut Book, host: &str, verdict: Verdict, stopping: bool) {
+    tracing::debug!(%host, ?verdict, "pass ends");
     book.queue.done(host);
     book.pulse.passed(host);
     if stopping || !book.loaded.hosts.iter().any(|h| h == host) {

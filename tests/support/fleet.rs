@@ -43,6 +43,10 @@ pub struct FleetHost {
     pub address: String,
     pub fingerprint: String,
     pub log: PathBuf,
+    /// The host's sshd pid file, and its root file system as this machine
+    /// sees it (chroot hosts; empty for the others).
+    pub pid_file: PathBuf,
+    pub root: PathBuf,
 }
 
 pub struct Fleet {
@@ -131,6 +135,8 @@ fn read_hosts(tsv: &Path) -> BTreeMap<String, FleetHost> {
                 address: f[1].into(),
                 fingerprint: f[2].into(),
                 log: PathBuf::from(f[4]),
+                pid_file: f.get(3).map(PathBuf::from).unwrap_or_default(),
+                root: f.get(5).map(PathBuf::from).unwrap_or_default(),
             },
         );
     }
@@ -335,6 +341,15 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// An RFC 3339 time `m` minutes from now (negative: ago), for tokens.
+pub fn minutes_from_now(m: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    tend::core::token::format_rfc3339(now + m * 60)
+}
+
 /// Poll until `f` holds or the deadline passes.
 pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -417,6 +432,22 @@ impl Desired {
             .stdin(Stdio::null())
             .output()
             .expect("run tend")
+    }
+
+    /// The real binary with `--dir` set, started in the background (stdin
+    /// closed), for a test that kills it or acts while it runs.
+    pub fn spawn(&self, args: &[&str], stdout: Stdio, stderr: Stdio) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_tend"))
+            .arg("--dir")
+            .arg(self.dir())
+            .args(args)
+            .env_remove("TEND_DISPATCH")
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("start tend")
     }
 
     /// The run ids in the state dir.
@@ -570,6 +601,13 @@ pub fn scale_fleet_dir() -> PathBuf {
 /// systemd hosts (`127.0.0.101..`).
 pub const SCALE_NET: &str = "127.0.1";
 
+/// The second fleet's range: [`SCALE_NET`], or `TEND_SCALE_FLEET_NET`
+/// (with its own `TEND_SCALE_FLEET_DIR`) to run a long campaign on a
+/// second fleet of its own while the suite uses the usual one.
+pub fn scale_net() -> String {
+    std::env::var("TEND_SCALE_FLEET_NET").unwrap_or_else(|_| SCALE_NET.into())
+}
+
 /// Run `fleet.sh ARGS` on the second fleet (its dir and range), with a
 /// generous deadline for `up`; panics with the script's stderr on failure.
 fn scale_script(args: &[&str]) {
@@ -579,7 +617,7 @@ fn scale_script(args: &[&str]) {
         .arg(repo().join("tests/fleet/fleet.sh"))
         .args(args)
         .env("TEND_FLEET_DIR", &dir)
-        .env("TEND_FLEET_NET", SCALE_NET)
+        .env("TEND_FLEET_NET", scale_net())
         // A deadline, not a sleep: a couple of hundred hosts starting on a
         // machine busy with other suites take minutes.
         .env(
@@ -591,8 +629,9 @@ fn scale_script(args: &[&str]) {
         .expect("run tests/fleet/fleet.sh");
     assert!(
         out.status.success(),
-        "TEND_FLEET_DIR={} TEND_FLEET_NET={SCALE_NET} tests/fleet/fleet.sh {} failed (it needs root and the packages of .ci/run):\n{}",
+        "TEND_FLEET_DIR={} TEND_FLEET_NET={} tests/fleet/fleet.sh {} failed (it needs root and the packages of .ci/run):\n{}",
         dir.display(),
+        scale_net(),
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
