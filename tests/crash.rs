@@ -348,19 +348,18 @@ fn reach(d: &Desired, kill: KillAt, start: Instant, sent_before: i64, armed_befo
 /// After a kill: the database is whole, and the runs it left open.
 fn after_kill(d: &Desired, t: &mut Tally) -> Vec<String> {
     t.kills += 1;
-    if d.state().join("tend.db").exists() {
-        let ok: String = Connection::open(d.state().join("tend.db"))
-            .and_then(|c| c.query_row("PRAGMA integrity_check", [], |r| r.get(0)))
-            .unwrap_or_else(|e| format!("open: {e}"));
-        if ok != "ok" {
-            t.fail(format!("integrity_check after a kill: {ok}"));
-        }
+    if !d.state().join("tend.db").exists() {
+        return vec![];
     }
-    let open = if d.state().join("tend.db").exists() {
-        strings(d, "SELECT run_id FROM runs WHERE execution_outcome IS NULL")
-    } else {
-        vec![]
-    };
+    // Opened for writing, as tend opens it: a kill's journal is rolled
+    // back or its WAL replayed before the check.
+    let ok: String = Connection::open(d.state().join("tend.db"))
+        .and_then(|c| c.query_row("PRAGMA integrity_check", [], |r| r.get(0)))
+        .unwrap_or_else(|e| format!("open: {e}"));
+    if ok != "ok" {
+        t.fail(format!("integrity_check after a kill: {ok}"));
+    }
+    let open = strings(d, "SELECT run_id FROM runs WHERE execution_outcome IS NULL");
     if !open.is_empty() {
         t.kills_mid_run += 1;
     }

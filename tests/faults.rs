@@ -34,16 +34,23 @@ const RETRIES: u64 = 2;
 const TEND_YAML: &str = "probe_timeout: 5s\nretries: 2\nretry_backoff: 100ms\nstep_timeout: 15s\n";
 const HEALTHY: [&str; 2] = ["h1", "h2"];
 
+/// A resources list that opens with directory `dir` and `count` files in
+/// it, their content naming round `n`.
+fn files(dir: &str, n: u32, count: u32) -> String {
+    let mut s = format!("resources:\n  - kind: directory\n    path: {dir}\n");
+    for i in 0..count {
+        let _ = write!(
+            s,
+            "  - kind: file\n    path: {dir}/f{i}\n    content: \"round {n} file {i}\\n\"\n"
+        );
+    }
+    s
+}
+
 /// A healthy host's desired state in round `n`: files updated every round
 /// and a command.
 fn healthy(n: u32) -> String {
-    let mut s = String::from("resources:\n  - kind: directory\n    path: /srv/healthy\n");
-    for i in 0..8 {
-        let _ = write!(
-            s,
-            "  - kind: file\n    path: /srv/healthy/f{i}\n    content: \"round {n} file {i}\\n\"\n"
-        );
-    }
+    let mut s = files("/srv/healthy", n, 8);
     let _ = write!(
         s,
         "  - kind: command\n    name: mark\n    run: \"mkdir -p /srv/healthy && echo {n} > /srv/healthy/mark\"\n    unless: \"grep -qx {n} /srv/healthy/mark\"\n"
@@ -54,13 +61,7 @@ fn healthy(n: u32) -> String {
 /// The faulted host's desired state: files around a command that marks
 /// its start, works for `secs`, and journals each run.
 fn faulted(n: u32, secs: u32, extra: &str) -> String {
-    let mut s = String::from("resources:\n  - kind: directory\n    path: /srv/fault\n");
-    for i in 0..4 {
-        let _ = write!(
-            s,
-            "  - kind: file\n    path: /srv/fault/f{i}\n    content: \"round {n} file {i}\\n\"\n"
-        );
-    }
+    let mut s = files("/srv/fault", n, 4);
     let _ = write!(
         s,
         "  - kind: command\n    name: work-{n}\n    run: \"mkdir -p /srv/fault && touch /srv/fault/started-{n}; sleep {secs}; echo {n} >> /srv/fault/ran; touch /srv/fault/done-{n}\"\n    creates: /srv/fault/done-{n}\n{extra}"
@@ -244,19 +245,24 @@ impl Tally {
     }
 }
 
+/// What a scenario's faulted host may end with.
+struct Expect<'a> {
+    /// Its outcome, one of these.
+    outcomes: &'a [&'a str],
+    /// Its last failure class, one of these.
+    classes: &'a [&'a str],
+    /// Its attempts at most.
+    max_attempts: u64,
+}
+
 /// The checks every scenario shares: the healthy hosts as in the baseline,
 /// the faulted host's class and attempts, no command sent twice.
-#[allow(clippy::too_many_arguments)]
-fn judge(
-    t: &mut Tally,
-    name: &str,
-    run: &Run,
-    host: &str,
-    baseline: &str,
-    outcomes: &[&str],
-    classes: &[&str],
-    max_attempts: u64,
-) {
+fn judge(t: &mut Tally, name: &str, run: &Run, host: &str, baseline: &str, e: Expect) {
+    let Expect {
+        outcomes,
+        classes,
+        max_attempts,
+    } = e;
     t.scenarios += 1;
     t.faults += 1;
     // The run is closed with exactly one outcome per host.
@@ -482,9 +488,11 @@ fn scenarios(s: &Setup, t: &mut Tally, round: u32) {
             &run,
             h,
             &baseline,
-            &["TransportUnreachable"],
-            &["Transient"],
-            RETRIES + 1,
+            Expect {
+                outcomes: &["TransportUnreachable"],
+                classes: &["Transient"],
+                max_attempts: RETRIES + 1,
+            },
         );
         recovers(t, s, "sshd stopped", &d, h);
     }
@@ -501,9 +509,11 @@ fn scenarios(s: &Setup, t: &mut Tally, round: u32) {
             &run,
             h,
             &baseline,
-            &["TransportUnreachable"],
-            &["Transient", "Timeout"],
-            RETRIES + 1,
+            Expect {
+                outcomes: &["TransportUnreachable"],
+                classes: &["Transient", "Timeout"],
+                max_attempts: RETRIES + 1,
+            },
         );
         recovers(t, s, "sshd frozen", &d, h);
     }
@@ -522,9 +532,11 @@ fn scenarios(s: &Setup, t: &mut Tally, round: u32) {
             &run,
             h,
             &baseline,
-            &["ExecutionFailed", "PartialSuccess", "TransportUnreachable"],
-            &["Transient"],
-            RETRIES + 1,
+            Expect {
+                outcomes: &["ExecutionFailed", "PartialSuccess", "TransportUnreachable"],
+                classes: &["Transient"],
+                max_attempts: RETRIES + 1,
+            },
         );
         recovers(t, s, "sshd restarted mid-batch", &d, h);
     }
@@ -540,9 +552,11 @@ fn scenarios(s: &Setup, t: &mut Tally, round: u32) {
             &run,
             h,
             &baseline,
-            &["PreflightFailed", "TransportUnreachable"],
-            &["HostKey"],
-            1,
+            Expect {
+                outcomes: &["PreflightFailed", "TransportUnreachable"],
+                classes: &["HostKey"],
+                max_attempts: 1,
+            },
         );
         let wrote = s.root(h).join(format!("srv/fault/done-{n}")).exists();
         t.check(!wrote, || {
@@ -587,9 +601,11 @@ fn scenarios(s: &Setup, t: &mut Tally, round: u32) {
             &run,
             h,
             &baseline,
-            &["PartialSuccess", "ExecutionFailed"],
-            &["Execution"],
-            1,
+            Expect {
+                outcomes: &["PartialSuccess", "ExecutionFailed"],
+                classes: &["Execution"],
+                max_attempts: 1,
+            },
         );
         t.check(left == "small\n1\n", || {
             format!("disk full: the old file changed or a temporary file was left: {left:?}")
@@ -622,9 +638,11 @@ fn scenarios(s: &Setup, t: &mut Tally, round: u32) {
             &run,
             h,
             &baseline,
-            &["PartialSuccess", "ExecutionFailed"],
-            &["Execution"],
-            1,
+            Expect {
+                outcomes: &["PartialSuccess", "ExecutionFailed"],
+                classes: &["Execution"],
+                max_attempts: 1,
+            },
         );
         let o = run.of(h);
         let pkg = o["steps"]
@@ -662,9 +680,11 @@ fn scenarios(s: &Setup, t: &mut Tally, round: u32) {
             &run,
             h,
             &baseline,
-            &["PartialSuccess", "ExecutionFailed"],
-            &["Timeout"],
-            1,
+            Expect {
+                outcomes: &["PartialSuccess", "ExecutionFailed"],
+                classes: &["Timeout"],
+                max_attempts: 1,
+            },
         );
         let apt_left = procs_in(&s.root(h), "apt-get");
         t.check(apt_left == 0, || format!("package manager lock held: apt-get still runs on the host after the timeout ({apt_left})"));
@@ -685,9 +705,11 @@ fn scenarios(s: &Setup, t: &mut Tally, round: u32) {
             &run,
             h,
             &baseline,
-            &["PartialSuccess", "ExecutionFailed"],
-            &["Timeout"],
-            1,
+            Expect {
+                outcomes: &["PartialSuccess", "ExecutionFailed"],
+                classes: &["Timeout"],
+                max_attempts: 1,
+            },
         );
         let left = procs_in(&s.root(h), "sleep");
         t.check(left == 0, || {
@@ -712,9 +734,11 @@ fn scenarios(s: &Setup, t: &mut Tally, round: u32) {
             &run,
             h,
             &baseline,
-            &["TransportUnreachable"],
-            &["Transient", "Timeout"],
-            RETRIES + 1,
+            Expect {
+                outcomes: &["TransportUnreachable"],
+                classes: &["Transient", "Timeout"],
+                max_attempts: RETRIES + 1,
+            },
         );
         recovers(t, s, "link down before the batch", &d, h);
     }
@@ -732,9 +756,11 @@ fn scenarios(s: &Setup, t: &mut Tally, round: u32) {
             &run,
             h,
             &baseline,
-            &["ExecutionFailed", "PartialSuccess", "TransportUnreachable"],
-            &["Transient", "Timeout"],
-            RETRIES + 1,
+            Expect {
+                outcomes: &["ExecutionFailed", "PartialSuccess", "TransportUnreachable"],
+                classes: &["Transient", "Timeout"],
+                max_attempts: RETRIES + 1,
+            },
         );
         recovers(t, s, "link down during the batch", &d, h);
     }

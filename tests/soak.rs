@@ -141,6 +141,17 @@ fn soak_a_flapping_host_under_commits_keeps_the_controller_flat() {
         }
     };
     wait_all(&head, Duration::from_secs(120), "first converge");
+    // Every host's file for `round`, committed; the new HEAD.
+    let commit_round = |round: u32, msg: &str| {
+        for h in hosts {
+            fs::write(
+                d.dir().join("hosts").join(format!("{h}.yaml")),
+                body(h, round),
+            )
+            .unwrap();
+        }
+        d.commit(msg)
+    };
 
     let start = Instant::now();
     let mut samples = vec![sample(pid, &d, 0)];
@@ -164,14 +175,7 @@ fn soak_a_flapping_host_under_commits_keeps_the_controller_flat() {
         }
         if t >= next_commit {
             round += 1;
-            for h in hosts {
-                fs::write(
-                    d.dir().join("hosts").join(format!("{h}.yaml")),
-                    body(h, round),
-                )
-                .unwrap();
-            }
-            d.commit(&format!("round {round}"));
+            commit_round(round, &format!("round {round}"));
             commits += 1;
             next_commit += Duration::from_secs(60);
         }
@@ -186,14 +190,7 @@ fn soak_a_flapping_host_under_commits_keeps_the_controller_flat() {
     // lifts a crash-loop `Degraded`, retried only every 5 minutes
     // otherwise) reaches every host.
     round += 1;
-    for h in hosts {
-        fs::write(
-            d.dir().join("hosts").join(format!("{h}.yaml")),
-            body(h, round),
-        )
-        .unwrap();
-    }
-    let head = d.commit("after the soak");
+    let head = commit_round(round, "after the soak");
     wait_all(&head, Duration::from_secs(120), "after the soak");
     samples.push(sample(pid, &d, start.elapsed().as_secs()));
 

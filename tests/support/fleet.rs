@@ -421,29 +421,28 @@ impl Desired {
         git(self.dir(), &["rev-parse", "HEAD"])
     }
 
-    /// Run the real binary with `--dir` set to this desired state.
-    pub fn tend(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tend"))
-            .arg("--dir")
+    /// The real binary with `--dir` set to this desired state, stdin
+    /// closed, and none of the caller's dispatch mode or SSH agent.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tend"));
+        c.arg("--dir")
             .arg(self.dir())
             .args(args)
             .env_remove("TEND_DISPATCH")
             .env_remove("SSH_AUTH_SOCK")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run tend")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Run the real binary with `--dir` set to this desired state.
+    pub fn tend(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run tend")
     }
 
     /// The real binary with `--dir` set, started in the background (stdin
     /// closed), for a test that kills it or acts while it runs.
     pub fn spawn(&self, args: &[&str], stdout: Stdio, stderr: Stdio) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_tend"))
-            .arg("--dir")
-            .arg(self.dir())
-            .args(args)
-            .env_remove("TEND_DISPATCH")
-            .env_remove("SSH_AUTH_SOCK")
-            .stdin(Stdio::null())
+        self.command(args)
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
