@@ -921,6 +921,10 @@ fn apply_human_output() {
     let fx = Fixture::two_hosts();
     let r = fx.run(&["apply", "--dispatch", "enforced"]);
     r.code(0);
+    // The batches' step lock is in the test's own lock dir, beside the host
+    // lock: not the machine's /run/tend, where another test's slow step
+    // would hold it.
+    assert!(fx.tmp().join("host-lock/steps.lock").exists());
     snapshot!(fx, "apply_two_hosts", transcript(&r));
     let r = fx.run(&["apply", "--dispatch", "enforced"]);
     r.code(0);

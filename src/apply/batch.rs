@@ -23,7 +23,8 @@
 //! record are the full sizes), and the parser marks what was left out.
 //!
 //! Before the first step the batch takes `/run/tend/steps.lock` (flock;
-//! `$TMPDIR/tend-<uid>/` for a login that is not root), so
+//! `$TMPDIR/tend-<uid>/` for a login that is not root; the host lock's
+//! `TEND_LOCK_DIR`, which only a `transport: local` host can get), so
 //! that an attempt never runs while an earlier one on the same host may
 //! still run (a retry after a dropped connection waits for it instead).
 //!
@@ -74,7 +75,7 @@ pub fn script(steps: &[RemoteCommand], opts: BatchOpts) -> RemoteCommand {
          tend_emit() {{ no=0 ne=0; if [ -s \"$o\" ]; then no=$(wc -c < \"$o\"); fi; if [ -s \"$e\" ]; then ne=$(wc -c < \"$e\"); fi; printf 'TEND-STEP %s %s %s %s\\n' \"$1\" \"$2\" $no $ne; tend_part \"$o\" $no; tend_part \"$e\" $ne; }}\n\
          tend_flush() {{ if [ -s \"$tend_dirs\" ]; then xargs -0 sync -- < \"$tend_dirs\" || echo 'tend: cannot fsync the directories this batch changed' >&2; : > \"$tend_dirs\"; fi; }}\n\
          u=; {{ while read -r k a e b; do if [ \"$k\" = Uid: ]; then u=$e; break; fi; done < /proc/self/status; }} 2>/dev/null; [ -n \"$u\" ] || u=$(id -u)\n\
-         if [ \"$u\" = 0 ]; then l=/run/tend; else l=\"${{TMPDIR:-/tmp}}/tend-$u\"; fi\n\
+         if [ -n \"${{TEND_LOCK_DIR:-}}\" ]; then l=$TEND_LOCK_DIR; elif [ \"$u\" = 0 ]; then l=/run/tend; else l=\"${{TMPDIR:-/tmp}}/tend-$u\"; fi\n\
          if command -v flock >/dev/null 2>&1; then\n\
          \x20 {{ {{ [ -d \"$l\" ] || {{ mkdir -p \"$l\" && chmod 0700 \"$l\"; }}; }} && exec 9>>\"$l/steps.lock\" && flock -w {wait} 9; }} || {{ echo \"tend: an earlier attempt still holds $l/steps.lock on this host\" >&2; exit 96; }}\n\
          elif [ {require} = 1 ]; then\n\
