@@ -81,7 +81,7 @@ pub async fn for_steps(
             {
                 continue;
             }
-            let Some(r) = host.resources.iter().find(|r| r.id == id) else {
+            let Some(r) = host.resource(id) else {
                 continue;
             };
             if r.sensitive() {

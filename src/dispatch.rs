@@ -168,15 +168,15 @@ fn package_manager(ctx: &StepContext) -> Result<PackageManager> {
 
 /// One call of the package manager for the package steps `steps` (all with
 /// the same action) of `resources`.
-pub fn package_command(
+pub fn package_command<'r>(
     steps: &[&Step],
-    resources: &[Resource],
+    resource: impl Fn(&str) -> Option<&'r Resource>,
     ctx: &StepContext,
 ) -> Result<RemoteCommand> {
     let manager = package_manager(ctx)?;
     let mut names = Vec::with_capacity(steps.len());
     for step in steps {
-        match resources.iter().find(|r| r.id == step.id).map(|r| &r.spec) {
+        match resource(&step.id).map(|r| &r.spec) {
             Some(ResourceSpec::Package(p)) => names.push(p.name.as_str()),
             _ => return Err(anyhow!("`{}` is not a package resource", step.id)),
         }
@@ -284,7 +284,7 @@ pub fn command_for(step: &Step, r: &Resource, ctx: &StepContext) -> Result<Remot
         }
         (ResourceSpec::Group(g), Action::Delete) => apply::delete_group(&g.name),
         (ResourceSpec::Package(_), Action::Create | Action::Delete) => {
-            package_command(&[step], std::slice::from_ref(r), ctx)?
+            package_command(&[step], |id| (id == r.id).then_some(r), ctx)?
         }
         (ResourceSpec::Command(c), Action::Create) => apply::run_command(
             &c.run,
@@ -1409,6 +1409,40 @@ async fn barrier(
 /// one attempt holds.
 const MAX_BATCH_SCRIPT: usize = 4 * 1024 * 1024;
 
+/// The most package-name bytes one package-manager call carries. A package
+/// step's script runs under `timeout ... sh -c "$script"`, one argument of
+/// an exec, which Linux caps at 128 KiB: a longer list of adjacent package
+/// steps is cut into several calls.
+const MAX_PACKAGE_CALL: usize = 32 * 1024;
+
+/// The steps of the unit that opens `rest` (indices into `steps`): one
+/// step, or the adjacent package steps of its action and wave, up to
+/// [`MAX_PACKAGE_CALL`] bytes of names.
+fn unit_members(steps: &[Step], rest: &[usize]) -> Vec<usize> {
+    let Some(&k) = rest.first() else {
+        return Vec::new();
+    };
+    let step = &steps[k];
+    let mut members = vec![k];
+    if step.kind != "package" {
+        return members;
+    }
+    // The id (`package:NAME`) is longer than the quoted name.
+    let mut bytes = step.id.len();
+    for &next in &rest[1..] {
+        let n = &steps[next];
+        if n.kind != "package" || n.action != step.action || n.wave != step.wave {
+            break;
+        }
+        if bytes + n.id.len() + 1 > MAX_PACKAGE_CALL {
+            break;
+        }
+        bytes += n.id.len() + 1;
+        members.push(next);
+    }
+    members
+}
+
 /// One unit of a batch: its member steps (several package steps share one
 /// manager call), its command, and how long the transport waits for it.
 struct Unit {
@@ -1452,23 +1486,16 @@ async fn run_batch(
     // Attempts of each step already recorded in this run: this call's
     // attempts number on from them.
     let base = prior.to_vec();
-    let resource = |k: usize| resources.iter().find(|r| r.id == steps[k].id);
+    let by_id: std::collections::HashMap<&str, &Resource> =
+        resources.iter().map(|r| (r.id.as_str(), r)).collect();
+    let resource = |k: usize| by_id.get(steps[k].id.as_str()).copied();
     let mut units: Vec<Unit> = Vec::new();
     let mut batch_bytes = 0;
     let mut i = 0;
     while i < batch.len() {
         let k = batch[i];
         let step = &steps[k];
-        let mut members = vec![k];
-        if step.kind == "package" {
-            while let Some(&next) = batch.get(i + members.len()) {
-                let n = &steps[next];
-                if n.kind != "package" || n.action != step.action || n.wave != step.wave {
-                    break;
-                }
-                members.push(next);
-            }
-        }
+        let members = unit_members(steps, &batch[i..]);
         let built = match resource(k) {
             None => Err(format!(
                 "resource `{}` vanished from the desired state",
@@ -1476,7 +1503,7 @@ async fn run_batch(
             )),
             Some(_) if step.kind == "package" => {
                 let group: Vec<&Step> = members.iter().map(|&m| &steps[m]).collect();
-                package_command(&group, resources, ctx).map_err(|e| e.to_string())
+                package_command(&group, |id| by_id.get(id).copied(), ctx).map_err(|e| e.to_string())
             }
             Some(r) => command_for(step, r, ctx).map_err(|e| e.to_string()),
         };
@@ -2309,14 +2336,74 @@ resources:
         let rs = resources(HOST);
         let a = step(2, "package:hello", Action::Create, 0, &[]);
         let b = step(3, "package:tree", Action::Create, 0, &[]);
-        let cmd = package_command(&[&a, &b], &rs, &ctx(Some(PackageManager::Dnf))).unwrap();
+        let cmd = package_command(
+            &[&a, &b],
+            |id| rs.iter().find(|r| r.id == id),
+            &ctx(Some(PackageManager::Dnf)),
+        )
+        .unwrap();
         assert!(cmd.script.contains("set -- '\\''hello'\\'' '\\''tree'\\''"));
         assert!(cmd.script.contains("\ndnf install -y \"$@\"\n"));
         let a = step(2, "package:hello", Action::Delete, 0, &[]);
         let b = step(3, "package:tree", Action::Delete, 0, &[]);
-        let cmd = package_command(&[&a, &b], &rs, &ctx(Some(PackageManager::Apk))).unwrap();
+        let cmd = package_command(
+            &[&a, &b],
+            |id| rs.iter().find(|r| r.id == id),
+            &ctx(Some(PackageManager::Apk)),
+        )
+        .unwrap();
         assert!(cmd.script.contains("set -- '\\''hello'\\'' '\\''tree'\\''"));
         assert!(cmd.script.contains("\napk del \"$@\"\n"));
+    }
+
+    #[test]
+    fn a_long_package_list_is_cut_into_calls_an_exec_takes() {
+        let names: Vec<String> = (0..10_000)
+            .map(|i| format!("a-package-with-a-long-name-{i:05}"))
+            .collect();
+        let yaml = names.iter().fold(String::from("resources:\n"), |mut y, n| {
+            y.push_str(&format!("  - kind: package\n    name: {n}\n"));
+            y
+        });
+        let rs = resources(&yaml);
+        let steps: Vec<Step> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| step(i, &format!("package:{n}"), Action::Create, 0, &[]))
+            .collect();
+        let batch: Vec<usize> = (0..steps.len()).collect();
+        let by_id: std::collections::HashMap<&str, &Resource> =
+            rs.iter().map(|r| (r.id.as_str(), r)).collect();
+        let (mut i, mut calls) = (0, 0);
+        while i < batch.len() {
+            let members = unit_members(&steps, &batch[i..]);
+            assert_eq!(members[0], i, "in order, none skipped");
+            let group: Vec<&Step> = members.iter().map(|&m| &steps[m]).collect();
+            package_command(
+                &group,
+                |id| by_id.get(id).copied(),
+                &ctx(Some(PackageManager::Apt)),
+            )
+            .unwrap();
+            // The script `timeout` gets as one argument: well under the
+            // 128 KiB Linux allows one.
+            let inner: Vec<&str> = members.iter().map(|&m| names[m].as_str()).collect();
+            let arg = apply::install_packages(PackageManager::Apt, &inner).script;
+            assert!(arg.len() < 64 * 1024, "{} bytes", arg.len());
+            i += members.len();
+            calls += 1;
+        }
+        assert_eq!(i, 10_000);
+        assert!((10..=20).contains(&calls), "{calls} calls");
+        // A package step of another action or wave ends the unit.
+        let mixed = [
+            step(0, "package:a", Action::Create, 0, &[]),
+            step(1, "package:b", Action::Create, 0, &[]),
+            step(2, "package:c", Action::Delete, 0, &[]),
+            step(3, "package:d", Action::Delete, 1, &[]),
+        ];
+        assert_eq!(unit_members(&mixed, &[0, 1, 2, 3]), vec![0, 1]);
+        assert_eq!(unit_members(&mixed, &[2, 3]), vec![2]);
     }
 
     #[test]

@@ -630,7 +630,7 @@ pub async fn run(mut input: PassInput<'_>) -> Result<PassReport> {
                 if so.status != report::StepStatus::Succeeded || step.is_restart() {
                     continue;
                 }
-                match host.resources.iter().find(|r| r.id == step.id) {
+                match host.resource(&step.id) {
                     Some(r) if r.applied_as_now() => o.corrective += 1,
                     _ => o.intentional += 1,
                 }

@@ -73,7 +73,7 @@ pub async fn run(mut loaded: Loaded, hosts: &[String]) -> Result<u8> {
         };
         if let (Some(host), Some(recorded)) = (host, applied.get(&hp.host)) {
             for s in hp.steps.iter().filter(|s| !s.is_restart()) {
-                let Some(r) = host.resources.iter().find(|r| r.id == s.id) else {
+                let Some(r) = host.resource(&s.id) else {
                     continue;
                 };
                 if r.pruned {

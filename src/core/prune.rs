@@ -58,8 +58,17 @@ pub const PRUNED_ORIGIN: &str = "(managed by tend, no longer in the desired stat
 pub fn with_pruned(mut host: Host, managed: &[Managed]) -> Host {
     let mut added = Vec::new();
     for m in managed {
-        if let Some(r) = host.resources.iter_mut().find(|r| r.id == m.id) {
-            r.applied = Some(m.applied.clone());
+        // `resources` is sorted by id: a binary search, a linear one only
+        // to confirm a miss (a host built out of order).
+        let at = match host
+            .resources
+            .binary_search_by(|r| r.id.as_str().cmp(&m.id))
+        {
+            Ok(i) => Some(i),
+            Err(_) => host.resources.iter().position(|r| r.id == m.id),
+        };
+        if let Some(i) = at {
+            host.resources[i].applied = Some(m.applied.clone());
             continue;
         }
         let r = Resource {
