@@ -53,9 +53,18 @@ fn names_line(s: &mut Script, names: &[&str]) {
 /// what is not yet as desired, and ends at once when nothing is left.
 fn keep_only(s: &mut Script, manager: PackageManager, want: bool, done: &str) {
     let check = match manager {
-        // dpkg's `config-files` state is not installed, as the probe says.
+        // One dpkg-query for the whole list (not a process per name): every
+        // installed package as each name may ask for it (`NAME`, and
+        // `NAME:ARCH` whether or not dpkg prints it qualified), between
+        // blanks. dpkg's `config-files` state is not installed, as the
+        // probe says.
         PackageManager::Apt => {
-            r#"case $(dpkg-query -W -f '${Status}' -- "$a" 2>/dev/null) in *' installed') i=1 ;; *) i= ;; esac"#
+            s.line(r#"tend_q=$(dpkg-query -W -f '${binary:Package} ${Package} ${Architecture} ${Status}\n' -- "$@" 2>/dev/null) || :"#);
+            s.line("tend_n=' '");
+            s.line(r#"while read -r tend_b tend_p tend_r tend_s; do case $tend_s in *' installed') tend_n="$tend_n$tend_b $tend_p $tend_p:$tend_r " ;; esac; done <<TEND_PKG_END"#);
+            s.line("$tend_q");
+            s.line("TEND_PKG_END");
+            r#"case $tend_n in *" $a "*) i=1 ;; *) i= ;; esac"#
         }
         PackageManager::Dnf => r#"if rpm -q --quiet "$a" 2>/dev/null; then i=1; else i=; fi"#,
         PackageManager::Apk => r#"if apk info -e "$a" >/dev/null 2>&1; then i=1; else i=; fi"#,
@@ -76,6 +85,67 @@ fn keep_only(s: &mut Script, manager: PackageManager, want: bool, done: &str) {
     s.line("  exit 0");
     s.line("fi");
     s.line("set -f; set -- $k; set +f");
+}
+
+#[cfg(test)]
+mod keep_only_tests {
+    use std::process::Command;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::transport::Transport;
+    use crate::transport::local::LocalTransport;
+
+    /// The names `keep_only` keeps, run by this machine's shell against its
+    /// own dpkg database.
+    fn kept(want: bool, names: &[&str]) -> String {
+        let mut s = Script::new();
+        names_line(&mut s, names);
+        keep_only(&mut s, PackageManager::Apt, want, "none left");
+        s.line(r#"printf '%s\n' "$@""#);
+        let out = LocalTransport::new()
+            .exec(&s.command().script, b"", Duration::from_secs(60))
+            .expect("exec");
+        assert_eq!(out.status, 0, "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn one_dpkg_query_tells_installed_names_in_every_form() {
+        let Ok(arch) = Command::new("dpkg").arg("--print-architecture").output() else {
+            eprintln!("no dpkg on this machine: skipped");
+            return;
+        };
+        let arch = String::from_utf8(arch.stdout).unwrap();
+        let arch = arch.trim();
+        // dpkg and bash are installed on every Debian machine (essential);
+        // dpkg prints neither with its architecture.
+        let dpkg_arch = format!("dpkg:{arch}");
+        let absent_arch = format!("tend-no-such-package:{arch}");
+        let names = [
+            "dpkg",
+            "tend-no-such-package",
+            dpkg_arch.as_str(),
+            "bash",
+            "dpkg:no-such-arch",
+            absent_arch.as_str(),
+        ];
+        assert_eq!(
+            kept(false, &names),
+            format!("tend-no-such-package\ndpkg:no-such-arch\n{absent_arch}\n"),
+            "to install: the ones not installed"
+        );
+        assert_eq!(
+            kept(true, &names),
+            format!("dpkg\n{dpkg_arch}\nbash\n"),
+            "to remove: the ones installed"
+        );
+        // Nothing left: the step ends at once, saying so.
+        assert_eq!(
+            kept(true, &["tend-no-such-package"]),
+            "tend: tend-no-such-package: none left\n"
+        );
+    }
 }
 
 /// Installs every package of `names` that is not installed yet, in one
@@ -265,7 +335,15 @@ exit 0
             "unknown ok not-installed"
         };
         let q = bin.join("dpkg-query");
-        fs::write(&q, format!("#!/bin/sh\nprintf '%s' '{status}'\n")).unwrap();
+        // As dpkg-query -W -f '${binary:Package} ${Package} ${Architecture}
+        // ${Status}\n' -- NAMES prints them.
+        fs::write(
+            &q,
+            format!(
+                "#!/bin/sh\nwhile [ $# -gt 0 ] && [ \"$1\" != -- ]; do shift; done; shift\nfor a in \"$@\"; do printf '%s %s amd64 %s\\n' \"$a\" \"${{a%%:*}}\" '{status}'; done\n"
+            ),
+        )
+        .unwrap();
         fs::set_permissions(&q, fs::Permissions::from_mode(0o755)).unwrap();
         let script = format!("PATH={}:$PATH\n{}", bin.display(), cmd.script);
         let out = LocalTransport::new()
