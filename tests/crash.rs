@@ -800,6 +800,11 @@ fn run_phase(f: &Fleet, rng: &mut Rng, t: &mut Tally) {
         daemon.wait(Duration::from_secs(10));
         t.panics_in("tend run", &daemon.log());
         let open = after_kill(&d, t);
+        // A pass of the round before that this kill cut short has no
+        // verdict: not "the first pass after a restart".
+        for id in &open {
+            fresh.remove(id);
+        }
         let (dm, new) = restart_and_settle(&d, &rev, &r, &open, &mut ledger, t);
         daemon = dm;
         fresh.extend(new);
